@@ -1,0 +1,57 @@
+//! The values that go into and come out of the store.
+
+use seqcast_protocol::{Channel, MessageId, SubscriptionKey};
+
+/// One message to persist. It has no numbers yet: the database assigns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The stream it belongs to.
+    pub key: SubscriptionKey,
+    /// The publisher's idempotency key; repeating it in the same stream is an upsert.
+    pub message_id: MessageId,
+    /// JSON text, stored and returned verbatim. Text that is not JSON is rejected by the
+    /// database ([`crate::StoreError::Rejected`]).
+    pub data: String,
+}
+
+/// A persisted event with the numbers the database gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEvent {
+    /// Deployment-wide number, strictly increasing in commit order, never reused.
+    pub sequence_number: u64,
+    /// The row's position in its stream, starting at 1; kept when the row is updated.
+    pub stream_sequence: u64,
+    /// The stream.
+    pub key: SubscriptionKey,
+    /// The row's message id.
+    pub message_id: MessageId,
+    /// Milliseconds since the Unix epoch, taken once per transaction when persisting; never
+    /// smaller than an earlier event's.
+    pub timestamp_ms: u64,
+    /// JSON text, verbatim.
+    pub data: String,
+    /// True when this event updated an existing row (an upsert of a known `message_id`).
+    pub replaced: bool,
+}
+
+/// What [`crate::DbWriter::open`] found in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// The store's random id, made when it was created.
+    pub epoch: String,
+    /// The highest sequence number assigned so far (0 for a new store); the next event gets
+    /// `head + 1`.
+    pub head: u64,
+}
+
+/// Which events [`crate::DbReader::events_after`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EventFilter {
+    /// Every event.
+    #[default]
+    All,
+    /// Only the events of one stream.
+    Key(SubscriptionKey),
+    /// Only the events of one channel (any request id).
+    Channel(Channel),
+}

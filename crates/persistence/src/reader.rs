@@ -1,0 +1,280 @@
+//! Readers: their own connections to the WAL database, so reads never queue behind writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, Row, params};
+use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
+
+use crate::config::DEFAULT_BUSY_TIMEOUT;
+use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
+use crate::event::{CommittedEvent, EventFilter};
+use crate::schema::{self, ConnectionOptions};
+
+/// Idle connections kept for reuse; more are opened on demand when readers overlap.
+const MAX_IDLE_CONNECTIONS: usize = 4;
+
+/// Read access to the store. Cheap to clone (clones share a small pool of connections).
+///
+/// Methods are synchronous and may block on disk; async callers run them in
+/// `spawn_blocking`. Each method is one SQL statement, so it sees one consistent snapshot.
+#[derive(Debug, Clone)]
+pub struct DbReader {
+    inner: Arc<ReaderInner>,
+}
+
+#[derive(Debug)]
+struct ReaderInner {
+    path: PathBuf,
+    busy_timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+}
+
+// Every event with its stream's current position; `replaced` = not the row's first event.
+// LEFT JOIN so a missing row shows up as corruption instead of a silently skipped event.
+const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, e.channel, e.request_id, \
+     e.message_id, e.timestamp_ms, e.data, r.first_sequence";
+const EVENT_JOIN: &str = "LEFT JOIN stream_rows r \
+     ON r.channel = e.channel AND r.request_id = e.request_id AND r.message_id = e.message_id";
+
+impl DbReader {
+    /// Opens a reader of the store at `path`, which must exist and be migrated (open the
+    /// [`crate::DbWriter`] or run [`crate::migrate`] first).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_busy_timeout(path, DEFAULT_BUSY_TIMEOUT)
+    }
+
+    /// Like [`DbReader::open`] with another busy timeout.
+    pub fn open_with_busy_timeout(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        let reader = DbReader {
+            inner: Arc::new(ReaderInner {
+                path: path.to_owned(),
+                busy_timeout,
+                idle: Mutex::new(Vec::new()),
+            }),
+        };
+        let conn = reader.connect()?;
+        schema::require_current_schema(&conn)?;
+        reader.release(conn);
+        Ok(reader)
+    }
+
+    /// The highest sequence number assigned so far (0 for an empty store).
+    pub fn head(&self) -> Result<u64, StoreError> {
+        self.with_connection(schema::read_head)
+    }
+
+    /// The store's epoch.
+    pub fn epoch(&self) -> Result<String, StoreError> {
+        self.with_connection(schema::read_epoch)
+    }
+
+    /// Events with `sequence_number > since`, ascending, at most `limit`, optionally only of
+    /// one stream or one channel.
+    pub fn events_after(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: EventFilter,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let since = sql_int(since);
+        let limit = sql_limit(limit);
+        self.with_connection(|conn| match &filter {
+            EventFilter::All => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                     WHERE e.sequence_number > ?1 ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(conn, &sql, params![since, limit])
+            }
+            EventFilter::Key(key) => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                     WHERE e.channel = ?3 AND e.request_id = ?4 AND e.sequence_number > ?1 \
+                     ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(
+                    conn,
+                    &sql,
+                    params![
+                        since,
+                        limit,
+                        key.channel().as_str(),
+                        key.request_id().as_str()
+                    ],
+                )
+            }
+            EventFilter::Channel(channel) => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                     WHERE e.channel = ?3 AND e.sequence_number > ?1 \
+                     ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(conn, &sql, params![since, limit, channel.as_str()])
+            }
+        })
+    }
+
+    /// Of the newest `limit` events, those with `timestamp_ms >= min_timestamp_ms`, ascending:
+    /// the recovery window ("the last N messages, none older than T") to refill at start.
+    ///
+    /// Because the writer never lets timestamps go backwards along the log, this is exactly
+    /// "the newest `limit` events not older than `min_timestamp_ms`", and it reads at most
+    /// `limit` rows however large the log is.
+    pub fn latest_events(
+        &self,
+        limit: usize,
+        min_timestamp_ms: u64,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let limit = sql_limit(limit);
+        let min_ts = sql_int(min_timestamp_ms);
+        self.with_connection(|conn| {
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS} FROM \
+                     (SELECT * FROM events ORDER BY sequence_number DESC LIMIT ?1) e {EVENT_JOIN} \
+                 WHERE e.timestamp_ms >= ?2 ORDER BY e.sequence_number"
+            );
+            collect_events(conn, &sql, params![limit, min_ts])
+        })
+    }
+
+    /// A stream's current rows with `stream_sequence > after`, ascending, at most `limit`.
+    /// Each row comes as a [`CommittedEvent`] whose `sequence_number` is the row's latest event,
+    /// `data` and `timestamp_ms` its current ones, and `replaced` whether it was ever updated.
+    pub fn stream_rows(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let after = sql_int(after);
+        let limit = sql_limit(limit);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT last_sequence, stream_sequence, message_id, timestamp_ms, data, first_sequence \
+                 FROM stream_rows WHERE channel = ?1 AND request_id = ?2 AND stream_sequence > ?3 \
+                 ORDER BY stream_sequence, first_sequence LIMIT ?4",
+            )?;
+            let mut rows = stmt.query(params![
+                key.channel().as_str(),
+                key.request_id().as_str(),
+                after,
+                limit
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let last_sequence: i64 = row.get(0)?;
+                let first_sequence: i64 = row.get(5)?;
+                out.push(CommittedEvent {
+                    sequence_number: stored_u64(last_sequence, "last_sequence")?,
+                    stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
+                    key: key.clone(),
+                    message_id: message_id_at(row, 2)?,
+                    timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
+                    data: row.get(4)?,
+                    replaced: first_sequence != last_sequence,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Runs `f` on a pooled connection (opening one when none is idle).
+    fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let result = f(&conn);
+        // A connection that hit I/O trouble is not worth keeping; a fresh one is cheap.
+        if !matches!(result, Err(StoreError::Unavailable(_) | StoreError::Corrupt(_))) {
+            self.release(conn);
+        }
+        result
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        let conn = schema::open_connection(
+            &self.inner.path,
+            ConnectionOptions {
+                busy_timeout: self.inner.busy_timeout,
+                create: false,
+                ..ConnectionOptions::default()
+            },
+        )?;
+        // Readers never write; make that a property of the connection, not a convention.
+        conn.pragma_update(None, "query_only", true)?;
+        Ok(conn)
+    }
+
+    fn release(&self, conn: Connection) {
+        let mut idle = self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+}
+
+fn collect_events(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<CommittedEvent>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(event_from_row(row)?);
+    }
+    Ok(out)
+}
+
+/// Decodes a row of `EVENT_COLUMNS`.
+fn event_from_row(row: &Row<'_>) -> Result<CommittedEvent, StoreError> {
+    let sequence_number: i64 = row.get(0)?;
+    let stream_sequence: Option<i64> = row.get(1)?;
+    let first_sequence: Option<i64> = row.get(7)?;
+    let (Some(stream_sequence), Some(first_sequence)) = (stream_sequence, first_sequence) else {
+        return Err(StoreError::Corrupt(format!(
+            "event {sequence_number} has no stream row"
+        )));
+    };
+    let channel = Channel::parse(str_at(row, 2)?)
+        .map_err(|e| StoreError::Corrupt(format!("event {sequence_number}: {e}")))?;
+    let request_id = RequestId::parse(str_at(row, 3)?)
+        .map_err(|e| StoreError::Corrupt(format!("event {sequence_number}: {e}")))?;
+    Ok(CommittedEvent {
+        sequence_number: stored_u64(sequence_number, "sequence_number")?,
+        stream_sequence: stored_u64(stream_sequence, "stream_sequence")?,
+        key: SubscriptionKey::new(channel, request_id),
+        message_id: message_id_at(row, 4)?,
+        timestamp_ms: stored_u64(row.get(5)?, "timestamp_ms")?,
+        data: row.get(6)?,
+        replaced: first_sequence != sequence_number,
+    })
+}
+
+fn str_at<'r>(row: &'r Row<'_>, index: usize) -> Result<&'r str, StoreError> {
+    row.get_ref(index)?
+        .as_str()
+        .map_err(|e| StoreError::Corrupt(format!("column {index}: {e}")))
+}
+
+fn message_id_at(row: &Row<'_>, index: usize) -> Result<MessageId, StoreError> {
+    MessageId::parse(str_at(row, index)?)
+        .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))
+}

@@ -1,0 +1,224 @@
+//! Connections, PRAGMAs and the embedded migrations.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::config::{DEFAULT_BUSY_TIMEOUT, Synchronous};
+use crate::error::{StoreError, stored_u64};
+
+/// One schema change, applied once, in version order, inside its own transaction.
+#[derive(Debug, Clone, Copy)]
+struct Migration {
+    version: u32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration this build knows, oldest first. Append only: an applied migration is never
+/// edited, because databases in the field already ran it.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "initial",
+    sql: include_str!("../migrations/0001_initial.sql"),
+}];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One migration that [`migrate`] applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    /// Its version number (1, 2, …).
+    pub version: u32,
+    /// Its short name, e.g. `"initial"`.
+    pub name: &'static str,
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The migrations applied by this call, in order; empty when the schema was current.
+    pub applied: Vec<AppliedMigration>,
+    /// The schema version after the call.
+    pub schema_version: u32,
+}
+
+/// Options for one connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionOptions {
+    pub synchronous: Synchronous,
+    pub busy_timeout: Duration,
+    /// Create the file when missing (writer, migrate); readers never create.
+    pub create: bool,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            synchronous: Synchronous::Full,
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            create: true,
+        }
+    }
+}
+
+/// Opens `path` with the store's PRAGMAs: WAL journal, the chosen `synchronous`, busy timeout,
+/// foreign keys on, temporary data (savepoint journals) in memory.
+pub(crate) fn open_connection(
+    path: &Path,
+    options: ConnectionOptions,
+) -> Result<Connection, StoreError> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if options.create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(options.busy_timeout)?;
+    let journal_mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !journal_mode.eq_ignore_ascii_case("wal") {
+        // Only possible for special files (e.g. in-memory); durability is then SQLite's default.
+        tracing::warn!(path = %path.display(), journal_mode, "database is not in WAL mode");
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
+        options.synchronous.as_pragma()
+    ))?;
+    Ok(conn)
+}
+
+/// Applies the migrations `conn`'s database lacks. Reads first and takes the write lock only
+/// when something is pending, so an up-to-date read-only database still opens.
+pub(crate) fn apply_migrations(conn: &mut Connection) -> Result<MigrationReport, StoreError> {
+    let mut applied = Vec::new();
+    let mut version = schema_version(conn)?;
+    check_known(version)?;
+    for migration in MIGRATIONS {
+        if migration.version <= version {
+            continue;
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have migrated between our read and the lock.
+        let current = schema_version(&tx)?;
+        check_known(current)?;
+        if current >= migration.version {
+            version = current;
+            continue;
+        }
+        if current == 0 {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version       INTEGER PRIMARY KEY,
+                     name          TEXT    NOT NULL,
+                     applied_at_ms INTEGER NOT NULL
+                 ) STRICT;",
+            )?;
+        }
+        tx.execute_batch(migration.sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?1, ?2, ?3)",
+            rusqlite::params![migration.version, migration.name, now_ms_i64()],
+        )?;
+        tx.pragma_update(None, "user_version", migration.version)?;
+        tx.commit()?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied database migration"
+        );
+        applied.push(AppliedMigration {
+            version: migration.version,
+            name: migration.name,
+        });
+        version = migration.version;
+    }
+    Ok(MigrationReport {
+        applied,
+        schema_version: version,
+    })
+}
+
+fn check_known(version: u32) -> Result<(), StoreError> {
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {version} is newer than this build supports ({SCHEMA_VERSION})"
+        )));
+    }
+    Ok(())
+}
+
+/// The newest applied migration, 0 for a database without seqcast's schema.
+pub(crate) fn schema_version(conn: &Connection) -> Result<u32, StoreError> {
+    let has_table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'schema_migrations')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_table {
+        return Ok(0);
+    }
+    let version: Option<i64> =
+        conn.query_row("SELECT MAX(version) FROM schema_migrations", [], |row| {
+            row.get(0)
+        })?;
+    let version = version.unwrap_or(0);
+    u32::try_from(version)
+        .map_err(|_| StoreError::Corrupt(format!("schema_migrations holds version {version}")))
+}
+
+/// Fails unless the schema is exactly the one this build reads.
+pub(crate) fn require_current_schema(conn: &Connection) -> Result<(), StoreError> {
+    let version = schema_version(conn)?;
+    check_known(version)?;
+    if version < SCHEMA_VERSION {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {version} is older than {SCHEMA_VERSION}; \
+             open the writer or run `seqcast db migrate` first"
+        )));
+    }
+    Ok(())
+}
+
+/// The highest sequence number ever assigned: AUTOINCREMENT's high-water mark, which stays
+/// put even if the newest events are deleted, so it is the number the next event follows.
+pub(crate) fn read_head(conn: &Connection) -> Result<u64, StoreError> {
+    let seq: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    stored_u64(seq.unwrap_or(0), "head")
+}
+
+/// The store's epoch, made when the store was created.
+pub(crate) fn read_epoch(conn: &Connection) -> Result<String, StoreError> {
+    conn.query_row(
+        "SELECT value FROM store_meta WHERE key = 'epoch'",
+        [],
+        |row| row.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::Corrupt("store_meta has no epoch".to_owned()))
+}
+
+/// Milliseconds since the Unix epoch by the system clock (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn now_ms_i64() -> i64 {
+    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+}
+
+/// Creates the database at `path` if needed and applies every pending migration; safe to run
+/// any number of times, also while a server uses the file. This is `seqcast db migrate`.
+pub fn migrate(path: &Path) -> Result<MigrationReport, StoreError> {
+    let mut conn = open_connection(path, ConnectionOptions::default())?;
+    apply_migrations(&mut conn)
+}

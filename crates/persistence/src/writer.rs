@@ -1,0 +1,585 @@
+//! The single database writer: one thread, one connection, group commit.
+//!
+//! Publishers send [`Command`]s over a bounded queue, each with its own oneshot reply. The
+//! thread takes every command already queued (up to a cap) into one `BEGIN IMMEDIATE`
+//! transaction, runs each inside its own SAVEPOINT so a failing command is undone alone, commits
+//! once, hands the committed events to the [`CommitHook`] in sequence order, and only then
+//! answers each publisher. It never waits on a timer for more work: the group is whatever
+//! queued up while the previous commit was syncing.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, ErrorCode, MAIN_DB, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{FaultInjector, StoreConfig};
+use crate::error::{StoreError, sqlite_code, stored_u64};
+use crate::event::{CommittedEvent, NewEvent, StoreInfo};
+use crate::schema::{self, ConnectionOptions};
+
+/// Called on the writer thread after each successful COMMIT with every event of that
+/// transaction in sequence order, before any publisher of the transaction is answered. The
+/// server fans out from here, which keeps live delivery in commit (= number) order.
+///
+/// It must not block: the next transaction waits for it. A panic in the hook is caught and
+/// logged; the publishers are still answered (their events are committed).
+pub type CommitHook = Box<dyn FnMut(&[CommittedEvent]) + Send + 'static>;
+
+type AppendReply = oneshot::Sender<Result<Vec<CommittedEvent>, StoreError>>;
+
+/// What the writer thread is asked to do.
+enum Command {
+    /// Persist `events` as one all-or-nothing unit.
+    Append {
+        events: Vec<NewEvent>,
+        reply: AppendReply,
+    },
+    /// Finish what is queued, close the database, then answer.
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Default)]
+struct Counters {
+    commands_received: AtomicU64,
+    transactions_committed: AtomicU64,
+    transactions_failed: AtomicU64,
+    events_committed: AtomicU64,
+}
+
+/// A snapshot of the writer's counters since [`DbWriter::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    /// Append commands the writer thread has taken off the queue.
+    pub commands_received: u64,
+    /// Transactions committed (each one group; each one hook call).
+    pub transactions_committed: u64,
+    /// Transactions that failed at BEGIN or COMMIT, or were lost to an I/O error (every
+    /// command in them got an error).
+    pub transactions_failed: u64,
+    /// Events committed.
+    pub events_committed: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    counters: Counters,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    queue_capacity: usize,
+}
+
+/// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
+///
+/// Stop it with [`DbWriter::close`] (async) or [`DbWriter::shutdown`] (blocking). Dropping
+/// every handle also stops the thread once the queue is drained, without waiting for it.
+#[derive(Clone)]
+pub struct DbWriter {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DbWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbWriter")
+            .field("queued_commands", &self.queued_commands())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DbWriter {
+    /// Opens (or creates) the database, applies pending migrations, and starts the writer
+    /// thread `seqcast-db-writer`. Returns the handle and the store's epoch and head.
+    ///
+    /// A database that is read-only at open still opens (reads work); appends then fail with
+    /// [`StoreError::Unavailable`] until the file is writable again.
+    pub fn open(config: StoreConfig, hook: CommitHook) -> Result<(DbWriter, StoreInfo), StoreError> {
+        let options = ConnectionOptions {
+            synchronous: config.synchronous,
+            busy_timeout: config.busy_timeout,
+            create: true,
+        };
+        let mut conn = schema::open_connection(&config.path, options)?;
+        schema::apply_migrations(&mut conn)?;
+        let info = StoreInfo {
+            epoch: schema::read_epoch(&conn)?,
+            head: schema::read_head(&conn)?,
+        };
+        if conn.is_readonly(MAIN_DB)? {
+            tracing::warn!(path = %config.path.display(), "database opened read-only; appends will fail until it is writable");
+        }
+        let last_timestamp_ms = read_last_timestamp(&conn)?;
+
+        let queue_capacity = config.queue_capacity.max(1);
+        let (commands, receiver) = mpsc::channel(queue_capacity);
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            thread: Mutex::new(None),
+            queue_capacity,
+        });
+        let writer = Writer {
+            conn: Some(conn),
+            path: config.path,
+            options,
+            epoch: info.epoch.clone(),
+            group_commit: config.group_commit,
+            max_group_events: config.max_group_events.max(1),
+            fault: config.fault,
+            hook,
+            last_timestamp_ms,
+            shared: Arc::clone(&shared),
+        };
+        let thread = std::thread::Builder::new()
+            .name("seqcast-db-writer".to_owned())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
+        tracing::info!(epoch = %info.epoch, head = info.head, "database writer started");
+        Ok((DbWriter { commands, shared }, info))
+    }
+
+    /// Persists `events` as one all-or-nothing unit (a single publish is a Vec of one, a batch
+    /// publish one call) and returns them with their numbers, in order, once committed.
+    ///
+    /// Waits while the queue is full. If the caller stops waiting (the future is dropped)
+    /// after the command was queued, the write still happens; only the answer is lost.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Append { events, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Asks the writer to finish every command already queued, close the database and stop;
+    /// returns once the database is closed (the thread exits right after). New appends get
+    /// [`StoreError::Closed`]. Safe to call more than once, from any clone.
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { reply }).await.is_ok() {
+            // An error means the thread is already gone, which is what we want.
+            let _ = done.await;
+        }
+    }
+
+    /// Like [`DbWriter::close`], but blocking, and it also joins the thread. Must not be called
+    /// from inside an async runtime (tokio panics); use `close().await` there.
+    pub fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.blocking_send(Command::Shutdown { reply }).is_ok() {
+            let _ = done.blocking_recv();
+        }
+        let thread = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!("database writer thread panicked");
+        }
+    }
+
+    /// True once the writer thread has stopped taking commands.
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    /// Commands waiting in the queue (not yet taken by the writer thread).
+    pub fn queued_commands(&self) -> usize {
+        self.shared
+            .queue_capacity
+            .saturating_sub(self.commands.capacity())
+    }
+
+    /// The writer's counters so far.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            commands_received: c.commands_received.load(Ordering::Relaxed),
+            transactions_committed: c.transactions_committed.load(Ordering::Relaxed),
+            transactions_failed: c.transactions_failed.load(Ordering::Relaxed),
+            events_committed: c.events_committed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The newest event's timestamp (events' timestamps never decrease along the log).
+fn read_last_timestamp(conn: &Connection) -> Result<u64, StoreError> {
+    let ts: Option<i64> = conn
+        .query_row(
+            "SELECT timestamp_ms FROM events ORDER BY sequence_number DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    stored_u64(ts.unwrap_or(0), "timestamp_ms")
+}
+
+const INSERT_EVENT: &str = "INSERT INTO events (channel, request_id, message_id, timestamp_ms, data) \
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+
+// The stream position is computed here, by SQLite, when the row is created; on conflict the
+// row keeps it and only its data, time and last event change. first_sequence tells a create
+// (= this event) from an update.
+const UPSERT_ROW: &str = "INSERT INTO stream_rows \
+         (channel, request_id, message_id, stream_sequence, data, timestamp_ms, first_sequence, last_sequence) \
+     VALUES (?1, ?2, ?3, \
+         (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE channel = ?1 AND request_id = ?2), \
+         ?4, ?5, ?6, ?6) \
+     ON CONFLICT (channel, request_id, message_id) DO UPDATE SET \
+         data = excluded.data, timestamp_ms = excluded.timestamp_ms, last_sequence = excluded.last_sequence \
+     RETURNING stream_sequence, first_sequence";
+
+/// A queued append taken into the current group.
+struct PendingAppend {
+    events: Vec<NewEvent>,
+    reply: AppendReply,
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    /// `None` after an error that calls for a fresh connection (read-only, cannot open);
+    /// reopened before the next group.
+    conn: Option<Connection>,
+    path: PathBuf,
+    options: ConnectionOptions,
+    /// The store's epoch at open: a reopened file must be the same store.
+    epoch: String,
+    group_commit: bool,
+    max_group_events: usize,
+    fault: Option<FaultInjector>,
+    hook: CommitHook,
+    last_timestamp_ms: u64,
+    shared: Arc<Shared>,
+}
+
+/// How one group transaction ended for each of its commands.
+type Outcome = Result<Vec<CommittedEvent>, StoreError>;
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
+        let mut shutdown_replies = Vec::new();
+        while let Some(first) = receiver.blocking_recv() {
+            let mut group = Vec::new();
+            let mut group_events = 0;
+            self.take(first, &mut group, &mut group_events, &mut shutdown_replies, &mut receiver);
+            // Group commit: whatever is already queued joins this transaction; never wait.
+            while self.group_commit && group_events < self.max_group_events {
+                match receiver.try_recv() {
+                    Ok(command) => self.take(
+                        command,
+                        &mut group,
+                        &mut group_events,
+                        &mut shutdown_replies,
+                        &mut receiver,
+                    ),
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+        }
+        // The queue is closed and drained. Closing the connection checkpoints the WAL.
+        if let Some(conn) = self.conn.take()
+            && let Err((_, err)) = conn.close()
+        {
+            tracing::warn!(error = %err, "closing the database failed");
+        }
+        tracing::info!("database writer stopped");
+        for reply in shutdown_replies {
+            let _ = reply.send(());
+        }
+    }
+
+    fn take(
+        &self,
+        command: Command,
+        group: &mut Vec<PendingAppend>,
+        group_events: &mut usize,
+        shutdown_replies: &mut Vec<oneshot::Sender<()>>,
+        receiver: &mut mpsc::Receiver<Command>,
+    ) {
+        match command {
+            Command::Append { events, reply } => {
+                self.shared
+                    .counters
+                    .commands_received
+                    .fetch_add(1, Ordering::Relaxed);
+                if events.is_empty() {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return;
+                }
+                *group_events += events.len();
+                group.push(PendingAppend { events, reply });
+            }
+            Command::Shutdown { reply } => {
+                // No new commands; the ones already queued are still drained and written.
+                receiver.close();
+                shutdown_replies.push(reply);
+            }
+        }
+    }
+
+    /// Writes one group and answers its publishers (after the hook).
+    fn commit_group(&mut self, group: Vec<PendingAppend>) {
+        let (commands, replies): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|p| (p.events, p.reply)).unzip();
+        let outcomes = self.write_group(commands);
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            // A publisher that stopped waiting is not an error: its write stands.
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// Runs one transaction for `commands`; one outcome per command, in order. Calls the hook
+    /// when something committed.
+    fn write_group(&mut self, commands: Vec<Vec<NewEvent>>) -> Vec<Outcome> {
+        let count = commands.len();
+        let total_events: usize = commands.iter().map(Vec::len).sum();
+        if let Err(err) = self.ensure_connection() {
+            self.count_failed();
+            return vec![Err(err); count];
+        }
+        let Some(conn) = self.conn.as_ref() else {
+            return vec![Err(StoreError::Closed); count];
+        };
+        // One clock reading per transaction, never behind the previous one, so timestamps
+        // follow the log order and the recovery window is a suffix of it.
+        let timestamp_ms = schema::now_ms().max(self.last_timestamp_ms);
+
+        if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let reopen = needs_reopen(&err);
+            let err = StoreError::from(err);
+            tracing::warn!(error = %err, commands = count, "could not begin a write transaction");
+            self.after_error(reopen);
+            self.count_failed();
+            return vec![Err(err); count];
+        }
+
+        // Savepoints isolate commands from each other; a lone command needs none (its failure
+        // rolls back the whole transaction anyway).
+        let use_savepoints = count > 1;
+        let mut committed: Vec<CommittedEvent> = Vec::with_capacity(total_events);
+        // Per command: Ok(number of its events in `committed`) or its own error.
+        let mut results: Vec<Result<usize, StoreError>> = Vec::with_capacity(count);
+        let mut commands = commands.into_iter();
+        let mut lost: Option<(StoreError, bool)> = None;
+
+        for events in commands.by_ref() {
+            if use_savepoints && let Err(err) = conn.execute_batch("SAVEPOINT command") {
+                lost = Some((StoreError::from_ref(&err), needs_reopen(&err)));
+                break;
+            }
+            let start = committed.len();
+            match insert_command(conn, events, timestamp_ms, &mut committed) {
+                Ok(()) => {
+                    if use_savepoints && let Err(err) = conn.execute_batch("RELEASE command") {
+                        committed.truncate(start);
+                        lost = Some((StoreError::from_ref(&err), needs_reopen(&err)));
+                        break;
+                    }
+                    results.push(Ok(committed.len() - start));
+                }
+                Err(err) => {
+                    committed.truncate(start);
+                    let reopen = needs_reopen(&err);
+                    let err = StoreError::from(err);
+                    // Some errors (I/O, full disk) make SQLite roll back the whole transaction;
+                    // then the commands before this one are gone too.
+                    if !use_savepoints || conn.is_autocommit() {
+                        lost = Some((err, reopen));
+                        break;
+                    }
+                    if let Err(rollback_err) =
+                        conn.execute_batch("ROLLBACK TO command; RELEASE command")
+                    {
+                        lost = Some((
+                            StoreError::from_ref(&rollback_err),
+                            needs_reopen(&rollback_err),
+                        ));
+                        break;
+                    }
+                    tracing::debug!(error = %err, "command rolled back to its savepoint");
+                    results.push(Err(err));
+                }
+            }
+        }
+
+        if let Some((err, reopen)) = lost {
+            rollback_quietly(conn);
+            tracing::warn!(error = %err, commands = count, "write transaction failed and was rolled back");
+            self.after_error(reopen);
+            self.count_failed();
+            // Commands that failed on their own keep their error; the rest share the cause.
+            let mut outcomes: Vec<Outcome> = results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(_) => Err(err.clone()),
+                    Err(own) => Err(own),
+                })
+                .collect();
+            outcomes.resize(count, Err(err));
+            return outcomes;
+        }
+
+        if committed.is_empty() {
+            // Every command failed on its own; nothing to commit.
+            rollback_quietly(conn);
+            return results
+                .into_iter()
+                .map(|r| r.map(|_| Vec::new()))
+                .collect();
+        }
+
+        let commit = if self.fault.as_ref().is_some_and(FaultInjector::take_commit_failure) {
+            rollback_quietly(conn);
+            Err((
+                StoreError::Unavailable("injected commit failure (test fault)".to_owned()),
+                false,
+            ))
+        } else {
+            conn.execute_batch("COMMIT").map_err(|err| {
+                // A failed COMMIT may leave the transaction open; end it so nothing persists.
+                rollback_quietly(conn);
+                (StoreError::from_ref(&err), needs_reopen(&err))
+            })
+        };
+        if let Err((err, reopen)) = commit {
+            tracing::warn!(error = %err, commands = count, "commit failed; nothing was written");
+            self.after_error(reopen);
+            self.count_failed();
+            return results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(_) => Err(err.clone()),
+                    Err(own) => Err(own),
+                })
+                .collect();
+        }
+
+        self.last_timestamp_ms = timestamp_ms;
+        let counters = &self.shared.counters;
+        counters
+            .transactions_committed
+            .fetch_add(1, Ordering::Relaxed);
+        counters
+            .events_committed
+            .fetch_add(committed.len() as u64, Ordering::Relaxed);
+
+        let hook = &mut self.hook;
+        if catch_unwind(AssertUnwindSafe(|| hook(&committed))).is_err() {
+            tracing::error!(
+                events = committed.len(),
+                "commit hook panicked; events are committed but fan-out may have missed them"
+            );
+        }
+
+        // Hand each command its own events, moving them out of the one committed list.
+        let mut committed = committed.into_iter();
+        results
+            .into_iter()
+            .map(|r| r.map(|n| committed.by_ref().take(n).collect()))
+            .collect()
+    }
+
+    /// Makes sure a connection is open, reopening after an error that asked for it.
+    fn ensure_connection(&mut self) -> Result<(), StoreError> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let conn = schema::open_connection(&self.path, self.options)?;
+        schema::require_current_schema(&conn)?;
+        let epoch = schema::read_epoch(&conn)?;
+        if epoch != self.epoch {
+            // Another store was put in place; its numbers are not ours to continue.
+            return Err(StoreError::Unavailable(format!(
+                "the database file was replaced (epoch {epoch}, expected {})",
+                self.epoch
+            )));
+        }
+        tracing::info!(path = %self.path.display(), "database connection reopened");
+        self.conn = Some(conn);
+        Ok(())
+    }
+
+    fn after_error(&mut self, reopen: bool) {
+        if reopen {
+            // Drop it; the next group opens a fresh connection (e.g. once the file is
+            // writable again — a connection opened read-only stays read-only).
+            self.conn = None;
+        }
+    }
+
+    fn count_failed(&self) {
+        self.shared
+            .counters
+            .transactions_failed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Errors after which the connection itself is suspect and a fresh one may succeed.
+fn needs_reopen(err: &rusqlite::Error) -> bool {
+    matches!(
+        sqlite_code(err),
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen)
+    )
+}
+
+fn rollback_quietly(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(err) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::warn!(error = %err, "rollback failed");
+    }
+}
+
+/// Inserts one command's events; each gets its sequence number from the AUTOINCREMENT insert
+/// and its stream position from the upsert. Moves the events into `out`.
+fn insert_command(
+    conn: &Connection,
+    events: Vec<NewEvent>,
+    timestamp_ms: u64,
+    out: &mut Vec<CommittedEvent>,
+) -> Result<(), rusqlite::Error> {
+    let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
+    let mut upsert_row = conn.prepare_cached(UPSERT_ROW)?;
+    let ts = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
+    for event in events {
+        let channel = event.key.channel().as_str();
+        let request_id = event.key.request_id().as_str();
+        let message_id = event.message_id.as_str();
+        let sequence_number =
+            insert_event.insert(params![channel, request_id, message_id, ts, event.data])?;
+        let (stream_sequence, first_sequence): (i64, i64) = upsert_row.query_row(
+            params![channel, request_id, message_id, event.data, ts, sequence_number],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        out.push(CommittedEvent {
+            sequence_number: to_u64(sequence_number)?,
+            stream_sequence: to_u64(stream_sequence)?,
+            replaced: first_sequence != sequence_number,
+            timestamp_ms,
+            key: event.key,
+            message_id: event.message_id,
+            data: event.data,
+        });
+    }
+    Ok(())
+}
+
+fn to_u64(value: i64) -> Result<u64, rusqlite::Error> {
+    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, value))
+}

@@ -1,0 +1,338 @@
+//! HTTP request and response bodies, and query-parameter parsing.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::client::truncate_for_echo;
+use crate::names::{Channel, MessageId, NameError, RequestId, SubscriptionKey};
+use crate::server::{ErrorCode, MessageFrame, push_json_str, push_u64};
+
+/// `POST /api/publish` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The key's channel.
+    pub channel: Channel,
+    /// The key's request id.
+    pub request_id: RequestId,
+    /// Any JSON; kept verbatim.
+    pub data: Box<RawValue>,
+    /// Idempotency key within the stream; a repeat is an upsert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<MessageId>,
+}
+
+impl PublishRequest {
+    /// The subscription key to publish to.
+    pub fn key(&self) -> SubscriptionKey {
+        SubscriptionKey::new(self.channel.clone(), self.request_id.clone())
+    }
+}
+
+impl PartialEq for PublishRequest {
+    fn eq(&self, other: &Self) -> bool {
+        self.channel == other.channel
+            && self.request_id == other.request_id
+            && self.data.get() == other.data.get()
+            && self.message_id == other.message_id
+    }
+}
+
+impl Eq for PublishRequest {}
+
+/// `POST /api/publish` answer, sent once the write is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResponse {
+    /// The deployment-wide sequence number of this event.
+    pub sequence_number: u64,
+    /// The row's position in its stream.
+    pub stream_sequence: u64,
+    /// The message id given, or the one the server made.
+    pub message_id: MessageId,
+}
+
+/// `POST /api/publish/batch` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPublishRequest {
+    /// The messages, published in this order in one transaction.
+    pub messages: Vec<PublishRequest>,
+}
+
+/// `POST /api/publish/batch` answer: one result per message, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPublishResponse {
+    /// One answer per message, in request order.
+    pub results: Vec<PublishResponse>,
+}
+
+/// Why a publish body was rejected. Every variant is the client's fault (`bad_request`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON.
+    #[error("body is not valid JSON: {0}")]
+    Malformed(String),
+    /// JSON of the wrong shape: a missing field or a field of the wrong type.
+    #[error("invalid body: {0}")]
+    InvalidField(String),
+    /// A channel, request id or message id breaks its grammar.
+    #[error(transparent)]
+    BadName(#[from] NameError),
+    /// A batch with no messages.
+    #[error("batch has no messages; send at least one")]
+    Empty,
+    /// One message of a batch is invalid (so nothing of the batch is published).
+    #[error("messages[{index}]: {error}")]
+    InBatch {
+        /// 0-based position in `messages`.
+        index: usize,
+        /// What is wrong with it.
+        error: Box<BodyError>,
+    },
+}
+
+impl BodyError {
+    /// The error code in the HTTP error body.
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::BadRequest
+    }
+
+    fn from_json(e: &serde_json::Error) -> Self {
+        if e.is_data() {
+            BodyError::InvalidField(e.to_string())
+        } else {
+            BodyError::Malformed(e.to_string())
+        }
+    }
+}
+
+/// A publish body with names still unchecked, so bad names become [`BodyError::BadName`].
+#[derive(Deserialize)]
+struct WirePublish<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    data: Box<RawValue>,
+    #[serde(default, borrow)]
+    message_id: Option<Cow<'a, str>>,
+}
+
+impl WirePublish<'_> {
+    fn validate(self) -> Result<PublishRequest, BodyError> {
+        Ok(PublishRequest {
+            channel: Channel::parse(&self.channel)?,
+            request_id: RequestId::parse(&self.request_id)?,
+            data: self.data,
+            message_id: self
+                .message_id
+                .as_deref()
+                .map(MessageId::parse)
+                .transpose()?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WireBatch<'a> {
+    #[serde(borrow)]
+    messages: Vec<WirePublish<'a>>,
+}
+
+/// Decodes a `POST /api/publish` body. Unknown fields are ignored; `data` is required.
+pub fn decode_publish(body: &[u8]) -> Result<PublishRequest, BodyError> {
+    let wire: WirePublish<'_> =
+        serde_json::from_slice(body).map_err(|e| BodyError::from_json(&e))?;
+    wire.validate()
+}
+
+/// Decodes a `POST /api/publish/batch` body; an empty `messages` list is an error.
+pub fn decode_batch(body: &[u8]) -> Result<BatchPublishRequest, BodyError> {
+    let wire: WireBatch<'_> = serde_json::from_slice(body).map_err(|e| BodyError::from_json(&e))?;
+    if wire.messages.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    let messages = wire
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(index, m)| {
+            m.validate().map_err(|e| BodyError::InBatch {
+                index,
+                error: Box::new(e),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BatchPublishRequest { messages })
+}
+
+/// Everything in a recovery answer except the messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryMeta {
+    /// The latest assigned sequence number.
+    pub head: u64,
+    /// The oldest sequence number the window still holds, if any.
+    pub oldest_sequence: Option<u64>,
+    /// The store's epoch.
+    pub epoch: String,
+    /// Whether the answer holds everything after `since` (window reached back, same epoch).
+    pub complete: bool,
+    /// Where `limit` cut the page: continue with `since=next_since`.
+    pub next_since: Option<u64>,
+}
+
+/// `GET /websocket/messages` answer, for clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryResponse {
+    /// The messages after `since`, in order; the same objects as live frames.
+    pub messages: Vec<MessageFrame>,
+    /// The latest assigned sequence number.
+    pub head: u64,
+    /// The oldest sequence number the window still holds, if any.
+    pub oldest_sequence: Option<u64>,
+    /// The store's epoch.
+    pub epoch: String,
+    /// Whether the answer holds everything after `since`.
+    pub complete: bool,
+    /// Where `limit` cut the page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_since: Option<u64>,
+}
+
+/// Appends `[f1,f2,…]` from already-encoded frames, verbatim.
+fn push_frames<'a>(out: &mut String, frames: impl IntoIterator<Item = &'a str>) {
+    out.push('[');
+    for (i, frame) in frames.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(frame);
+    }
+    out.push(']');
+}
+
+/// Builds the recovery answer from already-encoded message frames (from
+/// [`crate::encode_message`]), copied verbatim:
+/// `{"messages":[…],"head":…,"oldest_sequence":…|null,"epoch":"…","complete":…,"next_since":…}`
+/// with `next_since` omitted when `None`.
+pub fn encode_recovery_response<'a>(
+    frames: impl IntoIterator<Item = &'a str>,
+    meta: &RecoveryMeta,
+) -> String {
+    let mut out = String::with_capacity(256);
+    out.push_str(r#"{"messages":"#);
+    push_frames(&mut out, frames);
+    out.push_str(r#","head":"#);
+    push_u64(&mut out, meta.head);
+    out.push_str(r#","oldest_sequence":"#);
+    match meta.oldest_sequence {
+        Some(oldest) => push_u64(&mut out, oldest),
+        None => out.push_str("null"),
+    }
+    out.push_str(r#","epoch":"#);
+    push_json_str(&mut out, &meta.epoch);
+    out.push_str(r#","complete":"#);
+    out.push_str(if meta.complete { "true" } else { "false" });
+    if let Some(next) = meta.next_since {
+        out.push_str(r#","next_since":"#);
+        push_u64(&mut out, next);
+    }
+    out.push('}');
+    out
+}
+
+/// `GET /api/streams/{channel}/{request_id}/messages` answer: rows by `stream_sequence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPage {
+    /// The rows after `after`, by `stream_sequence`.
+    pub messages: Vec<MessageFrame>,
+    /// Where `limit` cut the page: continue with `after=next_after`. Omitted on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<u64>,
+}
+
+/// Builds a stream page from already-encoded message frames, copied verbatim:
+/// `{"messages":[…],"next_after":…}` with `next_after` omitted when `None`.
+pub fn encode_stream_page<'a>(
+    frames: impl IntoIterator<Item = &'a str>,
+    next_after: Option<u64>,
+) -> String {
+    let mut out = String::with_capacity(256);
+    out.push_str(r#"{"messages":"#);
+    push_frames(&mut out, frames);
+    if let Some(next) = next_after {
+        out.push_str(r#","next_after":"#);
+        push_u64(&mut out, next);
+    }
+    out.push('}');
+    out
+}
+
+/// HTTP error body: `{"error":{"code":…,"message":…}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error body with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}
+
+/// A rejected query parameter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamError {
+    /// The parameter's name.
+    pub param: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+/// Parses a query parameter such as `since`, `after` or `limit`: plain decimal digits, a u64.
+pub fn parse_u64_param(name: &str, value: &str) -> Result<u64, ParamError> {
+    let fail = |detail: &str| ParamError {
+        param: name.to_owned(),
+        message: format!(
+            "{name} must be a non-negative integer, got {:?}{detail}",
+            truncate_for_echo(value)
+        ),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if value.is_empty() {
+        return Err(ParamError {
+            param: name.to_owned(),
+            message: format!("{name} must be a non-negative integer, got an empty value"),
+        });
+    }
+    if all_digits(value) {
+        // Only overflow can fail here: the string is non-empty ASCII digits.
+        return value
+            .parse::<u64>()
+            .map_err(|_| fail(&format!(", which is too large (max {})", u64::MAX)));
+    }
+    if value.strip_prefix('-').is_some_and(all_digits) {
+        return Err(fail(""));
+    }
+    if value.strip_prefix('+').is_some_and(all_digits) {
+        return Err(fail(", which has a sign; use digits only"));
+    }
+    Err(fail(", which is not a number"))
+}

@@ -1,0 +1,39 @@
+//! seqcast's wire protocol: the validated names, the WebSocket frames in both directions and
+//! the HTTP bodies — every type that is serialized on the wire, and nothing else.
+//!
+//! Boundary: pure functions from text/bytes to typed values and back. No I/O, no async
+//! runtime, no clock — the server crate does all of that and calls in here.
+//!
+//! Invariant: a value of a name type ([`Channel`], [`RequestId`], [`MessageId`],
+//! [`SessionId`], [`SubscriptionKey`]) is always valid by its grammar, so nothing downstream
+//! re-checks it and encoders can write names without escaping. A subscription key's text form
+//! `{channel}:{request_id}` splits one way only, because a channel never contains `:`.
+
+mod client;
+mod http;
+mod names;
+mod pattern;
+mod server;
+
+pub use client::{ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame};
+pub use http::{
+    BatchPublishRequest, BatchPublishResponse, BodyError, ErrorBody, ErrorDetail, ParamError,
+    PublishRequest, PublishResponse, RecoveryMeta, RecoveryResponse, StreamPage, decode_batch,
+    decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+};
+pub use names::{
+    CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, NameError, NameKind, RequestId, SessionId,
+    SubscriptionKey,
+};
+pub use pattern::KeyPattern;
+/// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
+pub use serde_json::value::RawValue;
+pub use server::{
+    Connected, ErrorCode, ErrorFrame, MessageFrame, ServerFrame, SubAck, decode_server_frame,
+    encode_message, encode_server_frame,
+};
+
+/// Runs the README's example as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,350 @@
+//! Server → client WebSocket frames, their encoding (with a hand-written fast path for
+//! `message`) and their decoding (for clients, tests and load generators).
+
+use std::fmt;
+
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::client::{FrameError, truncate_for_echo};
+use crate::names::{Channel, MessageId, RequestId, SessionId, SubscriptionKey};
+
+/// Error codes in `error` frames and HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request or frame is malformed or breaks a rule (HTTP 400).
+    BadRequest,
+    /// No valid credentials (HTTP 401).
+    Unauthorized,
+    /// Valid credentials that may not read or write this key (HTTP 403).
+    Forbidden,
+    /// No such resource (HTTP 404).
+    NotFound,
+    /// Body or frame over the size limit (HTTP 413).
+    TooLarge,
+    /// Too many requests (HTTP 429).
+    RateLimited,
+    /// The database cannot take writes right now (HTTP 503).
+    Unavailable,
+    /// A server fault (HTTP 500).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire string, e.g. `"bad_request"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status that goes with this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A frame sent by the server. Each encodes as a JSON object whose first field is `type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerFrame {
+    /// `connected`: the connection is authenticated.
+    Connected(Connected),
+    /// `sub_ack`: a subscription is in place; its backlog follows.
+    SubAck(SubAck),
+    /// `message`: one published message.
+    Message(MessageFrame),
+    /// `error`: a frame was rejected; the connection stays open.
+    Error(ErrorFrame),
+    /// `pong`: the answer to `ping`.
+    Pong,
+}
+
+/// `connected`: sent once, after authentication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connected {
+    /// Always 0: the number reserved for `connected`.
+    pub sequence_number: u64,
+    /// Server-made, unique per connection.
+    pub client_id: String,
+    /// The client's session id from `hello`, echoed.
+    pub session_id: Option<SessionId>,
+    /// The client's connection sequence from `hello`, echoed.
+    pub connection_sequence: Option<u64>,
+    /// The latest assigned sequence number.
+    pub head: u64,
+    /// The store's epoch.
+    pub epoch: String,
+}
+
+/// `sub_ack`: the answer to `subscribe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubAck {
+    /// The key's channel.
+    pub channel: Channel,
+    /// The key's request id.
+    pub request_id: RequestId,
+    /// `{channel}:{request_id}`.
+    pub subscription_key: SubscriptionKey,
+    /// How many backlog messages follow this frame.
+    pub drained: u64,
+    /// For a `subscribe` with `since`: whether history reached back to `since + 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// Where history starts, when `recovered` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_sequence: Option<u64>,
+    /// The store's epoch.
+    pub epoch: String,
+}
+
+/// `message`: one published message, identical in live delivery, backlog drain and recovery.
+///
+/// Serializes with `"type":"message"` first, so a recovery answer's messages are the same
+/// objects as live frames. Deserializing ignores `type`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageFrame {
+    /// Deployment-wide sequence number (≥ 1).
+    pub sequence_number: u64,
+    /// Position in its stream (≥ 1).
+    pub stream_sequence: u64,
+    /// The key's channel.
+    pub channel: Channel,
+    /// The key's request id.
+    pub request_id: RequestId,
+    /// The publisher's idempotency key, or a server-made one.
+    pub message_id: MessageId,
+    /// Milliseconds since the Unix epoch, taken when persisted.
+    pub timestamp: u64,
+    /// The published JSON, verbatim.
+    pub data: Box<RawValue>,
+}
+
+impl MessageFrame {
+    /// The subscription key this message belongs to.
+    pub fn key(&self) -> SubscriptionKey {
+        SubscriptionKey::new(self.channel.clone(), self.request_id.clone())
+    }
+}
+
+impl PartialEq for MessageFrame {
+    fn eq(&self, other: &Self) -> bool {
+        self.sequence_number == other.sequence_number
+            && self.stream_sequence == other.stream_sequence
+            && self.channel == other.channel
+            && self.request_id == other.request_id
+            && self.message_id == other.message_id
+            && self.timestamp == other.timestamp
+            && self.data.get() == other.data.get()
+    }
+}
+
+// Comparing `data` as text is reflexive, so equality is total.
+impl Eq for MessageFrame {}
+
+impl Serialize for MessageFrame {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("MessageFrame", 8)?;
+        s.serialize_field("type", "message")?;
+        s.serialize_field("sequence_number", &self.sequence_number)?;
+        s.serialize_field("stream_sequence", &self.stream_sequence)?;
+        s.serialize_field("channel", &self.channel)?;
+        s.serialize_field("request_id", &self.request_id)?;
+        s.serialize_field("message_id", &self.message_id)?;
+        s.serialize_field("timestamp", &self.timestamp)?;
+        s.serialize_field("data", &self.data)?;
+        s.end()
+    }
+}
+
+/// `error`: a rejected frame or failed operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// An error frame with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&FrameError> for ErrorFrame {
+    fn from(err: &FrameError) -> Self {
+        Self::new(err.code(), err.to_string())
+    }
+}
+
+/// The non-`message` frames, tagged by serde (which writes the tag first).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TaggedRef<'a> {
+    Connected(&'a Connected),
+    SubAck(&'a SubAck),
+    Error(&'a ErrorFrame),
+    Pong,
+}
+
+impl Serialize for ServerFrame {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ServerFrame::Connected(f) => TaggedRef::Connected(f).serialize(serializer),
+            ServerFrame::SubAck(f) => TaggedRef::SubAck(f).serialize(serializer),
+            ServerFrame::Message(f) => f.serialize(serializer),
+            ServerFrame::Error(f) => TaggedRef::Error(f).serialize(serializer),
+            ServerFrame::Pong => TaggedRef::Pong.serialize(serializer),
+        }
+    }
+}
+
+/// Encodes a server frame as JSON text.
+pub fn encode_server_frame(frame: &ServerFrame) -> String {
+    if let ServerFrame::Message(message) = frame {
+        return encode_message(message);
+    }
+    match serde_json::to_string(frame) {
+        Ok(text) => text,
+        // Unreachable for these types (no non-string map keys, no failing Serialize impls);
+        // still answer with a valid frame rather than panic.
+        Err(_) => {
+            r#"{"type":"error","code":"internal","message":"failed to encode frame"}"#.to_owned()
+        }
+    }
+}
+
+/// Encodes a `message` frame: the hot path, once per published message.
+///
+/// Writes straight into one pre-sized `String`. Names need no escaping: their grammars contain
+/// only characters JSON leaves as they are. `data` is copied verbatim.
+pub fn encode_message(frame: &MessageFrame) -> String {
+    // Fixed text is ~130 bytes; six numbers are at most 20 digits each.
+    let data = frame.data.get();
+    let capacity = 130
+        + 3 * 20
+        + frame.channel.as_str().len()
+        + frame.request_id.as_str().len()
+        + frame.message_id.as_str().len()
+        + data.len();
+    let mut out = String::with_capacity(capacity);
+    out.push_str(r#"{"type":"message","sequence_number":"#);
+    push_u64(&mut out, frame.sequence_number);
+    out.push_str(r#","stream_sequence":"#);
+    push_u64(&mut out, frame.stream_sequence);
+    out.push_str(r#","channel":""#);
+    out.push_str(frame.channel.as_str());
+    out.push_str(r#"","request_id":""#);
+    out.push_str(frame.request_id.as_str());
+    out.push_str(r#"","message_id":""#);
+    out.push_str(frame.message_id.as_str());
+    out.push_str(r#"","timestamp":"#);
+    push_u64(&mut out, frame.timestamp);
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+/// Appends the decimal digits of `n` without going through `fmt`.
+pub(crate) fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        // n % 10 < 10, so the cast cannot truncate.
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in &buf[i..] {
+        out.push(char::from(digit));
+    }
+}
+
+/// Appends `s` as a JSON string literal (quoted and escaped).
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                out.push_str("\\u00");
+                let v = u32::from(c);
+                for nibble in [v >> 4, v & 0xf] {
+                    out.push(char::from_digit(nibble, 16).unwrap_or('0'));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Just the `type` of a server frame; everything else is ignored at this step.
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Decodes a server frame: reads `type` first, then the matching struct (so that `data` can be
+/// captured as a `RawValue`, which serde's internally tagged enums cannot do).
+pub fn decode_server_frame(text: &str) -> Result<ServerFrame, FrameError> {
+    let head: TypeOnly<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            FrameError::Malformed(format!(
+                "frame must be a JSON object with a string \"type\": {e}"
+            ))
+        } else {
+            FrameError::Malformed(format!("frame is not valid JSON: {e}"))
+        }
+    })?;
+    let ty = head.ty.ok_or(FrameError::MissingType)?;
+    let invalid = |e: serde_json::Error| FrameError::InvalidField {
+        frame: ty.to_string(),
+        message: e.to_string(),
+    };
+    Ok(match ty.as_ref() {
+        "connected" => ServerFrame::Connected(serde_json::from_str(text).map_err(invalid)?),
+        "sub_ack" => ServerFrame::SubAck(serde_json::from_str(text).map_err(invalid)?),
+        "message" => ServerFrame::Message(serde_json::from_str(text).map_err(invalid)?),
+        "error" => ServerFrame::Error(serde_json::from_str(text).map_err(invalid)?),
+        "pong" => ServerFrame::Pong,
+        other => return Err(FrameError::UnknownServerType(truncate_for_echo(other))),
+    })
+}

@@ -1,0 +1,378 @@
+//! One WebSocket connection: authenticate with `hello`, then read client frames while a writer
+//! task drains the bounded send queue — everything queued is written, then flushed once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use seqcast_protocol::{
+    ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey, decode_client_frame, encode_server_frame,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::auth::{Grant, random_hex};
+use crate::error::{ApiError, CloseReason};
+use crate::hub::{Outbound, Subscriber};
+use crate::metrics::Metrics;
+use crate::now_ms;
+
+/// Frames taken from the queue per write round before one flush.
+const WRITE_BATCH: usize = 256;
+
+/// What we know of a connection for its log lines.
+struct ConnInfo {
+    client_id: Arc<str>,
+    session_id: Option<SessionId>,
+    connection_sequence: Option<u64>,
+    started: Instant,
+}
+
+/// Serve one upgraded socket until it closes. `pre_auth` is the grant from an
+/// `Authorization: Bearer` header on the upgrade, if any.
+pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant>) {
+    let started = Instant::now();
+    let (mut sink, mut stream) = socket.split();
+    let client_id: Arc<str> = Arc::from(random_hex(8));
+
+    let hello = tokio::time::timeout(app.settings.hello_timeout, wait_for_hello(&app, &mut sink, &mut stream, pre_auth)).await;
+    let (grant, session_id, connection_sequence) = match hello {
+        Ok(HelloOutcome::Ready {
+            grant,
+            session_id,
+            connection_sequence,
+        }) => (grant, session_id, connection_sequence),
+        Ok(HelloOutcome::Closed(code)) => {
+            log_rejected(&client_id, code, started, "closed before hello");
+            return;
+        }
+        Ok(HelloOutcome::Reject(reason, why)) => {
+            let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
+            close_with(&mut sink, reason).await;
+            log_rejected(&client_id, reason.code(), started, &why);
+            return;
+        }
+        Err(_elapsed) => {
+            let why = format!("no valid hello within {} ms", app.settings.hello_timeout.as_millis());
+            let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
+            close_with(&mut sink, CloseReason::Unauthenticated).await;
+            log_rejected(&client_id, CloseReason::Unauthenticated.code(), started, &why);
+            return;
+        }
+    };
+
+    let info = ConnInfo {
+        client_id: Arc::clone(&client_id),
+        session_id,
+        connection_sequence,
+        started,
+    };
+    Metrics::inc(&app.hub.metrics.connections_opened);
+    tracing::info!(
+        event = "connection_opened",
+        client_id = %info.client_id,
+        session_id = info.session_id.as_ref().map(|s| s.as_str()),
+        connection_sequence = info.connection_sequence,
+        user = %grant.sub,
+        "connection opened"
+    );
+
+    let (tx, rx) = mpsc::channel(app.settings.send_queue);
+    let sub = Arc::new(Subscriber::new(Arc::clone(&client_id), tx));
+    let connected = ServerFrame::Connected(Connected {
+        sequence_number: 0,
+        client_id: client_id.to_string(),
+        session_id: info.session_id.clone(),
+        connection_sequence: info.connection_sequence,
+        head: app.hub.head(),
+        epoch: app.hub.epoch().to_owned(),
+    });
+    sub.push(Outbound::Frame(Utf8Bytes::from(encode_server_frame(&connected))));
+
+    let done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&sub), done.clone()));
+
+    let mut keys: Vec<SubscriptionKey> = Vec::new();
+    let client_code = read_loop(&app, &mut stream, &sub, &grant, &info, &mut keys).await;
+    app.hub.disconnect(&sub, keys.iter());
+    done.cancel();
+    let (sent, server_code) = match tokio::time::timeout(app.settings.shutdown_grace, writer).await {
+        Ok(Ok(r)) => r,
+        _ => (0, None),
+    };
+    let close_code = server_code.or(client_code).unwrap_or(1006);
+    Metrics::inc(&app.hub.metrics.connections_closed);
+    tracing::info!(
+        event = "connection_closed",
+        client_id = %info.client_id,
+        session_id = info.session_id.as_ref().map(|s| s.as_str()),
+        connection_sequence = info.connection_sequence,
+        close_code,
+        duration_seconds = info.started.elapsed().as_secs_f64(),
+        messages_sent = sent,
+        "connection closed"
+    );
+}
+
+enum HelloOutcome {
+    Ready {
+        grant: Grant,
+        session_id: Option<SessionId>,
+        connection_sequence: Option<u64>,
+    },
+    Reject(CloseReason, String),
+    Closed(u16),
+}
+
+async fn wait_for_hello(
+    app: &AppState,
+    sink: &mut SplitSink<WebSocket, Message>,
+    stream: &mut SplitStream<WebSocket>,
+    pre_auth: Option<Grant>,
+) -> HelloOutcome {
+    loop {
+        let text = match stream.next().await {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                let _ = send_error(sink, &ApiError::BadRequest("binary frames are not supported; send JSON text".into())).await;
+                continue;
+            }
+            Some(Ok(Message::Close(c))) => return HelloOutcome::Closed(c.map_or(1005, |c| c.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) if is_too_large(&e) => {
+                close_with(sink, CloseReason::TooLarge).await;
+                return HelloOutcome::Closed(CloseReason::TooLarge.code());
+            }
+            Some(Err(_)) | None => return HelloOutcome::Closed(1006),
+        };
+        match decode_client_frame(text.as_str()) {
+            Ok(ClientFrame::Hello(h)) => {
+                let grant = match (&h.token, &pre_auth) {
+                    (Some(token), _) => app.auth.verify(token),
+                    (None, Some(g)) => Ok(g.clone()),
+                    (None, None) => Err(ApiError::Unauthorized(
+                        "no token: send it as `token` in hello or as Authorization: Bearer on the upgrade".into(),
+                    )),
+                };
+                return match grant {
+                    Ok(grant) => HelloOutcome::Ready {
+                        grant,
+                        session_id: h.session_id,
+                        connection_sequence: h.connection_sequence,
+                    },
+                    Err(e) => HelloOutcome::Reject(CloseReason::Unauthenticated, e.message().to_owned()),
+                };
+            }
+            Ok(_) => {
+                let _ = send_error(sink, &ApiError::BadRequest("the first frame must be hello".into())).await;
+            }
+            Err(e) => {
+                let _ = send_error(sink, &ApiError::from(e)).await;
+            }
+        }
+    }
+}
+
+/// Read client frames until the connection ends. Returns the peer's close code, if it sent one.
+async fn read_loop(
+    app: &AppState,
+    stream: &mut SplitStream<WebSocket>,
+    sub: &Arc<Subscriber>,
+    grant: &Grant,
+    info: &ConnInfo,
+    keys: &mut Vec<SubscriptionKey>,
+) -> Option<u16> {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = sub.closed() => return None,
+            _ = app.shutdown.cancelled() => {
+                sub.close(CloseReason::GoingAway);
+                return None;
+            }
+            msg = stream.next() => msg,
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                reply_error(sub, &ApiError::BadRequest("binary frames are not supported; send JSON text".into()));
+                continue;
+            }
+            Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| c.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) if is_too_large(&e) => {
+                tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
+                sub.close(CloseReason::TooLarge);
+                return None;
+            }
+            Some(Err(_)) | None => return Some(1006),
+        };
+        match decode_client_frame(text.as_str()) {
+            Ok(ClientFrame::Subscribe(s)) => {
+                let key = s.key();
+                if !grant.allows(&key) {
+                    reply_error(sub, &ApiError::Forbidden(format!("token may not read {key}")));
+                    continue;
+                }
+                let outcome = app.hub.subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
+                if !outcome.already {
+                    keys.push(key.clone());
+                }
+                log_subscribe(info, &key, &outcome);
+            }
+            Ok(ClientFrame::Unsubscribe(u)) => {
+                let key = u.key();
+                app.hub.unsubscribe(sub, &key);
+                keys.retain(|k| k != &key);
+                tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
+            }
+            Ok(ClientFrame::Ping) => {
+                sub.push(Outbound::Frame(Utf8Bytes::from_static(r#"{"type":"pong"}"#)));
+            }
+            Ok(ClientFrame::Hello(_)) => reply_error(sub, &ApiError::BadRequest("already connected: hello is only the first frame".into())),
+            Err(e) => reply_error(sub, &ApiError::from(e)),
+        }
+    }
+}
+
+fn log_subscribe(info: &ConnInfo, key: &SubscriptionKey, outcome: &crate::hub::SubscribeOutcome) {
+    if outcome.failed {
+        tracing::warn!(
+            event = "backlog_drain_failed",
+            subscription_key = %key,
+            channel = %key.channel(),
+            request_id = %key.request_id(),
+            drained_request_id = %key.request_id(),
+            client_id = %info.client_id,
+            count = 0,
+            failed_count = outcome.drained,
+            "could not queue sub_ack and backlog: connection is closing"
+        );
+        return;
+    }
+    if outcome.drained > 0 || outcome.expired > 0 {
+        tracing::info!(
+            event = "backlog_drained",
+            subscription_key = %key,
+            channel = %key.channel(),
+            request_id = %key.request_id(),
+            drained_request_id = %key.request_id(),
+            client_id = %info.client_id,
+            count = outcome.drained,
+            failed_count = 0,
+            expired_count = outcome.expired,
+            "backlog drained to subscriber"
+        );
+    }
+    tracing::debug!(
+        event = "subscribed",
+        subscription_key = %key,
+        client_id = %info.client_id,
+        replayed = outcome.replayed,
+        recovered = outcome.recovered,
+        "subscribed"
+    );
+}
+
+fn reply_error(sub: &Subscriber, e: &ApiError) {
+    sub.push(Outbound::Frame(error_frame(e)));
+}
+
+fn error_frame(e: &ApiError) -> Utf8Bytes {
+    Utf8Bytes::from(encode_server_frame(&ServerFrame::Error(ErrorFrame {
+        code: e.code(),
+        message: e.message().to_owned(),
+    })))
+}
+
+async fn send_error(sink: &mut SplitSink<WebSocket, Message>, e: &ApiError) -> Result<(), axum::Error> {
+    sink.send(Message::Text(error_frame(e))).await
+}
+
+async fn close_with(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: reason.code(),
+            reason: Utf8Bytes::from_static(reason.text()),
+        })))
+        .await;
+    let _ = sink.close().await;
+}
+
+/// Drain the send queue: take everything queued, write it, flush once. Returns frames written
+/// and the close code the server sent, if it closed the connection.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    sub: Arc<Subscriber>,
+    done: CancellationToken,
+) -> (u64, Option<u16>) {
+    let mut sent = 0u64;
+    let mut buf: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            reason = sub.closed() => {
+                close_with(&mut sink, reason).await;
+                return (sent, Some(reason.code()));
+            }
+            _ = done.cancelled() => {
+                let _ = sink.close().await;
+                return (sent, None);
+            }
+            n = rx.recv_many(&mut buf, WRITE_BATCH) => {
+                if n == 0 {
+                    return (sent, None);
+                }
+                for item in buf.drain(..) {
+                    let r = match item {
+                        Outbound::Frame(f) => { sent += 1; sink.feed(Message::Text(f)).await }
+                        Outbound::Batch(frames) => {
+                            let mut r = Ok(());
+                            for f in frames {
+                                sent += 1;
+                                r = sink.feed(Message::Text(f)).await;
+                                if r.is_err() { break; }
+                            }
+                            r
+                        }
+                    };
+                    if r.is_err() {
+                        return (sent, None);
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return (sent, None);
+                }
+            }
+        }
+    }
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(WsError::Capacity(_)) = s.downcast_ref::<WsError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    // axum::Error wraps the tungstenite error as its inner error; its Display says so too.
+    e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
+}
+
+fn log_rejected(client_id: &str, close_code: u16, started: Instant, why: &str) {
+    tracing::info!(
+        event = "connection_closed",
+        client_id,
+        close_code,
+        duration_seconds = started.elapsed().as_secs_f64(),
+        messages_sent = 0u64,
+        reason = why,
+        "connection closed before it was authenticated"
+    );
+}

@@ -1,0 +1,238 @@
+//! HTTP endpoints: publish, recovery, stream pages, health, metrics, and the browser assets.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use seqcast_persistence::{CommittedEvent, NewEvent};
+use seqcast_protocol::{
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta, RequestId, SubscriptionKey,
+    decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+};
+
+use crate::app::AppState;
+use crate::auth::{Grant, random_hex};
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::now_ms;
+
+/// Most messages one recovery or stream page returns.
+pub const MAX_PAGE: u64 = 10_000;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE: u64 = 1_000;
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Query parameters, decoded once, with clear errors for bad values.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
+        let pairs: Vec<(String, String)> = match raw {
+            None => Vec::new(),
+            Some(q) => serde_urlencoded::from_str(&q).map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?,
+        };
+        for (k, _) in &pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {k:?}; allowed: {}",
+                    allowed.join(", ")
+                )));
+            }
+        }
+        Ok(Query(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name).map(|v| parse_u64_param(name, v).map_err(ApiError::from)).transpose()
+    }
+
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.u64("limit")? {
+            None => Ok(DEFAULT_PAGE as usize),
+            Some(0) => Err(ApiError::BadRequest("limit must be at least 1".into())),
+            Some(n) => Ok(n.min(MAX_PAGE) as usize),
+        }
+    }
+}
+
+/// `GET /websocket/messages?since=N[&channel=C[&request_id=R]][&limit=L][&epoch=E]`
+pub async fn recover(State(app): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let grant = app.auth.reader(authorization(&headers))?;
+    let q = Query::parse(raw, &["since", "channel", "request_id", "limit", "epoch"])?;
+    let since = q.u64("since")?.unwrap_or(0);
+    let limit = q.limit()?;
+    let channel = q.get("channel").map(Channel::new).transpose()?;
+    let request_id = q.get("request_id").map(RequestId::new).transpose()?;
+    let filter = match (channel, request_id) {
+        (Some(c), Some(r)) => {
+            let key = SubscriptionKey::new(c, r);
+            if !grant.allows(&key) {
+                return Err(ApiError::Forbidden(format!("token may not read {key}")));
+            }
+            Filter::Key(key)
+        }
+        (Some(c), None) => Filter::Channel(c),
+        (None, Some(_)) => return Err(ApiError::BadRequest("request_id needs channel".into())),
+        (None, None) => Filter::All,
+    };
+    let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
+    let rec = app.hub.recover(since, limit, now_ms(), |k| filter.admits(k, &grant));
+    let meta = RecoveryMeta {
+        head: rec.head,
+        oldest_sequence: rec.oldest_sequence,
+        epoch: app.hub.epoch().to_owned(),
+        complete: rec.complete && epoch_ok,
+        next_since: if epoch_ok { rec.next_since } else { None },
+    };
+    // Messages numbered in another epoch's history would be unrelated: send none, say incomplete.
+    let frames = if epoch_ok { rec.frames } else { Vec::new() };
+    let body = encode_recovery_response(frames.iter().map(|f| f.as_str()), &meta);
+    Ok(json_response(StatusCode::OK, body))
+}
+
+enum Filter {
+    All,
+    Channel(Channel),
+    Key(SubscriptionKey),
+}
+
+impl Filter {
+    fn admits(&self, key: &SubscriptionKey, grant: &Grant) -> bool {
+        match self {
+            Filter::Key(k) => k == key,
+            Filter::Channel(c) => key.channel() == c && grant.allows(key),
+            Filter::All => grant.is_unrestricted() || grant.allows(key),
+        }
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body exceeds the limit of {limit} bytes")))
+}
+
+fn new_event(req: PublishRequest, grant: &Grant) -> Result<NewEvent, ApiError> {
+    let key = req.key();
+    if !grant.allows(&key) {
+        return Err(ApiError::Forbidden(format!("token may not publish to {key}")));
+    }
+    let message_id = match req.message_id {
+        Some(id) => id,
+        None => MessageId::new(random_hex(16)).map_err(|e| ApiError::Internal(e.to_string()))?,
+    };
+    let data: Box<str> = req.data.into();
+    Ok(NewEvent {
+        key,
+        message_id,
+        data: String::from(data),
+    })
+}
+
+fn answer(ev: &CommittedEvent) -> PublishResponse {
+    PublishResponse {
+        sequence_number: ev.sequence_number,
+        stream_sequence: ev.stream_sequence,
+        message_id: ev.message_id.clone(),
+    }
+}
+
+/// `POST /api/publish`
+pub async fn publish(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let grant = app.auth.publisher(authorization(&headers))?;
+    let bytes = read_body(body, app.settings.max_message_bytes).await?;
+    let req = decode_publish(&bytes)?;
+    let ev = new_event(req, &grant)?;
+    let committed = app.store.commit(&app.hub, vec![ev]).await?;
+    let first = committed.first().ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
+    Ok(axum::Json(answer(first)).into_response())
+}
+
+/// `POST /api/publish/batch` — one transaction: all or nothing.
+pub async fn publish_batch(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let grant = app.auth.publisher(authorization(&headers))?;
+    let limit = app.settings.max_message_bytes.saturating_mul(16);
+    let bytes = read_body(body, limit).await?;
+    let req = decode_batch(&bytes)?;
+    let events = req
+        .messages
+        .into_iter()
+        .map(|m| new_event(m, &grant))
+        .collect::<Result<Vec<_>, _>>()?;
+    let committed = app.store.commit(&app.hub, events).await?;
+    Ok(axum::Json(BatchPublishResponse {
+        results: committed.iter().map(answer).collect(),
+    })
+    .into_response())
+}
+
+/// `GET /api/streams/{channel}/{request_id}/messages?after=S&limit=L`
+pub async fn stream_page(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((channel, request_id)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let grant = app.auth.reader(authorization(&headers))?;
+    let key = SubscriptionKey::new(Channel::new(channel)?, RequestId::new(request_id)?);
+    if !grant.allows(&key) {
+        return Err(ApiError::Forbidden(format!("token may not read {key}")));
+    }
+    let q = Query::parse(raw, &["after", "limit"])?;
+    let after = q.u64("after")?.unwrap_or(0);
+    let limit = q.limit()?;
+    let Some(reader) = app.store.reader().cloned() else {
+        return Err(ApiError::NotFound(
+            "stream pages are served from the database; this server runs with --storage memory".into(),
+        ));
+    };
+    let rows = tokio::task::spawn_blocking(move || reader.stream_rows(&key, after, limit))
+        .await
+        .map_err(|e| ApiError::Internal(format!("stream reader failed: {e}")))??;
+    let next_after = if rows.len() == limit { rows.last().map(|r| r.stream_sequence) } else { None };
+    let frames: Vec<_> = rows.iter().map(Hub::frame_of).collect();
+    Ok(json_response(StatusCode::OK, encode_stream_page(frames.iter().map(|f| f.as_str()), next_after)))
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Response {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
+}
+
+/// `GET /readyz`: ready to take traffic (not shutting down).
+pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.shutdown.is_cancelled() {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"shutting_down"}"#.into())
+    } else {
+        json_response(StatusCode::OK, format!(r#"{{"status":"ready","head":{}}}"#, app.hub.head()))
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let gauges = app.hub.gauges();
+    let mut r = app.hub.metrics.render(&gauges).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
+/// Anything else.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}

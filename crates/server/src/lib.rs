@@ -1,0 +1,26 @@
+//! seqcast server: the thin shell that composes the core crates. It owns the runtime, the
+//! sockets, the signals and the configuration; it computes no sequence numbers itself
+//! (the store does, through [`storage::Store::commit`]).
+//!
+//! Embedding: build [`config::Settings`], bind a listener, and call [`run`] — tests start the
+//! same function on `127.0.0.1:0`.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod storage;
+
+pub use app::{ServerHandle, run, start};
+
+/// Milliseconds since the Unix epoch: the shell reads the clock and passes it into the core.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

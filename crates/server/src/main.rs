@@ -1,0 +1,117 @@
+//! The `seqcast` binary: parse settings, set up logs, run a subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use seqcast_server::config::{Cli, Command, DbCommand, LogFormat, ServeArgs, Settings};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => serve(&cli.serve),
+        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Token(t)) => token(&t),
+        Some(Command::Db(DbCommand::Migrate(args))) => db_migrate(&args),
+        Some(Command::Db(DbCommand::RepairSequences(args))) => db_repair(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seqcast: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args)?;
+    init_logging(settings.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        seqcast_server::run(settings, shutdown).await
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!(event = "signal", signal = "SIGINT", "shutting down"),
+            _ = term.recv() => tracing::info!(event = "signal", signal = "SIGTERM", "shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
+
+fn token(t: &seqcast_server::config::TokenArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&t.settings)?;
+    let secret = match &settings.jwt_secret {
+        Some(s) => s.clone(),
+        None => {
+            let (s, created) = seqcast_server::auth::dev_secret(&settings.data_dir, "jwt-secret")?;
+            if created {
+                eprintln!(
+                    "seqcast: no JWT secret configured; generated a development secret in {}",
+                    settings.data_dir.display()
+                );
+            }
+            s
+        }
+    };
+    let auth = seqcast_server::auth::Authority::new(&secret, "");
+    let token = auth
+        .mint(&t.sub, t.channels.clone(), t.ttl_secs, t.publish)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{token}");
+    Ok(())
+}
+
+fn db_path(args: &ServeArgs) -> anyhow::Result<std::path::PathBuf> {
+    let settings = Settings::resolve(args)?;
+    std::fs::create_dir_all(&settings.data_dir)?;
+    Ok(settings.data_dir.join("seqcast.db"))
+}
+
+fn db_migrate(args: &ServeArgs) -> anyhow::Result<()> {
+    let path = db_path(args)?;
+    let report = seqcast_persistence::migrate(&path)?;
+    println!("migrated {}: {report:?}", path.display());
+    Ok(())
+}
+
+fn db_repair(args: &ServeArgs) -> anyhow::Result<()> {
+    let path = db_path(args)?;
+    let report = seqcast_persistence::repair_sequences(&path)?;
+    println!(
+        "repaired {}: {} streams checked, {} rows renumbered",
+        path.display(),
+        report.streams,
+        report.rows_renumbered
+    );
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! Process counters, exported as Prometheus text at `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters updated on the hot path with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages committed and handed to fan-out.
+    pub published: AtomicU64,
+    /// Frames queued to subscribers (live, backlog and replay).
+    pub deliveries: AtomicU64,
+    /// Messages kept in a backlog because nobody was subscribed.
+    pub backlogged: AtomicU64,
+    /// Backlog entries dropped by a bound.
+    pub backlog_overflow: AtomicU64,
+    /// Connections accepted.
+    pub connections_opened: AtomicU64,
+    /// Connections closed.
+    pub connections_closed: AtomicU64,
+    /// Connections closed because their send queue was full (1013).
+    pub slow_consumer_closes: AtomicU64,
+    /// Publishes that failed because the store could not take them.
+    pub publish_failures: AtomicU64,
+}
+
+impl Metrics {
+    /// Add one.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add n.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prometheus exposition text, with gauges supplied by the caller.
+    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
+        let mut out = String::with_capacity(2048);
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("seqcast_published_total", "Messages committed and fanned out", &self.published),
+            ("seqcast_deliveries_total", "Frames queued to subscribers", &self.deliveries),
+            ("seqcast_backlogged_total", "Messages kept for late subscribers", &self.backlogged),
+            ("seqcast_backlog_overflow_total", "Backlog entries dropped by a bound", &self.backlog_overflow),
+            ("seqcast_connections_opened_total", "WebSocket connections accepted", &self.connections_opened),
+            ("seqcast_connections_closed_total", "WebSocket connections closed", &self.connections_closed),
+            ("seqcast_slow_consumer_closes_total", "Connections closed with 1013", &self.slow_consumer_closes),
+            ("seqcast_publish_failures_total", "Publishes refused by the store", &self.publish_failures),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        }
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}

@@ -1,0 +1,393 @@
+//! Harness for black-box tests: start the built `seqcast` binary on 127.0.0.1:0 with a
+//! temporary data directory, talk to it with a real HTTP client and a real tokio-tungstenite
+//! WebSocket client, and read its JSON logs.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use seqcast_protocol::{ServerFrame, decode_server_frame};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The secret every test server is started with.
+pub const JWT_SECRET: &str = "test-secret-0123456789";
+/// The API key every test server is started with.
+pub const API_KEY: &str = "test-api-key";
+/// How long a test waits for something that should happen promptly.
+pub const PROMPT: Duration = Duration::from_secs(10);
+
+/// The `seqcast` binary: `$SEQCAST_BIN` (set by `cargo xtask test`), or built on demand.
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEQCAST_BIN") {
+        return PathBuf::from(p);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+            let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&root)
+                .args(["build", "--quiet", "-p", "seqcast-server", "--bin", "seqcast"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the seqcast binary failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+            target.join("debug").join("seqcast")
+        })
+        .clone()
+}
+
+/// A running server process.
+pub struct TestServer {
+    child: Option<Child>,
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Data directory (kept alive by `_tmp` unless given by the caller).
+    pub data_dir: PathBuf,
+    _tmp: Option<Arc<tempfile::TempDir>>,
+    logs: Arc<Mutex<Vec<String>>>,
+    /// HTTP client.
+    pub http: reqwest::Client,
+}
+
+/// Options for [`TestServer::start_with`].
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    /// Use this data directory (to restart on the same data).
+    pub data_dir: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Do not pass `--jwt-secret`/`--api-key` (development mode).
+    pub dev_mode: bool,
+}
+
+impl Options {
+    /// With these extra arguments.
+    pub fn args(args: &[&str]) -> Self {
+        Options {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Options::default()
+        }
+    }
+}
+
+impl TestServer {
+    /// Start with memory storage.
+    pub async fn start() -> Self {
+        Self::start_with(Options::args(&["--storage", "memory"])).await
+    }
+
+    /// Start with options.
+    pub async fn start_with(opts: Options) -> Self {
+        let (data_dir, tmp) = match opts.data_dir.clone() {
+            Some(d) => (d, None),
+            None => {
+                let t = Arc::new(tempfile::tempdir().unwrap());
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data-dir")
+            .arg(&data_dir);
+        if !opts.dev_mode {
+            cmd.args(["--jwt-secret", JWT_SECRET, "--api-key", API_KEY]);
+        }
+        cmd.args(&opts.args)
+            .env("RUST_LOG", "debug,hyper=info,tungstenite=info,tokio_tungstenite=info")
+            .env_remove("SEQCAST_LISTEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start seqcast");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        {
+            let logs = Arc::clone(&logs);
+            tokio::spawn(async move {
+                let mut addr_tx = Some(addr_tx);
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["event"] == "listening" {
+                            if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                                if let Some(tx) = addr_tx.take() {
+                                    let _ = tx.send(a);
+                                }
+                            }
+                        }
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let logs = Arc::clone(&logs);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    logs.lock().unwrap().push(format!("stderr: {line}"));
+                }
+            });
+        }
+        let addr = match tokio::time::timeout(Duration::from_secs(30), addr_rx).await {
+            Ok(Ok(a)) => a,
+            _ => {
+                let _ = child.kill().await;
+                panic!("server did not log `listening`; output:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        TestServer {
+            child: Some(child),
+            addr,
+            data_dir,
+            _tmp: tmp,
+            logs,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every log line so far, parsed (non-JSON lines are skipped).
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Raw log lines (including stderr).
+    pub fn raw_logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Wait until a log event matching `pred` appears.
+    pub async fn wait_for_log(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + PROMPT;
+        loop {
+            if let Some(v) = self.logs().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("log line not found; logs:\n{}", self.raw_logs().join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publish one message with the API key; panics unless 200.
+    pub async fn publish(&self, channel: &str, request_id: &str, data: Value) -> Value {
+        let r = self.publish_raw(&json!({"channel": channel, "request_id": request_id, "data": data})).await;
+        assert_eq!(r.0, 200, "publish failed: {}", r.1);
+        r.1
+    }
+
+    /// POST /api/publish with any body; returns (status, json body).
+    pub async fn publish_raw(&self, body: &Value) -> (u16, Value) {
+        self.post("/api/publish", &body.to_string()).await
+    }
+
+    /// POST a raw body with the API key.
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header("Authorization", format!("ApiKey {API_KEY}"))
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// GET with an optional bearer token; returns (status, json body).
+    pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(self.url(path_and_query));
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A WebSocket connected and past `hello`.
+    pub async fn client(&self, token: &str) -> Client {
+        let mut c = self.connect_raw().await;
+        c.send(json!({"type": "hello", "token": token})).await;
+        match c.next_frame().await {
+            ServerFrame::Connected(_) => c,
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    /// A WebSocket connected, before `hello`.
+    pub async fn connect_raw(&self) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", self.addr)).await.unwrap();
+        Client { ws }
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().unwrap();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap()
+    }
+
+    /// `kill -9`.
+    pub async fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+    }
+}
+
+/// Mint a client token with the test secret.
+pub fn token(sub: &str, channels: Option<&[&str]>) -> String {
+    token_with(sub, channels, 3600, false)
+}
+
+/// Mint a token with every option.
+pub fn token_with(sub: &str, channels: Option<&[&str]>, ttl_secs: i64, publish: bool) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut claims = json!({"sub": sub, "exp": now + ttl_secs});
+    if let Some(c) = channels {
+        claims["channels"] = json!(c);
+    }
+    if publish {
+        claims["publish"] = json!(true);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// What a read from the socket produced.
+#[derive(Debug)]
+pub enum Event {
+    /// A server frame.
+    Frame(ServerFrame),
+    /// A close frame (code, reason).
+    Closed(u16, String),
+    /// The stream ended without a close frame.
+    Ended,
+}
+
+/// A real WebSocket client.
+pub struct Client {
+    /// The socket.
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    /// Send a JSON text frame.
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    /// Send raw text.
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::Text(s.to_owned().into())).await.unwrap();
+    }
+
+    /// Next event, within [`PROMPT`].
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let msg = tokio::time::timeout(PROMPT, self.ws.next()).await.expect("no frame within the deadline");
+            return match msg {
+                Some(Ok(Message::Text(t))) => Event::Frame(decode_server_frame(t.as_str()).unwrap_or_else(|e| panic!("bad frame {t}: {e}"))),
+                Some(Ok(Message::Close(c))) => match c {
+                    Some(CloseFrame { code, reason }) => Event::Closed(code.into(), reason.to_string()),
+                    None => Event::Closed(1005, String::new()),
+                },
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Event::Ended,
+            };
+        }
+    }
+
+    /// Next server frame (panics on close).
+    pub async fn next_frame(&mut self) -> ServerFrame {
+        match self.next_event().await {
+            Event::Frame(f) => f,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Subscribe and return the sub_ack.
+    pub async fn subscribe(&mut self, channel: &str, request_id: &str) -> seqcast_protocol::SubAck {
+        self.send(json!({"type": "subscribe", "channel": channel, "request_id": request_id})).await;
+        self.expect_sub_ack().await
+    }
+
+    /// The next frame must be sub_ack.
+    pub async fn expect_sub_ack(&mut self) -> seqcast_protocol::SubAck {
+        match self.next_frame().await {
+            ServerFrame::SubAck(a) => a,
+            other => panic!("expected sub_ack, got {other:?}"),
+        }
+    }
+
+    /// The next frame must be a message.
+    pub async fn expect_message(&mut self) -> seqcast_protocol::MessageFrame {
+        match self.next_frame().await {
+            ServerFrame::Message(m) => m,
+            other => panic!("expected message, got {other:?}"),
+        }
+    }
+
+    /// Prove nothing else is queued: send ping, the next frame must be pong.
+    pub async fn expect_nothing_more(&mut self) {
+        self.send(json!({"type": "ping"})).await;
+        match self.next_frame().await {
+            ServerFrame::Pong => {}
+            other => panic!("expected nothing before pong, got {other:?}"),
+        }
+    }
+
+    /// Close politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {}
+    }
+}
+
+/// The raw `data` of a message frame as JSON.
+pub fn data(m: &seqcast_protocol::MessageFrame) -> Value {
+    serde_json::from_str(m.data.get()).unwrap()
+}

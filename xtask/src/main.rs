@@ -1,0 +1,129 @@
+//! `cargo xtask <task>`: the project's automation. `cargo xtask ci` is exactly what CI runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+mod browser;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = args.first().map(String::as_str).unwrap_or("help");
+    let rest = &args[args.len().min(1)..];
+    match task {
+        "ci" => ci(),
+        "fmt" => run(cargo().args(["fmt", "--all"])),
+        "layering" => layering(),
+        "test" => test(),
+        "browser" => browser::run(&root()?),
+        "help" | "--help" | "-h" => {
+            println!("cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, bench smoke");
+            println!("cargo xtask layering  check that the core crates depend on no runtime, socket or database crate");
+            println!("cargo xtask test      build the server and run every test");
+            println!("cargo xtask browser   the client and real-browser tests");
+            let _ = rest;
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}; try `cargo xtask help`"),
+    }
+}
+
+fn root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir.parent().context("xtask has no parent directory")?.to_path_buf())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if let Ok(r) = root() {
+        c.current_dir(r);
+    }
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let t = Instant::now();
+    eprintln!("\n==> {name}");
+    f().with_context(|| format!("step `{name}` failed"))?;
+    eprintln!("==> {name}: ok ({:.1}s)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    let t = Instant::now();
+    step("fmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
+    step("clippy", || {
+        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+    })?;
+    step("layering", layering)?;
+    step("tests", test)?;
+    step("browser", || browser::run(&root()?))?;
+    eprintln!("\nci: all green in {:.0}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Crates that must stay free of runtimes, sockets and databases.
+const CORE_CRATES: &[&str] = &["seqcast-protocol", "seqcast-sequencing", "seqcast-backlog"];
+/// What the core must never pull in.
+const FORBIDDEN: &[&str] = &[
+    "tokio", "mio", "socket2", "hyper", "axum", "tungstenite", "tokio-tungstenite", "rusqlite", "libsqlite3-sys", "postgres",
+    "tokio-postgres", "async-std", "reqwest",
+];
+
+fn layering() -> Result<()> {
+    for krate in CORE_CRATES {
+        let out = cargo()
+            .args(["tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+            .output()
+            .context("cannot run cargo tree")?;
+        if !out.status.success() {
+            bail!("cargo tree -p {krate} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let tree = String::from_utf8_lossy(&out.stdout);
+        for line in tree.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if FORBIDDEN.contains(&name) {
+                bail!("layering violation: {krate} depends on {name} (core crates do no I/O; see ARCHITECTURE.md)");
+            }
+        }
+        eprintln!("layering: {krate} depends on no runtime, socket or database crate");
+    }
+    Ok(())
+}
+
+/// The built server binary the black-box tests start.
+fn server_binary(root: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    target.join("debug").join("seqcast")
+}
+
+fn test() -> Result<()> {
+    let root = root()?;
+    run(cargo().args(["build", "-p", "seqcast-server", "--bin", "seqcast"]))?;
+    let bin = server_binary(&root);
+    let has_nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if has_nextest {
+        run(cargo()
+            .env("SEQCAST_BIN", &bin)
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
+        run(cargo().env("SEQCAST_BIN", &bin).args(["test", "--workspace", "--doc"]))?;
+    } else {
+        run(cargo().env("SEQCAST_BIN", &bin).args(["test", "--workspace"]))?;
+    }
+    Ok(())
+}
