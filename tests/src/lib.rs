@@ -34,14 +34,27 @@ pub fn server_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-            let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(&root)
-                .args(["build", "--quiet", "-p", "seqcast-server", "--bin", "seqcast"])
-                .status()
-                .expect("run cargo build");
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .to_path_buf();
+            let status = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            )
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "seqcast-server",
+                "--bin",
+                "seqcast",
+            ])
+            .status()
+            .expect("run cargo build");
             assert!(status.success(), "building the seqcast binary failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), PathBuf::from);
             target.join("debug").join("seqcast")
         })
         .clone()
@@ -107,7 +120,10 @@ impl TestServer {
             cmd.args(["--jwt-secret", JWT_SECRET, "--api-key", API_KEY]);
         }
         cmd.args(&opts.args)
-            .env("RUST_LOG", "debug,hyper=info,tungstenite=info,tokio_tungstenite=info")
+            .env(
+                "RUST_LOG",
+                "debug,hyper=info,tungstenite=info,tokio_tungstenite=info",
+            )
             .env_remove("SEQCAST_LISTEN")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -118,7 +134,7 @@ impl TestServer {
         let mut child = cmd.spawn().expect("start seqcast");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
+        let logs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
         {
             let logs = Arc::clone(&logs);
@@ -152,7 +168,10 @@ impl TestServer {
             Ok(Ok(a)) => a,
             _ => {
                 let _ = child.kill().await;
-                panic!("server did not log `listening`; output:\n{}", logs.lock().unwrap().join("\n"));
+                panic!(
+                    "server did not log `listening`; output:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
             }
         };
         TestServer {
@@ -201,7 +220,9 @@ impl TestServer {
 
     /// Publish one message with the API key; panics unless 200.
     pub async fn publish(&self, channel: &str, request_id: &str, data: Value) -> Value {
-        let r = self.publish_raw(&json!({"channel": channel, "request_id": request_id, "data": data})).await;
+        let r = self
+            .publish_raw(&json!({"channel": channel, "request_id": request_id, "data": data}))
+            .await;
         assert_eq!(r.0, 200, "publish failed: {}", r.1);
         r.1
     }
@@ -224,7 +245,10 @@ impl TestServer {
             .unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// GET with an optional bearer token; returns (status, json body).
@@ -236,7 +260,10 @@ impl TestServer {
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// A WebSocket connected and past `hello`.
@@ -251,7 +278,9 @@ impl TestServer {
 
     /// A WebSocket connected, before `hello`.
     pub async fn connect_raw(&self) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", self.addr)).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", self.addr))
+            .await
+            .unwrap();
         Client { ws }
     }
 
@@ -259,8 +288,13 @@ impl TestServer {
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let pid = child.id().unwrap();
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap()
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     /// `kill -9`.
@@ -317,22 +351,35 @@ pub struct Client {
 impl Client {
     /// Send a JSON text frame.
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     /// Send raw text.
     pub async fn send_text(&mut self, s: &str) {
-        self.ws.send(Message::Text(s.to_owned().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(s.to_owned().into()))
+            .await
+            .unwrap();
     }
 
     /// Next event, within [`PROMPT`].
     pub async fn next_event(&mut self) -> Event {
         loop {
-            let msg = tokio::time::timeout(PROMPT, self.ws.next()).await.expect("no frame within the deadline");
+            let msg = tokio::time::timeout(PROMPT, self.ws.next())
+                .await
+                .expect("no frame within the deadline");
             return match msg {
-                Some(Ok(Message::Text(t))) => Event::Frame(decode_server_frame(t.as_str()).unwrap_or_else(|e| panic!("bad frame {t}: {e}"))),
+                Some(Ok(Message::Text(t))) => Event::Frame(
+                    decode_server_frame(t.as_str())
+                        .unwrap_or_else(|e| panic!("bad frame {t}: {e}")),
+                ),
                 Some(Ok(Message::Close(c))) => match c {
-                    Some(CloseFrame { code, reason }) => Event::Closed(code.into(), reason.to_string()),
+                    Some(CloseFrame { code, reason }) => {
+                        Event::Closed(code.into(), reason.to_string())
+                    }
                     None => Event::Closed(1005, String::new()),
                 },
                 Some(Ok(_)) => continue,
@@ -351,7 +398,8 @@ impl Client {
 
     /// Subscribe and return the sub_ack.
     pub async fn subscribe(&mut self, channel: &str, request_id: &str) -> seqcast_protocol::SubAck {
-        self.send(json!({"type": "subscribe", "channel": channel, "request_id": request_id})).await;
+        self.send(json!({"type": "subscribe", "channel": channel, "request_id": request_id}))
+            .await;
         self.expect_sub_ack().await
     }
 
@@ -383,7 +431,8 @@ impl Client {
     /// Close politely.
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {}
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
+        }
     }
 }
 

@@ -1,12 +1,171 @@
 //! The JavaScript client's tests (Node's test runner against a real server) and the
-//! real-browser test (headless Chromium driven by playwright-core).
+//! real-browser test (headless Chromium driven by playwright-core), both in `tests/browser`.
+//!
+//! Boundary: builds nothing; it runs the server binary that `cargo xtask ci` built.
+//! Invariant: every child process runs under a deadline, so a hung browser or server cannot hang
+//! CI; a missing Chromium fails under `CI=true` and is a loud skip elsewhere.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
-/// Run the browser suites; placeholder until the client lands.
-pub fn run(_root: &Path) -> Result<()> {
-    eprintln!("browser: no browser suite yet");
+/// Where the browser test expects Debian's Chromium (never a downloaded one).
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// npm packages the suites import; if one is missing, `npm ci` restores them from the lockfile.
+const NODE_PACKAGES: &[&str] = &["playwright-core", "ws", "@seqcast/client"];
+/// Upper bounds for each suite, far above their normal run times (about 2 s and 7 s).
+const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
+const BROWSER_DEADLINE: Duration = Duration::from_secs(240);
+const NPM_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Run the client tests, then the real-browser test.
+pub fn run(root: &Path) -> Result<()> {
+    let dir = root.join("tests").join("browser");
+    let bin = server_binary(root)?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+
+    if !command_works("node", &["--version"]) {
+        if ci {
+            bail!("the client tests need Node.js 20 or newer (`node` not found)");
+        }
+        warn(
+            "SKIPPED: the JavaScript client and real-browser tests need Node.js 20+ (`node` not found)",
+        );
+        return Ok(());
+    }
+    let missing: Vec<&str> = NODE_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dir.join("node_modules").join(p).exists())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "browser: npm packages missing ({}); running npm ci in {}",
+            missing.join(", "),
+            dir.display()
+        );
+        run_bounded(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir),
+            NPM_DEADLINE,
+        )?;
+    }
+
+    eprintln!("browser: client tests against {}", bin.display());
+    run_bounded(
+        &mut node_test(&dir, &bin, "client.test.mjs", CLIENT_DEADLINE),
+        CLIENT_DEADLINE,
+    )?;
+
+    let chromium =
+        std::env::var_os("SEQCAST_CHROMIUM").map_or_else(|| PathBuf::from(CHROMIUM), PathBuf::from);
+    if !chromium.exists() {
+        if ci {
+            bail!(
+                "the real-browser test needs {}: apt-get install chromium (.ci/run does this)",
+                chromium.display()
+            );
+        }
+        warn(&format!(
+            "SKIPPED: real-browser test needs {}: apt-get install chromium",
+            chromium.display()
+        ));
+        return Ok(());
+    }
+    eprintln!("browser: real-browser test with {}", chromium.display());
+    let mut cmd = node_test(&dir, &bin, "demo.browser.test.mjs", BROWSER_DEADLINE);
+    cmd.env("SEQCAST_CHROMIUM", &chromium).env(
+        "SEQCAST_BROWSER_ARTIFACTS",
+        root.join("target").join("browser"),
+    );
+    run_bounded(&mut cmd, BROWSER_DEADLINE)?;
+    eprintln!(
+        "browser: screenshot in {}",
+        root.join("target")
+            .join("browser")
+            .join("demo.png")
+            .display()
+    );
     Ok(())
+}
+
+/// The server binary: `$SEQCAST_BIN`, else the debug build in `$CARGO_TARGET_DIR` or `target/`.
+fn server_binary(root: &Path) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SEQCAST_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.exists() {
+            bail!("SEQCAST_BIN={} does not exist", bin.display());
+        }
+        return Ok(bin);
+    }
+    let mut candidates = Vec::new();
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(target).join("debug").join("seqcast"));
+    }
+    candidates.push(root.join("target").join("debug").join("seqcast"));
+    candidates.into_iter().find(|c| c.exists()).with_context(|| {
+        format!(
+            "no server binary in {}: build it first with `cargo build -p seqcast-server --bin seqcast` (or set SEQCAST_BIN)",
+            root.join("target").join("debug").display()
+        )
+    })
+}
+
+/// `node --test` on one file, one test at a time, each test bounded below the suite deadline.
+fn node_test(dir: &Path, bin: &Path, file: &str, deadline: Duration) -> Command {
+    let per_test_ms = deadline.as_millis().saturating_sub(10_000);
+    let mut cmd = Command::new("node");
+    cmd.arg("--test")
+        .arg("--test-concurrency=1")
+        .arg(format!("--test-timeout={per_test_ms}"))
+        .arg(file)
+        .current_dir(dir)
+        .env("SEQCAST_BIN", bin);
+    cmd
+}
+
+/// Run `cmd` to completion, killing it if it outlives `deadline`.
+fn run_bounded(cmd: &mut Command, deadline: Duration) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let started = Instant::now();
+    let mut child: Child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("cannot wait for {shown}"))?
+        {
+            if !status.success() {
+                bail!("{shown} failed with {status}");
+            }
+            eprintln!("browser: done in {:.1}s", started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{shown} did not finish within {} s and was killed",
+                deadline.as_secs()
+            );
+        }
+        // Polling a child's exit is the one portable way to bound it with std alone.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn command_works(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn warn(message: &str) {
+    let bar = "!".repeat(message.len().min(100));
+    eprintln!("\n{bar}\n{message}\n{bar}\n");
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod bench;
 mod browser;
 
 fn main() -> Result<()> {
@@ -18,11 +19,19 @@ fn main() -> Result<()> {
         "layering" => layering(),
         "test" => test(),
         "browser" => browser::run(&root()?),
+        "bench" => bench::run(&root()?, rest),
         "help" | "--help" | "-h" => {
-            println!("cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, bench smoke");
-            println!("cargo xtask layering  check that the core crates depend on no runtime, socket or database crate");
+            println!(
+                "cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, bench smoke"
+            );
+            println!(
+                "cargo xtask layering  check that the core crates depend on no runtime, socket or database crate"
+            );
             println!("cargo xtask test      build the server and run every test");
             println!("cargo xtask browser   the client and real-browser tests");
+            println!(
+                "cargo xtask bench     benchmarks (--quick: about a minute, --smoke: seconds); tables in target/bench/"
+            );
             let _ = rest;
             Ok(())
         }
@@ -32,7 +41,10 @@ fn main() -> Result<()> {
 
 fn root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(dir.parent().context("xtask has no parent directory")?.to_path_buf())
+    Ok(dir
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
 }
 
 fn cargo() -> Command {
@@ -45,7 +57,9 @@ fn cargo() -> Command {
 
 fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {shown}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -64,7 +78,14 @@ fn ci() -> Result<()> {
     let t = Instant::now();
     step("fmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
     step("clippy", || {
-        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
     })?;
     step("layering", layering)?;
     step("tests", test)?;
@@ -77,24 +98,42 @@ fn ci() -> Result<()> {
 const CORE_CRATES: &[&str] = &["seqcast-protocol", "seqcast-sequencing", "seqcast-backlog"];
 /// What the core must never pull in.
 const FORBIDDEN: &[&str] = &[
-    "tokio", "mio", "socket2", "hyper", "axum", "tungstenite", "tokio-tungstenite", "rusqlite", "libsqlite3-sys", "postgres",
-    "tokio-postgres", "async-std", "reqwest",
+    "tokio",
+    "mio",
+    "socket2",
+    "hyper",
+    "axum",
+    "tungstenite",
+    "tokio-tungstenite",
+    "rusqlite",
+    "libsqlite3-sys",
+    "postgres",
+    "tokio-postgres",
+    "async-std",
+    "reqwest",
 ];
 
 fn layering() -> Result<()> {
     for krate in CORE_CRATES {
         let out = cargo()
-            .args(["tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}"])
+            .args([
+                "tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}",
+            ])
             .output()
             .context("cannot run cargo tree")?;
         if !out.status.success() {
-            bail!("cargo tree -p {krate} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "cargo tree -p {krate} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let tree = String::from_utf8_lossy(&out.stdout);
         for line in tree.lines() {
             let name = line.split_whitespace().next().unwrap_or("");
             if FORBIDDEN.contains(&name) {
-                bail!("layering violation: {krate} depends on {name} (core crates do no I/O; see ARCHITECTURE.md)");
+                bail!(
+                    "layering violation: {krate} depends on {name} (core crates do no I/O; see ARCHITECTURE.md)"
+                );
             }
         }
         eprintln!("layering: {krate} depends on no runtime, socket or database crate");
@@ -104,7 +143,8 @@ fn layering() -> Result<()> {
 
 /// The built server binary the black-box tests start.
 fn server_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     target.join("debug").join("seqcast")
 }
 
@@ -118,12 +158,19 @@ fn test() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if has_nextest {
+        run(cargo().env("SEQCAST_BIN", &bin).args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+        ]))?;
         run(cargo()
             .env("SEQCAST_BIN", &bin)
-            .args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
-        run(cargo().env("SEQCAST_BIN", &bin).args(["test", "--workspace", "--doc"]))?;
+            .args(["test", "--workspace", "--doc"]))?;
     } else {
-        run(cargo().env("SEQCAST_BIN", &bin).args(["test", "--workspace"]))?;
+        run(cargo()
+            .env("SEQCAST_BIN", &bin)
+            .args(["test", "--workspace"]))?;
     }
     Ok(())
 }

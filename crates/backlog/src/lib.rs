@@ -11,6 +11,26 @@
 //! no room for a session, user or connection id — so a drain can only ever return messages
 //! published to that exact `channel:request_id` (seed 003). Memory is bounded: never more than
 //! `per_key` entries for one key, `total` in all, and a key with no entries has no map entry.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use seqcast_backlog::{BacklogLimits, Backlogs};
+//! use seqcast_protocol::SubscriptionKey;
+//!
+//! let (a, b) = (SubscriptionKey::parse("search:req_A")?, SubscriptionKey::parse("search:req_B")?);
+//! let mut backlogs = Backlogs::new(BacklogLimits::default());
+//! backlogs.enqueue(&a, 1, "for A", 0)?;
+//! let outcome = backlogs.enqueue(&b, 2, "for B", 0)?;
+//! assert!(outcome.created); // the server logs `backlog_created`
+//!
+//! // The first subscriber of req_B gets req_B's messages and nothing else.
+//! let drained = backlogs.drain(&b, 1_000);
+//! assert_eq!(drained.entries.len(), 1);
+//! assert_eq!(drained.entries[0].frame, "for B");
+//! assert_eq!(backlogs.key_len(&a), 1);
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -303,7 +323,7 @@ impl<F> Backlogs<F> {
         let mut counts: BTreeMap<SubscriptionKey, usize> = BTreeMap::new();
         while let Some((_, at)) = self.by_order.first_key_value() {
             if !past_ttl(at.enqueued_at_ms, now_ms, self.limits.ttl_ms) {
-                continue;
+                break;
             }
             match self.pop_global_oldest() {
                 Some(key) => *counts.entry(key).or_insert(0) += 1,

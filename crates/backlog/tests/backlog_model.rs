@@ -14,8 +14,15 @@ const KEYS: u8 = 4;
 
 fn key(i: u8) -> SubscriptionKey {
     // Two channels, so keys differ by channel as well as by request id.
-    let channel = if i % 2 == 0 { "search" } else { "session" };
-    SubscriptionKey::new(Channel::new(channel).unwrap(), RequestId::new(format!("req_{i}")).unwrap())
+    let channel = if i.is_multiple_of(2) {
+        "search"
+    } else {
+        "session"
+    };
+    SubscriptionKey::new(
+        Channel::new(channel).unwrap(),
+        RequestId::new(format!("req_{i}")).unwrap(),
+    )
 }
 
 /// The frame names its key and a unique enqueue id, so a leak to another key or a repeated
@@ -26,10 +33,18 @@ type Frame = (u8, u64);
 enum Op {
     /// Enqueue at `counter + gap`; gap 0 repeats the last number handed out (refused if it was
     /// this key's).
-    Enqueue { key: u8, gap: u64 },
+    Enqueue {
+        key: u8,
+        gap: u64,
+    },
     /// Enqueue a number at or below this key's newest, counted back from it.
-    EnqueueStale { key: u8, back: u64 },
-    Drain { key: u8 },
+    EnqueueStale {
+        key: u8,
+        back: u64,
+    },
+    Drain {
+        key: u8,
+    },
     Expire,
     Advance(u64),
     /// Clocks can step back; the model must still agree.
@@ -59,9 +74,16 @@ struct Model {
 }
 
 fn note(overflow: &mut Vec<Overflow>, k: u8, reason: OverflowReason) {
-    match overflow.iter_mut().find(|o| o.key == key(k) && o.reason == reason) {
+    match overflow
+        .iter_mut()
+        .find(|o| o.key == key(k) && o.reason == reason)
+    {
         Some(o) => o.dropped += 1,
-        None => overflow.push(Overflow { key: key(k), dropped: 1, reason }),
+        None => overflow.push(Overflow {
+            key: key(k),
+            dropped: 1,
+            reason,
+        }),
     }
 }
 
@@ -74,14 +96,31 @@ impl Model {
         now.saturating_sub(at) > self.limits.ttl_ms
     }
 
-    fn enqueue(&mut self, k: u8, seq: u64, frame: Frame, now: u64) -> Result<EnqueueOutcome, EnqueueError> {
-        if let Some(last) = self.live.iter().rev().find(|l| l.key == k) {
-            if seq <= last.entry.sequence_number {
-                return Err(EnqueueError::NotIncreasing { key: key(k), last: last.entry.sequence_number, got: seq });
-            }
+    fn enqueue(
+        &mut self,
+        k: u8,
+        seq: u64,
+        frame: Frame,
+        now: u64,
+    ) -> Result<EnqueueOutcome, EnqueueError> {
+        if let Some(last) = self.live.iter().rev().find(|l| l.key == k)
+            && seq <= last.entry.sequence_number
+        {
+            return Err(EnqueueError::NotIncreasing {
+                key: key(k),
+                last: last.entry.sequence_number,
+                got: seq,
+            });
         }
         let created = self.count(k) == 0;
-        self.live.push(Live { key: k, entry: BacklogEntry { sequence_number: seq, enqueued_at_ms: now, frame } });
+        self.live.push(Live {
+            key: k,
+            entry: BacklogEntry {
+                sequence_number: seq,
+                enqueued_at_ms: now,
+                frame,
+            },
+        });
         let mut overflow = Vec::new();
         while self.count(k) > self.limits.per_key {
             let i = self.live.iter().position(|l| l.key == k).unwrap();
@@ -92,24 +131,42 @@ impl Model {
             let gone = self.live.remove(0);
             note(&mut overflow, gone.key, OverflowReason::Total);
         }
-        Ok(EnqueueOutcome { created, backlog_size: self.count(k), overflow })
+        Ok(EnqueueOutcome {
+            created,
+            backlog_size: self.count(k),
+            overflow,
+        })
     }
 
     fn drain(&mut self, k: u8, now: u64) -> Drained<Frame> {
         let (mine, rest): (Vec<Live>, Vec<Live>) = self.live.drain(..).partition(|l| l.key == k);
         self.live = rest;
-        let expired = mine.iter().filter(|l| self.expired(l.entry.enqueued_at_ms, now)).count();
-        let entries = mine.into_iter().filter(|l| !self.expired(l.entry.enqueued_at_ms, now)).map(|l| l.entry).collect();
+        let expired = mine
+            .iter()
+            .filter(|l| self.expired(l.entry.enqueued_at_ms, now))
+            .count();
+        let entries = mine
+            .into_iter()
+            .filter(|l| !self.expired(l.entry.enqueued_at_ms, now))
+            .map(|l| l.entry)
+            .collect();
         Drained { entries, expired }
     }
 
     fn expire(&mut self, now: u64) -> Vec<Expired> {
         let mut counts: BTreeMap<SubscriptionKey, usize> = BTreeMap::new();
-        while self.live.first().is_some_and(|l| self.expired(l.entry.enqueued_at_ms, now)) {
+        while self
+            .live
+            .first()
+            .is_some_and(|l| self.expired(l.entry.enqueued_at_ms, now))
+        {
             let gone = self.live.remove(0);
             *counts.entry(key(gone.key)).or_default() += 1;
         }
-        counts.into_iter().map(|(key, count)| Expired { key, count }).collect()
+        counts
+            .into_iter()
+            .map(|(key, count)| Expired { key, count })
+            .collect()
     }
 }
 

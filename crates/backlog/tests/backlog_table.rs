@@ -16,7 +16,11 @@ fn numbers(entries: &[BacklogEntry<&'static str>]) -> Vec<u64> {
 }
 
 fn limits(per_key: usize, total: usize, ttl_ms: u64) -> BacklogLimits {
-    BacklogLimits { per_key, total, ttl_ms }
+    BacklogLimits {
+        per_key,
+        total,
+        ttl_ms,
+    }
 }
 
 #[test]
@@ -50,8 +54,12 @@ fn seed_003_drain_of_req_b_leaves_req_a_untouched() {
 #[test]
 fn keys_that_differ_only_by_channel_are_separate() {
     let mut backlogs = Backlogs::new(BacklogLimits::default());
-    backlogs.enqueue(&key("search:req_1"), 1, "search", 0).unwrap();
-    backlogs.enqueue(&key("session:req_1"), 2, "session", 0).unwrap();
+    backlogs
+        .enqueue(&key("search:req_1"), 1, "search", 0)
+        .unwrap();
+    backlogs
+        .enqueue(&key("session:req_1"), 2, "session", 0)
+        .unwrap();
     let drained = backlogs.drain(&key("session:req_1"), 0);
     assert_eq!(numbers(&drained.entries), vec![2]);
     assert_eq!(backlogs.key_len(&key("search:req_1")), 1);
@@ -72,9 +80,23 @@ fn enqueue_reports_creation_and_size() {
     let mut backlogs = Backlogs::new(BacklogLimits::default());
     let a = key("search:req_A");
     let first = backlogs.enqueue(&a, 1, "x", 0).unwrap();
-    assert_eq!(first, EnqueueOutcome { created: true, backlog_size: 1, overflow: vec![] });
+    assert_eq!(
+        first,
+        EnqueueOutcome {
+            created: true,
+            backlog_size: 1,
+            overflow: vec![]
+        }
+    );
     let second = backlogs.enqueue(&a, 2, "y", 0).unwrap();
-    assert_eq!(second, EnqueueOutcome { created: false, backlog_size: 2, overflow: vec![] });
+    assert_eq!(
+        second,
+        EnqueueOutcome {
+            created: false,
+            backlog_size: 2,
+            overflow: vec![]
+        }
+    );
     backlogs.drain(&a, 0);
     // After a drain the key starts a new backlog.
     assert!(backlogs.enqueue(&a, 3, "z", 0).unwrap().created);
@@ -88,7 +110,11 @@ fn enqueue_refuses_numbers_that_do_not_increase_per_key() {
     for got in [5, 4] {
         assert_eq!(
             backlogs.enqueue(&a, got, "x", 0),
-            Err(EnqueueError::NotIncreasing { key: a.clone(), last: 5, got })
+            Err(EnqueueError::NotIncreasing {
+                key: a.clone(),
+                last: 5,
+                got
+            })
         );
     }
     // The order is per key: another key may take a lower number.
@@ -109,7 +135,11 @@ fn per_key_overflow_drops_that_keys_oldest() {
         EnqueueOutcome {
             created: false,
             backlog_size: 2,
-            overflow: vec![Overflow { key: a.clone(), dropped: 1, reason: OverflowReason::PerKey }],
+            overflow: vec![Overflow {
+                key: a.clone(),
+                dropped: 1,
+                reason: OverflowReason::PerKey
+            }],
         }
     );
     assert_eq!(numbers(&backlogs.drain(&a, 0).entries), vec![3, 4]);
@@ -126,7 +156,11 @@ fn total_overflow_drops_the_global_oldest_of_another_key() {
     let outcome = backlogs.enqueue(&b, 4, "b", 0).unwrap();
     assert_eq!(
         outcome.overflow,
-        vec![Overflow { key: a.clone(), dropped: 1, reason: OverflowReason::Total }]
+        vec![Overflow {
+            key: a.clone(),
+            dropped: 1,
+            reason: OverflowReason::Total
+        }]
     );
     assert_eq!(outcome.backlog_size, 2);
     assert_eq!(backlogs.len(), 3);
@@ -150,7 +184,14 @@ fn zero_limits_keep_nothing() {
     let a = key("search:req_A");
     let outcome = backlogs.enqueue(&a, 1, "a", 0).unwrap();
     assert_eq!(outcome.backlog_size, 0);
-    assert_eq!(outcome.overflow, vec![Overflow { key: a, dropped: 1, reason: OverflowReason::PerKey }]);
+    assert_eq!(
+        outcome.overflow,
+        vec![Overflow {
+            key: a,
+            dropped: 1,
+            reason: OverflowReason::PerKey
+        }]
+    );
     assert!(backlogs.is_empty());
     assert_eq!(backlogs.key_count(), 0);
 }
@@ -172,7 +213,11 @@ fn drain_discards_entries_past_ttl() {
 #[test]
 fn expire_drops_old_entries_of_every_key_and_removes_empty_backlogs() {
     let mut backlogs = Backlogs::new(limits(10, 100, 1_000));
-    let (a, b, c) = (key("search:req_A"), key("search:req_B"), key("search:req_C"));
+    let (a, b, c) = (
+        key("search:req_A"),
+        key("search:req_B"),
+        key("search:req_C"),
+    );
     backlogs.enqueue(&b, 1, "b", 0).unwrap();
     backlogs.enqueue(&a, 2, "a", 0).unwrap();
     backlogs.enqueue(&a, 3, "a", 100).unwrap();
@@ -183,7 +228,16 @@ fn expire_drops_old_entries_of_every_key_and_removes_empty_backlogs() {
     let expired = backlogs.expire(1_101);
     assert_eq!(
         expired,
-        vec![Expired { key: a.clone(), count: 2 }, Expired { key: b.clone(), count: 1 }]
+        vec![
+            Expired {
+                key: a.clone(),
+                count: 2
+            },
+            Expired {
+                key: b.clone(),
+                count: 1
+            }
+        ]
     );
     assert_eq!(backlogs.key_len(&a), 1);
     assert_eq!(backlogs.key_count(), 2, "req_B is empty and freed");
@@ -204,7 +258,11 @@ fn memory_stays_bounded_under_many_keys() {
     // Everything left is among the 50 newest.
     let mut left = Vec::new();
     for r in 0..997 {
-        left.extend(numbers(&backlogs.drain(&key(&format!("search:req_{r}")), 10_000).entries));
+        left.extend(numbers(
+            &backlogs
+                .drain(&key(&format!("search:req_{r}")), 10_000)
+                .entries,
+        ));
     }
     left.sort_unstable();
     assert_eq!(left, (9_951..=10_000).collect::<Vec<_>>());

@@ -31,12 +31,12 @@ struct ReaderInner {
     idle: Mutex<Vec<Connection>>,
 }
 
-// Every event with its stream's current position; `replaced` = not the row's first event.
-// LEFT JOIN so a missing row shows up as corruption instead of a silently skipped event.
-const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, e.channel, e.request_id, \
+// Every event with its stream's names and current position; `replaced` = not the row's first
+// event. LEFT JOIN so a missing row shows up as corruption instead of a skipped event.
+const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, s.channel, s.request_id, \
      e.message_id, e.timestamp_ms, e.data, r.first_sequence";
-const EVENT_JOIN: &str = "LEFT JOIN stream_rows r \
-     ON r.channel = e.channel AND r.request_id = e.request_id AND r.message_id = e.message_id";
+const EVENT_JOIN: &str = "JOIN streams s ON s.stream_id = e.stream_id \
+     LEFT JOIN stream_rows r ON r.stream_id = e.stream_id AND r.message_id = e.message_id";
 
 impl DbReader {
     /// Opens a reader of the store at `path`, which must exist and be migrated (open the
@@ -91,7 +91,9 @@ impl DbReader {
             EventFilter::Key(key) => {
                 let sql = format!(
                     "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.channel = ?3 AND e.request_id = ?4 AND e.sequence_number > ?1 \
+                     WHERE e.stream_id = (SELECT stream_id FROM streams \
+                                          WHERE channel = ?3 AND request_id = ?4) \
+                       AND e.sequence_number > ?1 \
                      ORDER BY e.sequence_number LIMIT ?2"
                 );
                 collect_events(
@@ -106,9 +108,11 @@ impl DbReader {
                 )
             }
             EventFilter::Channel(channel) => {
+                // Walks the log from `since` (the usual recovery case is near the head) and
+                // keeps the channel's events, rather than merging every stream of the channel.
                 let sql = format!(
                     "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.channel = ?3 AND e.sequence_number > ?1 \
+                     WHERE s.channel = ?3 AND e.sequence_number > ?1 \
                      ORDER BY e.sequence_number LIMIT ?2"
                 );
                 collect_events(conn, &sql, params![since, limit, channel.as_str()])
@@ -151,10 +155,15 @@ impl DbReader {
         let after = sql_int(after);
         let limit = sql_limit(limit);
         self.with_connection(|conn| {
+            // A row's data and time are its last event's.
             let mut stmt = conn.prepare_cached(
-                "SELECT last_sequence, stream_sequence, message_id, timestamp_ms, data, first_sequence \
-                 FROM stream_rows WHERE channel = ?1 AND request_id = ?2 AND stream_sequence > ?3 \
-                 ORDER BY stream_sequence, first_sequence LIMIT ?4",
+                "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, e.data, \
+                        r.first_sequence \
+                 FROM stream_rows r LEFT JOIN events e ON e.sequence_number = r.last_sequence \
+                 WHERE r.stream_id = (SELECT stream_id FROM streams \
+                                      WHERE channel = ?1 AND request_id = ?2) \
+                   AND r.stream_sequence > ?3 \
+                 ORDER BY r.stream_sequence, r.first_sequence LIMIT ?4",
             )?;
             let mut rows = stmt.query(params![
                 key.channel().as_str(),
@@ -166,13 +175,21 @@ impl DbReader {
             while let Some(row) = rows.next()? {
                 let last_sequence: i64 = row.get(0)?;
                 let first_sequence: i64 = row.get(5)?;
+                let (Some(timestamp_ms), Some(data)) = (
+                    row.get::<_, Option<i64>>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                ) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "stream row points at missing event {last_sequence}"
+                    )));
+                };
                 out.push(CommittedEvent {
                     sequence_number: stored_u64(last_sequence, "last_sequence")?,
                     stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
                     key: key.clone(),
                     message_id: message_id_at(row, 2)?,
-                    timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
-                    data: row.get(4)?,
+                    timestamp_ms: stored_u64(timestamp_ms, "timestamp_ms")?,
+                    data,
                     replaced: first_sequence != last_sequence,
                 });
             }
@@ -197,7 +214,10 @@ impl DbReader {
         };
         let result = f(&conn);
         // A connection that hit I/O trouble is not worth keeping; a fresh one is cheap.
-        if !matches!(result, Err(StoreError::Unavailable(_) | StoreError::Corrupt(_))) {
+        if !matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Corrupt(_))
+        ) {
             self.release(conn);
         }
         result

@@ -16,8 +16,8 @@ pub struct RepairReport {
     pub rows_renumbered: usize,
 }
 
-/// Renumbers every stream's rows 1, 2, 3… in insertion order (the event that created the row,
-/// then rowid), in one transaction. Fixes databases written by a buggy version, e.g. seed 004's
+/// Renumbers every stream's rows 1, 2, 3… in insertion order (the event that created the row),
+/// in one transaction. Fixes databases written by a buggy version, e.g. seed 004's
 /// 82 of 86 rows at position 0. Safe on a healthy database (changes nothing) and idempotent.
 ///
 /// Runs the migrations first. It takes the write lock, so run it while no server writes, or
@@ -28,22 +28,23 @@ pub fn repair_sequences(path: &Path) -> Result<RepairReport, StoreError> {
     schema::apply_migrations(&mut conn)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let streams: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM (SELECT DISTINCT channel, request_id FROM stream_rows)",
+        "SELECT COUNT(*) FROM (SELECT DISTINCT stream_id FROM stream_rows)",
         [],
         |row| row.get(0),
     )?;
     // The position index is not unique, so rows may pass through equal positions mid-update.
     let rows_renumbered = tx.execute(
         "WITH ranked AS (
-             SELECT rowid AS row_key,
+             SELECT stream_id, message_id,
                     ROW_NUMBER() OVER (
-                        PARTITION BY channel, request_id ORDER BY first_sequence, rowid
+                        PARTITION BY stream_id ORDER BY first_sequence, message_id
                     ) AS position
              FROM stream_rows
          )
          UPDATE stream_rows SET stream_sequence = ranked.position
          FROM ranked
-         WHERE stream_rows.rowid = ranked.row_key
+         WHERE stream_rows.stream_id = ranked.stream_id
+           AND stream_rows.message_id = ranked.message_id
            AND stream_rows.stream_sequence IS NOT ranked.position",
         [],
     )?;

@@ -7,6 +7,7 @@
 //! answers each publisher. It never waits on a timer for more work: the group is whatever
 //! queued up while the previous commit was syncing.
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,8 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, ErrorCode, MAIN_DB, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
+
+use seqcast_protocol::SubscriptionKey;
 
 use crate::config::{FaultInjector, StoreConfig};
 use crate::error::{StoreError, sqlite_code, stored_u64};
@@ -97,7 +100,10 @@ impl DbWriter {
     ///
     /// A database that is read-only at open still opens (reads work); appends then fail with
     /// [`StoreError::Unavailable`] until the file is writable again.
-    pub fn open(config: StoreConfig, hook: CommitHook) -> Result<(DbWriter, StoreInfo), StoreError> {
+    pub fn open(
+        config: StoreConfig,
+        hook: CommitHook,
+    ) -> Result<(DbWriter, StoreInfo), StoreError> {
         let options = ConnectionOptions {
             synchronous: config.synchronous,
             busy_timeout: config.busy_timeout,
@@ -131,6 +137,7 @@ impl DbWriter {
             fault: config.fault,
             hook,
             last_timestamp_ms,
+            stream_ids: StreamIds::default(),
             shared: Arc::clone(&shared),
         };
         let thread = std::thread::Builder::new()
@@ -164,7 +171,12 @@ impl DbWriter {
     /// [`StoreError::Closed`]. Safe to call more than once, from any clone.
     pub async fn close(&self) {
         let (reply, done) = oneshot::channel();
-        if self.commands.send(Command::Shutdown { reply }).await.is_ok() {
+        if self
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_ok()
+        {
             // An error means the thread is already gone, which is what we want.
             let _ = done.await;
         }
@@ -174,7 +186,11 @@ impl DbWriter {
     /// from inside an async runtime (tokio panics); use `close().await` there.
     pub fn shutdown(&self) {
         let (reply, done) = oneshot::channel();
-        if self.commands.blocking_send(Command::Shutdown { reply }).is_ok() {
+        if self
+            .commands
+            .blocking_send(Command::Shutdown { reply })
+            .is_ok()
+        {
             let _ = done.blocking_recv();
         }
         let thread = self
@@ -226,20 +242,46 @@ fn read_last_timestamp(conn: &Connection) -> Result<u64, StoreError> {
     stored_u64(ts.unwrap_or(0), "timestamp_ms")
 }
 
-const INSERT_EVENT: &str = "INSERT INTO events (channel, request_id, message_id, timestamp_ms, data) \
-     VALUES (?1, ?2, ?3, ?4, ?5)";
-
+const FIND_STREAM: &str = "SELECT stream_id FROM streams WHERE channel = ?1 AND request_id = ?2";
+const INSERT_STREAM: &str = "INSERT INTO streams (channel, request_id) VALUES (?1, ?2)";
+const INSERT_EVENT: &str =
+    "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)";
 // The stream position is computed here, by SQLite, when the row is created; on conflict the
-// row keeps it and only its data, time and last event change. first_sequence tells a create
-// (= this event) from an update.
+// row keeps it and only its last event changes. first_sequence tells a create (= this event)
+// from an update.
 const UPSERT_ROW: &str = "INSERT INTO stream_rows \
-         (channel, request_id, message_id, stream_sequence, data, timestamp_ms, first_sequence, last_sequence) \
-     VALUES (?1, ?2, ?3, \
-         (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE channel = ?1 AND request_id = ?2), \
-         ?4, ?5, ?6, ?6) \
-     ON CONFLICT (channel, request_id, message_id) DO UPDATE SET \
-         data = excluded.data, timestamp_ms = excluded.timestamp_ms, last_sequence = excluded.last_sequence \
-     RETURNING stream_sequence, first_sequence";
+         (stream_id, message_id, stream_sequence, first_sequence, last_sequence) \
+     VALUES (?1, ?2, \
+         (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1), \
+         ?3, ?3) \
+     ON CONFLICT (stream_id, message_id) DO UPDATE SET last_sequence = excluded.last_sequence";
+// Read back what the upsert decided. (A RETURNING clause on the upsert does the same but costs
+// SQLite about half as much again as the whole rest of the event, so it is a separate lookup.)
+const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence FROM stream_rows WHERE stream_id = ?1 AND message_id = ?2";
+
+/// Stream ids of committed streams, so the hot path skips the text lookup in `streams`.
+/// Only committed ids go in (streams rows are never deleted), so a rollback cannot leave a
+/// stale entry; cleared when the connection is reopened.
+#[derive(Debug, Default)]
+struct StreamIds {
+    committed: HashMap<SubscriptionKey, i64>,
+}
+
+/// Past this many keys the cache starts over rather than grow without bound.
+const MAX_CACHED_STREAMS: usize = 100_000;
+
+impl StreamIds {
+    fn remember(&mut self, events: &[CommittedEvent], ids: &[i64]) {
+        if self.committed.len() + events.len() > MAX_CACHED_STREAMS {
+            self.committed.clear();
+        }
+        for (event, &id) in events.iter().zip(ids) {
+            if !self.committed.contains_key(&event.key) {
+                self.committed.insert(event.key.clone(), id);
+            }
+        }
+    }
+}
 
 /// A queued append taken into the current group.
 struct PendingAppend {
@@ -261,6 +303,7 @@ struct Writer {
     fault: Option<FaultInjector>,
     hook: CommitHook,
     last_timestamp_ms: u64,
+    stream_ids: StreamIds,
     shared: Arc<Shared>,
 }
 
@@ -273,7 +316,13 @@ impl Writer {
         while let Some(first) = receiver.blocking_recv() {
             let mut group = Vec::new();
             let mut group_events = 0;
-            self.take(first, &mut group, &mut group_events, &mut shutdown_replies, &mut receiver);
+            self.take(
+                first,
+                &mut group,
+                &mut group_events,
+                &mut shutdown_replies,
+                &mut receiver,
+            );
             // Group commit: whatever is already queued joins this transaction; never wait.
             while self.group_commit && group_events < self.max_group_events {
                 match receiver.try_recv() {
@@ -372,6 +421,7 @@ impl Writer {
         // rolls back the whole transaction anyway).
         let use_savepoints = count > 1;
         let mut committed: Vec<CommittedEvent> = Vec::with_capacity(total_events);
+        let mut committed_ids: Vec<i64> = Vec::with_capacity(total_events);
         // Per command: Ok(number of its events in `committed`) or its own error.
         let mut results: Vec<Result<usize, StoreError>> = Vec::with_capacity(count);
         let mut commands = commands.into_iter();
@@ -383,10 +433,18 @@ impl Writer {
                 break;
             }
             let start = committed.len();
-            match insert_command(conn, events, timestamp_ms, &mut committed) {
+            match insert_command(
+                conn,
+                &self.stream_ids,
+                events,
+                timestamp_ms,
+                &mut committed,
+                &mut committed_ids,
+            ) {
                 Ok(()) => {
                     if use_savepoints && let Err(err) = conn.execute_batch("RELEASE command") {
                         committed.truncate(start);
+                        committed_ids.truncate(start);
                         lost = Some((StoreError::from_ref(&err), needs_reopen(&err)));
                         break;
                     }
@@ -394,6 +452,7 @@ impl Writer {
                 }
                 Err(err) => {
                     committed.truncate(start);
+                    committed_ids.truncate(start);
                     let reopen = needs_reopen(&err);
                     let err = StoreError::from(err);
                     // Some errors (I/O, full disk) make SQLite roll back the whole transaction;
@@ -437,13 +496,14 @@ impl Writer {
         if committed.is_empty() {
             // Every command failed on its own; nothing to commit.
             rollback_quietly(conn);
-            return results
-                .into_iter()
-                .map(|r| r.map(|_| Vec::new()))
-                .collect();
+            return results.into_iter().map(|r| r.map(|_| Vec::new())).collect();
         }
 
-        let commit = if self.fault.as_ref().is_some_and(FaultInjector::take_commit_failure) {
+        let commit = if self
+            .fault
+            .as_ref()
+            .is_some_and(FaultInjector::take_commit_failure)
+        {
             rollback_quietly(conn);
             Err((
                 StoreError::Unavailable("injected commit failure (test fault)".to_owned()),
@@ -470,6 +530,7 @@ impl Writer {
         }
 
         self.last_timestamp_ms = timestamp_ms;
+        self.stream_ids.remember(&committed, &committed_ids);
         let counters = &self.shared.counters;
         counters
             .transactions_committed
@@ -510,6 +571,7 @@ impl Writer {
             )));
         }
         tracing::info!(path = %self.path.display(), "database connection reopened");
+        self.stream_ids = StreamIds::default();
         self.conn = Some(conn);
         Ok(())
     }
@@ -530,11 +592,13 @@ impl Writer {
     }
 }
 
-/// Errors after which the connection itself is suspect and a fresh one may succeed.
+/// Errors after which the connection itself is suspect and a fresh one may succeed: a
+/// connection opened on a read-only file stays read-only, and after an I/O error a fresh
+/// connection re-reads the file's state instead of trusting what it cached.
 fn needs_reopen(err: &rusqlite::Error) -> bool {
     matches!(
         sqlite_code(err),
-        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen)
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure)
     )
 }
 
@@ -547,26 +611,33 @@ fn rollback_quietly(conn: &Connection) {
 }
 
 /// Inserts one command's events; each gets its sequence number from the AUTOINCREMENT insert
-/// and its stream position from the upsert. Moves the events into `out`.
+/// and its stream position from the upsert. Moves the events into `out` and their stream ids
+/// into `out_ids`.
 fn insert_command(
     conn: &Connection,
+    stream_ids: &StreamIds,
     events: Vec<NewEvent>,
     timestamp_ms: u64,
     out: &mut Vec<CommittedEvent>,
+    out_ids: &mut Vec<i64>,
 ) -> Result<(), rusqlite::Error> {
     let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
     let mut upsert_row = conn.prepare_cached(UPSERT_ROW)?;
+    let mut row_position = conn.prepare_cached(ROW_POSITION)?;
     let ts = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
     for event in events {
-        let channel = event.key.channel().as_str();
-        let request_id = event.key.request_id().as_str();
+        let stream_id = match stream_ids.committed.get(&event.key) {
+            Some(&id) => id,
+            None => stream_id(conn, &event.key)?,
+        };
         let message_id = event.message_id.as_str();
         let sequence_number =
-            insert_event.insert(params![channel, request_id, message_id, ts, event.data])?;
-        let (stream_sequence, first_sequence): (i64, i64) = upsert_row.query_row(
-            params![channel, request_id, message_id, event.data, ts, sequence_number],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
+            insert_event.insert(params![stream_id, message_id, ts, event.data])?;
+        upsert_row.execute(params![stream_id, message_id, sequence_number])?;
+        let (stream_sequence, first_sequence): (i64, i64) = row_position
+            .query_row(params![stream_id, message_id], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
         out.push(CommittedEvent {
             sequence_number: to_u64(sequence_number)?,
             stream_sequence: to_u64(stream_sequence)?,
@@ -576,8 +647,25 @@ fn insert_command(
             message_id: event.message_id,
             data: event.data,
         });
+        out_ids.push(stream_id);
     }
     Ok(())
+}
+
+/// The id of `key`'s stream, creating the stream on its first event.
+fn stream_id(conn: &Connection, key: &SubscriptionKey) -> Result<i64, rusqlite::Error> {
+    let channel = key.channel().as_str();
+    let request_id = key.request_id().as_str();
+    let found: Option<i64> = conn
+        .prepare_cached(FIND_STREAM)?
+        .query_row(params![channel, request_id], |row| row.get(0))
+        .optional()?;
+    match found {
+        Some(id) => Ok(id),
+        None => conn
+            .prepare_cached(INSERT_STREAM)?
+            .insert(params![channel, request_id]),
+    }
 }
 
 fn to_u64(value: i64) -> Result<u64, rusqlite::Error> {

@@ -21,7 +21,11 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
             tokio::spawn(async move {
                 let key = format!("chat:req-{}", i % 7);
                 writer
-                    .append(vec![event(&key, &format!("m{i}"), &format!("{{\"i\":{i}}}"))])
+                    .append(vec![event(
+                        &key,
+                        &format!("m{i}"),
+                        &format!("{{\"i\":{i}}}"),
+                    )])
                     .await
             })
         })
@@ -159,11 +163,19 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
         .await
         .unwrap();
     assert_eq!(
-        (first[0].sequence_number, first[0].stream_sequence, first[0].replaced),
+        (
+            first[0].sequence_number,
+            first[0].stream_sequence,
+            first[0].replaced
+        ),
         (1, 1, false)
     );
     assert_eq!(
-        (update[0].sequence_number, update[0].stream_sequence, update[0].replaced),
+        (
+            update[0].sequence_number,
+            update[0].stream_sequence,
+            update[0].replaced
+        ),
         (3, 1, true)
     );
     assert_eq!(update[0].data, r#"{"v":3}"#);
@@ -193,7 +205,14 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
     let events = reader.events_after(0, 10, EventFilter::All).unwrap();
     let log: Vec<(u64, u64, &str, bool)> = events
         .iter()
-        .map(|e| (e.sequence_number, e.stream_sequence, e.data.as_str(), e.replaced))
+        .map(|e| {
+            (
+                e.sequence_number,
+                e.stream_sequence,
+                e.data.as_str(),
+                e.replaced,
+            )
+        })
         .collect();
     assert_eq!(
         log,
@@ -217,7 +236,13 @@ async fn a_batch_is_one_transaction_with_consecutive_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let (writer, _, log) = open(config(&dir));
     let batch: Vec<_> = (0..5)
-        .map(|i| event(if i % 2 == 0 { "a:1" } else { "b:1" }, &format!("m{i}"), "[]"))
+        .map(|i| {
+            event(
+                if i % 2 == 0 { "a:1" } else { "b:1" },
+                &format!("m{i}"),
+                "[]",
+            )
+        })
         .collect();
     let committed = writer.append(batch).await.unwrap();
     let numbers: Vec<(u64, u64)> = committed
@@ -225,7 +250,11 @@ async fn a_batch_is_one_transaction_with_consecutive_numbers() {
         .map(|e| (e.sequence_number, e.stream_sequence))
         .collect();
     assert_eq!(numbers, vec![(1, 1), (2, 1), (3, 2), (4, 2), (5, 3)]);
-    assert!(committed.iter().all(|e| e.timestamp_ms == committed[0].timestamp_ms));
+    assert!(
+        committed
+            .iter()
+            .all(|e| e.timestamp_ms == committed[0].timestamp_ms)
+    );
     assert_eq!(log.calls(), vec![committed]);
     // The same message id twice in one batch: the second is an update of the first.
     let twice = writer
@@ -319,7 +348,10 @@ async fn a_lone_failing_command_leaves_no_trace() {
     let bad = writer
         .append(vec![event("k:1", "b", "2"), event("k:1", "c", "{oops")])
         .await;
-    assert!(matches!(bad, Err(StoreError::Rejected(ref m)) if m.contains("CHECK")), "{bad:?}");
+    assert!(
+        matches!(bad, Err(StoreError::Rejected(ref m)) if m.contains("CHECK")),
+        "{bad:?}"
+    );
     let next = writer.append(vec![event("k:1", "d", "3")]).await.unwrap();
     assert_eq!((next[0].sequence_number, next[0].stream_sequence), (2, 2));
     assert_eq!(log.call_count(), 2);
@@ -336,7 +368,10 @@ async fn a_restart_continues_numbers_and_positions_under_the_same_epoch() {
             .await
             .unwrap();
     }
-    writer.append(vec![event("r:2", "x", "false")]).await.unwrap();
+    writer
+        .append(vec![event("r:2", "x", "false")])
+        .await
+        .unwrap();
     writer.close().await;
     assert!(writer.is_closed());
 
@@ -344,7 +379,11 @@ async fn a_restart_continues_numbers_and_positions_under_the_same_epoch() {
     assert_eq!(info.epoch, first_info.epoch);
     assert_eq!(info.head, 6);
     let next = writer
-        .append(vec![event("r:1", "m5", "1"), event("r:2", "y", "2"), event("r:1", "m0", "3")])
+        .append(vec![
+            event("r:1", "m5", "1"),
+            event("r:2", "y", "2"),
+            event("r:1", "m0", "3"),
+        ])
         .await
         .unwrap();
     let numbers: Vec<(u64, u64, bool)> = next
@@ -393,10 +432,7 @@ async fn close_finishes_queued_work_then_refuses_new_appends() {
     let dir = tempfile::tempdir().unwrap();
     let (writer, _, _) = open(config(&dir));
     // join! polls the append first, so it is queued before the shutdown command.
-    let (queued, ()) = tokio::join!(
-        writer.append(vec![event("c:1", "a", "1")]),
-        writer.close()
-    );
+    let (queued, ()) = tokio::join!(writer.append(vec![event("c:1", "a", "1")]), writer.close());
     assert_eq!(queued.unwrap()[0].sequence_number, 1);
     assert!(writer.is_closed());
     let late = writer.append(vec![event("c:1", "b", "2")]).await;

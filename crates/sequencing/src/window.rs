@@ -171,7 +171,9 @@ impl<F> RecoveryWindow<F> {
         limit: usize,
         mut filter: impl FnMut(&RetainedMessage<F>) -> bool,
     ) -> RecoveryPage<'_, F> {
-        let start = self.messages.partition_point(|m| m.sequence_number <= since);
+        let start = self
+            .messages
+            .partition_point(|m| m.sequence_number <= since);
         let mut matching = self.messages.range(start..).filter(|m| filter(m));
         let messages: Vec<&RetainedMessage<F>> = matching.by_ref().take(limit).collect();
         // Only report a cut when another match really exists, so a client never pages into

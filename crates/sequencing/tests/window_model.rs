@@ -32,20 +32,32 @@ impl Filter {
 #[derive(Debug, Clone)]
 enum Op {
     /// Insert at `head + gap` (gap 0 is a duplicate and must be refused), stamped `now - age`.
-    Insert { gap: u64, key: u8, age: u64 },
+    Insert {
+        gap: u64,
+        key: u8,
+        age: u64,
+    },
     /// Insert a number at or below the head, counted back from it.
-    InsertStale { back: u64 },
+    InsertStale {
+        back: u64,
+    },
     Advance(u64),
     Expire,
     /// `since` relative to the head: `head + 3 - offset` (saturating), so some exceed the head.
-    Since { offset: u64, limit: usize, filter: Filter },
+    Since {
+        offset: u64,
+        limit: usize,
+        filter: Filter,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let filter = prop_oneof![
         Just(Filter::All),
         (0u8..3).prop_map(Filter::Key),
-        (2u64..4).prop_flat_map(|m| (Just(m), 0..m)).prop_map(|(m, r)| Filter::SeqMod(m, r)),
+        (2u64..4)
+            .prop_flat_map(|m| (Just(m), 0..m))
+            .prop_map(|(m, r)| Filter::SeqMod(m, r)),
     ];
     prop_oneof![
         6 => (0u64..4, 0u8..3, prop_oneof![3 => Just(0u64), 1 => 0u64..40]).prop_map(|(gap, key, age)| Op::Insert { gap, key, age }),
@@ -75,7 +87,10 @@ impl Model {
 
     fn insert(&mut self, msg: RetainedMessage<u64>, now: u64) -> Result<(), InsertError> {
         if msg.sequence_number <= self.head() {
-            return Err(InsertError::NotIncreasing { last: self.head(), got: msg.sequence_number });
+            return Err(InsertError::NotIncreasing {
+                last: self.head(),
+                got: msg.sequence_number,
+            });
         }
         self.all.push(msg);
         while self.retained().len() > self.limits.max_messages {
@@ -98,7 +113,12 @@ impl Model {
     }
 
     /// (messages, complete, oldest, next_since), computed by scanning.
-    fn since(&self, since: u64, limit: usize, filter: Filter) -> (Vec<u64>, bool, Option<u64>, Option<u64>) {
+    fn since(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: Filter,
+    ) -> (Vec<u64>, bool, Option<u64>, Option<u64>) {
         let matching: Vec<u64> = self
             .retained()
             .iter()
@@ -107,13 +127,22 @@ impl Model {
             .collect();
         let page: Vec<u64> = matching.iter().copied().take(limit).collect();
         let next_since = (matching.len() > limit).then(|| page.last().copied().unwrap_or(since));
-        let every_inserted_is_held = self
-            .all
-            .iter()
-            .filter(|m| m.sequence_number > since)
-            .all(|m| self.retained().iter().any(|r| r.sequence_number == m.sequence_number));
+        let every_inserted_is_held =
+            self.all
+                .iter()
+                .filter(|m| m.sequence_number > since)
+                .all(|m| {
+                    self.retained()
+                        .iter()
+                        .any(|r| r.sequence_number == m.sequence_number)
+                });
         let complete = since >= self.floor && since <= self.head() && every_inserted_is_held;
-        (page, complete, self.retained().first().map(|m| m.sequence_number), next_since)
+        (
+            page,
+            complete,
+            self.retained().first().map(|m| m.sequence_number),
+            next_since,
+        )
     }
 }
 

@@ -5,7 +5,10 @@ use seqcast_protocol::{Channel, RequestId, SubscriptionKey};
 use seqcast_sequencing::{InsertError, RecoveryWindow, RetainedMessage, WindowLimits};
 
 fn key(request: &str) -> SubscriptionKey {
-    SubscriptionKey::new(Channel::new("search").unwrap(), RequestId::new(request).unwrap())
+    SubscriptionKey::new(
+        Channel::new("search").unwrap(),
+        RequestId::new(request).unwrap(),
+    )
 }
 
 fn msg(sequence_number: u64, timestamp_ms: u64) -> RetainedMessage<String> {
@@ -34,7 +37,10 @@ fn numbers(page: &seqcast_sequencing::RecoveryPage<'_, String>) -> Vec<u64> {
 fn defaults_are_the_seed_window() {
     assert_eq!(
         WindowLimits::default(),
-        WindowLimits { max_messages: 500, max_age_ms: 900_000 }
+        WindowLimits {
+            max_messages: 500,
+            max_age_ms: 900_000
+        }
     );
 }
 
@@ -71,7 +77,10 @@ fn ac4_overflow_keeps_the_newest_500_and_reports_incomplete() {
     assert_eq!(window.len(), 500);
     let page = window.since(0, usize::MAX, |_| true);
     assert_eq!(numbers(&page), (2..=501).collect::<Vec<_>>());
-    assert!(!page.complete, "message 1 is gone, so since=0 cannot be answered fully");
+    assert!(
+        !page.complete,
+        "message 1 is gone, so since=0 cannot be answered fully"
+    );
     assert_eq!(page.oldest_sequence, Some(2));
     assert_eq!(window.evicted_through(), 1);
     // From the evicted number on, the answer is complete again.
@@ -80,7 +89,10 @@ fn ac4_overflow_keeps_the_newest_500_and_reports_incomplete() {
 
 #[test]
 fn ac5_age_eviction_uses_injected_time() {
-    let limits = WindowLimits { max_messages: 500, max_age_ms: 900_000 };
+    let limits = WindowLimits {
+        max_messages: 500,
+        max_age_ms: 900_000,
+    };
     let mut window = RecoveryWindow::new(limits);
     window.insert(msg(1, 0), 0).unwrap();
     window.insert(msg(2, 100_000), 100_000).unwrap();
@@ -109,13 +121,19 @@ fn with_floor_reports_history_before_the_restart_as_incomplete() {
     assert_eq!(window.evicted_through(), 100);
     assert_eq!(
         window.insert(msg(100, 0), 0),
-        Err(InsertError::NotIncreasing { last: 100, got: 100 })
+        Err(InsertError::NotIncreasing {
+            last: 100,
+            got: 100
+        })
     );
     window.insert(msg(101, 0), 0).unwrap();
 
     let page = window.since(50, 10, |_| true);
     assert_eq!(numbers(&page), vec![101]);
-    assert!(!page.complete, "51..=100 were published before this window existed");
+    assert!(
+        !page.complete,
+        "51..=100 were published before this window existed"
+    );
     let page = window.since(100, 10, |_| true);
     assert_eq!(numbers(&page), vec![101]);
     assert!(page.complete);
@@ -153,7 +171,15 @@ fn limit_and_filter_page_through_one_key() {
     for s in 1..=6 {
         let request = if s % 2 == 0 { "req_B" } else { "req_A" };
         window
-            .insert(RetainedMessage { sequence_number: s, key: key(request), timestamp_ms: 0, frame: String::new() }, 0)
+            .insert(
+                RetainedMessage {
+                    sequence_number: s,
+                    key: key(request),
+                    timestamp_ms: 0,
+                    frame: String::new(),
+                },
+                0,
+            )
             .unwrap();
     }
     let only_b = |m: &RetainedMessage<String>| m.key == key("req_B");
@@ -173,7 +199,10 @@ fn limit_and_filter_page_through_one_key() {
 
 #[test]
 fn zero_capacity_window_keeps_nothing_but_tracks_the_head() {
-    let mut window = RecoveryWindow::new(WindowLimits { max_messages: 0, max_age_ms: 1_000 });
+    let mut window = RecoveryWindow::new(WindowLimits {
+        max_messages: 0,
+        max_age_ms: 1_000,
+    });
     window.insert(msg(1, 0), 0).unwrap();
     assert!(window.is_empty());
     assert_eq!((window.head(), window.evicted_through()), (1, 1));

@@ -71,7 +71,10 @@ impl ServerHandle {
 }
 
 /// Start a server with `settings` and return once it is listening.
-pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<ServerHandle> {
+pub async fn start(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ServerHandle> {
     let listener = TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -80,16 +83,24 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let (jwt_secret, dev_mode) = match &settings.jwt_secret {
         Some(s) => (s.clone(), false),
         None => {
-            let (s, _) = dev_secret(&settings.data_dir, "jwt-secret")
-                .with_context(|| format!("cannot keep a development secret in {}", settings.data_dir.display()))?;
+            let (s, _) = dev_secret(&settings.data_dir, "jwt-secret").with_context(|| {
+                format!(
+                    "cannot keep a development secret in {}",
+                    settings.data_dir.display()
+                )
+            })?;
             (s, true)
         }
     };
     let api_key = match &settings.api_key {
         Some(k) => k.clone(),
-        None => dev_secret(&settings.data_dir, "api-key")
-            .with_context(|| format!("cannot keep an API key in {}", settings.data_dir.display()))?
-            .0,
+        None => {
+            dev_secret(&settings.data_dir, "api-key")
+                .with_context(|| {
+                    format!("cannot keep an API key in {}", settings.data_dir.display())
+                })?
+                .0
+        }
     };
     let auth = Authority::new(&jwt_secret, &api_key);
 
@@ -103,7 +114,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         "sequence authority ready"
     );
     if settings.storage == StorageKind::Memory {
-        tracing::warn!(event = "memory_storage", "storage is memory: sequence numbers restart at 1 and nothing survives a restart");
+        tracing::warn!(
+            event = "memory_storage",
+            "storage is memory: sequence numbers restart at 1 and nothing survives a restart"
+        );
     }
 
     let dev_token = if dev_mode {
@@ -134,10 +148,21 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { graceful.cancelled().await })
             .await;
-        tracing::info!(event = "shutting_down", open_connections = app.connections.len(), "no longer accepting connections");
+        tracing::info!(
+            event = "shutting_down",
+            open_connections = app.connections.len(),
+            "no longer accepting connections"
+        );
         app.connections.close();
-        if tokio::time::timeout(app.settings.shutdown_grace, app.connections.wait()).await.is_err() {
-            tracing::warn!(event = "shutdown_deadline", open_connections = app.connections.len(), "connections still open at the deadline");
+        if tokio::time::timeout(app.settings.shutdown_grace, app.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                event = "shutdown_deadline",
+                open_connections = app.connections.len(),
+                "connections still open at the deadline"
+            );
         }
         expiry.abort();
         if let Store::Sqlite { writer, .. } = &app.store {
@@ -179,17 +204,28 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             "--storage postgres is not available in this version of seqcast; use sqlite (the default) or memory"
         ),
         StorageKind::Sqlite => {
-            std::fs::create_dir_all(&settings.data_dir)
-                .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
+            std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+                format!(
+                    "cannot create data directory {}",
+                    settings.data_dir.display()
+                )
+            })?;
             let path = settings.data_dir.join("seqcast.db");
-            seqcast_persistence::migrate(&path).with_context(|| format!("cannot migrate {}", path.display()))?;
-            let reader = DbReader::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            seqcast_persistence::migrate(&path)
+                .with_context(|| format!("cannot migrate {}", path.display()))?;
+            let reader =
+                DbReader::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             let epoch = reader.epoch()?;
             let head = reader.head()?;
             // Refill the recovery window so that recovery works across a restart.
             let now = now_ms();
-            let recent = reader.latest_events(settings.recovery.max_messages, now.saturating_sub(settings.recovery.max_age_ms))?;
-            let floor = recent.first().map_or(head, |e| e.sequence_number.saturating_sub(1));
+            let recent = reader.latest_events(
+                settings.recovery.max_messages,
+                now.saturating_sub(settings.recovery.max_age_ms),
+            )?;
+            let floor = recent
+                .first()
+                .map_or(head, |e| e.sequence_number.saturating_sub(1));
             let mut window = Hub::window(settings.recovery, floor);
             for ev in &recent {
                 let msg = RetainedMessage {
@@ -198,25 +234,36 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
                     timestamp_ms: ev.timestamp_ms,
                     frame: Hub::frame_of(ev),
                 };
-                window.insert(msg, now).context("database returned events out of order")?;
+                window
+                    .insert(msg, now)
+                    .context("database returned events out of order")?;
             }
             let hub = Arc::new(Hub::new(epoch, window, settings.backlog, None));
             let hook_hub = Arc::clone(&hub);
             let mut config = StoreConfig::new(&path);
             config.synchronous = settings.synchronous;
             config.busy_timeout = settings.db_busy_timeout;
-            let (writer, _info) = DbWriter::open(config, Box::new(move |events| hook_hub.apply_committed(events, now_ms())))
-                .with_context(|| format!("cannot open the database writer on {}", path.display()))?;
-            Ok((hub, Store::Sqlite {
-                writer,
-                reader: Arc::new(reader),
-            }))
+            let (writer, _info) = DbWriter::open(
+                config,
+                Box::new(move |events| hook_hub.apply_committed(events, now_ms())),
+            )
+            .with_context(|| format!("cannot open the database writer on {}", path.display()))?;
+            Ok((
+                hub,
+                Store::Sqlite {
+                    writer,
+                    reader: Arc::new(reader),
+                },
+            ))
         }
     }
 }
 
 fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
-    tracing::warn!(event = "development_mode", "no JWT secret configured: development mode with a generated secret kept in the data directory");
+    tracing::warn!(
+        event = "development_mode",
+        "no JWT secret configured: development mode with a generated secret kept in the data directory"
+    );
     eprintln!(
         "\n  seqcast is in DEVELOPMENT MODE: no --jwt-secret was configured, so a secret was generated\n  \
          and kept in the data directory. Do not expose this server.\n\n  \
@@ -244,22 +291,36 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/websocket/messages", get(http::recover))
         .route("/api/publish", post(http::publish))
         .route("/api/publish/batch", post(http::publish_batch))
-        .route("/api/streams/{channel}/{request_id}/messages", get(http::stream_page))
+        .route(
+            "/api/streams/{channel}/{request_id}/messages",
+            get(http::stream_page),
+        )
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
+        .route("/", get(http::assets::demo_page))
+        .route("/client/seqcast.js", get(http::assets::client_js))
+        .route("/client/seqcast.d.ts", get(http::assets::client_dts))
+        .route("/dev/token", get(http::assets::dev_token))
         .fallback(http::not_found)
         .with_state(app)
 }
 
-async fn ws_upgrade(State(app): State<Arc<AppState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+async fn ws_upgrade(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if let Err(e) = check_origin(&app, &headers) {
         return e.into_response();
     }
     if app.shutdown.is_cancelled() {
         return ApiError::Unavailable("server is shutting down".into()).into_response();
     }
-    let pre_auth = match headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    let pre_auth = match headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(v) => match app.auth.reader(Some(v)) {
             Ok(g) => Some(g),
             Err(e) => return e.into_response(),
@@ -284,14 +345,23 @@ fn check_origin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let allowed = match &app.settings.allowed_origins {
         Some(list) => list.iter().any(|o| o == "*" || o == origin),
         None => {
-            let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let host = headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             origin.split_once("://").is_some_and(|(_, h)| h == host)
         }
     };
     if allowed {
         Ok(())
     } else {
-        tracing::info!(event = "origin_rejected", origin, "WebSocket upgrade from a disallowed origin");
-        Err(ApiError::Forbidden(format!("origin {origin} is not allowed")))
+        tracing::info!(
+            event = "origin_rejected",
+            origin,
+            "WebSocket upgrade from a disallowed origin"
+        );
+        Err(ApiError::Forbidden(format!(
+            "origin {origin} is not allowed"
+        )))
     }
 }

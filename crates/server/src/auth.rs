@@ -97,18 +97,20 @@ impl Authority {
 
     /// Verify a client token.
     pub fn verify(&self, token: &str) -> Result<Grant, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            let why = match e.kind() {
-                ErrorKind::ExpiredSignature => "token expired".to_string(),
-                ErrorKind::InvalidSignature => "token signature is invalid".to_string(),
-                ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-                    "token is not a valid JWT".to_string()
-                }
-                other => format!("token rejected: {other:?}"),
-            };
-            ApiError::Unauthorized(why)
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                let why = match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired".to_string(),
+                    ErrorKind::InvalidSignature => "token signature is invalid".to_string(),
+                    ErrorKind::InvalidToken
+                    | ErrorKind::Base64(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::Utf8(_) => "token is not a valid JWT".to_string(),
+                    other => format!("token rejected: {other:?}"),
+                };
+                ApiError::Unauthorized(why)
+            })?;
         let claims = data.claims;
         let patterns = match claims.channels {
             None => None,
@@ -116,7 +118,11 @@ impl Authority {
                 list.iter()
                     .map(|p| KeyPattern::parse(p))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| ApiError::Unauthorized(format!("token has an invalid channels pattern: {e}")))?,
+                    .map_err(|e| {
+                        ApiError::Unauthorized(format!(
+                            "token has an invalid channels pattern: {e}"
+                        ))
+                    })?,
             ),
         };
         Ok(Grant {
@@ -127,10 +133,18 @@ impl Authority {
     }
 
     /// Mint a token.
-    pub fn mint(&self, sub: &str, channels: Option<Vec<String>>, ttl_secs: u64, publish: bool) -> Result<String, ApiError> {
+    pub fn mint(
+        &self,
+        sub: &str,
+        channels: Option<Vec<String>>,
+        ttl_secs: u64,
+        publish: bool,
+    ) -> Result<String, ApiError> {
         if let Some(list) = &channels {
             for p in list {
-                KeyPattern::parse(p).map_err(|e| ApiError::BadRequest(format!("invalid channels pattern {p:?}: {e}")))?;
+                KeyPattern::parse(p).map_err(|e| {
+                    ApiError::BadRequest(format!("invalid channels pattern {p:?}: {e}"))
+                })?;
             }
         }
         let claims = Claims {
@@ -159,11 +173,17 @@ impl Authority {
                 if grant.publish {
                     Ok(grant)
                 } else {
-                    Err(ApiError::Forbidden("token may not publish (no `publish: true` claim)".into()))
+                    Err(ApiError::Forbidden(
+                        "token may not publish (no `publish: true` claim)".into(),
+                    ))
                 }
             }
-            Some(_) => Err(ApiError::Unauthorized("Authorization must be `ApiKey <key>` or `Bearer <token>`".into())),
-            None => Err(ApiError::Unauthorized("missing Authorization header".into())),
+            Some(_) => Err(ApiError::Unauthorized(
+                "Authorization must be `ApiKey <key>` or `Bearer <token>`".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "missing Authorization header".into(),
+            )),
         }
     }
 
@@ -171,8 +191,12 @@ impl Authority {
     pub fn reader(&self, authorization: Option<&str>) -> Result<Grant, ApiError> {
         match authorization.map(str::trim) {
             Some(v) if v.starts_with("Bearer ") => self.verify(v["Bearer ".len()..].trim()),
-            Some(_) => Err(ApiError::Unauthorized("Authorization must be `Bearer <token>`".into())),
-            None => Err(ApiError::Unauthorized("missing Authorization header".into())),
+            Some(_) => Err(ApiError::Unauthorized(
+                "Authorization must be `Bearer <token>`".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "missing Authorization header".into(),
+            )),
         }
     }
 }
@@ -237,7 +261,9 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_carry_patterns() {
         let a = Authority::new("secret", "key");
-        let t = a.mint("alice", Some(vec!["search:*".into()]), 60, false).unwrap();
+        let t = a
+            .mint("alice", Some(vec!["search:*".into()]), 60, false)
+            .unwrap();
         let g = a.verify(&t).unwrap();
         assert_eq!(g.sub, "alice");
         assert!(g.allows(&SubscriptionKey::parse("search:r1").unwrap()));
@@ -256,14 +282,25 @@ mod tests {
             channels: None,
             publish: false,
         };
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"secret")).unwrap();
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
         let err = a.verify(&t).unwrap_err();
         assert_eq!(err, ApiError::Unauthorized("token expired".into()));
         assert!(a.publisher(Some("ApiKey key")).is_ok());
-        assert!(matches!(a.publisher(Some("ApiKey nope")), Err(ApiError::Unauthorized(_))));
+        assert!(matches!(
+            a.publisher(Some("ApiKey nope")),
+            Err(ApiError::Unauthorized(_))
+        ));
         assert!(matches!(a.publisher(None), Err(ApiError::Unauthorized(_))));
         let reader = a.mint("r", None, 60, false).unwrap();
-        assert!(matches!(a.publisher(Some(&format!("Bearer {reader}"))), Err(ApiError::Forbidden(_))));
+        assert!(matches!(
+            a.publisher(Some(&format!("Bearer {reader}"))),
+            Err(ApiError::Forbidden(_))
+        ));
     }
 
     #[test]

@@ -13,7 +13,11 @@ use serde::Deserialize;
 
 /// The `seqcast` command line.
 #[derive(Debug, Parser)]
-#[command(name = "seqcast", version, about = "A WebSocket push server with one sequence authority")]
+#[command(
+    name = "seqcast",
+    version,
+    about = "A WebSocket push server with one sequence authority"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     /// What to do (default: `serve`).
@@ -259,7 +263,8 @@ pub struct Settings {
 impl Settings {
     /// Development defaults in a given data directory, on 127.0.0.1 port 0 (used by tests).
     pub fn for_tests(data_dir: &Path) -> Self {
-        let mut s = Settings::resolve(&ServeArgs::default()).unwrap_or_else(|_| unreachable!("defaults are valid"));
+        let mut s = Settings::resolve(&ServeArgs::default())
+            .unwrap_or_else(|_| unreachable!("defaults are valid"));
         s.listen = "127.0.0.1:0".into();
         s.data_dir = data_dir.to_path_buf();
         s
@@ -282,7 +287,10 @@ impl Settings {
         };
         macro_rules! pick {
             ($field:ident, $default:expr) => {
-                args.$field.clone().or(file.$field.clone()).unwrap_or_else(|| $default)
+                args.$field
+                    .clone()
+                    .or(file.$field.clone())
+                    .unwrap_or_else(|| $default)
             };
         }
         macro_rules! pick_opt {
@@ -370,7 +378,11 @@ mod tests {
     fn flags_override_file_which_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seqcast.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\nrecovery_max_messages = 42\nstorage = \"memory\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nrecovery_max_messages = 42\nstorage = \"memory\"\n",
+        )
+        .unwrap();
         let args = ServeArgs {
             config: Some(path),
             recovery_max_messages: Some(7),

@@ -8,7 +8,8 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use seqcast_protocol::{
-    ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey, decode_client_frame, encode_server_frame,
+    ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey,
+    decode_client_frame, encode_server_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +39,11 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
     let (mut sink, mut stream) = socket.split();
     let client_id: Arc<str> = Arc::from(random_hex(8));
 
-    let hello = tokio::time::timeout(app.settings.hello_timeout, wait_for_hello(&app, &mut sink, &mut stream, pre_auth)).await;
+    let hello = tokio::time::timeout(
+        app.settings.hello_timeout,
+        wait_for_hello(&app, &mut sink, &mut stream, pre_auth),
+    )
+    .await;
     let (grant, session_id, connection_sequence) = match hello {
         Ok(HelloOutcome::Ready {
             grant,
@@ -56,10 +61,18 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
             return;
         }
         Err(_elapsed) => {
-            let why = format!("no valid hello within {} ms", app.settings.hello_timeout.as_millis());
+            let why = format!(
+                "no valid hello within {} ms",
+                app.settings.hello_timeout.as_millis()
+            );
             let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
             close_with(&mut sink, CloseReason::Unauthenticated).await;
-            log_rejected(&client_id, CloseReason::Unauthenticated.code(), started, &why);
+            log_rejected(
+                &client_id,
+                CloseReason::Unauthenticated.code(),
+                started,
+                &why,
+            );
             return;
         }
     };
@@ -90,7 +103,9 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
         head: app.hub.head(),
         epoch: app.hub.epoch().to_owned(),
     });
-    sub.push(Outbound::Frame(Utf8Bytes::from(encode_server_frame(&connected))));
+    sub.push(Outbound::Frame(Utf8Bytes::from(encode_server_frame(
+        &connected,
+    ))));
 
     let done = CancellationToken::new();
     let writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&sub), done.clone()));
@@ -99,7 +114,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
     let client_code = read_loop(&app, &mut stream, &sub, &grant, &info, &mut keys).await;
     app.hub.disconnect(&sub, keys.iter());
     done.cancel();
-    let (sent, server_code) = match tokio::time::timeout(app.settings.shutdown_grace, writer).await {
+    let (sent, server_code) = match tokio::time::timeout(app.settings.shutdown_grace, writer).await
+    {
         Ok(Ok(r)) => r,
         _ => (0, None),
     };
@@ -137,7 +153,11 @@ async fn wait_for_hello(
         let text = match stream.next().await {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                let _ = send_error(sink, &ApiError::BadRequest("binary frames are not supported; send JSON text".into())).await;
+                let _ = send_error(
+                    sink,
+                    &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
+                )
+                .await;
                 continue;
             }
             Some(Ok(Message::Close(c))) => return HelloOutcome::Closed(c.map_or(1005, |c| c.code)),
@@ -163,11 +183,17 @@ async fn wait_for_hello(
                         session_id: h.session_id,
                         connection_sequence: h.connection_sequence,
                     },
-                    Err(e) => HelloOutcome::Reject(CloseReason::Unauthenticated, e.message().to_owned()),
+                    Err(e) => {
+                        HelloOutcome::Reject(CloseReason::Unauthenticated, e.message().to_owned())
+                    }
                 };
             }
             Ok(_) => {
-                let _ = send_error(sink, &ApiError::BadRequest("the first frame must be hello".into())).await;
+                let _ = send_error(
+                    sink,
+                    &ApiError::BadRequest("the first frame must be hello".into()),
+                )
+                .await;
             }
             Err(e) => {
                 let _ = send_error(sink, &ApiError::from(e)).await;
@@ -198,7 +224,10 @@ async fn read_loop(
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                reply_error(sub, &ApiError::BadRequest("binary frames are not supported; send JSON text".into()));
+                reply_error(
+                    sub,
+                    &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
+                );
                 continue;
             }
             Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| c.code)),
@@ -214,10 +243,15 @@ async fn read_loop(
             Ok(ClientFrame::Subscribe(s)) => {
                 let key = s.key();
                 if !grant.allows(&key) {
-                    reply_error(sub, &ApiError::Forbidden(format!("token may not read {key}")));
+                    reply_error(
+                        sub,
+                        &ApiError::Forbidden(format!("token may not read {key}")),
+                    );
                     continue;
                 }
-                let outcome = app.hub.subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
+                let outcome = app
+                    .hub
+                    .subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
                 if !outcome.already {
                     keys.push(key.clone());
                 }
@@ -230,9 +264,14 @@ async fn read_loop(
                 tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
             }
             Ok(ClientFrame::Ping) => {
-                sub.push(Outbound::Frame(Utf8Bytes::from_static(r#"{"type":"pong"}"#)));
+                sub.push(Outbound::Frame(Utf8Bytes::from_static(
+                    r#"{"type":"pong"}"#,
+                )));
             }
-            Ok(ClientFrame::Hello(_)) => reply_error(sub, &ApiError::BadRequest("already connected: hello is only the first frame".into())),
+            Ok(ClientFrame::Hello(_)) => reply_error(
+                sub,
+                &ApiError::BadRequest("already connected: hello is only the first frame".into()),
+            ),
             Err(e) => reply_error(sub, &ApiError::from(e)),
         }
     }
@@ -288,7 +327,10 @@ fn error_frame(e: &ApiError) -> Utf8Bytes {
     })))
 }
 
-async fn send_error(sink: &mut SplitSink<WebSocket, Message>, e: &ApiError) -> Result<(), axum::Error> {
+async fn send_error(
+    sink: &mut SplitSink<WebSocket, Message>,
+    e: &ApiError,
+) -> Result<(), axum::Error> {
     sink.send(Message::Text(error_frame(e))).await
 }
 

@@ -3,7 +3,9 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use seqcast_protocol::{BodyError, ErrorBody, ErrorCode, ErrorDetail, FrameError, NameError, ParamError};
+use seqcast_protocol::{
+    BodyError, ErrorBody, ErrorCode, ErrorDetail, FrameError, NameError, ParamError,
+};
 
 /// A failure answered to an HTTP client or a WebSocket peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,9 +120,13 @@ impl From<seqcast_persistence::StoreError> for ApiError {
     fn from(e: seqcast_persistence::StoreError) -> Self {
         use seqcast_persistence::StoreError;
         match e {
-            StoreError::Unavailable(m) => ApiError::Unavailable(format!("the database cannot take writes: {m}")),
+            StoreError::Unavailable(m) => {
+                ApiError::Unavailable(format!("the database cannot take writes: {m}"))
+            }
             StoreError::Closed => ApiError::Unavailable("the database writer has stopped".into()),
-            StoreError::Rejected(m) => ApiError::BadRequest(format!("the database rejected the write: {m}")),
+            StoreError::Rejected(m) => {
+                ApiError::BadRequest(format!("the database rejected the write: {m}"))
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -158,7 +164,9 @@ impl CloseReason {
         match self {
             CloseReason::GoingAway => "server shutting down",
             CloseReason::TooLarge => "frame too large",
-            CloseReason::SlowConsumer => "send queue full: client too slow, reconnect and resume with since",
+            CloseReason::SlowConsumer => {
+                "send queue full: client too slow, reconnect and resume with since"
+            }
             CloseReason::Unauthenticated => "no valid authentication",
             CloseReason::ProtocolError => "protocol error",
         }

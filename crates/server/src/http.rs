@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, NewEvent};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta, RequestId, SubscriptionKey,
-    decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
+    RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
+    encode_stream_page, parse_u64_param,
 };
 
 use crate::app::AppState;
@@ -24,12 +25,17 @@ pub const MAX_PAGE: u64 = 10_000;
 pub const DEFAULT_PAGE: u64 = 1_000;
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
     let mut r = (status, body).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -40,7 +46,8 @@ impl Query {
     fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
         let pairs: Vec<(String, String)> = match raw {
             None => Vec::new(),
-            Some(q) => serde_urlencoded::from_str(&q).map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?,
+            Some(q) => serde_urlencoded::from_str(&q)
+                .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?,
         };
         for (k, _) in &pairs {
             if !allowed.contains(&k.as_str()) {
@@ -54,11 +61,16 @@ impl Query {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.get(name).map(|v| parse_u64_param(name, v).map_err(ApiError::from)).transpose()
+        self.get(name)
+            .map(|v| parse_u64_param(name, v).map_err(ApiError::from))
+            .transpose()
     }
 
     fn limit(&self) -> Result<usize, ApiError> {
@@ -71,7 +83,11 @@ impl Query {
 }
 
 /// `GET /websocket/messages?since=N[&channel=C[&request_id=R]][&limit=L][&epoch=E]`
-pub async fn recover(State(app): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+pub async fn recover(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     let grant = app.auth.reader(authorization(&headers))?;
     let q = Query::parse(raw, &["since", "channel", "request_id", "limit", "epoch"])?;
     let since = q.u64("since")?.unwrap_or(0);
@@ -91,7 +107,9 @@ pub async fn recover(State(app): State<Arc<AppState>>, headers: HeaderMap, RawQu
         (None, None) => Filter::All,
     };
     let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
-    let rec = app.hub.recover(since, limit, now_ms(), |k| filter.admits(k, &grant));
+    let rec = app
+        .hub
+        .recover(since, limit, now_ms(), |k| filter.admits(k, &grant));
     let meta = RecoveryMeta {
         head: rec.head,
         oldest_sequence: rec.oldest_sequence,
@@ -130,7 +148,9 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
 fn new_event(req: PublishRequest, grant: &Grant) -> Result<NewEvent, ApiError> {
     let key = req.key();
     if !grant.allows(&key) {
-        return Err(ApiError::Forbidden(format!("token may not publish to {key}")));
+        return Err(ApiError::Forbidden(format!(
+            "token may not publish to {key}"
+        )));
     }
     let message_id = match req.message_id {
         Some(id) => id,
@@ -153,18 +173,28 @@ fn answer(ev: &CommittedEvent) -> PublishResponse {
 }
 
 /// `POST /api/publish`
-pub async fn publish(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn publish(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let grant = app.auth.publisher(authorization(&headers))?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant)?;
     let committed = app.store.commit(&app.hub, vec![ev]).await?;
-    let first = committed.first().ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
+    let first = committed
+        .first()
+        .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
     Ok(axum::Json(answer(first)).into_response())
 }
 
 /// `POST /api/publish/batch` — one transaction: all or nothing.
-pub async fn publish_batch(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn publish_batch(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let grant = app.auth.publisher(authorization(&headers))?;
     let limit = app.settings.max_message_bytes.saturating_mul(16);
     let bytes = read_body(body, limit).await?;
@@ -198,15 +228,23 @@ pub async fn stream_page(
     let limit = q.limit()?;
     let Some(reader) = app.store.reader().cloned() else {
         return Err(ApiError::NotFound(
-            "stream pages are served from the database; this server runs with --storage memory".into(),
+            "stream pages are served from the database; this server runs with --storage memory"
+                .into(),
         ));
     };
     let rows = tokio::task::spawn_blocking(move || reader.stream_rows(&key, after, limit))
         .await
         .map_err(|e| ApiError::Internal(format!("stream reader failed: {e}")))??;
-    let next_after = if rows.len() == limit { rows.last().map(|r| r.stream_sequence) } else { None };
+    let next_after = if rows.len() == limit {
+        rows.last().map(|r| r.stream_sequence)
+    } else {
+        None
+    };
     let frames: Vec<_> = rows.iter().map(Hub::frame_of).collect();
-    Ok(json_response(StatusCode::OK, encode_stream_page(frames.iter().map(|f| f.as_str()), next_after)))
+    Ok(json_response(
+        StatusCode::OK,
+        encode_stream_page(frames.iter().map(|f| f.as_str()), next_after),
+    ))
 }
 
 /// `GET /healthz`: the process is up.
@@ -217,9 +255,15 @@ pub async fn healthz() -> Response {
 /// `GET /readyz`: ready to take traffic (not shutting down).
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.shutdown.is_cancelled() {
-        json_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"shutting_down"}"#.into())
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"shutting_down"}"#.into(),
+        )
     } else {
-        json_response(StatusCode::OK, format!(r#"{{"status":"ready","head":{}}}"#, app.hub.head()))
+        json_response(
+            StatusCode::OK,
+            format!(r#"{{"status":"ready","head":{}}}"#, app.hub.head()),
+        )
     }
 }
 
@@ -227,12 +271,59 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let gauges = app.hub.gauges();
     let mut r = app.hub.metrics.render(&gauges).into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     r
 }
 
 /// Anything else.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
+}
+
+/// The browser client, the demo page and its types, embedded in the binary.
+pub mod assets {
+    use super::*;
+
+    const CLIENT_JS: &str = include_str!("../../../clients/js/seqcast.js");
+    const CLIENT_DTS: &str = include_str!("../../../clients/js/seqcast.d.ts");
+    const DEMO_HTML: &str = include_str!("../../../clients/js/demo.html");
+
+    fn asset(content_type: &'static str, body: &'static str) -> Response {
+        let mut r = body.into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    }
+
+    /// `GET /client/seqcast.js`
+    pub async fn client_js() -> Response {
+        asset("text/javascript; charset=utf-8", CLIENT_JS)
+    }
+
+    /// `GET /client/seqcast.d.ts`
+    pub async fn client_dts() -> Response {
+        asset("application/typescript; charset=utf-8", CLIENT_DTS)
+    }
+
+    /// `GET /` — the demo page.
+    pub async fn demo_page() -> Response {
+        asset("text/html; charset=utf-8", DEMO_HTML)
+    }
+
+    /// `GET /dev/token` — development mode only: a short-lived token that may read and publish
+    /// everything, so the demo page works out of the box. 404 once a secret is configured.
+    pub async fn dev_token(State(app): State<Arc<AppState>>) -> Result<Response, ApiError> {
+        if !app.dev_mode {
+            return Err(ApiError::NotFound(
+                "no development token: a JWT secret is configured".into(),
+            ));
+        }
+        let token = app.auth.mint("dev", None, 3600, true)?;
+        Ok(axum::Json(serde_json::json!({ "token": token, "dev_mode": true })).into_response())
+    }
 }

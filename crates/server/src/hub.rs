@@ -157,7 +157,9 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("epoch", &self.epoch).finish_non_exhaustive()
+        f.debug_struct("Hub")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
     }
 }
 
@@ -195,7 +197,9 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, HubState> {
         // A panic while holding the lock must not take the whole server down with it:
         // the state is plain data that stays consistent between statements.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Latest sequence number handed to fan-out.
@@ -270,9 +274,18 @@ impl Hub {
         }
     }
 
-    fn enqueue_backlog(&self, state: &mut HubState, ev: &CommittedEvent, frame: Frame, now_ms: u64) {
+    fn enqueue_backlog(
+        &self,
+        state: &mut HubState,
+        ev: &CommittedEvent,
+        frame: Frame,
+        now_ms: u64,
+    ) {
         let key = &ev.key;
-        match state.backlogs.enqueue(key, ev.sequence_number, frame, now_ms) {
+        match state
+            .backlogs
+            .enqueue(key, ev.sequence_number, frame, now_ms)
+        {
             Ok(outcome) => {
                 Metrics::inc(&self.metrics.backlogged);
                 if outcome.created {
@@ -314,7 +327,11 @@ impl Hub {
 
     /// Assign numbers in memory and fan out (only under `--storage memory`). Returns the
     /// committed events, or None when this hub is not the sequence authority.
-    pub fn publish_in_memory(&self, events: Vec<NewEvent>, now_ms: u64) -> Option<Vec<CommittedEvent>> {
+    pub fn publish_in_memory(
+        &self,
+        events: Vec<NewEvent>,
+        now_ms: u64,
+    ) -> Option<Vec<CommittedEvent>> {
         let mut state = self.lock();
         let mut committed = Vec::with_capacity(events.len());
         for ev in events {
@@ -379,7 +396,10 @@ impl Hub {
                     let page = state.window.since(since, usize::MAX, |m| &m.key == key);
                     outcome.recovered = Some(page.complete);
                     oldest = page.oldest_sequence;
-                    page.messages.iter().map(|m| (m.sequence_number, m.frame.clone())).collect()
+                    page.messages
+                        .iter()
+                        .map(|m| (m.sequence_number, m.frame.clone()))
+                        .collect()
                 } else {
                     outcome.recovered = Some(false);
                     oldest = state.window.oldest_sequence();
@@ -391,7 +411,16 @@ impl Hub {
             }
         };
         let recovered = outcome.recovered;
-        let ack = self.sub_ack(key, outcome.drained as u64, recovered, if recovered == Some(false) { oldest } else { None });
+        let ack = self.sub_ack(
+            key,
+            outcome.drained as u64,
+            recovered,
+            if recovered == Some(false) {
+                oldest
+            } else {
+                None
+            },
+        );
         let n = frames.len() as u64;
         let mut ok = sub.push(Outbound::Frame(ack));
         if ok && !frames.is_empty() {
@@ -402,11 +431,21 @@ impl Hub {
             return outcome;
         }
         Metrics::add(&self.metrics.deliveries, n);
-        state.subscriptions.entry(key.clone()).or_default().push(Arc::clone(sub));
+        state
+            .subscriptions
+            .entry(key.clone())
+            .or_default()
+            .push(Arc::clone(sub));
         outcome
     }
 
-    fn sub_ack(&self, key: &SubscriptionKey, drained: u64, recovered: Option<bool>, oldest_sequence: Option<u64>) -> Frame {
+    fn sub_ack(
+        &self,
+        key: &SubscriptionKey,
+        drained: u64,
+        recovered: Option<bool>,
+        oldest_sequence: Option<u64>,
+    ) -> Frame {
         Utf8Bytes::from(encode_server_frame(&ServerFrame::SubAck(SubAck {
             channel: key.channel().clone(),
             request_id: key.request_id().clone(),
@@ -434,7 +473,11 @@ impl Hub {
     }
 
     /// Remove a closed connection from every key in `keys`.
-    pub fn disconnect<'a>(&self, sub: &Arc<Subscriber>, keys: impl IntoIterator<Item = &'a SubscriptionKey>) {
+    pub fn disconnect<'a>(
+        &self,
+        sub: &Arc<Subscriber>,
+        keys: impl IntoIterator<Item = &'a SubscriptionKey>,
+    ) {
         let mut state = self.lock();
         for key in keys {
             if let Some(subs) = state.subscriptions.get_mut(key) {
@@ -447,7 +490,13 @@ impl Hub {
     }
 
     /// Messages after `since` in the recovery window that pass `filter`, at most `limit`.
-    pub fn recover(&self, since: u64, limit: usize, now_ms: u64, mut filter: impl FnMut(&SubscriptionKey) -> bool) -> Recovered {
+    pub fn recover(
+        &self,
+        since: u64,
+        limit: usize,
+        now_ms: u64,
+        mut filter: impl FnMut(&SubscriptionKey) -> bool,
+    ) -> Recovered {
         let mut state = self.lock();
         state.window.expire(now_ms);
         let head = state.window.head();
@@ -481,17 +530,38 @@ impl Hub {
     pub fn gauges(&self) -> [(&'static str, &'static str, u64); 5] {
         let state = self.lock();
         [
-            ("seqcast_head", "Latest sequence number", state.window.head()),
-            ("seqcast_recovery_window_messages", "Messages in the recovery window", state.window.len() as u64),
-            ("seqcast_backlog_messages", "Messages in all backlogs", state.backlogs.len() as u64),
-            ("seqcast_backlog_keys", "Keys with a backlog", state.backlogs.key_count() as u64),
-            ("seqcast_subscribed_keys", "Keys with a live subscriber", state.subscriptions.len() as u64),
+            (
+                "seqcast_head",
+                "Latest sequence number",
+                state.window.head(),
+            ),
+            (
+                "seqcast_recovery_window_messages",
+                "Messages in the recovery window",
+                state.window.len() as u64,
+            ),
+            (
+                "seqcast_backlog_messages",
+                "Messages in all backlogs",
+                state.backlogs.len() as u64,
+            ),
+            (
+                "seqcast_backlog_keys",
+                "Keys with a backlog",
+                state.backlogs.key_count() as u64,
+            ),
+            (
+                "seqcast_subscribed_keys",
+                "Keys with a live subscriber",
+                state.subscriptions.len() as u64,
+            ),
         ]
     }
 }
 
 fn null_raw() -> Box<serde_json::value::RawValue> {
-    serde_json::value::RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"))
+    serde_json::value::RawValue::from_string("null".into())
+        .unwrap_or_else(|_| unreachable!("null is JSON"))
 }
 
 /// Merge two ascending lists of (sequence, frame), dropping duplicates by sequence number.

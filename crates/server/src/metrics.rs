@@ -39,17 +39,53 @@ impl Metrics {
     pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
         let mut out = String::with_capacity(2048);
         let counters: [(&str, &str, &AtomicU64); 8] = [
-            ("seqcast_published_total", "Messages committed and fanned out", &self.published),
-            ("seqcast_deliveries_total", "Frames queued to subscribers", &self.deliveries),
-            ("seqcast_backlogged_total", "Messages kept for late subscribers", &self.backlogged),
-            ("seqcast_backlog_overflow_total", "Backlog entries dropped by a bound", &self.backlog_overflow),
-            ("seqcast_connections_opened_total", "WebSocket connections accepted", &self.connections_opened),
-            ("seqcast_connections_closed_total", "WebSocket connections closed", &self.connections_closed),
-            ("seqcast_slow_consumer_closes_total", "Connections closed with 1013", &self.slow_consumer_closes),
-            ("seqcast_publish_failures_total", "Publishes refused by the store", &self.publish_failures),
+            (
+                "seqcast_published_total",
+                "Messages committed and fanned out",
+                &self.published,
+            ),
+            (
+                "seqcast_deliveries_total",
+                "Frames queued to subscribers",
+                &self.deliveries,
+            ),
+            (
+                "seqcast_backlogged_total",
+                "Messages kept for late subscribers",
+                &self.backlogged,
+            ),
+            (
+                "seqcast_backlog_overflow_total",
+                "Backlog entries dropped by a bound",
+                &self.backlog_overflow,
+            ),
+            (
+                "seqcast_connections_opened_total",
+                "WebSocket connections accepted",
+                &self.connections_opened,
+            ),
+            (
+                "seqcast_connections_closed_total",
+                "WebSocket connections closed",
+                &self.connections_closed,
+            ),
+            (
+                "seqcast_slow_consumer_closes_total",
+                "Connections closed with 1013",
+                &self.slow_consumer_closes,
+            ),
+            (
+                "seqcast_publish_failures_total",
+                "Publishes refused by the store",
+                &self.publish_failures,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -28,7 +28,11 @@ pub enum Store {
 impl Store {
     /// Persist `events` as one all-or-nothing unit and fan them out. Returns only after the
     /// write is durable (SQLite) — a failure publishes nothing to anyone.
-    pub async fn commit(&self, hub: &Hub, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, ApiError> {
+    pub async fn commit(
+        &self,
+        hub: &Hub,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<CommittedEvent>, ApiError> {
         let result = match self {
             Store::Memory => hub
                 .publish_in_memory(events, now_ms())

@@ -100,17 +100,29 @@ pub fn insert_raw(path: &Path, rows: &[(&str, &str, &str, i64, i64)]) {
     let mut conn = Connection::open(path).unwrap();
     let tx = conn.transaction().unwrap();
     for (i, (channel, request_id, message_id, stream_sequence, ts)) in rows.iter().enumerate() {
+        tx.execute(
+            "INSERT OR IGNORE INTO streams (channel, request_id) VALUES (?1, ?2)",
+            rusqlite::params![channel, request_id],
+        )
+        .unwrap();
+        let stream_id: i64 = tx
+            .query_row(
+                "SELECT stream_id FROM streams WHERE channel = ?1 AND request_id = ?2",
+                rusqlite::params![channel, request_id],
+                |r| r.get(0),
+            )
+            .unwrap();
         let data = format!("{{\"n\":{i}}}");
         tx.execute(
-            "INSERT INTO events (channel, request_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![channel, request_id, message_id, ts, data],
+            "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![stream_id, message_id, ts, data],
         )
         .unwrap();
         let seq = tx.last_insert_rowid();
         tx.execute(
-            "INSERT INTO stream_rows (channel, request_id, message_id, stream_sequence, data, timestamp_ms, first_sequence, last_sequence)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-            rusqlite::params![channel, request_id, message_id, stream_sequence, data, ts, seq],
+            "INSERT INTO stream_rows (stream_id, message_id, stream_sequence, first_sequence, last_sequence)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+            rusqlite::params![stream_id, message_id, stream_sequence, seq],
         )
         .unwrap();
     }

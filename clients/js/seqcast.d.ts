@@ -1,0 +1,219 @@
+// Types for seqcast.js, the seqcast browser client. See docs/client.md.
+
+/** Channel names: `[A-Za-z0-9_.-]{1,64}`, never a `:`. */
+export declare const CHANNEL_PATTERN: RegExp;
+/** Request ids and session ids: `[A-Za-z0-9_.:-]{1,128}`. */
+export declare const REQUEST_ID_PATTERN: RegExp;
+/** Close code the client sends when it drops a connection on purpose in order to reconnect. */
+export declare const RECONNECT_CLOSE_CODE: 4000;
+
+/** Any JSON value, as published. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A message as the server sends it, live, from a backlog, on resume, and from `recover()`. */
+export interface SeqcastMessage<T = Json> {
+  type?: 'message';
+  /** Deployment-wide, strictly increasing, never reused within an epoch. */
+  sequence_number: number;
+  /** Position of the row in its stream (`channel:request_id`); kept by an upsert. */
+  stream_sequence: number;
+  channel: string;
+  request_id: string;
+  message_id: string;
+  /** Milliseconds since the Unix epoch, taken when the message was persisted. */
+  timestamp: number;
+  data: T;
+}
+
+export interface MessageMeta {
+  /** Published before the current connection opened: a backlog drain or a resume replay. */
+  replayed: boolean;
+  subscriptionKey: string;
+}
+
+/** The server's `connected` frame. */
+export interface ConnectionInfo {
+  clientId: string;
+  sessionId: string;
+  connectionSequence: number;
+  /** Latest sequence number when the connection opened. */
+  head: number;
+  epoch: string | null;
+}
+
+export interface GapEvent {
+  channel: string;
+  requestId: string;
+  subscriptionKey: string;
+  /** The position the client asked to resume from (null for a fresh subscription). */
+  since: number | null;
+  /** Oldest sequence number the server still had, if it said. */
+  oldestSequence: number | null;
+  epoch: string | null;
+  previousEpoch: string | null;
+  /** 'window': history no longer reaches back to `since + 1`; 'epoch': the store was replaced. */
+  reason: 'window' | 'epoch';
+}
+
+export interface SubscribedEvent {
+  channel: string;
+  requestId: string;
+  subscriptionKey: string;
+  /** Backlog messages that follow the ack. */
+  drained: number;
+  /** For a resumed subscription: whether the server could replay everything after `since`. */
+  recovered: boolean | null;
+  epoch: string | null;
+}
+
+export interface DisconnectedEvent {
+  code: number;
+  reason: string;
+  /** The connection that ended (0 if it never opened). */
+  connectionSequence: number;
+  /** Whether the server had accepted the connection. */
+  wasOpen: boolean;
+}
+
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+export interface SeqcastClientEvents {
+  state: (state: ConnectionState, detail: { delayMs?: number }) => void;
+  connected: (info: ConnectionInfo) => void;
+  disconnected: (event: DisconnectedEvent) => void;
+  subscribed: (event: SubscribedEvent) => void;
+  message: (message: SeqcastMessage, meta: MessageMeta) => void;
+  gap: (gap: GapEvent) => void;
+  error: (error: SeqcastError) => void;
+}
+
+/** The part of `sessionStorage` the client uses. */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+}
+
+export interface Backoff {
+  /** Cap of the first retry's delay (default 500). */
+  initialMs?: number;
+  /** Largest cap (default 30000). */
+  maxMs?: number;
+}
+
+/** A JWT, or a function that returns one; called on every (re)connect and recovery request. */
+export type TokenSource = string | (() => string | undefined | Promise<string | undefined>);
+
+export interface SeqcastClientOptions {
+  /** WebSocket URL, e.g. `wss://push.example.com/ws`; in a page defaults to this host's `/ws`. */
+  url?: string;
+  /** Base of the HTTP API; defaults to `url` with http(s) and without `/ws`. */
+  httpUrl?: string;
+  token?: TokenSource;
+  /** Where the session id and connection counter live (default: `sessionStorage`, else memory). */
+  storage?: StorageLike;
+  /** Key prefix in `storage` (default `seqcast`). */
+  storagePrefix?: string;
+  /** WebSocket constructor (default: the global one; in Node pass `WebSocket` from `ws`). */
+  WebSocket?: new (url: string) => WebSocket | any;
+  fetch?: typeof fetch;
+  backoff?: Backoff;
+  /** Random source for the backoff jitter, in [0, 1). */
+  random?: () => number;
+  /** Ping interval; two silent intervals drop the connection (default 25000, 0 = off). */
+  heartbeatMs?: number;
+  /** Give up on a connection the server has not accepted in this time (default 10000). */
+  connectTimeoutMs?: number;
+}
+
+export interface SubscribeOptions {
+  /** Resume after this sequence number (e.g. one saved before a reload). */
+  since?: number;
+  /** The epoch `since` belongs to. */
+  epoch?: string;
+  /** Called when this subscription reports a gap. */
+  onGap?: (gap: GapEvent) => void;
+}
+
+export interface RecoverOptions {
+  channel?: string;
+  requestId?: string;
+  /** Page size (the client follows `next_since` pages itself). */
+  limit?: number;
+  epoch?: string;
+}
+
+export interface RecoveryResult {
+  messages: SeqcastMessage[];
+  head: number;
+  oldestSequence: number | null;
+  epoch: string;
+  /** False where history no longer reaches back to `since + 1` or the epoch differs. */
+  complete: boolean;
+}
+
+export interface SubscriptionInfo {
+  channel: string;
+  requestId: string;
+  subscriptionKey: string;
+  lastSequence: number;
+  epoch: string | null;
+  /** Acknowledged by the server on the current connection, with no recovery pending. */
+  active: boolean;
+}
+
+export interface ClientStats {
+  delivered: number;
+  duplicatesDropped: number;
+  gaps: number;
+  reconnects: number;
+}
+
+/** Capped exponential backoff with full jitter: uniform in [0, min(maxMs, initialMs · 2^attempt)). */
+export declare function backoffDelay(attempt: number, backoff?: Backoff, random?: () => number): number;
+
+/** A sessionStorage-like store kept in memory. */
+export declare function memoryStorage(): StorageLike & { removeItem(key: string): void };
+
+/** The tab's session id and connection counter, kept in `storage`. */
+export declare class SessionCounter {
+  constructor(storage?: StorageLike, prefix?: string);
+  readonly sessionId: string;
+  /** Number of the latest connection (0 before the first). */
+  readonly current: number;
+  /** Take the next connection number: 1, then +1 each time. */
+  next(): number;
+}
+
+export declare class SeqcastError extends Error {
+  constructor(code: string, message: string, details?: Record<string, unknown>);
+  /** A server error code (`bad_request`, `unauthorized`, `forbidden`, …) or a client one (`token`, `socket`, `recovery`, `closed`, `http_NNN`). */
+  code: string;
+  status?: number;
+}
+
+export declare class SeqcastClient {
+  constructor(options?: SeqcastClientOptions);
+  readonly state: ConnectionState;
+  readonly sessionId: string;
+  readonly connectionSequence: number;
+  readonly connection: ConnectionInfo | null;
+  readonly reconnectAt: number | null;
+  readonly stats: ClientStats;
+  readonly subscriptions: SubscriptionInfo[];
+
+  on<E extends keyof SeqcastClientEvents>(event: E, listener: SeqcastClientEvents[E]): () => void;
+  off<E extends keyof SeqcastClientEvents>(event: E, listener: SeqcastClientEvents[E]): void;
+
+  connect(): Promise<ConnectionInfo>;
+  subscribe<T = Json>(
+    channel: string,
+    requestId: string,
+    onMessage?: (message: SeqcastMessage<T>, meta: MessageMeta) => void,
+    options?: SubscribeOptions,
+  ): () => void;
+  unsubscribe(channel: string, requestId: string): boolean;
+  clearAllSubscriptions(): void;
+  close(): void;
+  dropConnection(options?: { downMs?: number }): boolean;
+  recover(since: number, options?: RecoverOptions): Promise<RecoveryResult>;
+}

@@ -1,0 +1,366 @@
+//! Fan-out: one key, N subscribers. At a fixed publish rate (latency: publish → receive per
+//! delivery, and until the last subscriber has each message) or as fast as the server
+//! delivers (burst: deliveries/s, with a bounded number of messages in flight so that no
+//! subscriber's send queue overflows).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{run_id, sleep_until};
+use crate::Target;
+use crate::http::HttpConn;
+use crate::probe::{probe_data, scan_probe};
+use crate::stats::{CpuMeter, Summary, latency_histogram, record_nanos};
+use crate::ws;
+
+/// Fan-out parameters.
+#[derive(Debug, Clone)]
+pub struct FanoutArgs {
+    /// Subscribers on the one key.
+    pub subscribers: usize,
+    /// Messages published per second; None = burst (as fast as delivered).
+    pub rate: Option<f64>,
+    /// Measured time.
+    pub duration: Duration,
+    /// Time before measuring starts.
+    pub warmup: Duration,
+    /// Concurrent publisher connections.
+    pub publishers: usize,
+    /// Messages per publish request in burst mode (the batch endpoint).
+    pub batch: usize,
+    /// Burst mode: most messages published but not yet received by every subscriber.
+    pub window: usize,
+    /// Connections opened at a time.
+    pub connect_concurrency: usize,
+}
+
+/// Message counters are a ring this large; a message's slot is reused only after every
+/// subscriber had it (burst) or never (rate mode sends fewer messages than this).
+const RING: usize = 1 << 20;
+/// Latency histogram shards: subscriber `n` records into shard `n % SHARDS`.
+const SHARDS: usize = 16;
+
+struct Shared {
+    start: Instant,
+    subscribers: u32,
+    counts: Box<[AtomicU32]>,
+    deliveries: AtomicU64,
+    complete: AtomicU64,
+    /// Probes sent before this many nanoseconds into the run are warm-up: not recorded.
+    record_after_ns: u64,
+    deliver: Vec<Mutex<Histogram<u64>>>,
+    last: Mutex<Histogram<u64>>,
+    progress: Notify,
+    ended_early: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn on_frame(&self, text: &str, shard: usize) {
+        let Some((index, sent_ns)) = scan_probe(text) else {
+            return;
+        };
+        let now = self.now_ns();
+        self.deliveries.fetch_add(1, Ordering::Relaxed);
+        let record = sent_ns >= self.record_after_ns;
+        if record && let Ok(mut h) = self.deliver[shard].lock() {
+            record_nanos(&mut h, now.saturating_sub(sent_ns));
+        }
+        let slot = &self.counts[index as usize % RING];
+        if slot.fetch_add(1, Ordering::AcqRel) + 1 == self.subscribers {
+            slot.store(0, Ordering::Release);
+            self.complete.fetch_add(1, Ordering::AcqRel);
+            if record && let Ok(mut h) = self.last.lock() {
+                record_nanos(&mut h, now.saturating_sub(sent_ns));
+            }
+            self.progress.notify_waiters();
+        }
+    }
+}
+
+/// Run the scenario.
+pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
+    if args.subscribers == 0 || args.publishers == 0 {
+        bail!("need at least one subscriber and one publisher");
+    }
+    let request_id = format!("fanout-{}", run_id());
+    // Connect and subscribe everyone before the clock starts.
+    let connect_started = Instant::now();
+    let subs: Vec<ws::Ws> = futures_util::stream::iter(0..args.subscribers)
+        .map(|n| {
+            let request_id = request_id.clone();
+            async move {
+                let mut c = ws::open(target, n, 64 * 1024).await?;
+                ws::subscribe(&mut c, "bench", &request_id, None).await?;
+                anyhow::Ok(c)
+            }
+        })
+        .buffer_unordered(args.connect_concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+
+    // The clock starts once everyone is subscribed.
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        subscribers: u32::try_from(args.subscribers).context("too many subscribers")?,
+        counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
+        deliveries: AtomicU64::new(0),
+        complete: AtomicU64::new(0),
+        record_after_ns: args.warmup.as_nanos() as u64,
+        deliver: (0..SHARDS)
+            .map(|_| Mutex::new(latency_histogram()))
+            .collect(),
+        last: Mutex::new(latency_histogram()),
+        progress: Notify::new(),
+        ended_early: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+
+    let mut readers = Vec::with_capacity(subs.len());
+    for (n, mut c) in subs.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        readers.push(tokio::spawn(async move {
+            let shard = n % SHARDS;
+            while let Some(msg) = c.next().await {
+                match msg {
+                    Ok(Message::Text(t)) => shared.on_frame(t.as_str(), shard),
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            if !shared.stop.load(Ordering::Relaxed) {
+                shared.ended_early.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let total = args.warmup + args.duration;
+    let published = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    for k in 0..args.publishers {
+        let mut conn = HttpConn::connect(target.addr).await?;
+        let shared = Arc::clone(&shared);
+        let published = Arc::clone(&published);
+        let errors = Arc::clone(&errors);
+        let auth = format!("ApiKey {}", target.api_key);
+        let request_id = request_id.clone();
+        let args = args.clone();
+        publishers.push(tokio::spawn(async move {
+            match args.rate {
+                Some(rate) => {
+                    publish_at_rate(
+                        &mut conn,
+                        &shared,
+                        &auth,
+                        &request_id,
+                        rate,
+                        k,
+                        &args,
+                        total,
+                        &published,
+                        &errors,
+                    )
+                    .await
+                }
+                None => {
+                    publish_burst(
+                        &mut conn,
+                        &shared,
+                        &auth,
+                        &request_id,
+                        &args,
+                        total,
+                        &published,
+                        &errors,
+                    )
+                    .await
+                }
+            }
+        }));
+    }
+
+    sleep_until(shared.start, args.warmup).await;
+    let cpu = CpuMeter::start(target.server_pid);
+    let deliveries_before = shared.deliveries.load(Ordering::Acquire);
+    sleep_until(shared.start, total).await;
+    let deliveries_in_window = shared.deliveries.load(Ordering::Acquire) - deliveries_before;
+    let cpu_use = cpu.stop();
+
+    for p in publishers {
+        p.await.context("publisher panicked")?;
+    }
+    // Let what is in flight arrive (bounded), so "lost" counts only what never comes.
+    let published_total = published.load(Ordering::Acquire);
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while shared.complete.load(Ordering::Acquire) < published_total
+        && Instant::now() < drain_deadline
+        && shared.ended_early.load(Ordering::Relaxed) == 0
+    {
+        let notified = shared.progress.notified();
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.abort();
+    }
+
+    let mut deliver = latency_histogram();
+    for h in &shared.deliver {
+        if let Ok(h) = h.lock() {
+            deliver.add(&*h).ok();
+        }
+    }
+    let last = shared
+        .last
+        .lock()
+        .map(|h| Summary::of(&h))
+        .unwrap_or_default();
+    let deliveries_total = shared.deliveries.load(Ordering::Acquire);
+    let expected = published_total * args.subscribers as u64;
+    Ok(json!({
+        "scenario": "fanout",
+        "mode": if args.rate.is_some() { "rate" } else { "burst" },
+        "subscribers": args.subscribers,
+        "target_msgs_per_s": args.rate,
+        "target_deliveries_per_s": args.rate.map(|r| r * args.subscribers as f64),
+        "duration_s": args.duration.as_secs_f64(),
+        "published": published_total,
+        "publish_errors": errors.load(Ordering::Acquire),
+        "deliveries": deliveries_total,
+        "lost_deliveries": expected.saturating_sub(deliveries_total),
+        "connections_ended_early": shared.ended_early.load(Ordering::Relaxed),
+        "deliveries_per_s": deliveries_in_window as f64 / cpu_use.wall_seconds,
+        "latency": Summary::of(&deliver),
+        "last_subscriber": last,
+        "connect_seconds": connect_seconds,
+        "cpu": cpu_use,
+    }))
+}
+
+/// Publish messages `k`, `k + P`, `k + 2P`, … at their scheduled times. A message sent late
+/// because this connection was still waiting on the server carries its scheduled time (the
+/// server's stall counts); one sent late only because the timer woke late carries the time it
+/// was really sent (timer slack is the load generator's, not the server's).
+#[allow(clippy::too_many_arguments)]
+async fn publish_at_rate(
+    conn: &mut HttpConn,
+    shared: &Shared,
+    auth: &str,
+    request_id: &str,
+    rate: f64,
+    k: usize,
+    args: &FanoutArgs,
+    total: Duration,
+    published: &AtomicU64,
+    errors: &AtomicU64,
+) {
+    let interval_ns = 1e9 / rate;
+    let mut i = k as u64;
+    loop {
+        let due = (i as f64 * interval_ns) as u64;
+        if due >= total.as_nanos() as u64 {
+            return;
+        }
+        let sent_ns = if shared.now_ns() >= due {
+            due
+        } else {
+            sleep_until(shared.start, Duration::from_nanos(due)).await;
+            shared.now_ns()
+        };
+        let body = format!(
+            r#"{{"channel":"bench","request_id":"{request_id}","data":{}}}"#,
+            probe_data(i, sent_ns)
+        );
+        match conn.post_json("/api/publish", auth, body.as_bytes()).await {
+            Ok(r) if r.status == 200 => {
+                published.fetch_add(1, Ordering::AcqRel);
+            }
+            _ => {
+                errors.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        i += args.publishers as u64;
+    }
+}
+
+/// Publish batches as fast as every subscriber takes them, keeping at most `window` messages
+/// in flight.
+#[allow(clippy::too_many_arguments)]
+async fn publish_burst(
+    conn: &mut HttpConn,
+    shared: &Shared,
+    auth: &str,
+    request_id: &str,
+    args: &FanoutArgs,
+    total: Duration,
+    published: &AtomicU64,
+    errors: &AtomicU64,
+) {
+    let batch = args.batch.max(1) as u64;
+    let mut body = String::new();
+    while shared.now_ns() < total.as_nanos() as u64 {
+        loop {
+            let notified = shared.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let in_flight = published
+                .load(Ordering::Acquire)
+                .saturating_sub(shared.complete.load(Ordering::Acquire));
+            if in_flight + batch <= args.window as u64 {
+                break;
+            }
+            if tokio::time::timeout(Duration::from_millis(100), notified)
+                .await
+                .is_err()
+                && shared.now_ns() >= total.as_nanos() as u64
+            {
+                return;
+            }
+        }
+        let first = published.fetch_add(batch, Ordering::AcqRel);
+        let sent_ns = shared.now_ns();
+        body.clear();
+        body.push_str(r#"{"messages":["#);
+        for j in 0..batch {
+            if j > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                r#"{{"channel":"bench","request_id":"{request_id}","data":{}}}"#,
+                probe_data(first + j, sent_ns)
+            ));
+        }
+        body.push_str("]}");
+        match conn
+            .post_json("/api/publish/batch", auth, body.as_bytes())
+            .await
+        {
+            Ok(r) if r.status == 200 => {}
+            _ => {
+                // Nothing of a failed batch was published: take it back out of the count.
+                published.fetch_sub(batch, Ordering::AcqRel);
+                errors.fetch_add(1, Ordering::AcqRel);
+                return;
+            }
+        }
+    }
+}

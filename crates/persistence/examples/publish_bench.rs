@@ -1,0 +1,163 @@
+//! Appends per second through `DbWriter`, as a Markdown table.
+//!
+//! ```text
+//! cargo run --release -p seqcast-persistence --example publish_bench [-- --secs 2] [--only single|batch]
+//! ```
+//!
+//! Scenarios: 1, 64 and 256 concurrent publishers each appending one event at a time, with
+//! group commit and with one transaction per message, under `synchronous` FULL and NORMAL;
+//! then batch appends of 100 and 1000 events. Each scenario uses a fresh database in a
+//! temporary directory (`TMPDIR` picks the disk) and runs for `--secs` seconds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use seqcast_persistence::{DbWriter, NewEvent, StoreConfig, Synchronous};
+use seqcast_protocol::{MessageId, SubscriptionKey};
+
+/// A typical small message body (~100 bytes of JSON).
+const DATA: &str = r#"{"type":"token","text":"The quick brown fox jumps over the lazy dog","index":12345,"done":false}"#;
+const STREAMS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    publishers: usize,
+    batch: usize,
+    group_commit: bool,
+    synchronous: Synchronous,
+}
+
+struct Outcome {
+    events: u64,
+    elapsed: Duration,
+    transactions: u64,
+}
+
+fn main() {
+    let secs: f64 = std::env::args()
+        .skip_while(|a| a != "--secs")
+        .nth(1)
+        .map(|s| s.parse().expect("--secs takes a number"))
+        .unwrap_or(2.0);
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let duration = Duration::from_secs_f64(secs);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let mut scenarios = Vec::new();
+    for synchronous in [Synchronous::Full, Synchronous::Normal] {
+        for group_commit in [true, false] {
+            for publishers in [1, 64, 256] {
+                scenarios.push(Scenario {
+                    publishers,
+                    batch: 1,
+                    group_commit,
+                    synchronous,
+                });
+            }
+        }
+    }
+    for synchronous in [Synchronous::Full, Synchronous::Normal] {
+        for (publishers, batch) in [(1, 100), (1, 1000), (4, 1000)] {
+            scenarios.push(Scenario {
+                publishers,
+                batch,
+                group_commit: true,
+                synchronous,
+            });
+        }
+    }
+
+    println!("| sync | commit | publishers | events/append | appends/s | events/s | events/txn |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let wanted = |s: &Scenario| match only.as_deref() {
+        Some("single") => s.batch == 1,
+        Some("batch") => s.batch > 1,
+        _ => true,
+    };
+    for scenario in scenarios.into_iter().filter(wanted) {
+        let outcome = runtime.block_on(run(scenario, duration));
+        let secs = outcome.elapsed.as_secs_f64();
+        let events_per_sec = outcome.events as f64 / secs;
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            scenario.synchronous.as_pragma(),
+            if scenario.group_commit {
+                "group"
+            } else {
+                "one per message"
+            },
+            scenario.publishers,
+            scenario.batch,
+            events_per_sec / scenario.batch as f64,
+            events_per_sec,
+            outcome.events as f64 / outcome.transactions.max(1) as f64,
+        );
+    }
+}
+
+async fn run(scenario: Scenario, duration: Duration) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        synchronous: scenario.synchronous,
+        group_commit: scenario.group_commit,
+        ..StoreConfig::new(dir.path().join("bench.db"))
+    };
+    // The server's hook fans out; here it only counts, so the numbers are the store's.
+    let hooked = Arc::new(AtomicU64::new(0));
+    let hook_count = Arc::clone(&hooked);
+    let (writer, _) = DbWriter::open(
+        config,
+        Box::new(move |events| {
+            hook_count.fetch_add(events.len() as u64, Ordering::Relaxed);
+        }),
+    )
+    .unwrap();
+    let keys: Vec<SubscriptionKey> = (0..STREAMS)
+        .map(|i| SubscriptionKey::parse(&format!("bench:stream-{i}")).unwrap())
+        .collect();
+
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = (0..scenario.publishers)
+        .map(|p| {
+            let writer: DbWriter = writer.clone();
+            let keys = keys.clone();
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    let events = (0..scenario.batch)
+                        .map(|_| {
+                            n += 1;
+                            NewEvent {
+                                key: keys[(p + n) % STREAMS].clone(),
+                                message_id: MessageId::new(format!("p{p}-{n}")).unwrap(),
+                                data: DATA.to_owned(),
+                            }
+                        })
+                        .collect();
+                    sent += writer.append(events).await.unwrap().len() as u64;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut events = 0;
+    for task in tasks {
+        events += task.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let stats = writer.stats();
+    writer.close().await;
+    assert_eq!(hooked.load(Ordering::Relaxed), events);
+    Outcome {
+        events,
+        elapsed,
+        transactions: stats.transactions_committed,
+    }
+}

@@ -1,0 +1,337 @@
+//! Readers, migrations and the repair command.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use rusqlite::Connection;
+use seqcast_persistence::{
+    AppliedMigration, CommittedEvent, DbReader, EventFilter, RepairReport, SCHEMA_VERSION,
+    StoreError, migrate, repair_sequences,
+};
+use seqcast_protocol::Channel;
+
+fn numbers(events: &[CommittedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence_number).collect()
+}
+
+/// 30 events over three keys in two channels: seq n goes to `keys[n % 3]`.
+async fn store_with_30_events(dir: &tempfile::TempDir) -> Vec<CommittedEvent> {
+    let (writer, _, _) = open(config(dir));
+    let keys = ["chat:a", "chat:b", "news:a"];
+    let mut all = Vec::new();
+    for n in 1..=30 {
+        let committed = writer
+            .append(vec![event(keys[n % 3], &format!("m{n}"), &format!("{n}"))])
+            .await
+            .unwrap();
+        all.extend(committed);
+    }
+    writer.close().await;
+    all
+}
+
+#[tokio::test]
+async fn events_after_pages_through_the_log_with_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = store_with_30_events(&dir).await;
+    let reader = DbReader::open(&db_path(&dir)).unwrap();
+
+    // Paging the whole log 7 at a time, continuing from the last number seen.
+    let mut paged = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = reader.events_after(since, 7, EventFilter::All).unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        since = last.sequence_number;
+        paged.extend(page);
+    }
+    assert_eq!(paged, written);
+
+    let key_only = reader
+        .events_after(10, 100, EventFilter::Key(key("chat:b")))
+        .unwrap();
+    assert_eq!(numbers(&key_only), vec![13, 16, 19, 22, 25, 28]);
+    assert_eq!(
+        key_only
+            .iter()
+            .map(|e| e.stream_sequence)
+            .collect::<Vec<_>>(),
+        vec![5, 6, 7, 8, 9, 10]
+    );
+    let channel = reader
+        .events_after(20, 4, EventFilter::Channel(Channel::new("chat").unwrap()))
+        .unwrap();
+    assert_eq!(numbers(&channel), vec![21, 22, 24, 25]);
+    assert!(
+        reader
+            .events_after(30, 10, EventFilter::All)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        reader
+            .events_after(u64::MAX, 10, EventFilter::All)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        reader
+            .events_after(0, 0, EventFilter::All)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(reader.head().unwrap(), 30);
+}
+
+#[tokio::test]
+async fn latest_events_is_the_newest_n_not_older_than_the_cutoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    migrate(&path).unwrap();
+    // Ten events one second apart, written as raw rows to control their timestamps.
+    let rows: Vec<(String, i64)> = (1..=10).map(|n| (format!("m{n}"), n * 1000)).collect();
+    let raw: Vec<(&str, &str, &str, i64, i64)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (id, ts))| ("w", "1", id.as_str(), i as i64 + 1, *ts))
+        .collect();
+    insert_raw(&path, &raw);
+    let reader = DbReader::open(&path).unwrap();
+
+    assert_eq!(
+        numbers(&reader.latest_events(3, 0).unwrap()),
+        vec![8, 9, 10]
+    );
+    assert_eq!(
+        numbers(&reader.latest_events(100, 0).unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    // The age cutoff and the count both bound the window.
+    assert_eq!(
+        numbers(&reader.latest_events(100, 7000).unwrap()),
+        vec![7, 8, 9, 10]
+    );
+    assert_eq!(
+        numbers(&reader.latest_events(2, 7000).unwrap()),
+        vec![9, 10]
+    );
+    assert!(reader.latest_events(5, 10_001).unwrap().is_empty());
+    assert!(reader.latest_events(0, 0).unwrap().is_empty());
+    let newest = &reader.latest_events(1, 0).unwrap()[0];
+    assert_eq!(
+        (
+            newest.timestamp_ms,
+            newest.stream_sequence,
+            newest.message_id.as_str()
+        ),
+        (10_000, 10, "m10")
+    );
+}
+
+#[tokio::test]
+async fn stream_rows_pages_by_stream_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = store_with_30_events(&dir).await;
+    let reader = DbReader::open(&db_path(&dir)).unwrap();
+    let k = key("news:a");
+    let mine: Vec<&CommittedEvent> = written.iter().filter(|e| e.key == k).collect();
+    assert_eq!(mine.len(), 10);
+
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let page = reader.stream_rows(&k, after, 4).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().unwrap().stream_sequence;
+        pages.push(page);
+    }
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![4, 4, 2]
+    );
+    let rows: Vec<CommittedEvent> = pages.into_iter().flatten().collect();
+    // Never updated, so each row is exactly its one event.
+    assert_eq!(rows.iter().collect::<Vec<_>>(), mine);
+    assert!(
+        reader
+            .stream_rows(&key("none:x"), 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn migrate_is_idempotent_and_keeps_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let first = migrate(&path).unwrap();
+    assert_eq!(
+        first.applied,
+        vec![AppliedMigration {
+            version: 1,
+            name: "initial"
+        }]
+    );
+    assert_eq!(first.schema_version, SCHEMA_VERSION);
+    let epoch = DbReader::open(&path).unwrap().epoch().unwrap();
+
+    let again = migrate(&path).unwrap();
+    assert!(again.applied.is_empty());
+    assert_eq!(again.schema_version, SCHEMA_VERSION);
+    assert_eq!(DbReader::open(&path).unwrap().epoch().unwrap(), epoch);
+
+    let conn = Connection::open(&path).unwrap();
+    let recorded: i64 = conn
+        .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(recorded, 1);
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(journal, "wal");
+}
+
+#[test]
+fn readers_refuse_missing_old_and_newer_databases() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    assert!(matches!(
+        DbReader::open(&path),
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(!path.exists(), "a reader must not create the file");
+
+    Connection::open(&path).unwrap();
+    assert!(matches!(
+        DbReader::open(&path),
+        Err(StoreError::Unavailable(_))
+    ));
+
+    migrate(&path).unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (99, 'future', 0)",
+            [],
+        )
+        .unwrap();
+    assert!(matches!(DbReader::open(&path), Err(StoreError::Corrupt(_))));
+    assert!(matches!(migrate(&path), Err(StoreError::Corrupt(_))));
+}
+
+/// Seed 004's V029 situation: a stream of 86 rows of which a buggy version wrote 82 at
+/// position 0 (only the first four got real positions), next to a healthy stream.
+fn buggy_fixture(path: &std::path::Path) {
+    migrate(path).unwrap();
+    let ids: Vec<String> = (1..=86).map(|n| format!("msg-{n:03}")).collect();
+    let mut rows: Vec<(&str, &str, &str, i64, i64)> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let position = if i < 4 { i as i64 + 1 } else { 0 };
+        rows.push((
+            "session",
+            "codex-1",
+            id.as_str(),
+            position,
+            1_000 + i as i64,
+        ));
+        if i % 20 == 0 {
+            // Interleave a healthy stream, so insertion order is not just the rowid order of
+            // one stream.
+            let n = i as i64 / 20 + 1;
+            rows.push((
+                "session",
+                "claude-1",
+                ["h1", "h2", "h3", "h4", "h5"][i / 20],
+                n,
+                1_000,
+            ));
+        }
+    }
+    insert_raw(path, &rows);
+    let zeros: i64 = Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM stream_rows JOIN streams USING (stream_id)
+             WHERE request_id = 'codex-1' AND stream_sequence = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(zeros, 82);
+}
+
+#[tokio::test]
+async fn repair_renumbers_a_buggy_stream_by_insertion_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    buggy_fixture(&path);
+
+    let report = repair_sequences(&path).unwrap();
+    assert_eq!(
+        report,
+        RepairReport {
+            streams: 2,
+            rows_renumbered: 82
+        }
+    );
+    let reader = DbReader::open(&path).unwrap();
+    let broken = key("session:codex-1");
+    let rows = reader.stream_rows(&broken, 0, 1000).unwrap();
+    let order: Vec<(u64, String)> = rows
+        .iter()
+        .map(|r| (r.stream_sequence, r.message_id.to_string()))
+        .collect();
+    let expected: Vec<(u64, String)> = (1..=86).map(|n| (n, format!("msg-{n:03}"))).collect();
+    assert_eq!(order, expected);
+    // Pagination works again.
+    assert_eq!(reader.stream_rows(&broken, 80, 100).unwrap().len(), 6);
+    // The event log reads positions from the rows, so it is repaired too.
+    let log = reader
+        .events_after(0, 1000, EventFilter::Key(broken.clone()))
+        .unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.stream_sequence).collect::<Vec<_>>(),
+        (1..=86).collect::<Vec<_>>()
+    );
+    let healthy = reader.stream_rows(&key("session:claude-1"), 0, 10).unwrap();
+    assert_eq!(
+        healthy
+            .iter()
+            .map(|r| r.stream_sequence)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    // Idempotent, and the writer continues the repaired stream.
+    assert_eq!(repair_sequences(&path).unwrap().rows_renumbered, 0);
+    let (writer, info, _) = open(config(&dir));
+    assert_eq!(info.head, 91);
+    let next = writer
+        .append(vec![event("session:codex-1", "msg-087", "{}")])
+        .await
+        .unwrap();
+    assert_eq!((next[0].sequence_number, next[0].stream_sequence), (92, 87));
+    writer.close().await;
+}
+
+#[tokio::test]
+async fn repair_leaves_a_healthy_database_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = store_with_30_events(&dir).await;
+    assert_eq!(
+        repair_sequences(&db_path(&dir)).unwrap(),
+        RepairReport {
+            streams: 3,
+            rows_renumbered: 0
+        }
+    );
+    let reader = DbReader::open(&db_path(&dir)).unwrap();
+    assert_eq!(
+        reader.events_after(0, 100, EventFilter::All).unwrap(),
+        written
+    );
+}

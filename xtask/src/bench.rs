@@ -1,0 +1,908 @@
+//! `cargo xtask bench [--quick|--smoke]`: build the server and the load generator, start the
+//! server on 127.0.0.1 (pinned to CPU 0, the load generator to CPU 1, where there are two
+//! cores), run the scenarios of issue 5, and write a Markdown table and JSON under
+//! `target/bench/` with the machine, the git revision and the settings.
+//!
+//! Bounded: every server and load-generator process has a deadline and is killed at the end,
+//! on error too. Talks only to 127.0.0.0/8.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+const JWT_SECRET: &str = "bench-secret-0123456789";
+const API_KEY: &str = "bench-api-key";
+
+/// How big a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Every scenario at full size (a few minutes).
+    Full,
+    /// Every goal measured, shorter (about a minute).
+    Quick,
+    /// Tiny sizes, debug build, no goals: proves the harness works (seconds).
+    Smoke,
+}
+
+impl Profile {
+    fn name(self) -> &'static str {
+        match self {
+            Profile::Full => "full",
+            Profile::Quick => "quick",
+            Profile::Smoke => "smoke",
+        }
+    }
+}
+
+/// `cargo xtask bench [--quick|--smoke]`.
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let profile = match args.first().map(String::as_str) {
+        None => Profile::Full,
+        Some("--quick") => Profile::Quick,
+        Some("--smoke") => Profile::Smoke,
+        Some(other) => bail!("unknown bench option {other:?}; use --quick or --smoke"),
+    };
+    bench(root, profile)
+}
+
+/// The smoke run `cargo xtask ci` calls: seconds, tiny sizes, no thresholds.
+pub fn smoke(root: &Path) -> Result<()> {
+    bench(root, Profile::Smoke)
+}
+
+/// One measured result, with the goal it is held against (if any).
+struct Row {
+    scenario: String,
+    settings: String,
+    result: String,
+    server_cores: Option<f64>,
+    loadgen_cores: Option<f64>,
+}
+
+struct Goal {
+    metric: &'static str,
+    goal: &'static str,
+    measured: String,
+    met: Option<bool>,
+}
+
+struct Bench {
+    profile: Profile,
+    bin: PathBuf,
+    out: PathBuf,
+    pin: bool,
+    rows: Vec<Row>,
+    raw: Vec<Value>,
+    goals: Vec<Goal>,
+    group_commit_flag: bool,
+}
+
+fn bench(root: &Path, profile: Profile) -> Result<()> {
+    let started = Instant::now();
+    let release = profile != Profile::Smoke;
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(root)
+        .args(["build", "-p", "seqcast-server", "-p", "seqcast-loadgen"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("building the server and the load generator failed");
+    }
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let bin = target.join(if release { "release" } else { "debug" });
+    let out = root.join("target").join("bench");
+    std::fs::create_dir_all(out.join("logs")).context("cannot create target/bench")?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = cores >= 2
+        && Command::new("taskset")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    let help = Command::new(bin.join("seqcast"))
+        .args(["serve", "--help"])
+        .output()
+        .context("cannot run seqcast --help")?;
+    let group_commit_flag = String::from_utf8_lossy(&help.stdout).contains("--group-commit");
+
+    let mut b = Bench {
+        profile,
+        bin,
+        out,
+        pin,
+        rows: Vec::new(),
+        raw: Vec::new(),
+        goals: Vec::new(),
+        group_commit_flag,
+    };
+    b.fanout().context("fan-out scenario")?;
+    b.publish().context("publish scenario")?;
+    b.recovery().context("recovery scenario")?;
+    b.connections().context("connections scenario")?;
+    b.report(cores, started.elapsed())
+}
+
+/// Sizes per profile.
+struct Sizes {
+    fanout_rate: Vec<(usize, f64, f64)>,
+    fanout_burst: Vec<(usize, f64)>,
+    warmup: f64,
+    publish_secs: f64,
+    publishers: Vec<usize>,
+    batch: usize,
+    missed: Vec<usize>,
+    repeats: usize,
+    storm: (usize, usize),
+    connections: usize,
+}
+
+impl Bench {
+    fn sizes(&self) -> Sizes {
+        match self.profile {
+            Profile::Full => Sizes {
+                fanout_rate: vec![(100, 500.0, 10.0), (1000, 25.0, 10.0), (10_000, 10.0, 10.0)],
+                fanout_burst: vec![(100, 5.0), (1000, 5.0), (10_000, 5.0)],
+                warmup: 1.0,
+                publish_secs: 4.0,
+                publishers: vec![1, 64, 256],
+                batch: 100,
+                missed: vec![1000, 10_000],
+                repeats: 100,
+                storm: (1000, 100),
+                connections: 10_000,
+            },
+            Profile::Quick => Sizes {
+                fanout_rate: vec![(100, 500.0, 4.0), (1000, 25.0, 4.0)],
+                fanout_burst: vec![(1000, 3.0), (10_000, 3.0)],
+                warmup: 0.5,
+                publish_secs: 2.0,
+                publishers: vec![1, 64, 256],
+                batch: 100,
+                missed: vec![1000, 10_000],
+                repeats: 30,
+                storm: (1000, 100),
+                connections: 10_000,
+            },
+            Profile::Smoke => Sizes {
+                fanout_rate: vec![(10, 100.0, 0.5)],
+                fanout_burst: vec![(10, 0.5)],
+                warmup: 0.1,
+                publish_secs: 0.3,
+                publishers: vec![4],
+                batch: 10,
+                missed: vec![100],
+                repeats: 3,
+                storm: (10, 10),
+                connections: 50,
+            },
+        }
+    }
+
+    fn goal(&mut self, metric: &'static str, goal: &'static str, measured: String, met: bool) {
+        let met = (self.profile != Profile::Smoke).then_some(met);
+        self.goals.push(Goal {
+            metric,
+            goal,
+            measured,
+            met,
+        });
+    }
+
+    fn row(&mut self, scenario: &str, settings: String, result: String, v: &Value) {
+        self.rows.push(Row {
+            scenario: scenario.to_owned(),
+            settings,
+            result,
+            server_cores: v["cpu"]["server_cores"].as_f64(),
+            loadgen_cores: v["cpu"]["loadgen_cores"].as_f64(),
+        });
+    }
+
+    fn fanout(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let server = self.start("fanout", &["--storage", "sqlite", "--synchronous", "full"])?;
+        for &(subs, rate, secs) in &s.fanout_rate {
+            let v = self.loadgen(
+                &server,
+                "fanout",
+                &[
+                    "--subscribers",
+                    &subs.to_string(),
+                    "--rate",
+                    &rate.to_string(),
+                    "--duration-secs",
+                    &secs.to_string(),
+                    "--warmup-secs",
+                    &s.warmup.to_string(),
+                ],
+            )?;
+            let lat = &v["latency"];
+            let last = &v["last_subscriber"];
+            let result = format!(
+                "{} deliveries/s; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
+                num(&v["deliveries_per_s"]),
+                ms(&lat["p50_ms"]),
+                ms(&lat["p99_ms"]),
+                ms(&lat["p999_ms"]),
+                ms(&last["p50_ms"]),
+                ms(&last["p99_ms"]),
+                v["lost_deliveries"]
+            );
+            self.row(
+                "fan-out (fixed rate)",
+                format!(
+                    "{subs} subscribers, {rate} msgs/s = {} deliveries/s, SQLite FULL",
+                    num(&json!(rate * subs as f64))
+                ),
+                result,
+                &v,
+            );
+            let (p50, p99) = (
+                lat["p50_ms"].as_f64().unwrap_or(f64::MAX),
+                lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
+            );
+            let lost = v["lost_deliveries"].as_u64().unwrap_or(1);
+            if subs == 100 && (rate - 500.0).abs() < 1e-9 {
+                self.goal(
+                    "p99 publish → deliver, 100 subscribers, 50,000 deliveries/s",
+                    "≤ 10 ms (p50 ≤ 1 ms)",
+                    format!("p99 {p99:.2} ms, p50 {p50:.3} ms"),
+                    p99 <= 10.0 && p50 <= 1.0 && lost == 0,
+                );
+            }
+            if subs == 1000 && (rate - 25.0).abs() < 1e-9 {
+                self.goal(
+                    "p99 publish → deliver, 1,000 subscribers, 25,000 deliveries/s",
+                    "≤ 30 ms",
+                    format!("p99 {p99:.2} ms (p50 {p50:.3} ms)"),
+                    p99 <= 30.0 && lost == 0,
+                );
+            }
+            self.raw.push(v);
+        }
+        for &(subs, secs) in &s.fanout_burst {
+            let v = self.loadgen(
+                &server,
+                "fanout",
+                &[
+                    "--subscribers",
+                    &subs.to_string(),
+                    "--duration-secs",
+                    &secs.to_string(),
+                    "--warmup-secs",
+                    &s.warmup.to_string(),
+                    "--window",
+                    "512",
+                    "--batch",
+                    "32",
+                    "--publishers",
+                    "2",
+                ],
+            )?;
+            let result = format!(
+                "**{} deliveries/s**; last subscriber p50 {} ms with 512 messages in flight; lost {}",
+                num(&v["deliveries_per_s"]),
+                ms(&v["last_subscriber"]["p50_ms"]),
+                v["lost_deliveries"]
+            );
+            self.row(
+                "fan-out (burst)",
+                format!("{subs} subscribers, as fast as delivered, SQLite FULL"),
+                result,
+                &v,
+            );
+            if subs == 1000 {
+                let d = v["deliveries_per_s"].as_f64().unwrap_or(0.0);
+                self.goal(
+                    "fan-out, 1,000 subscribers, burst",
+                    "≥ 800,000 deliveries/s",
+                    format!("{} deliveries/s", num(&json!(d))),
+                    d >= 800_000.0,
+                );
+            }
+            self.raw.push(v);
+        }
+        drop(server);
+        Ok(())
+    }
+
+    fn publish(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let secs = s.publish_secs.to_string();
+        let warm = s.warmup.to_string();
+        let mut full_64 = None;
+        let mut per_message_64 = None;
+        for (label, flags) in [
+            (
+                "SQLite FULL",
+                vec!["--storage", "sqlite", "--synchronous", "full"],
+            ),
+            (
+                "SQLite NORMAL",
+                vec!["--storage", "sqlite", "--synchronous", "normal"],
+            ),
+            ("memory", vec!["--storage", "memory"]),
+        ] {
+            let server = self.start(
+                &format!("publish-{}", label.replace(' ', "-").to_lowercase()),
+                &flags,
+            )?;
+            for &p in &s.publishers {
+                let v = self.loadgen(
+                    &server,
+                    "publish",
+                    &[
+                        "--publishers",
+                        &p.to_string(),
+                        "--duration-secs",
+                        &secs,
+                        "--warmup-secs",
+                        &warm,
+                    ],
+                )?;
+                let rate = v["publishes_per_s"].as_f64().unwrap_or(0.0);
+                if label == "SQLite FULL" && p == 64 {
+                    full_64 = Some(rate);
+                }
+                self.row(
+                    "publish (single)",
+                    format!("{p} publishers, {label}, group commit"),
+                    publish_result(&v),
+                    &v,
+                );
+                self.raw.push(v);
+            }
+            let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
+            let v = self.loadgen(
+                &server,
+                "publish",
+                &[
+                    "--publishers",
+                    &p.to_string(),
+                    "--batch",
+                    &s.batch.to_string(),
+                    "--duration-secs",
+                    &secs,
+                    "--warmup-secs",
+                    &warm,
+                ],
+            )?;
+            self.row(
+                "publish (batch)",
+                format!("{p} publishers × batches of {}, {label}", s.batch),
+                publish_result(&v),
+                &v,
+            );
+            self.raw.push(v);
+        }
+        if self.group_commit_flag {
+            let server = self.start(
+                "publish-per-message",
+                &[
+                    "--storage",
+                    "sqlite",
+                    "--synchronous",
+                    "full",
+                    "--group-commit",
+                    "false",
+                ],
+            )?;
+            let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
+            let v = self.loadgen(
+                &server,
+                "publish",
+                &[
+                    "--publishers",
+                    &p.to_string(),
+                    "--duration-secs",
+                    &secs,
+                    "--warmup-secs",
+                    &warm,
+                ],
+            )?;
+            per_message_64 = v["publishes_per_s"].as_f64();
+            self.row(
+                "publish (single)",
+                format!("{p} publishers, SQLite FULL, one transaction per message"),
+                publish_result(&v),
+                &v,
+            );
+            self.raw.push(v);
+        }
+        // The persistence layer alone: what group commit buys, independent of HTTP.
+        let dir = self.out.join("store");
+        let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
+        let mut store = [0.0f64; 2];
+        for (i, group) in [true, false].into_iter().enumerate() {
+            let v = self.store(&dir, p, group, &secs)?;
+            store[i] = v["appends_per_s"].as_f64().unwrap_or(0.0);
+            let result = format!(
+                "**{} appends/s**, {:.1} events/transaction, append p50 {} / p99 {} ms",
+                num(&v["appends_per_s"]),
+                v["events_per_transaction"].as_f64().unwrap_or(0.0),
+                ms(&v["append_latency"]["p50_ms"]),
+                ms(&v["append_latency"]["p99_ms"])
+            );
+            let mode = if group {
+                "group commit"
+            } else {
+                "one transaction per message"
+            };
+            self.row(
+                "store in-process",
+                format!("{p} appenders, SQLite FULL, {mode}"),
+                result,
+                &v,
+            );
+            self.raw.push(v);
+        }
+        let full = full_64.unwrap_or(0.0);
+        let (ratio, basis) = match per_message_64 {
+            Some(pm) if pm > 0.0 => (full / pm, "HTTP, server with --group-commit false"),
+            _ => (
+                store[0] / store[1].max(1e-9),
+                "in-process store, group commit vs one transaction per message",
+            ),
+        };
+        self.goal(
+            "persist-first publish, SQLite FULL, 64 concurrent publishers",
+            "≥ 50,000/s, and ≥ 20× one commit per message",
+            format!(
+                "{} publishes/s; group commit {ratio:.0}× one commit per message ({basis})",
+                num(&json!(full))
+            ),
+            full >= 50_000.0 && ratio >= 20.0,
+        );
+        Ok(())
+    }
+
+    fn recovery(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let server = self.start(
+            "recovery",
+            &["--storage", "memory", "--recovery-max-messages", "20000"],
+        )?;
+        let missed: Vec<String> = s.missed.iter().map(|m| m.to_string()).collect();
+        let v = self.loadgen(
+            &server,
+            "recovery",
+            &[
+                "--missed",
+                &missed.join(","),
+                "--repeats",
+                &s.repeats.to_string(),
+                "--clients",
+                &s.storm.0.to_string(),
+                "--storm-missed",
+                &s.storm.1.to_string(),
+            ],
+        )?;
+        for a in v["answers"].as_array().cloned().unwrap_or_default() {
+            let m = a["missed"].as_u64().unwrap_or(0);
+            let p50 = a["latency"]["p50_ms"].as_f64().unwrap_or(f64::MAX);
+            let result = format!(
+                "p50 {} / p99 {} ms round trip, {} msgs/s, {} KiB answer",
+                ms(&a["latency"]["p50_ms"]),
+                ms(&a["latency"]["p99_ms"]),
+                num(&a["msgs_per_s"]),
+                a["answer_bytes"].as_u64().unwrap_or(0) / 1024
+            );
+            self.row(
+                "recovery `since`",
+                format!("{m} missed messages, from the in-memory buffer"),
+                result,
+                &a,
+            );
+            if m == 1000 {
+                self.goal(
+                    "recovery of 1,000 missed messages",
+                    "≤ 3 ms server time",
+                    format!("{p50:.2} ms p50 round trip (upper bound of server time)"),
+                    p50 <= 3.0,
+                );
+            }
+        }
+        if let Some(st) = v.get("storm").filter(|s| !s.is_null()) {
+            let result = format!(
+                "all caught up in {:.2} s; per client p50 {} / p99 {} ms; {} msgs/s",
+                st["all_caught_up_s"].as_f64().unwrap_or(0.0),
+                ms(&st["caught_up"]["p50_ms"]),
+                ms(&st["caught_up"]["p99_ms"]),
+                num(&st["msgs_per_s"])
+            );
+            self.row(
+                "reconnect storm",
+                format!(
+                    "{} clients reconnect at once, {} missed each",
+                    st["clients"], st["missed_each"]
+                ),
+                result,
+                st,
+            );
+        }
+        self.raw.push(v);
+        drop(server);
+        Ok(())
+    }
+
+    fn connections(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let server = self.start("connections", &["--storage", "memory"])?;
+        let v = self.loadgen(
+            &server,
+            "connections",
+            &[
+                "--connections",
+                &s.connections.to_string(),
+                "--source-ips",
+                "4",
+            ],
+        )?;
+        let per = v["rss_per_connection_bytes"].as_f64().unwrap_or(f64::MAX);
+        let result = format!(
+            "**{:.1} KiB server RSS per connection** ({} → {} MiB); accepted in {:.2} s ({} connections/s)",
+            per / 1024.0,
+            v["server_rss_before_kib"].as_u64().unwrap_or(0) / 1024,
+            v["server_rss_after_kib"].as_u64().unwrap_or(0) / 1024,
+            v["accept_seconds"].as_f64().unwrap_or(0.0),
+            num(&v["connections_per_s"])
+        );
+        self.row(
+            "connections",
+            format!(
+                "{} idle connections (authenticated, one key each)",
+                s.connections
+            ),
+            result,
+            &v,
+        );
+        self.goal(
+            "idle memory per connection",
+            "≤ 8 KiB server RSS",
+            format!("{:.1} KiB at {} connections", per / 1024.0, s.connections),
+            per <= 8.0 * 1024.0,
+        );
+        self.raw.push(v);
+        drop(server);
+        Ok(())
+    }
+
+    /// Start a server with `flags`; it is killed when the handle is dropped.
+    fn start(&self, name: &str, flags: &[&str]) -> Result<Server> {
+        let data = self.out.join("data").join(name);
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data)?;
+        let log_path = self.out.join("logs").join(format!("{name}.log"));
+        let mut log = std::fs::File::create(&log_path)?;
+        let seqcast = self.bin.join("seqcast");
+        let mut args: Vec<String> = vec![seqcast.display().to_string(), "serve".into()];
+        for a in [
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--jwt-secret",
+            JWT_SECRET,
+            "--api-key",
+            API_KEY,
+        ] {
+            args.push(a.into());
+        }
+        args.push("--data-dir".into());
+        args.push(data.display().to_string());
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let mut cmd = limited(self.pin.then_some("0"), &args);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(log.try_clone()?));
+        let mut child = cmd.spawn().context("cannot start the server")?;
+        let stdout = child.stdout.take().context("no server stdout")?;
+        let mut server = Server {
+            child,
+            addr: String::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains(r#""event":"listening""#) {
+                    sent = tx.send(line.clone()).is_ok();
+                }
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).with_context(|| {
+            format!(
+                "the server did not log `listening` within 30 s; see {}",
+                log_path.display()
+            )
+        })?;
+        let v: Value = serde_json::from_str(&line).context("listening line is not JSON")?;
+        server.addr = v["addr"]
+            .as_str()
+            .context("listening line has no addr")?
+            .to_owned();
+        Ok(server)
+    }
+
+    fn loadgen(&self, server: &Server, scenario: &str, extra: &[&str]) -> Result<Value> {
+        let mut args = vec![
+            self.bin.join("seqcast-loadgen").display().to_string(),
+            scenario.to_owned(),
+            "--addr".into(),
+            server.addr.clone(),
+            "--jwt-secret".into(),
+            JWT_SECRET.into(),
+            "--api-key".into(),
+            API_KEY.into(),
+            "--server-pid".into(),
+            server.child.id().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.run_loadgen(&args)
+    }
+
+    fn store(&self, dir: &Path, publishers: usize, group: bool, secs: &str) -> Result<Value> {
+        let args = vec![
+            self.bin.join("seqcast-loadgen").display().to_string(),
+            "store".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--publishers".into(),
+            publishers.to_string(),
+            "--group-commit".into(),
+            group.to_string(),
+            "--duration-secs".into(),
+            secs.into(),
+        ];
+        // The store plays the server's part: it runs on the server's core.
+        let mut cmd = limited(self.pin.then_some("0"), &args);
+        run_bounded(&mut cmd, &args)
+    }
+
+    fn run_loadgen(&self, args: &[String]) -> Result<Value> {
+        let mut cmd = limited(self.pin.then_some("1"), args);
+        run_bounded(&mut cmd, args)
+    }
+
+    fn report(&self, cores: usize, elapsed: Duration) -> Result<()> {
+        let machine = machine(cores);
+        let git = git_revision();
+        let mut md = String::new();
+        let _ = writeln!(md, "## Benchmark results ({} run)\n", self.profile.name());
+        let _ = writeln!(
+            md,
+            "Machine: {} × {}, {} memory, load average at start {}. Revision `{git}`. Server pinned to CPU {}, load generator to CPU {}.\n",
+            machine["nproc"],
+            machine["cpu_model"].as_str().unwrap_or("?"),
+            machine["memory"].as_str().unwrap_or("?"),
+            machine["loadavg"].as_str().unwrap_or("?"),
+            if self.pin { "0" } else { "any" },
+            if self.pin { "1" } else { "any" }
+        );
+        let _ = writeln!(
+            md,
+            "| metric | goal | measured | status |\n|---|---|---|---|"
+        );
+        for g in &self.goals {
+            let status = match g.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "(smoke: not judged)",
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {status} |",
+                g.metric, g.goal, g.measured
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n| scenario | settings | result | server CPU | load-generator CPU |\n|---|---|---|---|---|"
+        );
+        for r in &self.rows {
+            let cores =
+                |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.0}%", c * 100.0));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.settings,
+                r.result,
+                cores(r.server_cores),
+                cores(r.loadgen_cores)
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nCPU is the share of one core over the measured interval. Run took {:.0} s.",
+            elapsed.as_secs_f64()
+        );
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let json = json!({
+            "profile": self.profile.name(),
+            "machine": machine,
+            "git": git,
+            "settings": { "server_cpu": if self.pin { "0" } else { "any" }, "loadgen_cpu": if self.pin { "1" } else { "any" },
+                          "group_commit_flag": self.group_commit_flag },
+            "goals": self.goals.iter().map(|g| json!({"metric": g.metric, "goal": g.goal, "measured": g.measured, "met": g.met})).collect::<Vec<_>>(),
+            "results": self.raw,
+            "elapsed_s": elapsed.as_secs_f64(),
+        });
+        let base = format!("bench-{}-{stamp}", self.profile.name());
+        for (name, text) in [
+            (format!("{base}.md"), md.clone()),
+            (format!("latest-{}.md", self.profile.name()), md.clone()),
+            (format!("{base}.json"), serde_json::to_string_pretty(&json)?),
+            (
+                format!("latest-{}.json", self.profile.name()),
+                serde_json::to_string_pretty(&json)?,
+            ),
+        ] {
+            std::fs::write(self.out.join(&name), text)
+                .with_context(|| format!("cannot write target/bench/{name}"))?;
+        }
+        println!("{md}");
+        eprintln!("bench: wrote target/bench/{base}.md and .json");
+        Ok(())
+    }
+}
+
+fn publish_result(v: &Value) -> String {
+    format!(
+        "**{} publishes/s**; request p50 {} / p99 {} ms; errors {}",
+        num(&v["publishes_per_s"]),
+        ms(&v["request_latency"]["p50_ms"]),
+        ms(&v["request_latency"]["p99_ms"]),
+        v["errors"]
+    )
+}
+
+/// A running server; killed on drop, so an error anywhere still stops it.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `args` under a raised open-file limit, pinned to `cpu` when given.
+fn limited(cpu: Option<&str>, args: &[String]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@""#)
+        .arg("sh");
+    if let Some(cpu) = cpu {
+        cmd.args(["taskset", "-c", cpu]);
+    }
+    cmd.args(args);
+    cmd
+}
+
+/// Most time one load-generator run may take.
+const LOADGEN_DEADLINE: Duration = Duration::from_secs(180);
+
+fn run_bounded(cmd: &mut Command, args: &[String]) -> Result<Value> {
+    let shown = args.get(1..).unwrap_or_default().join(" ");
+    eprintln!("bench: seqcast-loadgen {shown}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the load generator")?;
+    let mut stdout = child.stdout.take().context("no loadgen stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let deadline = Instant::now() + LOADGEN_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the load generator ran past {} s: {shown}",
+                LOADGEN_DEADLINE.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("loadgen reader panicked"))?;
+    if !status.success() {
+        bail!("the load generator failed ({status}): {shown}");
+    }
+    let line = out
+        .lines()
+        .last()
+        .context("the load generator printed nothing")?;
+    serde_json::from_str(line)
+        .with_context(|| format!("the load generator printed something else than JSON: {line}"))
+}
+
+fn machine(cores: usize) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown".to_owned(), |(_, m)| m.trim().to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg = loadavg
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    json!({
+        "nproc": cores,
+        "cpu_model": model,
+        "memory": format!("{:.1} GiB", mem_kib as f64 / 1024.0 / 1024.0),
+        "loadavg": loadavg,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+fn git_revision() -> String {
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if dirty { format!("{rev}-dirty") } else { rev }
+}
+
+/// A number with thousands separators.
+fn num(v: &Value) -> String {
+    let n = v.as_f64().unwrap_or(0.0).round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Milliseconds with sensible precision.
+fn ms(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x < 10.0 => format!("{x:.2}"),
+        Some(x) => format!("{x:.0}"),
+        None => "–".into(),
+    }
+}
