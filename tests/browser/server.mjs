@@ -14,6 +14,19 @@ export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
 export const JWT_SECRET = 'browser-test-secret';
 export const API_KEY = 'browser-test-key';
 
+/** Servers still running; killed if this process ends early, so none is ever left behind. */
+const running = new Set();
+const killRunning = () => {
+  for (const child of running) child.kill('SIGKILL');
+};
+process.on('exit', killRunning);
+for (const [signal, number] of [['SIGINT', 2], ['SIGTERM', 15], ['SIGHUP', 1]]) {
+  process.once(signal, () => {
+    killRunning();
+    process.exit(128 + number);
+  });
+}
+
 /** The server binary: $SEQCAST_BIN, else <root>/target/debug/seqcast. */
 export function serverBinary() {
   const bin = process.env.SEQCAST_BIN ?? join(ROOT, 'target', 'debug', 'seqcast');
@@ -76,10 +89,8 @@ export async function startServer({ dev = false, listen = '127.0.0.1:0', args = 
     }
   });
   const exited = new Promise((res) => child.once('exit', (code, signal) => res({ code, signal })));
-  // Never leave a server behind, even when the test process dies of an uncaught error.
-  const killOnExit = () => child.kill('SIGKILL');
-  process.once('exit', killOnExit);
-  exited.then(() => process.off('exit', killOnExit));
+  running.add(child);
+  exited.then(() => running.delete(child));
 
   /** Resolve with the first log entry (already seen or coming) that satisfies `predicate`. */
   function waitForLog(predicate, what = 'a log line', timeoutMs = 10_000) {

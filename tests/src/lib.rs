@@ -430,7 +430,13 @@ impl Client {
 
     /// Close politely.
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        let _ = self
+            .ws
+            .close(Some(CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), self.ws.next()).await {
         }
     }

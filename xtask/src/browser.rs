@@ -146,8 +146,7 @@ fn run_bounded(cmd: &mut Command, deadline: Duration) -> Result<()> {
             return Ok(());
         }
         if started.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(&mut child);
             bail!(
                 "{shown} did not finish within {} s and was killed",
                 deadline.as_secs()
@@ -156,6 +155,24 @@ fn run_bounded(cmd: &mut Command, deadline: Duration) -> Result<()> {
         // Polling a child's exit is the one portable way to bound it with std alone.
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// SIGTERM first, so the test runner can stop its server and browser; SIGKILL if it lingers.
+fn stop(child: &mut Child) {
+    if cfg!(unix) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let asked = Instant::now();
+        while asked.elapsed() < Duration::from_secs(10) {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn command_works(program: &str, args: &[&str]) -> bool {

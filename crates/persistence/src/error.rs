@@ -33,23 +33,39 @@ impl StoreError {
     }
 }
 
+/// SQLite result codes that say the database cannot work right now (→ `Unavailable`).
+fn is_unavailable_code(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::ReadOnly
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::FileLockingProtocolFailed
+            | ErrorCode::OutOfMemory
+            | ErrorCode::PermissionDenied
+            | ErrorCode::NoLargeFileSupport
+    )
+}
+
+fn is_corrupt_code(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+}
+
+/// True when `code` is about the database rather than one command: every command of the
+/// transaction fails with it, instead of the command alone.
+pub(crate) fn is_database_condition(code: ErrorCode) -> bool {
+    is_unavailable_code(code) || is_corrupt_code(code)
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
         let text = err.to_string();
         match sqlite_code(&err) {
-            Some(
-                ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::ReadOnly
-                | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::FileLockingProtocolFailed
-                | ErrorCode::OutOfMemory
-                | ErrorCode::PermissionDenied
-                | ErrorCode::NoLargeFileSupport,
-            ) => StoreError::Unavailable(text),
-            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(text),
+            Some(code) if is_unavailable_code(code) => StoreError::Unavailable(text),
+            Some(code) if is_corrupt_code(code) => StoreError::Corrupt(text),
             _ => StoreError::Rejected(text),
         }
     }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use seqcast_protocol::SubscriptionKey;
 
 use crate::config::{FaultInjector, StoreConfig};
-use crate::error::{StoreError, sqlite_code, stored_u64};
+use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
 use crate::event::{CommittedEvent, NewEvent, StoreInfo};
 use crate::schema::{self, ConnectionOptions};
 
@@ -392,11 +392,17 @@ impl Writer {
         }
     }
 
-    /// Runs one transaction for `commands`; one outcome per command, in order. Calls the hook
+    /// Writes `commands` in one transaction; one outcome per command, in order. Calls the hook
     /// when something committed.
+    ///
+    /// The first attempt runs without savepoints, because a savepoint per command costs about
+    /// as much as the command itself (SQLite copies every page it then touches into a
+    /// statement journal) and commands almost never fail. If one does fail, the attempt is
+    /// rolled back, that command keeps its error, and the group runs again with a SAVEPOINT
+    /// around each command, so any further failing command is undone alone. Either way a
+    /// failing command commits nothing and the others commit together.
     fn write_group(&mut self, commands: Vec<Vec<NewEvent>>) -> Vec<Outcome> {
         let count = commands.len();
-        let total_events: usize = commands.iter().map(Vec::len).sum();
         if let Err(err) = self.ensure_connection() {
             self.count_failed();
             return vec![Err(err); count];
@@ -407,130 +413,85 @@ impl Writer {
         // One clock reading per transaction, never behind the previous one, so timestamps
         // follow the log order and the recovery window is a suffix of it.
         let timestamp_ms = schema::now_ms().max(self.last_timestamp_ms);
+        let fault = self.fault.as_ref();
+        let mut own_errors: Vec<Option<StoreError>> = vec![None; count];
 
-        if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let reopen = needs_reopen(&err);
-            let err = StoreError::from(err);
-            tracing::warn!(error = %err, commands = count, "could not begin a write transaction");
-            self.after_error(reopen);
-            self.count_failed();
-            return vec![Err(err); count];
-        }
-
-        // Savepoints isolate commands from each other; a lone command needs none (its failure
-        // rolls back the whole transaction anyway).
-        let use_savepoints = count > 1;
-        let mut committed: Vec<CommittedEvent> = Vec::with_capacity(total_events);
-        let mut committed_ids: Vec<i64> = Vec::with_capacity(total_events);
-        // Per command: Ok(number of its events in `committed`) or its own error.
-        let mut results: Vec<Result<usize, StoreError>> = Vec::with_capacity(count);
-        let mut commands = commands.into_iter();
-        let mut lost: Option<(StoreError, bool)> = None;
-
-        for events in commands.by_ref() {
-            if use_savepoints && let Err(err) = conn.execute_batch("SAVEPOINT command") {
-                lost = Some((StoreError::from_ref(&err), needs_reopen(&err)));
-                break;
-            }
-            let start = committed.len();
-            match insert_command(
+        let mut attempt = run_transaction(
+            conn,
+            &self.stream_ids,
+            fault,
+            &commands,
+            &mut own_errors,
+            false,
+            timestamp_ms,
+        );
+        if matches!(attempt, Attempt::CommandFailed) {
+            tracing::debug!(
+                commands = count,
+                "a command failed; retrying its group with savepoints"
+            );
+            attempt = run_transaction(
                 conn,
                 &self.stream_ids,
-                events,
+                fault,
+                &commands,
+                &mut own_errors,
+                true,
                 timestamp_ms,
-                &mut committed,
-                &mut committed_ids,
-            ) {
-                Ok(()) => {
-                    if use_savepoints && let Err(err) = conn.execute_batch("RELEASE command") {
-                        committed.truncate(start);
-                        committed_ids.truncate(start);
-                        lost = Some((StoreError::from_ref(&err), needs_reopen(&err)));
-                        break;
-                    }
-                    results.push(Ok(committed.len() - start));
-                }
-                Err(err) => {
-                    committed.truncate(start);
-                    committed_ids.truncate(start);
-                    let reopen = needs_reopen(&err);
-                    let err = StoreError::from(err);
-                    // Some errors (I/O, full disk) make SQLite roll back the whole transaction;
-                    // then the commands before this one are gone too.
-                    if !use_savepoints || conn.is_autocommit() {
-                        lost = Some((err, reopen));
-                        break;
-                    }
-                    if let Err(rollback_err) =
-                        conn.execute_batch("ROLLBACK TO command; RELEASE command")
-                    {
-                        lost = Some((
-                            StoreError::from_ref(&rollback_err),
-                            needs_reopen(&rollback_err),
-                        ));
-                        break;
-                    }
-                    tracing::debug!(error = %err, "command rolled back to its savepoint");
-                    results.push(Err(err));
-                }
+            );
+        }
+        let assigned = match attempt {
+            Attempt::Committed(assigned) => assigned,
+            // Only an attempt without savepoints ends so, and the retry used them.
+            Attempt::CommandFailed => Vec::new(),
+            Attempt::Lost { error, reopen } => {
+                tracing::warn!(error = %error, commands = count, "write transaction failed; nothing was written");
+                self.after_error(reopen);
+                self.count_failed();
+                // Commands that failed on their own keep their error; the rest share the cause.
+                return own_errors
+                    .into_iter()
+                    .map(|own| Err(own.unwrap_or_else(|| error.clone())))
+                    .collect();
             }
-        }
-
-        if let Some((err, reopen)) = lost {
-            rollback_quietly(conn);
-            tracing::warn!(error = %err, commands = count, "write transaction failed and was rolled back");
-            self.after_error(reopen);
-            self.count_failed();
-            // Commands that failed on their own keep their error; the rest share the cause.
-            let mut outcomes: Vec<Outcome> = results
-                .into_iter()
-                .map(|r| match r {
-                    Ok(_) => Err(err.clone()),
-                    Err(own) => Err(own),
-                })
-                .collect();
-            outcomes.resize(count, Err(err));
-            return outcomes;
-        }
-
-        if committed.is_empty() {
-            // Every command failed on its own; nothing to commit.
-            rollback_quietly(conn);
-            return results.into_iter().map(|r| r.map(|_| Vec::new())).collect();
-        }
-
-        let commit = if self
-            .fault
-            .as_ref()
-            .is_some_and(FaultInjector::take_commit_failure)
-        {
-            rollback_quietly(conn);
-            Err((
-                StoreError::Unavailable("injected commit failure (test fault)".to_owned()),
-                false,
-            ))
-        } else {
-            conn.execute_batch("COMMIT").map_err(|err| {
-                // A failed COMMIT may leave the transaction open; end it so nothing persists.
-                rollback_quietly(conn);
-                (StoreError::from_ref(&err), needs_reopen(&err))
-            })
         };
-        if let Err((err, reopen)) = commit {
-            tracing::warn!(error = %err, commands = count, "commit failed; nothing was written");
-            self.after_error(reopen);
-            self.count_failed();
-            return results
+        if assigned.is_empty() {
+            // Every command failed on its own; nothing was committed. (A command without an
+            // own error always has events, so `Closed` is never actually handed out.)
+            return own_errors
                 .into_iter()
-                .map(|r| match r {
-                    Ok(_) => Err(err.clone()),
-                    Err(own) => Err(own),
-                })
+                .map(|own| Err(own.unwrap_or(StoreError::Closed)))
                 .collect();
+        }
+
+        // Committed: pair each event with the numbers the database gave it (moving, not
+        // copying, the publisher's data).
+        let mut committed: Vec<CommittedEvent> = Vec::with_capacity(assigned.len());
+        let mut stream_ids: Vec<i64> = Vec::with_capacity(assigned.len());
+        let mut numbers = assigned.into_iter();
+        let mut sizes: Vec<Option<usize>> = Vec::with_capacity(count);
+        for (events, own) in commands.into_iter().zip(&own_errors) {
+            if own.is_some() {
+                sizes.push(None);
+                continue;
+            }
+            sizes.push(Some(events.len()));
+            for (event, n) in events.into_iter().zip(numbers.by_ref()) {
+                stream_ids.push(n.stream_id);
+                committed.push(CommittedEvent {
+                    sequence_number: n.sequence_number,
+                    stream_sequence: n.stream_sequence,
+                    replaced: n.replaced,
+                    timestamp_ms,
+                    key: event.key,
+                    message_id: event.message_id,
+                    data: event.data,
+                });
+            }
         }
 
         self.last_timestamp_ms = timestamp_ms;
-        self.stream_ids.remember(&committed, &committed_ids);
+        self.stream_ids.remember(&committed, &stream_ids);
         let counters = &self.shared.counters;
         counters
             .transactions_committed
@@ -549,9 +510,13 @@ impl Writer {
 
         // Hand each command its own events, moving them out of the one committed list.
         let mut committed = committed.into_iter();
-        results
+        sizes
             .into_iter()
-            .map(|r| r.map(|n| committed.by_ref().take(n).collect()))
+            .zip(own_errors)
+            .map(|(size, own)| match (size, own) {
+                (Some(n), _) => Ok(committed.by_ref().take(n).collect()),
+                (None, own) => Err(own.unwrap_or(StoreError::Closed)),
+            })
             .collect()
     }
 
@@ -604,52 +569,176 @@ fn needs_reopen(err: &rusqlite::Error) -> bool {
 
 fn rollback_quietly(conn: &Connection) {
     if !conn.is_autocommit()
-        && let Err(err) = conn.execute_batch("ROLLBACK")
+        && let Err(err) = exec_cached(conn, "ROLLBACK")
     {
         tracing::warn!(error = %err, "rollback failed");
     }
 }
 
-/// Inserts one command's events; each gets its sequence number from the AUTOINCREMENT insert
-/// and its stream position from the upsert. Moves the events into `out` and their stream ids
-/// into `out_ids`.
-fn insert_command(
+/// Runs a parameterless statement through the statement cache (no re-parse per group).
+fn exec_cached(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// The numbers the database gave one event.
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    sequence_number: u64,
+    stream_sequence: u64,
+    replaced: bool,
+    stream_id: i64,
+}
+
+/// How one attempt at a group transaction ended.
+#[derive(Debug)]
+enum Attempt {
+    /// Committed; the numbers of every event of the commands without an own error, in order.
+    Committed(Vec<Assigned>),
+    /// (Only without savepoints.) A command failed and got its own error; the whole attempt
+    /// was rolled back.
+    CommandFailed,
+    /// The transaction could not begin or commit, or SQLite rolled it back; nothing persists.
+    Lost { error: StoreError, reopen: bool },
+}
+
+impl Attempt {
+    fn lost(conn: &Connection, err: &rusqlite::Error) -> Attempt {
+        rollback_quietly(conn);
+        Attempt::Lost {
+            error: StoreError::from_ref(err),
+            reopen: needs_reopen(err),
+        }
+    }
+}
+
+/// One attempt at writing the group: BEGIN IMMEDIATE, each command not already failed
+/// (inside a SAVEPOINT when `savepoints`), COMMIT. Records a failing command's error in
+/// `own_errors`.
+fn run_transaction(
     conn: &Connection,
     stream_ids: &StreamIds,
-    events: Vec<NewEvent>,
+    fault: Option<&FaultInjector>,
+    commands: &[Vec<NewEvent>],
+    own_errors: &mut [Option<StoreError>],
+    savepoints: bool,
     timestamp_ms: u64,
-    out: &mut Vec<CommittedEvent>,
-    out_ids: &mut Vec<i64>,
-) -> Result<(), rusqlite::Error> {
-    let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
-    let mut upsert_row = conn.prepare_cached(UPSERT_ROW)?;
-    let mut row_position = conn.prepare_cached(ROW_POSITION)?;
-    let ts = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
-    for event in events {
-        let stream_id = match stream_ids.committed.get(&event.key) {
-            Some(&id) => id,
-            None => stream_id(conn, &event.key)?,
-        };
-        let message_id = event.message_id.as_str();
-        let sequence_number =
-            insert_event.insert(params![stream_id, message_id, ts, event.data])?;
-        upsert_row.execute(params![stream_id, message_id, sequence_number])?;
-        let (stream_sequence, first_sequence): (i64, i64) = row_position
-            .query_row(params![stream_id, message_id], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
-        out.push(CommittedEvent {
-            sequence_number: to_u64(sequence_number)?,
-            stream_sequence: to_u64(stream_sequence)?,
-            replaced: first_sequence != sequence_number,
-            timestamp_ms,
-            key: event.key,
-            message_id: event.message_id,
-            data: event.data,
-        });
-        out_ids.push(stream_id);
+) -> Attempt {
+    if let Err(err) = exec_cached(conn, "BEGIN IMMEDIATE") {
+        return Attempt::lost(conn, &err);
     }
-    Ok(())
+    let total: usize = commands.iter().map(Vec::len).sum();
+    let mut assigned = Vec::with_capacity(total);
+    let mut statements = match Statements::prepare(conn) {
+        Ok(statements) => statements,
+        Err(err) => return Attempt::lost(conn, &err),
+    };
+    for (events, own_error) in commands.iter().zip(own_errors.iter_mut()) {
+        if own_error.is_some() {
+            continue;
+        }
+        if savepoints && let Err(err) = exec_cached(conn, "SAVEPOINT command") {
+            return Attempt::lost(conn, &err);
+        }
+        let start = assigned.len();
+        match statements.insert_command(conn, stream_ids, events, timestamp_ms, &mut assigned) {
+            Ok(()) => {
+                if savepoints && let Err(err) = exec_cached(conn, "RELEASE command") {
+                    return Attempt::lost(conn, &err);
+                }
+            }
+            Err(err) => {
+                assigned.truncate(start);
+                // Some errors (I/O, full disk) make SQLite roll back the whole transaction;
+                // then the commands before this one are gone too.
+                if conn.is_autocommit() || sqlite_code(&err).is_some_and(is_database_condition) {
+                    return Attempt::lost(conn, &err);
+                }
+                tracing::debug!(error = %err, "command rejected");
+                *own_error = Some(StoreError::from_ref(&err));
+                if !savepoints {
+                    rollback_quietly(conn);
+                    return Attempt::CommandFailed;
+                }
+                if let Err(err) = exec_cached(conn, "ROLLBACK TO command")
+                    .and_then(|()| exec_cached(conn, "RELEASE command"))
+                {
+                    return Attempt::lost(conn, &err);
+                }
+            }
+        }
+    }
+    drop(statements);
+    if assigned.is_empty() {
+        rollback_quietly(conn);
+        return Attempt::Committed(assigned);
+    }
+    if fault.is_some_and(FaultInjector::take_commit_failure) {
+        rollback_quietly(conn);
+        return Attempt::Lost {
+            error: StoreError::Unavailable("injected commit failure (test fault)".to_owned()),
+            reopen: false,
+        };
+    }
+    // A failed COMMIT may leave the transaction open; `lost` ends it so nothing persists.
+    if let Err(err) = exec_cached(conn, "COMMIT") {
+        return Attempt::lost(conn, &err);
+    }
+    Attempt::Committed(assigned)
+}
+
+/// The hot path's statements, prepared (from the cache) once per attempt.
+struct Statements<'conn> {
+    insert_event: rusqlite::CachedStatement<'conn>,
+    upsert_row: rusqlite::CachedStatement<'conn>,
+    row_position: rusqlite::CachedStatement<'conn>,
+}
+
+impl<'conn> Statements<'conn> {
+    fn prepare(conn: &'conn Connection) -> Result<Self, rusqlite::Error> {
+        Ok(Statements {
+            insert_event: conn.prepare_cached(INSERT_EVENT)?,
+            upsert_row: conn.prepare_cached(UPSERT_ROW)?,
+            row_position: conn.prepare_cached(ROW_POSITION)?,
+        })
+    }
+
+    /// Inserts one command's events; each gets its sequence number from the AUTOINCREMENT
+    /// insert and its stream position from the upsert.
+    fn insert_command(
+        &mut self,
+        conn: &Connection,
+        stream_ids: &StreamIds,
+        events: &[NewEvent],
+        timestamp_ms: u64,
+        out: &mut Vec<Assigned>,
+    ) -> Result<(), rusqlite::Error> {
+        let ts = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
+        for event in events {
+            let stream_id = match stream_ids.committed.get(&event.key) {
+                Some(&id) => id,
+                None => stream_id(conn, &event.key)?,
+            };
+            let message_id = event.message_id.as_str();
+            let sequence_number = self
+                .insert_event
+                .insert(params![stream_id, message_id, ts, event.data])?;
+            self.upsert_row
+                .execute(params![stream_id, message_id, sequence_number])?;
+            let (stream_sequence, first_sequence): (i64, i64) = self
+                .row_position
+                .query_row(params![stream_id, message_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?;
+            out.push(Assigned {
+                sequence_number: to_u64(sequence_number)?,
+                stream_sequence: to_u64(stream_sequence)?,
+                replaced: first_sequence != sequence_number,
+                stream_id,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The id of `key`'s stream, creating the stream on its first event.

@@ -344,6 +344,10 @@ async fn close_with(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReaso
     let _ = sink.close().await;
 }
 
+/// How long a closing connection may take to get its close frame out before the socket is
+/// simply dropped (a slow consumer may never read it).
+const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Drain the send queue: take everything queued, write it, flush once. Returns frames written
 /// and the close code the server sent, if it closed the connection.
 async fn write_loop(
@@ -355,43 +359,64 @@ async fn write_loop(
     let mut sent = 0u64;
     let mut buf: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
     loop {
-        tokio::select! {
+        let n = tokio::select! {
             biased;
-            reason = sub.closed() => {
-                close_with(&mut sink, reason).await;
-                return (sent, Some(reason.code()));
-            }
+            reason = sub.closed() => return (sent, Some(close_in_time(&mut sink, reason).await)),
             _ = done.cancelled() => {
-                let _ = sink.close().await;
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
                 return (sent, None);
             }
-            n = rx.recv_many(&mut buf, WRITE_BATCH) => {
-                if n == 0 {
-                    return (sent, None);
-                }
-                for item in buf.drain(..) {
-                    let r = match item {
-                        Outbound::Frame(f) => { sent += 1; sink.feed(Message::Text(f)).await }
-                        Outbound::Batch(frames) => {
-                            let mut r = Ok(());
-                            for f in frames {
-                                sent += 1;
-                                r = sink.feed(Message::Text(f)).await;
-                                if r.is_err() { break; }
-                            }
-                            r
-                        }
-                    };
-                    if r.is_err() {
-                        return (sent, None);
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return (sent, None);
+            n = rx.recv_many(&mut buf, WRITE_BATCH) => n,
+        };
+        if n == 0 {
+            return (sent, None);
+        }
+        // A write blocked by a client that does not read must not keep us from closing it.
+        let written = tokio::select! {
+            biased;
+            reason = sub.closed() => return (sent, Some(close_in_time(&mut sink, reason).await)),
+            r = write_round(&mut sink, &mut buf, &mut sent) => r,
+        };
+        if written.is_err() {
+            return (sent, None);
+        }
+    }
+}
+
+async fn write_round(
+    sink: &mut SplitSink<WebSocket, Message>,
+    buf: &mut Vec<Outbound>,
+    sent: &mut u64,
+) -> Result<(), axum::Error> {
+    for item in buf.drain(..) {
+        match item {
+            Outbound::Frame(f) => {
+                sink.feed(Message::Text(f)).await?;
+                *sent += 1;
+            }
+            Outbound::Batch(frames) => {
+                for f in frames {
+                    sink.feed(Message::Text(f)).await?;
+                    *sent += 1;
                 }
             }
         }
     }
+    sink.flush().await
+}
+
+async fn close_in_time(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) -> u16 {
+    if tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_with(sink, reason))
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            event = "close_timeout",
+            close_code = reason.code(),
+            "close frame could not be written in time; dropping the socket"
+        );
+    }
+    reason.code()
 }
 
 fn is_too_large(e: &axum::Error) -> bool {

@@ -76,6 +76,11 @@ impl Subscriber {
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    event = "slow_consumer",
+                    client_id = %self.client_id,
+                    "send queue full: closing the connection with 1013"
+                );
                 self.close(CloseReason::SlowConsumer);
                 false
             }
