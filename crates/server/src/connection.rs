@@ -54,10 +54,25 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
             log_rejected(&client_id, code, started, "closed before hello");
             return;
         }
-        Ok(HelloOutcome::Reject(reason, why)) => {
+        Ok(HelloOutcome::Reject {
+            reason,
+            why,
+            session_id,
+            connection_sequence,
+        }) => {
             let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
             close_with(&mut sink, reason).await;
-            log_rejected(&client_id, reason.code(), started, &why);
+            tracing::info!(
+                event = "connection_closed",
+                client_id = %client_id,
+                session_id = session_id.as_ref().map(|s| s.as_str()),
+                connection_sequence,
+                close_code = reason.code(),
+                duration_seconds = started.elapsed().as_secs_f64(),
+                messages_sent = 0u64,
+                reason = %why,
+                "connection refused at hello"
+            );
             return;
         }
         Err(_elapsed) => {
@@ -139,7 +154,12 @@ enum HelloOutcome {
         session_id: Option<SessionId>,
         connection_sequence: Option<u64>,
     },
-    Reject(CloseReason, String),
+    Reject {
+        reason: CloseReason,
+        why: String,
+        session_id: Option<SessionId>,
+        connection_sequence: Option<u64>,
+    },
     Closed(u16),
 }
 
@@ -183,9 +203,12 @@ async fn wait_for_hello(
                         session_id: h.session_id,
                         connection_sequence: h.connection_sequence,
                     },
-                    Err(e) => {
-                        HelloOutcome::Reject(CloseReason::Unauthenticated, e.message().to_owned())
-                    }
+                    Err(e) => HelloOutcome::Reject {
+                        reason: CloseReason::Unauthenticated,
+                        why: e.message().to_owned(),
+                        session_id: h.session_id,
+                        connection_sequence: h.connection_sequence,
+                    },
                 };
             }
             Ok(_) => {

@@ -64,16 +64,25 @@ async fn stop_on_signal(shutdown: CancellationToken) {
                 return;
             }
         };
+        let name = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        // Cancel first: logging can fail (a closed pipe) and must not keep us from stopping.
+        shutdown.cancel();
+        tracing::info!(event = "signal", signal = name, "shutting down");
+        // A second signal means "now".
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!(event = "signal", signal = "SIGINT", "shutting down"),
-            _ = term.recv() => tracing::info!(event = "signal", signal = "SIGTERM", "shutting down"),
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
+        std::process::exit(130);
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }
 
 fn token(t: &seqcast_server::config::TokenArgs) -> anyhow::Result<()> {
