@@ -61,6 +61,7 @@ pub fn server_binary() -> PathBuf {
 }
 
 /// A running server process.
+#[derive(Debug)]
 pub struct TestServer {
     child: Option<Child>,
     /// Bound address.
@@ -74,7 +75,7 @@ pub struct TestServer {
 }
 
 /// Options for [`TestServer::start_with`].
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Extra command-line arguments.
     pub args: Vec<String>,
@@ -142,14 +143,12 @@ impl TestServer {
                 let mut addr_tx = Some(addr_tx);
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["event"] == "listening" {
-                            if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                                if let Some(tx) = addr_tx.take() {
-                                    let _ = tx.send(a);
-                                }
-                            }
-                        }
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["event"] == "listening"
+                        && let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok())
+                        && let Some(tx) = addr_tx.take()
+                    {
+                        let _ = tx.send(a);
                     }
                     logs.lock().unwrap().push(line);
                 }
@@ -343,6 +342,7 @@ pub enum Event {
 }
 
 /// A real WebSocket client.
+#[derive(Debug)]
 pub struct Client {
     /// The socket.
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,

@@ -82,13 +82,16 @@ async fn four_hundred_concurrent_publishes_get_consecutive_numbers() {
     }
 }
 
+/// (stream, sequence_number, stream_sequence, message_id) of an acknowledged publish.
+type Acked = (String, u64, u64, String);
+
 /// Publishers running, `kill -9`, restart on the same data directory: every acknowledged
 /// message is there, no number is reused, streams continue at max + 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_loses_no_acknowledged_message_and_reuses_no_number() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_with(sqlite(dir.path(), &[])).await;
-    let acked: Arc<std::sync::Mutex<Vec<(String, u64, u64, String)>>> = Arc::default();
+    let acked: Arc<std::sync::Mutex<Vec<Acked>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = reqwest::Client::new();
     let mut publishers = Vec::new();

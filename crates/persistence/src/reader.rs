@@ -109,9 +109,10 @@ impl DbReader {
             }
             EventFilter::Channel(channel) => {
                 // Walks the log from `since` (the usual recovery case is near the head) and
-                // keeps the channel's events, rather than merging every stream of the channel.
+                // keeps the channel's events, stopping at `limit`, rather than merging and
+                // sorting every stream of the channel. CROSS JOIN fixes that loop order.
                 let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                    "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} \
                      WHERE s.channel = ?3 AND e.sequence_number > ?1 \
                      ORDER BY e.sequence_number LIMIT ?2"
                 );

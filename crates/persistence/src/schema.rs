@@ -76,12 +76,6 @@ pub(crate) fn open_connection(
     }
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(options.busy_timeout)?;
-    if let Ok(ps) = std::env::var("PS") {
-        conn.execute_batch(&format!("PRAGMA page_size={ps}"))?;
-    }
-    if let Ok(cs) = std::env::var("CS") {
-        conn.execute_batch(&format!("PRAGMA cache_size={cs}"))?;
-    }
     let journal_mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !journal_mode.eq_ignore_ascii_case("wal") {
         // Only possible for special files (e.g. in-memory); durability is then SQLite's default.

@@ -425,7 +425,7 @@ impl Writer {
             false,
             timestamp_ms,
         );
-        if matches!(attempt, Attempt::CommandFailed) {
+        if matches!(attempt, Attempt::CommandFailed) && own_errors.iter().any(Option::is_none) {
             tracing::debug!(
                 commands = count,
                 "a command failed; retrying its group with savepoints"
@@ -442,7 +442,7 @@ impl Writer {
         }
         let assigned = match attempt {
             Attempt::Committed(assigned) => assigned,
-            // Only an attempt without savepoints ends so, and the retry used them.
+            // Every command failed on its own (a retry, with savepoints, never ends so).
             Attempt::CommandFailed => Vec::new(),
             Attempt::Lost { error, reopen } => {
                 tracing::warn!(error = %error, commands = count, "write transaction failed; nothing was written");

@@ -298,6 +298,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
+        .route("/openapi.json", get(http::assets::openapi))
         .route("/", get(http::assets::demo_page))
         .route("/client/seqcast.js", get(http::assets::client_js))
         .route("/client/seqcast.d.ts", get(http::assets::client_dts))

@@ -290,6 +290,12 @@ pub mod assets {
     const CLIENT_JS: &str = include_str!("../../../clients/js/seqcast.js");
     const CLIENT_DTS: &str = include_str!("../../../clients/js/seqcast.d.ts");
     const DEMO_HTML: &str = include_str!("../../../clients/js/demo.html");
+    const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+    /// `GET /openapi.json`
+    pub async fn openapi() -> Response {
+        asset("application/json", OPENAPI)
+    }
 
     fn asset(content_type: &'static str, body: &'static str) -> Response {
         let mut r = body.into_response();
