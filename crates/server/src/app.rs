@@ -194,7 +194,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         StorageKind::Memory => {
             let hub = Hub::new(
                 random_hex(8),
-                Hub::window(settings.recovery, 0),
+                Hub::window(settings.ring_limits(), 0),
                 settings.backlog,
                 Some(MemorySequencer::new()),
             );
@@ -226,7 +226,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let floor = recent
                 .first()
                 .map_or(head, |e| e.sequence_number.saturating_sub(1));
-            let mut window = Hub::window(settings.recovery, floor);
+            let mut window = Hub::window(settings.ring_limits(), floor);
             for ev in &recent {
                 let msg = RetainedMessage {
                     sequence_number: ev.sequence_number,

@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// Recovery window age in seconds (900).
     #[arg(long, env = "SEQCAST_RECOVERY_TTL_SECS")]
     pub recovery_ttl_secs: Option<u64>,
+    /// Messages kept in memory for recovery (default: the window size, at most 10000); a larger
+    /// window is served from the database.
+    #[arg(long, env = "SEQCAST_RECOVERY_BUFFER_MESSAGES")]
+    pub recovery_buffer_messages: Option<usize>,
     /// Log output.
     #[arg(long, env = "SEQCAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -182,6 +186,7 @@ struct FileSettings {
     allowed_origins: Option<Vec<String>>,
     recovery_max_messages: Option<usize>,
     recovery_ttl_secs: Option<u64>,
+    recovery_buffer_messages: Option<usize>,
     log_format: Option<LogFormat>,
     synchronous: Option<SyncMode>,
     backlog_per_key: Option<usize>,
@@ -240,8 +245,10 @@ pub struct Settings {
     pub api_key: Option<String>,
     /// Allowed origins (None = same host only).
     pub allowed_origins: Option<Vec<String>>,
-    /// Recovery window bounds.
+    /// Recovery window bounds (what clients may recover).
     pub recovery: WindowLimits,
+    /// Messages the in-memory ring holds; the rest of a larger window comes from the database.
+    pub recovery_buffer_messages: usize,
     /// Backlog bounds.
     pub backlog: BacklogLimits,
     /// Log format.
@@ -261,6 +268,14 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Bounds of the in-memory recovery ring.
+    pub fn ring_limits(&self) -> WindowLimits {
+        WindowLimits {
+            max_messages: self.recovery_buffer_messages,
+            max_age_ms: self.recovery.max_age_ms,
+        }
+    }
+
     /// Development defaults in a given data directory, on 127.0.0.1 port 0 (used by tests).
     pub fn for_tests(data_dir: &Path) -> Self {
         let mut s = Settings::resolve(&ServeArgs::default())
@@ -306,6 +321,9 @@ impl Settings {
         let send_queue = pick!(send_queue, 1024);
         let max_message_bytes = pick!(max_message_bytes, 1 << 20);
         positive("recovery_max_messages", recovery_max_messages)?;
+        let recovery_buffer_messages =
+            pick!(recovery_buffer_messages, recovery_max_messages.min(10_000));
+        positive("recovery_buffer_messages", recovery_buffer_messages)?;
         positive("backlog_per_key", backlog_per_key)?;
         positive("backlog_total", backlog_total)?;
         positive("send_queue", send_queue)?;
@@ -340,6 +358,7 @@ impl Settings {
                 max_messages: recovery_max_messages,
                 max_age_ms: recovery_ttl_secs.saturating_mul(1000),
             },
+            recovery_buffer_messages: recovery_buffer_messages.min(recovery_max_messages),
             backlog: BacklogLimits {
                 per_key: backlog_per_key,
                 total: backlog_total,

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use seqcast_persistence::{CommittedEvent, NewEvent};
+use seqcast_persistence::{CommittedEvent, EventFilter, NewEvent};
 use seqcast_protocol::{
     BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
     RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
@@ -16,7 +16,7 @@ use seqcast_protocol::{
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
 use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::hub::{Hub, Recovered};
 use crate::now_ms;
 
 /// Most messages one recovery or stream page returns.
@@ -107,9 +107,13 @@ pub async fn recover(
         (None, None) => Filter::All,
     };
     let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
-    let rec = app
+    let now = now_ms();
+    let mut rec = app
         .hub
-        .recover(since, limit, now_ms(), |k| filter.admits(k, &grant));
+        .recover(since, limit, now, |k| filter.admits(k, &grant));
+    if !rec.complete && epoch_ok {
+        rec = recover_from_database(&app, rec, since, limit, now, filter, grant).await?;
+    }
     let meta = RecoveryMeta {
         head: rec.head,
         oldest_sequence: rec.oldest_sequence,
@@ -123,6 +127,81 @@ pub async fn recover(
     Ok(json_response(StatusCode::OK, body))
 }
 
+/// The ring holds the newest `--recovery-buffer-messages`; where the configured window is larger
+/// and `since` falls inside it, the database serves the answer (same frames, same numbers).
+async fn recover_from_database(
+    app: &Arc<AppState>,
+    ring: Recovered,
+    since: u64,
+    limit: usize,
+    now: u64,
+    filter: Filter,
+    grant: Grant,
+) -> Result<Recovered, ApiError> {
+    let Some(reader) = app.store.reader().cloned() else {
+        return Ok(ring);
+    };
+    let window = app.settings.recovery;
+    let window_floor = ring.head.saturating_sub(window.max_messages as u64);
+    if since < window_floor
+        || since > ring.head
+        || window.max_messages <= app.settings.recovery_buffer_messages
+    {
+        return Ok(ring);
+    }
+    let oldest_allowed_ms = now.saturating_sub(window.max_age_ms);
+    let head = ring.head;
+    let db_filter = match &filter {
+        Filter::Key(k) => EventFilter::Key(k.clone()),
+        Filter::Channel(c) => EventFilter::Channel(c.clone()),
+        Filter::All => EventFilter::All,
+    };
+    let (events, complete, more) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let mut out = Vec::new();
+        let mut cursor = since;
+        let mut complete = true;
+        let chunk = (limit + 1).max(256);
+        loop {
+            let batch = reader.events_after(cursor, chunk, db_filter.clone())?;
+            let exhausted = batch.len() < chunk;
+            for ev in batch {
+                cursor = ev.sequence_number;
+                if ev.sequence_number > head {
+                    return Ok((out, complete, false));
+                }
+                if ev.timestamp_ms < oldest_allowed_ms {
+                    complete = false; // older than the window's age limit: not served
+                    continue;
+                }
+                if filter.admits(&ev.key, &grant) {
+                    if out.len() == limit {
+                        return Ok((out, complete, true));
+                    }
+                    out.push(ev);
+                }
+            }
+            if exhausted {
+                return Ok((out, complete, false));
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("recovery reader failed: {e}")))??;
+    let next_since = if more {
+        events.last().map(|e| e.sequence_number)
+    } else {
+        None
+    };
+    Ok(Recovered {
+        frames: events.iter().map(Hub::frame_of).collect(),
+        head,
+        oldest_sequence: Some(window_floor + 1),
+        complete,
+        next_since,
+    })
+}
+
+#[derive(Clone)]
 enum Filter {
     All,
     Channel(Channel),
