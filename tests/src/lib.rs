@@ -188,6 +188,29 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// One value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Every log line so far, parsed (non-JSON lines are skipped).
     pub fn logs(&self) -> Vec<Value> {
         self.logs

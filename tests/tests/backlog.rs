@@ -8,24 +8,6 @@ use seqcast_e2e::{Client, Options, TestServer, data, token};
 use seqcast_protocol::ServerFrame;
 use serde_json::json;
 
-async fn gauge(s: &TestServer, name: &str) -> u64 {
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in metrics"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Scenario (a): search A published while the client is away, the client moves on to search
 /// B, reconnects and subscribes B — it gets B's backlog only; A's stays until its TTL.
 #[tokio::test]
@@ -69,13 +51,13 @@ async fn scenario_a_reconnect_to_a_new_search_gets_only_its_backlog() {
     );
     c.expect_nothing_more().await;
     assert_eq!(
-        gauge(&s, "seqcast_backlog_messages").await,
+        s.metric("seqcast_backlog_messages").await,
         5,
         "A's backlog is still there"
     );
     // …until its TTL: then it is gone, and a subscriber of A gets nothing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    while gauge(&s, "seqcast_backlog_messages").await != 0 {
+    while s.metric("seqcast_backlog_messages").await != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "A's backlog never expired"
@@ -107,7 +89,7 @@ async fn scenario_b_rapid_switching_never_leaks_the_old_search() {
     }
     c.expect_nothing_more().await;
     // A's messages went to A's backlog, not to anyone.
-    assert_eq!(gauge(&s, "seqcast_backlog_messages").await, 10);
+    assert_eq!(s.metric("seqcast_backlog_messages").await, 10);
 }
 
 #[tokio::test]

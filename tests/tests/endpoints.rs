@@ -14,15 +14,7 @@ async fn health_metrics_and_openapi() {
     let (status, ready) = s.get("/readyz", None).await;
     assert_eq!((status, &ready["status"]), (200, &json!("ready")));
     s.publish("c", "r", json!(1)).await;
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("seqcast_published_total 1"), "{metrics}");
     assert!(metrics.contains("seqcast_head 1"), "{metrics}");
     let (status, api) = s.get("/openapi.json", None).await;
