@@ -64,6 +64,7 @@ struct Row {
     result: String,
     server_cores: Option<f64>,
     loadgen_cores: Option<f64>,
+    cpu_pressure: Option<f64>,
 }
 
 struct Goal {
@@ -82,6 +83,7 @@ struct Bench {
     raw: Vec<Value>,
     goals: Vec<Goal>,
     group_commit_flag: bool,
+    db_recovery_flag: bool,
 }
 
 fn bench(root: &Path, profile: Profile) -> Result<()> {
@@ -112,7 +114,9 @@ fn bench(root: &Path, profile: Profile) -> Result<()> {
         .args(["serve", "--help"])
         .output()
         .context("cannot run seqcast --help")?;
-    let group_commit_flag = String::from_utf8_lossy(&help.stdout).contains("--group-commit");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let group_commit_flag = help.contains("--group-commit");
+    let db_recovery_flag = help.contains("--recovery-buffer-messages");
     let started = Instant::now();
 
     let mut b = Bench {
@@ -124,6 +128,7 @@ fn bench(root: &Path, profile: Profile) -> Result<()> {
         raw: Vec::new(),
         goals: Vec::new(),
         group_commit_flag,
+        db_recovery_flag,
     };
     b.fanout().context("fan-out scenario")?;
     b.publish().context("publish scenario")?;
@@ -165,7 +170,7 @@ impl Bench {
                 fanout_rate: vec![(100, 500.0, 4.0), (1000, 25.0, 4.0)],
                 fanout_burst: vec![(1000, 3.0), (10_000, 3.0)],
                 warmup: 0.5,
-                publish_secs: 2.0,
+                publish_secs: 1.5,
                 publishers: vec![1, 64, 256],
                 batch: 100,
                 missed: vec![1000, 10_000],
@@ -205,114 +210,135 @@ impl Bench {
             result,
             server_cores: v["cpu"]["server_cores"].as_f64(),
             loadgen_cores: v["cpu"]["loadgen_cores"].as_f64(),
+            cpu_pressure: v["cpu"]["cpu_pressure"].as_f64(),
         });
     }
 
     fn fanout(&mut self) -> Result<()> {
         let s = self.sizes();
-        let server = self.start("fanout", &["--storage", "sqlite", "--synchronous", "full"])?;
-        for &(subs, rate, secs) in &s.fanout_rate {
-            let v = self.loadgen(
-                &server,
-                "fanout",
-                &[
-                    "--subscribers",
-                    &subs.to_string(),
-                    "--rate",
-                    &rate.to_string(),
-                    "--duration-secs",
-                    &secs.to_string(),
-                    "--warmup-secs",
-                    &s.warmup.to_string(),
-                ],
+        for (storage, flags) in [
+            (
+                "SQLite FULL",
+                vec!["--storage", "sqlite", "--synchronous", "full"],
+            ),
+            ("memory", vec!["--storage", "memory"]),
+        ] {
+            let durable = storage != "memory";
+            let server = self.start(
+                &format!("fanout-{}", if durable { "sqlite" } else { "memory" }),
+                &flags,
             )?;
-            let lat = &v["latency"];
-            let last = &v["last_subscriber"];
-            let result = format!(
-                "{} deliveries/s; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
-                num(&v["deliveries_per_s"]),
-                ms(&lat["p50_ms"]),
-                ms(&lat["p99_ms"]),
-                ms(&lat["p999_ms"]),
-                ms(&last["p50_ms"]),
-                ms(&last["p99_ms"]),
-                v["lost_deliveries"]
-            );
-            self.row(
-                "fan-out (fixed rate)",
-                format!(
-                    "{subs} subscribers, {rate} msgs/s = {} deliveries/s, SQLite FULL",
+            for &(subs, rate, secs) in &s.fanout_rate {
+                // The memory runs only show what fsync adds; they are measured at the goal sizes.
+                if !durable && !matches!(subs, 100 | 1000) {
+                    continue;
+                }
+                let v = self.loadgen(
+                    &server,
+                    "fanout",
+                    &[
+                        "--subscribers",
+                        &subs.to_string(),
+                        "--rate",
+                        &rate.to_string(),
+                        "--duration-secs",
+                        &secs.to_string(),
+                        "--warmup-secs",
+                        &s.warmup.to_string(),
+                    ],
+                )?;
+                let lat = &v["latency"];
+                let last = &v["last_subscriber"];
+                let result = format!(
+                    "{} deliveries/s; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
+                    num(&v["deliveries_per_s"]),
+                    ms(&lat["p50_ms"]),
+                    ms(&lat["p99_ms"]),
+                    ms(&lat["p999_ms"]),
+                    ms(&last["p50_ms"]),
+                    ms(&last["p99_ms"]),
+                    v["lost_deliveries"]
+                );
+                let settings = format!(
+                    "{subs} subscribers, {rate} msgs/s = {} deliveries/s, {storage}",
                     num(&json!(rate * subs as f64))
-                ),
-                result,
-                &v,
-            );
-            let (p50, p99) = (
-                lat["p50_ms"].as_f64().unwrap_or(f64::MAX),
-                lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
-            );
-            let lost = v["lost_deliveries"].as_u64().unwrap_or(1);
-            if subs == 100 && (rate - 500.0).abs() < 1e-9 {
-                self.goal(
-                    "p99 publish → deliver, 100 subscribers, 50,000 deliveries/s",
-                    "≤ 10 ms (p50 ≤ 1 ms)",
-                    format!("p99 {p99:.2} ms, p50 {p50:.3} ms"),
-                    p99 <= 10.0 && p50 <= 1.0 && lost == 0,
                 );
-            }
-            if subs == 1000 && (rate - 25.0).abs() < 1e-9 {
-                self.goal(
-                    "p99 publish → deliver, 1,000 subscribers, 25,000 deliveries/s",
-                    "≤ 30 ms",
-                    format!("p99 {p99:.2} ms (p50 {p50:.3} ms)"),
-                    p99 <= 30.0 && lost == 0,
+                self.row("fan-out (fixed rate)", settings, result, &v);
+                let (p50, p99) = (
+                    lat["p50_ms"].as_f64().unwrap_or(f64::MAX),
+                    lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
                 );
+                let lost = v["lost_deliveries"].as_u64().unwrap_or(1);
+                if durable && subs == 100 && (rate - 500.0).abs() < 1e-9 {
+                    self.goal("p99 publish → deliver, 100 subscribers, 50,000 deliveries/s", "≤ 10 ms (p50 ≤ 1 ms)",
+                        format!("p99 {p99:.2} ms, p50 {p50:.3} ms (SQLite FULL; memory storage in the table below)"), p99 <= 10.0 && p50 <= 1.0 && lost == 0);
+                }
+                if durable && subs == 1000 && (rate - 25.0).abs() < 1e-9 {
+                    self.goal(
+                        "p99 publish → deliver, 1,000 subscribers, 25,000 deliveries/s",
+                        "≤ 30 ms",
+                        format!("p99 {p99:.2} ms, p50 {p50:.3} ms (SQLite FULL)"),
+                        p99 <= 30.0 && lost == 0,
+                    );
+                }
+                self.raw.push(v);
             }
-            self.raw.push(v);
-        }
-        for &(subs, secs) in &s.fanout_burst {
-            let v = self.loadgen(
-                &server,
-                "fanout",
-                &[
-                    "--subscribers",
-                    &subs.to_string(),
-                    "--duration-secs",
-                    &secs.to_string(),
-                    "--warmup-secs",
-                    &s.warmup.to_string(),
-                    "--window",
-                    "512",
-                    "--batch",
-                    "32",
-                    "--publishers",
-                    "2",
-                ],
-            )?;
-            let result = format!(
-                "**{} deliveries/s**; last subscriber p50 {} ms with 512 messages in flight; lost {}",
-                num(&v["deliveries_per_s"]),
-                ms(&v["last_subscriber"]["p50_ms"]),
-                v["lost_deliveries"]
-            );
-            self.row(
-                "fan-out (burst)",
-                format!("{subs} subscribers, as fast as delivered, SQLite FULL"),
-                result,
-                &v,
-            );
-            if subs == 1000 {
+            if !durable {
+                break;
+            }
+            for &(subs, secs) in &s.fanout_burst {
+                let v = self.loadgen(
+                    &server,
+                    "fanout",
+                    &[
+                        "--subscribers",
+                        &subs.to_string(),
+                        "--duration-secs",
+                        &secs.to_string(),
+                        "--warmup-secs",
+                        &s.warmup.to_string(),
+                        "--window",
+                        "512",
+                        "--batch",
+                        "32",
+                        "--publishers",
+                        "2",
+                    ],
+                )?;
                 let d = v["deliveries_per_s"].as_f64().unwrap_or(0.0);
-                self.goal(
-                    "fan-out, 1,000 subscribers, burst",
-                    "≥ 800,000 deliveries/s",
-                    format!("{} deliveries/s", num(&json!(d))),
-                    d >= 800_000.0,
+                let per_core = v["cpu"]["server_cores"]
+                    .as_f64()
+                    .filter(|c| *c > 0.0)
+                    .map_or(0.0, |c| d / c);
+                let result = format!(
+                    "**{} deliveries/s** ({} per server core); last subscriber p50 {} ms with 512 messages in flight; lost {}",
+                    num(&json!(d)),
+                    num(&json!(per_core)),
+                    ms(&v["last_subscriber"]["p50_ms"]),
+                    v["lost_deliveries"]
                 );
+                self.row(
+                    "fan-out (burst)",
+                    format!("{subs} subscribers, as fast as delivered, {storage}"),
+                    result,
+                    &v,
+                );
+                if subs == 1000 {
+                    self.goal(
+                        "fan-out, 1,000 subscribers, burst",
+                        "≥ 800,000 deliveries/s",
+                        format!(
+                            "{} deliveries/s ({} per server core)",
+                            num(&json!(d)),
+                            num(&json!(per_core))
+                        ),
+                        d >= 800_000.0,
+                    );
+                }
+                self.raw.push(v);
             }
-            self.raw.push(v);
+            drop(server);
         }
-        drop(server);
         Ok(())
     }
 
@@ -468,17 +494,52 @@ impl Bench {
 
     fn recovery(&mut self) -> Result<()> {
         let s = self.sizes();
+        let most = s.missed.iter().copied().max().unwrap_or(1000).to_string();
+        let missed: Vec<String> = s.missed.iter().map(|m| m.to_string()).collect();
+        let missed = missed.join(",");
+        // From the database: a window larger than the in-memory buffer, where the server has
+        // that setting (the storm needs no second run).
+        if self.db_recovery_flag {
+            let server = self.start(
+                "recovery-db",
+                &[
+                    "--storage",
+                    "sqlite",
+                    "--recovery-max-messages",
+                    "100000",
+                    "--recovery-buffer-messages",
+                    "100",
+                ],
+            )?;
+            let v = self.loadgen(
+                &server,
+                "recovery",
+                &[
+                    "--missed",
+                    &missed,
+                    "--repeats",
+                    &s.repeats.to_string(),
+                    "--clients",
+                    "0",
+                ],
+            )?;
+            self.recovery_rows(
+                &v,
+                "from SQLite (window larger than the 100-message buffer)",
+                false,
+            );
+            self.raw.push(v);
+        }
         let server = self.start(
             "recovery",
-            &["--storage", "memory", "--recovery-max-messages", "20000"],
+            &["--storage", "memory", "--recovery-max-messages", &most],
         )?;
-        let missed: Vec<String> = s.missed.iter().map(|m| m.to_string()).collect();
         let v = self.loadgen(
             &server,
             "recovery",
             &[
                 "--missed",
-                &missed.join(","),
+                &missed,
                 "--repeats",
                 &s.repeats.to_string(),
                 "--clients",
@@ -487,31 +548,7 @@ impl Bench {
                 &s.storm.1.to_string(),
             ],
         )?;
-        for a in v["answers"].as_array().cloned().unwrap_or_default() {
-            let m = a["missed"].as_u64().unwrap_or(0);
-            let p50 = a["latency"]["p50_ms"].as_f64().unwrap_or(f64::MAX);
-            let result = format!(
-                "p50 {} / p99 {} ms round trip, {} msgs/s, {} KiB answer",
-                ms(&a["latency"]["p50_ms"]),
-                ms(&a["latency"]["p99_ms"]),
-                num(&a["msgs_per_s"]),
-                a["answer_bytes"].as_u64().unwrap_or(0) / 1024
-            );
-            self.row(
-                "recovery `since`",
-                format!("{m} missed messages, from the in-memory buffer"),
-                result,
-                &a,
-            );
-            if m == 1000 {
-                self.goal(
-                    "recovery of 1,000 missed messages",
-                    "≤ 3 ms server time",
-                    format!("{p50:.2} ms p50 round trip (upper bound of server time)"),
-                    p50 <= 3.0,
-                );
-            }
-        }
+        self.recovery_rows(&v, "from the in-memory buffer", true);
         if let Some(st) = v.get("storm").filter(|s| !s.is_null()) {
             let result = format!(
                 "all caught up in {:.2} s; per client p50 {} / p99 {} ms; {} msgs/s",
@@ -533,6 +570,36 @@ impl Bench {
         self.raw.push(v);
         drop(server);
         Ok(())
+    }
+
+    fn recovery_rows(&mut self, v: &Value, source: &str, judge: bool) {
+        for a in v["answers"].as_array().cloned().unwrap_or_default() {
+            let m = a["missed"].as_u64().unwrap_or(0);
+            let p50 = a["latency"]["p50_ms"].as_f64().unwrap_or(f64::MAX);
+            let result = format!(
+                "p50 {} / p99 {} ms round trip, {} msgs/s, {} KiB answer",
+                ms(&a["latency"]["p50_ms"]),
+                ms(&a["latency"]["p99_ms"]),
+                num(&a["msgs_per_s"]),
+                a["answer_bytes"].as_u64().unwrap_or(0) / 1024
+            );
+            self.row(
+                "recovery `since`",
+                format!("{m} missed messages, {source}"),
+                result,
+                &a,
+            );
+            if judge && m == 1000 {
+                self.goal(
+                    "recovery of 1,000 missed messages",
+                    "≤ 3 ms server time",
+                    format!(
+                        "{p50:.2} ms p50 round trip from the buffer (an upper bound of server time)"
+                    ),
+                    p50 <= 3.0,
+                );
+            }
+        }
     }
 
     fn connections(&mut self) -> Result<()> {
@@ -609,6 +676,7 @@ impl Bench {
         let mut server = Server {
             child,
             addr: String::new(),
+            data: data.clone(),
         };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -707,24 +775,27 @@ impl Bench {
         }
         let _ = writeln!(
             md,
-            "\n| scenario | settings | result | server CPU | load-generator CPU |\n|---|---|---|---|---|"
+            "\n| scenario | settings | result | server CPU | load-generator CPU | CPU pressure |\n|---|---|---|---|---|---|"
         );
         for r in &self.rows {
-            let cores =
-                |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.0}%", c * 100.0));
+            let pct = |c: Option<f64>| c.map_or("–".to_owned(), |c| format!("{:.0}%", c * 100.0));
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.settings,
                 r.result,
-                cores(r.server_cores),
-                cores(r.loadgen_cores)
+                pct(r.server_cores),
+                pct(r.loadgen_cores),
+                pct(r.cpu_pressure)
             );
         }
         let _ = writeln!(
             md,
-            "\nCPU is the share of one core over the measured interval. Run took {:.0} s.",
+            "\nServer and load-generator CPU are shares of one core over the measured interval. CPU \
+             pressure is the share of that interval in which some task on the machine waited for a CPU \
+             (Linux PSI): well above 0% means other work competed with the benchmark, and latency tails \
+             include that wait. The scenarios took {:.0} s.",
             elapsed.as_secs_f64()
         );
         let stamp = std::time::SystemTime::now()
@@ -769,24 +840,29 @@ fn publish_result(v: &Value) -> String {
     )
 }
 
-/// A running server; killed on drop, so an error anywhere still stops it.
+/// A running server; killed on drop (and its data directory removed), so an error anywhere
+/// still stops it.
 struct Server {
     child: Child,
     addr: String,
+    data: PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 
-/// `args` under a raised open-file limit, pinned to `cpu` when given.
+/// `args` under a raised open-file limit, at a raised priority (so that other work on a shared
+/// machine preempts the measured processes less; without the privilege it runs unchanged),
+/// pinned to `cpu` when given.
 fn limited(cpu: Option<&str>, args: &[String]) -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@""#)
+        .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; renice -n -10 -p $$ >/dev/null 2>&1; exec "$@""#)
         .arg("sh");
     if let Some(cpu) = cpu {
         cmd.args(["taskset", "-c", cpu]);
@@ -891,7 +967,7 @@ fn num(v: &Value) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

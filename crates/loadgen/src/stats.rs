@@ -97,13 +97,48 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// CPU used by this process and the server over an interval, as a fraction of one core.
+/// Microseconds some task waited for a resource since boot ("some ... total=" of a
+/// /proc/pressure file), None where PSI is not available.
+pub fn pressure_total_us(resource: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+    parse_pressure_some(&text)
+}
+
+/// The `total=` of the `some` line of a /proc/pressure file.
+pub fn parse_pressure_some(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// Times the server was preempted (involuntary context switches, all threads).
+pub fn involuntary_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// CPU used by this process and the server over an interval, as a fraction of one core, and
+/// how much other work on the machine got in the way.
 #[derive(Debug)]
 pub struct CpuMeter {
     ticks: f64,
     started: Instant,
     self_start: f64,
     server: Option<(u32, f64)>,
+    cpu_pressure: Option<u64>,
+    io_pressure: Option<u64>,
+    preempted: Option<u64>,
 }
 
 /// What a [`CpuMeter`] measured.
@@ -115,6 +150,13 @@ pub struct CpuUse {
     pub server_cores: Option<f64>,
     /// Wall seconds of the interval.
     pub wall_seconds: f64,
+    /// Share of the interval in which some runnable task on the machine waited for a CPU
+    /// (PSI): a noisy machine shows here.
+    pub cpu_pressure: Option<f64>,
+    /// Share of the interval in which some task waited for I/O (PSI), e.g. on fsync.
+    pub io_pressure: Option<f64>,
+    /// Involuntary context switches of the server's threads: how often it was preempted.
+    pub server_preempted: Option<u64>,
 }
 
 impl CpuMeter {
@@ -126,6 +168,9 @@ impl CpuMeter {
             started: Instant::now(),
             self_start: cpu_seconds("self", ticks).unwrap_or(0.0),
             server: server_pid.map(|p| (p, cpu_seconds(&p.to_string(), ticks).unwrap_or(0.0))),
+            cpu_pressure: pressure_total_us("cpu"),
+            io_pressure: pressure_total_us("io"),
+            preempted: server_pid.and_then(involuntary_switches),
         }
     }
 
@@ -138,10 +183,23 @@ impl CpuMeter {
                 .ok()
                 .map(|now| (now - s) / wall)
         });
+        let share = |start: Option<u64>, now: Option<u64>| match (start, now) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6 / wall),
+            _ => None,
+        };
         CpuUse {
             loadgen_cores: me / wall,
             server_cores: server,
             wall_seconds: wall,
+            cpu_pressure: share(self.cpu_pressure, pressure_total_us("cpu")),
+            io_pressure: share(self.io_pressure, pressure_total_us("io")),
+            server_preempted: match (
+                self.preempted,
+                self.server.and_then(|(p, _)| involuntary_switches(p)),
+            ) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            },
         }
     }
 }
@@ -164,6 +222,13 @@ mod tests {
         assert!(parse_vm_rss(&status).unwrap() > 0);
         assert!(cpu_seconds("self", 100.0).unwrap() >= 0.0);
         assert_eq!(parse_vm_rss("Name: x\nVmRSS:\t  2048 kB\n"), Some(2048));
+    }
+
+    #[test]
+    fn reads_pressure_totals() {
+        let text = "some avg10=1.00 avg60=0.50 avg300=0.10 total=123456\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=42\n";
+        assert_eq!(parse_pressure_some(text), Some(123_456));
+        assert_eq!(parse_pressure_some("full total=1"), None);
     }
 
     #[test]

@@ -1,18 +1,17 @@
-//! One WebSocket connection: authenticate with `hello`, then read client frames while a writer
-//! task drains the bounded send queue — everything queued is written, then flushed once.
+//! One WebSocket connection: authenticate with `hello`, then one task both reads client frames
+//! and drains the bounded send queue — everything queued is written, then flushed once. One task
+//! per connection (no split halves, no lock between them) keeps an idle connection small and
+//! a busy one cheap.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use seqcast_protocol::{
     ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey,
     decode_client_frame, encode_server_frame,
 };
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
@@ -20,9 +19,6 @@ use crate::error::{ApiError, CloseReason};
 use crate::hub::{Outbound, Subscriber};
 use crate::metrics::Metrics;
 use crate::now_ms;
-
-/// Frames taken from the queue per write round before one flush.
-const WRITE_BATCH: usize = 256;
 
 /// What we know of a connection for its log lines.
 struct ConnInfo {
@@ -34,14 +30,13 @@ struct ConnInfo {
 
 /// Serve one upgraded socket until it closes. `pre_auth` is the grant from an
 /// `Authorization: Bearer` header on the upgrade, if any.
-pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant>) {
+pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant>) {
     let started = Instant::now();
-    let (mut sink, mut stream) = socket.split();
     let client_id: Arc<str> = Arc::from(random_hex(8));
 
     let hello = tokio::time::timeout(
         app.settings.hello_timeout,
-        wait_for_hello(&app, &mut sink, &mut stream, pre_auth),
+        wait_for_hello(&app, &mut socket, pre_auth),
     )
     .await;
     let (grant, session_id, connection_sequence) = match hello {
@@ -60,8 +55,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
             session_id,
             connection_sequence,
         }) => {
-            let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
-            close_with(&mut sink, reason).await;
+            let _ = send_error(&mut socket, &ApiError::Unauthorized(why.clone())).await;
+            close_with(&mut socket, reason).await;
             tracing::info!(
                 event = "connection_closed",
                 client_id = %client_id,
@@ -80,8 +75,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
                 "no valid hello within {} ms",
                 app.settings.hello_timeout.as_millis()
             );
-            let _ = send_error(&mut sink, &ApiError::Unauthorized(why.clone())).await;
-            close_with(&mut sink, CloseReason::Unauthenticated).await;
+            let _ = send_error(&mut socket, &ApiError::Unauthorized(why.clone())).await;
+            close_with(&mut socket, CloseReason::Unauthenticated).await;
             log_rejected(
                 &client_id,
                 CloseReason::Unauthenticated.code(),
@@ -108,8 +103,10 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
         "connection opened"
     );
 
-    let (tx, rx) = mpsc::channel(app.settings.send_queue);
-    let sub = Arc::new(Subscriber::new(Arc::clone(&client_id), tx));
+    let sub = Arc::new(Subscriber::new(
+        Arc::clone(&client_id),
+        app.settings.send_queue,
+    ));
     let connected = ServerFrame::Connected(Connected {
         sequence_number: 0,
         client_id: client_id.to_string(),
@@ -122,18 +119,11 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant
         &connected,
     ))));
 
-    let done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&sub), done.clone()));
-
     let mut keys: Vec<SubscriptionKey> = Vec::new();
-    let client_code = read_loop(&app, &mut stream, &sub, &grant, &info, &mut keys).await;
+    let ended = run(&app, &mut socket, &sub, &grant, &info, &mut keys).await;
+    sub.finish();
     app.hub.disconnect(&sub, keys.iter());
-    done.cancel();
-    let (sent, server_code) = match tokio::time::timeout(app.settings.shutdown_grace, writer).await
-    {
-        Ok(Ok(r)) => r,
-        _ => (0, None),
-    };
+    let (sent, server_code, client_code) = (ended.sent, ended.server_code, ended.client_code);
     let close_code = server_code.or(client_code).unwrap_or(1006);
     Metrics::inc(&app.hub.metrics.connections_closed);
     tracing::info!(
@@ -165,12 +155,11 @@ enum HelloOutcome {
 
 async fn wait_for_hello(
     app: &AppState,
-    sink: &mut SplitSink<WebSocket, Message>,
-    stream: &mut SplitStream<WebSocket>,
+    sink: &mut WebSocket,
     pre_auth: Option<Grant>,
 ) -> HelloOutcome {
     loop {
-        let text = match stream.next().await {
+        let text = match sink.recv().await {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
                 let _ = send_error(
@@ -225,79 +214,128 @@ async fn wait_for_hello(
     }
 }
 
-/// Read client frames until the connection ends. Returns the peer's close code, if it sent one.
-async fn read_loop(
+/// How a connection ended.
+struct Ended {
+    /// Frames written.
+    sent: u64,
+    /// The close code the server sent, if it closed the connection.
+    server_code: Option<u16>,
+    /// The peer's close code, if it sent one (1006 when the connection just broke).
+    client_code: Option<u16>,
+}
+
+/// Serve an authenticated connection until it ends: read client frames, and write whatever
+/// the hub or the replies queued — all of it, then one flush.
+async fn run(
     app: &AppState,
-    stream: &mut SplitStream<WebSocket>,
+    socket: &mut WebSocket,
+    sub: &Arc<Subscriber>,
+    grant: &Grant,
+    info: &ConnInfo,
+    keys: &mut Vec<SubscriptionKey>,
+) -> Ended {
+    let mut sent = 0u64;
+    let mut buf: Vec<Outbound> = Vec::new();
+    // Made once: a close request or shutdown wakes the connection through these.
+    let closed = sub.closed();
+    tokio::pin!(closed);
+    let shutdown = app.shutdown.cancelled();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            reason = &mut closed => {
+                return Ended { sent, server_code: Some(close_in_time(socket, reason).await), client_code: None };
+            }
+            // Asks for a close; the next turn sends it.
+            _ = &mut shutdown, if !sub.is_closing() => sub.close(CloseReason::GoingAway),
+            msg = socket.recv() => {
+                if let Some(code) = on_client_frame(app, msg, sub, grant, info, keys) {
+                    // The peer closed or the connection broke: answer a close, then stop.
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+                    return Ended { sent, server_code: None, client_code: Some(code) };
+                }
+            }
+            _ = sub.take_queued(&mut buf) => {
+                // A write blocked by a client that does not read must not keep us from closing it.
+                let written = tokio::select! {
+                    biased;
+                    reason = &mut closed => {
+                        return Ended { sent, server_code: Some(close_in_time(socket, reason).await), client_code: None };
+                    }
+                    r = write_round(socket, &mut buf, &mut sent) => r,
+                };
+                if written.is_err() {
+                    return Ended { sent, server_code: None, client_code: None };
+                }
+            }
+        }
+    }
+}
+
+/// Handle one read from the client. Returns the peer's close code when the connection is over.
+fn on_client_frame(
+    app: &AppState,
+    msg: Option<Result<Message, axum::Error>>,
     sub: &Arc<Subscriber>,
     grant: &Grant,
     info: &ConnInfo,
     keys: &mut Vec<SubscriptionKey>,
 ) -> Option<u16> {
-    loop {
-        let msg = tokio::select! {
-            biased;
-            _ = sub.closed() => return None,
-            _ = app.shutdown.cancelled() => {
-                sub.close(CloseReason::GoingAway);
-                return None;
-            }
-            msg = stream.next() => msg,
-        };
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Binary(_))) => {
+    let text = match msg {
+        Some(Ok(Message::Text(t))) => t,
+        Some(Ok(Message::Binary(_))) => {
+            reply_error(
+                sub,
+                &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
+            );
+            return None;
+        }
+        Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| c.code)),
+        Some(Ok(_)) => return None,
+        Some(Err(e)) if is_too_large(&e) => {
+            tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
+            sub.close(CloseReason::TooLarge);
+            return None;
+        }
+        Some(Err(_)) | None => return Some(1006),
+    };
+    match decode_client_frame(text.as_str()) {
+        Ok(ClientFrame::Subscribe(s)) => {
+            let key = s.key();
+            if !grant.allows(&key) {
                 reply_error(
                     sub,
-                    &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
+                    &ApiError::Forbidden(format!("token may not read {key}")),
                 );
-                continue;
-            }
-            Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| c.code)),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) if is_too_large(&e) => {
-                tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
-                sub.close(CloseReason::TooLarge);
                 return None;
             }
-            Some(Err(_)) | None => return Some(1006),
-        };
-        match decode_client_frame(text.as_str()) {
-            Ok(ClientFrame::Subscribe(s)) => {
-                let key = s.key();
-                if !grant.allows(&key) {
-                    reply_error(
-                        sub,
-                        &ApiError::Forbidden(format!("token may not read {key}")),
-                    );
-                    continue;
-                }
-                let outcome = app
-                    .hub
-                    .subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
-                if !outcome.already {
-                    keys.push(key.clone());
-                }
-                log_subscribe(info, &key, &outcome);
+            let outcome = app
+                .hub
+                .subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
+            if !outcome.already {
+                keys.push(key.clone());
             }
-            Ok(ClientFrame::Unsubscribe(u)) => {
-                let key = u.key();
-                app.hub.unsubscribe(sub, &key);
-                keys.retain(|k| k != &key);
-                tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
-            }
-            Ok(ClientFrame::Ping) => {
-                sub.push(Outbound::Frame(Utf8Bytes::from_static(
-                    r#"{"type":"pong"}"#,
-                )));
-            }
-            Ok(ClientFrame::Hello(_)) => reply_error(
-                sub,
-                &ApiError::BadRequest("already connected: hello is only the first frame".into()),
-            ),
-            Err(e) => reply_error(sub, &ApiError::from(e)),
+            log_subscribe(info, &key, &outcome);
         }
+        Ok(ClientFrame::Unsubscribe(u)) => {
+            let key = u.key();
+            app.hub.unsubscribe(sub, &key);
+            keys.retain(|k| k != &key);
+            tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
+        }
+        Ok(ClientFrame::Ping) => {
+            sub.push(Outbound::Frame(Utf8Bytes::from_static(
+                r#"{"type":"pong"}"#,
+            )));
+        }
+        Ok(ClientFrame::Hello(_)) => reply_error(
+            sub,
+            &ApiError::BadRequest("already connected: hello is only the first frame".into()),
+        ),
+        Err(e) => reply_error(sub, &ApiError::from(e)),
     }
+    None
 }
 
 fn log_subscribe(info: &ConnInfo, key: &SubscriptionKey, outcome: &crate::hub::SubscribeOutcome) {
@@ -350,14 +388,11 @@ fn error_frame(e: &ApiError) -> Utf8Bytes {
     })))
 }
 
-async fn send_error(
-    sink: &mut SplitSink<WebSocket, Message>,
-    e: &ApiError,
-) -> Result<(), axum::Error> {
+async fn send_error(sink: &mut WebSocket, e: &ApiError) -> Result<(), axum::Error> {
     sink.send(Message::Text(error_frame(e))).await
 }
 
-async fn close_with(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
+async fn close_with(sink: &mut WebSocket, reason: CloseReason) {
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code: reason.code(),
@@ -371,43 +406,9 @@ async fn close_with(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReaso
 /// simply dropped (a slow consumer may never read it).
 const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Drain the send queue: take everything queued, write it, flush once. Returns frames written
-/// and the close code the server sent, if it closed the connection.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
-    sub: Arc<Subscriber>,
-    done: CancellationToken,
-) -> (u64, Option<u16>) {
-    let mut sent = 0u64;
-    let mut buf: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        let n = tokio::select! {
-            biased;
-            reason = sub.closed() => return (sent, Some(close_in_time(&mut sink, reason).await)),
-            _ = done.cancelled() => {
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.close()).await;
-                return (sent, None);
-            }
-            n = rx.recv_many(&mut buf, WRITE_BATCH) => n,
-        };
-        if n == 0 {
-            return (sent, None);
-        }
-        // A write blocked by a client that does not read must not keep us from closing it.
-        let written = tokio::select! {
-            biased;
-            reason = sub.closed() => return (sent, Some(close_in_time(&mut sink, reason).await)),
-            r = write_round(&mut sink, &mut buf, &mut sent) => r,
-        };
-        if written.is_err() {
-            return (sent, None);
-        }
-    }
-}
-
+/// Write every taken item, then flush once.
 async fn write_round(
-    sink: &mut SplitSink<WebSocket, Message>,
+    sink: &mut WebSocket,
     buf: &mut Vec<Outbound>,
     sent: &mut u64,
 ) -> Result<(), axum::Error> {
@@ -428,7 +429,7 @@ async fn write_round(
     sink.flush().await
 }
 
-async fn close_in_time(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) -> u16 {
+async fn close_in_time(sink: &mut WebSocket, reason: CloseReason) -> u16 {
     if tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_with(sink, reason))
         .await
         .is_err()

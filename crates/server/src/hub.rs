@@ -7,17 +7,18 @@
 //! else assigns a sequence number, and every frame is serialized once and shared by reference.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use seqcast_backlog::{BacklogLimits, Backlogs, OverflowReason};
 use seqcast_persistence::{CommittedEvent, NewEvent};
 use seqcast_protocol::{
     MessageFrame, ServerFrame, SubAck, SubscriptionKey, encode_message, encode_server_frame,
 };
 use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage, WindowLimits};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -35,57 +36,125 @@ pub enum Outbound {
     Batch(Vec<Frame>),
 }
 
-/// The hub's side of one WebSocket connection.
+/// The hub's side of one WebSocket connection: its bounded send queue and its close request.
+///
+/// The queue is a plain vector behind a mutex that is held only to push one item or to swap the
+/// whole vector out: the connection takes everything queued at once, writes it and flushes
+/// once, and the two vectors trade places so that a busy connection allocates nothing.
 #[derive(Debug)]
 pub struct Subscriber {
     /// Server-made id of the connection.
     pub client_id: Arc<str>,
-    tx: mpsc::Sender<Outbound>,
+    queue: Mutex<SendQueue>,
+    /// Most items the queue holds before the connection is closed as a slow consumer.
+    capacity: usize,
+    /// Wakes the connection when something was queued.
+    ready: AtomicWaker,
+    /// Set with the close request, checked on every push without taking a lock.
+    closing_flag: AtomicBool,
     close_reason: Mutex<Option<CloseReason>>,
-    /// Cancelled once a close was asked for; both halves of the connection wait on it.
+    /// Cancelled once a close was asked for; the connection waits on it.
     closing: CancellationToken,
-    /// Frames queued to this connection.
-    pub queued: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct SendQueue {
+    items: Vec<Outbound>,
+    /// The connection has stopped: nothing more is queued.
+    finished: bool,
+    /// Frames ever queued.
+    queued: u64,
 }
 
 impl Subscriber {
-    /// A subscriber whose frames go to `tx`.
-    pub fn new(client_id: Arc<str>, tx: mpsc::Sender<Outbound>) -> Self {
+    /// A subscriber whose send queue holds at most `capacity` items (at least 1).
+    pub fn new(client_id: Arc<str>, capacity: usize) -> Self {
         Subscriber {
             client_id,
-            tx,
+            queue: Mutex::new(SendQueue::default()),
+            capacity: capacity.max(1),
+            ready: AtomicWaker::new(),
+            closing_flag: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             closing: CancellationToken::new(),
-            queued: AtomicU64::new(0),
         }
     }
 
+    fn lock_queue(&self) -> MutexGuard<'_, SendQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Queue an item without waiting. A full queue closes the connection with 1013: memory
-    /// stays bounded and the client resumes with `since`.
+    /// stays bounded and the client resumes with `since`. Returns false when nothing was
+    /// queued (full, closing, or the connection has stopped).
     pub fn push(&self, item: Outbound) -> bool {
-        if self.closing.is_cancelled() {
+        if self.closing_flag.load(Ordering::Acquire) {
             return false;
         }
         let n = match &item {
             Outbound::Frame(_) => 1,
             Outbound::Batch(b) => b.len() as u64,
         };
-        match self.tx.try_send(item) {
-            Ok(()) => {
-                self.queued.fetch_add(n, Ordering::Relaxed);
-                true
+        {
+            let mut q = self.lock_queue();
+            if q.finished {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            if q.items.len() >= self.capacity {
+                drop(q);
                 tracing::warn!(
                     event = "slow_consumer",
                     client_id = %self.client_id,
                     "send queue full: closing the connection with 1013"
                 );
                 self.close(CloseReason::SlowConsumer);
-                false
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            q.items.push(item);
+            q.queued += n;
         }
+        self.ready.wake();
+        true
+    }
+
+    /// Wait until something is queued, then move everything queued into `buf` (which the
+    /// caller has emptied). Returns how many items were taken. Cancel safe: items are taken
+    /// only in the poll that returns them.
+    pub async fn take_queued(&self, buf: &mut Vec<Outbound>) -> usize {
+        std::future::poll_fn(|cx| {
+            if let n @ 1.. = self.take_now(buf) {
+                return Poll::Ready(n);
+            }
+            self.ready.register(cx.waker());
+            // Checked again after registering, so a push in between is not missed.
+            match self.take_now(buf) {
+                0 => Poll::Pending,
+                n => Poll::Ready(n),
+            }
+        })
+        .await
+    }
+
+    fn take_now(&self, buf: &mut Vec<Outbound>) -> usize {
+        let mut q = self.lock_queue();
+        if q.items.is_empty() {
+            return 0;
+        }
+        debug_assert!(buf.is_empty(), "take_queued needs an empty buffer");
+        std::mem::swap(&mut q.items, buf);
+        buf.len()
+    }
+
+    /// The connection has stopped: refuse further items and free what is still queued.
+    pub fn finish(&self) {
+        let mut q = self.lock_queue();
+        q.finished = true;
+        q.items = Vec::new();
+    }
+
+    /// Frames queued to this connection so far.
+    pub fn queued(&self) -> u64 {
+        self.lock_queue().queued
     }
 
     /// Ask the connection to close with `reason` (the first reason wins).
@@ -93,6 +162,7 @@ impl Subscriber {
         let mut r = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
             *r = Some(reason);
+            self.closing_flag.store(true, Ordering::Release);
             self.closing.cancel();
         }
     }
@@ -108,7 +178,7 @@ impl Subscriber {
 
     /// Whether the connection is closing.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.closing_flag.load(Ordering::Acquire)
     }
 }
 
