@@ -75,7 +75,7 @@ pub async fn start(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ServerHandle> {
-    let listener = TcpListener::bind(&settings.listen)
+    let listener = bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
@@ -145,6 +145,10 @@ pub async fn start(
     let expiry = tokio::spawn(expire_periodically(Arc::clone(&app)));
     let task = tokio::spawn(async move {
         let graceful = app.shutdown.clone();
+        // Frames are small and latency matters: never let Nagle hold one back for an ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { graceful.cancelled().await })
             .await;
@@ -182,6 +186,30 @@ pub async fn start(
 
 fn app_api_key(k: &str) -> String {
     k.to_owned()
+}
+
+/// Bind with a listen backlog large enough for a reconnect storm (the kernel caps it at
+/// `net.core.somaxconn`).
+async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(4096)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "address resolves to nothing",
+        )
+    }))
 }
 
 /// Run until `shutdown` is cancelled.
@@ -243,6 +271,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let mut config = StoreConfig::new(&path);
             config.synchronous = settings.synchronous;
             config.busy_timeout = settings.db_busy_timeout;
+            config.group_commit = settings.group_commit;
             let (writer, _info) = DbWriter::open(
                 config,
                 Box::new(move |events| hook_hub.apply_committed(events, now_ms())),
@@ -330,7 +359,9 @@ async fn ws_upgrade(
     };
     let max = app.settings.max_message_bytes;
     let tracker = app.connections.clone();
-    ws.read_buffer_size(4096)
+    // Client frames are small; a 1 KiB read buffer keeps idle connections cheap (tungstenite
+    // allocates and zero-fills it on the first read).
+    ws.read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, app, pre_auth)))

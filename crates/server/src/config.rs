@@ -171,6 +171,9 @@ pub struct ServeArgs {
     /// Milliseconds the writer waits on a locked database before answering 503 (5000).
     #[arg(long, env = "SEQCAST_DB_BUSY_TIMEOUT_MS")]
     pub db_busy_timeout_ms: Option<u64>,
+    /// Group commit in the database writer (true); false = one transaction per command, for benchmarks.
+    #[arg(long, env = "SEQCAST_GROUP_COMMIT")]
+    pub group_commit: Option<bool>,
 }
 
 /// The TOML file: the same names as the flags, in snake_case.
@@ -197,6 +200,7 @@ struct FileSettings {
     hello_timeout_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     db_busy_timeout_ms: Option<u64>,
+    group_commit: Option<bool>,
 }
 
 /// A settings problem, reported before anything starts.
@@ -265,6 +269,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// SQLite busy timeout.
     pub db_busy_timeout: Duration,
+    /// Group commit in the database writer.
+    pub group_commit: bool,
 }
 
 impl Settings {
@@ -374,6 +380,7 @@ impl Settings {
             hello_timeout: Duration::from_millis(pick!(hello_timeout_ms, 10_000)),
             shutdown_grace: Duration::from_secs(pick!(shutdown_grace_secs, 5)),
             db_busy_timeout: Duration::from_millis(pick!(db_busy_timeout_ms, 5_000)),
+            group_commit: pick!(group_commit, true),
         })
     }
 }
