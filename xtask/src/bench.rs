@@ -52,7 +52,6 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// The smoke run `cargo xtask ci` calls: seconds, tiny sizes, no thresholds.
-#[allow(dead_code)] // Called from `ci` once the lead wires it in.
 pub fn smoke(root: &Path) -> Result<()> {
     bench(root, Profile::Smoke)
 }

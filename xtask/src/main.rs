@@ -90,6 +90,7 @@ fn ci() -> Result<()> {
     step("layering", layering)?;
     step("tests", test)?;
     step("browser", || browser::run(&root()?))?;
+    step("bench smoke", || bench::smoke(&root()?))?;
     eprintln!("\nci: all green in {:.0}s", t.elapsed().as_secs_f64());
     Ok(())
 }
