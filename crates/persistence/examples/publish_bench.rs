@@ -20,6 +20,8 @@ use seqcast_protocol::{MessageId, SubscriptionKey};
 /// A typical small message body (~100 bytes of JSON).
 const DATA: &str = r#"{"type":"token","text":"The quick brown fox jumps over the lazy dog","index":12345,"done":false}"#;
 const STREAMS: usize = 16;
+/// The writer thread's name (Linux shows the first 15 bytes).
+const WRITER_THREAD: &str = "seqcast-db-writer";
 
 #[derive(Debug, Clone, Copy)]
 struct Scenario {
@@ -33,6 +35,34 @@ struct Outcome {
     events: u64,
     elapsed: Duration,
     transactions: u64,
+    /// CPU time of the writer thread, and of the whole process, during the run.
+    writer_cpu: Option<Duration>,
+    process_cpu: Option<Duration>,
+}
+
+/// CPU time of this process's threads (all, or those whose name starts with `name`), from
+/// Linux's /proc/self/task/*/schedstat. Wall-clock rates on a shared machine swing with other
+/// load; CPU per event is the stable measure of the hot path's cost.
+fn thread_cpu(name: Option<&str>) -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        if let Some(name) = name {
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if !name.starts_with(comm.trim()) || comm.trim().is_empty() {
+                continue;
+            }
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+fn per_event_us(cpu: Option<Duration>, events: u64) -> String {
+    cpu.map_or("n/a".to_owned(), |d| {
+        format!("{:.1}", d.as_secs_f64() * 1e6 / events.max(1) as f64)
+    })
 }
 
 fn main() {
@@ -72,8 +102,11 @@ fn main() {
         }
     }
 
-    println!("| sync | commit | publishers | events/append | appends/s | events/s | events/txn |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| sync | commit | publishers | events/append | appends/s | events/s | events/txn \
+         | writer CPU µs/event | process CPU µs/event |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let wanted = |s: &Scenario| match only.as_deref() {
         Some("single") => s.batch == 1,
         Some("batch") => s.batch > 1,
@@ -84,7 +117,7 @@ fn main() {
         let secs = outcome.elapsed.as_secs_f64();
         let events_per_sec = outcome.events as f64 / secs;
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.1} | {} | {} |",
             scenario.synchronous.as_pragma(),
             if scenario.group_commit {
                 "group"
@@ -96,6 +129,8 @@ fn main() {
             events_per_sec / scenario.batch as f64,
             events_per_sec,
             outcome.events as f64 / outcome.transactions.max(1) as f64,
+            per_event_us(outcome.writer_cpu, outcome.events),
+            per_event_us(outcome.process_cpu, outcome.events),
         );
     }
 }
@@ -121,6 +156,8 @@ async fn run(scenario: Scenario, duration: Duration) -> Outcome {
         .map(|i| SubscriptionKey::parse(&format!("bench:stream-{i}")).unwrap())
         .collect();
 
+    let writer_cpu_before = thread_cpu(Some(WRITER_THREAD));
+    let process_cpu_before = thread_cpu(None);
     let start = Instant::now();
     let deadline = start + duration;
     let tasks: Vec<_> = (0..scenario.publishers)
@@ -152,6 +189,12 @@ async fn run(scenario: Scenario, duration: Duration) -> Outcome {
         events += task.await.unwrap();
     }
     let elapsed = start.elapsed();
+    let writer_cpu = thread_cpu(Some(WRITER_THREAD))
+        .zip(writer_cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let process_cpu = thread_cpu(None)
+        .zip(process_cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let stats = writer.stats();
     writer.close().await;
     assert_eq!(hooked.load(Ordering::Relaxed), events);
@@ -159,5 +202,7 @@ async fn run(scenario: Scenario, duration: Duration) -> Outcome {
         events,
         elapsed,
         transactions: stats.transactions_committed,
+        writer_cpu,
+        process_cpu,
     }
 }

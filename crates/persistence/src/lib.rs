@@ -17,6 +17,7 @@
 //! visible to the hook, a reply or a reader only after its transaction committed, and a failed
 //! transaction leaves nothing behind.
 
+mod checkpoint;
 mod config;
 mod error;
 mod event;

@@ -2,10 +2,10 @@
 //!
 //! Publishers send [`Command`]s over a bounded queue, each with its own oneshot reply. The
 //! thread takes every command already queued (up to a cap) into one `BEGIN IMMEDIATE`
-//! transaction, runs each inside its own SAVEPOINT so a failing command is undone alone, commits
-//! once, hands the committed events to the [`CommitHook`] in sequence order, and only then
-//! answers each publisher. It never waits on a timer for more work: the group is whatever
-//! queued up while the previous commit was syncing.
+//! transaction, commits once, hands the committed events to the [`CommitHook`] in sequence
+//! order, and only then answers each publisher. A failing command is undone alone (the group is
+//! retried with a SAVEPOINT per command, see `Writer::write_group`). It never waits on a
+//! timer for more work: the group is whatever queued up while the previous commit was syncing.
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use seqcast_protocol::SubscriptionKey;
 
+use crate::checkpoint::{BACKSTOP_AUTOCHECKPOINT_PAGES, Checkpointer};
 use crate::config::{FaultInjector, StoreConfig};
 use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
 use crate::event::{CommittedEvent, NewEvent, StoreInfo};
@@ -115,6 +116,17 @@ impl DbWriter {
             epoch: schema::read_epoch(&conn)?,
             head: schema::read_head(&conn)?,
         };
+        // Checkpoints run on their own thread; the writer's automatic one is only a backstop.
+        let checkpointer = match Checkpointer::start(&config.path, options) {
+            Ok(checkpointer) => {
+                conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_AUTOCHECKPOINT_PAGES)?;
+                Some(checkpointer)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "no checkpoint thread; the writer checkpoints itself");
+                None
+            }
+        };
         if conn.is_readonly(MAIN_DB)? {
             tracing::warn!(path = %config.path.display(), "database opened read-only; appends will fail until it is writable");
         }
@@ -138,6 +150,7 @@ impl DbWriter {
             hook,
             last_timestamp_ms,
             stream_ids: StreamIds::default(),
+            checkpointer,
             shared: Arc::clone(&shared),
         };
         let thread = std::thread::Builder::new()
@@ -291,7 +304,7 @@ struct PendingAppend {
 
 /// State owned by the writer thread.
 struct Writer {
-    /// `None` after an error that calls for a fresh connection (read-only, cannot open);
+    /// `None` after an error that calls for a fresh connection (read-only, cannot open, I/O);
     /// reopened before the next group.
     conn: Option<Connection>,
     path: PathBuf,
@@ -304,6 +317,7 @@ struct Writer {
     hook: CommitHook,
     last_timestamp_ms: u64,
     stream_ids: StreamIds,
+    checkpointer: Option<Checkpointer>,
     shared: Arc<Shared>,
 }
 
@@ -340,7 +354,11 @@ impl Writer {
                 self.commit_group(group);
             }
         }
-        // The queue is closed and drained. Closing the connection checkpoints the WAL.
+        // The queue is closed and drained. Closing the last connection checkpoints the WAL
+        // into the database file and removes it, so the checkpointer closes first.
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
         if let Some(conn) = self.conn.take()
             && let Err((_, err)) = conn.close()
         {
@@ -492,6 +510,9 @@ impl Writer {
 
         self.last_timestamp_ms = timestamp_ms;
         self.stream_ids.remember(&committed, &stream_ids);
+        if let Some(checkpointer) = &mut self.checkpointer {
+            checkpointer.committed(committed.len());
+        }
         let counters = &self.shared.counters;
         counters
             .transactions_committed
@@ -534,6 +555,9 @@ impl Writer {
                 "the database file was replaced (epoch {epoch}, expected {})",
                 self.epoch
             )));
+        }
+        if self.checkpointer.is_some() {
+            conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_AUTOCHECKPOINT_PAGES)?;
         }
         tracing::info!(path = %self.path.display(), "database connection reopened");
         self.stream_ids = StreamIds::default();

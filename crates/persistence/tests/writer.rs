@@ -18,15 +18,18 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
     let tasks: Vec<_> = (0..400)
         .map(|i| {
             let writer = writer.clone();
+            let log = log.clone();
             tokio::spawn(async move {
                 let key = format!("chat:req-{}", i % 7);
-                writer
-                    .append(vec![event(
-                        &key,
-                        &format!("m{i}"),
-                        &format!("{{\"i\":{i}}}"),
-                    )])
-                    .await
+                let data = format!("{{\"i\":{i}}}");
+                let reply = writer
+                    .append(vec![event(&key, &format!("m{i}"), &data)])
+                    .await;
+                // Persist-first, fan-out before the answer: the hook has seen it by now.
+                if let Ok(committed) = &reply {
+                    assert!(log.events().contains(&committed[0]));
+                }
+                reply
             })
         })
         .collect();
@@ -309,6 +312,11 @@ async fn a_failing_batch_commits_nothing_while_its_group_commits() {
         async move { writer.append(vec![event("s:1", "after", "5")]).await }
     });
     until_commands_arrived(&writer, 4).await;
+    let bad_single = tokio::spawn({
+        let writer = writer.clone();
+        async move { writer.append(vec![event("s:1", "x", "{")]).await }
+    });
+    until_commands_arrived(&writer, 5).await;
     gate.release();
 
     let first = first.await.unwrap().unwrap();
@@ -316,6 +324,11 @@ async fn a_failing_batch_commits_nothing_while_its_group_commits() {
     let bad = bad_batch.await.unwrap();
     let after = good_after.await.unwrap().unwrap();
     assert!(matches!(bad, Err(StoreError::Rejected(_))), "{bad:?}");
+    let bad_single = bad_single.await.unwrap();
+    assert!(
+        matches!(bad_single, Err(StoreError::Rejected(_))),
+        "{bad_single:?}"
+    );
     // Nothing of the batch took a number or a position: the savepoint rollback undid it.
     let numbers: Vec<(u64, u64)> = [&first, &before, &after]
         .iter()
@@ -488,4 +501,50 @@ fn synchronous_parses_full_and_normal() {
     assert!("off".parse::<Synchronous>().is_err());
     assert_eq!(Synchronous::default(), Synchronous::Full);
     assert_eq!(Synchronous::Normal.to_string(), "normal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_whole_transactions_only() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _, _) = open(config(&dir));
+    let reader = DbReader::open(&db_path(&dir)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (reader, stop, reads) = (reader.clone(), stop.clone(), reads.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let events = reader
+                    .events_after(0, usize::MAX, EventFilter::All)
+                    .unwrap();
+                // Batches of 5: a reader never sees part of one.
+                assert_eq!(events.len() % 5, 0, "saw a partial batch");
+                assert!(reader.head().unwrap() >= events.len() as u64);
+                reads.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    for b in 0..40 {
+        // Make sure reads really interleave with the writes.
+        while reads.load(Ordering::SeqCst) < b / 4 && !watcher.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let batch = (0..5)
+            .map(|i| event("w:1", &format!("b{b}-{i}"), "0"))
+            .collect();
+        writer.append(batch).await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert!(reads.load(Ordering::SeqCst) >= 9);
+    assert_eq!(
+        reader
+            .events_after(0, usize::MAX, EventFilter::All)
+            .unwrap()
+            .len(),
+        200
+    );
+    writer.close().await;
 }
