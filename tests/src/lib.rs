@@ -70,6 +70,7 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     _tmp: Option<Arc<tempfile::TempDir>>,
     logs: Arc<Mutex<Vec<String>>>,
+    log_readers: Vec<tokio::task::JoinHandle<()>>,
     /// HTTP client.
     pub http: reqwest::Client,
 }
@@ -137,9 +138,10 @@ impl TestServer {
         let stderr = child.stderr.take().unwrap();
         let logs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let mut log_readers = Vec::new();
         {
             let logs = Arc::clone(&logs);
-            tokio::spawn(async move {
+            log_readers.push(tokio::spawn(async move {
                 let mut addr_tx = Some(addr_tx);
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
@@ -152,16 +154,16 @@ impl TestServer {
                     }
                     logs.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         {
             let logs = Arc::clone(&logs);
-            tokio::spawn(async move {
+            log_readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     logs.lock().unwrap().push(format!("stderr: {line}"));
                 }
-            });
+            }));
         }
         let addr = match tokio::time::timeout(Duration::from_secs(30), addr_rx).await {
             Ok(Ok(a)) => a,
@@ -179,6 +181,7 @@ impl TestServer {
             data_dir,
             _tmp: tmp,
             logs,
+            log_readers,
             http: reqwest::Client::new(),
         }
     }
@@ -313,10 +316,19 @@ impl TestServer {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        tokio::time::timeout(Duration::from_secs(20), child.wait())
+        let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
             .await
             .unwrap()
-            .unwrap()
+            .unwrap();
+        self.drain_logs().await;
+        status
+    }
+
+    /// Wait until the exited process's output has been read to the end.
+    async fn drain_logs(&mut self) {
+        for reader in self.log_readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
     }
 
     /// `kill -9`.
@@ -324,6 +336,7 @@ impl TestServer {
         let mut child = self.child.take().unwrap();
         child.start_kill().unwrap();
         let _ = child.wait().await;
+        self.drain_logs().await;
     }
 }
 

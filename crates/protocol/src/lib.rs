@@ -29,8 +29,8 @@ pub use pattern::KeyPattern;
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{
-    Connected, ErrorCode, ErrorFrame, MessageFrame, ServerFrame, SubAck, decode_server_frame,
-    encode_message, encode_server_frame,
+    Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
+    decode_server_frame, encode_message, encode_message_ref, encode_server_frame,
 };
 
 /// Runs the README's example as a doctest, so it cannot drift from the API.

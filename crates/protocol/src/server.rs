@@ -247,29 +247,62 @@ pub fn encode_server_frame(frame: &ServerFrame) -> String {
 /// Writes straight into one pre-sized `String`. Names need no escaping: their grammars contain
 /// only characters JSON leaves as they are. `data` is copied verbatim.
 pub fn encode_message(frame: &MessageFrame) -> String {
-    // Fixed text is ~130 bytes; six numbers are at most 20 digits each.
-    let data = frame.data.get();
+    encode_message_ref(&MessageRef {
+        sequence_number: frame.sequence_number,
+        stream_sequence: frame.stream_sequence,
+        channel: &frame.channel,
+        request_id: &frame.request_id,
+        message_id: &frame.message_id,
+        timestamp: frame.timestamp,
+        data_json: frame.data.get(),
+    })
+}
+
+/// A message frame's fields by reference: what a server holds after a commit, encoded without
+/// building (and re-validating) a [`MessageFrame`].
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    /// Deployment-wide sequence number.
+    pub sequence_number: u64,
+    /// Position in the stream.
+    pub stream_sequence: u64,
+    /// The channel.
+    pub channel: &'a Channel,
+    /// The request id.
+    pub request_id: &'a RequestId,
+    /// The message id.
+    pub message_id: &'a MessageId,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: u64,
+    /// The data as JSON text. It is copied verbatim, so it must already be valid JSON (seqcast
+    /// validates it once, at publish, and the database refuses anything else).
+    pub data_json: &'a str,
+}
+
+/// Encodes a message frame from its parts; the same bytes as [`encode_message`].
+pub fn encode_message_ref(m: &MessageRef<'_>) -> String {
+    // Fixed text is ~130 bytes; three numbers are at most 20 digits each.
     let capacity = 130
         + 3 * 20
-        + frame.channel.as_str().len()
-        + frame.request_id.as_str().len()
-        + frame.message_id.as_str().len()
-        + data.len();
+        + m.channel.as_str().len()
+        + m.request_id.as_str().len()
+        + m.message_id.as_str().len()
+        + m.data_json.len();
     let mut out = String::with_capacity(capacity);
     out.push_str(r#"{"type":"message","sequence_number":"#);
-    push_u64(&mut out, frame.sequence_number);
+    push_u64(&mut out, m.sequence_number);
     out.push_str(r#","stream_sequence":"#);
-    push_u64(&mut out, frame.stream_sequence);
+    push_u64(&mut out, m.stream_sequence);
     out.push_str(r#","channel":""#);
-    out.push_str(frame.channel.as_str());
+    out.push_str(m.channel.as_str());
     out.push_str(r#"","request_id":""#);
-    out.push_str(frame.request_id.as_str());
+    out.push_str(m.request_id.as_str());
     out.push_str(r#"","message_id":""#);
-    out.push_str(frame.message_id.as_str());
+    out.push_str(m.message_id.as_str());
     out.push_str(r#"","timestamp":"#);
-    push_u64(&mut out, frame.timestamp);
+    push_u64(&mut out, m.timestamp);
     out.push_str(r#","data":"#);
-    out.push_str(data);
+    out.push_str(m.data_json);
     out.push('}');
     out
 }

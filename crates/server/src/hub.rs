@@ -16,7 +16,7 @@ use futures_util::task::AtomicWaker;
 use seqcast_backlog::{BacklogLimits, Backlogs, OverflowReason};
 use seqcast_persistence::{CommittedEvent, NewEvent};
 use seqcast_protocol::{
-    MessageFrame, ServerFrame, SubAck, SubscriptionKey, encode_message, encode_server_frame,
+    MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
 use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage, WindowLimits};
 use tokio_util::sync::CancellationToken;
@@ -282,24 +282,19 @@ impl Hub {
         self.lock().window.head()
     }
 
-    /// Build the one serialized frame of a committed event.
+    /// Build the one serialized frame of a committed event. Its data is valid JSON: validated
+    /// once at publish, and the database refuses anything else (`CHECK (json_valid(data))`), so it
+    /// is copied verbatim, never re-parsed.
     pub fn frame_of(ev: &CommittedEvent) -> Frame {
-        let data = match serde_json::value::RawValue::from_string(ev.data.clone()) {
-            Ok(raw) => raw,
-            // The data was validated as JSON when it was published; a row that is not valid
-            // JSON can only come from outside seqcast, and is sent as a JSON string instead.
-            Err(_) => serde_json::value::to_raw_value(&ev.data).unwrap_or_else(|_| null_raw()),
-        };
-        let frame = MessageFrame {
+        Utf8Bytes::from(encode_message_ref(&MessageRef {
             sequence_number: ev.sequence_number,
             stream_sequence: ev.stream_sequence,
-            channel: ev.key.channel().clone(),
-            request_id: ev.key.request_id().clone(),
-            message_id: ev.message_id.clone(),
+            channel: ev.key.channel(),
+            request_id: ev.key.request_id(),
+            message_id: &ev.message_id,
             timestamp: ev.timestamp_ms,
-            data,
-        };
-        Utf8Bytes::from(encode_message(&frame))
+            data_json: &ev.data,
+        }))
     }
 
     /// Fan out events that the store committed, in commit order. Called by the database
@@ -632,11 +627,6 @@ impl Hub {
             ),
         ]
     }
-}
-
-fn null_raw() -> Box<serde_json::value::RawValue> {
-    serde_json::value::RawValue::from_string("null".into())
-        .unwrap_or_else(|_| unreachable!("null is JSON"))
 }
 
 /// Merge two ascending lists of (sequence, frame), dropping duplicates by sequence number.
