@@ -41,6 +41,8 @@ pub struct AppState {
     pub connections: TaskTracker,
     /// No JWT secret was configured: a generated one is in use.
     pub dev_mode: bool,
+    /// Makes message ids for publishes that bring none.
+    pub message_ids: http::MessageIds,
 }
 
 /// A running server.
@@ -138,6 +140,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
         dev_mode,
+        message_ids: http::MessageIds::default(),
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");

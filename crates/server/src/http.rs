@@ -224,7 +224,7 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
         .map_err(|_| ApiError::TooLarge(format!("request body exceeds the limit of {limit} bytes")))
 }
 
-fn new_event(req: PublishRequest, grant: &Grant) -> Result<NewEvent, ApiError> {
+fn new_event(req: PublishRequest, grant: &Grant, ids: &MessageIds) -> Result<NewEvent, ApiError> {
     let key = req.key();
     if !grant.allows(&key) {
         return Err(ApiError::Forbidden(format!(
@@ -233,7 +233,7 @@ fn new_event(req: PublishRequest, grant: &Grant) -> Result<NewEvent, ApiError> {
     }
     let message_id = match req.message_id {
         Some(id) => id,
-        None => MessageId::new(random_hex(16)).map_err(|e| ApiError::Internal(e.to_string()))?,
+        None => ids.next()?,
     };
     let data: Box<str> = req.data.into();
     Ok(NewEvent {
@@ -251,6 +251,34 @@ fn answer(ev: &CommittedEvent) -> PublishResponse {
     }
 }
 
+/// Server-made message ids: increasing (a time-based start plus a counter) so that the
+/// database's per-stream index takes them at its end instead of on random pages — fewer dirty
+/// pages per group commit — with a random suffix so ids stay unique across restarts.
+#[derive(Debug)]
+pub struct MessageIds {
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        MessageIds {
+            next: std::sync::atomic::AtomicU64::new(micros),
+        }
+    }
+}
+
+impl MessageIds {
+    /// A new id: 16 hex digits of the counter, then 8 random hex digits.
+    pub fn next(&self) -> Result<MessageId, ApiError> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        MessageId::new(format!("{n:016x}{}", random_hex(4))).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}
+
 /// `POST /api/publish`
 pub async fn publish(
     State(app): State<Arc<AppState>>,
@@ -260,7 +288,7 @@ pub async fn publish(
     let grant = app.auth.publisher(authorization(&headers))?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
-    let ev = new_event(req, &grant)?;
+    let ev = new_event(req, &grant, &app.message_ids)?;
     let committed = app.store.commit(&app.hub, vec![ev]).await?;
     let first = committed
         .first()
@@ -281,7 +309,7 @@ pub async fn publish_batch(
     let events = req
         .messages
         .into_iter()
-        .map(|m| new_event(m, &grant))
+        .map(|m| new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
     let committed = app.store.commit(&app.hub, events).await?;
     Ok(axum::Json(BatchPublishResponse {
