@@ -363,18 +363,7 @@ impl Bench {
                 &flags,
             )?;
             for &p in &s.publishers {
-                let v = self.loadgen(
-                    &server,
-                    "publish",
-                    &[
-                        "--publishers",
-                        &p.to_string(),
-                        "--duration-secs",
-                        &secs,
-                        "--warmup-secs",
-                        &warm,
-                    ],
-                )?;
+                let v = self.publish_load(&server, p, 1, &secs, &warm)?;
                 let rate = v["publishes_per_s"].as_f64().unwrap_or(0.0);
                 if label == "SQLite FULL" && p == 64 {
                     full_64 = Some(rate);
@@ -388,20 +377,7 @@ impl Bench {
                 self.raw.push(v);
             }
             let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
-            let v = self.loadgen(
-                &server,
-                "publish",
-                &[
-                    "--publishers",
-                    &p.to_string(),
-                    "--batch",
-                    &s.batch.to_string(),
-                    "--duration-secs",
-                    &secs,
-                    "--warmup-secs",
-                    &warm,
-                ],
-            )?;
+            let v = self.publish_load(&server, p, s.batch, &secs, &warm)?;
             self.row(
                 "publish (batch)",
                 format!("{p} publishers × batches of {}, {label}", s.batch),
@@ -423,18 +399,7 @@ impl Bench {
                 ],
             )?;
             let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
-            let v = self.loadgen(
-                &server,
-                "publish",
-                &[
-                    "--publishers",
-                    &p.to_string(),
-                    "--duration-secs",
-                    &secs,
-                    "--warmup-secs",
-                    &warm,
-                ],
-            )?;
+            let v = self.publish_load(&server, p, 1, &secs, &warm)?;
             per_message_64 = v["publishes_per_s"].as_f64();
             self.row(
                 "publish (single)",
@@ -699,6 +664,32 @@ impl Bench {
             .context("listening line has no addr")?
             .to_owned();
         Ok(server)
+    }
+
+    /// Closed-loop publishing by `publishers` publishers, `batch` messages per request.
+    fn publish_load(
+        &self,
+        server: &Server,
+        publishers: usize,
+        batch: usize,
+        secs: &str,
+        warm: &str,
+    ) -> Result<Value> {
+        let (p, b) = (publishers.to_string(), batch.to_string());
+        self.loadgen(
+            server,
+            "publish",
+            &[
+                "--publishers",
+                &p,
+                "--batch",
+                &b,
+                "--duration-secs",
+                secs,
+                "--warmup-secs",
+                warm,
+            ],
+        )
     }
 
     fn loadgen(&self, server: &Server, scenario: &str, extra: &[&str]) -> Result<Value> {
