@@ -182,13 +182,9 @@ pub async fn start(
         addr,
         shutdown,
         dev_token,
-        api_key: app_api_key(&api_key),
+        api_key,
         task,
     })
-}
-
-fn app_api_key(k: &str) -> String {
-    k.to_owned()
 }
 
 /// Bind with a listen backlog large enough for a reconnect storm (the kernel caps it at

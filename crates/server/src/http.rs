@@ -275,7 +275,8 @@ impl MessageIds {
     /// A new id: 16 hex digits of the counter, then 8 random hex digits.
     pub fn next(&self) -> Result<MessageId, ApiError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        MessageId::new(format!("{n:016x}{}", random_hex(4))).map_err(|e| ApiError::Internal(e.to_string()))
+        MessageId::new(format!("{n:016x}{}", random_hex(4)))
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 }
 
