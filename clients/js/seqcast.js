@@ -622,8 +622,8 @@ export class SeqcastClient {
   #onSubAck(frame) {
     const sub = this.#subs.get(frame.subscription_key ?? keyOf(frame.channel, frame.request_id));
     if (!sub) return; // unsubscribed meanwhile
-    // A server that puts its head in sub_ack gives the exact position; otherwise the
-    // connection's head is the closest lower bound.
+    // sub_ack carries the head at the moment of subscribing (the exact seam); an older server
+    // without it leaves the connection's head, the closest lower bound.
     const head = frame.head ?? this.#info?.head ?? 0;
     const previousEpoch = sub.epoch;
     const since = sub.resumeFrom;

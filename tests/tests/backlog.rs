@@ -31,6 +31,7 @@ async fn scenario_a_reconnect_to_a_new_search_gets_only_its_backlog() {
     let mut c = s.client(&t).await;
     let ack = c.subscribe("search", "req_B").await;
     assert_eq!(ack.drained, 3);
+    assert_eq!(ack.head, 8, "sub_ack tells where live delivery starts");
     let got: Vec<(u64, serde_json::Value)> = {
         let mut v = Vec::new();
         for _ in 0..3 {

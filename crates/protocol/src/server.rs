@@ -111,6 +111,11 @@ pub struct SubAck {
     pub subscription_key: SubscriptionKey,
     /// How many backlog messages follow this frame.
     pub drained: u64,
+    /// The latest sequence number at the moment of subscribing: every message of this key
+    /// numbered above it arrives live. A client that has received nothing of this key resumes
+    /// from here.
+    #[serde(default)]
+    pub head: u64,
     /// For a `subscribe` with `since`: whether history reached back to `since + 1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,

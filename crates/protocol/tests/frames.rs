@@ -394,6 +394,7 @@ fn every_server_frame() -> Vec<ServerFrame> {
             request_id: key.request_id().clone(),
             subscription_key: key.clone(),
             drained: 5,
+            head: 9,
             recovered: None,
             oldest_sequence: None,
             epoch: "e".into(),
@@ -403,6 +404,7 @@ fn every_server_frame() -> Vec<ServerFrame> {
             request_id: key.request_id().clone(),
             subscription_key: key,
             drained: 0,
+            head: 40,
             recovered: Some(false),
             oldest_sequence: Some(17),
             epoch: "e".into(),
@@ -440,11 +442,11 @@ fn server_frames_exact_wire_text() {
     );
     assert_eq!(
         texts[2],
-        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":5,"epoch":"e"}"#
+        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":5,"head":9,"epoch":"e"}"#
     );
     assert_eq!(
         texts[3],
-        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":0,"recovered":false,"oldest_sequence":17,"epoch":"e"}"#
+        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":0,"head":40,"recovered":false,"oldest_sequence":17,"epoch":"e"}"#
     );
     assert_eq!(
         texts[6],

@@ -441,7 +441,7 @@ impl Hub {
             && subs.iter().any(|s| Arc::ptr_eq(s, sub))
         {
             outcome.already = true;
-            let ack = self.sub_ack(key, 0, None, None);
+            let ack = self.sub_ack(key, 0, state.window.head(), None, None);
             outcome.failed = !sub.push(Outbound::Frame(ack));
             return outcome;
         }
@@ -484,6 +484,7 @@ impl Hub {
         let ack = self.sub_ack(
             key,
             outcome.drained as u64,
+            state.window.head(),
             recovered,
             if recovered == Some(false) {
                 oldest
@@ -513,6 +514,7 @@ impl Hub {
         &self,
         key: &SubscriptionKey,
         drained: u64,
+        head: u64,
         recovered: Option<bool>,
         oldest_sequence: Option<u64>,
     ) -> Frame {
@@ -521,6 +523,7 @@ impl Hub {
             request_id: key.request_id().clone(),
             subscription_key: key.clone(),
             drained,
+            head,
             recovered,
             oldest_sequence,
             epoch: self.epoch.clone(),
