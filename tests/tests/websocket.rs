@@ -342,3 +342,28 @@ async fn an_abnormal_drop_is_logged_as_1006() {
         .await;
     assert_eq!(closed["close_code"], 1006);
 }
+
+#[tokio::test]
+async fn subscriptions_per_connection_are_bounded() {
+    let s = TestServer::start_with(Options::args(&[
+        "--storage",
+        "memory",
+        "--max-subscriptions",
+        "2",
+    ]))
+    .await;
+    let mut c = s.client(&token("alice", None)).await;
+    c.subscribe("c", "a").await;
+    c.subscribe("c", "b").await;
+    c.subscribe("c", "a").await; // already subscribed: not a new one
+    c.send(json!({"type": "subscribe", "channel": "c", "request_id": "x"}))
+        .await;
+    let ServerFrame::Error(e) = c.next_frame().await else {
+        panic!("expected error")
+    };
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("limit 2"), "{}", e.message);
+    c.send(json!({"type": "unsubscribe", "channel": "c", "request_id": "a"}))
+        .await;
+    c.subscribe("c", "x").await;
+}

@@ -171,6 +171,9 @@ pub struct ServeArgs {
     /// Milliseconds the writer waits on a locked database before answering 503 (5000).
     #[arg(long, env = "SEQCAST_DB_BUSY_TIMEOUT_MS")]
     pub db_busy_timeout_ms: Option<u64>,
+    /// Most keys one connection may be subscribed to at once (1000).
+    #[arg(long, env = "SEQCAST_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
     /// Group commit in the database writer (true); false = one transaction per command, for benchmarks.
     #[arg(long, env = "SEQCAST_GROUP_COMMIT")]
     pub group_commit: Option<bool>,
@@ -200,6 +203,7 @@ struct FileSettings {
     hello_timeout_ms: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     db_busy_timeout_ms: Option<u64>,
+    max_subscriptions: Option<usize>,
     group_commit: Option<bool>,
 }
 
@@ -271,6 +275,8 @@ pub struct Settings {
     pub db_busy_timeout: Duration,
     /// Group commit in the database writer.
     pub group_commit: bool,
+    /// Most keys one connection may be subscribed to.
+    pub max_subscriptions: usize,
 }
 
 impl Settings {
@@ -381,6 +387,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(pick!(shutdown_grace_secs, 5)),
             db_busy_timeout: Duration::from_millis(pick!(db_busy_timeout_ms, 5_000)),
             group_commit: pick!(group_commit, true),
+            max_subscriptions: pick!(max_subscriptions, 1_000),
         })
     }
 }

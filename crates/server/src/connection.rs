@@ -303,6 +303,16 @@ fn on_client_frame(
     match decode_client_frame(text.as_str()) {
         Ok(ClientFrame::Subscribe(s)) => {
             let key = s.key();
+            if keys.len() >= app.settings.max_subscriptions && !keys.contains(&key) {
+                reply_error(
+                    sub,
+                    &ApiError::BadRequest(format!(
+                        "too many subscriptions on this connection (limit {}); unsubscribe first",
+                        app.settings.max_subscriptions
+                    )),
+                );
+                return None;
+            }
             if !grant.allows(&key) {
                 reply_error(
                     sub,
