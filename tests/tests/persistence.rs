@@ -425,25 +425,27 @@ async fn a_read_only_database_file_answers_503_until_writable() {
         s.data_dir.join("seqcast.db-wal"),
     ];
     let chattr = |flag: &str| {
-        for f in &files {
-            let ok = std::process::Command::new("chattr")
+        files.iter().all(|f| {
+            std::process::Command::new("chattr")
                 .arg(flag)
                 .arg(f)
                 .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(
-                ok,
-                "chattr {flag} {} failed: this test needs a filesystem with immutable files",
-                f.display()
-            );
-        }
+                .is_ok_and(|s| s.success())
+        })
     };
-    chattr("+i");
+    if !chattr("+i") {
+        chattr("-i");
+        // Root ignores permission bits; only an immutable file is really read-only to it.
+        let why = "SKIPPED a_read_only_database_file_answers_503_until_writable: `chattr +i` is not \
+                   available here (needs root on a filesystem with immutable files)";
+        assert!(std::env::var("CI").is_err(), "{why}; CI must run it");
+        eprintln!("\n*** {why} ***\n");
+        return;
+    }
     let (status, body) = s
         .publish_raw(&json!({"channel": "ro", "request_id": "r", "data": 2}))
         .await;
-    chattr("-i");
+    assert!(chattr("-i"), "could not make the database writable again");
     assert_eq!(status, 503, "{body}");
     c.expect_nothing_more().await;
     let r = s.publish("ro", "r", json!(3)).await;
