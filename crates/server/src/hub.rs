@@ -220,7 +220,15 @@ struct HubState {
     subscriptions: HashMap<SubscriptionKey, Vec<Arc<Subscriber>>>,
     /// Present only under `--storage memory`.
     sequencer: Option<MemorySequencer>,
+    /// Drops not yet logged, so that a key overflowing on every publish logs one warning per
+    /// interval instead of one per message.
+    overflow_unlogged: u64,
+    /// When the last `backlog_overflow` warning was logged (ms since the Unix epoch).
+    overflow_logged_at_ms: u64,
 }
+
+/// At most one `backlog_overflow` warning per this many milliseconds (drops are still counted).
+const OVERFLOW_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// See the module docs.
 pub struct Hub {
@@ -253,6 +261,8 @@ impl Hub {
                 backlogs: Backlogs::new(backlog),
                 subscriptions: HashMap::new(),
                 sequencer,
+                overflow_unlogged: 0,
+                overflow_logged_at_ms: 0,
             }),
             epoch,
             metrics: Metrics::default(),
@@ -378,15 +388,23 @@ impl Hub {
                 );
                 for o in outcome.overflow {
                     Metrics::add(&self.metrics.backlog_overflow, o.dropped as u64);
+                    state.overflow_unlogged += o.dropped as u64;
+                    if now_ms.saturating_sub(state.overflow_logged_at_ms) < OVERFLOW_LOG_INTERVAL_MS
+                    {
+                        continue;
+                    }
                     tracing::warn!(
                         event = "backlog_overflow",
                         subscription_key = %o.key,
                         channel = %o.key.channel(),
                         request_id = %o.key.request_id(),
-                        count = o.dropped,
+                        count = state.overflow_unlogged,
+                        backlog_size = outcome.backlog_size,
                         reason = match o.reason { OverflowReason::PerKey => "per_key", OverflowReason::Total => "total" },
-                        "backlog bound reached: oldest messages dropped"
+                        "backlog bound reached: oldest messages dropped (count: drops since the last such warning)"
                     );
+                    state.overflow_unlogged = 0;
+                    state.overflow_logged_at_ms = now_ms;
                 }
             }
             Err(e) => {
