@@ -143,7 +143,8 @@ struct Sizes {
     warmup: f64,
     publish_secs: f64,
     publishers: Vec<usize>,
-    batch: usize,
+    /// (publishers, messages per batch) for the batch publish runs.
+    batch: (usize, usize),
     missed: Vec<usize>,
     repeats: usize,
     storm: (usize, usize),
@@ -159,7 +160,7 @@ impl Bench {
                 warmup: 1.0,
                 publish_secs: 4.0,
                 publishers: vec![1, 64, 256],
-                batch: 100,
+                batch: (4, 1000),
                 missed: vec![1000, 10_000],
                 repeats: 100,
                 storm: (1000, 100),
@@ -171,7 +172,7 @@ impl Bench {
                 warmup: 0.5,
                 publish_secs: 1.5,
                 publishers: vec![1, 64, 256],
-                batch: 100,
+                batch: (4, 1000),
                 missed: vec![1000, 10_000],
                 repeats: 30,
                 storm: (1000, 100),
@@ -183,7 +184,7 @@ impl Bench {
                 warmup: 0.1,
                 publish_secs: 0.3,
                 publishers: vec![4],
-                batch: 10,
+                batch: (4, 10),
                 missed: vec![100],
                 repeats: 3,
                 storm: (10, 10),
@@ -376,11 +377,11 @@ impl Bench {
                 );
                 self.raw.push(v);
             }
-            let p = s.publishers.iter().copied().max().unwrap_or(1).min(64);
-            let v = self.publish_load(&server, p, s.batch, &secs, &warm)?;
+            let (p, batch) = s.batch;
+            let v = self.publish_load(&server, p, batch, &secs, &warm)?;
             self.row(
                 "publish (batch)",
-                format!("{p} publishers × batches of {}, {label}", s.batch),
+                format!("{p} publishers × batches of {batch}, {label}"),
                 publish_result(&v),
                 &v,
             );
