@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use seqcast_persistence::{DbReader, DbWriter, StoreConfig};
-use seqcast_sequencing::{MemorySequencer, RetainedMessage};
+use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -221,7 +221,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         StorageKind::Memory => {
             let hub = Hub::new(
                 random_hex(8),
-                Hub::window(settings.ring_limits(), 0),
+                RecoveryWindow::with_floor(settings.ring_limits(), 0),
                 settings.backlog,
                 Some(MemorySequencer::new()),
             );
@@ -253,7 +253,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let floor = recent
                 .first()
                 .map_or(head, |e| e.sequence_number.saturating_sub(1));
-            let mut window = Hub::window(settings.ring_limits(), floor);
+            let mut window = RecoveryWindow::with_floor(settings.ring_limits(), floor);
             for ev in &recent {
                 let msg = RetainedMessage {
                     sequence_number: ev.sequence_number,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use seqcast_protocol::{Channel, KeyPattern, SubscriptionKey};
+use seqcast_protocol::{KeyPattern, SubscriptionKey};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -50,14 +50,6 @@ impl Grant {
         match &self.patterns {
             None => true,
             Some(ps) => ps.iter().any(|p| p.matches(key)),
-        }
-    }
-
-    /// Does this grant allow every key of `channel`?
-    pub fn allows_channel_wholly(&self, channel: &Channel) -> bool {
-        match &self.patterns {
-            None => true,
-            Some(ps) => ps.iter().any(|p| p.matches_channel_wholly(channel)),
         }
     }
 

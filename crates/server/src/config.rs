@@ -2,7 +2,7 @@
 //! (`--config FILE`) over built-in defaults that work on a fresh machine.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -103,12 +103,15 @@ pub enum SyncMode {
     Normal,
 }
 
-/// Flags and environment variables for the server. Every field is optional so that the
-/// TOML file and the defaults can fill what is not given.
-#[derive(Debug, Clone, Default, Args)]
+/// Flags and environment variables for the server — and, read with serde, the TOML file, which
+/// uses the same names. Every field is optional so that the file and the defaults can fill what
+/// is not given.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// A TOML settings file.
     #[arg(long, env = "SEQCAST_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, env = "SEQCAST_LISTEN")]
@@ -177,34 +180,6 @@ pub struct ServeArgs {
     /// Group commit in the database writer (true); false = one transaction per command, for benchmarks.
     #[arg(long, env = "SEQCAST_GROUP_COMMIT")]
     pub group_commit: Option<bool>,
-}
-
-/// The TOML file: the same names as the flags, in snake_case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    storage: Option<StorageKind>,
-    database_url: Option<String>,
-    jwt_secret: Option<String>,
-    api_key: Option<String>,
-    allowed_origins: Option<Vec<String>>,
-    recovery_max_messages: Option<usize>,
-    recovery_ttl_secs: Option<u64>,
-    recovery_buffer_messages: Option<usize>,
-    log_format: Option<LogFormat>,
-    synchronous: Option<SyncMode>,
-    backlog_per_key: Option<usize>,
-    backlog_total: Option<usize>,
-    backlog_ttl_secs: Option<u64>,
-    send_queue: Option<usize>,
-    max_message_bytes: Option<usize>,
-    hello_timeout_ms: Option<u64>,
-    shutdown_grace_secs: Option<u64>,
-    db_busy_timeout_ms: Option<u64>,
-    max_subscriptions: Option<usize>,
-    group_commit: Option<bool>,
 }
 
 /// A settings problem, reported before anything starts.
@@ -288,15 +263,6 @@ impl Settings {
         }
     }
 
-    /// Development defaults in a given data directory, on 127.0.0.1 port 0 (used by tests).
-    pub fn for_tests(data_dir: &Path) -> Self {
-        let mut s = Settings::resolve(&ServeArgs::default())
-            .unwrap_or_else(|_| unreachable!("defaults are valid"));
-        s.listen = "127.0.0.1:0".into();
-        s.data_dir = data_dir.to_path_buf();
-        s
-    }
-
     /// Merge flags/environment (already in `args`, clap applies flag-over-env), then the TOML file, then defaults.
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
@@ -305,12 +271,12 @@ impl Settings {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str::<FileSettings>(&text).map_err(|e| ConfigError::Parse {
+                toml::from_str::<ServeArgs>(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
                     message: e.to_string(),
                 })?
             }
-            None => FileSettings::default(),
+            None => ServeArgs::default(),
         };
         macro_rules! pick {
             ($field:ident, $default:expr) => {

@@ -46,7 +46,7 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
             connection_sequence,
         }) => (grant, session_id, connection_sequence),
         Ok(HelloOutcome::Closed(code)) => {
-            log_rejected(&client_id, code, started, "closed before hello");
+            log_rejected(&client_id, None, None, code, started, "closed before hello");
             return;
         }
         Ok(HelloOutcome::Reject {
@@ -57,16 +57,13 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
         }) => {
             let _ = send_error(&mut socket, &ApiError::Unauthorized(why.clone())).await;
             close_with(&mut socket, reason).await;
-            tracing::info!(
-                event = "connection_closed",
-                client_id = %client_id,
-                session_id = session_id.as_ref().map(|s| s.as_str()),
+            log_rejected(
+                &client_id,
+                session_id.as_ref(),
                 connection_sequence,
-                close_code = reason.code(),
-                duration_seconds = started.elapsed().as_secs_f64(),
-                messages_sent = 0u64,
-                reason = %why,
-                "connection refused at hello"
+                reason.code(),
+                started,
+                &why,
             );
             return;
         }
@@ -79,6 +76,8 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
             close_with(&mut socket, CloseReason::Unauthenticated).await;
             log_rejected(
                 &client_id,
+                None,
+                None,
                 CloseReason::Unauthenticated.code(),
                 started,
                 &why,
@@ -466,10 +465,19 @@ fn is_too_large(e: &axum::Error) -> bool {
     e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
 }
 
-fn log_rejected(client_id: &str, close_code: u16, started: Instant, why: &str) {
+fn log_rejected(
+    client_id: &str,
+    session_id: Option<&SessionId>,
+    connection_sequence: Option<u64>,
+    close_code: u16,
+    started: Instant,
+    why: &str,
+) {
     tracing::info!(
         event = "connection_closed",
         client_id,
+        session_id = session_id.map(|s| s.as_str()),
+        connection_sequence,
         close_code,
         duration_seconds = started.elapsed().as_secs_f64(),
         messages_sent = 0u64,

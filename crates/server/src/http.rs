@@ -14,7 +14,7 @@ use seqcast_protocol::{
 };
 
 use crate::app::AppState;
-use crate::auth::{Grant, random_hex};
+use crate::auth::Grant;
 use crate::error::ApiError;
 use crate::hub::{Hub, Recovered};
 use crate::now_ms;
@@ -275,7 +275,7 @@ impl MessageIds {
     /// A new id: 16 hex digits of the counter, then 8 random hex digits.
     pub fn next(&self) -> Result<MessageId, ApiError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        MessageId::new(format!("{n:016x}{}", random_hex(4)))
+        MessageId::new(format!("{n:016x}{:08x}", rand::random::<u32>()))
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
 }

@@ -18,7 +18,7 @@ use seqcast_persistence::{CommittedEvent, NewEvent};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage, WindowLimits};
+use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -267,11 +267,6 @@ impl Hub {
             epoch,
             metrics: Metrics::default(),
         }
-    }
-
-    /// An empty window with `limits` whose history starts after `floor`.
-    pub fn window(limits: WindowLimits, floor: u64) -> RecoveryWindow<Frame> {
-        RecoveryWindow::with_floor(limits, floor)
     }
 
     /// The store's epoch.
