@@ -49,6 +49,9 @@ enum Command {
 /// Counters of the writer, for metrics and tests.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Append commands pushed into the queue (counted once the push is done, so a sender that
+    /// holds a slot but has not yet pushed is not counted).
+    commands_queued: AtomicU64,
     commands_received: AtomicU64,
     transactions_committed: AtomicU64,
     transactions_failed: AtomicU64,
@@ -73,7 +76,6 @@ pub struct WriterStats {
 struct Shared {
     counters: Counters,
     thread: Mutex<Option<JoinHandle<()>>>,
-    queue_capacity: usize,
 }
 
 /// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
@@ -137,7 +139,6 @@ impl DbWriter {
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             thread: Mutex::new(None),
-            queue_capacity,
         });
         let writer = Writer {
             conn: Some(conn),
@@ -176,6 +177,10 @@ impl DbWriter {
             .send(Command::Append { events, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
+        self.shared
+            .counters
+            .commands_queued
+            .fetch_add(1, Ordering::Release);
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -224,11 +229,16 @@ impl DbWriter {
         self.commands.is_closed()
     }
 
-    /// Commands waiting in the queue (not yet taken by the writer thread).
+    /// Commands waiting in the queue (pushed, not yet taken by the writer thread).
+    ///
+    /// Counted from completed pushes rather than from the channel's free slots: a sender can
+    /// hold a slot before its push lands, and counting that one would let a caller believe a
+    /// command is queued (and queue the next one) before it really is.
     pub fn queued_commands(&self) -> usize {
-        self.shared
-            .queue_capacity
-            .saturating_sub(self.commands.capacity())
+        let c = &self.shared.counters;
+        let received = c.commands_received.load(Ordering::Acquire);
+        let queued = c.commands_queued.load(Ordering::Acquire);
+        usize::try_from(queued.saturating_sub(received)).unwrap_or(usize::MAX)
     }
 
     /// The writer's counters so far.
