@@ -276,22 +276,31 @@ async fn backlog_bound_per_key_drops_the_oldest_and_logs_it() {
 async fn concurrent_publishes_and_subscribes_keep_every_stream_whole() {
     const KEYS: [&str; 3] = ["k0", "k1", "k2"];
     const PER_KEY: u64 = 150;
+    const SUBSCRIBERS: u64 = 12;
     let s = std::sync::Arc::new(TestServer::start().await);
     let t = token("alice", None);
+    // The last message of each key waits until every subscriber has its sub_ack, so that each
+    // one has a last message to wait for however fast the publishes race ahead.
+    let all_subscribed =
+        std::sync::Arc::new(tokio::sync::Barrier::new(SUBSCRIBERS as usize + KEYS.len()));
 
     let mut publishers = Vec::new();
     for key in KEYS {
         let s = std::sync::Arc::clone(&s);
+        let all_subscribed = std::sync::Arc::clone(&all_subscribed);
         publishers.push(tokio::spawn(async move {
-            for i in 1..=PER_KEY {
+            for i in 1..PER_KEY {
                 s.publish("race", key, json!({"i": i})).await;
             }
+            all_subscribed.wait().await;
+            s.publish("race", key, json!({"i": PER_KEY})).await;
         }));
     }
     let mut subscribers = Vec::new();
-    for n in 0..12 {
+    for n in 0..SUBSCRIBERS {
         let s = std::sync::Arc::clone(&s);
         let t = t.clone();
+        let all_subscribed = std::sync::Arc::clone(&all_subscribed);
         subscribers.push(tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(n * 15)).await;
             let key = KEYS[(n % 3) as usize];
@@ -299,6 +308,7 @@ async fn concurrent_publishes_and_subscribes_keep_every_stream_whole() {
             c.send(json!({"type": "subscribe", "channel": "race", "request_id": key}))
                 .await;
             let _ack = c.expect_sub_ack().await;
+            all_subscribed.wait().await;
             let mut stream_seqs = Vec::new();
             let mut seqs = Vec::new();
             loop {

@@ -36,7 +36,7 @@ struct ReaderInner {
 const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, s.channel, s.request_id, \
      e.message_id, e.timestamp_ms, e.data, r.first_sequence";
 const EVENT_JOIN: &str = "JOIN streams s ON s.stream_id = e.stream_id \
-     LEFT JOIN stream_rows r ON r.stream_id = e.stream_id AND r.message_id = e.message_id";
+     LEFT JOIN stream_rows r ON r.message_id = e.message_id AND r.stream_id = e.stream_id";
 
 impl DbReader {
     /// Opens a reader of the store at `path`, which must exist and be migrated (open the
@@ -89,6 +89,9 @@ impl DbReader {
                 collect_events(conn, &sql, params![since, limit])
             }
             EventFilter::Key(key) => {
+                // Walks the log from `since` (there is no per-stream index of events: it would
+                // cost the writer a scattered page per event, see migration 2) and keeps the
+                // stream's events; callers bound `since` by their recovery window.
                 let sql = format!(
                     "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
                      WHERE e.stream_id = (SELECT stream_id FROM streams \

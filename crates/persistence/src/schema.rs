@@ -18,14 +18,21 @@ struct Migration {
 
 /// Every migration this build knows, oldest first. Append only: an applied migration is never
 /// edited, because databases in the field already ran it.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "stream_rows_by_position",
+        sql: include_str!("../migrations/0002_stream_rows_by_position.sql"),
+    },
+];
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One migration that [`migrate`] applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

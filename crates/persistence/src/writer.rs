@@ -273,14 +273,15 @@ const INSERT_EVENT: &str =
 // row keeps it and only its last event changes. first_sequence tells a create (= this event)
 // from an update.
 const UPSERT_ROW: &str = "INSERT INTO stream_rows \
-         (stream_id, message_id, stream_sequence, first_sequence, last_sequence) \
-     VALUES (?1, ?2, \
+         (stream_id, stream_sequence, first_sequence, message_id, last_sequence) \
+     VALUES (?1, \
          (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1), \
-         ?3, ?3) \
-     ON CONFLICT (stream_id, message_id) DO UPDATE SET last_sequence = excluded.last_sequence";
+         ?3, ?2, ?3) \
+     ON CONFLICT (message_id, stream_id) DO UPDATE SET last_sequence = excluded.last_sequence";
 // Read back what the upsert decided. (A RETURNING clause on the upsert does the same but costs
 // SQLite about half as much again as the whole rest of the event, so it is a separate lookup.)
-const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence FROM stream_rows WHERE stream_id = ?1 AND message_id = ?2";
+const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence FROM stream_rows \
+     WHERE message_id = ?2 AND stream_id = ?1";
 
 /// Stream ids of committed streams, so the hot path skips the text lookup in `streams`.
 /// Only committed ids go in (streams rows are never deleted), so a rollback cannot leave a

@@ -171,10 +171,16 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
     let first = migrate(&path).unwrap();
     assert_eq!(
         first.applied,
-        vec![AppliedMigration {
-            version: 1,
-            name: "initial"
-        }]
+        vec![
+            AppliedMigration {
+                version: 1,
+                name: "initial"
+            },
+            AppliedMigration {
+                version: 2,
+                name: "stream_rows_by_position"
+            }
+        ]
     );
     assert_eq!(first.schema_version, SCHEMA_VERSION);
     let epoch = DbReader::open(&path).unwrap().epoch().unwrap();
@@ -188,11 +194,112 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
     let recorded: i64 = conn
         .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(recorded, 1);
+    assert_eq!(recorded, 2);
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(journal, "wal");
+}
+
+/// A database left at schema version 1 (as the first release wrote it), with an updated row.
+fn version_1_database(path: &std::path::Path) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE TABLE schema_migrations (
+             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ms INTEGER NOT NULL
+         ) STRICT;",
+    )
+    .unwrap();
+    conn.execute_batch(include_str!("../migrations/0001_initial.sql"))
+        .unwrap();
+    conn.execute_batch(
+        "INSERT INTO schema_migrations VALUES (1, 'initial', 0); PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    insert_raw(
+        path,
+        &[
+            ("chat", "a", "m1", 1, 1_000),
+            ("chat", "b", "m1", 1, 1_000),
+            ("chat", "a", "m2", 2, 1_001),
+        ],
+    );
+    // m1 of chat:a was then updated by event 4 (the row keeps position 1).
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(
+        "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (1, 'm1', 1002, '\"new\"');
+         UPDATE stream_rows SET last_sequence = 4 WHERE stream_id = 1 AND message_id = 'm1';",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    version_1_database(&path);
+    assert!(matches!(
+        DbReader::open(&path),
+        Err(StoreError::Unavailable(_))
+    ));
+
+    let report = migrate(&path).unwrap();
+    assert_eq!(
+        report.applied,
+        vec![AppliedMigration {
+            version: 2,
+            name: "stream_rows_by_position"
+        }]
+    );
+    let reader = DbReader::open(&path).unwrap();
+    let log = reader.events_after(0, 10, EventFilter::All).unwrap();
+    let summary: Vec<(u64, String, u64, bool)> = log
+        .iter()
+        .map(|e| {
+            (
+                e.sequence_number,
+                e.key.to_string(),
+                e.stream_sequence,
+                e.replaced,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, "chat:a".to_owned(), 1, false),
+            (2, "chat:b".to_owned(), 1, false),
+            (3, "chat:a".to_owned(), 2, false),
+            (4, "chat:a".to_owned(), 1, true),
+        ]
+    );
+    let rows = reader.stream_rows(&key("chat:a"), 0, 10).unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.stream_sequence, r.sequence_number, r.data.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, 4, "\"new\""), (2, 3, "{\"n\":2}")]
+    );
+
+    // The writer continues the migrated streams: upsert keeps the position, a new row is max+1.
+    let (writer, info, _) = open(config(&dir));
+    assert_eq!(info.head, 4);
+    let next = writer
+        .append(vec![
+            event("chat:a", "m2", "\"again\""),
+            event("chat:a", "m3", "3"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter()
+            .map(|e| (e.sequence_number, e.stream_sequence, e.replaced))
+            .collect::<Vec<_>>(),
+        vec![(5, 2, true), (6, 3, false)]
+    );
+    writer.close().await;
 }
 
 #[test]
