@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use seqcast_persistence::{DbWriter, NewEvent, StoreConfig, Synchronous};
+use seqcast_persistence::{DbWriter, EventWriter, NewEvent, StoreConfig, Synchronous};
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
 /// A typical small message body (~100 bytes of JSON).

@@ -78,7 +78,7 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Durability of each commit; see [`Synchronous`].
     pub synchronous: Synchronous,
-    /// Bound of the command queue: when it is full, [`crate::DbWriter::append`] waits
+    /// Bound of the command queue: when it is full, [`crate::EventWriter::append`] waits
     /// (backpressure) instead of growing memory. At least 1.
     pub queue_capacity: usize,
     /// How long a write waits for a lock held by another connection before it fails with

@@ -44,7 +44,7 @@ pub struct StoreInfo {
     pub head: u64,
 }
 
-/// Which events [`crate::DbReader::events_after`] returns.
+/// Which events [`crate::EventReader::events_after`] returns.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum EventFilter {
     /// Every event.

@@ -24,6 +24,7 @@ mod event;
 mod reader;
 mod repair;
 mod schema;
+mod store;
 mod writer;
 
 pub use config::{
@@ -35,4 +36,5 @@ pub use event::{CommittedEvent, EventFilter, NewEvent, StoreInfo};
 pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
 pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};
+pub use store::{EventReader, EventWriter};
 pub use writer::{CommitHook, DbWriter, WriterStats};

@@ -11,6 +11,7 @@ use crate::config::DEFAULT_BUSY_TIMEOUT;
 use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
 use crate::event::{CommittedEvent, EventFilter};
 use crate::schema::{self, ConnectionOptions};
+use crate::store::EventReader;
 
 /// Idle connections kept for reuse; more are opened on demand when readers overlap.
 const MAX_IDLE_CONNECTIONS: usize = 4;
@@ -58,147 +59,6 @@ impl DbReader {
         schema::require_current_schema(&conn)?;
         reader.release(conn);
         Ok(reader)
-    }
-
-    /// The highest sequence number assigned so far (0 for an empty store).
-    pub fn head(&self) -> Result<u64, StoreError> {
-        self.with_connection(schema::read_head)
-    }
-
-    /// The store's epoch.
-    pub fn epoch(&self) -> Result<String, StoreError> {
-        self.with_connection(schema::read_epoch)
-    }
-
-    /// Events with `sequence_number > since`, ascending, at most `limit`, optionally only of
-    /// one stream or one channel.
-    pub fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-        filter: EventFilter,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let since = sql_int(since);
-        let limit = sql_limit(limit);
-        self.with_connection(|conn| match &filter {
-            EventFilter::All => {
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.sequence_number > ?1 ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(conn, &sql, params![since, limit])
-            }
-            EventFilter::Key(key) => {
-                // Walks the log from `since` (there is no per-stream index of events: it would
-                // cost the writer a scattered page per event, see migration 2) and keeps the
-                // stream's events; callers bound `since` by their recovery window.
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.stream_id = (SELECT stream_id FROM streams \
-                                          WHERE channel = ?3 AND request_id = ?4) \
-                       AND e.sequence_number > ?1 \
-                     ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(
-                    conn,
-                    &sql,
-                    params![
-                        since,
-                        limit,
-                        key.channel().as_str(),
-                        key.request_id().as_str()
-                    ],
-                )
-            }
-            EventFilter::Channel(channel) => {
-                // Walks the log from `since` (the usual recovery case is near the head) and
-                // keeps the channel's events, stopping at `limit`, rather than merging and
-                // sorting every stream of the channel. CROSS JOIN fixes that loop order.
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} \
-                     WHERE s.channel = ?3 AND e.sequence_number > ?1 \
-                     ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(conn, &sql, params![since, limit, channel.as_str()])
-            }
-        })
-    }
-
-    /// Of the newest `limit` events, those with `timestamp_ms >= min_timestamp_ms`, ascending:
-    /// the recovery window ("the last N messages, none older than T") to refill at start.
-    ///
-    /// Because the writer never lets timestamps go backwards along the log, this is exactly
-    /// "the newest `limit` events not older than `min_timestamp_ms`", and it reads at most
-    /// `limit` rows however large the log is.
-    pub fn latest_events(
-        &self,
-        limit: usize,
-        min_timestamp_ms: u64,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let limit = sql_limit(limit);
-        let min_ts = sql_int(min_timestamp_ms);
-        self.with_connection(|conn| {
-            let sql = format!(
-                "SELECT {EVENT_COLUMNS} FROM \
-                     (SELECT * FROM events ORDER BY sequence_number DESC LIMIT ?1) e {EVENT_JOIN} \
-                 WHERE e.timestamp_ms >= ?2 ORDER BY e.sequence_number"
-            );
-            collect_events(conn, &sql, params![limit, min_ts])
-        })
-    }
-
-    /// A stream's current rows with `stream_sequence > after`, ascending, at most `limit`.
-    /// Each row comes as a [`CommittedEvent`] whose `sequence_number` is the row's latest event,
-    /// `data` and `timestamp_ms` its current ones, and `replaced` whether it was ever updated.
-    pub fn stream_rows(
-        &self,
-        key: &SubscriptionKey,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let after = sql_int(after);
-        let limit = sql_limit(limit);
-        self.with_connection(|conn| {
-            // A row's data and time are its last event's.
-            let mut stmt = conn.prepare_cached(
-                "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, e.data, \
-                        r.first_sequence \
-                 FROM stream_rows r LEFT JOIN events e ON e.sequence_number = r.last_sequence \
-                 WHERE r.stream_id = (SELECT stream_id FROM streams \
-                                      WHERE channel = ?1 AND request_id = ?2) \
-                   AND r.stream_sequence > ?3 \
-                 ORDER BY r.stream_sequence, r.first_sequence LIMIT ?4",
-            )?;
-            let mut rows = stmt.query(params![
-                key.channel().as_str(),
-                key.request_id().as_str(),
-                after,
-                limit
-            ])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let last_sequence: i64 = row.get(0)?;
-                let first_sequence: i64 = row.get(5)?;
-                let (Some(timestamp_ms), Some(data)) = (
-                    row.get::<_, Option<i64>>(3)?,
-                    row.get::<_, Option<String>>(4)?,
-                ) else {
-                    return Err(StoreError::Corrupt(format!(
-                        "stream row points at missing event {last_sequence}"
-                    )));
-                };
-                out.push(CommittedEvent {
-                    sequence_number: stored_u64(last_sequence, "last_sequence")?,
-                    stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
-                    key: key.clone(),
-                    message_id: message_id_at(row, 2)?,
-                    timestamp_ms: stored_u64(timestamp_ms, "timestamp_ms")?,
-                    data,
-                    replaced: first_sequence != last_sequence,
-                });
-            }
-            Ok(out)
-        })
     }
 
     /// Runs `f` on a pooled connection (opening one when none is idle).
@@ -250,6 +110,139 @@ impl DbReader {
         if idle.len() < MAX_IDLE_CONNECTIONS {
             idle.push(conn);
         }
+    }
+}
+
+impl EventReader for DbReader {
+    fn head(&self) -> Result<u64, StoreError> {
+        self.with_connection(schema::read_head)
+    }
+
+    fn epoch(&self) -> Result<String, StoreError> {
+        self.with_connection(schema::read_epoch)
+    }
+
+    fn events_after(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: EventFilter,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let since = sql_int(since);
+        let limit = sql_limit(limit);
+        self.with_connection(|conn| match &filter {
+            EventFilter::All => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                     WHERE e.sequence_number > ?1 ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(conn, &sql, params![since, limit])
+            }
+            EventFilter::Key(key) => {
+                // Walks the log from `since` (there is no per-stream index of events: it would
+                // cost the writer a scattered page per event, see migration 2) and keeps the
+                // stream's events; callers bound `since` by their recovery window.
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                     WHERE e.stream_id = (SELECT stream_id FROM streams \
+                                          WHERE channel = ?3 AND request_id = ?4) \
+                       AND e.sequence_number > ?1 \
+                     ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(
+                    conn,
+                    &sql,
+                    params![
+                        since,
+                        limit,
+                        key.channel().as_str(),
+                        key.request_id().as_str()
+                    ],
+                )
+            }
+            EventFilter::Channel(channel) => {
+                // Walks the log from `since` (the usual recovery case is near the head) and
+                // keeps the channel's events, stopping at `limit`, rather than merging and
+                // sorting every stream of the channel. CROSS JOIN fixes that loop order.
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} \
+                     WHERE s.channel = ?3 AND e.sequence_number > ?1 \
+                     ORDER BY e.sequence_number LIMIT ?2"
+                );
+                collect_events(conn, &sql, params![since, limit, channel.as_str()])
+            }
+        })
+    }
+
+    // Because the writer never lets timestamps go backwards along the log, this is exactly "the
+    // newest `limit` events not older than `min_timestamp_ms`", and it reads at most `limit`
+    // rows however large the log is.
+    fn latest_events(
+        &self,
+        limit: usize,
+        min_timestamp_ms: u64,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let limit = sql_limit(limit);
+        let min_ts = sql_int(min_timestamp_ms);
+        self.with_connection(|conn| {
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS} FROM \
+                     (SELECT * FROM events ORDER BY sequence_number DESC LIMIT ?1) e {EVENT_JOIN} \
+                 WHERE e.timestamp_ms >= ?2 ORDER BY e.sequence_number"
+            );
+            collect_events(conn, &sql, params![limit, min_ts])
+        })
+    }
+
+    fn stream_rows(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let after = sql_int(after);
+        let limit = sql_limit(limit);
+        self.with_connection(|conn| {
+            // A row's data and time are its last event's.
+            let mut stmt = conn.prepare_cached(
+                "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, e.data, \
+                        r.first_sequence \
+                 FROM stream_rows r LEFT JOIN events e ON e.sequence_number = r.last_sequence \
+                 WHERE r.stream_id = (SELECT stream_id FROM streams \
+                                      WHERE channel = ?1 AND request_id = ?2) \
+                   AND r.stream_sequence > ?3 \
+                 ORDER BY r.stream_sequence, r.first_sequence LIMIT ?4",
+            )?;
+            let mut rows = stmt.query(params![
+                key.channel().as_str(),
+                key.request_id().as_str(),
+                after,
+                limit
+            ])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let last_sequence: i64 = row.get(0)?;
+                let first_sequence: i64 = row.get(5)?;
+                let (Some(timestamp_ms), Some(data)) = (
+                    row.get::<_, Option<i64>>(3)?,
+                    row.get::<_, Option<String>>(4)?,
+                ) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "stream row points at missing event {last_sequence}"
+                    )));
+                };
+                out.push(CommittedEvent {
+                    sequence_number: stored_u64(last_sequence, "last_sequence")?,
+                    stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
+                    key: key.clone(),
+                    message_id: message_id_at(row, 2)?,
+                    timestamp_ms: stored_u64(timestamp_ms, "timestamp_ms")?,
+                    data,
+                    replaced: first_sequence != last_sequence,
+                });
+            }
+            Ok(out)
+        })
     }
 }
 

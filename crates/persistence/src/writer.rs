@@ -24,6 +24,7 @@ use crate::config::{FaultInjector, StoreConfig};
 use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
 use crate::event::{CommittedEvent, NewEvent, StoreInfo};
 use crate::schema::{self, ConnectionOptions};
+use crate::store::EventWriter;
 
 /// Called on the writer thread after each successful COMMIT with every event of that
 /// transaction in sequence order, before any publisher of the transaction is answered. The
@@ -80,7 +81,7 @@ struct Shared {
 
 /// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
 ///
-/// Stop it with [`DbWriter::close`] (async) or [`DbWriter::shutdown`] (blocking). Dropping
+/// Stop it with [`EventWriter::close`] (async) or [`DbWriter::shutdown`] (blocking). Dropping
 /// every handle also stops the thread once the queue is drained, without waiting for it.
 #[derive(Clone)]
 pub struct DbWriter {
@@ -163,44 +164,7 @@ impl DbWriter {
         Ok((DbWriter { commands, shared }, info))
     }
 
-    /// Persists `events` as one all-or-nothing unit (a single publish is a Vec of one, a batch
-    /// publish one call) and returns them with their numbers, in order, once committed.
-    ///
-    /// Waits while the queue is full. If the caller stops waiting (the future is dropped)
-    /// after the command was queued, the write still happens; only the answer is lost.
-    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Append { events, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        self.shared
-            .counters
-            .commands_queued
-            .fetch_add(1, Ordering::Release);
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Asks the writer to finish every command already queued, close the database and stop;
-    /// returns once the database is closed (the thread exits right after). New appends get
-    /// [`StoreError::Closed`]. Safe to call more than once, from any clone.
-    pub async fn close(&self) {
-        let (reply, done) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Shutdown { reply })
-            .await
-            .is_ok()
-        {
-            // An error means the thread is already gone, which is what we want.
-            let _ = done.await;
-        }
-    }
-
-    /// Like [`DbWriter::close`], but blocking, and it also joins the thread. Must not be called
+    /// Like [`EventWriter::close`], but blocking, and it also joins the thread. Must not be called
     /// from inside an async runtime (tokio panics); use `close().await` there.
     pub fn shutdown(&self) {
         let (reply, done) = oneshot::channel();
@@ -224,11 +188,6 @@ impl DbWriter {
         }
     }
 
-    /// True once the writer thread has stopped taking commands.
-    pub fn is_closed(&self) -> bool {
-        self.commands.is_closed()
-    }
-
     /// Commands waiting in the queue (pushed, not yet taken by the writer thread).
     ///
     /// Counted from completed pushes rather than from the channel's free slots: a sender can
@@ -240,9 +199,44 @@ impl DbWriter {
         let queued = c.commands_queued.load(Ordering::Acquire);
         usize::try_from(queued.saturating_sub(received)).unwrap_or(usize::MAX)
     }
+}
 
-    /// The writer's counters so far.
-    pub fn stats(&self) -> WriterStats {
+impl EventWriter for DbWriter {
+    // Waits while the bounded queue is full: that is the back-pressure on publishers.
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Append { events, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        self.shared
+            .counters
+            .commands_queued
+            .fetch_add(1, Ordering::Release);
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            // An error means the thread is already gone, which is what we want.
+            let _ = done.await;
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    fn stats(&self) -> WriterStats {
         let c = &self.shared.counters;
         WriterStats {
             commands_received: c.commands_received.load(Ordering::Relaxed),

@@ -6,7 +6,9 @@
 mod common;
 
 use common::*;
-use seqcast_persistence::{DbReader, EventFilter, FaultInjector, StoreConfig, StoreError};
+use seqcast_persistence::{
+    DbReader, EventFilter, EventReader, EventWriter, FaultInjector, StoreConfig, StoreError,
+};
 
 #[tokio::test]
 async fn an_injected_commit_failure_changes_nothing() {

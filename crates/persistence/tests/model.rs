@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
-use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, EventFilter, StoreConfig};
+use seqcast_persistence::{
+    CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter, StoreConfig,
+};
 
 const KEYS: [&str; 3] = ["a:1", "a:2", "b:1"];
 

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use rusqlite::Connection;
 use seqcast_persistence::{
-    AppliedMigration, CommittedEvent, DbReader, EventFilter, RepairReport, SCHEMA_VERSION,
-    StoreError, migrate, repair_sequences,
+    AppliedMigration, CommittedEvent, DbReader, EventFilter, EventReader, EventWriter,
+    RepairReport, SCHEMA_VERSION, StoreError, migrate, repair_sequences,
 };
 use seqcast_protocol::Channel;
 

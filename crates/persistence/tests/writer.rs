@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use seqcast_persistence::{DbReader, DbWriter, EventFilter, StoreConfig, StoreError};
+use seqcast_persistence::{
+    DbReader, DbWriter, EventFilter, EventReader, EventWriter, StoreConfig, StoreError,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {

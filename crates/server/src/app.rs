@@ -11,7 +11,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use seqcast_persistence::{DbReader, DbWriter, StoreConfig};
+use seqcast_persistence::{DbReader, DbWriter, EventReader, EventWriter, StoreConfig};
 use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use seqcast_persistence::{CommittedEvent, EventFilter, NewEvent};
+use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
 use seqcast_protocol::{
     BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
     RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,

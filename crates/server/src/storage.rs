@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, NewEvent};
+use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, EventWriter, NewEvent};
 
 use crate::error::ApiError;
 use crate::hub::Hub;

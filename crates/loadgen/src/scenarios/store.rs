@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use seqcast_persistence::{DbWriter, NewEvent, StoreConfig, Synchronous};
+use seqcast_persistence::{DbWriter, EventWriter, NewEvent, StoreConfig, Synchronous};
 use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
 use serde_json::{Value, json};
 

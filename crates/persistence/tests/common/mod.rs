@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use seqcast_persistence::{
-    CommitHook, CommittedEvent, DbWriter, NewEvent, StoreConfig, StoreInfo, Synchronous,
+    CommitHook, CommittedEvent, DbWriter, EventWriter, NewEvent, StoreConfig, StoreInfo,
+    Synchronous,
 };
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
