@@ -80,6 +80,15 @@ async fn four_hundred_concurrent_publishes_get_consecutive_numbers() {
             "{stream}: 1, 2, 3, … with no holes"
         );
     }
+    // The writer's counters are exported: every event committed, in at most 400 transactions.
+    assert_eq!(s.metric("seqcast_db_events_committed_total").await, 400);
+    let transactions = s.metric("seqcast_db_transactions_total").await;
+    assert!(
+        (1..=400).contains(&transactions),
+        "{transactions} transactions"
+    );
+    assert_eq!(s.metric("seqcast_db_transactions_failed_total").await, 0);
+    assert_eq!(s.metric("seqcast_db_queued_commands").await, 0);
 }
 
 /// (stream, sequence_number, stream_sequence, message_id) of an acknowledged publish.

@@ -377,8 +377,33 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let gauges = app.hub.gauges();
-    let mut r = app.hub.metrics.render(&gauges).into_response();
+    let mut gauges = app.hub.gauges().to_vec();
+    let mut counters = Vec::new();
+    if let Some((stats, queued)) = app.store.writer_stats() {
+        counters.extend([
+            (
+                "seqcast_db_transactions_total",
+                "Write transactions committed (one per group commit)",
+                stats.transactions_committed,
+            ),
+            (
+                "seqcast_db_transactions_failed_total",
+                "Write transactions that failed; nothing of them was written",
+                stats.transactions_failed,
+            ),
+            (
+                "seqcast_db_events_committed_total",
+                "Events committed; divided by transactions: events per group commit",
+                stats.events_committed,
+            ),
+        ]);
+        gauges.push((
+            "seqcast_db_queued_commands",
+            "Commands waiting for the database writer",
+            queued as u64,
+        ));
+    }
+    let mut r = app.hub.metrics.render(&counters, &gauges).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -35,8 +35,13 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Prometheus exposition text, with gauges supplied by the caller.
-    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
+    /// Prometheus exposition text, with counters kept elsewhere (the database writer's) and
+    /// gauges supplied by the caller.
+    pub fn render(
+        &self,
+        extra_counters: &[(&str, &str, u64)],
+        gauges: &[(&str, &str, u64)],
+    ) -> String {
         let mut out = String::with_capacity(2048);
         let counters: [(&str, &str, &AtomicU64); 8] = [
             (
@@ -85,6 +90,12 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 c.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, v) in extra_counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
         for (name, help, v) in gauges {

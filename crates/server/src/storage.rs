@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, EventWriter, NewEvent};
+use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, EventWriter, NewEvent, WriterStats};
 
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -43,6 +43,14 @@ impl Store {
             Metrics::inc(&hub.metrics.publish_failures);
         }
         result
+    }
+
+    /// The database writer's counters and queue depth, when there is a database.
+    pub fn writer_stats(&self) -> Option<(WriterStats, usize)> {
+        match self {
+            Store::Memory => None,
+            Store::Sqlite { writer, .. } => Some((writer.stats(), writer.queued_commands())),
+        }
     }
 
     /// The read side, when there is a database.
