@@ -7,11 +7,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::{event, key};
 use seqcast_persistence::{
     CommitHook, CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter,
-    NewEvent, StoreConfig, StoreError, StoreInfo,
+    StoreConfig, StoreError, StoreInfo,
 };
-use seqcast_protocol::{Channel, MessageId, SubscriptionKey};
+use seqcast_protocol::Channel;
 
 /// One store of one backend, which can be opened, closed and opened again.
 trait Backend {
@@ -40,18 +43,6 @@ impl Backend for Sqlite {
         let path = self.dir.path().join("seqcast.db");
         let (writer, info) = DbWriter::open(StoreConfig::new(&path), hook).unwrap();
         (writer, DbReader::open(&path).unwrap(), info)
-    }
-}
-
-fn key(s: &str) -> SubscriptionKey {
-    s.parse().unwrap()
-}
-
-fn event(k: &str, id: &str, data: &str) -> NewEvent {
-    NewEvent {
-        key: key(k),
-        message_id: MessageId::new(id).unwrap(),
-        data: data.to_owned(),
     }
 }
 

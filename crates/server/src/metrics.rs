@@ -43,7 +43,7 @@ impl Metrics {
         gauges: &[(&str, &str, u64)],
     ) -> String {
         let mut out = String::with_capacity(2048);
-        let counters: [(&str, &str, &AtomicU64); 8] = [
+        let own: [(&str, &str, &AtomicU64); 8] = [
             (
                 "seqcast_published_total",
                 "Messages committed and fanned out",
@@ -85,14 +85,11 @@ impl Metrics {
                 &self.publish_failures,
             ),
         ];
-        for (name, help, c) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        for (name, help, v) in extra_counters {
+        let counters = own
+            .iter()
+            .map(|&(name, help, c)| (name, help, c.load(Ordering::Relaxed)))
+            .chain(extra_counters.iter().copied());
+        for (name, help, v) in counters {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
