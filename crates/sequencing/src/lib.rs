@@ -1,48 +1,41 @@
-//! seqcast sequencing: the in-memory sequence authority and the recovery window.
+//! seqcast sequencing: the seam between catch-up and live delivery, and the log's recent tail.
 //!
-//! Job: [`MemorySequencer`] assigns `sequence_number` / `stream_sequence` when the server runs
-//! with `--storage memory` (otherwise the database is the one authority and this type is unused).
-//! [`RecoveryWindow`] is the ring buffer that answers "everything after `since`" for reconnecting
-//! clients, and says honestly whether it still reaches back to `since + 1`.
+//! Job: [`Cursor`] is one subscription's position in the committed log and the rule that moves
+//! it — catch up from log pages, then from the cached tail, then join live delivery at an exact
+//! seam; leave live delivery when the send queue is full and catch up again; give up only when
+//! the log's retention floor has passed it. [`resume`] and [`window_start`] decide where a
+//! subscription with `since` starts and whether the client is told `recovered: true`.
+//! [`TailCache`] is the log's newest messages in memory, a dense run bounded in bytes, with a
+//! per-key index.
 //!
-//! Boundary: sans-IO. No tokio, no sockets, no disk, no clock reads and no logging: time comes in
-//! as `now_ms: u64` and outcomes go back as values, so the server decides what to log and send.
+//! Boundary: sans-IO. No tokio, no sockets, no disk, no clock reads and no logging: time and
+//! the log's state come in as values and the next step goes back as a value, so the server
+//! performs the reads and writes and decides what to log.
 //!
-//! Invariant: numbers only ever grow. The sequencer never hands out a `sequence_number` twice and
-//! the window refuses a number that is not greater than the last one it took, so its contents are
-//! strictly increasing and a binary search on `sequence_number` is always valid.
+//! Invariant: a cursor's position only moves forward, and only over numbers whose messages of
+//! its key were handed out; the cache holds an unbroken run `floor ..= head` and refuses any
+//! message that is not `head + 1`, so a hole can never be served silently.
 //!
 //! ```
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use seqcast_protocol::{MessageId, SubscriptionKey};
-//! use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage, WindowLimits};
+//! use seqcast_sequencing::{Cursor, Phase, Step, View};
 //!
-//! let key = SubscriptionKey::parse("search:req_A")?;
-//! let mut sequencer = MemorySequencer::new();
-//! let mut window = RecoveryWindow::new(WindowLimits::default());
-//! let now_ms = 1_700_000_000_000;
-//! for id in ["m1", "m2", "m3"] {
-//!     let numbers = sequencer.assign(&key, &MessageId::new(id)?);
-//!     let msg = RetainedMessage {
-//!         sequence_number: numbers.sequence_number,
-//!         key: key.clone(),
-//!         timestamp_ms: now_ms,
-//!         frame: id,
-//!     };
-//!     window.insert(msg, now_ms)?;
-//! }
-//!
-//! // A client that saw 1 reconnects: expire by age first, then ask.
-//! window.expire(now_ms);
-//! let page = window.since(1, 100, |m| m.key == key);
-//! assert_eq!(page.messages.iter().map(|m| m.frame).collect::<Vec<_>>(), ["m2", "m3"]);
-//! assert!(page.complete);
-//! # Ok(())
-//! # }
+//! // A subscriber 100 messages behind; memory holds the newest 30 (71..=100).
+//! let mut cursor = Cursor::catching_up(0);
+//! let view = View { head: 100, cache_floor: 71, retention_floor: 1 };
+//! assert_eq!(cursor.next_step(view), Step::ReadLog { after: 0, through: 70 });
+//! // The shell read a page of the log up to 70 (the retention floor was 1).
+//! cursor.on_log_page(70, 1);
+//! assert_eq!(cursor.next_step(view), Step::JoinFromCache { after: 70 });
+//! // Under the hub lock: the cached rest is handed out and the subscriber joins live.
+//! cursor.on_joined(100);
+//! assert_eq!(cursor.phase(), Phase::Live);
+//! // Its send queue fills at message 130: it leaves live delivery and catches up again.
+//! cursor.on_lagged(130);
+//! assert_eq!(cursor.position(), 129);
 //! ```
 
-mod sequencer;
-mod window;
+mod cursor;
+mod tail;
 
-pub use sequencer::{Assignment, MemorySequencer};
-pub use window::{InsertError, RecoveryPage, RecoveryWindow, RetainedMessage, WindowLimits};
+pub use cursor::{Cursor, LogFacts, Phase, Resume, Step, View, WindowLimits, resume, window_start};
+pub use tail::{CachedMessage, ENTRY_OVERHEAD_BYTES, GapError, TailCache};

@@ -1,0 +1,244 @@
+//! The log's recent tail in memory: a dense run of the newest committed messages, bounded in
+//! bytes, with a per-key index so that one key's messages are found without scanning the rest.
+
+use std::collections::{HashMap, VecDeque};
+
+use seqcast_protocol::SubscriptionKey;
+
+/// One committed message as the cache keeps it. `F` is whatever the server sends (the encoded
+/// frame); it is stored once and handed out by reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedMessage<F> {
+    /// The deployment-wide number.
+    pub sequence_number: u64,
+    /// The stream it belongs to.
+    pub key: SubscriptionKey,
+    /// When it was persisted (ms since the Unix epoch); never decreases along the log.
+    pub timestamp_ms: u64,
+    /// The payload.
+    pub frame: F,
+    /// What holding it costs, in bytes (the frame's length is the caller's to measure).
+    pub bytes: usize,
+}
+
+/// Why [`TailCache::push`] refused a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GapError {
+    /// Messages must arrive exactly in order, `head + 1` each: anything else means the caller
+    /// lost or reordered a committed message, and serving from here would hide a hole.
+    #[error("sequence number {got} does not follow the head {head}")]
+    NotNext {
+        /// The cache's head.
+        head: u64,
+        /// The refused number.
+        got: u64,
+    },
+}
+
+/// Fixed cost charged per cached message on top of its frame (the entry, the index slot).
+pub const ENTRY_OVERHEAD_BYTES: usize = 96;
+
+/// The newest messages of the log, a dense run `floor() ..= head()` (no number missing),
+/// bounded by a byte budget: the oldest go first. Everything older is read from the log.
+///
+/// Sans-IO: no clock, no disk; the caller pushes committed messages in order and asks.
+#[derive(Debug, Clone)]
+pub struct TailCache<F> {
+    budget_bytes: usize,
+    bytes: usize,
+    messages: VecDeque<CachedMessage<F>>,
+    /// Per key, the numbers of its cached messages, ascending.
+    by_key: HashMap<SubscriptionKey, VecDeque<u64>>,
+    head: u64,
+}
+
+impl<F> TailCache<F> {
+    /// An empty cache of a log whose newest number is `head` (0 for an empty log).
+    pub fn new(budget_bytes: usize, head: u64) -> Self {
+        TailCache {
+            budget_bytes,
+            bytes: 0,
+            messages: VecDeque::new(),
+            by_key: HashMap::new(),
+            head,
+        }
+    }
+
+    /// Add the next committed message (`head + 1`), then evict the oldest beyond the budget
+    /// (possibly this one, if it alone is larger than the budget).
+    pub fn push(&mut self, msg: CachedMessage<F>) -> Result<(), GapError> {
+        if msg.sequence_number != self.head + 1 {
+            return Err(GapError::NotNext {
+                head: self.head,
+                got: msg.sequence_number,
+            });
+        }
+        self.head = msg.sequence_number;
+        self.bytes += msg.bytes + ENTRY_OVERHEAD_BYTES;
+        self.by_key
+            .entry(msg.key.clone())
+            .or_default()
+            .push_back(msg.sequence_number);
+        self.messages.push_back(msg);
+        while self.bytes > self.budget_bytes && !self.messages.is_empty() {
+            self.evict_oldest();
+        }
+        Ok(())
+    }
+
+    /// Drop every message numbered below `floor` (the log's retention floor moved past them).
+    pub fn evict_below(&mut self, floor: u64) {
+        while self
+            .messages
+            .front()
+            .is_some_and(|m| m.sequence_number < floor)
+        {
+            self.evict_oldest();
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        let Some(gone) = self.messages.pop_front() else {
+            return;
+        };
+        self.bytes -= gone.bytes + ENTRY_OVERHEAD_BYTES;
+        if let Some(seqs) = self.by_key.get_mut(&gone.key) {
+            seqs.pop_front();
+            if seqs.is_empty() {
+                self.by_key.remove(&gone.key);
+            }
+        }
+    }
+
+    /// The newest number pushed (or the head given at creation).
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// The oldest number held; `head + 1` when empty. The cache holds every message numbered
+    /// `floor() ..= head()`.
+    pub fn floor(&self) -> u64 {
+        self.messages
+            .front()
+            .map_or(self.head + 1, |m| m.sequence_number)
+    }
+
+    /// Whether the cache holds every message after `after` (up to the head).
+    pub fn covers_after(&self, after: u64) -> bool {
+        after + 1 >= self.floor()
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Bytes charged for what is held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The budget.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
+    fn get(&self, sequence_number: u64) -> Option<&CachedMessage<F>> {
+        let floor = self.floor();
+        if sequence_number < floor {
+            return None;
+        }
+        let index = usize::try_from(sequence_number - floor).ok()?;
+        self.messages.get(index)
+    }
+
+    /// `key`'s cached messages numbered above `after`, ascending, at most `limit`.
+    pub fn key_after(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        limit: usize,
+    ) -> Vec<&CachedMessage<F>> {
+        let Some(seqs) = self.by_key.get(key) else {
+            return Vec::new();
+        };
+        let start = seqs.partition_point(|&s| s <= after);
+        seqs.range(start..)
+            .take(limit)
+            .filter_map(|&s| self.get(s))
+            .collect()
+    }
+
+    /// Cached messages numbered above `after` that pass `filter`, ascending, at most `limit`,
+    /// and the highest number the answer accounts for (the last message's number when `limit`
+    /// cut it, else the head).
+    pub fn after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut filter: impl FnMut(&CachedMessage<F>) -> bool,
+    ) -> (Vec<&CachedMessage<F>>, u64) {
+        let start = self
+            .messages
+            .partition_point(|m| m.sequence_number <= after);
+        let mut out = Vec::new();
+        for m in self.messages.range(start..) {
+            if !filter(m) {
+                continue;
+            }
+            if out.len() == limit {
+                let through = out
+                    .last()
+                    .map_or(after, |m: &&CachedMessage<F>| m.sequence_number);
+                return (out, through);
+            }
+            out.push(m);
+        }
+        (out, self.head)
+    }
+
+    /// The number of the newest cached message of `key` that is the `n`-th newest (1 = newest)
+    /// among its cached messages, or None when fewer than `n` are cached.
+    pub fn nth_newest_of_key(&self, key: &SubscriptionKey, n: usize) -> Option<u64> {
+        let seqs = self.by_key.get(key)?;
+        let len = seqs.len();
+        if n == 0 || n > len {
+            return None;
+        }
+        seqs.get(len - n).copied()
+    }
+
+    /// How many cached messages of `key` are numbered in `(after, through]`.
+    pub fn count_key(&self, key: &SubscriptionKey, after: u64, through: u64) -> u64 {
+        let Some(seqs) = self.by_key.get(key) else {
+            return 0;
+        };
+        let lo = seqs.partition_point(|&s| s <= after);
+        let hi = seqs.partition_point(|&s| s <= through);
+        hi.saturating_sub(lo) as u64
+    }
+
+    /// The smallest cached number whose timestamp is at least `min_timestamp_ms`, or None when
+    /// no cached message is that new. Timestamps never decrease, so this is a binary search.
+    pub fn first_at_or_after(&self, min_timestamp_ms: u64) -> Option<u64> {
+        let i = self
+            .messages
+            .partition_point(|m| m.timestamp_ms < min_timestamp_ms);
+        self.messages.get(i).map(|m| m.sequence_number)
+    }
+
+    /// The timestamp of the oldest cached message.
+    pub fn oldest_timestamp_ms(&self) -> Option<u64> {
+        self.messages.front().map(|m| m.timestamp_ms)
+    }
+
+    /// Keys with at least one cached message.
+    pub fn key_count(&self) -> usize {
+        self.by_key.len()
+    }
+}
