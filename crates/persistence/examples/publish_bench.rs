@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p seqcast-persistence --example publish_bench [-- --secs 2] [--only single|batch]
+//!     [--publishers N] [--sync full|normal] [--group-only]
 //! ```
 //!
 //! Scenarios: 1, 64 and 256 concurrent publishers each appending one event at a time, with
@@ -72,6 +73,16 @@ fn main() {
         .map(|s| s.parse().expect("--secs takes a number"))
         .unwrap_or(2.0);
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let group_only = std::env::args().any(|a| a == "--group-only");
+    // `--publishers N`, `--sync full|normal` and `--group-only` narrow the table to matching scenarios.
+    let only_publishers: Option<usize> = std::env::args()
+        .skip_while(|a| a != "--publishers")
+        .nth(1)
+        .map(|s| s.parse().expect("--publishers takes a number"));
+    let only_sync: Option<Synchronous> = std::env::args()
+        .skip_while(|a| a != "--sync")
+        .nth(1)
+        .map(|s| s.parse().expect("--sync takes full or normal"));
     let duration = Duration::from_secs_f64(secs);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -107,10 +118,15 @@ fn main() {
          | writer CPU µs/event | process CPU µs/event |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    let wanted = |s: &Scenario| match only.as_deref() {
-        Some("single") => s.batch == 1,
-        Some("batch") => s.batch > 1,
-        _ => true,
+    let wanted = |s: &Scenario| {
+        let kind = match only.as_deref() {
+            Some("single") => s.batch == 1,
+            Some("batch") => s.batch > 1,
+            _ => true,
+        };
+        kind && (!group_only || s.group_commit)
+            && only_publishers.is_none_or(|p| p == s.publishers)
+            && only_sync.is_none_or(|sync| sync.as_pragma() == s.synchronous.as_pragma())
     };
     for scenario in scenarios.into_iter().filter(wanted) {
         let outcome = runtime.block_on(run(scenario, duration));

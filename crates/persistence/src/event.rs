@@ -44,7 +44,7 @@ pub struct StoreInfo {
     pub head: u64,
 }
 
-/// Which events [`crate::EventReader::events_after`] returns.
+/// Which events [`crate::EventReader::events_after`] and [`crate::EventReader::page`] return.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum EventFilter {
     /// Every event.
@@ -54,4 +54,31 @@ pub enum EventFilter {
     Key(SubscriptionKey),
     /// Only the events of one channel (any request id).
     Channel(Channel),
+}
+
+/// One page of the log, read in one read transaction
+/// ([`crate::EventReader::page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPage {
+    /// Matching events with `after < sequence_number <= through`, ascending, at most `limit`.
+    pub events: Vec<CommittedEvent>,
+    /// The highest number this page accounts for: the last event's number when `limit` cut
+    /// the page, else `through`. Every matching event in `(after, covered_through]` is in
+    /// `events`.
+    pub covered_through: u64,
+    /// The retention floor seen in the same read transaction (see
+    /// [`crate::EventReader::retention_floor`]). When `floor > after + 1`, events the caller
+    /// wanted may have been pruned.
+    pub floor: u64,
+}
+
+/// What one [`crate::EventWriter::prune`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneReport {
+    /// The retention floor after the call.
+    pub floor: u64,
+    /// Events deleted by this call.
+    pub deleted: u64,
+    /// True when no event below the floor remains (no further call is needed for this floor).
+    pub done: bool,
 }

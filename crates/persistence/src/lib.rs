@@ -21,6 +21,7 @@ mod checkpoint;
 mod config;
 mod error;
 mod event;
+mod memory;
 mod reader;
 mod repair;
 mod schema;
@@ -32,7 +33,8 @@ pub use config::{
     ParseSynchronousError, StoreConfig, Synchronous,
 };
 pub use error::StoreError;
-pub use event::{CommittedEvent, EventFilter, NewEvent, StoreInfo};
+pub use event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
+pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
 pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};

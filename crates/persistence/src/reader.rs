@@ -9,7 +9,7 @@ use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
 
 use crate::config::DEFAULT_BUSY_TIMEOUT;
 use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
-use crate::event::{CommittedEvent, EventFilter};
+use crate::event::{CommittedEvent, EventFilter, LogPage};
 use crate::schema::{self, ConnectionOptions};
 use crate::store::EventReader;
 
@@ -19,7 +19,8 @@ const MAX_IDLE_CONNECTIONS: usize = 4;
 /// Read access to the store. Cheap to clone (clones share a small pool of connections).
 ///
 /// Methods are synchronous and may block on disk; async callers run them in
-/// `spawn_blocking`. Each method is one SQL statement, so it sees one consistent snapshot.
+/// `spawn_blocking`. Each method is one SQL statement or one read transaction, so it sees one
+/// consistent snapshot.
 #[derive(Debug, Clone)]
 pub struct DbReader {
     inner: Arc<ReaderInner>,
@@ -139,9 +140,7 @@ impl EventReader for DbReader {
                 collect_events(conn, &sql, params![since, limit])
             }
             EventFilter::Key(key) => {
-                // Walks the log from `since` (there is no per-stream index of events: it would
-                // cost the writer a scattered page per event, see migration 2) and keeps the
-                // stream's events; callers bound `since` by their recovery window.
+                // Reads the stream's events through `events_by_stream` (migration 3).
                 let sql = format!(
                     "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
                      WHERE e.stream_id = (SELECT stream_id FROM streams \
@@ -242,6 +241,237 @@ impl EventReader for DbReader {
                 });
             }
             Ok(out)
+        })
+    }
+
+    fn retention_floor(&self) -> Result<u64, StoreError> {
+        self.with_connection(schema::read_floor)
+    }
+
+    fn page(
+        &self,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError> {
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                DbReader::page_in(conn, filter, after, through, limit)
+            })
+        })
+    }
+
+    // Binary search over numbers: `first_from(x)` is one primary-key seek, and its timestamp
+    // never decreases as `x` grows, so ~log2(head) seeks find the answer.
+    fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                let floor = schema::read_floor(conn)?;
+                let Some((first, first_ts)) = first_from(conn, floor)? else {
+                    return Ok(None);
+                };
+                if first_ts >= min_timestamp_ms {
+                    return Ok(Some(first));
+                }
+                let head = schema::read_head(conn)?;
+                let Some((_, head_ts)) = first_from(conn, head)? else {
+                    return Ok(None);
+                };
+                if head_ts < min_timestamp_ms {
+                    return Ok(None);
+                }
+                // first_from(lo) is too old, first_from(hi) is new enough.
+                let (mut lo, mut hi) = (first, head);
+                while hi - lo > 1 {
+                    let mid = lo + (hi - lo) / 2;
+                    match first_from(conn, mid)? {
+                        Some((_, ts)) if ts >= min_timestamp_ms => hi = mid,
+                        Some(_) => lo = mid,
+                        None => hi = mid,
+                    }
+                }
+                Ok(first_from(conn, hi)?.map(|(seq, _)| seq))
+            })
+        })
+    }
+
+    fn count_key(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        through: u64,
+    ) -> Result<u64, StoreError> {
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                let Some(stream_id) = key_stream_id(conn, key)? else {
+                    return Ok(0);
+                };
+                let from = after.max(schema::read_floor(conn)?.saturating_sub(1));
+                if through <= from {
+                    return Ok(0);
+                }
+                let count: i64 = conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM events INDEXED BY events_by_stream \
+                         WHERE stream_id = ?1 AND sequence_number > ?2 AND sequence_number <= ?3",
+                    )?
+                    .query_row(params![stream_id, sql_int(from), sql_int(through)], |row| {
+                        row.get(0)
+                    })?;
+                stored_u64(count, "count")
+            })
+        })
+    }
+
+    fn nth_newest_of_key(
+        &self,
+        key: &SubscriptionKey,
+        through: u64,
+        n: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                use rusqlite::OptionalExtension;
+                let Some(stream_id) = key_stream_id(conn, key)? else {
+                    return Ok(None);
+                };
+                let floor = schema::read_floor(conn)?;
+                let found: Option<i64> = conn
+                    .prepare_cached(
+                        "SELECT sequence_number FROM events INDEXED BY events_by_stream \
+                         WHERE stream_id = ?1 AND sequence_number <= ?2 \
+                         ORDER BY sequence_number DESC LIMIT 1 OFFSET ?3",
+                    )?
+                    .query_row(
+                        params![stream_id, sql_int(through), sql_limit(n - 1)],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                match found {
+                    Some(seq) => {
+                        let seq = stored_u64(seq, "sequence_number")?;
+                        Ok((seq >= floor).then_some(seq))
+                    }
+                    None => Ok(None),
+                }
+            })
+        })
+    }
+}
+
+// One key's events in a range, through `events_by_stream` (?1 after, ?2 through, ?3 limit).
+const PAGE_KEY: &str = "WHERE e.stream_id = (SELECT stream_id FROM streams \
+                          WHERE channel = ?4 AND request_id = ?5) \
+       AND e.sequence_number > ?1 AND e.sequence_number <= ?2 \
+     ORDER BY e.sequence_number LIMIT ?3";
+const PAGE_CHANNEL: &str = "WHERE s.channel = ?4 \
+       AND e.sequence_number > ?1 AND e.sequence_number <= ?2 \
+     ORDER BY e.sequence_number LIMIT ?3";
+const PAGE_ALL: &str = "WHERE e.sequence_number > ?1 AND e.sequence_number <= ?2 \
+     ORDER BY e.sequence_number LIMIT ?3";
+// The stream's id, for the key methods; no row = the key never had an event.
+const KEY_STREAM: &str = "SELECT stream_id FROM streams WHERE channel = ?1 AND request_id = ?2";
+// The first event at or after a number: one primary-key seek.
+const FIRST_FROM: &str = "SELECT sequence_number, timestamp_ms FROM events \
+     WHERE sequence_number >= ?1 ORDER BY sequence_number LIMIT 1";
+
+/// Runs `f` inside one read transaction (`BEGIN DEFERRED ... COMMIT`): in WAL mode every
+/// statement in it reads the same snapshot. Rolled back on error.
+fn in_read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
+}
+
+fn key_stream_id(conn: &Connection, key: &SubscriptionKey) -> Result<Option<i64>, StoreError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .prepare_cached(KEY_STREAM)?
+        .query_row(
+            params![key.channel().as_str(), key.request_id().as_str()],
+            |row| row.get(0),
+        )
+        .optional()?)
+}
+
+/// The first event numbered `>= from`: (sequence_number, timestamp_ms).
+fn first_from(conn: &Connection, from: u64) -> Result<Option<(u64, u64)>, StoreError> {
+    use rusqlite::OptionalExtension;
+    let found: Option<(i64, i64)> = conn
+        .prepare_cached(FIRST_FROM)?
+        .query_row(params![sql_int(from)], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    found
+        .map(|(seq, ts)| {
+            Ok((
+                stored_u64(seq, "sequence_number")?,
+                stored_u64(ts, "timestamp_ms")?,
+            ))
+        })
+        .transpose()
+}
+
+impl DbReader {
+    /// [`EventReader::page`] on one connection, inside the caller's read transaction.
+    fn page_in(
+        conn: &Connection,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError> {
+        let floor = schema::read_floor(conn)?;
+        let limit = limit.max(1);
+        // Events below the floor are pruned (a prune in steps may not have deleted them all).
+        let from = after.max(floor.saturating_sub(1));
+        let events = if through <= from {
+            Vec::new()
+        } else {
+            let (after_i, through_i, limit_i) = (sql_int(from), sql_int(through), sql_limit(limit));
+            match filter {
+                EventFilter::Key(key) => collect_events(
+                    conn,
+                    &format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} {PAGE_KEY}"),
+                    params![
+                        after_i,
+                        through_i,
+                        limit_i,
+                        key.channel().as_str(),
+                        key.request_id().as_str()
+                    ],
+                )?,
+                // Walks the log from `after`, keeping the channel's events (CROSS JOIN fixes
+                // that loop order, as in `events_after`).
+                EventFilter::Channel(channel) => collect_events(
+                    conn,
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} {PAGE_CHANNEL}"
+                    ),
+                    params![after_i, through_i, limit_i, channel.as_str()],
+                )?,
+                EventFilter::All => collect_events(
+                    conn,
+                    &format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} {PAGE_ALL}"),
+                    params![after_i, through_i, limit_i],
+                )?,
+            }
+        };
+        let covered_through = match events.last() {
+            Some(last) if events.len() >= limit => last.sequence_number,
+            _ => through,
+        };
+        Ok(LogPage {
+            events,
+            covered_through,
+            floor,
         })
     }
 }

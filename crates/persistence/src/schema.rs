@@ -29,10 +29,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "stream_rows_by_position",
         sql: include_str!("../migrations/0002_stream_rows_by_position.sql"),
     },
+    Migration {
+        version: 3,
+        name: "log_retention",
+        sql: include_str!("../migrations/0003_log_retention.sql"),
+    },
 ];
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One migration that [`migrate`] applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +203,24 @@ pub(crate) fn read_head(conn: &Connection) -> Result<u64, StoreError> {
         )
         .optional()?;
     stored_u64(seq.unwrap_or(0), "head")
+}
+
+/// The retention floor (see [`crate::EventReader::retention_floor`]).
+pub(crate) fn read_floor(conn: &Connection) -> Result<u64, StoreError> {
+    let value: Option<String> = conn
+        .query_row(
+            "SELECT value FROM store_meta WHERE key = 'retention_floor'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let value =
+        value.ok_or_else(|| StoreError::Corrupt("store_meta has no retention_floor".to_owned()))?;
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|&floor| floor >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("store_meta retention_floor is {value:?}")))
 }
 
 /// The store's epoch, made when the store was created.

@@ -1,16 +1,23 @@
 //! The store interface: what every backend promises, whatever database is behind it.
 //!
-//! SQLite ([`crate::DbWriter`], [`crate::DbReader`]) is the first backend. A second one
-//! (PostgreSQL is the next) implements these two traits with the same contract, gets its own
-//! constructor, and runs the same contract tests (`tests/contract.rs`); the server picks a
-//! backend at start and never looks behind the traits.
+//! SQLite ([`crate::DbWriter`], [`crate::DbReader`]) is the default backend and
+//! [`crate::MemoryStore`] the in-memory one (`--storage memory`). Another one (PostgreSQL is
+//! next) implements these two traits with the same contract, gets its own constructor, and runs
+//! the same contract tests (`tests/contract.rs`); the server picks a backend at start and never
+//! looks behind the traits.
+//!
+//! The committed log is the truth; the server's memory is only a cache of its recent tail.
+//! Subscribers catch up from the log with [`EventReader::page`], backlogs are views of it
+//! ([`EventReader::first_at_or_after`], [`EventReader::count_key`],
+//! [`EventReader::nth_newest_of_key`]), and [`EventWriter::prune`] trims it by retention behind a
+//! floor ([`EventReader::retention_floor`]) that only rises.
 
 use std::future::Future;
 
 use seqcast_protocol::SubscriptionKey;
 
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, NewEvent};
+use crate::event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport};
 use crate::writer::WriterStats;
 
 /// The write side: one writer per store, owning the write connection.
@@ -29,11 +36,31 @@ use crate::writer::WriterStats;
 ///   respect to the hook.
 /// - **Group commit without timers.** Concurrent appends may share a transaction, but an
 ///   append is never held back waiting for others.
+/// - **Dense numbers.** Every number from 1 to `head` is used by exactly one event (until it is
+///   pruned): the server's fan-out relies on each committed event being `head + 1`.
+/// - **Retries are free.** An event that repeats a `message_id` in the same stream with
+///   byte-identical `data` (the JSON text compared verbatim) to the row's current data is a
+///   retry: nothing is written, no number is used, it is not handed to the commit hook, and it
+///   is answered with what is already committed (see [`EventWriter::append`]).
 pub trait EventWriter: Clone + Send + Sync + 'static {
     /// Persists `events` as one all-or-nothing unit (a single publish is a Vec of one, a batch
     /// publish one call) and returns them with their numbers, in order, once committed and
     /// durable. An empty Vec returns at once.
     ///
+    /// For each event:
+    /// - a new `message_id` in its stream creates a row: a new `sequence_number` (`head + 1`)
+    ///   and the stream's next `stream_sequence`; `replaced` is false;
+    /// - a known `message_id` with **different** data is an upsert: a new `sequence_number`,
+    ///   the row's `stream_sequence`, `replaced` true;
+    /// - a known `message_id` with the **same** data as the row's current data is a retry: no
+    ///   number is used and the event is not handed to the commit hook; the answer is the row's
+    ///   last event as committed (its `sequence_number`, the row's `stream_sequence`, that
+    ///   event's `timestamp_ms` and `data`, `replaced` as stored). A repeat inside one call
+    ///   counts too: the second of two identical events in a batch is a retry of the first.
+    ///
+    /// So the answer to a batch may mix new numbers with older ones (a retry carries the number
+    /// first committed), and is not necessarily ascending; the new events among it have
+    /// consecutive numbers in call order. The hook sees only the new events.
     /// If the caller stops waiting after the command was queued, the write still happens; only
     /// the answer is lost.
     fn append(
@@ -50,6 +77,23 @@ pub trait EventWriter: Clone + Send + Sync + 'static {
 
     /// Counters since the writer was opened.
     fn stats(&self) -> WriterStats;
+
+    /// Raises the retention floor to `min(below, head + 1)` (never lowers it) and deletes up to
+    /// `max_events` of the oldest events below the floor, with the stream rows whose last event
+    /// is deleted (a row's data lives in its last event). Runs on the writer's thread between
+    /// groups, each call one short transaction, so appends are never held up for long; `done` =
+    /// nothing below the floor remains. The floor row is updated in the same transaction as
+    /// (and before) the deletes, so a reader that sees an event missing also sees the raised
+    /// floor.
+    ///
+    /// Pruning never changes `head` and never lets a number be reused, not even when every
+    /// event is pruned (and, for a persistent store, reopened). Callers prune in steps (e.g.
+    /// `max_events` = a few thousand, again while `!done`) so appends interleave.
+    fn prune(
+        &self,
+        below: u64,
+        max_events: usize,
+    ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
 }
 
 /// The read side: any number of readers, never queued behind the writer, each call one
@@ -80,11 +124,55 @@ pub trait EventReader: Clone + Send + Sync + 'static {
     ) -> Result<Vec<CommittedEvent>, StoreError>;
 
     /// A stream's current rows with `stream_sequence > after`, ascending, at most `limit`; each
-    /// as its latest event (`replaced` = the row was updated since it was created).
+    /// as its latest event (`replaced` = the row was updated since it was created). Rows whose
+    /// last event was pruned are gone.
     fn stream_rows(
         &self,
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError>;
+
+    /// The retention floor: the smallest sequence number the log may still hold (1 for a store
+    /// never pruned; `head + 1` when everything was pruned). Every event numbered in
+    /// `[floor, head]` is present; everything below was pruned. Never goes back.
+    fn retention_floor(&self) -> Result<u64, StoreError>;
+
+    /// Events matching `filter` with `after < sequence_number <= through`, ascending, at most
+    /// `limit` (>= 1; 0 is read as 1), together with the retention floor, all in ONE read
+    /// transaction (SQLite: `BEGIN DEFERRED ... COMMIT` on the pooled connection), so pruning
+    /// can never open a silent hole under a reader: if `floor > after + 1` the caller knows
+    /// events may be missing. A `Key` filter uses the per-stream index (cost proportional to
+    /// the page, not to the log). `Channel`/`All` may walk the log from `after`.
+    ///
+    /// `covered_through` is the last event's number when `limit` cut the page, else `through`
+    /// (also when `through <= after`: then the page is empty and covers nothing new); every
+    /// matching event in `(after, covered_through]` is in `events`, so the next page starts
+    /// after `covered_through`.
+    fn page(
+        &self,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError>;
+
+    /// The smallest retained sequence number whose timestamp is >= `min_timestamp_ms`, or None
+    /// when no retained event is that new. Timestamps never decrease along the log, so this is
+    /// a binary search on the primary key (O(log n) point lookups), never a scan.
+    fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError>;
+
+    /// How many events of `key` have `after < sequence_number <= through` (index-only count).
+    fn count_key(&self, key: &SubscriptionKey, after: u64, through: u64)
+    -> Result<u64, StoreError>;
+
+    /// The sequence number of the `n`-th newest event (n >= 1; 1 = the newest) of `key` with
+    /// `sequence_number <= through`, or None when the key has fewer than `n` such events (or
+    /// `n` is 0).
+    fn nth_newest_of_key(
+        &self,
+        key: &SubscriptionKey,
+        through: u64,
+        n: usize,
+    ) -> Result<Option<u64>, StoreError>;
 }

@@ -22,7 +22,7 @@ use seqcast_protocol::SubscriptionKey;
 use crate::checkpoint::{BACKSTOP_AUTOCHECKPOINT_PAGES, Checkpointer};
 use crate::config::{FaultInjector, StoreConfig};
 use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
-use crate::event::{CommittedEvent, NewEvent, StoreInfo};
+use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
 use crate::schema::{self, ConnectionOptions};
 use crate::store::EventWriter;
 
@@ -35,6 +35,7 @@ use crate::store::EventWriter;
 pub type CommitHook = Box<dyn FnMut(&[CommittedEvent]) + Send + 'static>;
 
 type AppendReply = oneshot::Sender<Result<Vec<CommittedEvent>, StoreError>>;
+type PruneReply = oneshot::Sender<Result<PruneReport, StoreError>>;
 
 /// What the writer thread is asked to do.
 enum Command {
@@ -42,6 +43,13 @@ enum Command {
     Append {
         events: Vec<NewEvent>,
         reply: AppendReply,
+    },
+    /// Raise the retention floor and delete a step of events below it, in its own short
+    /// transaction after the group it arrived with.
+    Prune {
+        below: u64,
+        max_events: usize,
+        reply: PruneReply,
     },
     /// Finish what is queued, close the database, then answer.
     Shutdown { reply: oneshot::Sender<()> },
@@ -236,6 +244,19 @@ impl EventWriter for DbWriter {
         self.commands.is_closed()
     }
 
+    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Prune {
+                below,
+                max_events,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     fn stats(&self) -> WriterStats {
         let c = &self.shared.counters;
         WriterStats {
@@ -264,18 +285,28 @@ const INSERT_STREAM: &str = "INSERT INTO streams (channel, request_id) VALUES (?
 const INSERT_EVENT: &str =
     "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)";
 // The stream position is computed here, by SQLite, when the row is created; on conflict the
-// row keeps it and only its last event changes. first_sequence tells a create (= this event)
-// from an update.
+// row keeps it and only its last event changes — unless the row's current data (its last
+// event's) is byte-identical to the new event's: that is a retry, and the row is left alone.
+// The WHERE clause runs only on conflict, so a new message id pays nothing for it.
+// first_sequence tells a create (= this event) from an update; last_sequence != this event
+// tells a retry.
 const UPSERT_ROW: &str = "INSERT INTO stream_rows \
          (stream_id, stream_sequence, first_sequence, message_id, last_sequence) \
      VALUES (?1, \
          (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1), \
          ?3, ?2, ?3) \
-     ON CONFLICT (message_id, stream_id) DO UPDATE SET last_sequence = excluded.last_sequence";
+     ON CONFLICT (message_id, stream_id) DO UPDATE SET last_sequence = excluded.last_sequence \
+     WHERE (SELECT data FROM events WHERE sequence_number = stream_rows.last_sequence) \
+        IS NOT (SELECT data FROM events WHERE sequence_number = excluded.last_sequence)";
 // Read back what the upsert decided. (A RETURNING clause on the upsert does the same but costs
 // SQLite about half as much again as the whole rest of the event, so it is a separate lookup.)
-const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence FROM stream_rows \
+const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence, last_sequence FROM stream_rows \
      WHERE message_id = ?2 AND stream_id = ?1";
+// A retry: the event just inserted is taken back, with its AUTOINCREMENT step, so no number is
+// used (numbers stay dense); the answer is the row's last event as committed.
+const UNDO_EVENT: &str = "DELETE FROM events WHERE sequence_number = ?1";
+const UNDO_NUMBER: &str = "UPDATE sqlite_sequence SET seq = seq - 1 WHERE name = 'events'";
+const EVENT_TIMESTAMP: &str = "SELECT timestamp_ms FROM events WHERE sequence_number = ?1";
 
 /// Stream ids of committed streams, so the hot path skips the text lookup in `streams`.
 /// Only committed ids go in (streams rows are never deleted), so a rollback cannot leave a
@@ -335,10 +366,12 @@ impl Writer {
         while let Some(first) = receiver.blocking_recv() {
             let mut group = Vec::new();
             let mut group_events = 0;
+            let mut prunes = Vec::new();
             self.take(
                 first,
                 &mut group,
                 &mut group_events,
+                &mut prunes,
                 &mut shutdown_replies,
                 &mut receiver,
             );
@@ -349,6 +382,7 @@ impl Writer {
                         command,
                         &mut group,
                         &mut group_events,
+                        &mut prunes,
                         &mut shutdown_replies,
                         &mut receiver,
                     ),
@@ -357,6 +391,10 @@ impl Writer {
             }
             if !group.is_empty() {
                 self.commit_group(group);
+            }
+            // Between groups: each prune step is its own short transaction.
+            for (below, max_events, reply) in prunes {
+                let _ = reply.send(self.prune(below, max_events));
             }
         }
         // The queue is closed and drained. Closing the last connection checkpoints the WAL
@@ -380,6 +418,7 @@ impl Writer {
         command: Command,
         group: &mut Vec<PendingAppend>,
         group_events: &mut usize,
+        prunes: &mut Vec<(u64, usize, PruneReply)>,
         shutdown_replies: &mut Vec<oneshot::Sender<()>>,
         receiver: &mut mpsc::Receiver<Command>,
     ) {
@@ -396,6 +435,11 @@ impl Writer {
                 *group_events += events.len();
                 group.push(PendingAppend { events, reply });
             }
+            Command::Prune {
+                below,
+                max_events,
+                reply,
+            } => prunes.push((below, max_events, reply)),
             Command::Shutdown { reply } => {
                 // No new commands; the ones already queued are still drained and written.
                 receiver.close();
@@ -491,6 +535,8 @@ impl Writer {
         // copying, the publisher's data).
         let mut committed: Vec<CommittedEvent> = Vec::with_capacity(assigned.len());
         let mut stream_ids: Vec<i64> = Vec::with_capacity(assigned.len());
+        let retries = assigned.iter().filter(|n| n.retry_of.is_some()).count();
+        let mut is_retry: Vec<bool> = Vec::new();
         let mut numbers = assigned.into_iter();
         let mut sizes: Vec<Option<usize>> = Vec::with_capacity(count);
         for (events, own) in commands.into_iter().zip(&own_errors) {
@@ -501,11 +547,14 @@ impl Writer {
             sizes.push(Some(events.len()));
             for (event, n) in events.into_iter().zip(numbers.by_ref()) {
                 stream_ids.push(n.stream_id);
+                if retries > 0 {
+                    is_retry.push(n.retry_of.is_some());
+                }
                 committed.push(CommittedEvent {
                     sequence_number: n.sequence_number,
                     stream_sequence: n.stream_sequence,
                     replaced: n.replaced,
-                    timestamp_ms,
+                    timestamp_ms: n.retry_of.unwrap_or(timestamp_ms),
                     key: event.key,
                     message_id: event.message_id,
                     data: event.data,
@@ -515,8 +564,22 @@ impl Writer {
 
         self.last_timestamp_ms = timestamp_ms;
         self.stream_ids.remember(&committed, &stream_ids);
+        // Retries wrote nothing: they are answered, but the hook sees only new events (and
+        // is not called when a transaction had none). Without retries nothing is copied.
+        let fresh: Vec<CommittedEvent>;
+        let new_events: &[CommittedEvent] = if retries == 0 {
+            &committed
+        } else {
+            fresh = committed
+                .iter()
+                .zip(&is_retry)
+                .filter(|(_, retry)| !**retry)
+                .map(|(event, _)| event.clone())
+                .collect();
+            &fresh
+        };
         if let Some(checkpointer) = &mut self.checkpointer {
-            checkpointer.committed(committed.len());
+            checkpointer.committed(new_events.len());
         }
         let counters = &self.shared.counters;
         counters
@@ -524,12 +587,12 @@ impl Writer {
             .fetch_add(1, Ordering::Relaxed);
         counters
             .events_committed
-            .fetch_add(committed.len() as u64, Ordering::Relaxed);
+            .fetch_add(new_events.len() as u64, Ordering::Relaxed);
 
         let hook = &mut self.hook;
-        if catch_unwind(AssertUnwindSafe(|| hook(&committed))).is_err() {
+        if !new_events.is_empty() && catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {
             tracing::error!(
-                events = committed.len(),
+                events = new_events.len(),
                 "commit hook panicked; events are committed but fan-out may have missed them"
             );
         }
@@ -544,6 +607,24 @@ impl Writer {
                 (None, own) => Err(own.unwrap_or(StoreError::Closed)),
             })
             .collect()
+    }
+
+    /// One prune step (see [`EventWriter::prune`]) in one `BEGIN IMMEDIATE` transaction: the
+    /// floor row first, then the stream rows whose last event goes, then the events.
+    fn prune(&mut self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        self.ensure_connection()?;
+        let Some(conn) = self.conn.as_ref() else {
+            return Err(StoreError::Closed);
+        };
+        let result = prune_step(conn, below, max_events);
+        if let Err(err) = &result {
+            rollback_quietly(conn);
+            tracing::warn!(error = %err, "prune failed; nothing was deleted");
+            if matches!(err, StoreError::Unavailable(_)) {
+                self.after_error(true);
+            }
+        }
+        result
     }
 
     /// Makes sure a connection is open, reopening after an error that asked for it.
@@ -617,6 +698,9 @@ struct Assigned {
     stream_sequence: u64,
     replaced: bool,
     stream_id: i64,
+    /// `Some(timestamp of the committed event)` when this event was a retry: nothing was
+    /// written and the numbers are the row's last event's.
+    retry_of: Option<u64>,
 }
 
 /// How one attempt at a group transaction ended.
@@ -754,16 +838,29 @@ impl<'conn> Statements<'conn> {
                 .insert(params![stream_id, message_id, ts, event.data])?;
             self.upsert_row
                 .execute(params![stream_id, message_id, sequence_number])?;
-            let (stream_sequence, first_sequence): (i64, i64) = self
+            let (stream_sequence, first_sequence, last_sequence): (i64, i64, i64) = self
                 .row_position
                 .query_row(params![stream_id, message_id], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
                 })?;
+            let retry_of = if last_sequence == sequence_number {
+                None
+            } else {
+                // Same data as the row's last event: take this event back.
+                conn.prepare_cached(UNDO_EVENT)?
+                    .execute(params![sequence_number])?;
+                conn.prepare_cached(UNDO_NUMBER)?.execute([])?;
+                let ts: i64 = conn
+                    .prepare_cached(EVENT_TIMESTAMP)?
+                    .query_row(params![last_sequence], |row| row.get(0))?;
+                Some(to_u64(ts)?)
+            };
             out.push(Assigned {
-                sequence_number: to_u64(sequence_number)?,
+                sequence_number: to_u64(last_sequence)?,
                 stream_sequence: to_u64(stream_sequence)?,
-                replaced: first_sequence != sequence_number,
+                replaced: first_sequence != last_sequence,
                 stream_id,
+                retry_of,
             });
         }
         Ok(())
@@ -788,4 +885,58 @@ fn stream_id(conn: &Connection, key: &SubscriptionKey) -> Result<i64, rusqlite::
 
 fn to_u64(value: i64) -> Result<u64, rusqlite::Error> {
     u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, value))
+}
+
+/// The body of one prune step; the caller rolls back on error.
+fn prune_step(conn: &Connection, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+    exec_cached(conn, "BEGIN IMMEDIATE")?;
+    let head = schema::read_head(conn)?;
+    let old_floor = schema::read_floor(conn)?;
+    let floor = old_floor.max(below.min(head.saturating_add(1)));
+    if floor != old_floor {
+        conn.prepare_cached("UPDATE store_meta SET value = ?1 WHERE key = 'retention_floor'")?
+            .execute(params![floor.to_string()])?;
+    }
+    let floor_i = crate::error::sql_int(floor);
+    // The newest event this step deletes: the `max_events`-th oldest below the floor.
+    let step_end: Option<i64> = if max_events == 0 {
+        None
+    } else {
+        conn.prepare_cached(
+            "SELECT MAX(sequence_number) FROM (SELECT sequence_number FROM events \
+             WHERE sequence_number < ?1 ORDER BY sequence_number LIMIT ?2)",
+        )?
+        .query_row(
+            params![floor_i, crate::error::sql_limit(max_events)],
+            |row| row.get(0),
+        )?
+    };
+    let mut deleted = 0u64;
+    if let Some(end) = step_end {
+        // Rows whose last event is among the deleted ones, found through the deleted events'
+        // (message_id, stream_id) and the unique index `stream_rows_by_message`. A row whose
+        // last event stays (even one still below the floor, for a later step) keeps its data.
+        conn.prepare_cached(
+            "DELETE FROM stream_rows WHERE (message_id, stream_id) IN \
+                 (SELECT message_id, stream_id FROM events WHERE sequence_number <= ?1) \
+             AND last_sequence <= ?1",
+        )?
+        .execute(params![end])?;
+        let n = conn
+            .prepare_cached("DELETE FROM events WHERE sequence_number <= ?1")?
+            .execute(params![end])?;
+        deleted = n as u64;
+    }
+    let remaining: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE sequence_number < ?1)")?
+        .query_row(params![floor_i], |row| row.get(0))?;
+    exec_cached(conn, "COMMIT")?;
+    if deleted > 0 || floor != old_floor {
+        tracing::debug!(floor, deleted, "pruned the log");
+    }
+    Ok(PruneReport {
+        floor,
+        deleted,
+        done: !remaining,
+    })
 }

@@ -1,18 +1,19 @@
 //! The store contract, written once against the traits ([`EventWriter`], [`EventReader`]) and
-//! run for every backend. SQLite is the only one today; a new backend (PostgreSQL is next)
+//! run for every backend: SQLite and memory today; a new backend (PostgreSQL is next)
 //! implements [`Backend`] and adds one `contract_tests!` line at the bottom.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 mod common;
 
 use common::{event, key};
 use seqcast_persistence::{
     CommitHook, CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter,
-    StoreConfig, StoreError, StoreInfo,
+    MemoryReader, MemoryStore, MemoryWriter, PruneReport, StoreConfig, StoreError, StoreInfo,
 };
 use seqcast_protocol::Channel;
 
@@ -22,6 +23,25 @@ trait Backend {
     type Reader: EventReader;
     /// Opens the store (creating it the first time) with `hook` as its commit hook.
     fn open(&self, hook: CommitHook) -> (Self::Writer, Self::Reader, StoreInfo);
+    /// True when a store opened again continues the one closed before (SQLite); false when
+    /// every `open` starts a new, empty store (memory).
+    fn persists(&self) -> bool {
+        true
+    }
+}
+
+/// The in-memory backend: nothing survives `close`, so every `open` is a new store.
+struct Memory;
+
+impl Backend for Memory {
+    type Writer = MemoryWriter;
+    type Reader = MemoryReader;
+    fn open(&self, hook: CommitHook) -> (MemoryWriter, MemoryReader, StoreInfo) {
+        MemoryStore::open(hook)
+    }
+    fn persists(&self) -> bool {
+        false
+    }
 }
 
 struct Sqlite {
@@ -189,8 +209,12 @@ async fn a_batch_is_all_or_nothing(backend: impl Backend) {
     writer.close().await;
 }
 
-/// Reopening keeps the epoch and continues every number; readers filter and page.
+/// Reopening keeps the epoch and continues every number; readers filter and page. (Only for
+/// backends that persist: a memory store opened again is a new, empty one.)
 async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
+    if !backend.persists() {
+        return;
+    }
     let (writer, _, first) = backend.open(Box::new(|_| {}));
     for n in 1..=5 {
         let k = if n % 2 == 0 { "c:b" } else { "c:a" };
@@ -246,6 +270,490 @@ async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
     writer.close().await;
 }
 
+fn numbers(events: &[CommittedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence_number).collect()
+}
+
+/// Appends one event per (key, message id, data), one append each; returns the answers.
+async fn append_each(
+    writer: &impl EventWriter,
+    events: &[(&str, &str, &str)],
+) -> Vec<CommittedEvent> {
+    let mut out = Vec::new();
+    for (k, m, d) in events {
+        out.extend(writer.append(vec![event(k, m, d)]).await.unwrap());
+    }
+    out
+}
+
+/// The ten events the page, count and prune tests read: keys c:a (1, 3, 5, 8, 10), c:b (2, 6),
+/// d:a (4, 7, 9); event 8 updates the row of event 3 (c:a "m3").
+const TEN: [(&str, &str, &str); 10] = [
+    ("c:a", "m1", "1"),
+    ("c:b", "m2", "2"),
+    ("c:a", "m3", "3"),
+    ("d:a", "m4", "4"),
+    ("c:a", "m5", "5"),
+    ("c:b", "m6", "6"),
+    ("d:a", "m7", "7"),
+    ("c:a", "m3", "8"),
+    ("d:a", "m9", "9"),
+    ("c:a", "m10", "10"),
+];
+
+/// `page` reads one range of the log per call, by key, channel or all, says how far it
+/// accounted for, and carries the floor.
+async fn page_reads_the_log_in_ranges(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let empty = reader.page(&EventFilter::All, 0, 0, 10).unwrap();
+    assert_eq!(
+        (empty.events.len(), empty.covered_through, empty.floor),
+        (0, 0, 1)
+    );
+    append_each(&writer, &TEN).await;
+    let head = reader.head().unwrap();
+    assert_eq!(head, 10);
+
+    // By key, two at a time: the limit cuts, covered_through is the last event's number.
+    let of_a = EventFilter::Key(key("c:a"));
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = reader.page(&of_a, after, head, 2).unwrap();
+        assert_eq!(page.floor, 1);
+        assert!(page.events.len() <= 2);
+        seen.extend(numbers(&page.events));
+        if page.events.len() == 2 {
+            assert_eq!(page.covered_through, page.events[1].sequence_number);
+        } else {
+            assert_eq!(page.covered_through, head);
+        }
+        if page.covered_through == head {
+            break;
+        }
+        after = page.covered_through;
+    }
+    assert_eq!(seen, vec![1, 3, 5, 8, 10]);
+    // Each event carries its row's current position; event 8 updated row m3.
+    let page = reader.page(&of_a, 0, head, 10).unwrap();
+    let rows: Vec<(u64, u64, bool)> = page
+        .events
+        .iter()
+        .map(|e| (e.sequence_number, e.stream_sequence, e.replaced))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (1, 1, false),
+            (3, 2, false),
+            (5, 3, false),
+            (8, 2, true),
+            (10, 4, false)
+        ]
+    );
+
+    // `through` bounds the page; a page not cut by the limit covers through `through`.
+    let page = reader.page(&of_a, 1, 6, 10).unwrap();
+    assert_eq!(
+        (numbers(&page.events), page.covered_through),
+        (vec![3, 5], 6)
+    );
+    let page = reader
+        .page(&EventFilter::Key(key("x:none")), 0, head, 10)
+        .unwrap();
+    assert_eq!((page.events.len(), page.covered_through), (0, head));
+
+    let channel_c = EventFilter::Channel(Channel::new("c").unwrap());
+    let page = reader.page(&channel_c, 2, 9, 3).unwrap();
+    assert_eq!(
+        (numbers(&page.events), page.covered_through),
+        (vec![3, 5, 6], 6)
+    );
+    let page = reader.page(&channel_c, 6, 9, 3).unwrap();
+    assert_eq!((numbers(&page.events), page.covered_through), (vec![8], 9));
+
+    let page = reader.page(&EventFilter::All, 3, 7, 100).unwrap();
+    assert_eq!(
+        (numbers(&page.events), page.covered_through),
+        (vec![4, 5, 6, 7], 7)
+    );
+    let page = reader.page(&EventFilter::All, 3, 7, 4).unwrap();
+    assert_eq!(
+        (numbers(&page.events), page.covered_through),
+        (vec![4, 5, 6, 7], 7)
+    );
+    let page = reader.page(&EventFilter::All, 3, 7, 2).unwrap();
+    assert_eq!(
+        (numbers(&page.events), page.covered_through),
+        (vec![4, 5], 5)
+    );
+    assert_eq!(
+        page.events,
+        reader.events_after(3, 2, EventFilter::All).unwrap()
+    );
+
+    // After a prune the page says where the log starts now.
+    writer.prune(5, 100).await.unwrap();
+    let page = reader.page(&EventFilter::All, 0, head, 100).unwrap();
+    assert_eq!(page.floor, 5);
+    assert_eq!(numbers(&page.events), vec![5, 6, 7, 8, 9, 10]);
+    let page = reader.page(&of_a, 0, head, 100).unwrap();
+    assert_eq!((numbers(&page.events), page.floor), (vec![5, 8, 10], 5));
+    writer.close().await;
+}
+
+/// `count_key` and `nth_newest_of_key` answer from one key's events only.
+async fn key_counts_and_nth_newest(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let a = key("c:a");
+    assert_eq!(reader.count_key(&a, 0, 100).unwrap(), 0);
+    assert_eq!(reader.nth_newest_of_key(&a, 100, 1).unwrap(), None);
+    append_each(&writer, &TEN).await;
+    assert_eq!(reader.count_key(&a, 0, 10).unwrap(), 5);
+    assert_eq!(reader.count_key(&a, 1, 8).unwrap(), 3);
+    assert_eq!(reader.count_key(&a, 3, 4).unwrap(), 0);
+    assert_eq!(reader.count_key(&a, 8, 3).unwrap(), 0);
+    assert_eq!(reader.count_key(&key("d:a"), 0, u64::MAX).unwrap(), 3);
+    assert_eq!(reader.count_key(&key("x:none"), 0, 10).unwrap(), 0);
+
+    assert_eq!(reader.nth_newest_of_key(&a, 10, 1).unwrap(), Some(10));
+    assert_eq!(reader.nth_newest_of_key(&a, 10, 2).unwrap(), Some(8));
+    assert_eq!(reader.nth_newest_of_key(&a, 9, 1).unwrap(), Some(8));
+    assert_eq!(reader.nth_newest_of_key(&a, 7, 3).unwrap(), Some(1));
+    assert_eq!(reader.nth_newest_of_key(&a, 7, 4).unwrap(), None);
+    assert_eq!(reader.nth_newest_of_key(&a, u64::MAX, 5).unwrap(), Some(1));
+    assert_eq!(reader.nth_newest_of_key(&a, u64::MAX, 6).unwrap(), None);
+    assert_eq!(reader.nth_newest_of_key(&a, 0, 1).unwrap(), None);
+    assert_eq!(
+        reader.nth_newest_of_key(&key("c:b"), 10, 2).unwrap(),
+        Some(2)
+    );
+
+    // Pruned events no longer count.
+    writer.prune(4, 100).await.unwrap();
+    assert_eq!(reader.count_key(&a, 0, 10).unwrap(), 3);
+    assert_eq!(reader.nth_newest_of_key(&a, 10, 3).unwrap(), Some(5));
+    assert_eq!(reader.nth_newest_of_key(&a, 10, 4).unwrap(), None);
+    writer.close().await;
+}
+
+/// `first_at_or_after` finds where the log reaches a time.
+async fn first_at_or_after_finds_a_time(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    assert_eq!(reader.first_at_or_after(0).unwrap(), None);
+    let mut times = Vec::new();
+    for n in 1..=9u64 {
+        let batch: Vec<_> = (0..n % 3 + 1)
+            .map(|i| event("c:a", &format!("m{n}-{i}"), "1"))
+            .collect();
+        let committed = writer.append(batch).await.unwrap();
+        times.push((committed[0].sequence_number, committed[0].timestamp_ms));
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let head = reader.head().unwrap();
+    let all = reader.events_after(0, 1000, EventFilter::All).unwrap();
+    assert_eq!(all.len() as u64, head);
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms)
+    );
+    assert_eq!(reader.first_at_or_after(0).unwrap(), Some(1));
+    for (seq, ts) in &times {
+        // The first event of each batch is the first at its time (batches 3 ms apart).
+        let expected = all
+            .iter()
+            .find(|e| e.timestamp_ms >= *ts)
+            .unwrap()
+            .sequence_number;
+        assert_eq!(expected, *seq);
+        assert_eq!(reader.first_at_or_after(*ts).unwrap(), Some(*seq));
+        let later = all
+            .iter()
+            .find(|e| e.timestamp_ms > *ts)
+            .map(|e| e.sequence_number);
+        assert_eq!(reader.first_at_or_after(ts + 1).unwrap(), later);
+    }
+    let newest = all.last().unwrap().timestamp_ms;
+    assert_eq!(reader.first_at_or_after(newest + 1).unwrap(), None);
+    assert_eq!(reader.first_at_or_after(u64::MAX).unwrap(), None);
+
+    // Only retained events count.
+    writer.prune(times[4].0, 1000).await.unwrap();
+    assert_eq!(reader.first_at_or_after(0).unwrap(), Some(times[4].0));
+    writer.prune(u64::MAX, 1000).await.unwrap();
+    assert_eq!(reader.first_at_or_after(0).unwrap(), None);
+    writer.close().await;
+}
+
+/// Pruning raises a floor that never goes back, deletes below it in steps, removes the stream
+/// rows whose data went with it, and never lets a number be used again.
+async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
+    let seen = Seen::default();
+    let (writer, reader, info) = backend.open(seen.hook());
+    append_each(&writer, &TEN).await;
+    assert_eq!(reader.retention_floor().unwrap(), 1);
+    let nothing = writer.prune(1, 100).await.unwrap();
+    assert_eq!(
+        nothing,
+        PruneReport {
+            floor: 1,
+            deleted: 0,
+            done: true
+        }
+    );
+
+    let step = writer.prune(5, 3).await.unwrap();
+    assert_eq!(
+        step,
+        PruneReport {
+            floor: 5,
+            deleted: 3,
+            done: false
+        }
+    );
+    assert_eq!(reader.retention_floor().unwrap(), 5);
+    let step = writer.prune(5, 3).await.unwrap();
+    assert_eq!(
+        step,
+        PruneReport {
+            floor: 5,
+            deleted: 1,
+            done: true
+        }
+    );
+    // The floor never goes back.
+    let lower = writer.prune(2, 100).await.unwrap();
+    assert_eq!(
+        lower,
+        PruneReport {
+            floor: 5,
+            deleted: 0,
+            done: true
+        }
+    );
+    assert_eq!(reader.retention_floor().unwrap(), 5);
+
+    assert_eq!(
+        numbers(&reader.events_after(0, 100, EventFilter::All).unwrap()),
+        (5..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        numbers(
+            &reader
+                .events_after(0, 100, EventFilter::Key(key("c:a")))
+                .unwrap()
+        ),
+        vec![5, 8, 10]
+    );
+    assert_eq!(reader.head().unwrap(), 10);
+    // Rows whose last event was pruned are gone (m1 of c:a, m2 of c:b); m3 of c:a was
+    // updated by event 8, so it stays with that data.
+    let rows = reader.stream_rows(&key("c:a"), 0, 10).unwrap();
+    let rows: Vec<(u64, &str, u64)> = rows
+        .iter()
+        .map(|r| (r.stream_sequence, r.message_id.as_str(), r.sequence_number))
+        .collect();
+    assert_eq!(rows, vec![(2, "m3", 8), (3, "m5", 5), (4, "m10", 10)]);
+    let rows = reader.stream_rows(&key("c:b"), 0, 10).unwrap();
+    assert_eq!(numbers(&rows), vec![6]);
+    assert!(
+        reader
+            .latest_events(100, 0)
+            .unwrap()
+            .iter()
+            .all(|e| e.sequence_number >= 5)
+    );
+
+    // Everything: the floor is head + 1, the log is empty, head stays, numbers continue.
+    let all = writer.prune(u64::MAX, 2).await.unwrap();
+    assert_eq!(
+        all,
+        PruneReport {
+            floor: 11,
+            deleted: 2,
+            done: false
+        }
+    );
+    loop {
+        if writer.prune(u64::MAX, 2).await.unwrap().done {
+            break;
+        }
+    }
+    assert_eq!(reader.retention_floor().unwrap(), 11);
+    assert_eq!(reader.head().unwrap(), 10);
+    assert!(
+        reader
+            .events_after(0, 100, EventFilter::All)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(reader.stream_rows(&key("c:a"), 0, 10).unwrap().is_empty());
+    let page = reader.page(&EventFilter::All, 0, 10, 100).unwrap();
+    assert_eq!(
+        (page.events.len(), page.covered_through, page.floor),
+        (0, 10, 11)
+    );
+
+    let next = writer.append(vec![event("c:a", "m3", "8")]).await.unwrap();
+    // m3's row was pruned with its data: the same id and data are a new row now.
+    assert_eq!((next[0].sequence_number, next[0].replaced), (11, false));
+    assert_eq!(reader.head().unwrap(), 11);
+    // A floor above head + 1 is held at head + 1.
+    let above = writer.prune(100, 0).await.unwrap();
+    assert_eq!(
+        above,
+        PruneReport {
+            floor: 12,
+            deleted: 0,
+            done: false
+        }
+    );
+    assert!(writer.prune(100, 10).await.unwrap().done);
+    assert_eq!(*seen.numbers().last().unwrap(), 11);
+    writer.close().await;
+    assert!(matches!(
+        writer.prune(100, 10).await,
+        Err(StoreError::Closed)
+    ));
+
+    if backend.persists() {
+        // Reopened: the high-water mark and the floor survive.
+        let (writer, reader, again) = backend.open(Box::new(|_| {}));
+        assert_eq!((again.epoch, again.head), (info.epoch, 11));
+        assert_eq!(reader.retention_floor().unwrap(), 12);
+        assert!(
+            reader
+                .events_after(0, 100, EventFilter::All)
+                .unwrap()
+                .is_empty()
+        );
+        let next = writer.append(vec![event("c:a", "z", "1")]).await.unwrap();
+        assert_eq!(next[0].sequence_number, 12);
+        writer.close().await;
+    }
+}
+
+/// A repeat of a message id with the same data is a retry: the committed numbers come back,
+/// nothing is written or handed to the hook, and numbers stay dense. Different data is an
+/// upsert.
+async fn a_retry_uses_no_number(backend: impl Backend) {
+    let seen = Seen::default();
+    let (writer, reader, info) = backend.open(seen.hook());
+    let first = writer
+        .append(vec![event("c:a", "x", r#"{"v":1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    writer.append(vec![event("c:a", "y", "2")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let retry = writer
+        .append(vec![event("c:a", "x", r#"{"v":1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(retry, first);
+    assert_eq!(reader.head().unwrap(), 2);
+    assert_eq!(seen.numbers(), vec![1, 2]);
+    // Verbatim: the same JSON value written differently is new data (an upsert).
+    let upsert = writer
+        .append(vec![event("c:a", "x", r#"{"v": 1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (
+            upsert.sequence_number,
+            upsert.stream_sequence,
+            upsert.replaced
+        ),
+        (3, 1, true)
+    );
+    let again = writer
+        .append(vec![event("c:a", "x", r#"{"v": 1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again, upsert);
+    // The old data is not the row's data any more: back to it is an upsert too.
+    let back = writer
+        .append(vec![event("c:a", "x", r#"{"v":1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (back.sequence_number, back.stream_sequence, back.replaced),
+        (4, 1, true)
+    );
+    // The same message id in another stream is another row.
+    let other = writer
+        .append(vec![event("c:b", "x", r#"{"v":1}"#)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (other.sequence_number, other.stream_sequence, other.replaced),
+        (5, 1, false)
+    );
+
+    // A batch mixes new numbers with a retry's older one; a repeat inside the batch is a retry
+    // of its first copy.
+    let batch = writer
+        .append(vec![
+            event("c:a", "w", "6"),
+            event("c:a", "y", "2"),
+            event("c:a", "v", "7"),
+            event("c:a", "v", "7"),
+            event("c:a", "w", "8"),
+        ])
+        .await
+        .unwrap();
+    let got: Vec<(u64, u64, bool)> = batch
+        .iter()
+        .map(|e| (e.sequence_number, e.stream_sequence, e.replaced))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (6, 3, false),
+            (2, 2, false),
+            (7, 4, false),
+            (7, 4, false),
+            (8, 3, true)
+        ]
+    );
+    assert_eq!(batch[1].data, "2");
+    assert_eq!(seen.numbers(), (1..=8).collect::<Vec<_>>());
+    let next = writer.append(vec![event("d:a", "n", "9")]).await.unwrap();
+    assert_eq!(next[0].sequence_number, 9);
+    // Dense: the log holds exactly 1..=head.
+    let log = reader.events_after(0, 100, EventFilter::All).unwrap();
+    assert_eq!(numbers(&log), (1..=9).collect::<Vec<_>>());
+    assert_eq!(log, *seen.events.lock().unwrap());
+    // A batch of nothing but retries reaches nobody.
+    let only_retries = writer
+        .append(vec![event("d:a", "n", "9"), event("c:a", "y", "2")])
+        .await
+        .unwrap();
+    assert_eq!(numbers(&only_retries), vec![9, 2]);
+    assert_eq!(seen.numbers().len(), 9);
+    assert_eq!(writer.stats().events_committed, 9);
+    writer.close().await;
+
+    if backend.persists() {
+        let (writer, reader, again) = backend.open(Box::new(|_| {}));
+        assert_eq!((again.epoch, again.head), (info.epoch, 9));
+        let retry = writer
+            .append(vec![event("c:a", "x", r#"{"v":1}"#)])
+            .await
+            .unwrap();
+        assert_eq!(retry[0].sequence_number, 4);
+        let next = writer.append(vec![event("c:a", "new", "1")]).await.unwrap();
+        assert_eq!(next[0].sequence_number, 10);
+        assert_eq!(reader.head().unwrap(), 10);
+        writer.close().await;
+    }
+}
+
 macro_rules! contract_tests {
     ($module:ident, $backend:expr) => {
         mod $module {
@@ -270,8 +778,34 @@ macro_rules! contract_tests {
             async fn a_reopened_store_continues_its_numbers() {
                 super::a_reopened_store_continues_its_numbers($backend).await;
             }
+
+            #[tokio::test]
+            async fn page_reads_the_log_in_ranges() {
+                super::page_reads_the_log_in_ranges($backend).await;
+            }
+
+            #[tokio::test]
+            async fn key_counts_and_nth_newest() {
+                super::key_counts_and_nth_newest($backend).await;
+            }
+
+            #[tokio::test]
+            async fn first_at_or_after_finds_a_time() {
+                super::first_at_or_after_finds_a_time($backend).await;
+            }
+
+            #[tokio::test]
+            async fn prune_trims_the_log_behind_a_rising_floor() {
+                super::prune_trims_the_log_behind_a_rising_floor($backend).await;
+            }
+
+            #[tokio::test]
+            async fn a_retry_uses_no_number() {
+                super::a_retry_uses_no_number($backend).await;
+            }
         }
     };
 }
 
 contract_tests!(sqlite, Sqlite::new());
+contract_tests!(memory, Memory);

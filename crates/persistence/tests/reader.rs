@@ -179,6 +179,10 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
             AppliedMigration {
                 version: 2,
                 name: "stream_rows_by_position"
+            },
+            AppliedMigration {
+                version: 3,
+                name: "log_retention"
             }
         ]
     );
@@ -194,7 +198,7 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
     let recorded: i64 = conn
         .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(recorded, 2);
+    assert_eq!(recorded, 3);
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -248,10 +252,16 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
     let report = migrate(&path).unwrap();
     assert_eq!(
         report.applied,
-        vec![AppliedMigration {
-            version: 2,
-            name: "stream_rows_by_position"
-        }]
+        vec![
+            AppliedMigration {
+                version: 2,
+                name: "stream_rows_by_position"
+            },
+            AppliedMigration {
+                version: 3,
+                name: "log_retention"
+            }
+        ]
     );
     let reader = DbReader::open(&path).unwrap();
     let log = reader.events_after(0, 10, EventFilter::All).unwrap();

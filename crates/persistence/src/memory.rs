@@ -1,0 +1,556 @@
+//! The in-memory backend (`--storage memory`): the same contract as SQLite, nothing on disk.
+//!
+//! One `Arc<Mutex<Log>>` holds the log; [`MemoryWriter`] and [`MemoryReader`] share it. The
+//! writer numbers events under the lock (dense, strictly increasing), calls the commit hook
+//! under the same lock before the append returns (so the hook sees commit order), and answers.
+//! Reads take the lock for one consistent snapshot.
+//!
+//! Memory is bounded only by pruning ([`EventWriter::prune`]): every event stays until the
+//! server's retention prunes it. Nothing survives the process; a new store starts at head 0
+//! with a new epoch.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use seqcast_protocol::{MessageId, SubscriptionKey};
+
+use crate::error::StoreError;
+use crate::event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
+use crate::schema::now_ms;
+use crate::store::{EventReader, EventWriter};
+use crate::writer::{CommitHook, WriterStats};
+
+/// The in-memory store. [`MemoryStore::open`] makes one.
+#[derive(Debug)]
+pub struct MemoryStore;
+
+impl MemoryStore {
+    /// A new, empty store (head 0, a random 16-byte hex epoch) with `hook` as its commit hook.
+    pub fn open(hook: CommitHook) -> (MemoryWriter, MemoryReader, StoreInfo) {
+        let epoch = random_epoch();
+        let shared = Arc::new(Shared {
+            epoch: epoch.clone(),
+            log: Mutex::new(Log {
+                closed: false,
+                head: 0,
+                floor: 1,
+                first_seq: 1,
+                last_timestamp_ms: 0,
+                events: VecDeque::new(),
+                streams: HashMap::new(),
+                stats: WriterStats::default(),
+                hook,
+            }),
+        });
+        (
+            MemoryWriter {
+                shared: Arc::clone(&shared),
+            },
+            MemoryReader { shared },
+            StoreInfo { epoch, head: 0 },
+        )
+    }
+}
+
+/// 16 random bytes as hex, from SQLite's CSPRNG (the same source as a SQLite store's epoch).
+fn random_epoch() -> String {
+    let from_sqlite = rusqlite::Connection::open_in_memory().and_then(|conn| {
+        conn.query_row("SELECT lower(hex(randomblob(16)))", [], |row| {
+            row.get::<_, String>(0)
+        })
+    });
+    match from_sqlite {
+        Ok(epoch) => epoch,
+        Err(err) => {
+            // Not expected; fall back to the standard library's randomly seeded hasher.
+            tracing::warn!(error = %err, "no random epoch from SQLite; using a hasher seed");
+            use std::hash::{BuildHasher, RandomState};
+            let a = RandomState::new().hash_one(now_ms());
+            let b = RandomState::new().hash_one(a);
+            format!("{a:016x}{b:016x}")
+        }
+    }
+}
+
+struct Shared {
+    epoch: String,
+    log: Mutex<Log>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One event as kept: its stream position and `replaced` come from its row, as in SQLite.
+struct Stored {
+    key: SubscriptionKey,
+    message_id: MessageId,
+    timestamp_ms: u64,
+    data: String,
+}
+
+/// One stream row: position, creating event, last (current) event.
+#[derive(Clone, Copy)]
+struct Row {
+    stream_sequence: u64,
+    first_sequence: u64,
+    last_sequence: u64,
+}
+
+#[derive(Default)]
+struct Stream {
+    rows: HashMap<MessageId, Row>,
+    /// (stream_sequence, first_sequence) -> message_id: the rows in page order.
+    by_position: BTreeMap<(u64, u64), MessageId>,
+    /// The stream's retained events' numbers, ascending.
+    numbers: VecDeque<u64>,
+}
+
+struct Log {
+    closed: bool,
+    /// The highest number ever assigned.
+    head: u64,
+    floor: u64,
+    /// The number of `events[0]` (`head + 1` when `events` is empty): events are dense.
+    first_seq: u64,
+    last_timestamp_ms: u64,
+    events: VecDeque<Stored>,
+    streams: HashMap<SubscriptionKey, Stream>,
+    stats: WriterStats,
+    hook: CommitHook,
+}
+
+impl Log {
+    fn get(&self, seq: u64) -> Option<&Stored> {
+        let index = seq.checked_sub(self.first_seq)?;
+        self.events.get(usize::try_from(index).ok()?)
+    }
+
+    /// The index in `events` of the first event numbered `> after`.
+    fn index_after(&self, after: u64) -> usize {
+        usize::try_from(after.saturating_add(1).saturating_sub(self.first_seq))
+            .unwrap_or(usize::MAX)
+            .min(self.events.len())
+    }
+
+    fn committed(&self, seq: u64) -> Result<CommittedEvent, StoreError> {
+        let stored = self
+            .get(seq)
+            .ok_or_else(|| StoreError::Corrupt(format!("event {seq} is missing")))?;
+        let row = self
+            .streams
+            .get(&stored.key)
+            .and_then(|s| s.rows.get(&stored.message_id))
+            .ok_or_else(|| StoreError::Corrupt(format!("event {seq} has no stream row")))?;
+        Ok(CommittedEvent {
+            sequence_number: seq,
+            stream_sequence: row.stream_sequence,
+            key: stored.key.clone(),
+            message_id: stored.message_id.clone(),
+            timestamp_ms: stored.timestamp_ms,
+            data: stored.data.clone(),
+            replaced: row.first_sequence != seq,
+        })
+    }
+
+    /// The row's current state as an event (its last event).
+    fn row_event(&self, row: &Row) -> Result<CommittedEvent, StoreError> {
+        let mut event = self.committed(row.last_sequence)?;
+        event.stream_sequence = row.stream_sequence;
+        event.replaced = row.first_sequence != row.last_sequence;
+        Ok(event)
+    }
+
+    /// Matching events numbered in `(after, through]`, ascending, at most `limit`.
+    fn collect(
+        &self,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let mut out = Vec::new();
+        if through <= after || limit == 0 {
+            return Ok(out);
+        }
+        match filter {
+            EventFilter::Key(key) => {
+                let Some(stream) = self.streams.get(key) else {
+                    return Ok(out);
+                };
+                let start = stream.numbers.partition_point(|&n| n <= after);
+                for &seq in stream.numbers.range(start..) {
+                    if seq > through || out.len() >= limit {
+                        break;
+                    }
+                    out.push(self.committed(seq)?);
+                }
+            }
+            EventFilter::All | EventFilter::Channel(_) => {
+                let start = self.index_after(after);
+                for (i, stored) in self.events.range(start..).enumerate() {
+                    let seq = self.first_seq + (start + i) as u64;
+                    if seq > through || out.len() >= limit {
+                        break;
+                    }
+                    if let EventFilter::Channel(channel) = filter
+                        && stored.key.channel() != channel
+                    {
+                        continue;
+                    }
+                    out.push(self.committed(seq)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one validated event; `None` for a new event, else the retry's answer.
+    fn apply(&mut self, event: NewEvent, timestamp_ms: u64) -> Result<Applied, StoreError> {
+        let stream = self.streams.entry(event.key.clone()).or_default();
+        if let Some(row) = stream.rows.get(&event.message_id).copied() {
+            let index = usize::try_from(row.last_sequence - self.first_seq).unwrap_or(usize::MAX);
+            let same = self
+                .events
+                .get(index)
+                .is_some_and(|last| last.data == event.data);
+            if same {
+                return Ok(Applied::Retry(row));
+            }
+        }
+        self.head += 1;
+        let seq = self.head;
+        let stream = self.streams.entry(event.key.clone()).or_default();
+        let row = match stream.rows.get_mut(&event.message_id) {
+            Some(row) => {
+                row.last_sequence = seq;
+                *row
+            }
+            None => {
+                let stream_sequence = stream
+                    .by_position
+                    .last_key_value()
+                    .map_or(1, |((position, _), _)| position + 1);
+                let row = Row {
+                    stream_sequence,
+                    first_sequence: seq,
+                    last_sequence: seq,
+                };
+                stream.rows.insert(event.message_id.clone(), row);
+                stream
+                    .by_position
+                    .insert((stream_sequence, seq), event.message_id.clone());
+                row
+            }
+        };
+        stream.numbers.push_back(seq);
+        let committed = CommittedEvent {
+            sequence_number: seq,
+            stream_sequence: row.stream_sequence,
+            key: event.key.clone(),
+            message_id: event.message_id.clone(),
+            timestamp_ms,
+            data: event.data.clone(),
+            replaced: row.first_sequence != seq,
+        };
+        self.events.push_back(Stored {
+            key: event.key,
+            message_id: event.message_id,
+            timestamp_ms,
+            data: event.data,
+        });
+        Ok(Applied::New(committed))
+    }
+
+    /// Removes the oldest event (which must be below the floor) and, when it was its row's
+    /// last event, the row.
+    fn pop_oldest(&mut self) {
+        let Some(stored) = self.events.pop_front() else {
+            return;
+        };
+        let seq = self.first_seq;
+        self.first_seq += 1;
+        let Some(stream) = self.streams.get_mut(&stored.key) else {
+            return;
+        };
+        if stream.numbers.front() == Some(&seq) {
+            stream.numbers.pop_front();
+        }
+        if let Some(row) = stream.rows.get(&stored.message_id).copied()
+            && row.last_sequence == seq
+        {
+            stream.rows.remove(&stored.message_id);
+            stream
+                .by_position
+                .remove(&(row.stream_sequence, row.first_sequence));
+        }
+        if stream.rows.is_empty() && stream.numbers.is_empty() {
+            self.streams.remove(&stored.key);
+        }
+    }
+}
+
+enum Applied {
+    New(CommittedEvent),
+    Retry(Row),
+}
+
+/// The write side of a [`MemoryStore`]. Cheap to clone; clones share the log.
+#[derive(Clone)]
+pub struct MemoryWriter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryWriter")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryWriter {
+    fn append_now(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
+        let mut log = self.shared.lock();
+        if log.closed {
+            return Err(StoreError::Closed);
+        }
+        log.stats.commands_received += 1;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // All or nothing: everything that can refuse an event is checked before anything is
+        // applied (SQLite's `CHECK (json_valid(data))`).
+        for event in &events {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&event.data).is_err() {
+                return Err(StoreError::Rejected(format!(
+                    "data of message {} is not JSON",
+                    event.message_id
+                )));
+            }
+        }
+        let timestamp_ms = now_ms().max(log.last_timestamp_ms);
+        let mut answers = Vec::with_capacity(events.len());
+        let mut new_events = Vec::with_capacity(events.len());
+        for event in events {
+            match log.apply(event, timestamp_ms)? {
+                Applied::New(committed) => {
+                    new_events.push(committed.clone());
+                    answers.push(committed);
+                }
+                Applied::Retry(row) => answers.push(log.row_event(&row)?),
+            }
+        }
+        if !new_events.is_empty() {
+            log.last_timestamp_ms = timestamp_ms;
+            log.stats.transactions_committed += 1;
+            log.stats.events_committed += new_events.len() as u64;
+            let hook = &mut log.hook;
+            if catch_unwind(AssertUnwindSafe(|| hook(&new_events))).is_err() {
+                tracing::error!(
+                    events = new_events.len(),
+                    "commit hook panicked; events are committed but fan-out may have missed them"
+                );
+            }
+        }
+        Ok(answers)
+    }
+
+    fn prune_now(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        let mut log = self.shared.lock();
+        if log.closed {
+            return Err(StoreError::Closed);
+        }
+        log.floor = log.floor.max(below.min(log.head.saturating_add(1)));
+        let mut deleted = 0u64;
+        while (deleted as usize) < max_events && log.first_seq < log.floor && !log.events.is_empty()
+        {
+            log.pop_oldest();
+            deleted += 1;
+        }
+        let done = log.events.is_empty() || log.first_seq >= log.floor;
+        Ok(PruneReport {
+            floor: log.floor,
+            deleted,
+            done,
+        })
+    }
+}
+
+impl EventWriter for MemoryWriter {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
+        self.append_now(events)
+    }
+
+    async fn close(&self) {
+        self.shared.lock().closed = true;
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+
+    fn stats(&self) -> WriterStats {
+        self.shared.lock().stats
+    }
+
+    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        self.prune_now(below, max_events)
+    }
+}
+
+/// The read side of a [`MemoryStore`]. Cheap to clone. Reads keep working after the writer
+/// is closed.
+#[derive(Clone)]
+pub struct MemoryReader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryReader").finish_non_exhaustive()
+    }
+}
+
+impl EventReader for MemoryReader {
+    fn head(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.lock().head)
+    }
+
+    fn epoch(&self) -> Result<String, StoreError> {
+        Ok(self.shared.epoch.clone())
+    }
+
+    fn events_after(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: EventFilter,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        self.shared.lock().collect(&filter, since, u64::MAX, limit)
+    }
+
+    fn latest_events(
+        &self,
+        limit: usize,
+        min_timestamp_ms: u64,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let log = self.shared.lock();
+        let start = log.events.len().saturating_sub(limit);
+        let mut out = Vec::new();
+        for (i, stored) in log.events.range(start..).enumerate() {
+            if stored.timestamp_ms >= min_timestamp_ms {
+                out.push(log.committed(log.first_seq + (start + i) as u64)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn stream_rows(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let log = self.shared.lock();
+        let Some(stream) = log.streams.get(key) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let from = (Bound::Excluded((after, u64::MAX)), Bound::Unbounded);
+        for message_id in stream.by_position.range(from).map(|(_, id)| id).take(limit) {
+            if let Some(row) = stream.rows.get(message_id) {
+                out.push(log.row_event(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn retention_floor(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.lock().floor)
+    }
+
+    fn page(
+        &self,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError> {
+        let log = self.shared.lock();
+        let limit = limit.max(1);
+        let from = after.max(log.floor.saturating_sub(1));
+        let events = log.collect(filter, from, through, limit)?;
+        let covered_through = match events.last() {
+            Some(last) if events.len() >= limit => last.sequence_number,
+            _ => through,
+        };
+        Ok(LogPage {
+            events,
+            covered_through,
+            floor: log.floor,
+        })
+    }
+
+    fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
+        let log = self.shared.lock();
+        // Timestamps never decrease along the log: binary search (VecDeque indexes in O(1)).
+        let start = log.index_after(log.floor.saturating_sub(1));
+        let (mut lo, mut hi) = (start, log.events.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if log.events[mid].timestamp_ms < min_timestamp_ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let offset = lo - start;
+        let index = start + offset;
+        Ok((index < log.events.len()).then(|| log.first_seq + index as u64))
+    }
+
+    fn count_key(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        through: u64,
+    ) -> Result<u64, StoreError> {
+        let log = self.shared.lock();
+        let Some(stream) = log.streams.get(key) else {
+            return Ok(0);
+        };
+        let from = after.max(log.floor.saturating_sub(1));
+        if through <= from {
+            return Ok(0);
+        }
+        let lo = stream.numbers.partition_point(|&n| n <= from);
+        let hi = stream.numbers.partition_point(|&n| n <= through);
+        Ok(hi.saturating_sub(lo) as u64)
+    }
+
+    fn nth_newest_of_key(
+        &self,
+        key: &SubscriptionKey,
+        through: u64,
+        n: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let log = self.shared.lock();
+        let Some(stream) = log.streams.get(key) else {
+            return Ok(None);
+        };
+        let end = stream.numbers.partition_point(|&s| s <= through);
+        let Some(index) = end.checked_sub(n) else {
+            return Ok(None);
+        };
+        let seq = stream.numbers[index];
+        Ok((seq >= log.floor).then_some(seq))
+    }
+}
