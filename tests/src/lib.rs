@@ -99,9 +99,9 @@ impl Options {
 }
 
 impl TestServer {
-    /// Start with memory storage.
+    /// Start with the production storage (SQLite in a temporary data directory).
     pub async fn start() -> Self {
-        Self::start_with(Options::args(&["--storage", "memory"])).await
+        Self::start_with(Options::default()).await
     }
 
     /// Start with options.

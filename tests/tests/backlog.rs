@@ -12,13 +12,7 @@ use serde_json::json;
 /// B, reconnects and subscribes B — it gets B's backlog only; A's stays until its TTL.
 #[tokio::test]
 async fn scenario_a_reconnect_to_a_new_search_gets_only_its_backlog() {
-    let s = TestServer::start_with(Options::args(&[
-        "--storage",
-        "memory",
-        "--backlog-ttl-secs",
-        "1",
-    ]))
-    .await;
+    let s = TestServer::start_with(Options::args(&["--backlog-ttl-secs", "1"])).await;
     let t = token("alice", None);
     let c = s.client(&t).await;
     c.close().await; // the connection drops before the client subscribes to A
@@ -51,23 +45,39 @@ async fn scenario_a_reconnect_to_a_new_search_gets_only_its_backlog() {
         "original numbers, in order"
     );
     c.expect_nothing_more().await;
+    // A's messages are still in the log for a late subscriber of A on another connection…
+    let mut other = s.client(&t).await;
     assert_eq!(
-        s.metric("seqcast_backlog_messages").await,
+        other.subscribe("search", "req_A").await.drained,
         5,
         "A's backlog is still there"
     );
-    // …until its TTL: then it is gone, and a subscriber of A gets nothing.
+    for _ in 0..5 {
+        assert_eq!(other.expect_message().await.request_id.as_str(), "req_A");
+    }
+    other.close().await;
+    // …until its TTL (1 s): then a subscriber of A gets nothing.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    while s.metric("seqcast_backlog_messages").await != 0 {
+    loop {
+        let mut late = s.client(&t).await;
+        let ack = late.subscribe("search", "req_A").await;
+        if ack.drained == 0 {
+            late.expect_nothing_more().await;
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "A's backlog never expired"
         );
+        late.close().await;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let ack = c.subscribe("search", "req_A").await;
-    assert_eq!(ack.drained, 0);
-    c.expect_nothing_more().await;
+    let expired = s
+        .wait_for_log(|v| {
+            v["event"] == "backlog_expired" && v["subscription_key"] == "search:req_A"
+        })
+        .await;
+    assert_eq!(expired["count"], 5);
 }
 
 /// Scenario (b): rapid switching without a disconnect — A's later messages never reach the client.
@@ -89,8 +99,8 @@ async fn scenario_b_rapid_switching_never_leaks_the_old_search() {
         assert_eq!(data(&m), json!({"b": i}));
     }
     c.expect_nothing_more().await;
-    // A's messages went to A's backlog, not to anyone.
-    assert_eq!(s.metric("seqcast_backlog_messages").await, 10);
+    // A's messages reached nobody; they wait in the log for A's late subscribers.
+    assert_eq!(s.metric("seqcast_backlogged_total").await, 10);
 }
 
 #[tokio::test]
@@ -145,13 +155,7 @@ async fn subscribe_with_since_across_the_seam_has_no_gap_and_no_duplicate() {
 
 #[tokio::test]
 async fn since_beyond_history_or_another_epoch_says_recovered_false() {
-    let s = TestServer::start_with(Options::args(&[
-        "--storage",
-        "memory",
-        "--recovery-max-messages",
-        "5",
-    ]))
-    .await;
+    let s = TestServer::start_with(Options::args(&["--recovery-max-messages", "5"])).await;
     let t = token("alice", None);
     s.publish("c", "mine", json!("seen")).await; // 1
     for i in 0..20 {
@@ -249,25 +253,22 @@ async fn the_drain_log_carries_the_key_fields() {
 
 #[tokio::test]
 async fn backlog_bound_per_key_drops_the_oldest_and_logs_it() {
-    let s = TestServer::start_with(Options::args(&[
-        "--storage",
-        "memory",
-        "--backlog-per-key",
-        "3",
-    ]))
-    .await;
+    let s = TestServer::start_with(Options::args(&["--backlog-per-key", "3"])).await;
     for i in 0..5 {
         s.publish("c", "r", json!(i)).await;
     }
-    let overflow = s.wait_for_log(|v| v["event"] == "backlog_overflow").await;
-    assert_eq!(overflow["subscription_key"], "c:r");
-    assert_eq!(overflow["level"], "WARN");
     let mut c = s.client(&token("alice", None)).await;
     let ack = c.subscribe("c", "r").await;
     assert_eq!(ack.drained, 3);
     for want in [2, 3, 4] {
         assert_eq!(data(&c.expect_message().await), json!(want));
     }
+    // The bound is applied at the subscribe, and logged there with what it skipped.
+    let overflow = s.wait_for_log(|v| v["event"] == "backlog_overflow").await;
+    assert_eq!(overflow["subscription_key"], "c:r");
+    assert_eq!(overflow["level"], "WARN");
+    assert_eq!(overflow["count"], 2);
+    assert_eq!(s.metric("seqcast_backlog_overflow_total").await, 2);
 }
 
 /// Many publishes racing many subscribes to the same and neighbouring keys: every subscriber's

@@ -47,13 +47,7 @@ async fn health_metrics_and_openapi() {
 
 #[tokio::test]
 async fn publish_auth_and_body_errors() {
-    let s = TestServer::start_with(Options::args(&[
-        "--storage",
-        "memory",
-        "--max-message-bytes",
-        "2048",
-    ]))
-    .await;
+    let s = TestServer::start_with(Options::args(&["--max-message-bytes", "2048"])).await;
     let body = json!({"channel": "c", "request_id": "r", "data": 1}).to_string();
     let post = |auth: Option<String>, body: String| {
         let mut req = s
@@ -242,7 +236,7 @@ async fn settings_come_from_a_toml_file_under_env_and_flags() {
     opts.env = vec![("SEQCAST_RECOVERY_MAX_MESSAGES".into(), "2".into())];
     let s = TestServer::start_with(opts).await;
     let opened = s.wait_for_log(|v| v["event"] == "store_opened").await;
-    assert_eq!(opened["storage"], "Memory", "from the file");
+    assert_eq!(opened["storage"], "memory", "from the file");
     for i in 0..4 {
         s.publish("c", "r", json!(i)).await;
     }

@@ -39,7 +39,7 @@ async fn page_all(s: &TestServer, channel: &str, request_id: &str) -> Vec<Value>
 async fn sqlite_is_the_default_storage() {
     let s = TestServer::start_with(Options::default()).await;
     let opened = s.wait_for_log(|v| v["event"] == "store_opened").await;
-    assert_eq!(opened["storage"], "Sqlite");
+    assert_eq!(opened["storage"], "sqlite");
     assert!(s.data_dir.join("seqcast.db").exists());
 }
 
@@ -478,6 +478,11 @@ async fn repair_sequences_renumbers_a_buggy_database() {
         String::from_utf8_lossy(&migrate.stderr)
     );
     {
+        // Written now, so that retention (7 days) keeps the rows.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         let db = rusqlite::Connection::open(dir.path().join("seqcast.db")).unwrap();
         db.execute_batch(
             "INSERT INTO streams (stream_id, channel, request_id) VALUES (1, 'session', 'broken'), (2, 'session', 'fine');",
@@ -487,13 +492,13 @@ async fn repair_sequences_renumbers_a_buggy_database() {
         // healthy stream to prove repair works per stream.
         for i in 1..=86i64 {
             let seq = i * 2 - 1;
-            db.execute("INSERT INTO events (sequence_number, stream_id, message_id, timestamp_ms, data) VALUES (?1, 1, ?2, 1000, ?3)",
-                rusqlite::params![seq, format!("m{i}"), format!("{i}")]).unwrap();
+            db.execute("INSERT INTO events (sequence_number, stream_id, message_id, timestamp_ms, data) VALUES (?1, 1, ?2, ?4, ?3)",
+                rusqlite::params![seq, format!("m{i}"), format!("{i}"), now_ms]).unwrap();
             let pos = if i <= 4 { i } else { 0 };
             db.execute("INSERT INTO stream_rows (stream_id, message_id, stream_sequence, first_sequence, last_sequence) VALUES (1, ?1, ?2, ?3, ?3)",
                 rusqlite::params![format!("m{i}"), pos, seq]).unwrap();
-            db.execute("INSERT INTO events (sequence_number, stream_id, message_id, timestamp_ms, data) VALUES (?1, 2, ?2, 1000, '0')",
-                rusqlite::params![seq + 1, format!("f{i}")]).unwrap();
+            db.execute("INSERT INTO events (sequence_number, stream_id, message_id, timestamp_ms, data) VALUES (?1, 2, ?2, ?3, '0')",
+                rusqlite::params![seq + 1, format!("f{i}"), now_ms]).unwrap();
             db.execute("INSERT INTO stream_rows (stream_id, message_id, stream_sequence, first_sequence, last_sequence) VALUES (2, ?1, ?2, ?3, ?3)",
                 rusqlite::params![format!("f{i}"), i, seq + 1]).unwrap();
         }

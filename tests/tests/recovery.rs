@@ -90,13 +90,7 @@ async fn ac4_overflow_returns_the_newest_500_and_says_incomplete() {
 
 #[tokio::test]
 async fn ac5_messages_older_than_the_ttl_are_not_recovered() {
-    let s = TestServer::start_with(Options::args(&[
-        "--storage",
-        "memory",
-        "--recovery-ttl-secs",
-        "1",
-    ]))
-    .await;
+    let s = TestServer::start_with(Options::args(&["--recovery-ttl-secs", "1"])).await;
     s.publish("search", "r1", json!("old")).await;
     let t = token("alice", None);
     let (_, body) = s.get("/websocket/messages?since=0", Some(&t)).await;

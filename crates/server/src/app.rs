@@ -11,13 +11,12 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use seqcast_persistence::{DbReader, DbWriter, EventReader, EventWriter, StoreConfig};
-use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage};
+use seqcast_persistence::{DbReader, DbWriter, EventReader, MemoryStore, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Authority, dev_secret, random_hex};
+use crate::auth::{Authority, dev_secret};
 use crate::config::{Settings, StorageKind};
 use crate::error::ApiError;
 use crate::hub::Hub;
@@ -27,7 +26,7 @@ use crate::{connection, http, now_ms};
 /// Everything a request handler needs.
 #[derive(Debug)]
 pub struct AppState {
-    /// Fan-out, recovery window and backlogs.
+    /// Fan-out: live subscriptions over the log's cached tail.
     pub hub: Arc<Hub>,
     /// Tokens and keys.
     pub auth: Authority,
@@ -43,6 +42,8 @@ pub struct AppState {
     pub dev_mode: bool,
     /// Makes message ids for publishes that bring none.
     pub message_ids: http::MessageIds,
+    /// Held while the server runs: one process per data directory.
+    pub data_dir_lock: Option<std::fs::File>,
 }
 
 /// A running server.
@@ -106,10 +107,21 @@ pub async fn start(
     };
     let auth = Authority::new(&jwt_secret, &api_key);
 
+    for name in &settings.retired {
+        tracing::warn!(
+            event = "retired_setting",
+            setting = *name,
+            "this setting no longer does anything (memory is bounded by cache_bytes; backlogs are read from the log); remove it"
+        );
+    }
+    let data_dir_lock = match settings.storage {
+        StorageKind::Sqlite => Some(lock_data_dir(&settings)?),
+        _ => None,
+    };
     let (hub, store) = open_store(&settings)?;
     tracing::info!(
         event = "store_opened",
-        storage = ?settings.storage,
+        storage = store.name(),
         epoch = hub.epoch(),
         head = hub.head(),
         data_dir = %settings.data_dir.display(),
@@ -141,11 +153,12 @@ pub async fn start(
         connections: TaskTracker::new(),
         dev_mode,
         message_ids: http::MessageIds::default(),
+        data_dir_lock,
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
-    let expiry = tokio::spawn(expire_periodically(Arc::clone(&app)));
+    let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
     let task = tokio::spawn(async move {
         let graceful = app.shutdown.clone();
         // Frames are small and latency matters: never let Nagle hold one back for an ACK.
@@ -171,10 +184,8 @@ pub async fn start(
                 "connections still open at the deadline"
             );
         }
-        expiry.abort();
-        if let Store::Sqlite { writer, .. } = &app.store {
-            writer.close().await;
-        }
+        retention.abort();
+        app.store.close().await;
         tracing::info!(event = "stopped", "server stopped");
         served.context("server failed")
     });
@@ -216,75 +227,184 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     start(settings, shutdown).await?.wait().await
 }
 
+/// How many of the log's newest events are read at start to refill the cache (the cache keeps
+/// what fits its byte budget).
+const CACHE_REFILL_EVENTS: usize = 10_000;
+
 fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
-    match settings.storage {
+    // The hub is made once the log's head is known; the commit hook reaches it through here.
+    let slot: Arc<std::sync::OnceLock<Arc<Hub>>> = Arc::new(std::sync::OnceLock::new());
+    let hook_slot = Arc::clone(&slot);
+    let hook: seqcast_persistence::CommitHook = Box::new(move |events| {
+        let Some(hub) = hook_slot.get() else {
+            fail_stop("events committed before the hub was ready");
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hub.apply_committed(events)))
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fail_stop(&e.to_string()),
+            Err(_) => fail_stop("the commit hook panicked"),
+        }
+    });
+    let store = match settings.storage {
         StorageKind::Memory => {
-            let hub = Hub::new(
-                random_hex(8),
-                RecoveryWindow::with_floor(settings.ring_limits(), 0),
-                settings.backlog,
-                Some(MemorySequencer::new()),
-            );
-            Ok((Arc::new(hub), Store::Memory))
+            let (writer, reader, _info) = MemoryStore::open(hook);
+            Store::Memory { writer, reader }
         }
         StorageKind::Postgres => anyhow::bail!(
             "--storage postgres is not available in this version of seqcast; use sqlite (the default) or memory"
         ),
         StorageKind::Sqlite => {
-            std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-                format!(
-                    "cannot create data directory {}",
-                    settings.data_dir.display()
-                )
-            })?;
             let path = settings.data_dir.join("seqcast.db");
             seqcast_persistence::migrate(&path)
                 .with_context(|| format!("cannot migrate {}", path.display()))?;
             let reader =
                 DbReader::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let epoch = reader.epoch()?;
-            let head = reader.head()?;
-            // Refill the recovery window so that recovery works across a restart.
-            let now = now_ms();
-            let recent = reader.latest_events(
-                settings.recovery.max_messages,
-                now.saturating_sub(settings.recovery.max_age_ms),
-            )?;
-            let floor = recent
-                .first()
-                .map_or(head, |e| e.sequence_number.saturating_sub(1));
-            let mut window = RecoveryWindow::with_floor(settings.ring_limits(), floor);
-            for ev in &recent {
-                let msg = RetainedMessage {
-                    sequence_number: ev.sequence_number,
-                    key: ev.key.clone(),
-                    timestamp_ms: ev.timestamp_ms,
-                    frame: Hub::frame_of(ev),
-                };
-                window
-                    .insert(msg, now)
-                    .context("database returned events out of order")?;
-            }
-            let hub = Arc::new(Hub::new(epoch, window, settings.backlog, None));
-            let hook_hub = Arc::clone(&hub);
             let mut config = StoreConfig::new(&path);
             config.synchronous = settings.synchronous;
             config.busy_timeout = settings.db_busy_timeout;
             config.group_commit = settings.group_commit;
-            let (writer, _info) = DbWriter::open(
-                config,
-                Box::new(move |events| hook_hub.apply_committed(events, now_ms())),
-            )
-            .with_context(|| format!("cannot open the database writer on {}", path.display()))?;
-            Ok((
-                hub,
-                Store::Sqlite {
-                    writer,
-                    reader: Arc::new(reader),
-                },
-            ))
+            let (writer, _info) = DbWriter::open(config, hook).with_context(|| {
+                format!("cannot open the database writer on {}", path.display())
+            })?;
+            Store::Sqlite { writer, reader }
+        }
+    };
+    // Nothing is published before the server listens, so the log is still at this head.
+    let (epoch, head, floor, recent) = match &store {
+        Store::Memory { reader, .. } => log_state(reader)?,
+        Store::Sqlite { reader, .. } => log_state(reader)?,
+    };
+    let hub = Hub::new(epoch, head, floor, settings.cache_bytes, &recent)
+        .context("the log's newest events are not a dense run")?;
+    let hub = Arc::new(hub);
+    let _ = slot.set(Arc::clone(&hub));
+    Ok((hub, store))
+}
+
+/// The log's epoch, head, retention floor and newest events (to refill the cache).
+fn log_state(
+    reader: &impl EventReader,
+) -> anyhow::Result<(String, u64, u64, Vec<seqcast_persistence::CommittedEvent>)> {
+    let head = reader.head()?;
+    let floor = reader.retention_floor()?;
+    let recent = reader.latest_events(CACHE_REFILL_EVENTS, 0)?;
+    Ok((reader.epoch()?, head, floor, recent))
+}
+
+/// Stop the process: serving on would hand out a window with a hole under `complete: true`.
+fn fail_stop(why: &str) -> ! {
+    tracing::error!(
+        event = "fail_stop",
+        error = why,
+        "committed events cannot be delivered in order: stopping (a restart rebuilds from the log)"
+    );
+    eprintln!("seqcast: fatal: {why}");
+    std::process::exit(70);
+}
+
+/// Hold the data directory for this process (an advisory lock on `seqcast.lock`, released
+/// when the process ends, crash included), writing who holds it.
+fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let path = settings.data_dir.join("seqcast.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if let Err(e) = file.try_lock() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        anyhow::bail!(
+            "data directory {} is in use by another seqcast process ({}): {e}",
+            settings.data_dir.display(),
+            if holder.is_empty() {
+                "holder unknown"
+            } else {
+                holder
+            }
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(
+        file,
+        "pid {} listening on {}",
+        std::process::id(),
+        settings.listen
+    )?;
+    file.flush()?;
+    Ok(file)
+}
+
+/// Events deleted per prune transaction: short, so publishes are never held up for long.
+const PRUNE_CHUNK: usize = 5_000;
+/// How often retention is applied.
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Apply retention: raise the floor by age and count, tell the hub first (so nobody is served
+/// from memory what the log is about to drop), then delete in short transactions.
+async fn retain_periodically(app: Arc<AppState>) {
+    let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match apply_retention(&app).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(event = "retention_recovered", "retention works again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(event = "retention_failed", error = %e, "could not prune the log; will retry");
+                }
+                failing = true;
+            }
         }
     }
+}
+
+async fn apply_retention(app: &AppState) -> Result<(), ApiError> {
+    let head = app.hub.head();
+    let min_ts = now_ms().saturating_sub(app.settings.retention_ms);
+    let first_young = crate::read_log!(&app.store, |r| r.first_at_or_after(min_ts))?;
+    let by_age = first_young.map_or(head + 1, |s| s.min(head + 1));
+    let by_count = app
+        .settings
+        .retention_max_events
+        .map_or(0, |n| head.saturating_sub(n) + 1);
+    let floor = by_age.max(by_count);
+    if floor <= app.hub.retention_floor() {
+        return Ok(());
+    }
+    app.hub.raise_retention_floor(floor);
+    let mut deleted = 0;
+    loop {
+        let report = app.store.prune(floor, PRUNE_CHUNK).await?;
+        deleted += report.deleted;
+        if report.done || app.shutdown.is_cancelled() {
+            break;
+        }
+    }
+    tracing::debug!(
+        event = "log_pruned",
+        retention_floor = floor,
+        deleted,
+        "log pruned"
+    );
+    Ok(())
 }
 
 fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
@@ -302,14 +422,6 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
          curl -s -H 'Authorization: Bearer {token}' 'http://{addr}/websocket/messages?since=0'\n  \
          demo page: http://{addr}/\n"
     );
-}
-
-async fn expire_periodically(app: Arc<AppState>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        app.hub.expire(now_ms());
-    }
 }
 
 /// The routes.

@@ -140,10 +140,21 @@ pub struct ServeArgs {
     /// Recovery window age in seconds (900).
     #[arg(long, env = "SEQCAST_RECOVERY_TTL_SECS")]
     pub recovery_ttl_secs: Option<u64>,
-    /// Messages kept in memory for recovery (default: the window size, at most 10000); a larger
-    /// window is served from the database.
-    #[arg(long, env = "SEQCAST_RECOVERY_BUFFER_MESSAGES")]
+    /// Retired: memory is now bounded by --cache-bytes. Accepted with a warning.
+    #[arg(long, env = "SEQCAST_RECOVERY_BUFFER_MESSAGES", hide = true)]
     pub recovery_buffer_messages: Option<usize>,
+    /// Bytes of the log's recent tail kept in memory (64 MiB); older messages are read from the log.
+    #[arg(long, env = "SEQCAST_CACHE_BYTES")]
+    pub cache_bytes: Option<usize>,
+    /// Largest recovery answer in bytes (8 MiB); a page cut short says `next_since`.
+    #[arg(long, env = "SEQCAST_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: Option<usize>,
+    /// How long the log keeps events, in seconds (604800 = 7 days).
+    #[arg(long, env = "SEQCAST_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// Most events the log keeps (absent: no count bound).
+    #[arg(long, env = "SEQCAST_RETENTION_MAX_EVENTS")]
+    pub retention_max_events: Option<u64>,
     /// Log output.
     #[arg(long, env = "SEQCAST_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -153,13 +164,13 @@ pub struct ServeArgs {
     /// Backlog bound per subscription key (1000).
     #[arg(long, env = "SEQCAST_BACKLOG_PER_KEY")]
     pub backlog_per_key: Option<usize>,
-    /// Backlog bound over all keys (100000).
-    #[arg(long, env = "SEQCAST_BACKLOG_TOTAL")]
+    /// Retired: backlogs are read from the log. Accepted with a warning.
+    #[arg(long, env = "SEQCAST_BACKLOG_TOTAL", hide = true)]
     pub backlog_total: Option<usize>,
     /// Backlog age limit in seconds (120).
     #[arg(long, env = "SEQCAST_BACKLOG_TTL_SECS")]
     pub backlog_ttl_secs: Option<u64>,
-    /// Frames queued per connection before a slow client is closed with 1013 (1024).
+    /// Frames queued per connection before live delivery to it pauses and it catches up from the log (1024).
     #[arg(long, env = "SEQCAST_SEND_QUEUE")]
     pub send_queue: Option<usize>,
     /// Largest accepted WebSocket frame / HTTP body in bytes (1 MiB).
@@ -228,12 +239,20 @@ pub struct Settings {
     pub api_key: Option<String>,
     /// Allowed origins (None = same host only).
     pub allowed_origins: Option<Vec<String>>,
-    /// Recovery window bounds (what clients may recover).
+    /// Recovery window bounds (how far back a resume reaches).
     pub recovery: WindowLimits,
-    /// Messages the in-memory ring holds; the rest of a larger window comes from the database.
-    pub recovery_buffer_messages: usize,
-    /// Backlog bounds.
+    /// Bytes of the log's recent tail kept in memory.
+    pub cache_bytes: usize,
+    /// Largest recovery answer in bytes.
+    pub max_response_bytes: usize,
+    /// How long the log keeps events (ms).
+    pub retention_ms: u64,
+    /// Most events the log keeps.
+    pub retention_max_events: Option<u64>,
+    /// What a subscribe without `since` drains.
     pub backlog: BacklogLimits,
+    /// Retired settings that were given (flag, variable or file): warned about at start.
+    pub retired: Vec<&'static str>,
     /// Log format.
     pub log_format: LogFormat,
     /// SQLite durability.
@@ -255,14 +274,6 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Bounds of the in-memory recovery ring.
-    pub fn ring_limits(&self) -> WindowLimits {
-        WindowLimits {
-            max_messages: self.recovery_buffer_messages,
-            max_age_ms: self.recovery.max_age_ms,
-        }
-    }
-
     /// Merge flags/environment (already in `args`, clap applies flag-over-env), then the TOML file, then defaults.
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
@@ -294,16 +305,40 @@ impl Settings {
         let recovery_max_messages = pick!(recovery_max_messages, 500);
         let recovery_ttl_secs = pick!(recovery_ttl_secs, 900);
         let backlog_per_key = pick!(backlog_per_key, 1_000);
-        let backlog_total = pick!(backlog_total, 100_000);
         let backlog_ttl_secs = pick!(backlog_ttl_secs, 120);
         let send_queue = pick!(send_queue, 1024);
         let max_message_bytes = pick!(max_message_bytes, 1 << 20);
         positive("recovery_max_messages", recovery_max_messages)?;
-        let recovery_buffer_messages =
-            pick!(recovery_buffer_messages, recovery_max_messages.min(10_000));
-        positive("recovery_buffer_messages", recovery_buffer_messages)?;
+        let mut retired = Vec::new();
+        if pick_opt!(recovery_buffer_messages).is_some() {
+            retired.push("recovery_buffer_messages");
+        }
+        if pick_opt!(backlog_total).is_some() {
+            retired.push("backlog_total");
+        }
+        let cache_bytes = pick!(cache_bytes, 64 << 20);
+        let max_response_bytes = pick!(max_response_bytes, 8 << 20);
+        let retention_secs = pick!(retention_secs, 7 * 24 * 3600);
+        let retention_max_events = pick_opt!(retention_max_events);
+        if retention_secs == 0 {
+            return Err(ConfigError::Invalid {
+                name: "retention_secs",
+                message: "must be at least 1".into(),
+            });
+        }
+        if retention_max_events == Some(0) {
+            return Err(ConfigError::Invalid {
+                name: "retention_max_events",
+                message: "must be at least 1".into(),
+            });
+        }
+        if max_response_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                name: "max_response_bytes",
+                message: format!("{max_response_bytes} is below the minimum of 1024"),
+            });
+        }
         positive("backlog_per_key", backlog_per_key)?;
-        positive("backlog_total", backlog_total)?;
         positive("send_queue", send_queue)?;
         if max_message_bytes < 1024 {
             return Err(ConfigError::Invalid {
@@ -336,12 +371,15 @@ impl Settings {
                 max_messages: recovery_max_messages,
                 max_age_ms: recovery_ttl_secs.saturating_mul(1000),
             },
-            recovery_buffer_messages: recovery_buffer_messages.min(recovery_max_messages),
+            cache_bytes,
+            max_response_bytes,
+            retention_ms: retention_secs.saturating_mul(1000),
+            retention_max_events,
             backlog: BacklogLimits {
                 per_key: backlog_per_key,
-                total: backlog_total,
                 ttl_ms: backlog_ttl_secs.saturating_mul(1000),
             },
+            retired,
             log_format: pick!(log_format, LogFormat::Text),
             synchronous: match pick!(synchronous, SyncMode::Full) {
                 SyncMode::Full => Synchronous::Full,
@@ -392,6 +430,23 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:9000", "file wins over default");
         assert_eq!(s.storage, StorageKind::Memory);
         assert_eq!(s.recovery.max_age_ms, 900_000, "default when neither");
+    }
+
+    #[test]
+    fn retired_settings_still_start_and_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.toml");
+        std::fs::write(&path, "recovery_buffer_messages = 100\nbacklog_total = 5\n").unwrap();
+        let s = Settings::resolve(&ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.retired, ["recovery_buffer_messages", "backlog_total"]);
+        let s = Settings::resolve(&ServeArgs::default()).unwrap();
+        assert!(s.retired.is_empty());
+        assert_eq!(s.cache_bytes, 64 << 20);
+        assert_eq!(s.retention_ms, 7 * 24 * 3600 * 1000);
     }
 
     #[test]

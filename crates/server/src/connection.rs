@@ -1,8 +1,16 @@
-//! One WebSocket connection: authenticate with `hello`, then one task both reads client frames
-//! and drains the bounded send queue — everything queued is written, then flushed once. One task
-//! per connection (no split halves, no lock between them) keeps an idle connection small and
-//! a busy one cheap.
+//! One WebSocket connection: authenticate with `hello`, then one task reads client frames,
+//! drives the connection's subscription cursors and drains its send queue — everything queued is
+//! written, then flushed once. One task per connection (no split halves, no lock between them)
+//! keeps an idle connection small and a busy one cheap.
+//!
+//! Flow control: while the send queue is above its high-water mark the task stops reading client
+//! frames (TCP back-pressure on the client) and stops catching up; replies and catch-up pages
+//! are therefore never refused. A subscription whose live delivery paused (queue full) catches up
+//! from the log page by page as the socket drains, and joins live again at the exact seam.
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,10 +21,14 @@ use seqcast_protocol::{
     decode_client_frame, encode_server_frame,
 };
 
+use seqcast_persistence::LogPage;
+use seqcast_sequencing::{Cursor, Phase, Step};
+
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
+use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
-use crate::hub::{Outbound, Subscriber};
+use crate::hub::{Frame, Hub, Join, Subscriber};
 use crate::metrics::Metrics;
 use crate::now_ms;
 
@@ -114,14 +126,12 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
         head: app.hub.head(),
         epoch: app.hub.epoch().to_owned(),
     });
-    sub.push(Outbound::Frame(Utf8Bytes::from(encode_server_frame(
-        &connected,
-    ))));
+    sub.push_one(Utf8Bytes::from(encode_server_frame(&connected)));
 
-    let mut keys: Vec<SubscriptionKey> = Vec::new();
-    let ended = run(&app, &mut socket, &sub, &grant, &info, &mut keys).await;
+    let mut subs = Subscriptions::default();
+    let ended = run(&app, &mut socket, &sub, &grant, &info, &mut subs).await;
     sub.finish();
-    app.hub.disconnect(&sub, keys.iter());
+    app.hub.disconnect(&sub, subs.cursors.keys());
     let (sent, server_code, client_code) = (ended.sent, ended.server_code, ended.client_code);
     let close_code = server_code.or(client_code).unwrap_or(1006);
     Metrics::inc(&app.hub.metrics.connections_closed);
@@ -223,24 +233,64 @@ struct Ended {
     client_code: Option<u16>,
 }
 
-/// Serve an authenticated connection until it ends: read client frames, and write whatever
-/// the hub or the replies queued — all of it, then one flush.
+/// Frames one catch-up step queues at most (a log page, or a page of the cached tail).
+fn page_size(app: &AppState) -> usize {
+    (app.settings.send_queue / 2).clamp(16, 1024)
+}
+
+/// The connection's subscriptions: a cursor per key, and the keys that are catching up, served
+/// round-robin one page at a time.
+#[derive(Default)]
+struct Subscriptions {
+    cursors: HashMap<SubscriptionKey, Cursor>,
+    catching_up: VecDeque<SubscriptionKey>,
+}
+
+/// A log read in flight (one per connection at a time, off the async runtime's threads).
+type Job = Pin<Box<dyn Future<Output = JobDone> + Send>>;
+
+enum JobDone {
+    /// Where a `subscribe` starts was decided (or could not be).
+    Started {
+        key: SubscriptionKey,
+        result: Result<Start, ApiError>,
+    },
+    /// A page of a key's log was read.
+    Page {
+        key: SubscriptionKey,
+        result: Result<LogPage, ApiError>,
+    },
+}
+
+async fn poll_job(job: &mut Option<Job>) -> JobDone {
+    match job {
+        Some(j) => j.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serve an authenticated connection until it ends.
 async fn run(
-    app: &AppState,
+    app: &Arc<AppState>,
     socket: &mut WebSocket,
     sub: &Arc<Subscriber>,
     grant: &Grant,
     info: &ConnInfo,
-    keys: &mut Vec<SubscriptionKey>,
+    subs: &mut Subscriptions,
 ) -> Ended {
     let mut sent = 0u64;
-    let mut buf: Vec<Outbound> = Vec::new();
+    let mut buf: Vec<Frame> = Vec::new();
+    let mut job: Option<Job> = None;
     // Made once: a close request or shutdown wakes the connection through these.
     let closed = sub.closed();
     tokio::pin!(closed);
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
     loop {
+        if job.is_none() {
+            job = advance(app, sub, info, subs);
+        }
+        let reading = job.is_none() && !sub.is_above_high_water();
         tokio::select! {
             biased;
             reason = &mut closed => {
@@ -248,14 +298,20 @@ async fn run(
             }
             // Asks for a close; the next turn sends it.
             _ = &mut shutdown, if !sub.is_closing() => sub.close(CloseReason::GoingAway),
-            msg = socket.recv() => {
-                if let Some(code) = on_client_frame(app, msg, sub, grant, info, keys) {
-                    // The peer closed or the connection broke: answer a close, then stop.
-                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
-                    return Ended { sent, server_code: None, client_code: Some(code) };
-                }
+            done = poll_job(&mut job) => {
+                job = None;
+                on_job_done(app, sub, info, subs, done);
             }
-            _ = sub.take_queued(&mut buf) => {
+            n = sub.wait_ready(&mut buf) => {
+                for (key, sequence_number) in sub.lagged() {
+                    if let Some(cursor) = subs.cursors.get_mut(&key) {
+                        cursor.on_lagged(sequence_number);
+                        subs.catching_up.push_back(key);
+                    }
+                }
+                if n == 0 {
+                    continue;
+                }
                 // A write blocked by a client that does not read must not keep us from closing it.
                 let written = tokio::select! {
                     biased;
@@ -268,18 +324,148 @@ async fn run(
                     return Ended { sent, server_code: None, client_code: None };
                 }
             }
+            msg = socket.recv(), if reading => {
+                if let Some(code) = on_client_frame(app, msg, sub, grant, info, subs, &mut job) {
+                    // The peer closed or the connection broke: answer a close, then stop.
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+                    return Ended { sent, server_code: None, client_code: Some(code) };
+                }
+            }
+        }
+    }
+}
+
+/// Move catching-up cursors forward while the send queue has room: join live from the cache
+/// where it holds the rest, else start one log read. Returns the read, if one was started.
+fn advance(
+    app: &Arc<AppState>,
+    sub: &Arc<Subscriber>,
+    info: &ConnInfo,
+    subs: &mut Subscriptions,
+) -> Option<Job> {
+    let page = page_size(app);
+    while !sub.is_closing() && sub.is_below_low_water() {
+        let key = subs.catching_up.pop_front()?;
+        let Some(cursor) = subs.cursors.get_mut(&key) else {
+            continue; // unsubscribed meanwhile
+        };
+        match cursor.next_step(app.hub.view()) {
+            Step::Idle => {}
+            Step::Behind { position, floor } => {
+                close_behind(app, sub, info, &key, position, floor);
+                return None;
+            }
+            Step::JoinFromCache { after } => {
+                match app.hub.join_from_cache(sub, &key, after, page) {
+                    Join::Joined { head, .. } => cursor.on_joined(head),
+                    Join::Page { through, .. } => {
+                        cursor.on_cache_page(through);
+                        subs.catching_up.push_back(key);
+                    }
+                    Join::NotCached => subs.catching_up.push_back(key),
+                    Join::Gone => return None,
+                }
+            }
+            Step::ReadLog { after, through } => {
+                let app = Arc::clone(app);
+                return Some(Box::pin(async move {
+                    let result =
+                        catchup::read_key_page(&app, key.clone(), after, through, page).await;
+                    JobDone::Page { key, result }
+                }));
+            }
+        }
+    }
+    None
+}
+
+fn close_behind(
+    app: &AppState,
+    sub: &Subscriber,
+    info: &ConnInfo,
+    key: &SubscriptionKey,
+    position: u64,
+    floor: u64,
+) {
+    Metrics::inc(&app.hub.metrics.slow_consumer_closes);
+    tracing::warn!(
+        event = "slow_consumer",
+        client_id = %info.client_id,
+        subscription_key = %key,
+        position,
+        retention_floor = floor,
+        lag = app.hub.head().saturating_sub(position),
+        "subscriber fell behind the retention floor: closing with 1013 (it resumes with recovered: false)"
+    );
+    sub.close(CloseReason::SlowConsumer);
+}
+
+fn on_job_done(
+    app: &Arc<AppState>,
+    sub: &Arc<Subscriber>,
+    info: &ConnInfo,
+    subs: &mut Subscriptions,
+    done: JobDone,
+) {
+    match done {
+        JobDone::Started { key, result } => match result {
+            Ok(start) => {
+                let ack = app.hub.sub_ack(
+                    &key,
+                    start.drained,
+                    start.head,
+                    start.recovered,
+                    start.oldest_sequence,
+                );
+                let ok = sub.push_one(ack);
+                log_subscribe(app, info, &key, &start, ok);
+                if ok {
+                    subs.cursors
+                        .insert(key.clone(), Cursor::catching_up(start.after));
+                    subs.catching_up.push_back(key);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(event = "subscribe_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read where the subscription starts");
+                reply_error(sub, &e);
+            }
+        },
+        JobDone::Page { key, result } => {
+            let Some(cursor) = subs.cursors.get_mut(&key) else {
+                return; // unsubscribed while the page was read
+            };
+            match result {
+                Ok(page) => {
+                    Metrics::inc(&app.hub.metrics.catchup_pages);
+                    let position = cursor.position();
+                    if cursor.on_log_page(page.covered_through, page.floor) == Phase::Behind {
+                        close_behind(app, sub, info, &key, position, page.floor);
+                        return;
+                    }
+                    let n = page.events.len() as u64;
+                    if sub.push(page.events.iter().map(Hub::frame_of)) {
+                        Metrics::add(&app.hub.metrics.deliveries, n);
+                    }
+                    subs.catching_up.push_back(key);
+                }
+                Err(e) => {
+                    tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read the log to catch a subscriber up");
+                    sub.close(CloseReason::LogUnavailable);
+                }
+            }
         }
     }
 }
 
 /// Handle one read from the client. Returns the peer's close code when the connection is over.
 fn on_client_frame(
-    app: &AppState,
+    app: &Arc<AppState>,
     msg: Option<Result<Message, axum::Error>>,
     sub: &Arc<Subscriber>,
     grant: &Grant,
     info: &ConnInfo,
-    keys: &mut Vec<SubscriptionKey>,
+    subs: &mut Subscriptions,
+    job: &mut Option<Job>,
 ) -> Option<u16> {
     let text = match msg {
         Some(Ok(Message::Text(t))) => t,
@@ -302,7 +488,12 @@ fn on_client_frame(
     match decode_client_frame(text.as_str()) {
         Ok(ClientFrame::Subscribe(s)) => {
             let key = s.key();
-            if keys.len() >= app.settings.max_subscriptions && !keys.contains(&key) {
+            if subs.cursors.contains_key(&key) {
+                // Already subscribed: acknowledged again, nothing replayed.
+                sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None));
+                return None;
+            }
+            if subs.cursors.len() >= app.settings.max_subscriptions {
                 reply_error(
                     sub,
                     &ApiError::BadRequest(format!(
@@ -319,24 +510,22 @@ fn on_client_frame(
                 );
                 return None;
             }
-            let outcome = app
-                .hub
-                .subscribe(sub, &key, s.since, s.epoch.as_deref(), now_ms());
-            if !outcome.already {
-                keys.push(key.clone());
-            }
-            log_subscribe(info, &key, &outcome);
+            let app = Arc::clone(app);
+            *job = Some(Box::pin(async move {
+                let result =
+                    catchup::plan_start(&app, &key, s.since, s.epoch.as_deref(), now_ms()).await;
+                JobDone::Started { key, result }
+            }));
         }
         Ok(ClientFrame::Unsubscribe(u)) => {
             let key = u.key();
             app.hub.unsubscribe(sub, &key);
-            keys.retain(|k| k != &key);
+            subs.cursors.remove(&key);
+            subs.catching_up.retain(|k| k != &key);
             tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
         }
         Ok(ClientFrame::Ping) => {
-            sub.push(Outbound::Frame(Utf8Bytes::from_static(
-                r#"{"type":"pong"}"#,
-            )));
+            sub.push_one(Utf8Bytes::from_static(r#"{"type":"pong"}"#));
         }
         Ok(ClientFrame::Hello(_)) => reply_error(
             sub,
@@ -347,8 +536,14 @@ fn on_client_frame(
     None
 }
 
-fn log_subscribe(info: &ConnInfo, key: &SubscriptionKey, outcome: &crate::hub::SubscribeOutcome) {
-    if outcome.failed {
+fn log_subscribe(
+    app: &AppState,
+    info: &ConnInfo,
+    key: &SubscriptionKey,
+    start: &Start,
+    queued: bool,
+) {
+    if !queued {
         tracing::warn!(
             event = "backlog_drain_failed",
             subscription_key = %key,
@@ -357,12 +552,12 @@ fn log_subscribe(info: &ConnInfo, key: &SubscriptionKey, outcome: &crate::hub::S
             drained_request_id = %key.request_id(),
             client_id = %info.client_id,
             count = 0,
-            failed_count = outcome.drained,
+            failed_count = start.drained,
             "could not queue sub_ack and backlog: connection is closing"
         );
         return;
     }
-    if outcome.drained > 0 || outcome.expired > 0 {
+    if start.drained > 0 || start.expired > 0 {
         tracing::info!(
             event = "backlog_drained",
             subscription_key = %key,
@@ -370,24 +565,49 @@ fn log_subscribe(info: &ConnInfo, key: &SubscriptionKey, outcome: &crate::hub::S
             request_id = %key.request_id(),
             drained_request_id = %key.request_id(),
             client_id = %info.client_id,
-            count = outcome.drained,
+            count = start.drained,
             failed_count = 0,
-            expired_count = outcome.expired,
-            "backlog drained to subscriber"
+            expired_count = start.expired,
+            "backlog (the key's recent messages from the log) drains to the subscriber"
+        );
+    }
+    if start.expired > 0 {
+        tracing::debug!(
+            event = "backlog_expired",
+            subscription_key = %key,
+            channel = %key.channel(),
+            request_id = %key.request_id(),
+            client_id = %info.client_id,
+            count = start.expired,
+            "the key's older messages are past the backlog TTL: not drained"
+        );
+    }
+    if start.overflow > 0 {
+        Metrics::add(&app.hub.metrics.backlog_overflow, start.overflow);
+        tracing::warn!(
+            event = "backlog_overflow",
+            subscription_key = %key,
+            channel = %key.channel(),
+            request_id = %key.request_id(),
+            client_id = %info.client_id,
+            count = start.overflow,
+            backlog_size = start.drained,
+            "backlog bound per key reached: the oldest messages are not drained"
         );
     }
     tracing::debug!(
         event = "subscribed",
         subscription_key = %key,
         client_id = %info.client_id,
-        replayed = outcome.replayed,
-        recovered = outcome.recovered,
+        after = start.after,
+        head = start.head,
+        recovered = start.recovered,
         "subscribed"
     );
 }
 
 fn reply_error(sub: &Subscriber, e: &ApiError) {
-    sub.push(Outbound::Frame(error_frame(e)));
+    sub.push_one(error_frame(e));
 }
 
 fn error_frame(e: &ApiError) -> Utf8Bytes {
@@ -415,25 +635,15 @@ async fn close_with(sink: &mut WebSocket, reason: CloseReason) {
 /// simply dropped (a slow consumer may never read it).
 const CLOSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Write every taken item, then flush once.
+/// Write every taken frame, then flush once.
 async fn write_round(
     sink: &mut WebSocket,
-    buf: &mut Vec<Outbound>,
+    buf: &mut Vec<Frame>,
     sent: &mut u64,
 ) -> Result<(), axum::Error> {
-    for item in buf.drain(..) {
-        match item {
-            Outbound::Frame(f) => {
-                sink.feed(Message::Text(f)).await?;
-                *sent += 1;
-            }
-            Outbound::Batch(frames) => {
-                for f in frames {
-                    sink.feed(Message::Text(f)).await?;
-                    *sent += 1;
-                }
-            }
-        }
+    for f in buf.drain(..) {
+        sink.feed(Message::Text(f)).await?;
+        *sent += 1;
     }
     sink.flush().await
 }

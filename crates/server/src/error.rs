@@ -139,8 +139,11 @@ pub enum CloseReason {
     GoingAway,
     /// A frame over the size limit (1009).
     TooLarge,
-    /// The connection's bounded send queue filled up: a slow consumer (1013).
+    /// A subscriber fell behind the log's retention floor: it cannot be caught up without a
+    /// gap (1013). It resumes with `since` and is told `recovered: false`.
     SlowConsumer,
+    /// The log could not be read to catch a subscriber up (1011); the client resumes with `since`.
+    LogUnavailable,
     /// No valid authentication before the deadline, or a bad token (4001).
     Unauthenticated,
     /// A protocol violation by the peer (1002).
@@ -154,6 +157,7 @@ impl CloseReason {
             CloseReason::GoingAway => 1001,
             CloseReason::TooLarge => 1009,
             CloseReason::SlowConsumer => 1013,
+            CloseReason::LogUnavailable => 1011,
             CloseReason::Unauthenticated => 4001,
             CloseReason::ProtocolError => 1002,
         }
@@ -165,8 +169,9 @@ impl CloseReason {
             CloseReason::GoingAway => "server shutting down",
             CloseReason::TooLarge => "frame too large",
             CloseReason::SlowConsumer => {
-                "send queue full: client too slow, reconnect and resume with since"
+                "too far behind: the log no longer holds what you need; resume with since"
             }
+            CloseReason::LogUnavailable => "cannot read the log; resume with since",
             CloseReason::Unauthenticated => "no valid authentication",
             CloseReason::ProtocolError => "protocol error",
         }

@@ -12,12 +12,14 @@ use seqcast_protocol::{
     RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
     encode_stream_page, parse_u64_param,
 };
+use seqcast_sequencing::{Resume, resume};
 
 use crate::app::AppState;
 use crate::auth::Grant;
+use crate::catchup;
 use crate::error::ApiError;
-use crate::hub::{Hub, Recovered};
-use crate::now_ms;
+use crate::hub::{Frame, Hub};
+use crate::{now_ms, read_log};
 
 /// Most messages one recovery or stream page returns.
 pub const MAX_PAGE: u64 = 10_000;
@@ -107,97 +109,132 @@ pub async fn recover(
         (None, None) => Filter::All,
     };
     let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
-    let now = now_ms();
-    let mut rec = app
-        .hub
-        .recover(since, limit, now, |k| filter.admits(k, &grant));
-    if !rec.complete && epoch_ok {
-        rec = recover_from_database(&app, rec, since, limit, now, filter, grant).await?;
-    }
-    let meta = RecoveryMeta {
-        head: rec.head,
-        oldest_sequence: rec.oldest_sequence,
-        epoch: app.hub.epoch().to_owned(),
-        complete: rec.complete && epoch_ok,
-        next_since: if epoch_ok { rec.next_since } else { None },
+    let head = app.hub.head();
+    let window_start = catchup::resume_window_start(&app, head, now_ms()).await?;
+    let oldest_sequence = (window_start <= head).then_some(window_start);
+    let (mut complete, after) = match resume(since, epoch_ok, head, window_start) {
+        Resume::Complete { after } => (true, after),
+        Resume::Incomplete { after, .. } => (false, after),
+        // Messages numbered in another epoch's history would be unrelated: send none.
+        Resume::OtherEpoch => {
+            let meta = RecoveryMeta {
+                head,
+                oldest_sequence,
+                epoch: app.hub.epoch().to_owned(),
+                complete: false,
+                next_since: None,
+            };
+            let body = encode_recovery_response(std::iter::empty(), &meta);
+            return Ok(json_response(StatusCode::OK, body));
+        }
     };
-    // Messages numbered in another epoch's history would be unrelated: send none, say incomplete.
-    let frames = if epoch_ok { rec.frames } else { Vec::new() };
-    let body = encode_recovery_response(frames.iter().map(|f| f.as_str()), &meta);
+    let page = read_recovery(&app, &filter, &grant, after, head, limit).await?;
+    complete &= page.complete;
+    let meta = RecoveryMeta {
+        head,
+        oldest_sequence,
+        epoch: app.hub.epoch().to_owned(),
+        complete,
+        next_since: page.next_since,
+    };
+    let body = encode_recovery_response(page.frames.iter().map(|f| f.as_str()), &meta);
     Ok(json_response(StatusCode::OK, body))
 }
 
-/// The ring holds the newest `--recovery-buffer-messages`; where the configured window is larger
-/// and `since` falls inside it, the database serves the answer (same frames, same numbers).
-async fn recover_from_database(
-    app: &Arc<AppState>,
-    ring: Recovered,
-    since: u64,
+/// A recovery answer's messages.
+struct RecoveryPage {
+    frames: Vec<Frame>,
+    /// Where to continue when `limit` or `--max-response-bytes` cut the answer.
+    next_since: Option<u64>,
+    /// False when pruning passed the start while the answer was read.
+    complete: bool,
+}
+
+/// Collects a page: stops at `limit` messages or the byte bound (at least one message).
+struct PageBuilder {
+    frames: Vec<Frame>,
+    bytes: usize,
+    last: u64,
     limit: usize,
-    now: u64,
-    filter: Filter,
-    grant: Grant,
-) -> Result<Recovered, ApiError> {
-    let Some(reader) = app.store.reader().cloned() else {
-        return Ok(ring);
-    };
-    let window = app.settings.recovery;
-    let window_floor = ring.head.saturating_sub(window.max_messages as u64);
-    if since < window_floor
-        || since > ring.head
-        || window.max_messages <= app.settings.recovery_buffer_messages
-    {
-        return Ok(ring);
+    max_bytes: usize,
+    next_since: Option<u64>,
+}
+
+impl PageBuilder {
+    /// Adds a message; false when the page is full (then `next_since` is set).
+    fn add(&mut self, sequence_number: u64, frame: Frame) -> bool {
+        let over_bytes = !self.frames.is_empty() && self.bytes + frame.len() > self.max_bytes;
+        if self.frames.len() == self.limit || over_bytes {
+            self.next_since = Some(self.last);
+            return false;
+        }
+        self.bytes += frame.len();
+        self.last = sequence_number;
+        self.frames.push(frame);
+        true
     }
-    let oldest_allowed_ms = now.saturating_sub(window.max_age_ms);
-    let head = ring.head;
-    let db_filter = match &filter {
-        Filter::Key(k) => EventFilter::Key(k.clone()),
-        Filter::Channel(c) => EventFilter::Channel(c.clone()),
-        Filter::All => EventFilter::All,
+}
+
+/// Messages after `after` up to `head` that pass `filter`: from the cached tail where it holds
+/// them, else from the log, page by page.
+async fn read_recovery(
+    app: &Arc<AppState>,
+    filter: &Filter,
+    grant: &Grant,
+    after: u64,
+    head: u64,
+    limit: usize,
+) -> Result<RecoveryPage, ApiError> {
+    let mut page = PageBuilder {
+        frames: Vec::new(),
+        bytes: 0,
+        last: after,
+        limit,
+        max_bytes: app.settings.max_response_bytes,
+        next_since: None,
     };
-    let (events, complete, more) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let mut out = Vec::new();
-        let mut cursor = since;
-        let mut complete = true;
-        let chunk = (limit + 1).max(256);
-        loop {
-            let batch = reader.events_after(cursor, chunk, db_filter.clone())?;
-            let exhausted = batch.len() < chunk;
-            for ev in batch {
-                cursor = ev.sequence_number;
-                if ev.sequence_number > head {
-                    return Ok((out, complete, false));
-                }
-                if ev.timestamp_ms < oldest_allowed_ms {
-                    complete = false; // older than the window's age limit: not served
-                    continue;
-                }
-                if filter.admits(&ev.key, &grant) {
-                    if out.len() == limit {
-                        return Ok((out, complete, true));
-                    }
-                    out.push(ev);
+    let mut complete = true;
+    let mut cursor = after;
+    let chunk = (limit + 1).clamp(64, 1_000);
+    while cursor < head {
+        let cached = app.hub.with_cache(|cache, _| {
+            cache.covers_after(cursor).then(|| {
+                let (msgs, _) = cache.after(cursor, limit + 1, |m| {
+                    m.sequence_number <= head && filter.admits(&m.key, grant)
+                });
+                msgs.iter()
+                    .map(|m| (m.sequence_number, m.frame.clone()))
+                    .collect::<Vec<_>>()
+            })
+        });
+        if let Some(msgs) = cached {
+            for (seq, frame) in msgs {
+                if !page.add(seq, frame) {
+                    break;
                 }
             }
-            if exhausted {
-                return Ok((out, complete, false));
+            break;
+        }
+        let db_filter = filter.to_event_filter();
+        let log_page = read_log!(&app.store, |r| r.page(&db_filter, cursor, head, chunk))?;
+        if log_page.floor > cursor + 1 {
+            complete = false; // pruned while we read: what lay below the floor is gone
+        }
+        for ev in &log_page.events {
+            if filter.admits(&ev.key, grant) && !page.add(ev.sequence_number, Hub::frame_of(ev)) {
+                return Ok(RecoveryPage {
+                    frames: page.frames,
+                    next_since: page.next_since,
+                    complete,
+                });
             }
         }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("recovery reader failed: {e}")))??;
-    let next_since = if more {
-        events.last().map(|e| e.sequence_number)
-    } else {
-        None
-    };
-    Ok(Recovered {
-        frames: events.iter().map(Hub::frame_of).collect(),
-        head,
-        oldest_sequence: Some(window_floor + 1),
+        cursor = log_page.covered_through.max(cursor + 1);
+    }
+    Ok(RecoveryPage {
+        frames: page.frames,
+        next_since: page.next_since,
         complete,
-        next_since,
     })
 }
 
@@ -209,6 +246,14 @@ enum Filter {
 }
 
 impl Filter {
+    fn to_event_filter(&self) -> EventFilter {
+        match self {
+            Filter::Key(k) => EventFilter::Key(k.clone()),
+            Filter::Channel(c) => EventFilter::Channel(c.clone()),
+            Filter::All => EventFilter::All,
+        }
+    }
+
     fn admits(&self, key: &SubscriptionKey, grant: &Grant) -> bool {
         match self {
             Filter::Key(k) => k == key,
@@ -334,15 +379,7 @@ pub async fn stream_page(
     let q = Query::parse(raw, &["after", "limit"])?;
     let after = q.u64("after")?.unwrap_or(0);
     let limit = q.limit()?;
-    let Some(reader) = app.store.reader().cloned() else {
-        return Err(ApiError::NotFound(
-            "stream pages are served from the database; this server runs with --storage memory"
-                .into(),
-        ));
-    };
-    let rows = tokio::task::spawn_blocking(move || reader.stream_rows(&key, after, limit))
-        .await
-        .map_err(|e| ApiError::Internal(format!("stream reader failed: {e}")))??;
+    let rows = read_log!(&app.store, |r| r.stream_rows(&key, after, limit))?;
     let next_after = if rows.len() == limit {
         rows.last().map(|r| r.stream_sequence)
     } else {

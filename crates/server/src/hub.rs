@@ -1,24 +1,28 @@
-//! The fan-out hub: the recovery window, the backlogs and the live subscriptions behind one
-//! lock, so that "what a subscriber gets before live messages" and "what a publish delivers"
-//! are decided atomically with respect to each other (no gap, duplicate or reorder at the seam).
+//! The fan-out hub: a router of cursors over the log's cached tail.
 //!
-//! Committed events enter through [`Hub::apply_committed`] in commit order: from the database
-//! writer's commit hook, or from [`Hub::publish_in_memory`] under `--storage memory`. Nothing
-//! else assigns a sequence number, and every frame is serialized once and shared by reference.
+//! Committed events enter through [`Hub::apply_committed`], in commit order and only in order
+//! (`sequence_number == head + 1`; anything else is a hole and stops the process). Each event is
+//! serialized once into a shared frame that goes into the [`TailCache`] and onto the send queue
+//! of every live subscriber of its key. A subscriber whose queue is full is not closed: it
+//! leaves live delivery at that message ([`Subscriber::lagged`]) and its connection catches it
+//! up from the log. Joining live delivery ([`Hub::join_from_cache`]) takes the cached rest of a
+//! key and registers the subscriber under one lock, so no publish can slip between.
+//!
+//! The hub keeps no delivery state the log does not have: backlogs and resumes are read from
+//! the log; the cache is only its recent tail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
-use seqcast_backlog::{BacklogLimits, Backlogs, OverflowReason};
-use seqcast_persistence::{CommittedEvent, NewEvent};
+use seqcast_persistence::CommittedEvent;
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{MemorySequencer, RecoveryWindow, RetainedMessage};
+use seqcast_sequencing::{CachedMessage, GapError, TailCache, View};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -27,29 +31,28 @@ use crate::metrics::Metrics;
 /// A serialized server frame, shared by every connection that sends it.
 pub type Frame = Utf8Bytes;
 
-/// An item in a connection's bounded send queue.
-#[derive(Debug)]
-pub enum Outbound {
-    /// One frame.
-    Frame(Frame),
-    /// Frames sent back to back (a backlog drain or a `since` replay) — one queue slot.
-    Batch(Vec<Frame>),
-}
+/// Most bytes one connection's send queue holds before live delivery to it pauses (it then
+/// catches up from the log as its socket drains).
+pub const SEND_QUEUE_BYTES: usize = 4 << 20;
 
-/// The hub's side of one WebSocket connection: its bounded send queue and its close request.
+/// The hub's side of one WebSocket connection: its send queue, the keys that lagged out of live
+/// delivery, and its close request.
 ///
-/// The queue is a plain vector behind a mutex that is held only to push one item or to swap the
-/// whole vector out: the connection takes everything queued at once, writes it and flushes
-/// once, and the two vectors trade places so that a busy connection allocates nothing.
+/// The queue is a plain vector behind a mutex that is held only to push or to swap the whole
+/// vector out: the connection takes everything queued at once, writes it and flushes once, and
+/// the two vectors trade places so that a busy connection allocates nothing.
 #[derive(Debug)]
 pub struct Subscriber {
     /// Server-made id of the connection.
     pub client_id: Arc<str>,
     queue: Mutex<SendQueue>,
-    /// Most items the queue holds before the connection is closed as a slow consumer.
+    /// Frames the queue holds before live delivery pauses (the high-water mark).
     capacity: usize,
-    /// Wakes the connection when something was queued.
+    /// Wakes the connection when something was queued or a key lagged.
     ready: AtomicWaker,
+    /// Keys that left live delivery because the queue was full, with the message that did not
+    /// fit.
+    lagged: Mutex<Vec<(SubscriptionKey, u64)>>,
     /// Set with the close request, checked on every push without taking a lock.
     closing_flag: AtomicBool,
     close_reason: Mutex<Option<CloseReason>>,
@@ -59,21 +62,35 @@ pub struct Subscriber {
 
 #[derive(Debug, Default)]
 struct SendQueue {
-    items: Vec<Outbound>,
+    items: Vec<Frame>,
+    bytes: usize,
     /// The connection has stopped: nothing more is queued.
     finished: bool,
     /// Frames ever queued.
     queued: u64,
 }
 
+/// What a live push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LivePush {
+    /// Queued.
+    Queued,
+    /// The queue is at its high-water mark: the key leaves live delivery.
+    Full,
+    /// The connection is closing or gone.
+    Gone,
+}
+
 impl Subscriber {
-    /// A subscriber whose send queue holds at most `capacity` items (at least 1).
+    /// A subscriber whose live delivery pauses at `capacity` queued frames (at least 1) or
+    /// [`SEND_QUEUE_BYTES`].
     pub fn new(client_id: Arc<str>, capacity: usize) -> Self {
         Subscriber {
             client_id,
             queue: Mutex::new(SendQueue::default()),
             capacity: capacity.max(1),
             ready: AtomicWaker::new(),
+            lagged: Mutex::new(Vec::new()),
             closing_flag: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             closing: CancellationToken::new(),
@@ -84,65 +101,113 @@ impl Subscriber {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue an item without waiting. A full queue closes the connection with 1013: memory
-    /// stays bounded and the client resumes with `since`. Returns false when nothing was
-    /// queued (full, closing, or the connection has stopped).
-    pub fn push(&self, item: Outbound) -> bool {
+    /// Queue a live message unless the queue is at its high-water mark.
+    pub fn push_live(&self, frame: Frame) -> LivePush {
+        if self.closing_flag.load(Ordering::Acquire) {
+            return LivePush::Gone;
+        }
+        {
+            let mut q = self.lock_queue();
+            if q.finished {
+                return LivePush::Gone;
+            }
+            if q.items.len() >= self.capacity || q.bytes >= SEND_QUEUE_BYTES {
+                return LivePush::Full;
+            }
+            q.bytes += frame.len();
+            q.items.push(frame);
+            q.queued += 1;
+        }
+        self.ready.wake();
+        LivePush::Queued
+    }
+
+    /// Queue frames the connection itself decided to send (replies, catch-up pages). Never
+    /// refused for being full — the connection paces these by the water marks — only when the
+    /// connection is closing. Returns whether they were queued.
+    pub fn push(&self, frames: impl IntoIterator<Item = Frame>) -> bool {
         if self.closing_flag.load(Ordering::Acquire) {
             return false;
         }
-        let n = match &item {
-            Outbound::Frame(_) => 1,
-            Outbound::Batch(b) => b.len() as u64,
-        };
         {
             let mut q = self.lock_queue();
             if q.finished {
                 return false;
             }
-            if q.items.len() >= self.capacity {
-                drop(q);
-                tracing::warn!(
-                    event = "slow_consumer",
-                    client_id = %self.client_id,
-                    "send queue full: closing the connection with 1013"
-                );
-                self.close(CloseReason::SlowConsumer);
-                return false;
+            for f in frames {
+                q.bytes += f.len();
+                q.items.push(f);
+                q.queued += 1;
             }
-            q.items.push(item);
-            q.queued += n;
         }
         self.ready.wake();
         true
     }
 
-    /// Wait until something is queued, then move everything queued into `buf` (which the
-    /// caller has emptied). Returns how many items were taken. Cancel safe: items are taken
-    /// only in the poll that returns them.
-    pub async fn take_queued(&self, buf: &mut Vec<Outbound>) -> usize {
+    /// Queue one frame (see [`Subscriber::push`]).
+    pub fn push_one(&self, frame: Frame) -> bool {
+        self.push(std::iter::once(frame))
+    }
+
+    /// At or above the high-water mark: stop reading the client's frames and stop catching up.
+    pub fn is_above_high_water(&self) -> bool {
+        let q = self.lock_queue();
+        q.items.len() >= self.capacity || q.bytes >= SEND_QUEUE_BYTES
+    }
+
+    /// At or below the low-water mark (half the high one): catching up may queue another page.
+    pub fn is_below_low_water(&self) -> bool {
+        let q = self.lock_queue();
+        q.items.len() <= self.capacity / 2 && q.bytes <= SEND_QUEUE_BYTES / 2
+    }
+
+    /// Record that `key` left live delivery at message `sequence_number` (it did not fit).
+    fn lag(&self, key: &SubscriptionKey, sequence_number: u64) {
+        self.lagged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key.clone(), sequence_number));
+        self.ready.wake();
+    }
+
+    /// Keys that left live delivery since the last call, with the message that did not fit.
+    pub fn lagged(&self) -> Vec<(SubscriptionKey, u64)> {
+        std::mem::take(&mut *self.lagged.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Wait until something is queued or a key lagged, then move everything queued into `buf`
+    /// (which the caller has emptied). Returns how many frames were taken (0 when only a lag
+    /// woke it). Cancel safe: frames are taken only in the poll that returns them.
+    pub async fn wait_ready(&self, buf: &mut Vec<Frame>) -> usize {
         std::future::poll_fn(|cx| {
-            if let n @ 1.. = self.take_now(buf) {
+            if let Some(n) = self.take_now(buf) {
                 return Poll::Ready(n);
             }
             self.ready.register(cx.waker());
             // Checked again after registering, so a push in between is not missed.
             match self.take_now(buf) {
-                0 => Poll::Pending,
-                n => Poll::Ready(n),
+                Some(n) => Poll::Ready(n),
+                None => Poll::Pending,
             }
         })
         .await
     }
 
-    fn take_now(&self, buf: &mut Vec<Outbound>) -> usize {
+    fn take_now(&self, buf: &mut Vec<Frame>) -> Option<usize> {
         let mut q = self.lock_queue();
         if q.items.is_empty() {
-            return 0;
+            drop(q);
+            let lagged = !self
+                .lagged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            return lagged.then_some(0);
         }
-        debug_assert!(buf.is_empty(), "take_queued needs an empty buffer");
+        debug_assert!(buf.is_empty(), "wait_ready needs an empty buffer");
         std::mem::swap(&mut q.items, buf);
-        buf.len()
+        q.bytes = 0;
+        Some(buf.len())
     }
 
     /// The connection has stopped: refuse further items and free what is still queued.
@@ -150,6 +215,7 @@ impl Subscriber {
         let mut q = self.lock_queue();
         q.finished = true;
         q.items = Vec::new();
+        q.bytes = 0;
     }
 
     /// Frames queued to this connection so far.
@@ -182,58 +248,50 @@ impl Subscriber {
     }
 }
 
-/// What a `subscribe` did, for the connection's logs.
-#[derive(Debug, Clone, Default)]
-pub struct SubscribeOutcome {
-    /// Backlog entries sent.
-    pub drained: usize,
-    /// Messages replayed from the recovery window for `since`.
-    pub replayed: usize,
-    /// Backlog entries found past their TTL.
-    pub expired: usize,
-    /// `recovered` as told in `sub_ack` (None without `since`).
-    pub recovered: Option<bool>,
-    /// The connection was already subscribed to the key.
-    pub already: bool,
-    /// The sub_ack and drain could not be queued (the connection is being closed).
-    pub failed: bool,
+/// What [`Hub::join_from_cache`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// The cached rest (`sent` frames) was queued and the subscriber is live after `head`.
+    Joined {
+        /// The seam.
+        head: u64,
+        /// Frames queued.
+        sent: usize,
+    },
+    /// More than a page was cached: a page up to `through` was queued; still catching up.
+    Page {
+        /// The last number queued.
+        through: u64,
+        /// Frames queued.
+        sent: usize,
+    },
+    /// The cache no longer holds everything after the position (it was evicted meanwhile):
+    /// read the log.
+    NotCached,
+    /// The connection is closing.
+    Gone,
 }
 
-/// An answer to a recovery query.
-#[derive(Debug)]
-pub struct Recovered {
-    /// Message frames, in order.
-    pub frames: Vec<Frame>,
-    /// Latest sequence number.
-    pub head: u64,
-    /// Oldest retained number.
-    pub oldest_sequence: Option<u64>,
-    /// Whether the window reached back to `since + 1`.
-    pub complete: bool,
-    /// Where to continue when `limit` cut the answer.
-    pub next_since: Option<u64>,
+/// A failure that must stop the process: serving on would hide a hole.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// A committed event arrived out of order.
+    #[error("committed events out of order: {0}")]
+    Gap(#[from] GapError),
 }
 
 struct HubState {
-    window: RecoveryWindow<Frame>,
-    backlogs: Backlogs<Frame>,
-    subscriptions: HashMap<SubscriptionKey, Vec<Arc<Subscriber>>>,
-    /// Present only under `--storage memory`.
-    sequencer: Option<MemorySequencer>,
-    /// Drops not yet logged, so that a key overflowing on every publish logs one warning per
-    /// interval instead of one per message.
-    overflow_unlogged: u64,
-    /// When the last `backlog_overflow` warning was logged (ms since the Unix epoch).
-    overflow_logged_at_ms: u64,
+    cache: TailCache<Frame>,
+    live: HashMap<SubscriptionKey, Vec<Arc<Subscriber>>>,
+    retention_floor: u64,
 }
-
-/// At most one `backlog_overflow` warning per this many milliseconds (drops are still counted).
-const OVERFLOW_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// See the module docs.
 pub struct Hub {
     state: Mutex<HubState>,
     epoch: String,
+    /// The newest number applied (readable without the lock).
+    head: AtomicU64,
     /// Process counters.
     pub metrics: Metrics,
 }
@@ -242,31 +300,57 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("epoch", &self.epoch)
+            .field("head", &self.head())
             .finish_non_exhaustive()
     }
 }
 
+/// Bytes charged for one cached frame.
+fn cost(ev: &CommittedEvent, frame: &Frame) -> usize {
+    frame.len() + ev.key.channel().as_str().len() + ev.key.request_id().as_str().len()
+}
+
 impl Hub {
-    /// A hub for a store with `epoch`, whose window was refilled with `window`.
-    /// `sequencer` is Some only when the hub itself is the sequence authority (memory storage).
+    /// A hub for a store with `epoch` whose log ends at `head`, with a tail cache of
+    /// `cache_bytes` refilled from `recent` (the log's newest events, ascending, ending at
+    /// `head`) and the log's `retention_floor`.
     pub fn new(
         epoch: String,
-        window: RecoveryWindow<Frame>,
-        backlog: BacklogLimits,
-        sequencer: Option<MemorySequencer>,
-    ) -> Self {
-        Hub {
+        head: u64,
+        retention_floor: u64,
+        cache_bytes: usize,
+        recent: &[CommittedEvent],
+    ) -> Result<Self, HubError> {
+        let start = recent
+            .first()
+            .map_or(head, |e| e.sequence_number.saturating_sub(1));
+        let mut cache = TailCache::new(cache_bytes, start);
+        for ev in recent {
+            let frame = Hub::frame_of(ev);
+            cache.push(CachedMessage {
+                sequence_number: ev.sequence_number,
+                key: ev.key.clone(),
+                timestamp_ms: ev.timestamp_ms,
+                bytes: cost(ev, &frame),
+                frame,
+            })?;
+        }
+        if cache.head() != head {
+            return Err(HubError::Gap(GapError::NotNext {
+                head: cache.head(),
+                got: head,
+            }));
+        }
+        Ok(Hub {
             state: Mutex::new(HubState {
-                window,
-                backlogs: Backlogs::new(backlog),
-                subscriptions: HashMap::new(),
-                sequencer,
-                overflow_unlogged: 0,
-                overflow_logged_at_ms: 0,
+                cache,
+                live: HashMap::new(),
+                retention_floor,
             }),
             epoch,
+            head: AtomicU64::new(head),
             metrics: Metrics::default(),
-        }
+        })
     }
 
     /// The store's epoch.
@@ -282,9 +366,34 @@ impl Hub {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Latest sequence number handed to fan-out.
+    /// The newest number applied to live delivery.
     pub fn head(&self) -> u64 {
-        self.lock().window.head()
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// What a cursor needs to pick its next step.
+    pub fn view(&self) -> View {
+        let state = self.lock();
+        View {
+            head: state.cache.head(),
+            cache_floor: state.cache.floor(),
+            retention_floor: state.retention_floor,
+        }
+    }
+
+    /// The log's retention floor as the hub knows it.
+    pub fn retention_floor(&self) -> u64 {
+        self.lock().retention_floor
+    }
+
+    /// The retention floor rose (the log is about to drop what is below it): evict it from the
+    /// cache too, so that nobody is served from memory what the log no longer holds.
+    pub fn raise_retention_floor(&self, floor: u64) {
+        let mut state = self.lock();
+        if floor > state.retention_floor {
+            state.retention_floor = floor;
+            state.cache.evict_below(floor);
+        }
     }
 
     /// Build the one serialized frame of a committed event. Its data is valid JSON: validated
@@ -302,228 +411,112 @@ impl Hub {
         }))
     }
 
-    /// Fan out events that the store committed, in commit order. Called by the database
-    /// writer's commit hook (on its thread) and by the memory authority.
-    pub fn apply_committed(&self, events: &[CommittedEvent], now_ms: u64) {
+    /// Fan out events that the store committed, in commit order. Called by the store's commit
+    /// hook. An event that is not `head + 1` is an error: the caller must stop the process.
+    pub fn apply_committed(&self, events: &[CommittedEvent]) -> Result<(), HubError> {
         let frames: Vec<Frame> = events.iter().map(Hub::frame_of).collect();
         let mut state = self.lock();
         for (ev, frame) in events.iter().zip(frames) {
-            self.apply_one(&mut state, ev, frame, now_ms);
-        }
-    }
-
-    fn apply_one(&self, state: &mut HubState, ev: &CommittedEvent, frame: Frame, now_ms: u64) {
-        Metrics::inc(&self.metrics.published);
-        if let Err(e) = state.window.insert(
-            RetainedMessage {
+            state.cache.push(CachedMessage {
                 sequence_number: ev.sequence_number,
                 key: ev.key.clone(),
                 timestamp_ms: ev.timestamp_ms,
+                bytes: cost(ev, &frame),
                 frame: frame.clone(),
-            },
-            now_ms,
-        ) {
-            // Only a bug can get here: the authority hands out increasing numbers in commit order.
-            tracing::error!(event = "sequence_out_of_order", error = %e, "recovery window refused a message");
+            })?;
+            self.head.store(ev.sequence_number, Ordering::Release);
+            Metrics::inc(&self.metrics.published);
+            self.deliver_live(&mut state, ev, frame);
         }
+        Ok(())
+    }
+
+    fn deliver_live(&self, state: &mut HubState, ev: &CommittedEvent, frame: Frame) {
         let mut delivered = 0u64;
-        let mut live = false;
-        if let Some(subs) = state.subscriptions.get_mut(&ev.key) {
-            subs.retain(|s| {
-                let ok = s.push(Outbound::Frame(frame.clone()));
-                if ok {
+        if let Some(subs) = state.live.get_mut(&ev.key) {
+            subs.retain(|s| match s.push_live(frame.clone()) {
+                LivePush::Queued => {
                     delivered += 1;
-                } else if s.is_closing() {
-                    Metrics::inc(&self.metrics.slow_consumer_closes);
+                    true
                 }
-                ok
+                LivePush::Full => {
+                    Metrics::inc(&self.metrics.lagged);
+                    s.lag(&ev.key, ev.sequence_number);
+                    false
+                }
+                LivePush::Gone => false,
             });
-            live = !subs.is_empty();
             if subs.is_empty() {
-                state.subscriptions.remove(&ev.key);
+                state.live.remove(&ev.key);
             }
         }
         Metrics::add(&self.metrics.deliveries, delivered);
-        if !live && delivered == 0 {
-            self.enqueue_backlog(state, ev, frame, now_ms);
-        }
-    }
-
-    fn enqueue_backlog(
-        &self,
-        state: &mut HubState,
-        ev: &CommittedEvent,
-        frame: Frame,
-        now_ms: u64,
-    ) {
-        let key = &ev.key;
-        match state
-            .backlogs
-            .enqueue(key, ev.sequence_number, frame, now_ms)
-        {
-            Ok(outcome) => {
-                Metrics::inc(&self.metrics.backlogged);
-                if outcome.created {
-                    tracing::info!(
-                        event = "backlog_created",
-                        subscription_key = %key,
-                        channel = %key.channel(),
-                        request_id = %key.request_id(),
-                        "backlog created for late subscribers"
-                    );
-                }
+        if delivered == 0 {
+            // Nobody here follows the key: the message waits in the log for late subscribers.
+            Metrics::inc(&self.metrics.backlogged);
+            let key = &ev.key;
+            if ev.stream_sequence == 1 && !ev.replaced {
                 tracing::debug!(
-                    event = "backlog_enqueued",
+                    event = "backlog_created",
                     subscription_key = %key,
                     channel = %key.channel(),
                     request_id = %key.request_id(),
-                    sequence_number = ev.sequence_number,
-                    backlog_size = outcome.backlog_size,
-                    "message kept in backlog"
+                    "first message of a key with no subscriber on this node"
                 );
-                for o in outcome.overflow {
-                    Metrics::add(&self.metrics.backlog_overflow, o.dropped as u64);
-                    state.overflow_unlogged += o.dropped as u64;
-                    if now_ms.saturating_sub(state.overflow_logged_at_ms) < OVERFLOW_LOG_INTERVAL_MS
-                    {
-                        continue;
-                    }
-                    tracing::warn!(
-                        event = "backlog_overflow",
-                        subscription_key = %o.key,
-                        channel = %o.key.channel(),
-                        request_id = %o.key.request_id(),
-                        count = state.overflow_unlogged,
-                        backlog_size = outcome.backlog_size,
-                        reason = match o.reason { OverflowReason::PerKey => "per_key", OverflowReason::Total => "total" },
-                        "backlog bound reached: oldest messages dropped (count: drops since the last such warning)"
-                    );
-                    state.overflow_unlogged = 0;
-                    state.overflow_logged_at_ms = now_ms;
-                }
             }
-            Err(e) => {
-                tracing::error!(event = "backlog_refused", subscription_key = %key, error = %e, "backlog refused a message");
-            }
+            tracing::debug!(
+                event = "backlog_enqueued",
+                subscription_key = %key,
+                channel = %key.channel(),
+                request_id = %key.request_id(),
+                sequence_number = ev.sequence_number,
+                "message kept in the log for late subscribers"
+            );
         }
     }
 
-    /// Assign numbers in memory and fan out (only under `--storage memory`). Returns the
-    /// committed events, or None when this hub is not the sequence authority.
-    pub fn publish_in_memory(
-        &self,
-        events: Vec<NewEvent>,
-        now_ms: u64,
-    ) -> Option<Vec<CommittedEvent>> {
-        let mut state = self.lock();
-        let mut committed = Vec::with_capacity(events.len());
-        for ev in events {
-            let seq = state.sequencer.as_mut()?;
-            let a = seq.assign(&ev.key, &ev.message_id);
-            committed.push(CommittedEvent {
-                sequence_number: a.sequence_number,
-                stream_sequence: a.stream_sequence,
-                key: ev.key,
-                message_id: ev.message_id,
-                timestamp_ms: now_ms,
-                data: ev.data,
-                replaced: a.replaced,
-            });
-        }
-        for ev in &committed {
-            let frame = Hub::frame_of(ev);
-            self.apply_one(&mut state, ev, frame, now_ms);
-        }
-        Some(committed)
-    }
-
-    /// Subscribe `sub` to `key`: queue `sub_ack`, then the key's backlog and (with `since`) every
-    /// retained message after `since`, merged in order without duplicates, then register for live
-    /// messages — all under the hub lock, so no publish can slip between.
-    pub fn subscribe(
+    /// Under the hub lock: if the cache holds everything of `key` after `after`, queue it to
+    /// `sub` and register `sub` for live delivery of `key` — unless it is more than `page`
+    /// frames, then queue a page and stay out of live delivery.
+    pub fn join_from_cache(
         &self,
         sub: &Arc<Subscriber>,
         key: &SubscriptionKey,
-        since: Option<u64>,
-        epoch: Option<&str>,
-        now_ms: u64,
-    ) -> SubscribeOutcome {
+        after: u64,
+        page: usize,
+    ) -> Join {
+        let page = page.max(1);
         let mut state = self.lock();
-        let mut outcome = SubscribeOutcome::default();
-        if let Some(subs) = state.subscriptions.get(key)
-            && subs.iter().any(|s| Arc::ptr_eq(s, sub))
-        {
-            outcome.already = true;
-            let ack = self.sub_ack(key, 0, state.window.head(), None, None);
-            outcome.failed = !sub.push(Outbound::Frame(ack));
-            return outcome;
+        if !state.cache.covers_after(after) {
+            return Join::NotCached;
         }
-        let drained = state.backlogs.drain(key, now_ms);
-        outcome.expired = drained.expired;
-        let mut oldest = None;
-        let frames: Vec<Frame> = match since {
-            None => {
-                outcome.drained = drained.entries.len();
-                drained.entries.into_iter().map(|e| e.frame).collect()
+        let cached = state.cache.key_after(key, after, page + 1);
+        if cached.len() > page {
+            let through = cached[page - 1].sequence_number;
+            let frames: Vec<Frame> = cached[..page].iter().map(|m| m.frame.clone()).collect();
+            let sent = frames.len();
+            if !sub.push(frames) {
+                return Join::Gone;
             }
-            Some(since) => {
-                let epoch_ok = epoch.is_none_or(|e| e == self.epoch);
-                state.window.expire(now_ms);
-                let backlog_after: Vec<(u64, Frame)> = drained
-                    .entries
-                    .into_iter()
-                    .filter(|e| !epoch_ok || e.sequence_number > since)
-                    .map(|e| (e.sequence_number, e.frame))
-                    .collect();
-                let replay: Vec<(u64, Frame)> = if epoch_ok {
-                    let page = state.window.since(since, usize::MAX, |m| &m.key == key);
-                    outcome.recovered = Some(page.complete);
-                    oldest = page.oldest_sequence;
-                    page.messages
-                        .iter()
-                        .map(|m| (m.sequence_number, m.frame.clone()))
-                        .collect()
-                } else {
-                    outcome.recovered = Some(false);
-                    oldest = state.window.oldest_sequence();
-                    Vec::new()
-                };
-                outcome.replayed = replay.len();
-                outcome.drained = backlog_after.len();
-                merge_by_sequence(replay, backlog_after)
-            }
-        };
-        let recovered = outcome.recovered;
-        let ack = self.sub_ack(
-            key,
-            outcome.drained as u64,
-            state.window.head(),
-            recovered,
-            if recovered == Some(false) {
-                oldest
-            } else {
-                None
-            },
-        );
-        let n = frames.len() as u64;
-        let mut ok = sub.push(Outbound::Frame(ack));
-        if ok && !frames.is_empty() {
-            ok = sub.push(Outbound::Batch(frames));
+            Metrics::add(&self.metrics.deliveries, sent as u64);
+            return Join::Page { through, sent };
         }
-        if !ok {
-            outcome.failed = true;
-            return outcome;
+        let frames: Vec<Frame> = cached.iter().map(|m| m.frame.clone()).collect();
+        let sent = frames.len();
+        if !sub.push(frames) {
+            return Join::Gone;
         }
-        Metrics::add(&self.metrics.deliveries, n);
-        state
-            .subscriptions
-            .entry(key.clone())
-            .or_default()
-            .push(Arc::clone(sub));
-        outcome
+        Metrics::add(&self.metrics.deliveries, sent as u64);
+        let head = state.cache.head();
+        let subs = state.live.entry(key.clone()).or_default();
+        if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
+            subs.push(Arc::clone(sub));
+        }
+        Join::Joined { head, sent }
     }
 
-    fn sub_ack(
+    /// The `sub_ack` frame.
+    pub fn sub_ack(
         &self,
         key: &SubscriptionKey,
         drained: u64,
@@ -543,22 +536,22 @@ impl Hub {
         })))
     }
 
-    /// Stop live delivery of `key` to `sub`. Returns whether it was subscribed.
+    /// Stop live delivery of `key` to `sub`. Returns whether it was live.
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>, key: &SubscriptionKey) -> bool {
         let mut state = self.lock();
-        let Some(subs) = state.subscriptions.get_mut(key) else {
+        let Some(subs) = state.live.get_mut(key) else {
             return false;
         };
         let before = subs.len();
         subs.retain(|s| !Arc::ptr_eq(s, sub));
         let removed = subs.len() != before;
         if subs.is_empty() {
-            state.subscriptions.remove(key);
+            state.live.remove(key);
         }
         removed
     }
 
-    /// Remove a closed connection from every key in `keys`.
+    /// Remove a closed connection from live delivery of every key in `keys`.
     pub fn disconnect<'a>(
         &self,
         sub: &Arc<Subscriber>,
@@ -566,109 +559,51 @@ impl Hub {
     ) {
         let mut state = self.lock();
         for key in keys {
-            if let Some(subs) = state.subscriptions.get_mut(key) {
+            if let Some(subs) = state.live.get_mut(key) {
                 subs.retain(|s| !Arc::ptr_eq(s, sub));
                 if subs.is_empty() {
-                    state.subscriptions.remove(key);
+                    state.live.remove(key);
                 }
             }
         }
     }
 
-    /// Messages after `since` in the recovery window that pass `filter`, at most `limit`.
-    pub fn recover(
-        &self,
-        since: u64,
-        limit: usize,
-        now_ms: u64,
-        mut filter: impl FnMut(&SubscriptionKey) -> bool,
-    ) -> Recovered {
-        let mut state = self.lock();
-        state.window.expire(now_ms);
-        let head = state.window.head();
-        let page = state.window.since(since, limit, |m| filter(&m.key));
-        Recovered {
-            frames: page.messages.iter().map(|m| m.frame.clone()).collect(),
-            head,
-            oldest_sequence: page.oldest_sequence,
-            complete: page.complete,
-            next_since: page.next_since,
-        }
-    }
-
-    /// Drop expired backlog entries and window messages (called periodically).
-    pub fn expire(&self, now_ms: u64) {
-        let mut state = self.lock();
-        state.window.expire(now_ms);
-        for e in state.backlogs.expire(now_ms) {
-            tracing::debug!(
-                event = "backlog_expired",
-                subscription_key = %e.key,
-                channel = %e.key.channel(),
-                request_id = %e.key.request_id(),
-                count = e.count,
-                "backlog entries expired"
-            );
-        }
+    /// Run `f` on the cache under the hub lock (for decisions that memory alone can answer).
+    pub fn with_cache<T>(&self, f: impl FnOnce(&TailCache<Frame>, u64) -> T) -> T {
+        let state = self.lock();
+        f(&state.cache, state.retention_floor)
     }
 
     /// Gauges for `/metrics`.
-    pub fn gauges(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn gauges(&self) -> [(&'static str, &'static str, u64); 6] {
         let state = self.lock();
         [
-            (
-                "seqcast_head",
-                "Latest sequence number",
-                state.window.head(),
-            ),
+            ("seqcast_head", "Latest sequence number", state.cache.head()),
             (
                 "seqcast_recovery_window_messages",
-                "Messages in the recovery window",
-                state.window.len() as u64,
+                "Messages of the log's recent tail held in memory",
+                state.cache.len() as u64,
             ),
             (
-                "seqcast_backlog_messages",
-                "Messages in all backlogs",
-                state.backlogs.len() as u64,
+                "seqcast_cache_bytes",
+                "Bytes of the log's recent tail held in memory",
+                state.cache.bytes() as u64,
             ),
             (
-                "seqcast_backlog_keys",
-                "Keys with a backlog",
-                state.backlogs.key_count() as u64,
+                "seqcast_cache_floor",
+                "Oldest sequence number held in memory",
+                state.cache.floor(),
+            ),
+            (
+                "seqcast_retention_floor",
+                "Oldest sequence number the log holds",
+                state.retention_floor,
             ),
             (
                 "seqcast_subscribed_keys",
-                "Keys with a live subscriber",
-                state.subscriptions.len() as u64,
+                "Keys with a live subscriber on this node",
+                state.live.len() as u64,
             ),
         ]
     }
-}
-
-/// Merge two ascending lists of (sequence, frame), dropping duplicates by sequence number.
-fn merge_by_sequence(a: Vec<(u64, Frame)>, b: Vec<(u64, Frame)>) -> Vec<Frame> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut ai, mut bi) = (a.into_iter().peekable(), b.into_iter().peekable());
-    loop {
-        let next = match (ai.peek(), bi.peek()) {
-            (Some(x), Some(y)) if x.0 == y.0 => {
-                bi.next();
-                ai.next()
-            }
-            (Some(x), Some(y)) => {
-                if x.0 < y.0 {
-                    ai.next()
-                } else {
-                    bi.next()
-                }
-            }
-            (Some(_), None) => ai.next(),
-            (None, Some(_)) => bi.next(),
-            (None, None) => break,
-        };
-        if let Some((_, f)) = next {
-            out.push(f);
-        }
-    }
-    out
 }

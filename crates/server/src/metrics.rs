@@ -10,15 +10,19 @@ pub struct Metrics {
     pub published: AtomicU64,
     /// Frames queued to subscribers (live, backlog and replay).
     pub deliveries: AtomicU64,
-    /// Messages kept in a backlog because nobody was subscribed.
+    /// Messages committed to a key nobody on this node followed (they wait in the log).
     pub backlogged: AtomicU64,
-    /// Backlog entries dropped by a bound.
+    /// Messages a late subscriber did not get because of the per-key bound.
     pub backlog_overflow: AtomicU64,
+    /// Times a live subscriber left live delivery because its send queue was full.
+    pub lagged: AtomicU64,
+    /// Log pages read to catch a subscriber up.
+    pub catchup_pages: AtomicU64,
     /// Connections accepted.
     pub connections_opened: AtomicU64,
     /// Connections closed.
     pub connections_closed: AtomicU64,
-    /// Connections closed because their send queue was full (1013).
+    /// Connections closed with 1013: a subscriber fell behind the retention floor.
     pub slow_consumer_closes: AtomicU64,
     /// Publishes that failed because the store could not take them.
     pub publish_failures: AtomicU64,
@@ -43,7 +47,7 @@ impl Metrics {
         gauges: &[(&str, &str, u64)],
     ) -> String {
         let mut out = String::with_capacity(2048);
-        let own: [(&str, &str, &AtomicU64); 8] = [
+        let own: [(&str, &str, &AtomicU64); 10] = [
             (
                 "seqcast_published_total",
                 "Messages committed and fanned out",
@@ -56,13 +60,23 @@ impl Metrics {
             ),
             (
                 "seqcast_backlogged_total",
-                "Messages kept for late subscribers",
+                "Messages committed to a key with no subscriber on this node",
                 &self.backlogged,
             ),
             (
                 "seqcast_backlog_overflow_total",
-                "Backlog entries dropped by a bound",
+                "Messages a late subscriber skipped because of the per-key bound",
                 &self.backlog_overflow,
+            ),
+            (
+                "seqcast_subscribers_lagged_total",
+                "Times a subscriber left live delivery (send queue full) to catch up from the log",
+                &self.lagged,
+            ),
+            (
+                "seqcast_catchup_log_pages_total",
+                "Log pages read to catch subscribers up",
+                &self.catchup_pages,
             ),
             (
                 "seqcast_connections_opened_total",
@@ -76,7 +90,7 @@ impl Metrics {
             ),
             (
                 "seqcast_slow_consumer_closes_total",
-                "Connections closed with 1013",
+                "Connections closed with 1013 (behind the retention floor)",
                 &self.slow_consumer_closes,
             ),
             (

@@ -1,63 +1,115 @@
-//! The sequence authority behind one interface: [`Store::commit`] is the only code path that
-//! turns published messages into numbered, committed events and hands them to fan-out.
+//! The store behind one interface: [`Store::commit`] is the only code path that turns published
+//! messages into numbered, committed events (the backend's commit hook hands them to the hub),
+//! and [`read_log!`](crate::read_log) runs a read of the log off the async runtime.
 
-use std::sync::Arc;
-
-use seqcast_persistence::{CommittedEvent, DbReader, DbWriter, EventWriter, NewEvent, WriterStats};
+use seqcast_persistence::{
+    CommittedEvent, DbReader, DbWriter, EventWriter, MemoryReader, MemoryWriter, NewEvent,
+    PruneReport, WriterStats,
+};
 
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::now_ms;
 
-/// Where numbers come from.
+/// The sequence authority and its log. Both backends sit behind the same `EventWriter` /
+/// `EventReader` traits; the server never looks further.
 #[derive(Debug)]
 pub enum Store {
-    /// `--storage memory`: the hub's in-memory counter, nothing survives a restart.
-    Memory,
-    /// SQLite: the database assigns numbers inside the write transaction; the writer's commit
-    /// hook fans out in commit order before the publisher hears back.
+    /// `--storage memory`: the log lives in this process; nothing survives a restart.
+    Memory {
+        /// The writer.
+        writer: MemoryWriter,
+        /// The reader.
+        reader: MemoryReader,
+    },
+    /// SQLite: the database assigns numbers inside the write transaction.
     Sqlite {
         /// The one writer.
         writer: DbWriter,
         /// Read connections.
-        reader: Arc<DbReader>,
+        reader: DbReader,
     },
 }
 
+/// Run `$body` with `$r` bound to the store's `EventReader`, on a blocking thread for SQLite
+/// (reads may wait on the disk) and inline for memory. `$body` returns
+/// `Result<T, StoreError>`; the macro evaluates to `Result<T, ApiError>`.
+#[macro_export]
+macro_rules! read_log {
+    ($store:expr, |$r:ident| $body:expr) => {
+        match $store {
+            $crate::storage::Store::Sqlite { reader, .. } => {
+                let owned = reader.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let $r = &owned;
+                    $body
+                })
+                .await
+                {
+                    Ok(result) => result.map_err($crate::error::ApiError::from),
+                    Err(e) => Err($crate::error::ApiError::Internal(format!(
+                        "log reader failed: {e}"
+                    ))),
+                }
+            }
+            $crate::storage::Store::Memory { reader, .. } => {
+                let $r = reader;
+                #[allow(clippy::redundant_closure_call)]
+                let result: Result<_, seqcast_persistence::StoreError> = (|| $body)();
+                result.map_err($crate::error::ApiError::from)
+            }
+        }
+    };
+}
+
 impl Store {
-    /// Persist `events` as one all-or-nothing unit and fan them out. Returns only after the
-    /// write is durable (SQLite) — a failure publishes nothing to anyone.
+    /// Persist `events` as one all-or-nothing unit; the commit hook fans them out before this
+    /// returns. Returns only after the write is durable (SQLite) — a failure publishes nothing.
     pub async fn commit(
         &self,
         hub: &Hub,
         events: Vec<NewEvent>,
     ) -> Result<Vec<CommittedEvent>, ApiError> {
         let result = match self {
-            Store::Memory => hub
-                .publish_in_memory(events, now_ms())
-                .ok_or_else(|| ApiError::Internal("memory storage without a sequencer".into())),
-            Store::Sqlite { writer, .. } => writer.append(events).await.map_err(ApiError::from),
+            Store::Memory { writer, .. } => writer.append(events).await,
+            Store::Sqlite { writer, .. } => writer.append(events).await,
         };
         if result.is_err() {
             Metrics::inc(&hub.metrics.publish_failures);
         }
-        result
+        result.map_err(ApiError::from)
+    }
+
+    /// Raise the retention floor to `below` and delete up to `max_events` events under it.
+    pub async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, ApiError> {
+        let result = match self {
+            Store::Memory { writer, .. } => writer.prune(below, max_events).await,
+            Store::Sqlite { writer, .. } => writer.prune(below, max_events).await,
+        };
+        result.map_err(ApiError::from)
+    }
+
+    /// Finish queued writes and close.
+    pub async fn close(&self) {
+        match self {
+            Store::Memory { writer, .. } => writer.close().await,
+            Store::Sqlite { writer, .. } => writer.close().await,
+        }
     }
 
     /// The database writer's counters and queue depth, when there is a database.
     pub fn writer_stats(&self) -> Option<(WriterStats, usize)> {
         match self {
-            Store::Memory => None,
+            Store::Memory { .. } => None,
             Store::Sqlite { writer, .. } => Some((writer.stats(), writer.queued_commands())),
         }
     }
 
-    /// The read side, when there is a database.
-    pub fn reader(&self) -> Option<&Arc<DbReader>> {
+    /// The backend's name, as `--storage` spells it.
+    pub fn name(&self) -> &'static str {
         match self {
-            Store::Memory => None,
-            Store::Sqlite { reader, .. } => Some(reader),
+            Store::Memory { .. } => "memory",
+            Store::Sqlite { .. } => "sqlite",
         }
     }
 }
