@@ -250,6 +250,36 @@ describe('against a real server', () => {
     }
   });
 
+  test('re-subscribing 1,000 keys at once after a drop: every sub_ack and every missed message, no 1013', { timeout: 120_000 }, async () => {
+    const big = await startServer({ args: ['--recovery-max-messages', '100000'] });
+    const client = newClient(big);
+    try {
+      const info = await client.connect();
+      const keys = Array.from({ length: 1000 }, (_, k) => `k${k}`);
+      const seen = new Map(keys.map((k) => [k, []]));
+      for (const k of keys) client.subscribe('many', k, (m) => seen.get(k).push(m.sequence_number));
+      await until(client, () => client.subscriptions.length === 1000 && client.subscriptions.every((s) => s.active), '1,000 sub_acks', 60_000);
+
+      client.dropConnection({ downMs: 60_000 });
+      await big.waitForLog((e) => e.event === 'connection_closed' && e.client_id === info.clientId, 'the server to see the drop');
+      // Two messages per key while the client is away.
+      const missed = new Map(keys.map((k) => [k, []]));
+      for (let round = 0; round < 2; round++) {
+        const results = await big.publishBatch(keys.map((k) => ({ channel: 'many', request_id: k, data: { round } })));
+        results.forEach((r, i) => missed.get(keys[i]).push(r.sequence_number));
+      }
+
+      await client.connect();
+      await until(client, () => keys.every((k) => seen.get(k).length === 2), 'every missed message', 60_000);
+      for (const k of keys) assert.deepEqual(seen.get(k), missed.get(k), `key ${k}`);
+      assert.equal(client.stats.gaps, 0);
+      assert.ok(!big.logs.some((e) => e.event === 'connection_closed' && e.close_code === 1013), 'no connection was closed with 1013');
+    } finally {
+      client.close();
+      await big.stop();
+    }
+  });
+
   test('resume is served from the recovery window while another subscriber keeps the key (no backlog)', async () => {
     const watcher = newClient(server);
     const client = newClient(server);
@@ -276,15 +306,15 @@ describe('against a real server', () => {
     }
   });
 
-  test('a subscription that has seen nothing yet resumes from the head of the connection it was acked on', async () => {
-    const watcher = newClient(server); // keeps the key subscribed, so nothing is backlogged
+  test('a late subscriber gets the history another tab saw, then resumes from where it was', async () => {
+    const watcher = newClient(server); // another tab follows the key: history is still the log's
     const sent = [];
     const client = newClient(server, { WebSocket: recordingSocket(sent) });
     try {
       await watcher.connect();
       follow(watcher, 'quiet', 'r1');
       await until(watcher, () => watcher.subscriptions[0]?.active, 'watcher sub_ack');
-      await server.publish('quiet', 'r1', 'before'); // published before the client came: not for it
+      await server.publish('quiet', 'r1', 'before'); // published before the client came: its backlog
       await client.connect();
       const seen = follow(client, 'quiet', 'r1');
       await until(client, () => client.subscriptions[0]?.active, 'sub_ack');
@@ -294,8 +324,8 @@ describe('against a real server', () => {
       await server.waitForLog((e) => e.event === 'connection_closed' && e.client_id === id, 'drop');
       for (const d of ['x', 'y']) await server.publish('quiet', 'r1', d);
       await client.connect();
-      await until(client, () => seen.length === 2, 'the two missed messages');
-      assert.deepEqual(seen.map((s) => s.data), ['x', 'y']);
+      await until(client, () => seen.length === 3, 'the backlog and the two missed messages');
+      assert.deepEqual(seen.map((s) => s.data), ['before', 'x', 'y']);
       assert.equal(sent.filter((f) => f.type === 'subscribe').at(-1).since, head);
     } finally {
       watcher.close();

@@ -62,7 +62,7 @@ export function within(ms, what, promise) {
  */
 export async function startServer({ dev = false, listen = '127.0.0.1:0', args = [], startTimeoutMs = 20_000 } = {}) {
   const dataDir = await mkdtemp(join(tmpdir(), 'seqcast-browser-'));
-  const argv = ['serve', '--listen', listen, '--log-format', 'json', '--storage', 'memory', '--data-dir', dataDir];
+  const argv = ['serve', '--listen', listen, '--log-format', 'json', '--data-dir', dataDir];
   if (!dev) argv.push('--jwt-secret', JWT_SECRET, '--api-key', API_KEY);
   argv.push(...args);
   const child = spawn(serverBinary(), argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info' } });
@@ -153,6 +153,17 @@ export async function startServer({ dev = false, listen = '127.0.0.1:0', args = 
       const answer = await res.json();
       if (!res.ok) throw new Error(`publish: HTTP ${res.status} ${JSON.stringify(answer)}`);
       return answer;
+    },
+    /** Publish `messages` ({channel, request_id, data}) in one transaction; resolves with the results. */
+    async publishBatch(messages) {
+      const res = await fetch(`${httpUrl}/api/publish/batch`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `ApiKey ${API_KEY}` },
+        body: JSON.stringify({ messages }),
+      });
+      const answer = await res.json();
+      if (!res.ok) throw new Error(`publish batch: HTTP ${res.status} ${JSON.stringify(answer)}`);
+      return answer.results;
     },
     /** Stop the server (SIGTERM, then SIGKILL after 5 s) and remove its data directory. */
     async stop() {

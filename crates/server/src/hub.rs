@@ -607,3 +607,117 @@ impl Hub {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use seqcast_protocol::MessageId;
+
+    fn event(seq: u64, key: &str) -> CommittedEvent {
+        CommittedEvent {
+            sequence_number: seq,
+            stream_sequence: seq,
+            key: SubscriptionKey::parse(key).unwrap(),
+            message_id: MessageId::new(format!("m{seq}")).unwrap(),
+            timestamp_ms: 1_000 + seq,
+            data: seq.to_string(),
+            replaced: false,
+        }
+    }
+
+    fn sequence_numbers(frames: &[Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+                v["sequence_number"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hole_or_a_repeat_is_refused_and_changes_nothing() {
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        hub.apply_committed(&[event(1, "c:a")]).unwrap();
+        assert!(
+            hub.apply_committed(&[event(3, "c:a")]).is_err(),
+            "3 after 1"
+        );
+        assert!(hub.apply_committed(&[event(1, "c:a")]).is_err(), "1 again");
+        assert_eq!(hub.head(), 1);
+        // A refill that does not end at the log's head is refused too.
+        assert!(
+            Hub::new(
+                "e".into(),
+                5,
+                1,
+                1 << 20,
+                &[event(3, "c:a"), event(4, "c:a")]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_full_queue_lags_the_key_and_joining_resumes_at_the_seam() {
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        let sub = Arc::new(Subscriber::new(Arc::from("x"), 2));
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 0, 10),
+            Join::Joined { head: 0, sent: 0 }
+        );
+        for seq in 1..=5 {
+            hub.apply_committed(&[event(seq, "c:a")]).unwrap();
+        }
+        // Two fit; the third did not: the key left live delivery at 3.
+        assert_eq!(sub.lagged(), vec![(key.clone(), 3)]);
+        let mut buf = Vec::new();
+        assert!(sub.take_now(&mut buf).is_some());
+        assert_eq!(sequence_numbers(&buf), [1, 2]);
+        // Publishes after the lag are not pushed live.
+        hub.apply_committed(&[event(6, "c:a")]).unwrap();
+        let mut rest = Vec::new();
+        assert!(sub.take_now(&mut rest).is_none());
+        // Joining from position 2 queues 3..=6 from the cache, then live again.
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 2, 10),
+            Join::Joined { head: 6, sent: 4 }
+        );
+        sub.take_now(&mut rest);
+        assert_eq!(sequence_numbers(&rest), [3, 4, 5, 6]);
+        // The socket took them: live again.
+        hub.apply_committed(&[event(7, "c:a")]).unwrap();
+        let mut live = Vec::new();
+        sub.take_now(&mut live);
+        assert_eq!(sequence_numbers(&live), [7]);
+        assert!(sub.lagged().is_empty());
+    }
+
+    #[test]
+    fn joining_pages_a_long_cached_rest_and_reports_what_the_cache_lost() {
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        let sub = Arc::new(Subscriber::new(Arc::from("x"), 100));
+        for seq in 1..=10 {
+            hub.apply_committed(&[event(seq, "c:a")]).unwrap();
+        }
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 0, 4),
+            Join::Page {
+                through: 4,
+                sent: 4
+            }
+        );
+        // The log is pruned below 6: the cache drops 1..=5 with it.
+        hub.raise_retention_floor(6);
+        assert_eq!(hub.join_from_cache(&sub, &key, 4, 4), Join::NotCached);
+        let view = hub.view();
+        assert_eq!(
+            (view.cache_floor, view.retention_floor, view.head),
+            (6, 6, 10)
+        );
+    }
+}
