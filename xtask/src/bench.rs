@@ -769,7 +769,7 @@ impl Bench {
         let problems = self.problems("catch-up", &v);
         let per_cpu = v["msgs_per_server_cpu_s"].as_f64();
         let mut result = format!(
-            "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second ({:.2} CPU-s); then {} live at the seam; publishing took {:.2} s",
+            "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second ({:.3} CPU-s); then {} live at the seam; publishing took {:.2} s",
             num(&v["msgs_per_s"]),
             v["time_to_live_s"].as_f64().unwrap_or(0.0),
             ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
