@@ -105,6 +105,10 @@ pub(crate) struct Driver {
     pub(crate) commands: mpsc::UnboundedReceiver<Command>,
     pub(crate) shared: Arc<Shared>,
     subs: HashMap<SubscriptionKey, Sub>,
+    /// Per key, `subscribe` frames sent on the current connection and not yet acknowledged.
+    /// Only the answer to the last one belongs to the key's current subscription; earlier ones
+    /// answer a subscription the application has since dropped.
+    unacked: HashMap<SubscriptionKey, u32>,
     close_reply: Option<oneshot::Sender<()>>,
 }
 
@@ -121,6 +125,7 @@ impl Driver {
             commands,
             shared,
             subs: HashMap::new(),
+            unacked: HashMap::new(),
             close_reply: None,
         }
     }
@@ -218,19 +223,22 @@ impl Driver {
         self.shared.state.send_replace(state);
     }
 
-    /// Adds a key; `Ok(false)` if it was already followed by a subscription still listened to.
+    /// Adds a key. `Ok(true)` if it replaces a subscription the application has dropped (whose
+    /// server-side subscription must go first); an error if a live one follows the key.
     fn register(
         &mut self,
         key: SubscriptionKey,
         id: u64,
         resume: Option<Resume>,
         events: mpsc::UnboundedSender<Event>,
-    ) -> Result<(), Error> {
-        if let Some(existing) = self.subs.get(&key)
-            && !existing.events.is_closed()
-        {
-            return Err(Error::AlreadySubscribed(key));
-        }
+    ) -> Result<bool, Error> {
+        let replaces = match self.subs.get(&key) {
+            Some(existing) if !existing.events.is_closed() => {
+                return Err(Error::AlreadySubscribed(key));
+            }
+            Some(_) => true,
+            None => false,
+        };
         let tracker = KeyTracker::new(key.clone(), resume);
         self.subs.insert(
             key,
@@ -240,7 +248,7 @@ impl Driver {
                 events,
             },
         );
-        Ok(())
+        Ok(replaces)
     }
 
     /// Removes a key; whether it was followed (by the subscription `id`, if given).
@@ -265,7 +273,7 @@ impl Driver {
                 events,
                 reply,
             }) => {
-                let _ = reply.send(self.register(key, id, resume, events));
+                let _ = reply.send(self.register(key, id, resume, events).map(|_| ()));
                 After::Stay
             }
             Some(Command::Unsubscribe { key, id, reply }) => {
@@ -296,9 +304,18 @@ impl Driver {
         );
         self.set_state(ConnectionState::Connected(info));
         // The server never subscribes on its own: re-send every key, each from where it stopped.
-        for (key, sub) in &self.subs {
-            let (since, epoch) = sub.tracker.subscribe_position();
-            if let Err(e) = ws.feed(subscribe_frame(key, since, epoch)).await {
+        self.unacked.clear();
+        let frames: Vec<WsMessage> = self
+            .subs
+            .iter()
+            .map(|(key, sub)| {
+                let (since, epoch) = sub.tracker.subscribe_position();
+                subscribe_frame(key, since, epoch)
+            })
+            .collect();
+        self.unacked = self.subs.keys().map(|k| (k.clone(), 1)).collect();
+        for frame in frames {
+            if let Err(e) = ws.feed(frame).await {
                 return Flow::Lost(format!("sending subscribe failed: {e}"));
             }
         }
@@ -361,13 +378,19 @@ impl Driver {
                         }
                         Some(Command::Subscribe { key, id, resume, events, reply }) => {
                             match self.register(key.clone(), id, resume, events) {
-                                Ok(()) => {
+                                Ok(replaces) => {
                                     let _ = reply.send(Ok(()));
                                     let (since, epoch) = self
                                         .subs
                                         .get(&key)
                                         .map(|s| s.tracker.subscribe_position())
                                         .unwrap_or_default();
+                                    if replaces {
+                                        // Else the server would answer "already subscribed",
+                                        // without the backlog this subscription should get.
+                                        let _ = ws.feed(unsubscribe_frame(&key)).await;
+                                    }
+                                    *self.unacked.entry(key.clone()).or_default() += 1;
                                     ws.send(subscribe_frame(&key, since, epoch)).await
                                 }
                                 Err(e) => {
@@ -414,6 +437,20 @@ impl Driver {
         let mut dead = Vec::new();
         match decode_server_frame(text) {
             Ok(ServerFrame::SubAck(ack)) => {
+                let stale = match self.unacked.get_mut(&ack.subscription_key) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        true
+                    }
+                    Some(_) => {
+                        self.unacked.remove(&ack.subscription_key);
+                        false
+                    }
+                    None => false,
+                };
+                if stale {
+                    return dead;
+                }
                 if let Some(sub) = self.subs.get_mut(&ack.subscription_key) {
                     let events = sub.tracker.on_sub_ack(&ack, connection_sequence);
                     if events.into_iter().any(|ev| sub.events.send(ev).is_err()) {

@@ -305,3 +305,36 @@ async fn a_refused_token_fails_connect() {
         .expect_err("bad url");
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn dropping_every_client_handle_closes_and_ends_the_streams() {
+    let s = TestServer::start_with(Options::args(&["--storage", "memory"])).await;
+    let client = connect(ws_url(&s)).await;
+    let second_handle = client.clone();
+    let mut sub = client.subscribe("search", "r1").await.unwrap();
+    expect_subscribed(&mut sub).await;
+    drop(client);
+    s.publish("search", "r1", json!({"i": 0})).await;
+    expect_message(&mut sub).await; // one handle is still alive
+    drop(second_handle);
+    assert!(
+        tokio::time::timeout(PROMPT, sub.recv())
+            .await
+            .unwrap()
+            .is_none(),
+        "the stream ends with the last handle"
+    );
+    // Dropping a subscription unsubscribes it; the key can be followed again.
+    let client = connect(ws_url(&s)).await;
+    let first = client.subscribe("search", "r1").await.unwrap();
+    drop(first);
+    assert!(
+        !client.unsubscribe("search", "r1").await.unwrap(),
+        "already gone"
+    );
+    let mut again = client.subscribe("search", "r1").await.unwrap();
+    expect_subscribed(&mut again).await;
+    s.publish("search", "r1", json!({"i": 1})).await;
+    assert_eq!(index(&expect_message(&mut again).await), 1);
+    client.close().await;
+}
