@@ -83,6 +83,11 @@ struct Bench {
     goals: Vec<Goal>,
     group_commit_flag: bool,
     db_recovery_flag: bool,
+    /// The server reads subscriptions from the log (`--cache-bytes`): the catch-up, storm and
+    /// slow-consumer scenarios are judged, and a broken guarantee fails the run.
+    log_cursor_flag: bool,
+    /// Scenarios whose guarantees a log-cursor server broke (fatal after the report).
+    failures: Vec<String>,
     /// fdatasync latency on the disk the servers write to, p50 in µs.
     fsync_p50_us: f64,
 }
@@ -118,6 +123,7 @@ fn bench(root: &Path, profile: Profile) -> Result<()> {
     let help = String::from_utf8_lossy(&help.stdout);
     let group_commit_flag = help.contains("--group-commit");
     let db_recovery_flag = help.contains("--recovery-buffer-messages");
+    let log_cursor_flag = help.contains("--cache-bytes");
     let fsync_p50_us = fsync_probe(&out).context("measuring fdatasync")?;
     let started = Instant::now();
 
@@ -131,13 +137,25 @@ fn bench(root: &Path, profile: Profile) -> Result<()> {
         goals: Vec::new(),
         group_commit_flag,
         db_recovery_flag,
+        log_cursor_flag,
+        failures: Vec::new(),
         fsync_p50_us,
     };
     b.fanout().context("fan-out scenario")?;
     b.publish().context("publish scenario")?;
     b.recovery().context("recovery scenario")?;
     b.connections().context("connections scenario")?;
-    b.report(cores, started.elapsed())
+    b.catchup().context("catch-up scenario")?;
+    b.storm().context("storm scenario")?;
+    b.slow_consumer().context("slow-consumer scenario")?;
+    b.report(cores, started.elapsed())?;
+    if !b.failures.is_empty() {
+        bail!(
+            "the server broke a delivery guarantee: {}",
+            b.failures.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// Sizes per profile.
@@ -153,6 +171,25 @@ struct Sizes {
     repeats: usize,
     storm: (usize, usize),
     connections: usize,
+    /// Messages the catch-up subscriber reads from the log.
+    catchup: usize,
+    /// (clients, missed messages) of the reconnect storm from the log.
+    log_storm: (usize, usize),
+    slow: Slow,
+}
+
+/// The slow-consumer run: a fixed-rate fan-out with one subscriber that stops reading.
+struct Slow {
+    subscribers: usize,
+    rate: f64,
+    /// Length of the run with the staller.
+    secs: f64,
+    /// Measured length of the baseline run (after `warmup`).
+    baseline_secs: f64,
+    warmup: f64,
+    stall_at: f64,
+    stall: f64,
+    pad_bytes: usize,
 }
 
 impl Bench {
@@ -169,6 +206,18 @@ impl Bench {
                 repeats: 100,
                 storm: (1000, 100),
                 connections: 10_000,
+                catchup: 100_000,
+                log_storm: (1000, 2000),
+                slow: Slow {
+                    subscribers: 50,
+                    rate: 1000.0,
+                    secs: 20.0,
+                    baseline_secs: 10.0,
+                    warmup: 1.0,
+                    stall_at: 4.0,
+                    stall: 10.0,
+                    pad_bytes: 1024,
+                },
             },
             Profile::Quick => Sizes {
                 fanout_rate: vec![(100, 500.0, 4.0), (1000, 25.0, 4.0)],
@@ -181,6 +230,18 @@ impl Bench {
                 repeats: 30,
                 storm: (1000, 100),
                 connections: 10_000,
+                catchup: 100_000,
+                log_storm: (1000, 2000),
+                slow: Slow {
+                    subscribers: 50,
+                    rate: 1000.0,
+                    secs: 15.0,
+                    baseline_secs: 5.0,
+                    warmup: 0.5,
+                    stall_at: 2.0,
+                    stall: 10.0,
+                    pad_bytes: 1024,
+                },
             },
             Profile::Smoke => Sizes {
                 fanout_rate: vec![(10, 100.0, 0.5)],
@@ -193,6 +254,18 @@ impl Bench {
                 repeats: 3,
                 storm: (10, 10),
                 connections: 50,
+                catchup: 2000,
+                log_storm: (20, 200),
+                slow: Slow {
+                    subscribers: 5,
+                    rate: 100.0,
+                    secs: 2.0,
+                    baseline_secs: 0.4,
+                    warmup: 0.1,
+                    stall_at: 0.4,
+                    stall: 1.0,
+                    pad_bytes: 256,
+                },
             },
         }
     }
@@ -646,6 +719,292 @@ impl Bench {
         Ok(())
     }
 
+    /// Server flags of the log-cursor scenarios: `flags`, plus `--cache-bytes` where the server
+    /// has it (a server without it still runs them, unjudged).
+    fn log_flags<'a>(&self, flags: &[&'a str], cache_bytes: &'a str) -> Vec<&'a str> {
+        let mut v = flags.to_vec();
+        if self.log_cursor_flag {
+            v.extend(["--cache-bytes", cache_bytes]);
+        }
+        v
+    }
+
+    /// The settings suffix of a log-cursor row on a server that predates log cursors.
+    fn old_server_note(&self) -> &'static str {
+        if self.log_cursor_flag {
+            ""
+        } else {
+            " (this server has no --cache-bytes: it predates log cursors, so this is not judged)"
+        }
+    }
+
+    /// The problems a log-cursor scenario reported, joined; recorded as a failure of the run
+    /// when the server claims log cursors.
+    fn problems(&mut self, scenario: &str, v: &Value) -> Option<String> {
+        let problems = v["problems"].as_array().filter(|p| !p.is_empty())?;
+        let text = problems
+            .iter()
+            .map(|p| p.as_str().unwrap_or("?").to_owned())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if self.log_cursor_flag {
+            self.failures.push(format!("{scenario}: {text}"));
+        }
+        Some(text)
+    }
+
+    fn catchup(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let flags = self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            "1048576",
+        );
+        let server = self.start("catchup", &flags)?;
+        let v = self.loadgen(
+            &server,
+            "catchup",
+            &["--messages", &s.catchup.to_string(), "--live", "10"],
+        )?;
+        drop(server);
+        let problems = self.problems("catch-up", &v);
+        let per_cpu = v["msgs_per_server_cpu_s"].as_f64();
+        let mut result = format!(
+            "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second ({:.3} CPU-s); then {} live at the seam; publishing took {:.2} s",
+            num(&v["msgs_per_s"]),
+            v["time_to_live_s"].as_f64().unwrap_or(0.0),
+            ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
+            per_cpu.map_or("–".to_owned(), |r| num(&json!(r))),
+            v["server_cpu_s"].as_f64().unwrap_or(0.0),
+            v["live_messages"],
+            v["publish_s"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(p) = &problems {
+            result = format!("**FAILED**: {p}. {result}");
+        }
+        self.row(
+            "catch-up from the log",
+            format!(
+                "{} messages on one key, then one `subscribe` with `since` = the head before; SQLite, --cache-bytes 1 MiB, --recovery-max-messages 1,000,000{}",
+                num(&json!(s.catchup)),
+                self.old_server_note()
+            ),
+            result,
+            &v,
+        );
+        let rate = per_cpu.unwrap_or(0.0);
+        self.goal(
+            "catch-up of 100,000 messages from the log (one subscriber, `since`)",
+            "≥ 1,000,000 messages per server CPU-second",
+            match &problems {
+                Some(p) => format!("failed: {p}"),
+                None => format!(
+                    "{} per server CPU-second; {} msgs/s, time to live {:.3} s",
+                    num(&json!(rate)),
+                    num(&v["msgs_per_s"]),
+                    v["time_to_live_s"].as_f64().unwrap_or(0.0)
+                ),
+            },
+            problems.is_none() && rate >= 1_000_000.0,
+        );
+        self.raw.push(v);
+        Ok(())
+    }
+
+    fn storm(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let (clients, missed) = s.log_storm;
+        let flags = self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            "262144",
+        );
+        let server = self.start("storm", &flags)?;
+        let v = self.loadgen(
+            &server,
+            "storm",
+            &[
+                "--clients",
+                &clients.to_string(),
+                "--missed",
+                &missed.to_string(),
+            ],
+        )?;
+        drop(server);
+        let problems = self.problems("storm", &v);
+        let all = v["all_caught_up_s"].as_f64().unwrap_or(f64::MAX);
+        let mut result = format!(
+            "all caught up in **{all:.2} s**; per client p50 {} / p99 {} ms; {} msgs/s; {} of {clients} clients got exactly the {missed} in order",
+            ms(&v["caught_up"]["p50_ms"]),
+            ms(&v["caught_up"]["p99_ms"]),
+            num(&v["msgs_per_s"]),
+            v["clients_exact"]
+        );
+        if let Some(p) = &problems {
+            result = format!("**FAILED**: {p}. {result}");
+        }
+        self.row(
+            "reconnect storm from the log",
+            format!(
+                "{clients} clients drop, {missed} published, all resume at once with `since` + `epoch`; SQLite, --cache-bytes 256 KiB{}",
+                self.old_server_note()
+            ),
+            result,
+            &v,
+        );
+        self.goal(
+            "reconnect storm from the log, 1,000 clients × 2,000 missed",
+            "≤ 2 s until every client has every message",
+            match &problems {
+                Some(p) => format!("failed: {p}"),
+                None => format!("{all:.2} s"),
+            },
+            problems.is_none() && all <= 2.0,
+        );
+        self.raw.push(v);
+        Ok(())
+    }
+
+    fn slow_consumer(&mut self) -> Result<()> {
+        let s = self.sizes().slow;
+        let server = self.start(
+            "slowconsumer",
+            &["--storage", "sqlite", "--synchronous", "full"],
+        )?;
+        let v = self.loadgen(
+            &server,
+            "slowconsumer",
+            &[
+                "--subscribers",
+                &s.subscribers.to_string(),
+                "--rate",
+                &s.rate.to_string(),
+                "--duration-secs",
+                &s.secs.to_string(),
+                "--baseline-secs",
+                &s.baseline_secs.to_string(),
+                "--warmup-secs",
+                &s.warmup.to_string(),
+                "--stall-at-secs",
+                &s.stall_at.to_string(),
+                "--stall-secs",
+                &s.stall.to_string(),
+                "--pad-bytes",
+                &s.pad_bytes.to_string(),
+            ],
+        )?;
+        drop(server);
+        let problems = self.problems("slow consumer", &v);
+        let shape = format!(
+            "{} subscribers × {} msgs/s = {} deliveries/s, {} B padding, SQLite FULL",
+            s.subscribers,
+            s.rate,
+            num(&json!(s.rate * s.subscribers as f64)),
+            s.pad_bytes
+        );
+        let mib = |x: &Value| {
+            x.as_u64()
+                .map_or("–".to_owned(), |k| format!("{}", k / 1024))
+        };
+        let base = &v["baseline"];
+        let stalled = &v["stalled"];
+        let lat = |p: &Value| {
+            format!(
+                "publish→receive p50 {} / p99 {} / p999 {} ms; lost {}",
+                ms(&p["latency"]["p50_ms"]),
+                ms(&p["latency"]["p99_ms"]),
+                ms(&p["latency"]["p999_ms"]),
+                p["lost_deliveries"]
+            )
+        };
+        self.row(
+            "slow consumer (baseline)",
+            format!("{shape}; no staller, {} s measured", s.baseline_secs),
+            format!(
+                "{}; server RSS {} → peak {} MiB",
+                lat(base),
+                mib(&base["rss_kib"]["before"]),
+                mib(&base["rss_kib"]["peak"])
+            ),
+            base,
+        );
+        let staller = &v["staller"];
+        let mut result = format!(
+            "others: {} (p99 {:.2}× the baseline); server RSS {} → peak {} → after {} MiB; staller received {} of {}{}",
+            lat(stalled),
+            v["p99_ratio"].as_f64().unwrap_or(f64::NAN),
+            mib(&stalled["rss_kib"]["before"]),
+            mib(&stalled["rss_kib"]["peak"]),
+            mib(&stalled["rss_kib"]["after"]),
+            staller["received"],
+            staller["expected"],
+            if staller["exact"] == Value::Bool(true) {
+                ", once each, in order"
+            } else {
+                ""
+            }
+        );
+        if let Some(p) = &problems {
+            result = format!("**FAILED**: {p}. {result}");
+        }
+        self.row(
+            "slow consumer (stall)",
+            format!(
+                "{shape}; +1 subscriber (SO_RCVBUF 8 KiB) reads nothing from {} s to {} s, then everything; measured from the stall on{}",
+                s.stall_at,
+                s.stall_at + s.stall,
+                self.old_server_note()
+            ),
+            result,
+            stalled,
+        );
+        let ratio = v["p99_ratio"].as_f64();
+        self.goal(
+            "other subscribers' p99 while one subscriber stalls (50 × 1,000 msgs/s)",
+            "within ±20 % of the baseline p99",
+            ratio.map_or("–".to_owned(), |r| {
+                format!(
+                    "{r:.2}× ({} ms against {} ms)",
+                    ms(&stalled["latency"]["p99_ms"]),
+                    ms(&base["latency"]["p99_ms"])
+                )
+            }),
+            ratio.is_some_and(|r| (0.8..=1.2).contains(&r)),
+        );
+        let growth = v["rss_growth_kib"].as_u64();
+        self.goal(
+            "server RSS while one subscriber stalls",
+            "flat: peak ≤ before + 64 MiB",
+            growth.map_or("–".to_owned(), |g| {
+                format!(
+                    "+{:.1} MiB ({} → {} MiB, {} after)",
+                    g as f64 / 1024.0,
+                    mib(&stalled["rss_kib"]["before"]),
+                    mib(&stalled["rss_kib"]["peak"]),
+                    mib(&stalled["rss_kib"]["after"])
+                )
+            }),
+            growth.is_some_and(|g| g <= 64 * 1024),
+        );
+        self.goal(
+            "the stalled subscriber: not closed, every message once, in order",
+            "yes",
+            match &staller["ended"] {
+                Value::String(why) => format!("no: {why}"),
+                _ if staller["exact"] == Value::Bool(true) => format!(
+                    "yes ({} messages; had all {:.1} s after the stall ended)",
+                    staller["received"],
+                    staller["caught_up_at_s"].as_f64().unwrap_or(0.0) - s.stall_at - s.stall
+                ),
+                _ => format!(
+                    "no: {} of {} messages",
+                    staller["received"], staller["expected"]
+                ),
+            },
+            staller["ended"].is_null() && staller["exact"] == Value::Bool(true),
+        );
+        self.raw.push(v);
+        Ok(())
+    }
+
     /// Start a server with `flags`; it is killed when the handle is dropped.
     fn start(&self, name: &str, flags: &[&str]) -> Result<Server> {
         let data = self.out.join("data").join(name);
@@ -836,7 +1195,8 @@ impl Bench {
             "fdatasync_p50_us": self.fsync_p50_us,
             "git": git,
             "settings": { "server_cpu": if self.pin { "0" } else { "any" }, "loadgen_cpu": if self.pin { "1" } else { "any" },
-                          "group_commit_flag": self.group_commit_flag },
+                          "group_commit_flag": self.group_commit_flag,
+                          "log_cursor_flag": self.log_cursor_flag },
             "goals": self.goals.iter().map(|g| json!({"metric": g.metric, "goal": g.goal, "measured": g.measured, "met": g.met})).collect::<Vec<_>>(),
             "results": self.raw,
             "elapsed_s": elapsed.as_secs_f64(),
@@ -901,6 +1261,9 @@ fn limited(cpu: Option<&str>, args: &[String]) -> Command {
     cmd
 }
 
+/// The load generator's exit status for "ran, printed its result, found problems".
+const LOADGEN_PROBLEMS_EXIT: i32 = 3;
+
 /// Most time one load-generator run may take.
 const LOADGEN_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -936,7 +1299,8 @@ fn run_bounded(cmd: &mut Command, args: &[String]) -> Result<Value> {
     let out = reader
         .join()
         .map_err(|_| anyhow::anyhow!("loadgen reader panicked"))?;
-    if !status.success() {
+    // Exit 3: the scenario completed and its JSON lists the problems it found.
+    if !status.success() && status.code() != Some(LOADGEN_PROBLEMS_EXIT) {
         bail!("the load generator failed ({status}): {shown}");
     }
     let line = out

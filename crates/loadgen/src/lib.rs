@@ -9,6 +9,7 @@
 //! taken from the intended send time whenever the server held the publisher up, so a stalled
 //! server cannot hide its stall by slowing the load down (no coordinated omission).
 
+pub mod check;
 pub mod http;
 pub mod probe;
 pub mod scenarios;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use seqcast_loadgen::scenarios::{connections, fanout, publish, recovery, store};
+use seqcast_loadgen::scenarios::{
+    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm,
+};
 use seqcast_loadgen::{Target, mint_token};
 use seqcast_persistence::Synchronous;
 
@@ -75,6 +77,9 @@ enum Scenario {
         window: usize,
         #[arg(long, default_value_t = 256)]
         connect_concurrency: usize,
+        /// Bytes of padding in each message's data.
+        #[arg(long, default_value_t = 0)]
+        pad_bytes: usize,
     },
     /// Closed-loop HTTP publishing.
     Publish {
@@ -103,6 +108,67 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         storm_missed: usize,
     },
+    /// One subscriber catches up N messages from the log with `since`, then follows live.
+    Catchup {
+        #[command(flatten)]
+        server: Server,
+        /// Messages published before the subscriber arrives.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        /// Messages published live after the catch-up (the seam check).
+        #[arg(long, default_value_t = 10)]
+        live: usize,
+        #[arg(long, default_value_t = 60.0)]
+        deadline_secs: f64,
+    },
+    /// Reconnect storm: C clients drop, M messages are published, all resume at once.
+    Storm {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 2000)]
+        missed: usize,
+        #[arg(long, default_value_t = 60.0)]
+        deadline_secs: f64,
+    },
+    /// Fixed-rate fan-out with one subscriber that stops reading for a while, against a
+    /// baseline without it.
+    Slowconsumer {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 50)]
+        subscribers: usize,
+        /// Messages per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Length of the run with the staller.
+        #[arg(long, default_value_t = 20.0)]
+        duration_secs: f64,
+        /// Measured length of the baseline run without the staller (0: none).
+        #[arg(long, default_value_t = 10.0)]
+        baseline_secs: f64,
+        /// Warm-up of the baseline run.
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        /// When the staller stops reading.
+        #[arg(long, default_value_t = 4.0)]
+        stall_at_secs: f64,
+        /// How long it does not read.
+        #[arg(long, default_value_t = 10.0)]
+        stall_secs: f64,
+        /// Bytes of padding per message, so the stall outgrows the TCP buffers.
+        #[arg(long, default_value_t = 1024)]
+        pad_bytes: usize,
+        /// The staller's socket receive buffer (SO_RCVBUF).
+        #[arg(long, default_value_t = 8192)]
+        recv_buffer: u32,
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        /// Longest the staller may take to have everything once publishing ended.
+        #[arg(long, default_value_t = 30.0)]
+        drain_deadline_secs: f64,
+    },
     /// Idle connections: accept time and server RSS per connection.
     Connections {
         #[command(flatten)]
@@ -129,6 +195,9 @@ enum Scenario {
         duration_secs: f64,
     },
 }
+
+/// Exit status of a run that completed and printed its result but found problems.
+const PROBLEMS_EXIT: i32 = 3;
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
@@ -160,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                 batch,
                 window,
                 connect_concurrency,
+                pad_bytes,
             } => {
                 let args = fanout::FanoutArgs {
                     subscribers,
@@ -170,6 +240,7 @@ fn main() -> anyhow::Result<()> {
                     batch,
                     window,
                     connect_concurrency,
+                    pad: pad_bytes,
                 };
                 fanout::run(&server.target()?, &args).await
             }
@@ -202,6 +273,66 @@ fn main() -> anyhow::Result<()> {
                     storm_missed,
                 };
                 recovery::run(&server.target()?, &args).await
+            }
+            Scenario::Catchup {
+                server,
+                messages,
+                live,
+                deadline_secs,
+            } => {
+                let args = catchup::CatchupArgs {
+                    messages,
+                    live,
+                    deadline: secs(deadline_secs),
+                };
+                catchup::run(&server.target()?, &args).await
+            }
+            Scenario::Storm {
+                server,
+                clients,
+                missed,
+                deadline_secs,
+            } => {
+                let args = storm::StormArgs {
+                    clients,
+                    missed,
+                    deadline: secs(deadline_secs),
+                };
+                storm::run(&server.target()?, &args).await
+            }
+            Scenario::Slowconsumer {
+                server,
+                subscribers,
+                rate,
+                duration_secs,
+                baseline_secs,
+                warmup_secs,
+                stall_at_secs,
+                stall_secs,
+                pad_bytes,
+                recv_buffer,
+                publishers,
+                drain_deadline_secs,
+            } => {
+                let args = slowconsumer::SlowArgs {
+                    fanout: fanout::FanoutArgs {
+                        subscribers,
+                        rate: Some(rate),
+                        duration: secs(duration_secs),
+                        warmup: secs(warmup_secs),
+                        publishers,
+                        batch: 1,
+                        window: 512,
+                        connect_concurrency: 256,
+                        pad: pad_bytes,
+                    },
+                    baseline: secs(baseline_secs),
+                    stall_at: secs(stall_at_secs),
+                    stall: secs(stall_secs),
+                    recv_buffer,
+                    drain_deadline: secs(drain_deadline_secs),
+                };
+                slowconsumer::run(&server.target()?, &args).await
             }
             Scenario::Connections {
                 server,
@@ -239,5 +370,14 @@ fn main() -> anyhow::Result<()> {
     let mut result = result;
     result["loadgen_cores_available"] = cores.into();
     println!("{result}");
+    // A scenario that ran but found the server breaking a guarantee still prints its result,
+    // and fails.
+    if let Some(problems) = result["problems"].as_array().filter(|p| !p.is_empty()) {
+        eprintln!(
+            "seqcast-loadgen: problems: {}",
+            serde_json::Value::from(problems.clone())
+        );
+        std::process::exit(PROBLEMS_EXIT);
+    }
     Ok(())
 }

@@ -7,6 +7,15 @@ pub fn probe_data(index: u64, nanos: u64) -> String {
     format!(r#"{{"i":{index},"t":{nanos}}}"#)
 }
 
+/// [`probe_data`] with a string of `pad` bytes after the probe (`"p":"xx…"`), to make frames
+/// as large as a scenario needs; [`scan_probe`] still finds the probe.
+pub fn probe_data_padded(index: u64, nanos: u64, pad: usize) -> String {
+    if pad == 0 {
+        return probe_data(index, nanos);
+    }
+    format!(r#"{{"i":{index},"t":{nanos},"p":"{}"}}"#, "x".repeat(pad))
+}
+
 /// `(index, nanos)` of the probe in a `message` frame, or None for any other frame.
 /// `data` is the frame's last field, so the probe is at the end.
 pub fn scan_probe(frame: &str) -> Option<(u64, u64)> {
@@ -25,6 +34,29 @@ pub fn scan_probe(frame: &str) -> Option<(u64, u64)> {
 pub fn scan_sequence(frame: &str) -> Option<u64> {
     let rest = frame.strip_prefix(r#"{"type":"message","sequence_number":"#)?;
     leading_u64(rest).map(|(n, _)| n)
+}
+
+/// `(sequence_number, stream_sequence)` of a `message` frame, None for any other frame. The
+/// fields are scanned where the server puts them (right after `type`); a frame laid out
+/// otherwise is parsed as JSON.
+pub fn scan_numbers(frame: &str) -> Option<(u64, u64)> {
+    if !frame.starts_with(r#"{"type":"message""#) {
+        return None;
+    }
+    let fast = frame
+        .strip_prefix(r#"{"type":"message","sequence_number":"#)
+        .and_then(leading_u64)
+        .and_then(|(seq, rest)| {
+            let rest = rest.strip_prefix(r#","stream_sequence":"#)?;
+            leading_u64(rest).map(|(stream, _)| (seq, stream))
+        });
+    fast.or_else(|| {
+        let v: serde_json::Value = serde_json::from_str(frame).ok()?;
+        Some((
+            v["sequence_number"].as_u64()?,
+            v["stream_sequence"].as_u64()?,
+        ))
+    })
 }
 
 fn leading_u64(s: &str) -> Option<(u64, &str)> {
@@ -48,6 +80,22 @@ mod tests {
     fn finds_the_probe_at_the_end_of_a_message_frame() {
         assert_eq!(scan_probe(FRAME), Some((12, 3_456_789)));
         assert_eq!(scan_sequence(FRAME), Some(42));
+    }
+
+    #[test]
+    fn finds_both_numbers_in_any_field_order() {
+        assert_eq!(scan_numbers(FRAME), Some((42, 7)));
+        let reordered =
+            r#"{"type":"message","channel":"c","stream_sequence":3,"sequence_number":9,"data":{}}"#;
+        assert_eq!(scan_numbers(reordered), Some((9, 3)));
+        assert_eq!(scan_numbers(r#"{"type":"sub_ack","head":1}"#), None);
+    }
+
+    #[test]
+    fn padded_probes_are_still_found() {
+        let frame = FRAME.replace(r#"{"i":12,"t":3456789}"#, &probe_data_padded(12, 5, 100));
+        assert_eq!(scan_probe(&frame), Some((12, 5)));
+        assert!(frame.len() > FRAME.len() + 100);
     }
 
     #[test]

@@ -84,6 +84,25 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// CPU seconds the live threads of `pid` have run, in nanoseconds precision (the first field of
+/// /proc/PID/task/*/schedstat); None where schedstat is not available. Threads that exited are
+/// not counted, so over an interval it is exact only while the server's threads live on (its
+/// runtime's do); [`cpu_seconds`] counts them but in 10 ms ticks.
+pub fn thread_cpu_seconds(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    let mut read = 0;
+    for t in tasks.flatten() {
+        // A thread that ended since the directory was listed is skipped.
+        let Ok(text) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        ns += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        read += 1;
+    }
+    (read > 0).then_some(ns as f64 / 1e9)
+}
+
 /// Resident memory of `pid` in KiB (VmRSS in /proc/PID/status).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -222,6 +241,7 @@ mod tests {
         assert!(parse_vm_rss(&status).unwrap() > 0);
         assert!(cpu_seconds("self", 100.0).unwrap() >= 0.0);
         assert_eq!(parse_vm_rss("Name: x\nVmRSS:\t  2048 kB\n"), Some(2048));
+        assert!(thread_cpu_seconds(std::process::id()).is_some_and(|s| s > 0.0));
     }
 
     #[test]

@@ -2,20 +2,22 @@
 //!
 //! ```text
 //! cargo run --release -p seqcast-persistence --example publish_bench [-- --secs 2] [--only single|batch]
-//!     [--publishers N] [--sync full|normal] [--group-only]
+//!     [--publishers N] [--sync full|normal] [--group-only] [--memory]
 //! ```
 //!
 //! Scenarios: 1, 64 and 256 concurrent publishers each appending one event at a time, with
 //! group commit and with one transaction per message, under `synchronous` FULL and NORMAL;
 //! then batch appends of 100 and 1000 events. Each scenario uses a fresh database in a
-//! temporary directory (`TMPDIR` picks the disk) and runs for `--secs` seconds.
+//! temporary directory (`TMPDIR` picks the disk) and runs for `--secs` seconds. `--memory` runs
+//! the same appenders against `MemoryStore` instead (the sync and commit columns then mean
+//! nothing; events/txn is events per append call).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use seqcast_persistence::{DbWriter, EventWriter, NewEvent, StoreConfig, Synchronous};
+use seqcast_persistence::{DbWriter, EventWriter, MemoryStore, NewEvent, StoreConfig, Synchronous};
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
 /// A typical small message body (~100 bytes of JSON).
@@ -74,6 +76,7 @@ fn main() {
         .unwrap_or(2.0);
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
     let group_only = std::env::args().any(|a| a == "--group-only");
+    let memory = std::env::args().any(|a| a == "--memory");
     // `--publishers N`, `--sync full|normal` and `--group-only` narrow the table to matching scenarios.
     let only_publishers: Option<usize> = std::env::args()
         .skip_while(|a| a != "--publishers")
@@ -129,7 +132,7 @@ fn main() {
             && only_sync.is_none_or(|sync| sync.as_pragma() == s.synchronous.as_pragma())
     };
     for scenario in scenarios.into_iter().filter(wanted) {
-        let outcome = runtime.block_on(run(scenario, duration));
+        let outcome = runtime.block_on(run(scenario, duration, memory));
         let secs = outcome.elapsed.as_secs_f64();
         let events_per_sec = outcome.events as f64 / secs;
         println!(
@@ -151,23 +154,33 @@ fn main() {
     }
 }
 
-async fn run(scenario: Scenario, duration: Duration) -> Outcome {
+async fn run(scenario: Scenario, duration: Duration, memory: bool) -> Outcome {
+    // The server's hook fans out; here it only counts, so the numbers are the store's.
+    let hooked = Arc::new(AtomicU64::new(0));
+    let hook_count = Arc::clone(&hooked);
+    let hook = Box::new(move |events: &[_]| {
+        hook_count.fetch_add(events.len() as u64, Ordering::Relaxed);
+    });
+    if memory {
+        let (writer, _, _) = MemoryStore::open(hook);
+        return run_with(writer, scenario, duration, hooked).await;
+    }
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
         synchronous: scenario.synchronous,
         group_commit: scenario.group_commit,
         ..StoreConfig::new(dir.path().join("bench.db"))
     };
-    // The server's hook fans out; here it only counts, so the numbers are the store's.
-    let hooked = Arc::new(AtomicU64::new(0));
-    let hook_count = Arc::clone(&hooked);
-    let (writer, _) = DbWriter::open(
-        config,
-        Box::new(move |events| {
-            hook_count.fetch_add(events.len() as u64, Ordering::Relaxed);
-        }),
-    )
-    .unwrap();
+    let (writer, _) = DbWriter::open(config, hook).unwrap();
+    run_with(writer, scenario, duration, hooked).await
+}
+
+async fn run_with(
+    writer: impl EventWriter,
+    scenario: Scenario,
+    duration: Duration,
+    hooked: Arc<AtomicU64>,
+) -> Outcome {
     let keys: Vec<SubscriptionKey> = (0..STREAMS)
         .map(|i| SubscriptionKey::parse(&format!("bench:stream-{i}")).unwrap())
         .collect();
@@ -178,7 +191,7 @@ async fn run(scenario: Scenario, duration: Duration) -> Outcome {
     let deadline = start + duration;
     let tasks: Vec<_> = (0..scenario.publishers)
         .map(|p| {
-            let writer: DbWriter = writer.clone();
+            let writer = writer.clone();
             let keys = keys.clone();
             tokio::spawn(async move {
                 let mut sent = 0u64;

@@ -7,15 +7,26 @@
 //! [`CommitHook`] with the committed events in sequence order, and only then answers — so the
 //! server broadcasts only what is durable (persist-first), in number order. [`DbReader`] reads
 //! on its own WAL connections; [`migrate`] and [`repair_sequences`] are the `seqcast db` tools.
+//! [`MemoryStore`] is the in-memory backend (`--storage memory`) with the same contract.
+//!
+//! The committed log is the truth; the server's memory only caches its recent tail. Readers
+//! page through it ([`EventReader::page`], one read transaction per page, with the retention
+//! floor), find where time windows and per-key backlogs start
+//! ([`EventReader::first_at_or_after`], [`EventReader::count_key`],
+//! [`EventReader::nth_newest_of_key`]), and the writer trims it by retention
+//! ([`EventWriter::prune`]) behind a floor that only rises ([`EventReader::retention_floor`]).
+//! A publish repeating a message id with the same data is a retry: answered with the numbers
+//! already committed, using none (numbers stay dense).
 //!
 //! Boundary: disk I/O through SQLite only. No async runtime is used here (tokio appears only for
 //! its channels); no clock except the one timestamp taken per transaction; no network.
 //!
-//! Invariant: SQLite assigns every number. `sequence_number` comes from an AUTOINCREMENT insert
+//! Invariant (SQLite): SQLite assigns every number. `sequence_number` comes from an AUTOINCREMENT insert
 //! (strictly increasing in commit order, never reused) and `stream_sequence` from
 //! `MAX(stream_sequence)+1` in the upsert statement; no Rust code computes either. An event is
 //! visible to the hook, a reply or a reader only after its transaction committed, and a failed
-//! transaction leaves nothing behind.
+//! transaction leaves nothing behind. Numbers are dense: a retry takes its AUTOINCREMENT step
+//! back inside the transaction, and a failed transaction never used one.
 
 mod checkpoint;
 mod config;

@@ -23,6 +23,11 @@ use crate::store::{EventReader, EventWriter};
 use crate::writer::{CommitHook, WriterStats};
 
 /// The in-memory store. [`MemoryStore::open`] makes one.
+///
+/// Its memory is bounded only by pruning: every event (and every row's data) stays until
+/// [`EventWriter::prune`] removes it. Lookups are O(1) by number (a dense `VecDeque`), O(1)
+/// by (key, message id) (hash maps), and O(log n) by time or within one key (binary searches
+/// over the log and each key's list of numbers).
 #[derive(Debug)]
 pub struct MemoryStore;
 

@@ -525,3 +525,43 @@ fn message_id_at(row: &Row<'_>, index: usize) -> Result<MessageId, StoreError> {
     MessageId::parse(str_at(row, index)?)
         .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// SQLite's plan for `sql`, one line per step.
+    pub(crate) fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        // raw_query: the statement's parameters stay unbound, as when SQLite plans it.
+        let mut rows = stmt.raw_query();
+        let mut steps = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            steps.push(row.get::<_, String>(3).unwrap());
+        }
+        steps.join("\n")
+    }
+
+    /// A key's reads go through `events_by_stream`, never a walk of the log.
+    #[test]
+    fn key_reads_use_the_stream_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.db");
+        crate::migrate(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let page = plan(
+            &conn,
+            &format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} {PAGE_KEY}"),
+        );
+        assert!(page.contains("INDEX events_by_stream"), "{page}");
+        assert!(!page.contains("SCAN e"), "{page}");
+        let count = plan(
+            &conn,
+            "SELECT COUNT(*) FROM events INDEXED BY events_by_stream \
+             WHERE stream_id = ?1 AND sequence_number > ?2 AND sequence_number <= ?3",
+        );
+        assert!(count.contains("COVERING INDEX events_by_stream"), "{count}");
+    }
+}

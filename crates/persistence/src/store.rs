@@ -148,7 +148,8 @@ pub trait EventReader: Clone + Send + Sync + 'static {
     /// `covered_through` is the last event's number when `limit` cut the page, else `through`
     /// (also when `through <= after`: then the page is empty and covers nothing new); every
     /// matching event in `(after, covered_through]` is in `events`, so the next page starts
-    /// after `covered_through`.
+    /// after `covered_through`. Pass a `through` no greater than a head already seen: numbers
+    /// above the head are not committed yet, and a page not cut by `limit` would claim them.
     fn page(
         &self,
         filter: &EventFilter,

@@ -1,5 +1,5 @@
-//! Property test: any sequence of appends (with failing batches, upserts, grouped commits and
-//! restarts) numbers events exactly like a naive in-memory model.
+//! Property test: any sequence of appends (with failing batches, upserts, retries, grouped
+//! commits, prunes and restarts) numbers events exactly like a naive in-memory model.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,13 +10,23 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use seqcast_persistence::{
-    CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter, StoreConfig,
+    CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter, PruneReport,
+    StoreConfig,
 };
 
 const KEYS: [&str; 3] = ["a:1", "a:2", "b:1"];
 
-/// One event of a command: which key, which message id, and whether its data is JSON.
-type Spec = (usize, usize, bool);
+/// One event of a command: which key, which message id, and its data: `Fresh` (never seen),
+/// `Small(n)` (one of a few values, so repeats are retries when the row holds the same) or
+/// `Invalid` (not JSON).
+type Spec = (usize, usize, Data);
+
+#[derive(Debug, Clone, Copy)]
+enum Data {
+    Fresh,
+    Small(u8),
+    Invalid,
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -28,26 +38,48 @@ enum Op {
     },
     /// Close the writer and open the file again.
     Restart,
+    /// `prune(head + 1 - keep, max_events)`.
+    Prune { keep: u64, max_events: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let spec = (0..KEYS.len(), 0..5usize, prop::bool::weighted(0.9));
+    let data = prop_oneof![
+        5 => Just(Data::Fresh),
+        4 => (0..2u8).prop_map(Data::Small),
+        1 => Just(Data::Invalid),
+    ];
+    let spec = (0..KEYS.len(), 0..5usize, data);
     let command = prop::collection::vec(spec, 1..4);
     prop_oneof![
         8 => (any::<bool>(), prop::collection::vec(command, 1..6))
             .prop_map(|(gated, commands)| Op::Commands { gated, commands }),
         1 => Just(Op::Restart),
+        1 => (0..12u64, 0..6usize).prop_map(|(keep, max_events)| Op::Prune { keep, max_events }),
     ]
 }
 
 /// What a row looks like: (stream_sequence, data, first event, last event).
 type Row = (u64, String, u64, u64);
 
-#[derive(Default)]
 struct Model {
     head: u64,
+    floor: u64,
+    /// Events numbered up to this one are deleted (pruned).
+    deleted_through: u64,
     rows: BTreeMap<(usize, usize), Row>,
     log: Vec<(u64, u64, usize, usize, String, bool)>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Model {
+            head: 0,
+            floor: 1,
+            deleted_through: 0,
+            rows: BTreeMap::new(),
+            log: Vec::new(),
+        }
+    }
 }
 
 impl Model {
@@ -58,6 +90,13 @@ impl Model {
         }
         let mut out = Vec::new();
         for (k, m, data) in command {
+            if let Some(row) = self.rows.get(&(*k, *m))
+                && row.1 == *data
+            {
+                // A retry: the row's last event, nothing new.
+                out.push((row.3, row.0, row.2 != row.3));
+                continue;
+            }
             self.head += 1;
             let seq = self.head;
             let next_position = self
@@ -81,6 +120,19 @@ impl Model {
             self.log.push((seq, row.0, *k, *m, data.clone(), replaced));
         }
         Some(out)
+    }
+
+    fn prune(&mut self, below: u64, max_events: usize) -> PruneReport {
+        self.floor = self.floor.max(below.min(self.head + 1));
+        let start = self.deleted_through;
+        let end = (start + max_events as u64).min(self.floor - 1).max(start);
+        self.deleted_through = end;
+        self.rows.retain(|_, row| row.3 > end);
+        PruneReport {
+            floor: self.floor,
+            deleted: end - start,
+            done: end + 1 >= self.floor,
+        }
     }
 }
 
@@ -107,6 +159,11 @@ async fn run(ops: Vec<Op>) {
                 assert_eq!(info.head, model.head);
                 (writer, hook_log) = (w, log);
             }
+            Op::Prune { keep, max_events } => {
+                let below = (model.head + 1).saturating_sub(keep).max(1);
+                let got = writer.prune(below, max_events).await.unwrap();
+                assert_eq!(got, model.prune(below, max_events));
+            }
             Op::Commands { gated, commands } => {
                 let gate = gated.then(|| LockGate::hold(&db_path(&dir)));
                 let base = writer.stats().commands_received + writer.queued_commands() as u64;
@@ -115,12 +172,12 @@ async fn run(ops: Vec<Op>) {
                 for (i, specs) in commands.iter().enumerate() {
                     let input: Vec<(usize, usize, String)> = specs
                         .iter()
-                        .map(|&(k, m, valid)| {
+                        .map(|&(k, m, data)| {
                             data_counter += 1;
-                            let data = if valid {
-                                format!("{{\"v\":{data_counter}}}")
-                            } else {
-                                "not json".to_owned()
+                            let data = match data {
+                                Data::Fresh => format!("{{\"v\":{data_counter}}}"),
+                                Data::Small(n) => format!("{{\"s\":{n}}}"),
+                                Data::Invalid => "not json".to_owned(),
                             };
                             (k, m, data)
                         })
@@ -182,8 +239,14 @@ async fn run(ops: Vec<Op>) {
         .map(|(seq, _, k, m, _, replaced)| (*seq, KEYS[*k].to_owned(), format!("m{m}"), *replaced))
         .collect();
     assert_eq!(as_tuples(&hooked), expected);
-    assert_eq!(as_tuples(&stored), expected);
+    let retained: Vec<_> = expected
+        .iter()
+        .filter(|e| e.0 > model.deleted_through)
+        .cloned()
+        .collect();
+    assert_eq!(as_tuples(&stored), retained);
     assert_eq!(reader.head().unwrap(), model.head);
+    assert_eq!(reader.retention_floor().unwrap(), model.floor);
     for (k, name) in KEYS.iter().enumerate() {
         let rows = reader.stream_rows(&key(name), 0, usize::MAX).unwrap();
         let got: Vec<Row> = rows

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{run_id, sleep_until};
 use crate::Target;
 use crate::http::HttpConn;
-use crate::probe::{probe_data, scan_probe};
+use crate::probe::{probe_data_padded, scan_probe};
 use crate::stats::{CpuMeter, Summary, latency_histogram, record_nanos};
 use crate::ws;
 
@@ -40,6 +40,8 @@ pub struct FanoutArgs {
     pub window: usize,
     /// Connections opened at a time.
     pub connect_concurrency: usize,
+    /// Bytes of padding in each message's `data` (0: the bare probe).
+    pub pad: usize,
 }
 
 /// Message counters are a ring this large; a message's slot is reused only after every
@@ -48,23 +50,51 @@ const RING: usize = 1 << 20;
 /// Latency histogram shards: subscriber `n` records into shard `n % SHARDS`.
 const SHARDS: usize = 16;
 
-struct Shared {
-    start: Instant,
+/// The state the subscribers and publishers of one fan-out run share; its clock starts when it
+/// is made.
+pub(crate) struct Shared {
+    pub(crate) start: Instant,
     subscribers: u32,
     counts: Box<[AtomicU32]>,
-    deliveries: AtomicU64,
-    complete: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) complete: AtomicU64,
     /// Probes sent before this many nanoseconds into the run are warm-up: not recorded.
     record_after_ns: u64,
+    /// Probes sent from this many nanoseconds on are not recorded either.
+    record_until_ns: u64,
     deliver: Vec<Mutex<Histogram<u64>>>,
     last: Mutex<Histogram<u64>>,
     progress: Notify,
-    ended_early: AtomicU64,
+    pub(crate) ended_early: AtomicU64,
     stop: AtomicBool,
 }
 
 impl Shared {
-    fn now_ns(&self) -> u64 {
+    /// A run of `subscribers` readers whose latency is recorded for probes sent within
+    /// `record` (from the run's start); the clock starts now.
+    pub(crate) fn new(
+        subscribers: usize,
+        record: std::ops::Range<Duration>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Shared {
+            start: Instant::now(),
+            subscribers: u32::try_from(subscribers).context("too many subscribers")?,
+            counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
+            deliveries: AtomicU64::new(0),
+            complete: AtomicU64::new(0),
+            record_after_ns: record.start.as_nanos() as u64,
+            record_until_ns: u64::try_from(record.end.as_nanos()).unwrap_or(u64::MAX),
+            deliver: (0..SHARDS)
+                .map(|_| Mutex::new(latency_histogram()))
+                .collect(),
+            last: Mutex::new(latency_histogram()),
+            progress: Notify::new(),
+            ended_early: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
 
@@ -74,7 +104,7 @@ impl Shared {
         };
         let now = self.now_ns();
         self.deliveries.fetch_add(1, Ordering::Relaxed);
-        let record = sent_ns >= self.record_after_ns;
+        let record = sent_ns >= self.record_after_ns && sent_ns < self.record_until_ns;
         if record && let Ok(mut h) = self.deliver[shard].lock() {
             record_nanos(&mut h, now.saturating_sub(sent_ns));
         }
@@ -90,50 +120,34 @@ impl Shared {
     }
 }
 
-/// Run the scenario.
-pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
-    if args.subscribers == 0 || args.publishers == 0 {
-        bail!("need at least one subscriber and one publisher");
-    }
-    let request_id = format!("fanout-{}", run_id());
-    // Connect and subscribe everyone before the clock starts.
-    let connect_started = Instant::now();
-    let subs: Vec<ws::Ws> = futures_util::stream::iter(0..args.subscribers)
-        .map(|n| {
-            let request_id = request_id.clone();
-            async move {
-                let mut c = ws::open(target, n, 64 * 1024).await?;
-                ws::subscribe(&mut c, "bench", &request_id, None).await?;
-                anyhow::Ok(c)
-            }
+/// Connect `n` subscribers to `bench:{request_id}`, `concurrency` at a time.
+pub(crate) async fn connect_subscribers(
+    target: &Target,
+    n: usize,
+    request_id: &str,
+    concurrency: usize,
+) -> anyhow::Result<Vec<ws::Ws>> {
+    futures_util::stream::iter(0..n)
+        .map(|n| async move {
+            let mut c = ws::open(target, n, 64 * 1024).await?;
+            ws::subscribe(&mut c, "bench", request_id, None).await?;
+            anyhow::Ok(c)
         })
-        .buffer_unordered(args.connect_concurrency.max(1))
+        .buffer_unordered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<_, _>>()?;
-    let connect_seconds = connect_started.elapsed().as_secs_f64();
+        .collect()
+}
 
-    // The clock starts once everyone is subscribed.
-    let shared = Arc::new(Shared {
-        start: Instant::now(),
-        subscribers: u32::try_from(args.subscribers).context("too many subscribers")?,
-        counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
-        deliveries: AtomicU64::new(0),
-        complete: AtomicU64::new(0),
-        record_after_ns: args.warmup.as_nanos() as u64,
-        deliver: (0..SHARDS)
-            .map(|_| Mutex::new(latency_histogram()))
-            .collect(),
-        last: Mutex::new(latency_histogram()),
-        progress: Notify::new(),
-        ended_early: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-    });
-
+/// One reader task per subscriber, feeding `shared`.
+pub(crate) fn spawn_readers(
+    shared: &Arc<Shared>,
+    subs: Vec<ws::Ws>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut readers = Vec::with_capacity(subs.len());
     for (n, mut c) in subs.into_iter().enumerate() {
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(shared);
         readers.push(tokio::spawn(async move {
             let shard = n % SHARDS;
             while let Some(msg) = c.next().await {
@@ -151,20 +165,48 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
             }
         }));
     }
+    readers
+}
 
-    let total = args.warmup + args.duration;
+/// The publisher tasks of a run and what they count.
+pub(crate) struct Publishing {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Messages published (answered 200).
+    pub(crate) published: Arc<AtomicU64>,
+    /// Failed publish requests.
+    pub(crate) errors: Arc<AtomicU64>,
+}
+
+impl Publishing {
+    /// Wait until every publisher has finished; returns the messages published.
+    pub(crate) async fn join(self) -> anyhow::Result<u64> {
+        for p in self.handles {
+            p.await.context("publisher panicked")?;
+        }
+        Ok(self.published.load(Ordering::Acquire))
+    }
+}
+
+/// Start `args.publishers` publishers to `bench:{request_id}` until `total` into the run.
+pub(crate) async fn spawn_publishers(
+    target: &Target,
+    shared: &Arc<Shared>,
+    args: &FanoutArgs,
+    request_id: &str,
+    total: Duration,
+) -> anyhow::Result<Publishing> {
     let published = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let mut publishers = Vec::new();
+    let mut handles = Vec::new();
     for k in 0..args.publishers {
         let mut conn = HttpConn::connect(target.addr).await?;
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(shared);
         let published = Arc::clone(&published);
         let errors = Arc::clone(&errors);
         let auth = format!("ApiKey {}", target.api_key);
-        let request_id = request_id.clone();
+        let request_id = request_id.to_owned();
         let args = args.clone();
-        publishers.push(tokio::spawn(async move {
+        handles.push(tokio::spawn(async move {
             match args.rate {
                 Some(rate) => {
                     publish_at_rate(
@@ -197,20 +239,22 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
             }
         }));
     }
+    Ok(Publishing {
+        handles,
+        published,
+        errors,
+    })
+}
 
-    sleep_until(shared.start, args.warmup).await;
-    let cpu = CpuMeter::start(target.server_pid);
-    let deliveries_before = shared.deliveries.load(Ordering::Acquire);
-    sleep_until(shared.start, total).await;
-    let deliveries_in_window = shared.deliveries.load(Ordering::Acquire) - deliveries_before;
-    let cpu_use = cpu.stop();
-
-    for p in publishers {
-        p.await.context("publisher panicked")?;
-    }
-    // Let what is in flight arrive (bounded), so "lost" counts only what never comes.
-    let published_total = published.load(Ordering::Acquire);
-    let drain_deadline = Instant::now() + Duration::from_secs(10);
+/// Let what is in flight arrive (bounded by `wait`), so "lost" counts only what never comes;
+/// then stop the readers.
+pub(crate) async fn drain_and_stop(
+    shared: &Shared,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    published_total: u64,
+    wait: Duration,
+) {
+    let drain_deadline = Instant::now() + wait;
     while shared.complete.load(Ordering::Acquire) < published_total
         && Instant::now() < drain_deadline
         && shared.ended_early.load(Ordering::Relaxed) == 0
@@ -222,7 +266,10 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     for r in readers {
         r.abort();
     }
+}
 
+/// Publish → receive over every delivery, and publish → the last subscriber's receipt.
+pub(crate) fn latencies(shared: &Shared) -> (Summary, Summary) {
     let mut deliver = latency_histogram();
     for h in &shared.deliver {
         if let Ok(h) = h.lock() {
@@ -234,6 +281,44 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
         .lock()
         .map(|h| Summary::of(&h))
         .unwrap_or_default();
+    (Summary::of(&deliver), last)
+}
+
+/// Run the scenario.
+pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
+    if args.subscribers == 0 || args.publishers == 0 {
+        bail!("need at least one subscriber and one publisher");
+    }
+    let request_id = format!("fanout-{}", run_id());
+    // Connect and subscribe everyone before the clock starts.
+    let connect_started = Instant::now();
+    let subs = connect_subscribers(
+        target,
+        args.subscribers,
+        &request_id,
+        args.connect_concurrency,
+    )
+    .await?;
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+
+    // The clock starts once everyone is subscribed.
+    let total = args.warmup + args.duration;
+    let shared = Shared::new(args.subscribers, args.warmup..Duration::MAX)?;
+    let readers = spawn_readers(&shared, subs);
+    let publishing = spawn_publishers(target, &shared, args, &request_id, total).await?;
+    let errors = Arc::clone(&publishing.errors);
+
+    sleep_until(shared.start, args.warmup).await;
+    let cpu = CpuMeter::start(target.server_pid);
+    let deliveries_before = shared.deliveries.load(Ordering::Acquire);
+    sleep_until(shared.start, total).await;
+    let deliveries_in_window = shared.deliveries.load(Ordering::Acquire) - deliveries_before;
+    let cpu_use = cpu.stop();
+
+    let published_total = publishing.join().await?;
+    drain_and_stop(&shared, readers, published_total, Duration::from_secs(10)).await;
+
+    let (deliver, last) = latencies(&shared);
     let deliveries_total = shared.deliveries.load(Ordering::Acquire);
     let expected = published_total * args.subscribers as u64;
     Ok(json!({
@@ -249,7 +334,7 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
         "lost_deliveries": expected.saturating_sub(deliveries_total),
         "connections_ended_early": shared.ended_early.load(Ordering::Relaxed),
         "deliveries_per_s": deliveries_in_window as f64 / cpu_use.wall_seconds,
-        "latency": Summary::of(&deliver),
+        "latency": deliver,
         "last_subscriber": last,
         "connect_seconds": connect_seconds,
         "cpu": cpu_use,
@@ -288,7 +373,7 @@ async fn publish_at_rate(
         };
         let body = format!(
             r#"{{"channel":"bench","request_id":"{request_id}","data":{}}}"#,
-            probe_data(i, sent_ns)
+            probe_data_padded(i, sent_ns, args.pad)
         );
         match conn.post_json("/api/publish", auth, body.as_bytes()).await {
             Ok(r) if r.status == 200 => {
@@ -346,7 +431,7 @@ async fn publish_burst(
             }
             body.push_str(&format!(
                 r#"{{"channel":"bench","request_id":"{request_id}","data":{}}}"#,
-                probe_data(first + j, sent_ns)
+                probe_data_padded(first + j, sent_ns, args.pad)
             ));
         }
         body.push_str("]}");

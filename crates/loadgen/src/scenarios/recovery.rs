@@ -5,16 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
-use super::run_id;
+use super::{head, publish_many, run_id, storm};
 use crate::Target;
 use crate::http::HttpConn;
-use crate::probe::scan_sequence;
 use crate::stats::{CpuMeter, Summary, latency_histogram, record_nanos};
-use crate::ws;
 
 /// Recovery parameters.
 #[derive(Debug, Clone)]
@@ -82,146 +78,26 @@ pub async fn run(target: &Target, args: &RecoveryArgs) -> anyhow::Result<Value> 
     }
 
     let storm = if args.clients > 0 {
-        Some(storm(target, &mut http, &publish_auth, args, &run).await?)
+        Some(storm(target, args, &run).await?)
     } else {
         None
     };
     Ok(json!({ "scenario": "recovery", "answers": answers, "storm": storm }))
 }
 
-/// Publish `n` messages to `bench:{request_id}` in batches of up to 1,000.
-async fn publish_many(
-    http: &mut HttpConn,
-    auth: &str,
-    request_id: &str,
-    n: usize,
-) -> anyhow::Result<()> {
-    let mut left = n;
-    let mut i = 0usize;
-    while left > 0 {
-        let b = left.min(1000);
-        let mut body = String::from(r#"{"messages":["#);
-        for j in 0..b {
-            if j > 0 {
-                body.push(',');
-            }
-            body.push_str(&format!(
-                r#"{{"channel":"bench","request_id":"{request_id}","data":{{"n":{}}}}}"#,
-                i + j
-            ));
-        }
-        body.push_str("]}");
-        let r = http
-            .post_json("/api/publish/batch", auth, body.as_bytes())
-            .await?;
-        ensure!(
-            r.status == 200,
-            "batch publish answered {}: {}",
-            r.status,
-            r.text()
-        );
-        left -= b;
-        i += b;
+async fn storm(target: &Target, args: &RecoveryArgs, run: &str) -> anyhow::Result<Value> {
+    let v = storm::storm(
+        target,
+        &storm::StormArgs {
+            clients: args.clients,
+            missed: args.storm_missed,
+            deadline: Duration::from_secs(60),
+        },
+        &format!("storm-{run}"),
+    )
+    .await?;
+    if let Some(problems) = v["problems"].as_array().filter(|p| !p.is_empty()) {
+        bail!("reconnect storm: {}", Value::from(problems.clone()));
     }
-    Ok(())
-}
-
-/// The server's head, from `/readyz`.
-async fn head(http: &mut HttpConn) -> anyhow::Result<u64> {
-    let r = http.get("/readyz", "None").await?;
-    let v: Value = serde_json::from_slice(&r.body).context("/readyz is not JSON")?;
-    v["head"].as_u64().context("/readyz has no head")
-}
-
-async fn storm(
-    target: &Target,
-    http: &mut HttpConn,
-    auth: &str,
-    args: &RecoveryArgs,
-    run: &str,
-) -> anyhow::Result<Value> {
-    let request_id = format!("storm-{run}");
-    // Everyone follows the key, then drops.
-    let clients: Vec<ws::Ws> = futures_util::stream::iter(0..args.clients)
-        .map(|n| {
-            let request_id = request_id.clone();
-            async move {
-                let mut c = ws::open(target, n, 4096).await?;
-                ws::subscribe(&mut c, "bench", &request_id, None).await?;
-                anyhow::Ok(c)
-            }
-        })
-        .buffer_unordered(256)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    let last_seen = head(http).await?;
-    for mut c in clients {
-        let _ = c.close(None).await;
-    }
-    publish_many(http, auth, &request_id, args.storm_missed).await?;
-    let target_head = head(http).await?;
-
-    // Everyone comes back at once.
-    let cpu = CpuMeter::start(target.server_pid);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..args.clients)
-        .map(|n| {
-            let target = target.clone();
-            let request_id = request_id.clone();
-            tokio::spawn(async move {
-                let mut c = ws::open(&target, n, 64 * 1024).await?;
-                let ack = ws::subscribe(&mut c, "bench", &request_id, Some(last_seen)).await?;
-                if ack.contains(r#""recovered":false"#) {
-                    bail!("resume was not recovered: {ack}");
-                }
-                let mut got = 0usize;
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                loop {
-                    let msg = tokio::time::timeout_at(deadline, c.next())
-                        .await
-                        .context("catching up took over 60 s")?;
-                    match msg {
-                        Some(Ok(Message::Text(t))) => {
-                            if let Some(seq) = scan_sequence(t.as_str()) {
-                                got += 1;
-                                if seq >= target_head {
-                                    break;
-                                }
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        _ => bail!("connection ended while catching up"),
-                    }
-                }
-                anyhow::Ok((started.elapsed(), got, c))
-            })
-        })
-        .collect();
-    let mut hist = latency_histogram();
-    let mut delivered = 0usize;
-    let mut keep = Vec::with_capacity(args.clients);
-    for t in tasks {
-        let (elapsed, got, c) = t.await.context("storm client panicked")??;
-        record_nanos(&mut hist, elapsed.as_nanos() as u64);
-        delivered += got;
-        keep.push(c);
-    }
-    let all = started.elapsed().as_secs_f64();
-    let cpu_use = cpu.stop();
-    ensure!(
-        delivered == args.clients * args.storm_missed,
-        "storm clients received {delivered} messages, expected {}",
-        args.clients * args.storm_missed
-    );
-    drop(keep);
-    Ok(json!({
-        "clients": args.clients,
-        "missed_each": args.storm_missed,
-        "all_caught_up_s": all,
-        "caught_up": Summary::of(&hist),
-        "msgs_per_s": delivered as f64 / all,
-        "cpu": cpu_use,
-    }))
+    Ok(v)
 }

@@ -1,0 +1,72 @@
+//! Follows one subscription key and prints its events as they arrive, reconnecting on its own.
+//!
+//! ```text
+//! cargo run -p seqcast-client --example follow -- \
+//!     --url ws://127.0.0.1:8080/ws --token T --channel search --request-id r1
+//! ```
+
+use clap::Parser;
+use futures_util::StreamExt;
+use seqcast_client::{Client, ConnectionState, Event, fixed_token};
+
+#[derive(Debug, Parser)]
+#[command(about = "Follow one seqcast subscription key and print its messages")]
+struct Args {
+    /// The server's WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// A client JWT (`seqcast token --sub me` prints one).
+    #[arg(long, env = "SEQCAST_TOKEN")]
+    token: String,
+    /// The channel to follow.
+    #[arg(long)]
+    channel: String,
+    /// The request id to follow.
+    #[arg(long)]
+    request_id: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = Client::connect(&args.url, fixed_token(args.token)).await?;
+    let mut states = client.watch_state();
+    // Prints connection changes; ends with the client (the last sender is gone).
+    tokio::spawn(async move {
+        while states.changed().await.is_ok() {
+            match &*states.borrow_and_update() {
+                ConnectionState::Connected(info) => eprintln!(
+                    "connected: connection {} (client_id {}, head {})",
+                    info.connection_sequence, info.client_id, info.head
+                ),
+                ConnectionState::Reconnecting { delay, reason, .. } => {
+                    eprintln!("disconnected ({reason}); retrying in {delay:?}")
+                }
+                _ => {}
+            }
+        }
+    });
+    let mut events = client.subscribe(&args.channel, &args.request_id).await?;
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Event::Message(m)) => println!(
+                    "#{} [{}:{} stream #{}] {}",
+                    m.sequence_number, m.channel, m.request_id, m.stream_sequence, m.data_json()
+                ),
+                Some(Event::Subscribed(s)) => eprintln!(
+                    "subscribed to {} (since {:?}, drained {}, head {})",
+                    s.key, s.since, s.drained, s.head
+                ),
+                Some(Event::Gap(g)) => eprintln!(
+                    "GAP on {}: messages after {:?} are lost (history starts at {:?}, {:?})",
+                    g.key, g.since, g.oldest_sequence, g.reason
+                ),
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    client.close().await;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! seqcast-client: an async client for seqcast, the WebSocket push server.
+//!
+//! One [`Client`] keeps one WebSocket open to a seqcast server and follows any number of
+//! subscription keys (`{channel}:{request_id}`). Each [`Subscription`] is a [`Stream`] of
+//! [`Event`]s: `Subscribed` when the server acknowledges it, then every message of the key in
+//! strictly increasing `sequence_number` order and never twice, and an explicit [`Event::Gap`]
+//! when the server says it could not hand over everything after a reconnect.
+//!
+//! When the connection drops, the client reconnects with capped exponential backoff and full
+//! jitter. Every attempt asks the [`TokenProvider`] for a fresh JWT and sends `hello` with the
+//! session id and a `connection_sequence` one higher than the last; then it re-subscribes every
+//! key with `since` = the last sequence number it yielded for that key (or the `sub_ack.head`
+//! if none yet) and the `epoch` it came from, so the server replays exactly what was missed.
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use seqcast_client::{Client, Event, fixed_token};
+//!
+//! # async fn run() -> Result<(), seqcast_client::Error> {
+//! let client = Client::connect("ws://127.0.0.1:8080/ws", fixed_token("eyJ…")).await?;
+//! let mut results = client.subscribe("search", "r1").await?;
+//! while let Some(event) = results.next().await {
+//!     match event {
+//!         Event::Message(m) => println!("#{} {}", m.sequence_number, m.data_json()),
+//!         Event::Gap(gap) => eprintln!("lost messages after {:?}", gap.since),
+//!         Event::Subscribed(_) => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Boundary: speaks the WebSocket protocol of seqcast's CONTRACT.md §4 through the frame types,
+//! encoders and decoders of `seqcast-protocol`; it does no HTTP (recovery over
+//! `GET /websocket/messages` is left to the caller).
+//!
+//! Invariant: per key, the application never sees a `sequence_number` at or below one it has
+//! already seen — except right after an [`Event::Gap`] with [`GapReason::EpochChanged`], where the
+//! server's store was replaced and its numbers restarted.
+//!
+//! [`Stream`]: futures_util::Stream
+
+mod client;
+mod driver;
+mod error;
+mod event;
+mod token;
+mod tracker;
+
+pub use client::{Client, ClientBuilder, Subscription};
+pub use error::{BoxError, Error};
+pub use event::{ConnectionInfo, ConnectionState, Event, Gap, GapReason, Message, Subscribed};
+pub use seqcast_protocol::{
+    Channel, ErrorCode, ErrorFrame, MessageId, RequestId, SessionId, SubscriptionKey,
+};
+pub use token::{TokenProvider, fixed_token};
+pub use tracker::Resume;
