@@ -508,6 +508,12 @@ impl Hub {
         }
         Metrics::add(&self.metrics.deliveries, sent as u64);
         let head = state.cache.head();
+        // A lag of this key still waiting to be read belongs to an earlier subscription of it
+        // (lags are recorded under this lock, and only for live subscribers): drop it.
+        sub.lagged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(k, _)| k != key);
         let subs = state.live.entry(key.clone()).or_default();
         if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
             subs.push(Arc::clone(sub));
