@@ -482,3 +482,134 @@ impl Client {
 pub fn data(m: &seqcast_protocol::MessageFrame) -> Value {
     serde_json::from_str(m.data.get()).unwrap()
 }
+
+impl TestServer {
+    /// The server process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// The server process's resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes_of(self.pid().expect("the server is running")).expect("read VmRSS")
+    }
+
+    /// `POST /api/publish/batch` with these message objects; panics unless 200. Returns the
+    /// per-message answers, in order.
+    pub async fn publish_batch(&self, messages: &[Value]) -> Vec<Value> {
+        let (status, body) = self
+            .post(
+                "/api/publish/batch",
+                &json!({ "messages": messages }).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200, "batch publish failed: {body}");
+        let results = body["results"].as_array().expect("results").clone();
+        assert_eq!(results.len(), messages.len(), "one answer per message");
+        results
+    }
+
+    /// A WebSocket past `hello` whose TCP receive buffer is capped at `recv_buffer` bytes
+    /// (set before connecting, so the kernel does not auto-grow it): a client that stops
+    /// reading stalls the server quickly instead of parking megabytes in kernel buffers.
+    pub async fn client_with_recv_buffer(&self, token: &str, recv_buffer: u32) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(recv_buffer).unwrap();
+        let stream = socket.connect(self.addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{}/ws", self.addr),
+            MaybeTlsStream::Plain(stream),
+        )
+        .await
+        .unwrap();
+        let mut c = Client { ws };
+        c.send(json!({"type": "hello", "token": token})).await;
+        match c.next_frame().await {
+            ServerFrame::Connected(_) => c,
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    /// `GET /websocket/messages?since=0&limit=1` with an all-channels token: `(head,
+    /// oldest_sequence, epoch)`. `oldest_sequence` is where the recovery window starts (the
+    /// retention floor when `--recovery-max-messages` reaches further back than retention);
+    /// `head + 1` when the window holds nothing.
+    pub async fn log_bounds(&self) -> (u64, u64, String) {
+        let (status, body) = self
+            .get(
+                "/websocket/messages?since=0&limit=1",
+                Some(&token("log-bounds", None)),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (
+            body["head"].as_u64().unwrap(),
+            body["oldest_sequence"]
+                .as_u64()
+                .unwrap_or(body["head"].as_u64().unwrap() + 1),
+            body["epoch"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// `VmRSS` of a process in bytes, if it is readable.
+pub fn rss_bytes_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes on disk of the SQLite store in `data_dir`: `seqcast.db` plus its `-wal` and `-shm`.
+pub fn sqlite_bytes(data_dir: &Path) -> u64 {
+    ["seqcast.db", "seqcast.db-wal", "seqcast.db-shm"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+impl Client {
+    /// Subscribe with `since` (and an optional `epoch`) and return the sub_ack.
+    pub async fn subscribe_since(
+        &mut self,
+        channel: &str,
+        request_id: &str,
+        since: u64,
+        epoch: Option<&str>,
+    ) -> seqcast_protocol::SubAck {
+        let mut frame = json!({"type": "subscribe", "channel": channel, "request_id": request_id, "since": since});
+        if let Some(e) = epoch {
+            frame["epoch"] = json!(e);
+        }
+        self.send(frame).await;
+        self.expect_sub_ack().await
+    }
+
+    /// Next event, or `None` if nothing arrives within `wait`.
+    pub async fn next_event_within(&mut self, wait: Duration) -> Option<Event> {
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()?;
+            return Some(match msg {
+                Some(Ok(Message::Text(t))) => Event::Frame(
+                    decode_server_frame(t.as_str())
+                        .unwrap_or_else(|e| panic!("bad frame {t}: {e}")),
+                ),
+                Some(Ok(Message::Close(c))) => match c {
+                    Some(CloseFrame { code, reason }) => {
+                        Event::Closed(code.into(), reason.to_string())
+                    }
+                    None => Event::Closed(1005, String::new()),
+                },
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Event::Ended,
+            });
+        }
+    }
+}

@@ -76,8 +76,11 @@ impl Default for ConnectionOptions {
     }
 }
 
+/// What the WAL file is cut back to when it restarts.
+const WAL_SIZE_LIMIT_BYTES: u64 = 16 << 20;
+
 /// Opens `path` with the store's PRAGMAs: WAL journal, the chosen `synchronous`, busy timeout,
-/// foreign keys on, temporary data (savepoint journals) in memory.
+/// foreign keys on, temporary data (savepoint journals) in memory, a WAL size limit.
 pub(crate) fn open_connection(
     path: &Path,
     options: ConnectionOptions,
@@ -93,9 +96,13 @@ pub(crate) fn open_connection(
         // Only possible for special files (e.g. in-memory); durability is then SQLite's default.
         tracing::warn!(path = %path.display(), journal_mode, "database is not in WAL mode");
     }
+    // journal_size_limit: when the WAL restarts from its beginning it is cut back to 16 MiB, so
+    // a burst does not leave a WAL of its peak size behind for good (retention bounds the disk).
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
-        options.synchronous.as_pragma()
+        "PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY; \
+         PRAGMA journal_size_limit = {};",
+        options.synchronous.as_pragma(),
+        WAL_SIZE_LIMIT_BYTES
     ))?;
     Ok(conn)
 }
