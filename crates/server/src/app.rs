@@ -440,6 +440,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/metrics", get(http::metrics))
         .route("/openapi.json", get(http::assets::openapi))
         .route("/", get(http::assets::demo_page))
+        .route("/favicon.ico", get(http::assets::favicon))
         .route("/client/seqcast.js", get(http::assets::client_js))
         .route("/client/seqcast.d.ts", get(http::assets::client_dts))
         .route("/dev/token", get(http::assets::dev_token))
