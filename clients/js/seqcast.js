@@ -1,8 +1,9 @@
 // seqcast browser client: one WebSocket to a seqcast server, reconnecting on its own.
 //
-// Boundary: this module speaks the wire protocol of CONTRACT.md §4 and the recovery endpoint of
-// §6; it has no dependencies and works wherever a WebSocket constructor exists (browsers; Node
-// with the `ws` package passed as the `WebSocket` option).
+// Boundary: this module speaks the wire protocol of docs/protocol.md: the WebSocket `/ws` and the
+// recovery endpoint `GET /websocket/messages`; it has no dependencies and works wherever a
+// WebSocket constructor exists (browsers; Node with the `ws` package passed as the `WebSocket`
+// option).
 // Invariant: per subscription key, the application sees every message at most once and in
 // strictly increasing `sequence_number` order; whatever the server says it could not replay is
 // reported as a `gap` event, never hidden.
@@ -64,7 +65,7 @@ function randomSessionId() {
 }
 
 /**
- * The tab's identity for log correlation (seed 002): a session id made once per tab and a
+ * The tab's identity for log correlation: a session id made once per tab and a
  * connection counter, both in sessionStorage so they survive a page reload but not a new tab.
  */
 export class SessionCounter {
@@ -325,7 +326,7 @@ export class SeqcastClient {
     return true;
   }
 
-  /** Unsubscribe everything: before a new search, so old results can never reach the new view (seed 003). */
+  /** Unsubscribe everything: before a new search, so old results can never reach the new view. */
   clearAllSubscriptions() {
     for (const sub of [...this.#subs.values()]) this.unsubscribe(sub.channel, sub.requestId);
   }

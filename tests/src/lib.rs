@@ -86,6 +86,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Do not pass `--jwt-secret`/`--api-key` (development mode).
     pub dev_mode: bool,
+    /// Listen here instead of a free port (to restart on the same address).
+    pub listen: Option<String>,
 }
 
 impl Options {
@@ -115,7 +117,9 @@ impl TestServer {
         };
         let mut cmd = Command::new(server_binary());
         cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--listen")
+            .arg(opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
+            .args(["--log-format", "json"])
             .arg("--data-dir")
             .arg(&data_dir);
         if !opts.dev_mode {

@@ -43,6 +43,85 @@ async fn health_metrics_and_openapi() {
             .unwrap()
             .contains("javascript")
     );
+    // A browser asks for it on its own: not a 404 in every console.
+    let icon = s.http.get(s.url("/favicon.ico")).send().await.unwrap();
+    assert_eq!(icon.status(), 204);
+}
+
+/// Run the binary with `args`; (exit success, stdout, stderr).
+fn seqcast(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(server_binary())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn cli_speaks_to_people() {
+    // `token --help` lists what minting uses, not every server flag.
+    let (ok, help, _) = seqcast(&["token", "--help"]);
+    assert!(ok);
+    for flag in [
+        "--sub",
+        "--channels",
+        "--ttl-secs",
+        "--publish",
+        "--config",
+        "--data-dir",
+        "--jwt-secret",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    for flag in [
+        "--listen",
+        "--storage",
+        "--cache-bytes",
+        "--backlog-per-key",
+    ] {
+        assert!(!help.contains(flag), "{flag} in token --help:\n{help}");
+    }
+
+    // `db migrate` says what it did in words, once applied and once with nothing to do.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (ok, first, err) = seqcast(&["db", "migrate", "--data-dir", data]);
+    assert!(ok, "{err}");
+    assert!(
+        first.contains("applied ") && first.contains("migration") && first.contains("schema "),
+        "{first}"
+    );
+    assert!(!first.contains("MigrationReport"), "{first}");
+    let (ok, again, _) = seqcast(&["db", "migrate", "--data-dir", data]);
+    assert!(ok);
+    assert!(again.trim_end().ends_with(", nothing to apply"), "{again}");
+    let version = again
+        .split("schema ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
+    assert!(
+        first.contains(&format!("schema {version}")),
+        "{first} / {again}"
+    );
+
+    // A missing settings file is reported once, with its OS error once.
+    let missing = dir.path().join("nope.toml");
+    let (ok, _, err) = seqcast(&["serve", "--config", missing.to_str().unwrap()]);
+    assert!(!ok);
+    assert_eq!(err.matches("nope.toml").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -70,7 +70,7 @@ struct Goal {
     metric: &'static str,
     goal: &'static str,
     measured: String,
-    met: Option<bool>,
+    met: bool,
 }
 
 struct Bench {
@@ -271,7 +271,11 @@ impl Bench {
     }
 
     fn goal(&mut self, metric: &'static str, goal: &'static str, measured: String, met: bool) {
-        let met = (self.profile != Profile::Smoke).then_some(met);
+        // A smoke run only proves the harness works, at sizes too small to mean anything: it
+        // holds nothing against a goal, so it prints no verdict that could read as a failure.
+        if self.profile == Profile::Smoke {
+            return;
+        }
         self.goals.push(Goal {
             metric,
             goal,
@@ -1145,16 +1149,21 @@ impl Bench {
             if self.pin { "0" } else { "any" },
             if self.pin { "1" } else { "any" }
         );
-        let _ = writeln!(
-            md,
-            "| metric | goal | measured | status |\n|---|---|---|---|"
-        );
+        if self.profile == Profile::Smoke {
+            let _ = writeln!(
+                md,
+                "Smoke run: tiny sizes on a debug build, to prove the harness and every scenario work. \
+                 The numbers below mean nothing about performance and no goal is judged; \
+                 `cargo xtask bench --quick` or `cargo xtask bench` measure the goals."
+            );
+        } else {
+            let _ = writeln!(
+                md,
+                "| metric | goal | measured | status |\n|---|---|---|---|"
+            );
+        }
         for g in &self.goals {
-            let status = match g.met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "(smoke: not judged)",
-            };
+            let status = if g.met { "met" } else { "**missed**" };
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {status} |",

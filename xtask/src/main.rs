@@ -18,7 +18,20 @@ fn main() -> Result<()> {
         "fmt" => run(cargo().args(["fmt", "--all"])),
         "layering" => layering(),
         "test" => test(),
-        "browser" => browser::run(&root()?),
+        "browser" => {
+            let skipped = browser::run(&root()?)?;
+            if !skipped.is_empty() {
+                eprintln!(
+                    "browser: {} skipped ({})",
+                    skipped.len(),
+                    skipped.join("; ")
+                );
+                if under_ci() {
+                    bail!("under CI=true every part must run");
+                }
+            }
+            Ok(())
+        }
         "bench" => bench::run(&root()?, rest),
         "help" | "--help" | "-h" => {
             println!(
@@ -67,15 +80,60 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    step_with_skips(name, || f().map(|()| Vec::new())).map(|_| ())
+}
+
+/// Run one CI step that may skip parts of itself (a missing Chromium, say): returns what it
+/// skipped, each as `part: why`, and says so on its own closing line instead of `ok`.
+fn step_with_skips(name: &str, f: impl FnOnce() -> Result<Vec<String>>) -> Result<Vec<String>> {
     let t = Instant::now();
     eprintln!("\n==> {name}");
-    f().with_context(|| format!("step `{name}` failed"))?;
-    eprintln!("==> {name}: ok ({:.1}s)", t.elapsed().as_secs_f64());
-    Ok(())
+    let skipped = f().with_context(|| format!("step `{name}` failed"))?;
+    let secs = t.elapsed().as_secs_f64();
+    if skipped.is_empty() {
+        eprintln!("==> {name}: ok ({secs:.1}s)");
+    } else {
+        eprintln!(
+            "==> {name}: ran with {} SKIPPED ({secs:.1}s): {}",
+            skipped.len(),
+            skipped.join("; ")
+        );
+    }
+    Ok(skipped)
+}
+
+/// `CI=true` (or `1`): CI, where nothing may be skipped.
+pub(crate) fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn ci() -> Result<()> {
     let t = Instant::now();
+    let result = ci_steps();
+    let secs = t.elapsed().as_secs_f64();
+    // The last line names everything that did not run, whatever else happened.
+    match result {
+        Err(e) => {
+            eprintln!("\nci: FAILED after {secs:.0} s: {e:#}");
+            std::process::exit(1);
+        }
+        Ok(skipped) if skipped.is_empty() => {
+            eprintln!("\nci: green, nothing skipped, {secs:.0} s");
+            Ok(())
+        }
+        Ok(skipped) => {
+            let line = format!("{} skipped ({})", skipped.len(), skipped.join("; "));
+            if under_ci() {
+                eprintln!("\nci: FAILED, {line}: under CI=true every part must run, {secs:.0} s");
+                std::process::exit(1);
+            }
+            eprintln!("\nci: green, {line}, {secs:.0} s");
+            Ok(())
+        }
+    }
+}
+
+fn ci_steps() -> Result<Vec<String>> {
     step("fmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
     step("clippy", || {
         run(cargo().args([
@@ -89,10 +147,9 @@ fn ci() -> Result<()> {
     })?;
     step("layering", layering)?;
     step("tests", test)?;
-    step("browser", || browser::run(&root()?))?;
+    let skipped = step_with_skips("browser", || browser::run(&root()?))?;
     step("bench smoke", || bench::smoke(&root()?))?;
-    eprintln!("\nci: all green in {:.0}s", t.elapsed().as_secs_f64());
-    Ok(())
+    Ok(skipped)
 }
 
 /// Crates that must stay free of runtimes, sockets and databases.

@@ -4,10 +4,13 @@
 //! cargo run -p seqcast-client --example follow -- \
 //!     --url ws://127.0.0.1:8080/ws --token T --channel search --request-id r1
 //! ```
+//!
+//! `--since N` resumes after sequence number N (a position a service kept across its own
+//! restart); `--count N` exits after N messages (for scripts; the default follows forever).
 
 use clap::Parser;
 use futures_util::StreamExt;
-use seqcast_client::{Client, ConnectionState, Event, fixed_token};
+use seqcast_client::{Client, ConnectionState, Event, Resume, fixed_token};
 
 #[derive(Debug, Parser)]
 #[command(about = "Follow one seqcast subscription key and print its messages")]
@@ -24,6 +27,12 @@ struct Args {
     /// The request id to follow.
     #[arg(long)]
     request_id: String,
+    /// Resume after this sequence number instead of starting with the key's recent backlog.
+    #[arg(long)]
+    since: Option<u64>,
+    /// Exit after this many messages (default: follow until Ctrl-C).
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -46,14 +55,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let mut events = client.subscribe(&args.channel, &args.request_id).await?;
-    loop {
+    let mut events = match args.since {
+        Some(since) => {
+            let resume = Resume { since, epoch: None };
+            client
+                .subscribe_from(&args.channel, &args.request_id, resume)
+                .await?
+        }
+        None => client.subscribe(&args.channel, &args.request_id).await?,
+    };
+    let mut printed = 0;
+    while args.count.is_none_or(|n| printed < n) {
         tokio::select! {
             event = events.next() => match event {
-                Some(Event::Message(m)) => println!(
-                    "#{} [{}:{} stream #{}] {}",
-                    m.sequence_number, m.channel, m.request_id, m.stream_sequence, m.data_json()
-                ),
+                Some(Event::Message(m)) => {
+                    println!(
+                        "#{} [{}:{} stream #{}] {}",
+                        m.sequence_number, m.channel, m.request_id, m.stream_sequence, m.data_json()
+                    );
+                    printed += 1;
+                }
                 Some(Event::Subscribed(s)) => eprintln!(
                     "subscribed to {} (since {:?}, drained {}, head {})",
                     s.key, s.since, s.drained, s.head

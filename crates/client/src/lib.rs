@@ -29,7 +29,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Boundary: speaks the WebSocket protocol of seqcast's CONTRACT.md §4 through the frame types,
+//! Boundary: speaks seqcast's WebSocket protocol (docs/protocol.md) through the frame types,
 //! encoders and decoders of `seqcast-protocol`; it does no HTTP (recovery over
 //! `GET /websocket/messages` is left to the caller).
 //!

@@ -418,7 +418,7 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
          dev token (sub=dev, every channel, may publish, 24 h):\n    {token}\n  \
          API key:\n    {api_key}\n\n  \
          try:\n    curl -s -H 'Authorization: ApiKey {api_key}' -H 'Content-Type: application/json' \\\n      \
-         -d '{{\"channel\":\"demo\",\"request_id\":\"r1\",\"data\":{{\"hello\":\"world\"}}}}' http://{addr}/api/publish\n    \
+         -d '{{\"channel\":\"search\",\"request_id\":\"r1\",\"data\":{{\"hello\":\"world\"}}}}' http://{addr}/api/publish\n    \
          curl -s -H 'Authorization: Bearer {token}' 'http://{addr}/websocket/messages?since=0'\n  \
          demo page: http://{addr}/\n"
     );
@@ -440,6 +440,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/metrics", get(http::metrics))
         .route("/openapi.json", get(http::assets::openapi))
         .route("/", get(http::assets::demo_page))
+        .route("/favicon.ico", get(http::assets::favicon))
         .route("/client/seqcast.js", get(http::assets::client_js))
         .route("/client/seqcast.d.ts", get(http::assets::client_dts))
         .route("/dev/token", get(http::assets::dev_token))

@@ -64,9 +64,28 @@ pub struct TokenArgs {
     /// Allow the token to publish (`publish: true` claim).
     #[arg(long)]
     pub publish: bool,
-    /// Server settings (for the secret).
-    #[command(flatten)]
-    pub settings: ServeArgs,
+    /// The server's TOML settings file (where its `jwt_secret` or `data_dir` may be set).
+    #[arg(long, env = "SEQCAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's data directory, where a development secret is kept (`./seqcast-data`).
+    #[arg(long, env = "SEQCAST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The server's HS256 secret (absent: the development secret in the data directory).
+    #[arg(long, env = "SEQCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+impl TokenArgs {
+    /// The server settings these flags name: only what finds the secret; the rest from the
+    /// settings file, else the defaults.
+    pub fn serve_args(&self) -> ServeArgs {
+        ServeArgs {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            jwt_secret: self.jwt_secret.clone(),
+            ..ServeArgs::default()
+        }
+    }
 }
 
 /// Which store assigns sequence numbers.
@@ -196,13 +215,14 @@ pub struct ServeArgs {
 /// A settings problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// The TOML file could not be read. (Its OS error is part of this message, not a `source`,
+    /// so that `{:#}` does not print it twice.)
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The TOML file is not valid.
     #[error("invalid config file {path}: {message}")]
@@ -278,9 +298,9 @@ impl Settings {
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 toml::from_str::<ServeArgs>(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),

@@ -486,6 +486,17 @@ pub mod assets {
         asset("application/typescript; charset=utf-8", CLIENT_DTS)
     }
 
+    /// `GET /favicon.ico` — 204: the demo page brings its own icon inline, and a browser's
+    /// automatic request should not fill logs and consoles with 404s.
+    pub async fn favicon() -> Response {
+        let mut r = axum::http::StatusCode::NO_CONTENT.into_response();
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=86400"),
+        );
+        r
+    }
+
     /// `GET /` — the demo page.
     pub async fn demo_page() -> Response {
         asset("text/html; charset=utf-8", DEMO_HTML)

@@ -89,7 +89,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 fn token(t: &seqcast_server::config::TokenArgs) -> anyhow::Result<()> {
-    let settings = Settings::resolve(&t.settings)?;
+    let settings = Settings::resolve(&t.serve_args())?;
     let secret = match &settings.jwt_secret {
         Some(s) => s.clone(),
         None => {
@@ -120,8 +120,28 @@ fn db_path(args: &ServeArgs) -> anyhow::Result<std::path::PathBuf> {
 fn db_migrate(args: &ServeArgs) -> anyhow::Result<()> {
     let path = db_path(args)?;
     let report = seqcast_persistence::migrate(&path)?;
-    println!("migrated {}: {report:?}", path.display());
+    println!("{}: {}", path.display(), migration_summary(&report));
     Ok(())
+}
+
+/// `schema 3, nothing to apply` / `applied 1 migration: schema 3 (3 retry_index)`.
+fn migration_summary(report: &seqcast_persistence::MigrationReport) -> String {
+    let version = report.schema_version;
+    match report.applied.as_slice() {
+        [] => format!("schema {version}, nothing to apply"),
+        applied => {
+            let names: Vec<String> = applied
+                .iter()
+                .map(|m| format!("{} {}", m.version, m.name))
+                .collect();
+            format!(
+                "applied {} migration{}: schema {version} ({})",
+                applied.len(),
+                if applied.len() == 1 { "" } else { "s" },
+                names.join(", ")
+            )
+        }
+    }
 }
 
 fn db_repair(args: &ServeArgs) -> anyhow::Result<()> {
