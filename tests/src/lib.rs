@@ -407,25 +407,9 @@ impl Client {
 
     /// Next event, within [`PROMPT`].
     pub async fn next_event(&mut self) -> Event {
-        loop {
-            let msg = tokio::time::timeout(PROMPT, self.ws.next())
-                .await
-                .expect("no frame within the deadline");
-            return match msg {
-                Some(Ok(Message::Text(t))) => Event::Frame(
-                    decode_server_frame(t.as_str())
-                        .unwrap_or_else(|e| panic!("bad frame {t}: {e}")),
-                ),
-                Some(Ok(Message::Close(c))) => match c {
-                    Some(CloseFrame { code, reason }) => {
-                        Event::Closed(code.into(), reason.to_string())
-                    }
-                    None => Event::Closed(1005, String::new()),
-                },
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => Event::Ended,
-            };
-        }
+        self.next_event_within(PROMPT)
+            .await
+            .expect("no frame within the deadline")
     }
 
     /// Next server frame (panics on close).
