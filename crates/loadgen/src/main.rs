@@ -118,6 +118,10 @@ enum Scenario {
         /// Messages published live after the catch-up (the seam check).
         #[arg(long, default_value_t = 10)]
         live: usize,
+        /// Seconds between publishing and subscribing (lets the WAL checkpoint of the burst finish
+        /// outside the measured catch-up).
+        #[arg(long, default_value_t = 1.0)]
+        settle_secs: f64,
         #[arg(long, default_value_t = 60.0)]
         deadline_secs: f64,
     },
@@ -278,11 +282,13 @@ fn main() -> anyhow::Result<()> {
                 server,
                 messages,
                 live,
+                settle_secs,
                 deadline_secs,
             } => {
                 let args = catchup::CatchupArgs {
                     messages,
                     live,
+                    settle: secs(settle_secs),
                     deadline: secs(deadline_secs),
                 };
                 catchup::run(&server.target()?, &args).await

@@ -44,6 +44,8 @@ pub struct AppState {
     pub message_ids: http::MessageIds,
     /// Held while the server runs: one process per data directory.
     pub data_dir_lock: Option<std::fs::File>,
+    /// Log pages shared by cursors catching up over the same range.
+    pub pages: crate::pages::PageCache,
 }
 
 /// A running server.
@@ -144,6 +146,7 @@ pub async fn start(
         None
     };
 
+    let pages = crate::pages::PageCache::new(settings.cache_bytes / PAGE_CACHE_SHARE);
     let app = Arc::new(AppState {
         hub,
         auth,
@@ -154,6 +157,7 @@ pub async fn start(
         dev_mode,
         message_ids: http::MessageIds::default(),
         data_dir_lock,
+        pages,
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
@@ -227,6 +231,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     start(settings, shutdown).await?.wait().await
 }
 
+/// The shared log pages get this fraction (1/n) of `--cache-bytes`; the tail cache the rest.
+const PAGE_CACHE_SHARE: usize = 4;
+
 /// How many of the log's newest events are read at start to refill the cache (the cache keeps
 /// what fits its byte budget).
 const CACHE_REFILL_EVENTS: usize = 10_000;
@@ -275,7 +282,9 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         Store::Memory { reader, .. } => log_state(reader)?,
         Store::Sqlite { reader, .. } => log_state(reader)?,
     };
-    let hub = Hub::new(epoch, head, floor, settings.cache_bytes, &recent)
+    // One budget: the tail cache gets most of it, the shared log pages the rest.
+    let tail_bytes = settings.cache_bytes - settings.cache_bytes / PAGE_CACHE_SHARE;
+    let hub = Hub::new(epoch, head, floor, tail_bytes, &recent)
         .context("the log's newest events are not a dense run")?;
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));

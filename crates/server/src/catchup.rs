@@ -4,12 +4,15 @@
 //! arrives live, never twice.
 
 use seqcast_backlog::{KeyHistory, plan_drain};
-use seqcast_persistence::{EventFilter, EventReader, LogPage};
+use std::sync::Arc;
+
+use seqcast_persistence::{EventFilter, EventReader};
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::pages::SharedPage;
 use crate::read_log;
 
 /// Where a new subscription's cursor starts, and what its `sub_ack` says.
@@ -154,18 +157,18 @@ pub async fn plan_start(
 }
 
 /// One page of `key`'s log in `(after, through]`, read with the retention floor in one read
-/// transaction.
+/// transaction — or the same page another cursor read a moment ago (see [`crate::pages`]).
 pub async fn read_key_page(
     app: &AppState,
     key: SubscriptionKey,
     after: u64,
     through: u64,
     limit: usize,
-) -> Result<LogPage, ApiError> {
-    read_log!(&app.store, |r| r.page(
-        &EventFilter::Key(key),
-        after,
-        through,
-        limit
-    ))
+) -> Result<Arc<SharedPage>, ApiError> {
+    app.pages
+        .get(&key, after, through, limit, || {
+            let filter = EventFilter::Key(key.clone());
+            async move { read_log!(&app.store, |r| r.page(&filter, after, through, limit)) }
+        })
+        .await
 }

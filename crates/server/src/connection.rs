@@ -21,16 +21,16 @@ use seqcast_protocol::{
     decode_client_frame, encode_server_frame,
 };
 
-use seqcast_persistence::LogPage;
 use seqcast_sequencing::{Cursor, Phase, Step};
 
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
-use crate::hub::{Frame, Hub, Join, Subscriber};
+use crate::hub::{Frame, Join, Subscriber};
 use crate::metrics::Metrics;
 use crate::now_ms;
+use crate::pages::SharedPage;
 
 /// What we know of a connection for its log lines.
 struct ConnInfo {
@@ -258,7 +258,7 @@ enum JobDone {
     /// A page of a key's log was read.
     Page {
         key: SubscriptionKey,
-        result: Result<LogPage, ApiError>,
+        result: Result<Arc<SharedPage>, ApiError>,
     },
 }
 
@@ -442,8 +442,8 @@ fn on_job_done(
                         close_behind(app, sub, info, &key, position, page.floor);
                         return;
                     }
-                    let n = page.events.len() as u64;
-                    if sub.push(page.events.iter().map(Hub::frame_of)) {
+                    let n = page.frames.len() as u64;
+                    if sub.push(page.frames.iter().cloned()) {
                         Metrics::add(&app.hub.metrics.deliveries, n);
                     }
                     subs.catching_up.push_back(key);

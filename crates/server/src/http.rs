@@ -415,6 +415,11 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let mut gauges = app.hub.gauges().to_vec();
+    gauges.push((
+        "seqcast_page_cache_bytes",
+        "Bytes of log pages shared by cursors catching up over the same range",
+        app.pages.bytes() as u64,
+    ));
     let mut counters = Vec::new();
     if let Some((stats, queued)) = app.store.writer_stats() {
         counters.extend([

@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod pages;
 pub mod storage;
 
 pub use app::{ServerHandle, run, start};

@@ -25,6 +25,9 @@ pub struct CatchupArgs {
     pub messages: usize,
     /// Messages published live after the catch-up, to check the seam.
     pub live: usize,
+    /// Pause between publishing and subscribing, so that the database's background work after
+    /// the burst (the WAL checkpoint) is not counted as catch-up CPU.
+    pub settle: Duration,
     /// Longest the catch-up (and, separately, the live part) may take.
     pub deadline: Duration,
 }
@@ -70,6 +73,7 @@ pub async fn run(target: &Target, args: &CatchupArgs) -> anyhow::Result<Value> {
     let published_at = Instant::now();
     publish_many(&mut http, &auth, &request_id, args.messages).await?;
     let publish_s = published_at.elapsed().as_secs_f64();
+    tokio::time::sleep(args.settle).await;
 
     let (mut c, hello) = ws::open_with(target, 0, 256 * 1024, None).await?;
     let mut check = StreamCheck::after(0);
