@@ -15,7 +15,9 @@ mod names;
 mod pattern;
 mod server;
 
-pub use client::{ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame};
+pub use client::{
+    Auth, ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame,
+};
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, ErrorBody, ErrorDetail, ParamError,
     PublishRequest, PublishResponse, RecoveryMeta, RecoveryResponse, StreamPage, decode_batch,
@@ -29,7 +31,7 @@ pub use pattern::KeyPattern;
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{
-    Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
+    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
     decode_server_frame, encode_message, encode_message_ref, encode_server_frame,
 };
 

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use axum::Extension;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,8 +21,9 @@ use crate::auth::{Authority, dev_secret};
 use crate::config::{Settings, StorageKind};
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::limits::Limiter;
 use crate::storage::Store;
-use crate::{connection, http, now_ms};
+use crate::{connection, http, listener, now_ms};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
@@ -44,6 +46,8 @@ pub struct AppState {
     pub message_ids: http::MessageIds,
     /// Held while the server runs: one process per data directory.
     pub data_dir_lock: Option<std::fs::File>,
+    /// Connection caps and rate limits.
+    pub limiter: Arc<Limiter>,
 }
 
 /// A running server.
@@ -95,17 +99,25 @@ pub async fn start(
             (s, true)
         }
     };
-    let api_key = match &settings.api_key {
-        Some(k) => k.clone(),
-        None => {
+    let api_keys = if settings.api_keys.is_empty() {
+        vec![
             dev_secret(&settings.data_dir, "api-key")
                 .with_context(|| {
                     format!("cannot keep an API key in {}", settings.data_dir.display())
                 })?
-                .0
-        }
+                .0,
+        ]
+    } else {
+        settings.api_keys.clone()
     };
-    let auth = Authority::new(&jwt_secret, &api_key);
+    let api_key = api_keys[0].clone();
+    let mut auth = Authority::with_keys(&jwt_secret, api_keys)
+        .require(settings.jwt_issuer.clone(), settings.jwt_audience.clone());
+    if let Some(path) = &settings.jwt_public_key {
+        auth = auth
+            .with_public_keys(path)
+            .map_err(|e| anyhow::anyhow!("--jwt-public-key: {e}"))?;
+    }
 
     for name in &settings.retired {
         tracing::warn!(
@@ -144,6 +156,7 @@ pub async fn start(
         None
     };
 
+    let settings_limits = settings.limits.clone();
     let app = Arc::new(AppState {
         hub,
         auth,
@@ -154,20 +167,21 @@ pub async fn start(
         dev_mode,
         message_ids: http::MessageIds::default(),
         data_dir_lock,
+        limiter: Arc::new(Limiter::new(settings_limits)),
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
     let task = tokio::spawn(async move {
-        let graceful = app.shutdown.clone();
-        // Frames are small and latency matters: never let Nagle hold one back for an ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { graceful.cancelled().await })
-            .await;
+        listener::serve(
+            listener,
+            router,
+            app.settings.http_timeouts.header,
+            app.shutdown.clone(),
+            app.settings.shutdown_grace,
+        )
+        .await;
         tracing::info!(
             event = "shutting_down",
             open_connections = app.connections.len(),
@@ -187,7 +201,7 @@ pub async fn start(
         retention.abort();
         app.store.close().await;
         tracing::info!(event = "stopped", "server stopped");
-        served.context("server failed")
+        Ok(())
     });
     Ok(ServerHandle {
         addr,
@@ -424,8 +438,11 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
     );
 }
 
-/// The routes.
+/// The routes, with a deadline on each request's body and handling, a cap on requests handled
+/// at once, and JSON bodies on every error status.
 pub fn router(app: Arc<AppState>) -> Router {
+    let timeouts = app.settings.http_timeouts;
+    let concurrency = app.settings.http_concurrency;
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/websocket/messages", get(http::recover))
@@ -445,10 +462,22 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/dev/token", get(http::assets::dev_token))
         .fallback(http::not_found)
         .with_state(app)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            timeouts.body,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeouts.request,
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
+        .layer(axum::middleware::map_response(
+            crate::error::json_error_bodies,
+        ))
 }
 
 async fn ws_upgrade(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -458,6 +487,16 @@ async fn ws_upgrade(
     if app.shutdown.is_cancelled() {
         return ApiError::Unavailable("server is shutting down".into()).into_response();
     }
+    let ip = app
+        .limiter
+        .client_ip(peer.map(|Extension(ConnectInfo(a))| a), &headers);
+    let slot = match app.limiter.admit_connection(ip) {
+        Ok(slot) => slot,
+        Err(e) => {
+            tracing::info!(event = "connection_refused", client_ip = ip.map(|i| i.to_string()), code = %e.code(), reason = e.message(), "WebSocket upgrade refused by a limit");
+            return e.into_response();
+        }
+    };
     let pre_auth = match headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -475,7 +514,12 @@ async fn ws_upgrade(
     ws.read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, app, pre_auth)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                connection::serve(socket, app, pre_auth).await;
+                drop(slot);
+            })
+        })
 }
 
 /// Browsers send `Origin`; other clients don't, and are let through. Absent an allow-list, only

@@ -263,10 +263,24 @@ impl Filter {
     }
 }
 
+/// A declared `Content-Length` over the limit is refused at once, before any of the body is read.
+fn check_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(ApiError::TooLarge(format!(
+            "request body of {n} bytes exceeds the limit of {limit} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::TooLarge(format!("request body exceeds the limit of {limit} bytes")))
+        .map_err(|e| ApiError::from_body_error(&e, limit))
 }
 
 fn new_event(req: PublishRequest, grant: &Grant, ids: &MessageIds) -> Result<NewEvent, ApiError> {
@@ -331,7 +345,9 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    check_length(&headers, app.settings.max_message_bytes)?;
     let grant = app.auth.publisher(authorization(&headers))?;
+    app.limiter.admit_publish(&grant.rate_key(), 1)?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant, &app.message_ids)?;
@@ -348,10 +364,13 @@ pub async fn publish_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let grant = app.auth.publisher(authorization(&headers))?;
     let limit = app.settings.max_message_bytes.saturating_mul(16);
+    check_length(&headers, limit)?;
+    let grant = app.auth.publisher(authorization(&headers))?;
     let bytes = read_body(body, limit).await?;
     let req = decode_batch(&bytes)?;
+    app.limiter
+        .admit_publish(&grant.rate_key(), req.messages.len())?;
     let events = req
         .messages
         .into_iter()
