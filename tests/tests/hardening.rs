@@ -640,3 +640,26 @@ async fn publish_rate_per_key_answers_429_with_retry_after() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+// ---------- faults ----------
+
+#[tokio::test]
+async fn a_deleted_database_is_noticed_publishes_503_and_readyz_503() {
+    let s = TestServer::start().await;
+    s.publish("c", "r", json!(1)).await;
+    assert_eq!(s.get("/readyz", None).await.0, 200);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(s.data_dir.join(format!("seqcast.db{suffix}")));
+    }
+    // Noticed on the timer (every second) without any write…
+    s.wait_for_log(|v| v["event"] == "database_lost").await;
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("gone"), "{body}");
+    // …and publishes are refused instead of going into the unlinked file.
+    let (status, body) = s
+        .publish_raw(&json!({"channel": "c", "request_id": "r", "data": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+}

@@ -201,6 +201,19 @@ impl DbWriter {
         }
     }
 
+    /// False once the writer thread has stopped (shut down, or died): appends can only fail.
+    pub fn is_running(&self) -> bool {
+        if self.commands.is_closed() {
+            return false;
+        }
+        self.shared
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|t| !t.is_finished())
+    }
+
     /// Commands waiting in the queue (pushed, not yet taken by the writer thread).
     ///
     /// Counted from completed pushes rather than from the channel's free slots: a sender can

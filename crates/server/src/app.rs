@@ -2,6 +2,7 @@
 //! graceful shutdown).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -48,6 +49,66 @@ pub struct AppState {
     pub data_dir_lock: Option<std::fs::File>,
     /// Connection caps and rate limits.
     pub limiter: Arc<Limiter>,
+    /// The database file as opened (device, inode); `None` for memory storage.
+    pub db_identity: Option<(PathBuf, (u64, u64))>,
+    /// Why the database cannot take writes, when the server noticed (file removed or replaced).
+    pub db_fault: std::sync::Mutex<Option<String>>,
+}
+
+impl AppState {
+    /// Why publishes would fail right now, if they would: the writer stopped, or the database
+    /// file is not the one that was opened. `/readyz` and the publish endpoints both ask.
+    pub fn write_fault(&self) -> Option<String> {
+        if !self.store.writer_running() {
+            return Some("the database writer has stopped".into());
+        }
+        self.db_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Look at the database file again; record (and log once) when it was removed or replaced.
+    pub fn check_database_file(&self) {
+        let Some((path, opened)) = &self.db_identity else {
+            return;
+        };
+        let now = match file_identity(path) {
+            Ok(id) if id == *opened => None,
+            Ok(_) => Some(format!(
+                "the database file {} was replaced while the server ran; restart to open the new one",
+                path.display()
+            )),
+            Err(e) => Some(format!(
+                "the database file {} is gone ({e}); writes would be lost",
+                path.display()
+            )),
+        };
+        let mut fault = self
+            .db_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (&*fault, &now) {
+            (None, Some(why)) => {
+                tracing::error!(event = "database_lost", error = %why, "publishes are refused with 503 until the database file is back");
+            }
+            (Some(_), None) => {
+                tracing::info!(
+                    event = "database_back",
+                    "the database file is back: publishes resume"
+                );
+            }
+            _ => {}
+        }
+        *fault = now;
+    }
+}
+
+/// (device, inode) of a file.
+fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// A running server.
@@ -157,6 +218,15 @@ pub async fn start(
     };
 
     let settings_limits = settings.limits.clone();
+    let db_identity = match settings.storage {
+        StorageKind::Sqlite => {
+            let path = settings.data_dir.join("seqcast.db");
+            let id =
+                file_identity(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+            Some((path, id))
+        }
+        _ => None,
+    };
     let app = Arc::new(AppState {
         hub,
         auth,
@@ -168,11 +238,14 @@ pub async fn start(
         message_ids: http::MessageIds::default(),
         data_dir_lock,
         limiter: Arc::new(Limiter::new(settings_limits)),
+        db_identity,
+        db_fault: std::sync::Mutex::new(None),
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
+    let watch = tokio::spawn(watch_database(Arc::clone(&app)));
     let task = tokio::spawn(async move {
         listener::serve(
             listener,
@@ -199,6 +272,7 @@ pub async fn start(
             );
         }
         retention.abort();
+        watch.abort();
         app.store.close().await;
         tracing::info!(event = "stopped", "server stopped");
         Ok(())
@@ -359,6 +433,24 @@ fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
     )?;
     file.flush()?;
     Ok(file)
+}
+
+/// Look at the database file every second: removed or replaced means writes would be lost.
+async fn watch_database(app: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut writer_was_running = true;
+    loop {
+        tick.tick().await;
+        app.check_database_file();
+        let running = app.store.writer_running();
+        if writer_was_running && !running && !app.shutdown.is_cancelled() {
+            tracing::error!(
+                event = "writer_stopped",
+                "the database writer has stopped: publishes answer 503 and /readyz 503; restart the server"
+            );
+        }
+        writer_was_running = running;
+    }
 }
 
 /// Events deleted per prune transaction: short, so publishes are never held up for long.

@@ -339,6 +339,18 @@ impl MessageIds {
     }
 }
 
+/// Commit unless the database is known to be lost; a failed write looks at the file again.
+async fn commit(app: &AppState, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, ApiError> {
+    if let Some(why) = app.write_fault() {
+        return Err(ApiError::Unavailable(why));
+    }
+    let result = app.store.commit(&app.hub, events).await;
+    if result.is_err() {
+        app.check_database_file();
+    }
+    result
+}
+
 /// `POST /api/publish`
 pub async fn publish(
     State(app): State<Arc<AppState>>,
@@ -351,7 +363,7 @@ pub async fn publish(
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant, &app.message_ids)?;
-    let committed = app.store.commit(&app.hub, vec![ev]).await?;
+    let committed = commit(&app, vec![ev]).await?;
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
@@ -376,7 +388,7 @@ pub async fn publish_batch(
         .into_iter()
         .map(|m| new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = app.store.commit(&app.hub, events).await?;
+    let committed = commit(&app, events).await?;
     Ok(axum::Json(BatchPublishResponse {
         results: committed.iter().map(answer).collect(),
     })
@@ -416,12 +428,21 @@ pub async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
 }
 
-/// `GET /readyz`: ready to take traffic (not shutting down).
+/// `GET /readyz`: ready to take traffic: not shutting down, and publishes would not be refused
+/// for a stopped writer or a lost database file (the body says why).
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.shutdown.is_cancelled() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting_down"}"#.into(),
+        )
+    } else if let Some(why) = {
+        app.check_database_file();
+        app.write_fault()
+    } {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "reason": why}).to_string(),
         )
     } else {
         json_response(

@@ -105,6 +105,14 @@ impl Store {
         }
     }
 
+    /// False when the database writer has stopped: publishes can only fail.
+    pub fn writer_running(&self) -> bool {
+        match self {
+            Store::Memory { .. } => true,
+            Store::Sqlite { writer, .. } => writer.is_running(),
+        }
+    }
+
     /// The backend's name, as `--storage` spells it.
     pub fn name(&self) -> &'static str {
         match self {
