@@ -663,3 +663,28 @@ async fn a_deleted_database_is_noticed_publishes_503_and_readyz_503() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable");
 }
+
+/// A writer thread that died (here by the test-only fault hook, as a bug would kill it) is not
+/// hidden: publishes answer 503, `/readyz` 503 with the reason, and the server logs it once.
+#[tokio::test]
+async fn readyz_is_503_when_the_writer_thread_died() {
+    let mut o = Options::default();
+    o.env
+        .push(("SEQCAST_TEST_FAULT".into(), "kill-writer-after=1".into()));
+    let s = TestServer::start_with(o).await;
+    s.publish("c", "r", json!(1)).await;
+    assert_eq!(s.get("/readyz", None).await.0, 200);
+    // The next group finds the writer dead.
+    let (status, body) = s
+        .publish_raw(&json!({"channel": "c", "request_id": "r", "data": 2}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("writer"),
+        "{body}"
+    );
+    s.wait_for_log(|v| v["event"] == "writer_stopped").await;
+}

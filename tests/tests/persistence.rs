@@ -398,8 +398,18 @@ async fn a_locked_database_answers_503_and_publishes_nothing() {
         )
         .await;
     assert_eq!(status, 503);
+    // Locked past the busy timeout: not ready either, and the body says why.
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("locked"),
+        "{body}"
+    );
     c.expect_nothing_more().await;
     db.execute_batch("ROLLBACK").unwrap();
+    // The lock is gone: /readyz probes and is ready again before any publish.
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
 
     let r = s.publish("lock", "r", json!("after")).await;
     assert_eq!(
@@ -454,9 +464,16 @@ async fn a_read_only_database_file_answers_503_until_writable() {
     let (status, body) = s
         .publish_raw(&json!({"channel": "ro", "request_id": "r", "data": 2}))
         .await;
+    let (ready, ready_body) = s.get("/readyz", None).await;
     assert!(chattr("-i"), "could not make the database writable again");
     assert_eq!(status, 503, "{body}");
+    assert_eq!(ready, 503, "/readyz while read-only: {ready_body}");
+    assert!(ready_body["reason"].is_string(), "{ready_body}");
     c.expect_nothing_more().await;
+    // Writable again: noticed by the server's own probe, without a restart or a publish.
+    s.wait_for_log(|v| v["event"] == "database_writable").await;
+    let (ready, ready_body) = s.get("/readyz", None).await;
+    assert_eq!(ready, 200, "{ready_body}");
     let r = s.publish("ro", "r", json!(3)).await;
     assert_eq!(r["stream_sequence"], 2);
     assert_eq!(data(&c.expect_message().await), json!(3));
@@ -589,4 +606,127 @@ async fn a_window_larger_than_the_ring_is_served_from_the_database() {
     // Outside the window: incomplete.
     let (_, old) = s.get("/websocket/messages?since=10", Some(&t)).await;
     assert_eq!(old["complete"], false);
+}
+
+/// A small tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying so loudly) when mounting is not permitted here; under `CI=true`
+    /// that is a failure instead.
+    fn mount(size: &str, test: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let why =
+                format!("SKIPPED {test}: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)");
+            assert!(std::env::var("CI").is_err(), "{why}; CI must run it");
+            eprintln!("\n*** {why} ***\n");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fill the filesystem under `dir` to the last byte with one file.
+fn fill_disk(file: &Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        if f.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    while f.write_all(&small[..1]).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// Disk full: publishes answer 503 and `/readyz` 503 saying the disk is full; once space is
+/// freed the same process takes writes again (no restart) and no number was used up.
+#[tokio::test]
+async fn a_full_disk_answers_503_and_recovers_when_space_is_freed() {
+    let Some(fs) = Tmpfs::mount(
+        "8m",
+        "a_full_disk_answers_503_and_recovers_when_space_is_freed",
+    ) else {
+        return;
+    };
+    let data_dir = fs.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let s = TestServer::start_with(sqlite(&data_dir, &[])).await;
+    let t = token("r", None);
+    let mut c = s.client(&t).await;
+    c.subscribe("full", "r").await;
+    s.publish("full", "r", json!("before")).await;
+    assert_eq!(c.expect_message().await.sequence_number, 1);
+
+    let filler = fs.path().join("filler");
+    fill_disk(&filler);
+    // Each publish needs new pages in the WAL; with no byte left one of the first ones fails.
+    let big = "x".repeat(200 * 1024);
+    let mut refused = None;
+    for i in 0..20 {
+        let (status, body) = s
+            .publish_raw(
+                &json!({"channel": "full", "request_id": "r", "data": format!("{i}{big}")}),
+            )
+            .await;
+        if status == 503 {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        c.expect_message().await;
+    }
+    let body = refused.expect("no publish was refused on a full disk");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("full"), "{body}");
+    c.expect_nothing_more().await;
+
+    std::fs::remove_file(&filler).unwrap();
+    s.wait_for_log(|v| v["event"] == "database_writable").await;
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    let head_before = c_head(&s, &t).await;
+    let r = s.publish("full", "r", json!("after")).await;
+    assert_eq!(
+        r["sequence_number"],
+        head_before + 1,
+        "a refused write used up a number"
+    );
+    assert_eq!(data(&c.expect_message().await), json!("after"));
+    drop(c);
+    drop(s);
+}
+
+/// The newest sequence number the recovery endpoint reports.
+async fn c_head(s: &TestServer, t: &str) -> u64 {
+    let (_, rec) = s.get("/websocket/messages?since=0&limit=1", Some(t)).await;
+    rec["head"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no head in {rec}"))
 }

@@ -68,6 +68,40 @@ impl AppState {
             .clone()
     }
 
+    /// Why the server is not ready for publishes: [`AppState::write_fault`], or the last write
+    /// failed for a reason of the database's (read-only, full, locked past the busy timeout).
+    /// A failing database is probed first (a write that changes nothing, at most
+    /// [`PROBE_DEADLINE`]), so a condition that cleared is seen without waiting for a publish.
+    pub async fn readiness_fault(&self) -> Option<String> {
+        self.check_database_file();
+        if let Some(why) = self.write_fault() {
+            return Some(why);
+        }
+        if let Some(why) = self.disk_full() {
+            return Some(why);
+        }
+        if self.store.write_health().is_some() {
+            let _ = tokio::time::timeout(PROBE_DEADLINE, self.store.probe()).await;
+        }
+        self.store.write_health()
+    }
+
+    /// The disk under the database cannot take one more message of the largest size
+    /// (`max_message_bytes` plus a MiB of WAL and index pages): publishes could fail.
+    fn disk_full(&self) -> Option<String> {
+        let (path, _) = self.db_identity.as_ref()?;
+        let dir = path.parent()?;
+        let stat = rustix::fs::statvfs(dir).ok()?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        let need = (self.settings.max_message_bytes as u64).saturating_add(1 << 20);
+        (free < need).then(|| {
+            format!(
+                "the disk holding {} is full: {free} bytes free, below the {need} one message of the largest size may need",
+                dir.display()
+            )
+        })
+    }
+
     /// Look at the database file again; record (and log once) when it was removed or replaced.
     pub fn check_database_file(&self) {
         let Some((path, opened)) = &self.db_identity else {
@@ -103,6 +137,10 @@ impl AppState {
         *fault = now;
     }
 }
+
+/// The longest `/readyz` waits for a write probe of a failing database (a lock may hold it
+/// for the whole busy timeout); past it, the last failure stands.
+pub const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// (device, inode) of a file.
 fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
@@ -352,6 +390,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             config.synchronous = settings.synchronous;
             config.busy_timeout = settings.db_busy_timeout;
             config.group_commit = settings.group_commit;
+            config.fault = test_faults();
             let (writer, _info) = DbWriter::open(config, hook).with_context(|| {
                 format!("cannot open the database writer on {}", path.display())
             })?;
@@ -368,6 +407,27 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
     Ok((hub, store))
+}
+
+/// Test-only fault injection for the black-box tests, from `SEQCAST_TEST_FAULT`:
+/// `kill-writer-after=N` makes the database writer thread die after N committed
+/// transactions. Not a setting: unset (always, in production) means no injector at all.
+fn test_faults() -> Option<seqcast_persistence::FaultInjector> {
+    let spec = std::env::var("SEQCAST_TEST_FAULT").ok()?;
+    let fault = seqcast_persistence::FaultInjector::new();
+    match spec
+        .strip_prefix("kill-writer-after=")
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) => fault.kill_writer_after(n),
+        None => tracing::warn!(spec, "unknown SEQCAST_TEST_FAULT; ignored"),
+    }
+    tracing::warn!(
+        event = "test_fault",
+        spec,
+        "test fault injection is armed (SEQCAST_TEST_FAULT); never set it in production"
+    );
+    Some(fault)
 }
 
 /// The log's epoch, head, retention floor and newest events (to refill the cache).
@@ -442,6 +502,11 @@ async fn watch_database(app: Arc<AppState>) {
     loop {
         tick.tick().await;
         app.check_database_file();
+        // A database that failed a write is probed every second, so its recovery is noticed
+        // (and logged) without waiting for a publish.
+        if app.store.write_health().is_some() && app.write_fault().is_none() {
+            let _ = tokio::time::timeout(PROBE_DEADLINE, app.store.probe()).await;
+        }
         let running = app.store.writer_running();
         if writer_was_running && !running && !app.shutdown.is_cancelled() {
             tracing::error!(

@@ -429,17 +429,15 @@ pub async fn healthz() -> Response {
 }
 
 /// `GET /readyz`: ready to take traffic: not shutting down, and publishes would not be refused
-/// for a stopped writer or a lost database file (the body says why).
+/// (writer stopped, database file lost, or the database failing writes: read-only, full,
+/// locked past the busy timeout). The body says why.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.shutdown.is_cancelled() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting_down"}"#.into(),
         )
-    } else if let Some(why) = {
-        app.check_database_file();
-        app.write_fault()
-    } {
+    } else if let Some(why) = app.readiness_fault().await {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "unavailable", "reason": why}).to_string(),
