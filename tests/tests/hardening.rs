@@ -688,3 +688,89 @@ async fn readyz_is_503_when_the_writer_thread_died() {
     );
     s.wait_for_log(|v| v["event"] == "writer_stopped").await;
 }
+
+// ---------- CORS ----------
+
+/// `--allowed-origins` drives CORS on the HTTP API: a preflight from an allowed origin is
+/// answered with its grant, one from a foreign origin gets none, and actual requests carry
+/// the header only for the allowed origin.
+#[tokio::test]
+async fn cors_preflight_answers_an_allowed_origin_and_not_a_foreign_one() {
+    let s = TestServer::start_with(Options::args(&[
+        "--allowed-origins",
+        "https://app.example.com",
+    ]))
+    .await;
+    let preflight = |origin: &'static str, path: &'static str, method: &'static str| {
+        s.http
+            .request(reqwest::Method::OPTIONS, s.url(path))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", method)
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    for (path, method) in [
+        ("/api/publish", "POST"),
+        ("/websocket/messages?since=0", "GET"),
+        ("/api/streams/c/r/messages", "GET"),
+    ] {
+        let r = preflight("https://app.example.com", path, method)
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        let h = r.headers();
+        assert_eq!(
+            h["access-control-allow-origin"], "https://app.example.com",
+            "{path}"
+        );
+        let methods = h["access-control-allow-methods"].to_str().unwrap();
+        assert!(methods.contains(method), "{path}: {methods}");
+        let headers = h["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase();
+        assert!(headers.contains("authorization"), "{path}: {headers}");
+        assert!(headers.contains("content-type"), "{path}: {headers}");
+
+        let r = preflight("https://evil.example.net", path, method)
+            .await
+            .unwrap();
+        assert!(
+            r.headers().get("access-control-allow-origin").is_none(),
+            "{path}: a foreign origin got a grant: {:?}",
+            r.headers()
+        );
+    }
+    // The actual request: the allowed origin can read the answer, a foreign one cannot.
+    let publish = |origin: &'static str| {
+        s.http
+            .post(s.url("/api/publish"))
+            .header("Origin", origin)
+            .header("Authorization", format!("ApiKey {API_KEY}"))
+            .header("Content-Type", "application/json")
+            .body(json!({"channel": "c", "request_id": "r", "data": 1}).to_string())
+            .send()
+    };
+    let r = publish("https://app.example.com").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let r = publish("https://evil.example.net").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    // Without the setting, no CORS grant at all.
+    let plain = TestServer::start().await;
+    let r = plain
+        .http
+        .request(reqwest::Method::OPTIONS, plain.url("/api/publish"))
+        .header("Origin", "https://app.example.com")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

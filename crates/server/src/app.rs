@@ -600,15 +600,23 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
 pub fn router(app: Arc<AppState>) -> Router {
     let timeouts = app.settings.http_timeouts;
     let concurrency = app.settings.http_concurrency;
-    Router::new()
-        .route("/ws", get(ws_upgrade))
+    // The HTTP API answers browsers of the allowed origins (CORS, preflight included); the
+    // WebSocket checks `Origin` itself, at the upgrade.
+    let api = Router::new()
         .route("/websocket/messages", get(http::recover))
         .route("/api/publish", post(http::publish))
         .route("/api/publish/batch", post(http::publish_batch))
         .route(
             "/api/streams/{channel}/{request_id}/messages",
             get(http::stream_page),
-        )
+        );
+    let api = match cors(app.settings.allowed_origins.as_deref()) {
+        Some(layer) => api.layer(layer),
+        None => api,
+    };
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .merge(api)
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
@@ -630,6 +638,33 @@ pub fn router(app: Arc<AppState>) -> Router {
         .layer(axum::middleware::map_response(
             crate::error::json_error_bodies,
         ))
+}
+
+/// CORS for the HTTP API from `--allowed-origins`: those origins (or any, for `*`) may call it
+/// from a browser with `Authorization` and `Content-Type` headers; a preflight is answered
+/// here. Without the setting, no CORS headers are sent (same origin only).
+fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allowed = allowed?;
+    let origin = if allowed.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn ws_upgrade(
