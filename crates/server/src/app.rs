@@ -453,7 +453,7 @@ fn fail_stop(why: &str) -> ! {
 
 /// Hold the data directory for this process (an advisory lock on `seqcast.lock`, released
 /// when the process ends, crash included), writing who holds it.
-fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
+pub fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
     use std::io::{Read as _, Seek as _, Write as _};
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
         format!(

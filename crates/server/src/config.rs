@@ -47,6 +47,22 @@ pub enum DbCommand {
     Migrate(ServeArgs),
     /// Renumber stream sequences by insertion order, per stream (for databases written by a buggy version).
     RepairSequences(ServeArgs),
+    /// Copy the database to FILE with SQLite's online backup API: consistent (one commit's
+    /// state) while the server runs and publishes.
+    Backup(BackupArgs),
+    /// Install a backup FILE as the data directory's database under a NEW epoch (the old file
+    /// is kept aside). Refused while a server holds the data directory.
+    Restore(BackupArgs),
+}
+
+/// `seqcast db backup FILE` / `seqcast db restore FILE`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The backup file (written by `backup`, which refuses an existing file; read by `restore`).
+    pub file: std::path::PathBuf,
+    /// Server settings (for the data directory).
+    #[command(flatten)]
+    pub settings: ServeArgs,
 }
 
 /// `seqcast token …`
