@@ -10,6 +10,8 @@
 //! `{channel}:{request_id}` splits one way only, because a channel never contains `:`.
 
 mod client;
+#[doc(hidden)]
+pub mod fuzz_checks;
 mod http;
 mod names;
 mod pattern;
@@ -20,8 +22,8 @@ pub use client::{
 };
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, ErrorBody, ErrorDetail, ParamError,
-    PublishRequest, PublishResponse, RecoveryMeta, RecoveryResponse, StreamPage, decode_batch,
-    decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+    PublishRequest, PublishResponse, QueryParams, RecoveryMeta, RecoveryResponse, StreamPage,
+    decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
 };
 pub use names::{
     CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, NameError, NameKind, RequestId, SessionId,

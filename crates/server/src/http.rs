@@ -8,9 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
-    RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
-    encode_stream_page, parse_u64_param,
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, QueryParams,
+    RecoveryMeta, RequestId, SubscriptionKey, decode_batch, decode_publish,
+    encode_recovery_response, encode_stream_page,
 };
 use seqcast_sequencing::{Resume, resume};
 
@@ -41,46 +41,24 @@ fn json_response(status: StatusCode, body: String) -> Response {
     r
 }
 
-/// Query parameters, decoded once, with clear errors for bad values.
-struct Query(Vec<(String, String)>);
+/// Query parameters, decoded once (`seqcast_protocol::QueryParams`, a fuzz target).
+struct Query(QueryParams);
 
 impl Query {
     fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> = match raw {
-            None => Vec::new(),
-            Some(q) => serde_urlencoded::from_str(&q)
-                .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?,
-        };
-        for (k, _) in &pairs {
-            if !allowed.contains(&k.as_str()) {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {k:?}; allowed: {}",
-                    allowed.join(", ")
-                )));
-            }
-        }
-        Ok(Query(pairs))
+        Ok(Query(QueryParams::parse(raw.as_deref(), allowed)?))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.get(name)
     }
 
     fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.get(name)
-            .map(|v| parse_u64_param(name, v).map_err(ApiError::from))
-            .transpose()
+        Ok(self.0.u64(name)?)
     }
 
     fn limit(&self) -> Result<usize, ApiError> {
-        match self.u64("limit")? {
-            None => Ok(DEFAULT_PAGE as usize),
-            Some(0) => Err(ApiError::BadRequest("limit must be at least 1".into())),
-            Some(n) => Ok(n.min(MAX_PAGE) as usize),
-        }
+        Ok(self.0.limit(DEFAULT_PAGE, MAX_PAGE)? as usize)
     }
 }
 
