@@ -774,3 +774,43 @@ async fn cors_preflight_answers_an_allowed_origin_and_not_a_foreign_one() {
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+// ---------- HTTP concurrency ----------
+
+/// `--http-concurrency 1`: while one request is being handled (its body still arriving), the
+/// next one waits for the slot instead of running, and runs as soon as the first is done.
+#[tokio::test]
+async fn http_concurrency_makes_requests_past_the_cap_wait_for_a_slot() {
+    let s = TestServer::start_with(Options::args(&["--http-concurrency", "1"])).await;
+    let body = json!({"channel": "c", "request_id": "r", "data": "held"}).to_string();
+    let mut held = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: ApiKey {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    held.write_all(head.as_bytes()).await.unwrap();
+    held.write_all(&body.as_bytes()[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The one slot is taken by the publish reading its body: /healthz queues behind it.
+    let waiting = {
+        let http = s.http.clone();
+        let url = s.url("/healthz");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = http.get(url).send().await.unwrap();
+            (r.status().as_u16(), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "a request past the cap ran at once");
+    held.write_all(&body.as_bytes()[5..]).await.unwrap();
+    let (answer, _) = read_to_close(&mut held, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (status, waited) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the queued request never ran")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+}
