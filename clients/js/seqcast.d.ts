@@ -85,6 +85,8 @@ export interface SeqcastClientEvents {
   message: (message: SeqcastMessage, meta: MessageMeta) => void;
   gap: (gap: GapEvent) => void;
   error: (error: SeqcastError) => void;
+  /** A fresh token from the provider was accepted on the open connection (`auth_ok`). */
+  token_refreshed: (event: { exp: number | null }) => void;
 }
 
 /** The part of `sessionStorage` the client uses. */

@@ -153,6 +153,8 @@ export class SeqcastClient {
   #url;
   #httpBase;
   #tokenSource;
+  #tokenExp = null;
+  #refreshTimer = null;
   #WebSocket;
   #fetch;
   #backoff;
@@ -436,6 +438,7 @@ export class SeqcastClient {
       this.#wsConnectionSequence = this.#session.next();
       const hello = { type: 'hello', session_id: this.#session.sessionId, connection_sequence: this.#wsConnectionSequence };
       if (token) hello.token = token;
+      this.#tokenExp = tokenExpiry(token);
       this.#send(hello);
     };
     ws.onmessage = (event) => {
@@ -473,6 +476,34 @@ export class SeqcastClient {
     this.#connectTimer = null;
     clearInterval(this.#heartbeatTimer);
     this.#heartbeatTimer = null;
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+  }
+
+  /**
+   * The server closes a connection (4001) when its token's `exp` passes: shortly before, ask the
+   * token provider for a fresh one and send it in an `auth` frame (answered `auth_ok`).
+   */
+  #scheduleRefresh(ws) {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (typeof this.#tokenSource !== 'function' || this.#tokenExp == null) return;
+    const leftMs = this.#tokenExp * 1000 - Date.now();
+    // A tenth of what is left, at least 2 s and at most 60 s before expiry.
+    const marginMs = Math.min(60_000, Math.max(2_000, leftMs / 10));
+    this.#refreshTimer = setTimeout(async () => {
+      this.#refreshTimer = null;
+      if (this.#ws !== ws) return;
+      let token;
+      try {
+        token = await this.#token();
+      } catch (err) {
+        this.#emit('error', new SeqcastError('token', `token provider failed: ${err?.message ?? err}`, { cause: err }));
+        return;
+      }
+      if (this.#ws !== ws || !token) return;
+      this.#send({ type: 'auth', token });
+    }, Math.max(0, leftMs - marginMs));
   }
 
   #abort(ws, code, reason) {
@@ -579,6 +610,10 @@ export class SeqcastClient {
         return this.#emit('error', new SeqcastError(frame.code ?? 'internal', frame.message ?? 'server error'));
       case 'pong':
         return undefined;
+      case 'auth_ok':
+        this.#tokenExp = typeof frame.exp === 'number' ? frame.exp : null;
+        this.#emit('token_refreshed', { exp: this.#tokenExp });
+        return this.#scheduleRefresh(this.#ws);
       default:
         return undefined; // frames from a newer server are ignored
     }
@@ -598,6 +633,7 @@ export class SeqcastClient {
     };
     this.#setState('open');
     this.#startHeartbeat(ws);
+    this.#scheduleRefresh(ws);
     for (const w of this.#waiters.splice(0)) w.resolve(this.#info);
     this.#emit('connected', this.#info);
     // The server never subscribes on its own: re-send what we still follow, each from where it stopped.
@@ -737,5 +773,19 @@ export class SeqcastClient {
       }
     }
     this.#emit('message', message, meta);
+  }
+}
+
+/** The `exp` claim (Unix seconds) of a JWT, or null when it has none or cannot be read. */
+function tokenExpiry(token) {
+  try {
+    const part = String(token).split('.')[1];
+    const json = typeof atob === 'function'
+      ? atob(part.replace(/-/g, '+').replace(/_/g, '/'))
+      : Buffer.from(part, 'base64url').toString('utf8');
+    const exp = JSON.parse(json).exp;
+    return typeof exp === 'number' ? exp : null;
+  } catch {
+    return null;
   }
 }

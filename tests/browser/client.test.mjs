@@ -11,7 +11,7 @@ import { SeqcastClient, SessionCounter, backoffDelay, memoryStorage } from '@seq
 
 import { JWT_SECRET, mintToken, startServer, within } from './server.mjs';
 
-const EVENTS = ['state', 'connected', 'disconnected', 'subscribed', 'message', 'gap', 'error'];
+const EVENTS = ['state', 'connected', 'disconnected', 'subscribed', 'message', 'gap', 'error', 'token_refreshed'];
 
 /** Resolve once `check()` is truthy, re-checked after every event of `clients`; bounded. */
 function until(clients, check, what, ms = 10_000) {
@@ -184,6 +184,34 @@ describe('against a real server', () => {
       const reopened = await server.waitForLog((e) => e.event === 'connection_opened' && e.client_id === second.clientId, 'connection_opened of the second');
       assert.equal(reopened.connection_sequence, 2);
       assert.equal(reopened.user, 'user-2', 'the second connection used the refreshed token');
+    } finally {
+      client.close();
+    }
+  });
+
+  test('a token is refreshed through the provider before exp: the connection and its subscription stay', async () => {
+    let calls = 0;
+    const client = newClient(server, {
+      token: () => {
+        calls++;
+        // The first token lives 3 s; the server would close at exp without a refresh.
+        const exp = Math.floor(Date.now() / 1000) + (calls === 1 ? 3 : 3600);
+        return mintToken(JWT_SECRET, { sub: 'refreshing', exp });
+      },
+    });
+    const refreshed = [];
+    const closes = [];
+    client.on('token_refreshed', (e) => refreshed.push(e.exp));
+    client.on('disconnected', (d) => closes.push(d.code));
+    try {
+      const first = await within(10_000, 'connected', client.connect());
+      await until(client, () => refreshed.length === 1, 'auth_ok', 10_000);
+      assert.ok(refreshed[0] > Date.now() / 1000 + 3000, 'auth_ok carries the fresh exp');
+      // Past the first token's exp: still the same connection.
+      await new Promise((r) => setTimeout(r, 2_500));
+      assert.deepEqual(closes, []);
+      assert.equal(client.connection.clientId, first.clientId);
+      assert.equal(calls, 2);
     } finally {
       client.close();
     }

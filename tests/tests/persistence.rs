@@ -457,8 +457,18 @@ async fn a_locked_database_answers_503_and_publishes_nothing() {
         )
         .await;
     assert_eq!(status, 503);
+    // Locked past the busy timeout: not ready either, and the body says why.
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("locked"),
+        "{body}"
+    );
     c.expect_nothing_more().await;
     db.execute_batch("ROLLBACK").unwrap();
+    // The lock is gone: /readyz probes and is ready again before any publish.
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
 
     let r = s.publish("lock", "r", json!("after")).await;
     assert_eq!(
@@ -513,9 +523,16 @@ async fn a_read_only_database_file_answers_503_until_writable() {
     let (status, body) = s
         .publish_raw(&json!({"channel": "ro", "request_id": "r", "data": 2}))
         .await;
+    let (ready, ready_body) = s.get("/readyz", None).await;
     assert!(chattr("-i"), "could not make the database writable again");
     assert_eq!(status, 503, "{body}");
+    assert_eq!(ready, 503, "/readyz while read-only: {ready_body}");
+    assert!(ready_body["reason"].is_string(), "{ready_body}");
     c.expect_nothing_more().await;
+    // Writable again: noticed by the server's own probe, without a restart or a publish.
+    s.wait_for_log(|v| v["event"] == "database_writable").await;
+    let (ready, ready_body) = s.get("/readyz", None).await;
+    assert_eq!(ready, 200, "{ready_body}");
     let r = s.publish("ro", "r", json!(3)).await;
     assert_eq!(r["stream_sequence"], 2);
     assert_eq!(data(&c.expect_message().await), json!(3));
@@ -648,4 +665,274 @@ async fn a_window_larger_than_the_ring_is_served_from_the_database() {
     // Outside the window: incomplete.
     let (_, old) = s.get("/websocket/messages?since=10", Some(&t)).await;
     assert_eq!(old["complete"], false);
+}
+
+/// A small tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying so loudly) when mounting is not permitted here; under `CI=true`
+    /// that is a failure instead.
+    fn mount(size: &str, test: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let why =
+                format!("SKIPPED {test}: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)");
+            assert!(std::env::var("CI").is_err(), "{why}; CI must run it");
+            eprintln!("\n*** {why} ***\n");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fill the filesystem under `dir` to the last byte with one file.
+fn fill_disk(file: &Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(file).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        if f.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    while f.write_all(&small[..1]).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// Disk full: publishes answer 503 and `/readyz` 503 saying the disk is full; once space is
+/// freed the same process takes writes again (no restart) and no number was used up.
+#[tokio::test]
+async fn a_full_disk_answers_503_and_recovers_when_space_is_freed() {
+    let Some(fs) = Tmpfs::mount(
+        "8m",
+        "a_full_disk_answers_503_and_recovers_when_space_is_freed",
+    ) else {
+        return;
+    };
+    let data_dir = fs.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let s = TestServer::start_with(sqlite(&data_dir, &[])).await;
+    let t = token("r", None);
+    let mut c = s.client(&t).await;
+    c.subscribe("full", "r").await;
+    s.publish("full", "r", json!("before")).await;
+    assert_eq!(c.expect_message().await.sequence_number, 1);
+
+    let filler = fs.path().join("filler");
+    fill_disk(&filler);
+    // Each publish needs new pages in the WAL; with no byte left one of the first ones fails.
+    let big = "x".repeat(200 * 1024);
+    let mut refused = None;
+    for i in 0..20 {
+        let (status, body) = s
+            .publish_raw(
+                &json!({"channel": "full", "request_id": "r", "data": format!("{i}{big}")}),
+            )
+            .await;
+        if status == 503 {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        c.expect_message().await;
+    }
+    let body = refused.expect("no publish was refused on a full disk");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("full"), "{body}");
+    c.expect_nothing_more().await;
+
+    std::fs::remove_file(&filler).unwrap();
+    s.wait_for_log(|v| v["event"] == "database_writable").await;
+    let (status, body) = s.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    let head_before = c_head(&s, &t).await;
+    let r = s.publish("full", "r", json!("after")).await;
+    assert_eq!(
+        r["sequence_number"],
+        head_before + 1,
+        "a refused write used up a number"
+    );
+    assert_eq!(data(&c.expect_message().await), json!("after"));
+    drop(c);
+    drop(s);
+}
+
+/// The newest sequence number the recovery endpoint reports.
+async fn c_head(s: &TestServer, t: &str) -> u64 {
+    let (_, rec) = s.get("/websocket/messages?since=0&limit=1", Some(t)).await;
+    rec["head"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no head in {rec}"))
+}
+
+/// Run `seqcast db <args…> --data-dir DIR`; (success, stdout + stderr).
+fn seqcast_db(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(server_binary())
+        .arg("db")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `seqcast db backup` while four publishers keep publishing, then `seqcast db restore`: the
+/// restore is refused while the server holds the data directory; once installed, the store has
+/// a new epoch and every message acknowledged before the backup began, at its number; a client
+/// resuming with the old epoch gets `recovered: false`.
+#[tokio::test]
+async fn backup_while_publishing_then_restore_under_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let backups = tempfile::tempdir().unwrap();
+    let file = backups.path().join("seqcast-backup.db");
+    let s = Arc::new(TestServer::start_with(sqlite(dir.path(), &[])).await);
+    let t = token("r", None);
+    let (_, first) = s.get("/websocket/messages?since=0&limit=1", Some(&t)).await;
+    let old_epoch = first["epoch"].as_str().unwrap().to_owned();
+
+    let acked: Arc<std::sync::Mutex<Vec<(u64, Value)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let (s, acked, stop) = (Arc::clone(&s), Arc::clone(&acked), Arc::clone(&stop));
+        publishers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let data = json!(format!("p{p}-{i}"));
+                let (status, body) = s
+                    .publish_raw(
+                        &json!({"channel": "b", "request_id": format!("p{p}"), "data": data}),
+                    )
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                let seq = body["sequence_number"].as_u64().unwrap();
+                acked.lock().unwrap().push((seq, data));
+                i += 1;
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before_backup = acked.lock().unwrap().clone();
+    let (ok, out) = {
+        let (dir, file) = (dir.path().to_path_buf(), file.clone());
+        tokio::task::spawn_blocking(move || seqcast_db(&dir, &["backup", file.to_str().unwrap()]))
+            .await
+            .unwrap()
+    };
+    assert!(ok, "backup failed: {out}");
+    let during = acked.lock().unwrap().len();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(
+        acked.lock().unwrap().len() > during,
+        "publishing went on while (and after) the backup ran"
+    );
+
+    // Not while a server holds the data directory.
+    let (ok, out) = seqcast_db(dir.path(), &["restore", file.to_str().unwrap()]);
+    assert!(!ok, "restore under a running server must be refused: {out}");
+    assert!(out.contains("in use"), "{out}");
+
+    let mut s = Arc::try_unwrap(s).unwrap();
+    assert!(s.terminate().await.success());
+    let (ok, out) = seqcast_db(dir.path(), &["restore", file.to_str().unwrap()]);
+    assert!(ok, "restore failed: {out}");
+    assert!(out.contains("new epoch"), "{out}");
+
+    let s = TestServer::start_with(sqlite(dir.path(), &[])).await;
+    let mut restored: HashMap<u64, Value> = HashMap::new();
+    let mut since = 0;
+    let epoch = loop {
+        let (status, page) = s
+            .get(
+                &format!("/websocket/messages?since={since}&limit=10000"),
+                Some(&t),
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        for m in page["messages"].as_array().unwrap() {
+            restored.insert(m["sequence_number"].as_u64().unwrap(), m["data"].clone());
+        }
+        match page["next_since"].as_u64() {
+            Some(n) if n > since && !page["messages"].as_array().unwrap().is_empty() => since = n,
+            _ => break page["epoch"].as_str().unwrap().to_owned(),
+        }
+    };
+    assert_ne!(
+        epoch, old_epoch,
+        "a restored store must not keep the old epoch"
+    );
+    for (seq, data) in &before_backup {
+        assert_eq!(
+            restored.get(seq),
+            Some(data),
+            "acknowledged #{seq} before the backup is missing or changed"
+        );
+    }
+    let head = restored.keys().copied().max().unwrap();
+    assert_eq!(
+        restored.len() as u64,
+        head,
+        "the restored log is dense 1..={head}"
+    );
+
+    // A client of the old history must not resume by number.
+    let mut c = s.client(&t).await;
+    c.send(json!({"type": "subscribe", "channel": "b", "request_id": "p0", "since": head, "epoch": old_epoch}))
+        .await;
+    assert_eq!(c.expect_sub_ack().await.recovered, Some(false));
+    // …and one of the new epoch does.
+    let mut c = s.client(&t).await;
+    c.send(json!({"type": "subscribe", "channel": "b", "request_id": "p0", "since": head, "epoch": epoch}))
+        .await;
+    assert_eq!(c.expect_sub_ack().await.recovered, Some(true));
+    let next = s.publish("b", "p0", json!("after restore")).await;
+    assert_eq!(next["sequence_number"], head + 1);
+    // The database that was in place is kept aside, not deleted.
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("before-restore")),
+        "the old database was not kept"
+    );
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod browser;
+mod fuzz;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,15 +34,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         "bench" => bench::run(&root()?, rest),
+        "fuzz" => fuzz::run(&root()?, rest),
         "help" | "--help" | "-h" => {
             println!(
-                "cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, bench smoke"
+                "cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, fuzz (20 s a target), bench smoke"
             );
             println!(
                 "cargo xtask layering  check that the core crates depend on no runtime, socket or database crate"
             );
             println!("cargo xtask test      build the server and run every test");
             println!("cargo xtask browser   the client and real-browser tests");
+            println!(
+                "cargo xtask fuzz      the libFuzzer targets in fuzz/ (--seconds N each, default 60; or name targets)"
+            );
             println!(
                 "cargo xtask bench     benchmarks (--quick: about a minute, --smoke: seconds); tables in target/bench/"
             );
@@ -148,9 +153,13 @@ fn ci_steps() -> Result<Vec<String>> {
     step("layering", layering)?;
     step("tests", test)?;
     let skipped = step_with_skips("browser", || browser::run(&root()?))?;
+    step("fuzz", || fuzz::fuzz(&root()?, fuzz::TARGETS, CI_FUZZ_SECONDS))?;
     step("bench smoke", || bench::smoke(&root()?))?;
     Ok(skipped)
 }
+
+/// How long CI runs each fuzz target (the build takes about a minute more on 2 cores).
+const CI_FUZZ_SECONDS: u64 = 20;
 
 /// Crates that must stay free of runtimes, sockets and databases.
 const CORE_CRATES: &[&str] = &["seqcast-protocol", "seqcast-sequencing", "seqcast-backlog"];

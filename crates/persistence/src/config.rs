@@ -119,6 +119,8 @@ impl StoreConfig {
 #[derive(Debug, Clone, Default)]
 pub struct FaultInjector {
     commit_failures: Arc<AtomicU64>,
+    /// Commits left before the writer thread dies; `0` = never armed.
+    writer_death: Arc<AtomicU64>,
 }
 
 impl FaultInjector {
@@ -136,6 +138,27 @@ impl FaultInjector {
     /// How many injected commit failures are still armed.
     pub fn pending_commit_failures(&self) -> u64 {
         self.commit_failures.load(Ordering::SeqCst)
+    }
+
+    /// The writer thread dies (panics, as a bug would make it) when it takes its next group
+    /// after `commits` more committed transactions (`0`: at its next group). Publishes then
+    /// get [`crate::StoreError::Closed`] and [`crate::DbWriter::is_running`] turns false.
+    pub fn kill_writer_after(&self, commits: u64) {
+        self.writer_death.store(commits + 1, Ordering::SeqCst);
+    }
+
+    /// True when the writer thread should die now (called before each group).
+    pub(crate) fn writer_dies_now(&self) -> bool {
+        self.writer_death.load(Ordering::SeqCst) == 1
+    }
+
+    /// One transaction committed: one step closer to an armed writer death.
+    pub(crate) fn committed(&self) {
+        let _ = self
+            .writer_death
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n > 1).then(|| n - 1)
+            });
     }
 
     /// Consumes one armed commit failure, if any.

@@ -28,6 +28,7 @@
 //! transaction leaves nothing behind. Numbers are dense: a retry takes its AUTOINCREMENT step
 //! back inside the transaction, and a failed transaction never used one.
 
+mod backup;
 mod checkpoint;
 mod config;
 mod error;
@@ -39,6 +40,7 @@ mod schema;
 mod store;
 mod writer;
 
+pub use backup::{BackupReport, RestoreReport, backup, restore};
 pub use config::{
     DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY, FaultInjector,
     ParseSynchronousError, StoreConfig, Synchronous,

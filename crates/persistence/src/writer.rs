@@ -56,6 +56,11 @@ enum Command {
         max_events: usize,
         reply: PruneReply,
     },
+    /// Try a write that changes nothing (after a failure, to learn whether the condition
+    /// cleared without waiting for a publish); answers with the health afterwards.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Finish what is queued, close the database, then answer.
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -90,6 +95,31 @@ pub struct WriterStats {
 struct Shared {
     counters: Counters,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Why the last write transaction (or probe) failed for a reason of the database's —
+    /// read-only, full, locked past the busy timeout, I/O, replaced, corrupt; `None` once one
+    /// succeeds again. A command rejected on its own does not count.
+    health: Mutex<Option<StoreError>>,
+    /// A command's reply was dropped unanswered: the thread died (or is dying) under it.
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn set_health(&self, failure: Option<StoreError>) {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        match (&*health, &failure) {
+            (Some(_), None) => {
+                tracing::info!(
+                    event = "database_writable",
+                    "the database takes writes again"
+                );
+            }
+            (None, Some(err)) => {
+                tracing::error!(event = "database_unwritable", error = %err, "the database cannot take writes; publishes answer 503 until it can");
+            }
+            _ => {}
+        }
+        *health = failure;
+    }
 }
 
 /// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
@@ -153,6 +183,8 @@ impl DbWriter {
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             thread: Mutex::new(None),
+            health: Mutex::new(None),
+            lost: std::sync::atomic::AtomicBool::new(false),
         });
         let writer = Writer {
             conn: Some(conn),
@@ -201,6 +233,44 @@ impl DbWriter {
         }
     }
 
+    /// False once the writer thread has stopped (shut down, or died): appends can only fail.
+    pub fn is_running(&self) -> bool {
+        if self.commands.is_closed() || self.shared.lost.load(Ordering::Acquire) {
+            return false;
+        }
+        self.shared
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|t| !t.is_finished())
+    }
+
+    /// Why the last write transaction failed, when the database itself was the reason
+    /// (read-only, full, locked past the busy timeout, I/O error, file replaced, corrupt);
+    /// `None` when the last one committed. See [`DbWriter::probe`] to learn whether a
+    /// condition cleared without waiting for the next publish.
+    pub fn health(&self) -> Option<StoreError> {
+        self.shared
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Tries a write that changes nothing, in the writer's queue like any command (reopening
+    /// the connection first when an earlier error asked for it), and records the result in
+    /// [`DbWriter::health`]. Costs one small transaction with its fsync: call it while
+    /// unhealthy, not on every health check.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Probe { reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Commands waiting in the queue (pushed, not yet taken by the writer thread).
     ///
     /// Counted from completed pushes rather than from the channel's free slots: a sender can
@@ -229,7 +299,11 @@ impl EventWriter for DbWriter {
             .counters
             .commands_queued
             .fetch_add(1, Ordering::Release);
-        answer.await.map_err(|_| StoreError::Closed)?
+        answer.await.map_err(|_| {
+            // Only a thread that died drops a reply unanswered (shutdown drains the queue).
+            self.shared.lost.store(true, Ordering::Release);
+            StoreError::Closed
+        })?
     }
 
     async fn close(&self) {
@@ -343,6 +417,16 @@ struct PendingAppend {
     reply: AppendReply,
 }
 
+/// A command run after the group it arrived with, in its own transaction.
+enum AfterGroup {
+    Prune {
+        below: u64,
+        max_events: usize,
+        reply: PruneReply,
+    },
+    Probe(oneshot::Sender<Result<(), StoreError>>),
+}
+
 /// State owned by the writer thread.
 struct Writer {
     /// `None` after an error that calls for a fresh connection (read-only, cannot open, I/O);
@@ -371,12 +455,20 @@ impl Writer {
         while let Some(first) = receiver.blocking_recv() {
             let mut group = Vec::new();
             let mut group_events = 0;
-            let mut prunes = Vec::new();
+            let mut after = Vec::new();
+            if self
+                .fault
+                .as_ref()
+                .is_some_and(FaultInjector::writer_dies_now)
+            {
+                // Test fault: die as a bug would, with commands in the queue.
+                panic!("injected writer death (test fault)");
+            }
             self.take(
                 first,
                 &mut group,
                 &mut group_events,
-                &mut prunes,
+                &mut after,
                 &mut shutdown_replies,
                 &mut receiver,
             );
@@ -387,7 +479,7 @@ impl Writer {
                         command,
                         &mut group,
                         &mut group_events,
-                        &mut prunes,
+                        &mut after,
                         &mut shutdown_replies,
                         &mut receiver,
                     ),
@@ -397,9 +489,20 @@ impl Writer {
             if !group.is_empty() {
                 self.commit_group(group);
             }
-            // Between groups: each prune step is its own short transaction.
-            for (below, max_events, reply) in prunes {
-                let _ = reply.send(self.prune(below, max_events));
+            // Between groups: each prune step (and probe) is its own short transaction.
+            for command in after {
+                match command {
+                    AfterGroup::Prune {
+                        below,
+                        max_events,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.prune(below, max_events));
+                    }
+                    AfterGroup::Probe(reply) => {
+                        let _ = reply.send(self.probe());
+                    }
+                }
             }
         }
         // The queue is closed and drained. Closing the last connection checkpoints the WAL
@@ -423,7 +526,7 @@ impl Writer {
         command: Command,
         group: &mut Vec<PendingAppend>,
         group_events: &mut usize,
-        prunes: &mut Vec<(u64, usize, PruneReply)>,
+        after: &mut Vec<AfterGroup>,
         shutdown_replies: &mut Vec<oneshot::Sender<()>>,
         receiver: &mut mpsc::Receiver<Command>,
     ) {
@@ -444,7 +547,12 @@ impl Writer {
                 below,
                 max_events,
                 reply,
-            } => prunes.push((below, max_events, reply)),
+            } => after.push(AfterGroup::Prune {
+                below,
+                max_events,
+                reply,
+            }),
+            Command::Probe { reply } => after.push(AfterGroup::Probe(reply)),
             Command::Shutdown { reply } => {
                 // No new commands; the ones already queued are still drained and written.
                 receiver.close();
@@ -477,6 +585,7 @@ impl Writer {
         let count = commands.len();
         if let Err(err) = self.ensure_connection() {
             self.count_failed();
+            self.shared.set_health(Some(err.clone()));
             return vec![Err(err); count];
         }
         let Some(conn) = self.conn.as_ref() else {
@@ -520,6 +629,9 @@ impl Writer {
                 tracing::warn!(error = %error, commands = count, "write transaction failed; nothing was written");
                 self.after_error(reopen);
                 self.count_failed();
+                if matches!(error, StoreError::Unavailable(_) | StoreError::Corrupt(_)) {
+                    self.shared.set_health(Some(error.clone()));
+                }
                 // Commands that failed on their own keep their error; the rest share the cause.
                 return own_errors
                     .into_iter()
@@ -586,6 +698,10 @@ impl Writer {
         if let Some(checkpointer) = &mut self.checkpointer {
             checkpointer.committed(new_events.len());
         }
+        self.shared.set_health(None);
+        if let Some(fault) = &self.fault {
+            fault.committed();
+        }
         let counters = &self.shared.counters;
         counters
             .transactions_committed
@@ -632,6 +748,35 @@ impl Writer {
         result
     }
 
+    /// A write transaction that changes nothing (the epoch row set to itself still writes its
+    /// page, so a read-only or full disk fails it as it would a publish); updates the health.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        let result = self.ensure_connection().and_then(|()| {
+            let Some(conn) = self.conn.as_ref() else {
+                return Err(StoreError::Closed);
+            };
+            let attempt = exec_cached(conn, "BEGIN IMMEDIATE")
+                .and_then(|()| {
+                    conn.prepare_cached("UPDATE store_meta SET value = value WHERE key = 'epoch'")?
+                        .execute([])
+                })
+                .and_then(|_| exec_cached(conn, "COMMIT"));
+            if let Err(err) = attempt {
+                rollback_quietly(conn);
+                let reopen = needs_reopen(&err);
+                let error = StoreError::from_ref(&err);
+                self.after_error(reopen);
+                return Err(error);
+            }
+            Ok(())
+        });
+        match &result {
+            Ok(()) => self.shared.set_health(None),
+            Err(err) => self.shared.set_health(Some(err.clone())),
+        }
+        result
+    }
+
     /// Makes sure a connection is open, reopening after an error that asked for it.
     fn ensure_connection(&mut self) -> Result<(), StoreError> {
         if self.conn.is_some() {
@@ -673,12 +818,18 @@ impl Writer {
 }
 
 /// Errors after which the connection itself is suspect and a fresh one may succeed: a
-/// connection opened on a read-only file stays read-only, and after an I/O error a fresh
-/// connection re-reads the file's state instead of trusting what it cached.
+/// connection opened on a read-only file stays read-only, and after an I/O error or a full
+/// disk a fresh connection re-reads the file's state (and the WAL's) instead of trusting
+/// what it cached.
 fn needs_reopen(err: &rusqlite::Error) -> bool {
     matches!(
         sqlite_code(err),
-        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure)
+        Some(
+            ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+        )
     )
 }
 

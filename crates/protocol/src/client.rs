@@ -23,6 +23,15 @@ pub enum ClientFrame {
     Unsubscribe(Unsubscribe),
     /// Liveness check, answered by `pong`.
     Ping,
+    /// A fresh token for this connection before the current one expires; answered `auth_ok`.
+    Auth(Auth),
+}
+
+/// `auth`: replace the connection's token (same `sub`), keeping its subscriptions and cursors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Auth {
+    /// The fresh JWT.
+    pub token: String,
 }
 
 /// `hello`: the first frame of a connection.
@@ -87,11 +96,11 @@ pub enum FrameError {
     #[error("frame has no \"type\" field")]
     MissingType,
     /// A client frame `type` this server does not know.
-    #[error("unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe or ping")]
+    #[error("unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe, ping or auth")]
     UnknownType(String),
     /// A server frame `type` a client does not know (only from [`crate::decode_server_frame`]).
     #[error(
-        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error or pong"
+        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error, pong or auth_ok"
     )]
     UnknownServerType(String),
     /// A field has the wrong type or value, or a required field is missing.
@@ -188,6 +197,12 @@ fn decode_client_value(value: Value) -> Result<ClientFrame, FrameError> {
             }))
         }
         "ping" => Ok(ClientFrame::Ping),
+        "auth" => {
+            let f = Fields::new("auth", &obj);
+            Ok(ClientFrame::Auth(Auth {
+                token: f.required_str("token")?.to_owned(),
+            }))
+        }
         other => Err(FrameError::UnknownType(truncate_for_echo(other))),
     }
 }

@@ -306,6 +306,62 @@ pub struct ParamError {
     pub message: String,
 }
 
+/// A request's query string, decoded once (percent-decoding, `+` as space), with only the
+/// parameters an endpoint names allowed, and clear errors for bad values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueryParams(Vec<(String, String)>);
+
+impl QueryParams {
+    /// Decodes `raw` (the part after `?`, if any); a parameter not in `allowed` is an error.
+    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Self, ParamError> {
+        let pairs: Vec<(String, String)> = match raw {
+            None => Vec::new(),
+            Some(q) => serde_urlencoded::from_str(q).map_err(|e| ParamError {
+                param: "query".to_owned(),
+                message: format!("invalid query string: {e}"),
+            })?,
+        };
+        for (k, _) in &pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ParamError {
+                    param: truncate_for_echo(k),
+                    message: format!(
+                        "unknown query parameter {:?}; allowed: {}",
+                        truncate_for_echo(k),
+                        allowed.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(QueryParams(pairs))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `name` as a u64 (see [`parse_u64_param`]), if present.
+    pub fn u64(&self, name: &str) -> Result<Option<u64>, ParamError> {
+        self.get(name).map(|v| parse_u64_param(name, v)).transpose()
+    }
+
+    /// `limit`: `default` when absent, at least 1, capped at `max`.
+    pub fn limit(&self, default: u64, max: u64) -> Result<u64, ParamError> {
+        match self.u64("limit")? {
+            None => Ok(default.min(max)),
+            Some(0) => Err(ParamError {
+                param: "limit".to_owned(),
+                message: "limit must be at least 1".to_owned(),
+            }),
+            Some(n) => Ok(n.min(max)),
+        }
+    }
+}
+
 /// Parses a query parameter such as `since`, `after` or `limit`: plain decimal digits, a u64.
 pub fn parse_u64_param(name: &str, value: &str) -> Result<u64, ParamError> {
     let fail = |detail: &str| ParamError {

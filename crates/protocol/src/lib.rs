@@ -10,16 +10,20 @@
 //! `{channel}:{request_id}` splits one way only, because a channel never contains `:`.
 
 mod client;
+#[doc(hidden)]
+pub mod fuzz_checks;
 mod http;
 mod names;
 mod pattern;
 mod server;
 
-pub use client::{ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame};
+pub use client::{
+    Auth, ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame,
+};
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, ErrorBody, ErrorDetail, ParamError,
-    PublishRequest, PublishResponse, RecoveryMeta, RecoveryResponse, StreamPage, decode_batch,
-    decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+    PublishRequest, PublishResponse, QueryParams, RecoveryMeta, RecoveryResponse, StreamPage,
+    decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
 };
 pub use names::{
     CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, NameError, NameKind, RequestId, SessionId,
@@ -29,7 +33,7 @@ pub use pattern::KeyPattern;
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{
-    Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
+    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
     decode_server_frame, encode_message, encode_message_ref, encode_server_frame,
 };
 

@@ -24,6 +24,10 @@ pub enum ErrorCode {
     NotFound,
     /// Body or frame over the size limit (HTTP 413).
     TooLarge,
+    /// The method is not allowed on this path (HTTP 405).
+    MethodNotAllowed,
+    /// The request (its body, or its handling) took longer than allowed (HTTP 408).
+    Timeout,
     /// Too many requests (HTTP 429).
     RateLimited,
     /// The database cannot take writes right now (HTTP 503).
@@ -41,6 +45,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -55,6 +61,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::TooLarge => 413,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Timeout => 408,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -81,6 +89,15 @@ pub enum ServerFrame {
     Error(ErrorFrame),
     /// `pong`: the answer to `ping`.
     Pong,
+    /// `auth_ok`: the answer to `auth`; the fresh token is in force.
+    AuthOk(AuthOk),
+}
+
+/// `auth_ok`: the expiry of the token now in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthOk {
+    /// `exp` of the token now in force (seconds since the Unix epoch).
+    pub exp: u64,
 }
 
 /// `connected`: sent once, after authentication.
@@ -218,6 +235,7 @@ enum TaggedRef<'a> {
     SubAck(&'a SubAck),
     Error(&'a ErrorFrame),
     Pong,
+    AuthOk(&'a AuthOk),
 }
 
 impl Serialize for ServerFrame {
@@ -228,6 +246,7 @@ impl Serialize for ServerFrame {
             ServerFrame::Message(f) => f.serialize(serializer),
             ServerFrame::Error(f) => TaggedRef::Error(f).serialize(serializer),
             ServerFrame::Pong => TaggedRef::Pong.serialize(serializer),
+            ServerFrame::AuthOk(f) => TaggedRef::AuthOk(f).serialize(serializer),
         }
     }
 }
@@ -383,6 +402,7 @@ pub fn decode_server_frame(text: &str) -> Result<ServerFrame, FrameError> {
         "message" => ServerFrame::Message(serde_json::from_str(text).map_err(invalid)?),
         "error" => ServerFrame::Error(serde_json::from_str(text).map_err(invalid)?),
         "pong" => ServerFrame::Pong,
+        "auth_ok" => ServerFrame::AuthOk(serde_json::from_str(text).map_err(invalid)?),
         other => return Err(FrameError::UnknownServerType(truncate_for_echo(other))),
     })
 }

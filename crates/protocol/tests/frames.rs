@@ -254,7 +254,7 @@ fn frame_error_messages_read_well() {
     );
     assert_eq!(
         FrameError::UnknownType("foo".into()).to_string(),
-        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe or ping"
+        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe, ping or auth"
     );
     assert_eq!(
         decode_client_frame(
@@ -533,4 +533,23 @@ proptest! {
     fn client_decoder_total(text in "\\PC{0,64}") {
         let _ = decode_client_frame(&text);
     }
+}
+
+#[test]
+fn auth_and_auth_ok_round_trip() {
+    use seqcast_protocol::{Auth, AuthOk, ServerFrame, decode_server_frame, encode_server_frame};
+    assert_eq!(
+        decode_client_frame(r#"{"type":"auth","token":"abc.def.ghi"}"#).unwrap(),
+        ClientFrame::Auth(Auth {
+            token: "abc.def.ghi".into()
+        })
+    );
+    let err = decode_client_frame(r#"{"type":"auth"}"#).unwrap_err();
+    assert!(err.to_string().contains("token"), "{err}");
+    let err = decode_client_frame(r#"{"type":"auth","token":7}"#).unwrap_err();
+    assert!(err.to_string().contains("token"), "{err}");
+    let ok = ServerFrame::AuthOk(AuthOk { exp: 1_900_000_000 });
+    let text = encode_server_frame(&ok);
+    assert_eq!(text, r#"{"type":"auth_ok","exp":1900000000}"#);
+    assert_eq!(decode_server_frame(&text).unwrap(), ok);
 }

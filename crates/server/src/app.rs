@@ -2,12 +2,14 @@
 //! graceful shutdown).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use axum::Extension;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,8 +22,9 @@ use crate::auth::{Authority, dev_secret};
 use crate::config::{Settings, StorageKind};
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::limits::Limiter;
 use crate::storage::Store;
-use crate::{connection, http, now_ms};
+use crate::{connection, http, listener, now_ms};
 
 /// Everything a request handler needs.
 #[derive(Debug)]
@@ -46,6 +49,106 @@ pub struct AppState {
     pub data_dir_lock: Option<std::fs::File>,
     /// Log pages shared by cursors catching up over the same range.
     pub pages: crate::pages::PageCache,
+    /// Connection caps and rate limits.
+    pub limiter: Arc<Limiter>,
+    /// The database file as opened (device, inode); `None` for memory storage.
+    pub db_identity: Option<(PathBuf, (u64, u64))>,
+    /// Why the database cannot take writes, when the server noticed (file removed or replaced).
+    pub db_fault: std::sync::Mutex<Option<String>>,
+}
+
+impl AppState {
+    /// Why publishes would fail right now, if they would: the writer stopped, or the database
+    /// file is not the one that was opened. `/readyz` and the publish endpoints both ask.
+    pub fn write_fault(&self) -> Option<String> {
+        if !self.store.writer_running() {
+            return Some("the database writer has stopped".into());
+        }
+        self.db_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the server is not ready for publishes: [`AppState::write_fault`], or the last write
+    /// failed for a reason of the database's (read-only, full, locked past the busy timeout).
+    /// A failing database is probed first (a write that changes nothing, at most
+    /// [`PROBE_DEADLINE`]), so a condition that cleared is seen without waiting for a publish.
+    pub async fn readiness_fault(&self) -> Option<String> {
+        self.check_database_file();
+        if let Some(why) = self.write_fault() {
+            return Some(why);
+        }
+        if let Some(why) = self.disk_full() {
+            return Some(why);
+        }
+        if self.store.write_health().is_some() {
+            let _ = tokio::time::timeout(PROBE_DEADLINE, self.store.probe()).await;
+        }
+        self.store.write_health()
+    }
+
+    /// The disk under the database cannot take one more message of the largest size
+    /// (`max_message_bytes` plus a MiB of WAL and index pages): publishes could fail.
+    fn disk_full(&self) -> Option<String> {
+        let (path, _) = self.db_identity.as_ref()?;
+        let dir = path.parent()?;
+        let stat = rustix::fs::statvfs(dir).ok()?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        let need = (self.settings.max_message_bytes as u64).saturating_add(1 << 20);
+        (free < need).then(|| {
+            format!(
+                "the disk holding {} is full: {free} bytes free, below the {need} one message of the largest size may need",
+                dir.display()
+            )
+        })
+    }
+
+    /// Look at the database file again; record (and log once) when it was removed or replaced.
+    pub fn check_database_file(&self) {
+        let Some((path, opened)) = &self.db_identity else {
+            return;
+        };
+        let now = match file_identity(path) {
+            Ok(id) if id == *opened => None,
+            Ok(_) => Some(format!(
+                "the database file {} was replaced while the server ran; restart to open the new one",
+                path.display()
+            )),
+            Err(e) => Some(format!(
+                "the database file {} is gone ({e}); writes would be lost",
+                path.display()
+            )),
+        };
+        let mut fault = self
+            .db_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (&*fault, &now) {
+            (None, Some(why)) => {
+                tracing::error!(event = "database_lost", error = %why, "publishes are refused with 503 until the database file is back");
+            }
+            (Some(_), None) => {
+                tracing::info!(
+                    event = "database_back",
+                    "the database file is back: publishes resume"
+                );
+            }
+            _ => {}
+        }
+        *fault = now;
+    }
+}
+
+/// The longest `/readyz` waits for a write probe of a failing database (a lock may hold it
+/// for the whole busy timeout); past it, the last failure stands.
+pub const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// (device, inode) of a file.
+fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// A running server.
@@ -97,17 +200,25 @@ pub async fn start(
             (s, true)
         }
     };
-    let api_key = match &settings.api_key {
-        Some(k) => k.clone(),
-        None => {
+    let api_keys = if settings.api_keys.is_empty() {
+        vec![
             dev_secret(&settings.data_dir, "api-key")
                 .with_context(|| {
                     format!("cannot keep an API key in {}", settings.data_dir.display())
                 })?
-                .0
-        }
+                .0,
+        ]
+    } else {
+        settings.api_keys.clone()
     };
-    let auth = Authority::new(&jwt_secret, &api_key);
+    let api_key = api_keys[0].clone();
+    let mut auth = Authority::with_keys(&jwt_secret, api_keys)
+        .require(settings.jwt_issuer.clone(), settings.jwt_audience.clone());
+    if let Some(path) = &settings.jwt_public_key {
+        auth = auth
+            .with_public_keys(path)
+            .map_err(|e| anyhow::anyhow!("--jwt-public-key: {e}"))?;
+    }
 
     for name in &settings.retired {
         tracing::warn!(
@@ -147,6 +258,16 @@ pub async fn start(
     };
 
     let pages = crate::pages::PageCache::new(settings.cache_bytes / PAGE_CACHE_SHARE);
+    let settings_limits = settings.limits.clone();
+    let db_identity = match settings.storage {
+        StorageKind::Sqlite => {
+            let path = settings.data_dir.join("seqcast.db");
+            let id =
+                file_identity(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+            Some((path, id))
+        }
+        _ => None,
+    };
     let app = Arc::new(AppState {
         hub,
         auth,
@@ -158,20 +279,24 @@ pub async fn start(
         message_ids: http::MessageIds::default(),
         data_dir_lock,
         pages,
+        limiter: Arc::new(Limiter::new(settings_limits)),
+        db_identity,
+        db_fault: std::sync::Mutex::new(None),
     });
     let router = router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
+    let watch = tokio::spawn(watch_database(Arc::clone(&app)));
     let task = tokio::spawn(async move {
-        let graceful = app.shutdown.clone();
-        // Frames are small and latency matters: never let Nagle hold one back for an ACK.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { graceful.cancelled().await })
-            .await;
+        listener::serve(
+            listener,
+            router,
+            app.settings.http_timeouts.header,
+            app.shutdown.clone(),
+            app.settings.shutdown_grace,
+        )
+        .await;
         tracing::info!(
             event = "shutting_down",
             open_connections = app.connections.len(),
@@ -189,9 +314,10 @@ pub async fn start(
             );
         }
         retention.abort();
+        watch.abort();
         app.store.close().await;
         tracing::info!(event = "stopped", "server stopped");
-        served.context("server failed")
+        Ok(())
     });
     Ok(ServerHandle {
         addr,
@@ -271,6 +397,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             config.synchronous = settings.synchronous;
             config.busy_timeout = settings.db_busy_timeout;
             config.group_commit = settings.group_commit;
+            config.fault = test_faults();
             let (writer, _info) = DbWriter::open(config, hook).with_context(|| {
                 format!("cannot open the database writer on {}", path.display())
             })?;
@@ -289,6 +416,27 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
     Ok((hub, store))
+}
+
+/// Test-only fault injection for the black-box tests, from `SEQCAST_TEST_FAULT`:
+/// `kill-writer-after=N` makes the database writer thread die after N committed
+/// transactions. Not a setting: unset (always, in production) means no injector at all.
+fn test_faults() -> Option<seqcast_persistence::FaultInjector> {
+    let spec = std::env::var("SEQCAST_TEST_FAULT").ok()?;
+    let fault = seqcast_persistence::FaultInjector::new();
+    match spec
+        .strip_prefix("kill-writer-after=")
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) => fault.kill_writer_after(n),
+        None => tracing::warn!(spec, "unknown SEQCAST_TEST_FAULT; ignored"),
+    }
+    tracing::warn!(
+        event = "test_fault",
+        spec,
+        "test fault injection is armed (SEQCAST_TEST_FAULT); never set it in production"
+    );
+    Some(fault)
 }
 
 /// The log's epoch, head, retention floor and newest events (to refill the cache).
@@ -314,7 +462,7 @@ fn fail_stop(why: &str) -> ! {
 
 /// Hold the data directory for this process (an advisory lock on `seqcast.lock`, released
 /// when the process ends, crash included), writing who holds it.
-fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
+pub fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
     use std::io::{Read as _, Seek as _, Write as _};
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
         format!(
@@ -354,6 +502,29 @@ fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
     )?;
     file.flush()?;
     Ok(file)
+}
+
+/// Look at the database file every second: removed or replaced means writes would be lost.
+async fn watch_database(app: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut writer_was_running = true;
+    loop {
+        tick.tick().await;
+        app.check_database_file();
+        // A database that failed a write is probed every second, so its recovery is noticed
+        // (and logged) without waiting for a publish.
+        if app.store.write_health().is_some() && app.write_fault().is_none() {
+            let _ = tokio::time::timeout(PROBE_DEADLINE, app.store.probe()).await;
+        }
+        let running = app.store.writer_running();
+        if writer_was_running && !running && !app.shutdown.is_cancelled() {
+            tracing::error!(
+                event = "writer_stopped",
+                "the database writer has stopped: publishes answer 503 and /readyz 503; restart the server"
+            );
+        }
+        writer_was_running = running;
+    }
 }
 
 /// Events deleted per prune transaction: short, so publishes are never held up for long.
@@ -433,17 +604,28 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
     );
 }
 
-/// The routes.
+/// The routes, with a deadline on each request's body and handling, a cap on requests handled
+/// at once, and JSON bodies on every error status.
 pub fn router(app: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/ws", get(ws_upgrade))
+    let timeouts = app.settings.http_timeouts;
+    let concurrency = app.settings.http_concurrency;
+    // The HTTP API answers browsers of the allowed origins (CORS, preflight included); the
+    // WebSocket checks `Origin` itself, at the upgrade.
+    let api = Router::new()
         .route("/websocket/messages", get(http::recover))
         .route("/api/publish", post(http::publish))
         .route("/api/publish/batch", post(http::publish_batch))
         .route(
             "/api/streams/{channel}/{request_id}/messages",
             get(http::stream_page),
-        )
+        );
+    let api = match cors(app.settings.allowed_origins.as_deref()) {
+        Some(layer) => api.layer(layer),
+        None => api,
+    };
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .merge(api)
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
@@ -455,10 +637,49 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/dev/token", get(http::assets::dev_token))
         .fallback(http::not_found)
         .with_state(app)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            timeouts.body,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            timeouts.request,
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
+        .layer(axum::middleware::map_response(
+            crate::error::json_error_bodies,
+        ))
+}
+
+/// CORS for the HTTP API from `--allowed-origins`: those origins (or any, for `*`) may call it
+/// from a browser with `Authorization` and `Content-Type` headers; a preflight is answered
+/// here. Without the setting, no CORS headers are sent (same origin only).
+fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allowed = allowed?;
+    let origin = if allowed.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn ws_upgrade(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -468,6 +689,16 @@ async fn ws_upgrade(
     if app.shutdown.is_cancelled() {
         return ApiError::Unavailable("server is shutting down".into()).into_response();
     }
+    let ip = app
+        .limiter
+        .client_ip(peer.map(|Extension(ConnectInfo(a))| a), &headers);
+    let slot = match app.limiter.admit_connection(ip) {
+        Ok(slot) => slot,
+        Err(e) => {
+            tracing::info!(event = "connection_refused", client_ip = ip.map(|i| i.to_string()), code = %e.code(), reason = e.message(), "WebSocket upgrade refused by a limit");
+            return e.into_response();
+        }
+    };
     let pre_auth = match headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -485,7 +716,12 @@ async fn ws_upgrade(
     ws.read_buffer_size(1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, app, pre_auth)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                connection::serve(socket, app, pre_auth).await;
+                drop(slot);
+            })
+        })
 }
 
 /// Browsers send `Origin`; other clients don't, and are let through. Absent an allow-list, only

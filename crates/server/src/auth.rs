@@ -1,15 +1,17 @@
-//! Who may do what: client JWTs (HS256, `sub`, `exp`, optional `channels` patterns and
-//! `publish`), the publisher API key, and the development-mode secrets.
+//! Who may do what: client JWTs (HS256 with the secret, or RS256/ES256/EdDSA with a configured
+//! public key; `sub`, `exp`, optional `nbf`, `iss`, `aud`, `channels` patterns and `publish`),
+//! the publisher API keys, and the development-mode secrets.
 
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use seqcast_protocol::{KeyPattern, SubscriptionKey};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
 
 use crate::error::ApiError;
 
-/// Claims of a seqcast client token.
+/// Claims of a seqcast client token, as minted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user.
@@ -24,24 +26,44 @@ pub struct Claims {
     pub publish: bool,
 }
 
-/// What a verified token allows.
+/// Claims as read from a token: `channels: null` is told apart from an absent `channels`.
+#[derive(Debug, Deserialize)]
+struct IncomingClaims {
+    sub: String,
+    exp: u64,
+    #[serde(default, deserialize_with = "present")]
+    channels: Option<Option<Vec<String>>>,
+    #[serde(default)]
+    publish: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<Vec<String>>>, D::Error> {
+    Option::<Vec<String>>::deserialize(d).map(Some)
+}
+
+/// What a verified token (or API key) allows.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    /// The user (`sub`).
+    /// The user (`sub`); for an API key, `api-key#N` (its position in the configured list).
     pub sub: String,
     /// None = every key.
     patterns: Option<Vec<KeyPattern>>,
     /// May publish.
     pub publish: bool,
+    /// Expiry (seconds since the Unix epoch); `None` for an API key.
+    pub exp: Option<u64>,
 }
 
 impl Grant {
     /// A grant for an API-key publisher: every key, may publish.
-    pub fn api_key() -> Self {
+    pub fn api_key(index: usize) -> Self {
         Grant {
-            sub: "api-key".into(),
+            sub: format!("api-key#{index}"),
             patterns: None,
             publish: true,
+            exp: None,
         }
     }
 
@@ -57,56 +79,147 @@ impl Grant {
     pub fn is_unrestricted(&self) -> bool {
         self.patterns.is_none()
     }
+
+    /// Who a rate limit counts this grant as: the API key, or the token's user.
+    pub fn rate_key(&self) -> String {
+        if self.exp.is_none() {
+            self.sub.clone()
+        } else {
+            format!("sub:{}", self.sub)
+        }
+    }
 }
 
 /// Verifies and mints tokens; checks API keys.
 pub struct Authority {
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
-    api_key: String,
+    secret: DecodingKey,
+    /// Public keys for asymmetric tokens: (key id, algorithm family, key).
+    public: Vec<PublicKey>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    api_keys: Vec<String>,
+}
+
+struct PublicKey {
+    kid: Option<String>,
+    algorithms: Vec<Algorithm>,
+    key: DecodingKey,
 }
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authority").finish_non_exhaustive()
+        f.debug_struct("Authority")
+            .field("public_keys", &self.public.len())
+            .field("api_keys", &self.api_keys.len())
+            .finish_non_exhaustive()
     }
 }
 
+/// The `Authorization` header's scheme (matched case-insensitively, RFC 7235) and credentials.
+fn credentials<'a>(authorization: &'a str, scheme: &str) -> Option<&'a str> {
+    let v = authorization.trim();
+    let (s, rest) = v.split_once(|c: char| c.is_ascii_whitespace())?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
 impl Authority {
-    /// An authority for a secret and an API key.
+    /// An authority for a secret and one API key.
     pub fn new(jwt_secret: &str, api_key: &str) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self::with_keys(jwt_secret, vec![api_key.to_owned()])
+    }
+
+    /// An authority for a secret and several API keys (any is valid).
+    pub fn with_keys(jwt_secret: &str, api_keys: Vec<String>) -> Self {
         Authority {
             encoding: EncodingKey::from_secret(jwt_secret.as_bytes()),
-            decoding: DecodingKey::from_secret(jwt_secret.as_bytes()),
-            validation,
-            api_key: api_key.to_owned(),
+            secret: DecodingKey::from_secret(jwt_secret.as_bytes()),
+            public: Vec::new(),
+            issuer: None,
+            audience: None,
+            api_keys: api_keys.into_iter().filter(|k| !k.is_empty()).collect(),
         }
+    }
+
+    /// Require `iss` / `aud` claims.
+    pub fn require(mut self, issuer: Option<String>, audience: Option<String>) -> Self {
+        self.issuer = issuer;
+        self.audience = audience;
+        self
+    }
+
+    /// Accept tokens signed with the public key(s) in `path`: PEM (RSA, EC P-256 or Ed25519)
+    /// or a JWKS document.
+    pub fn with_public_keys(mut self, path: &Path) -> Result<Self, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        self.public = parse_public_keys(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(self)
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut v = Validation::new(alg);
+        v.leeway = 5;
+        v.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
+        match &self.issuer {
+            Some(i) => v.set_issuer(&[i]),
+            None => v.iss = None,
+        }
+        match &self.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        v
     }
 
     /// Verify a client token.
     pub fn verify(&self, token: &str) -> Result<Grant, ApiError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                let why = match e.kind() {
-                    ErrorKind::ExpiredSignature => "token expired".to_string(),
-                    ErrorKind::InvalidSignature => "token signature is invalid".to_string(),
-                    ErrorKind::InvalidToken
-                    | ErrorKind::Base64(_)
-                    | ErrorKind::Json(_)
-                    | ErrorKind::Utf8(_) => "token is not a valid JWT".to_string(),
-                    other => format!("token rejected: {other:?}"),
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::Unauthorized("token is not a valid JWT".into()))?;
+        let claims = match header.alg {
+            Algorithm::HS256 => self.decode(token, &self.secret, Algorithm::HS256)?,
+            alg @ (Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA) => {
+                let mut candidates = self.public.iter().filter(|k| {
+                    k.algorithms.contains(&alg)
+                        && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+                });
+                let Some(first) = candidates.next() else {
+                    return Err(ApiError::Unauthorized(format!(
+                        "no public key configured for {alg:?} tokens"
+                    )));
                 };
-                ApiError::Unauthorized(why)
-            })?;
-        let claims = data.claims;
+                let mut result = self.decode(token, &first.key, alg);
+                for k in candidates {
+                    if !matches!(&result, Err(ApiError::Unauthorized(m)) if m == BAD_SIGNATURE) {
+                        break;
+                    }
+                    result = self.decode(token, &k.key, alg);
+                }
+                result?
+            }
+            other => {
+                return Err(ApiError::Unauthorized(format!(
+                    "token algorithm {other:?} is not accepted"
+                )));
+            }
+        };
         let patterns = match claims.channels {
             None => None,
-            Some(list) => Some(
+            Some(None) => {
+                return Err(ApiError::Unauthorized(
+                    "token has `channels: null`; omit the claim for every key, or list patterns"
+                        .into(),
+                ));
+            }
+            Some(Some(list)) => Some(
                 list.iter()
                     .map(|p| KeyPattern::parse(p))
                     .collect::<Result<Vec<_>, _>>()
@@ -121,7 +234,37 @@ impl Authority {
             sub: claims.sub,
             patterns,
             publish: claims.publish,
+            exp: Some(claims.exp),
         })
+    }
+
+    fn decode(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        alg: Algorithm,
+    ) -> Result<IncomingClaims, ApiError> {
+        jsonwebtoken::decode::<IncomingClaims>(token, key, &self.validation(alg))
+            .map(|d| d.claims)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                let why = match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired".to_string(),
+                    ErrorKind::ImmatureSignature => "token not valid yet (nbf)".to_string(),
+                    ErrorKind::InvalidSignature => BAD_SIGNATURE.to_string(),
+                    ErrorKind::InvalidIssuer => "token issuer (iss) is not accepted".to_string(),
+                    ErrorKind::InvalidAudience => {
+                        "token audience (aud) is not accepted".to_string()
+                    }
+                    ErrorKind::MissingRequiredClaim(c) => format!("token lacks the {c} claim"),
+                    ErrorKind::InvalidToken
+                    | ErrorKind::Base64(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::Utf8(_) => "token is not a valid JWT".to_string(),
+                    other => format!("token rejected: {other:?}"),
+                };
+                ApiError::Unauthorized(why)
+            })
     }
 
     /// Mint a token.
@@ -149,43 +292,54 @@ impl Authority {
             .map_err(|e| ApiError::Internal(format!("cannot sign token: {e}")))
     }
 
+    /// Which configured API key `given` is, compared in constant time against every key.
+    fn api_key_index(&self, given: &str) -> Option<usize> {
+        let mut found = None;
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if bool::from(given.as_bytes().ct_eq(k.as_bytes())) && found.is_none() {
+                found = Some(i);
+            }
+        }
+        found
+    }
+
     /// Check an `Authorization` header value for a publisher: `ApiKey K` or `Bearer <jwt with publish:true>`.
     pub fn publisher(&self, authorization: Option<&str>) -> Result<Grant, ApiError> {
-        match authorization.map(str::trim) {
-            Some(v) if v.starts_with("ApiKey ") => {
-                let given = v["ApiKey ".len()..].trim();
-                if constant_time_eq(given.as_bytes(), self.api_key.as_bytes()) {
-                    Ok(Grant::api_key())
-                } else {
-                    Err(ApiError::Unauthorized("API key is not valid".into()))
-                }
-            }
-            Some(v) if v.starts_with("Bearer ") => {
-                let grant = self.verify(v["Bearer ".len()..].trim())?;
-                if grant.publish {
-                    Ok(grant)
-                } else {
-                    Err(ApiError::Forbidden(
-                        "token may not publish (no `publish: true` claim)".into(),
-                    ))
-                }
-            }
-            Some(_) => Err(ApiError::Unauthorized(
-                "Authorization must be `ApiKey <key>` or `Bearer <token>`".into(),
-            )),
-            None => Err(ApiError::Unauthorized(
+        let Some(v) = authorization else {
+            return Err(ApiError::Unauthorized(
                 "missing Authorization header".into(),
-            )),
+            ));
+        };
+        if let Some(given) = credentials(v, "ApiKey") {
+            return match self.api_key_index(given) {
+                Some(i) => Ok(Grant::api_key(i)),
+                None => Err(ApiError::Unauthorized("API key is not valid".into())),
+            };
         }
+        if let Some(token) = credentials(v, "Bearer") {
+            let grant = self.verify(token)?;
+            return if grant.publish {
+                Ok(grant)
+            } else {
+                Err(ApiError::Forbidden(
+                    "token may not publish (no `publish: true` claim)".into(),
+                ))
+            };
+        }
+        Err(ApiError::Unauthorized(
+            "Authorization must be `ApiKey <key>` or `Bearer <token>`".into(),
+        ))
     }
 
     /// Check an `Authorization: Bearer …` header value for a reader.
     pub fn reader(&self, authorization: Option<&str>) -> Result<Grant, ApiError> {
-        match authorization.map(str::trim) {
-            Some(v) if v.starts_with("Bearer ") => self.verify(v["Bearer ".len()..].trim()),
-            Some(_) => Err(ApiError::Unauthorized(
-                "Authorization must be `Bearer <token>`".into(),
-            )),
+        match authorization {
+            Some(v) => match credentials(v, "Bearer") {
+                Some(token) => self.verify(token),
+                None => Err(ApiError::Unauthorized(
+                    "Authorization must be `Bearer <token>`".into(),
+                )),
+            },
             None => Err(ApiError::Unauthorized(
                 "missing Authorization header".into(),
             )),
@@ -193,11 +347,51 @@ impl Authority {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+const BAD_SIGNATURE: &str = "token signature is invalid";
+
+/// Public keys from a PEM file (one key) or a JWKS document.
+fn parse_public_keys(bytes: &[u8]) -> Result<Vec<PublicKey>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+    if text.trim_start().starts_with('{') {
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            use jsonwebtoken::jwk::AlgorithmParameters as P;
+            let algorithms = match &jwk.algorithm {
+                P::RSA(_) => vec![Algorithm::RS256],
+                P::EllipticCurve(_) => vec![Algorithm::ES256],
+                P::OctetKeyPair(_) => vec![Algorithm::EdDSA],
+                P::OctetKey(_) => continue, // a shared secret has no place in a public key set
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("bad JWK: {e}"))?;
+            keys.push(PublicKey {
+                kid: jwk.common.key_id.clone(),
+                algorithms,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err("the JWKS holds no RSA, EC or OKP key".into());
+        }
+        return Ok(keys);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+    let attempts: [(Algorithm, PemParser); 3] = [
+        (Algorithm::RS256, DecodingKey::from_rsa_pem),
+        (Algorithm::ES256, DecodingKey::from_ec_pem),
+        (Algorithm::EdDSA, DecodingKey::from_ed_pem),
+    ];
+    for (alg, parse) in attempts {
+        if let Ok(key) = parse(bytes) {
+            return Ok(vec![PublicKey {
+                kid: None,
+                algorithms: vec![alg],
+                key,
+            }]);
+        }
+    }
+    Err("not a PEM public key (RSA, EC P-256 or Ed25519) nor a JWKS document".into())
 }
 
 /// Read a secret kept in the data directory, or make and keep a new one (development mode).

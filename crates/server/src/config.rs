@@ -47,6 +47,22 @@ pub enum DbCommand {
     Migrate(ServeArgs),
     /// Renumber stream sequences by insertion order, per stream (for databases written by a buggy version).
     RepairSequences(ServeArgs),
+    /// Copy the database to FILE with SQLite's online backup API: consistent (one commit's
+    /// state) while the server runs and publishes.
+    Backup(BackupArgs),
+    /// Install a backup FILE as the data directory's database under a NEW epoch (the old file
+    /// is kept aside). Refused while a server holds the data directory.
+    Restore(BackupArgs),
+}
+
+/// `seqcast db backup FILE` / `seqcast db restore FILE`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The backup file (written by `backup`, which refuses an existing file; read by `restore`).
+    pub file: std::path::PathBuf,
+    /// Server settings (for the data directory).
+    #[command(flatten)]
+    pub settings: ServeArgs,
 }
 
 /// `seqcast token …`
@@ -147,9 +163,63 @@ pub struct ServeArgs {
     /// HS256 secret for client tokens (absent: development mode).
     #[arg(long, env = "SEQCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Key for `Authorization: ApiKey K` on publish endpoints.
-    #[arg(long, env = "SEQCAST_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Key(s) for `Authorization: ApiKey K` on publish endpoints: repeat the flag or give a
+    /// comma-separated list (several are valid at once, for rotation).
+    #[arg(
+        long,
+        env = "SEQCAST_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub api_key: Option<Vec<String>>,
+    /// Required `iss` claim of client tokens (absent: not checked).
+    #[arg(long, env = "SEQCAST_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim of client tokens (absent: not checked).
+    #[arg(long, env = "SEQCAST_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Public key(s) for RS256/ES256/EdDSA client tokens: a PEM file or a JWKS (JSON) file.
+    #[arg(long, env = "SEQCAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection is kept (10).
+    #[arg(long, env = "SEQCAST_HTTP_HEADER_TIMEOUT_SECS")]
+    pub http_header_timeout_secs: Option<u64>,
+    /// Seconds a request body may take to arrive; past it: 408 (30).
+    #[arg(long, env = "SEQCAST_HTTP_BODY_TIMEOUT_SECS")]
+    pub http_body_timeout_secs: Option<u64>,
+    /// Seconds a request may take to be answered; past it: 408 (30).
+    #[arg(long, env = "SEQCAST_HTTP_REQUEST_TIMEOUT_SECS")]
+    pub http_request_timeout_secs: Option<u64>,
+    /// HTTP requests handled at once; more wait (10000).
+    #[arg(long, env = "SEQCAST_HTTP_CONCURRENCY")]
+    pub http_concurrency: Option<usize>,
+    /// Seconds between the server's WebSocket pings (25).
+    #[arg(long, env = "SEQCAST_PING_INTERVAL_SECS")]
+    pub ping_interval_secs: Option<u64>,
+    /// Seconds a pinged peer has to show it is alive (any frame, a pong included) before it is
+    /// closed (20).
+    #[arg(long, env = "SEQCAST_PING_TIMEOUT_SECS")]
+    pub ping_timeout_secs: Option<u64>,
+    /// Open WebSocket connections in total; more get 503 at the upgrade (100000).
+    #[arg(long, env = "SEQCAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open WebSocket connections per client IP; more get 429 (absent: no limit).
+    #[arg(long, env = "SEQCAST_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New WebSocket connections per second per client IP; more get 429 (absent: no limit).
+    #[arg(long, env = "SEQCAST_CONNECTIONS_PER_SECOND_PER_IP")]
+    pub connections_per_second_per_ip: Option<u32>,
+    /// Publishes per second per API key or token `sub`; more get 429 (absent: no limit).
+    #[arg(long, env = "SEQCAST_PUBLISH_RATE")]
+    pub publish_rate: Option<u32>,
+    /// Publishes a key or token may make at once above `publish_rate` (default: the rate).
+    #[arg(long, env = "SEQCAST_PUBLISH_BURST")]
+    pub publish_burst: Option<u32>,
+    /// Peers (IP addresses) whose `X-Forwarded-For` names the client, comma-separated.
+    #[arg(long, env = "SEQCAST_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// Allowed browser origins, comma-separated; absent = same host only.
     #[arg(long, env = "SEQCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -242,6 +312,32 @@ pub enum ConfigError {
     },
 }
 
+/// Deadlines on each phase of an HTTP request.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    /// Request line and headers (and idle keep-alive between requests).
+    pub header: Duration,
+    /// The request body.
+    pub body: Duration,
+    /// Handling, up to the response head.
+    pub request: Duration,
+}
+
+/// Caps on connections and rates. `None` = no limit.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Open WebSocket connections in total.
+    pub max_connections: usize,
+    /// Open WebSocket connections per client IP.
+    pub max_connections_per_ip: Option<usize>,
+    /// New WebSocket connections per second per client IP.
+    pub connections_per_second_per_ip: Option<u32>,
+    /// Publishes per second per API key / token subject, and the burst.
+    pub publish_rate: Option<(u32, u32)>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
 /// Resolved settings of a server.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -255,8 +351,24 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// JWT secret, if configured (None = development mode).
     pub jwt_secret: Option<String>,
-    /// API key, if configured.
-    pub api_key: Option<String>,
+    /// API keys, if configured (any of them is valid).
+    pub api_keys: Vec<String>,
+    /// Required `iss` claim.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    pub jwt_audience: Option<String>,
+    /// Public-key file for asymmetric tokens.
+    pub jwt_public_key: Option<PathBuf>,
+    /// HTTP timeouts.
+    pub http_timeouts: HttpTimeouts,
+    /// HTTP requests handled at once.
+    pub http_concurrency: usize,
+    /// Server ping period on WebSockets.
+    pub ping_interval: Duration,
+    /// How long a pinged peer has to answer.
+    pub ping_timeout: Duration,
+    /// Connection and rate limits.
+    pub limits: Limits,
     /// Allowed origins (None = same host only).
     pub allowed_origins: Option<Vec<String>>,
     /// Recovery window bounds (how far back a resume reaches).
@@ -385,7 +497,64 @@ impl Settings {
             storage: pick!(storage, StorageKind::Sqlite),
             database_url: pick_opt!(database_url),
             jwt_secret: pick_opt!(jwt_secret).filter(|s| !s.is_empty()),
-            api_key: pick_opt!(api_key).filter(|s| !s.is_empty()),
+            api_keys: pick_opt!(api_key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .collect(),
+            jwt_issuer: pick_opt!(jwt_issuer).filter(|s| !s.is_empty()),
+            jwt_audience: pick_opt!(jwt_audience).filter(|s| !s.is_empty()),
+            jwt_public_key: pick_opt!(jwt_public_key),
+            http_timeouts: HttpTimeouts {
+                header: secs(
+                    "http_header_timeout_secs",
+                    pick!(http_header_timeout_secs, 10),
+                )?,
+                body: secs("http_body_timeout_secs", pick!(http_body_timeout_secs, 30))?,
+                request: secs(
+                    "http_request_timeout_secs",
+                    pick!(http_request_timeout_secs, 30),
+                )?,
+            },
+            http_concurrency: {
+                let n = pick!(http_concurrency, 10_000);
+                positive("http_concurrency", n)?;
+                n
+            },
+            ping_interval: secs("ping_interval_secs", pick!(ping_interval_secs, 25))?,
+            ping_timeout: secs("ping_timeout_secs", pick!(ping_timeout_secs, 20))?,
+            limits: Limits {
+                max_connections: {
+                    let n = pick!(max_connections, 100_000);
+                    positive("max_connections", n)?;
+                    n
+                },
+                max_connections_per_ip: match pick_opt!(max_connections_per_ip) {
+                    Some(n) => {
+                        positive("max_connections_per_ip", n)?;
+                        Some(n)
+                    }
+                    None => None,
+                },
+                connections_per_second_per_ip: match pick_opt!(connections_per_second_per_ip) {
+                    Some(n) => {
+                        positive("connections_per_second_per_ip", n as usize)?;
+                        Some(n)
+                    }
+                    None => None,
+                },
+                publish_rate: match pick_opt!(publish_rate) {
+                    Some(rate) => {
+                        positive("publish_rate", rate as usize)?;
+                        let burst = pick!(publish_burst, rate);
+                        positive("publish_burst", burst as usize)?;
+                        Some((rate, burst))
+                    }
+                    None => None,
+                },
+                trusted_proxies: pick_opt!(trusted_proxies).unwrap_or_default(),
+            },
             allowed_origins,
             recovery: WindowLimits {
                 max_messages: recovery_max_messages,
@@ -414,6 +583,30 @@ impl Settings {
             max_subscriptions: pick!(max_subscriptions, 1_000),
         })
     }
+}
+
+fn secs(name: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            message: "must be at least 1 second".into(),
+        });
+    }
+    Ok(Duration::from_secs(v))
+}
+
+/// A TOML value that is one string or a list of strings (`api_key = "k"` or `["k1", "k2"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(v) => v,
+    }))
 }
 
 fn positive(name: &'static str, v: usize) -> Result<(), ConfigError> {

@@ -17,7 +17,7 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use seqcast_protocol::{
-    ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey,
+    AuthOk, ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey,
     decode_client_frame, encode_server_frame,
 };
 
@@ -129,10 +129,12 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
     sub.push_one(Utf8Bytes::from(encode_server_frame(&connected)));
 
     let mut subs = Subscriptions::default();
-    let ended = run(&app, &mut socket, &sub, &grant, &info, &mut subs).await;
+    let mut grant = grant;
+    let ended = run(&app, &mut socket, &sub, &mut grant, &info, &mut subs).await;
     sub.finish();
     app.hub.disconnect(&sub, subs.cursors.keys());
     let (sent, server_code, client_code) = (ended.sent, ended.server_code, ended.client_code);
+    let ended_reason = ended.reason.clone();
     let close_code = server_code.or(client_code).unwrap_or(1006);
     Metrics::inc(&app.hub.metrics.connections_closed);
     tracing::info!(
@@ -141,6 +143,7 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
         session_id = info.session_id.as_ref().map(|s| s.as_str()),
         connection_sequence = info.connection_sequence,
         close_code,
+        reason = ended_reason.as_deref(),
         duration_seconds = info.started.elapsed().as_secs_f64(),
         messages_sent = sent,
         "connection closed"
@@ -184,7 +187,14 @@ async fn wait_for_hello(
                 close_with(sink, CloseReason::TooLarge).await;
                 return HelloOutcome::Closed(CloseReason::TooLarge.code());
             }
-            Some(Err(_)) | None => return HelloOutcome::Closed(1006),
+            Some(Err(e)) => {
+                if let Some((code, text)) = violation(&e) {
+                    close_text(sink, code, &text).await;
+                    return HelloOutcome::Closed(code);
+                }
+                return HelloOutcome::Closed(1006);
+            }
+            None => return HelloOutcome::Closed(1006),
         };
         match decode_client_frame(text.as_str()) {
             Ok(ClientFrame::Hello(h)) => {
@@ -231,6 +241,54 @@ struct Ended {
     server_code: Option<u16>,
     /// The peer's close code, if it sent one (1006 when the connection just broke).
     client_code: Option<u16>,
+    /// Why the server closed it, when it did.
+    reason: Option<String>,
+}
+
+impl Ended {
+    fn by_server(sent: u64, reason: CloseReason) -> Self {
+        Ended {
+            sent,
+            server_code: Some(reason.code()),
+            client_code: None,
+            reason: Some(reason.text().to_owned()),
+        }
+    }
+}
+
+/// What one read from the client means for the connection.
+enum Read {
+    /// Go on.
+    Continue,
+    /// The peer closed, or the connection broke (the peer's close code, 1006 if none).
+    PeerClosed(u16),
+    /// The peer broke the protocol: close with this code and reason.
+    Violation(u16, String),
+}
+
+/// The connection's deadlines: the next server ping, the answer to the last one, the token's
+/// expiry.
+struct Deadlines {
+    ping: Pin<Box<tokio::time::Sleep>>,
+    /// Set when a ping is out and nothing was read since.
+    answer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Frames written when the ping went out: a peer whose TCP window takes our frames is alive.
+    sent_at_ping: u64,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The `tokio` instant at which a token's `exp` (Unix seconds) passes.
+fn expiry_instant(exp: Option<u64>) -> Option<tokio::time::Instant> {
+    let exp_ms = exp?.saturating_mul(1000);
+    let left = exp_ms.saturating_sub(now_ms());
+    Some(tokio::time::Instant::now() + std::time::Duration::from_millis(left))
+}
+
+async fn sleep_opt(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match s {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Frames one catch-up step queues at most (a log page, or a page of the cached tail).
@@ -274,11 +332,18 @@ async fn run(
     app: &Arc<AppState>,
     socket: &mut WebSocket,
     sub: &Arc<Subscriber>,
-    grant: &Grant,
+    grant: &mut Grant,
     info: &ConnInfo,
     subs: &mut Subscriptions,
 ) -> Ended {
     let mut sent = 0u64;
+    let ping_interval = app.settings.ping_interval;
+    let mut deadlines = Deadlines {
+        ping: Box::pin(tokio::time::sleep(ping_interval)),
+        answer: None,
+        sent_at_ping: 0,
+        expiry: expiry_instant(grant.exp).map(|at| Box::pin(tokio::time::sleep_until(at))),
+    };
     let mut buf: Vec<Frame> = Vec::new();
     let mut job: Option<Job> = None;
     // Made once: a close request or shutdown wakes the connection through these.
@@ -294,10 +359,36 @@ async fn run(
         tokio::select! {
             biased;
             reason = &mut closed => {
-                return Ended { sent, server_code: Some(close_in_time(socket, reason).await), client_code: None };
+                close_in_time(app, socket, reason).await;
+                return Ended::by_server(sent, reason);
             }
             // Asks for a close; the next turn sends it.
             _ = &mut shutdown, if !sub.is_closing() => sub.close(CloseReason::GoingAway),
+            () = sleep_opt(&mut deadlines.expiry), if !sub.is_closing() => {
+                tracing::info!(event = "token_expired", client_id = %info.client_id, user = %grant.sub, "token expired and no auth frame brought a fresh one: closing with 4001");
+                deadlines.expiry = None;
+                sub.close(CloseReason::TokenExpired);
+            }
+            () = sleep_opt(&mut deadlines.answer), if !sub.is_closing() => {
+                if sent > deadlines.sent_at_ping && !reading {
+                    // Not read because we are not reading (its queue is full), but it takes our frames.
+                    deadlines.sent_at_ping = sent;
+                    deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
+                } else {
+                    tracing::info!(event = "ping_timeout", client_id = %info.client_id, timeout_secs = app.settings.ping_timeout.as_secs(), "no frame from the peer since the last ping: closing");
+                    deadlines.answer = None;
+                    sub.close(CloseReason::PingTimeout);
+                }
+            }
+            () = deadlines.ping.as_mut() => {
+                deadlines.ping.as_mut().reset(tokio::time::Instant::now() + ping_interval);
+                // Queued behind whatever tungstenite holds; a blocked socket keeps it there.
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Ping(bytes::Bytes::new()))).await;
+                if deadlines.answer.is_none() {
+                    deadlines.sent_at_ping = sent;
+                    deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
+                }
+            }
             done = poll_job(&mut job) => {
                 job = None;
                 on_job_done(app, sub, info, subs, done);
@@ -316,19 +407,36 @@ async fn run(
                 let written = tokio::select! {
                     biased;
                     reason = &mut closed => {
-                        return Ended { sent, server_code: Some(close_in_time(socket, reason).await), client_code: None };
+                        close_in_time(app, socket, reason).await;
+                        return Ended::by_server(sent, reason);
                     }
                     r = write_round(socket, &mut buf, &mut sent) => r,
                 };
                 if written.is_err() {
-                    return Ended { sent, server_code: None, client_code: None };
+                    return Ended { sent, server_code: None, client_code: None, reason: None };
                 }
             }
             msg = socket.recv(), if reading => {
-                if let Some(code) = on_client_frame(app, msg, sub, grant, info, subs, &mut job) {
-                    // The peer closed or the connection broke: answer a close, then stop.
-                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
-                    return Ended { sent, server_code: None, client_code: Some(code) };
+                // Any frame, a pong included, shows the peer is alive.
+                deadlines.answer = None;
+                match on_client_frame(app, msg, sub, grant, info, subs, &mut job) {
+                    Read::Continue => {}
+                    Read::PeerClosed(code) => {
+                        // The peer closed or the connection broke: answer a close, then stop.
+                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+                        return Ended { sent, server_code: None, client_code: Some(code), reason: None };
+                    }
+                    Read::Violation(code, text) => {
+                        tracing::info!(event = "protocol_violation", client_id = %info.client_id, close_code = code, reason = %text, "closing: the peer broke the WebSocket protocol");
+                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_text(socket, code, &text)).await;
+                        return Ended { sent, server_code: Some(code), client_code: None, reason: Some(text) };
+                    }
+                }
+                if grant.exp.is_some() {
+                    let at = expiry_instant(grant.exp);
+                    if let (Some(at), Some(e)) = (at, deadlines.expiry.as_mut()) && e.deadline() != at {
+                        e.as_mut().reset(at);
+                    }
                 }
             }
         }
@@ -462,11 +570,11 @@ fn on_client_frame(
     app: &Arc<AppState>,
     msg: Option<Result<Message, axum::Error>>,
     sub: &Arc<Subscriber>,
-    grant: &Grant,
+    grant: &mut Grant,
     info: &ConnInfo,
     subs: &mut Subscriptions,
     job: &mut Option<Job>,
-) -> Option<u16> {
+) -> Read {
     let text = match msg {
         Some(Ok(Message::Text(t))) => t,
         Some(Ok(Message::Binary(_))) => {
@@ -474,16 +582,22 @@ fn on_client_frame(
                 sub,
                 &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
             );
-            return None;
+            return Read::Continue;
         }
-        Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| c.code)),
-        Some(Ok(_)) => return None,
+        Some(Ok(Message::Close(c))) => return Read::PeerClosed(c.map_or(1005, |c| c.code)),
+        Some(Ok(_)) => return Read::Continue,
         Some(Err(e)) if is_too_large(&e) => {
             tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
             sub.close(CloseReason::TooLarge);
-            return None;
+            return Read::Continue;
         }
-        Some(Err(_)) | None => return Some(1006),
+        Some(Err(e)) => {
+            return match violation(&e) {
+                Some((code, text)) => Read::Violation(code, text),
+                None => Read::PeerClosed(1006),
+            };
+        }
+        None => return Read::PeerClosed(1006),
     };
     match decode_client_frame(text.as_str()) {
         Ok(ClientFrame::Subscribe(s)) => {
@@ -491,7 +605,7 @@ fn on_client_frame(
             if subs.cursors.contains_key(&key) {
                 // Already subscribed: acknowledged again, nothing replayed.
                 sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None));
-                return None;
+                return Read::Continue;
             }
             if subs.cursors.len() >= app.settings.max_subscriptions {
                 reply_error(
@@ -501,14 +615,14 @@ fn on_client_frame(
                         app.settings.max_subscriptions
                     )),
                 );
-                return None;
+                return Read::Continue;
             }
             if !grant.allows(&key) {
                 reply_error(
                     sub,
                     &ApiError::Forbidden(format!("token may not read {key}")),
                 );
-                return None;
+                return Read::Continue;
             }
             let app = Arc::clone(app);
             *job = Some(Box::pin(async move {
@@ -531,9 +645,105 @@ fn on_client_frame(
             sub,
             &ApiError::BadRequest("already connected: hello is only the first frame".into()),
         ),
+        Ok(ClientFrame::Auth(a)) => return refresh_token(app, sub, grant, info, subs, &a.token),
         Err(e) => reply_error(sub, &ApiError::from(e)),
     }
+    Read::Continue
+}
+
+/// `auth`: a fresh token for the same user replaces the connection's; keys it no longer allows
+/// are unsubscribed (each with a `forbidden` error). A token for another user closes with 4001.
+fn refresh_token(
+    app: &Arc<AppState>,
+    sub: &Arc<Subscriber>,
+    grant: &mut Grant,
+    info: &ConnInfo,
+    subs: &mut Subscriptions,
+    token: &str,
+) -> Read {
+    let fresh = match app.auth.verify(token) {
+        Ok(g) => g,
+        Err(e) => {
+            // The token in force still holds until its own `exp`.
+            tracing::info!(event = "auth_refresh_rejected", client_id = %info.client_id, error = %e, "auth frame with an invalid token");
+            reply_error(sub, &e);
+            return Read::Continue;
+        }
+    };
+    if fresh.sub != grant.sub {
+        tracing::info!(event = "auth_refresh_rejected", client_id = %info.client_id, user = %grant.sub, new_user = %fresh.sub, "auth frame for another user: closing with 4001");
+        reply_error(
+            sub,
+            &ApiError::Unauthorized("auth token is for another user".into()),
+        );
+        sub.close(CloseReason::AuthRejected);
+        return Read::Continue;
+    }
+    let narrowed: Vec<SubscriptionKey> = subs
+        .cursors
+        .keys()
+        .filter(|k| !fresh.allows(k))
+        .cloned()
+        .collect();
+    for key in narrowed {
+        app.hub.unsubscribe(sub, &key);
+        subs.cursors.remove(&key);
+        subs.catching_up.retain(|k| k != &key);
+        reply_error(
+            sub,
+            &ApiError::Forbidden(format!(
+                "the refreshed token may not read {key}: unsubscribed"
+            )),
+        );
+    }
+    *grant = fresh;
+    let exp = grant.exp.unwrap_or(0);
+    tracing::debug!(event = "auth_refreshed", client_id = %info.client_id, user = %grant.sub, exp, "token refreshed");
+    sub.push_one(Utf8Bytes::from(encode_server_frame(&ServerFrame::AuthOk(
+        AuthOk { exp },
+    ))));
+    Read::Continue
+}
+
+/// A read error that is the peer's protocol violation: its close code (1007 for invalid UTF-8,
+/// 1002 otherwise) and reason.
+fn violation(e: &axum::Error) -> Option<(u16, String)> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        match s.downcast_ref::<WsError>() {
+            Some(WsError::Utf8(_)) => {
+                return Some((
+                    CloseReason::InvalidPayload.code(),
+                    CloseReason::InvalidPayload.text().to_owned(),
+                ));
+            }
+            // The TCP connection ended without a close frame: a broken connection (1006), not
+            // a frame that breaks the protocol.
+            Some(WsError::Protocol(
+                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )) => return None,
+            Some(WsError::Protocol(p)) => {
+                let mut text = format!("protocol error: {p}");
+                truncate_reason(&mut text);
+                return Some((CloseReason::ProtocolError.code(), text));
+            }
+            _ => {}
+        }
+        source = s.source();
+    }
     None
+}
+
+/// A close reason is at most 123 bytes.
+fn truncate_reason(text: &mut String) {
+    if text.len() > 123 {
+        let mut cut = 123;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
 }
 
 fn log_subscribe(
@@ -622,10 +832,14 @@ async fn send_error(sink: &mut WebSocket, e: &ApiError) -> Result<(), axum::Erro
 }
 
 async fn close_with(sink: &mut WebSocket, reason: CloseReason) {
+    close_text(sink, reason.code(), reason.text()).await;
+}
+
+async fn close_text(sink: &mut WebSocket, code: u16, text: &str) {
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
-            code: reason.code(),
-            reason: Utf8Bytes::from_static(reason.text()),
+            code,
+            reason: Utf8Bytes::from(text.to_owned()),
         })))
         .await;
     let _ = sink.close().await;
@@ -648,8 +862,12 @@ async fn write_round(
     sink.flush().await
 }
 
-async fn close_in_time(sink: &mut WebSocket, reason: CloseReason) -> u16 {
-    if tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_with(sink, reason))
+/// Send the close frame behind whatever is already queued in the socket. A slow reader gets it
+/// as long as it keeps reading: the socket is dropped only when the close frame could not be
+/// written within the ping timeout (a peer that takes nothing for that long is gone).
+async fn close_in_time(app: &AppState, sink: &mut WebSocket, reason: CloseReason) -> u16 {
+    let limit = app.settings.ping_timeout.max(CLOSE_WRITE_TIMEOUT);
+    if tokio::time::timeout(limit, close_with(sink, reason))
         .await
         .is_err()
     {

@@ -25,6 +25,20 @@ pub enum ApiError {
     /// Body over the size limit (400 / `too_large`, as the contract decides).
     #[error("{0}")]
     TooLarge(String),
+    /// The method is not allowed on this path (405 / `method_not_allowed`).
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The body did not arrive, or the answer was not ready, in time (408 / `timeout`).
+    #[error("{0}")]
+    Timeout(String),
+    /// Over a configured connection or request rate (429 / `rate_limited`, with `Retry-After`).
+    #[error("{message}")]
+    RateLimited {
+        /// Why.
+        message: String,
+        /// Seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+    },
     /// The database cannot take writes, or the server is shutting down (503 / `unavailable`).
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +56,9 @@ impl ApiError {
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::TooLarge(_) => ErrorCode::TooLarge,
+            ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            ApiError::Timeout(_) => ErrorCode::Timeout,
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Internal(_) => ErrorCode::Internal,
         }
@@ -54,6 +71,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -67,6 +87,9 @@ impl ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::TooLarge(m)
+            | ApiError::MethodNotAllowed(m)
+            | ApiError::Timeout(m)
+            | ApiError::RateLimited { message: m, .. }
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => m,
         }
@@ -88,8 +111,75 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() {
             tracing::warn!(event = "http_error", code = %self.code(), message = self.message(), "request failed");
         }
-        (self.status(), axum::Json(self.body())).into_response()
+        let mut r = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = &self
+        {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(*retry_after_secs),
+            );
+        }
+        r
     }
+}
+
+impl ApiError {
+    /// The error for a bare status that a layer (routing, a timeout) answered without a body.
+    pub fn for_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::NOT_FOUND => ApiError::NotFound("no such endpoint".into()),
+            StatusCode::METHOD_NOT_ALLOWED => {
+                ApiError::MethodNotAllowed("method not allowed on this path".into())
+            }
+            StatusCode::REQUEST_TIMEOUT => ApiError::Timeout("request timed out".into()),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge("request body too large".into()),
+            StatusCode::UNAUTHORIZED => ApiError::Unauthorized("unauthorized".into()),
+            StatusCode::FORBIDDEN => ApiError::Forbidden("forbidden".into()),
+            StatusCode::SERVICE_UNAVAILABLE => ApiError::Unavailable("unavailable".into()),
+            s if s.is_server_error() => {
+                ApiError::Internal(s.canonical_reason().unwrap_or("server error").to_owned())
+            }
+            s => ApiError::BadRequest(s.canonical_reason().unwrap_or("bad request").to_owned()),
+        }
+    }
+
+    /// Why a request body could not be read: over the limit, too slow, or broken.
+    pub fn from_body_error(e: &axum::Error, limit: usize) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            if s.is::<tower_http::timeout::TimeoutError>() {
+                return ApiError::Timeout("the request body did not arrive in time".into());
+            }
+            if s.to_string().contains("length limit") {
+                return ApiError::TooLarge(format!(
+                    "request body exceeds the limit of {limit} bytes"
+                ));
+            }
+            source = s.source();
+        }
+        ApiError::BadRequest(format!("could not read the request body: {e}"))
+    }
+}
+
+/// Answers that a layer gave as a bare status (405 from routing, 408 from a timeout) get the
+/// JSON error body every error status has; headers such as `Allow` are kept.
+pub async fn json_error_bodies(r: Response) -> Response {
+    let status = r.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || r.headers().contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        return r;
+    }
+    let (mut parts, _) = r.into_parts();
+    let mut answer = ApiError::for_status(status).into_response();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    for (name, value) in answer.headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    let body = std::mem::take(answer.body_mut());
+    Response::from_parts(parts, body)
 }
 
 impl From<NameError> for ApiError {
@@ -148,6 +238,16 @@ pub enum CloseReason {
     Unauthenticated,
     /// A protocol violation by the peer (1002).
     ProtocolError,
+    /// A text frame that is not UTF-8 (1007).
+    InvalidPayload,
+    /// The peer did not answer pings in time (1001: it is going away, as far as we can tell).
+    PingTimeout,
+    /// The token's `exp` passed and no `auth` frame brought a fresh one (4001).
+    TokenExpired,
+    /// An `auth` frame brought a token that is invalid or for another user (4001).
+    AuthRejected,
+    /// Another close code chosen at run time (the peer's protocol error with its own text).
+    Peer(u16, &'static str),
 }
 
 impl CloseReason {
@@ -160,6 +260,10 @@ impl CloseReason {
             CloseReason::LogUnavailable => 1011,
             CloseReason::Unauthenticated => 4001,
             CloseReason::ProtocolError => 1002,
+            CloseReason::InvalidPayload => 1007,
+            CloseReason::PingTimeout => 1001,
+            CloseReason::TokenExpired | CloseReason::AuthRejected => 4001,
+            CloseReason::Peer(code, _) => code,
         }
     }
 
@@ -174,6 +278,11 @@ impl CloseReason {
             CloseReason::LogUnavailable => "cannot read the log; resume with since",
             CloseReason::Unauthenticated => "no valid authentication",
             CloseReason::ProtocolError => "protocol error",
+            CloseReason::InvalidPayload => "invalid UTF-8 in a text frame",
+            CloseReason::PingTimeout => "ping timeout: no frame from the peer",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::AuthRejected => "auth refresh rejected",
+            CloseReason::Peer(_, text) => text,
         }
     }
 }

@@ -8,9 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
-    RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
-    encode_stream_page, parse_u64_param,
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, QueryParams,
+    RecoveryMeta, RequestId, SubscriptionKey, decode_batch, decode_publish,
+    encode_recovery_response, encode_stream_page,
 };
 use seqcast_sequencing::{Resume, resume};
 
@@ -41,46 +41,24 @@ fn json_response(status: StatusCode, body: String) -> Response {
     r
 }
 
-/// Query parameters, decoded once, with clear errors for bad values.
-struct Query(Vec<(String, String)>);
+/// Query parameters, decoded once (`seqcast_protocol::QueryParams`, a fuzz target).
+struct Query(QueryParams);
 
 impl Query {
     fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> = match raw {
-            None => Vec::new(),
-            Some(q) => serde_urlencoded::from_str(&q)
-                .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?,
-        };
-        for (k, _) in &pairs {
-            if !allowed.contains(&k.as_str()) {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown query parameter {k:?}; allowed: {}",
-                    allowed.join(", ")
-                )));
-            }
-        }
-        Ok(Query(pairs))
+        Ok(Query(QueryParams::parse(raw.as_deref(), allowed)?))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.get(name)
     }
 
     fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.get(name)
-            .map(|v| parse_u64_param(name, v).map_err(ApiError::from))
-            .transpose()
+        Ok(self.0.u64(name)?)
     }
 
     fn limit(&self) -> Result<usize, ApiError> {
-        match self.u64("limit")? {
-            None => Ok(DEFAULT_PAGE as usize),
-            Some(0) => Err(ApiError::BadRequest("limit must be at least 1".into())),
-            Some(n) => Ok(n.min(MAX_PAGE) as usize),
-        }
+        Ok(self.0.limit(DEFAULT_PAGE, MAX_PAGE)? as usize)
     }
 }
 
@@ -263,10 +241,24 @@ impl Filter {
     }
 }
 
+/// A declared `Content-Length` over the limit is refused at once, before any of the body is read.
+fn check_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(ApiError::TooLarge(format!(
+            "request body of {n} bytes exceeds the limit of {limit} bytes"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::TooLarge(format!("request body exceeds the limit of {limit} bytes")))
+        .map_err(|e| ApiError::from_body_error(&e, limit))
 }
 
 fn new_event(req: PublishRequest, grant: &Grant, ids: &MessageIds) -> Result<NewEvent, ApiError> {
@@ -325,17 +317,31 @@ impl MessageIds {
     }
 }
 
+/// Commit unless the database is known to be lost; a failed write looks at the file again.
+async fn commit(app: &AppState, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, ApiError> {
+    if let Some(why) = app.write_fault() {
+        return Err(ApiError::Unavailable(why));
+    }
+    let result = app.store.commit(&app.hub, events).await;
+    if result.is_err() {
+        app.check_database_file();
+    }
+    result
+}
+
 /// `POST /api/publish`
 pub async fn publish(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    check_length(&headers, app.settings.max_message_bytes)?;
     let grant = app.auth.publisher(authorization(&headers))?;
+    app.limiter.admit_publish(&grant.rate_key(), 1)?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant, &app.message_ids)?;
-    let committed = app.store.commit(&app.hub, vec![ev]).await?;
+    let committed = commit(&app, vec![ev]).await?;
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
@@ -348,16 +354,19 @@ pub async fn publish_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let grant = app.auth.publisher(authorization(&headers))?;
     let limit = app.settings.max_message_bytes.saturating_mul(16);
+    check_length(&headers, limit)?;
+    let grant = app.auth.publisher(authorization(&headers))?;
     let bytes = read_body(body, limit).await?;
     let req = decode_batch(&bytes)?;
+    app.limiter
+        .admit_publish(&grant.rate_key(), req.messages.len())?;
     let events = req
         .messages
         .into_iter()
         .map(|m| new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = app.store.commit(&app.hub, events).await?;
+    let committed = commit(&app, events).await?;
     Ok(axum::Json(BatchPublishResponse {
         results: committed.iter().map(answer).collect(),
     })
@@ -397,12 +406,19 @@ pub async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
 }
 
-/// `GET /readyz`: ready to take traffic (not shutting down).
+/// `GET /readyz`: ready to take traffic: not shutting down, and publishes would not be refused
+/// (writer stopped, database file lost, or the database failing writes: read-only, full,
+/// locked past the busy timeout). The body says why.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.shutdown.is_cancelled() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting_down"}"#.into(),
+        )
+    } else if let Some(why) = app.readiness_fault().await {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "reason": why}).to_string(),
         )
     } else {
         json_response(

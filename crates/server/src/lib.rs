@@ -13,6 +13,8 @@ pub mod connection;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod pages;
 pub mod storage;

@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         Some(Command::Token(t)) => token(&t),
         Some(Command::Db(DbCommand::Migrate(args))) => db_migrate(&args),
         Some(Command::Db(DbCommand::RepairSequences(args))) => db_repair(&args),
+        Some(Command::Db(DbCommand::Backup(args))) => db_backup(&args),
+        Some(Command::Db(DbCommand::Restore(args))) => db_restore(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,5 +155,42 @@ fn db_repair(args: &ServeArgs) -> anyhow::Result<()> {
         report.streams,
         report.rows_renumbered
     );
+    Ok(())
+}
+
+fn db_backup(args: &seqcast_server::config::BackupArgs) -> anyhow::Result<()> {
+    let path = db_path(&args.settings)?;
+    let report = seqcast_persistence::backup(&path, &args.file)?;
+    println!(
+        "backed up {} to {}: epoch {}, head {}, {} pages",
+        path.display(),
+        args.file.display(),
+        report.epoch,
+        report.head,
+        report.pages
+    );
+    Ok(())
+}
+
+fn db_restore(args: &seqcast_server::config::BackupArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&args.settings)?;
+    // The same lock a running server holds: never swap the file under a server.
+    let _lock = seqcast_server::app::lock_data_dir(&settings)?;
+    let path = settings.data_dir.join("seqcast.db");
+    let report = seqcast_persistence::restore(&args.file, &path)?;
+    println!(
+        "restored {} into {}: head {}, new epoch {} (was {}); clients of the old history will get recovered: false",
+        args.file.display(),
+        path.display(),
+        report.head,
+        report.epoch,
+        report.old_epoch
+    );
+    if let Some(previous) = report.previous {
+        println!(
+            "the database that was in place is kept as {}",
+            previous.display()
+        );
+    }
     Ok(())
 }

@@ -105,6 +105,33 @@ impl Store {
         }
     }
 
+    /// False when the database writer has stopped: publishes can only fail.
+    pub fn writer_running(&self) -> bool {
+        match self {
+            Store::Memory { .. } => true,
+            Store::Sqlite { writer, .. } => writer.is_running(),
+        }
+    }
+
+    /// Why the last write failed, when the database itself was the reason (read-only, full,
+    /// locked past the busy timeout, I/O error); `None` when writes work.
+    pub fn write_health(&self) -> Option<String> {
+        match self {
+            Store::Memory { .. } => None,
+            Store::Sqlite { writer, .. } => writer.health().map(|e| e.to_string()),
+        }
+    }
+
+    /// Try a write that changes nothing, to learn whether a failing database takes writes
+    /// again; updates [`Store::write_health`].
+    pub async fn probe(&self) {
+        if let Store::Sqlite { writer, .. } = self
+            && let Err(e) = writer.probe().await
+        {
+            tracing::debug!(error = %e, "write probe failed");
+        }
+    }
+
     /// The backend's name, as `--storage` spells it.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1,0 +1,60 @@
+//! What the fuzz targets (`fuzz/`, libFuzzer) check, as plain functions, so the crash inputs
+//! kept in `fuzz/regressions/` run as ordinary tests on stable (`tests/fuzz_regressions.rs`).
+//! Each function takes arbitrary bytes; it must not panic, and it asserts the decoder's
+//! invariants on what it accepts.
+
+use crate::{
+    Channel, ClientFrame, QueryParams, RequestId, decode_batch, decode_client_frame,
+    decode_publish, parse_u64_param,
+};
+
+/// A client WebSocket frame (text; non-UTF-8 bytes are what the server closes with 1007 before
+/// decoding). An accepted frame's names are valid by their grammar.
+pub fn client_frame(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(ClientFrame::Subscribe(sub)) = decode_client_frame(text) {
+        assert!(Channel::new(sub.channel.as_str()).is_ok());
+        assert!(RequestId::new(sub.request_id.as_str()).is_ok());
+    }
+}
+
+/// The query string of the recovery and stream-page endpoints, and the path segments of
+/// `/api/streams/{channel}/{request_id}/messages`. Accepted numbers round-trip; `limit` stays
+/// within its bounds.
+pub fn http_query(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let allowed = ["since", "channel", "request_id", "limit", "epoch", "after"];
+    if let Ok(q) = QueryParams::parse(Some(&text), &allowed) {
+        for name in ["since", "after"] {
+            if let Ok(Some(n)) = q.u64(name) {
+                assert_eq!(parse_u64_param(name, &n.to_string()), Ok(n));
+            }
+        }
+        if let Ok(limit) = q.limit(1_000, 10_000) {
+            assert!((1..=10_000).contains(&limit));
+        }
+        if let Some(c) = q.get("channel").and_then(|c| Channel::new(c).ok()) {
+            assert!(!c.as_str().contains(':'));
+        }
+        let _ = q.get("request_id").map(RequestId::new);
+    }
+    let mut segments = text.splitn(3, '/');
+    if let (Some(channel), Some(request_id)) = (segments.next(), segments.next()) {
+        let _ = Channel::new(channel);
+        let _ = RequestId::new(request_id);
+    }
+}
+
+/// `POST /api/publish` and `/api/publish/batch` bodies. An accepted publish re-encodes to a
+/// body that decodes to the same request.
+pub fn publish_body(data: &[u8]) {
+    if let Ok(req) = decode_publish(data) {
+        let again = serde_json::to_vec(&req).expect("a decoded publish encodes");
+        assert_eq!(decode_publish(&again).ok(), Some(req));
+    }
+    if let Ok(batch) = decode_batch(data) {
+        assert!(!batch.messages.is_empty());
+    }
+}

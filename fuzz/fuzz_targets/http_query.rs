@@ -1,0 +1,4 @@
+//! Fuzz target: see `seqcast_protocol::fuzz_checks::http_query`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| seqcast_protocol::fuzz_checks::http_query(data));
