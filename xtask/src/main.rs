@@ -153,7 +153,9 @@ fn ci_steps() -> Result<Vec<String>> {
     step("layering", layering)?;
     step("tests", test)?;
     let skipped = step_with_skips("browser", || browser::run(&root()?))?;
-    step("fuzz", || fuzz::fuzz(&root()?, fuzz::TARGETS, CI_FUZZ_SECONDS))?;
+    step("fuzz", || {
+        fuzz::fuzz(&root()?, fuzz::TARGETS, CI_FUZZ_SECONDS)
+    })?;
     step("bench smoke", || bench::smoke(&root()?))?;
     Ok(skipped)
 }
