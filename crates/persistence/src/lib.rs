@@ -33,6 +33,7 @@ mod config;
 mod error;
 mod event;
 mod memory;
+mod postgres;
 mod reader;
 mod repair;
 mod schema;
@@ -46,6 +47,10 @@ pub use config::{
 pub use error::StoreError;
 pub use event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
+pub use postgres::{
+    DEFAULT_PG_POOL_SIZE, DEFAULT_PG_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgConfig, PgReader,
+    PgStatus, PgStore, PgWriter, pg_migrate, pg_repair_sequences,
+};
 pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
 pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};
