@@ -503,7 +503,10 @@ impl PgDatabase {
         let name = format!("seqcast_e2e_{:016x}", rand::random::<u64>());
         if let Err(e) = admin_sql(&admin_url, &format!("CREATE DATABASE {name}")) {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(!ci, "PostgreSQL is not reachable at {admin_url} under CI=true: {e}");
+            assert!(
+                !ci,
+                "PostgreSQL is not reachable at {admin_url} under CI=true: {e}"
+            );
             eprintln!("\n!!!! SKIPPED: PostgreSQL test — no PostgreSQL at {admin_url}: {e}\n");
             return None;
         }

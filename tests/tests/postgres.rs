@@ -115,7 +115,9 @@ async fn concurrent_publishes_over_two_nodes_get_one_dense_order() {
         let got = messages(sub, 400).await;
         let mut last: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for m in &got {
-            let entry = last.entry(m.request_id.as_str().to_owned()).or_insert((0, 0));
+            let entry = last
+                .entry(m.request_id.as_str().to_owned())
+                .or_insert((0, 0));
             assert!(
                 m.sequence_number > entry.0,
                 "node {i}: key {} went back",
@@ -174,8 +176,10 @@ async fn clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
     let since = seen.last().unwrap().sequence_number;
     let mut again = b.client(&t).await;
     again
-        .send(json!({"type": "subscribe", "channel": "chat", "request_id": "r",
-                     "since": since, "epoch": ack.epoch}))
+        .send(
+            json!({"type": "subscribe", "channel": "chat", "request_id": "r",
+                     "since": since, "epoch": ack.epoch}),
+        )
         .await;
     let resumed = again.expect_sub_ack().await;
     assert_eq!(resumed.recovered, Some(true));
@@ -304,10 +308,7 @@ async fn sql_publish_is_delivered_if_and_only_if_the_transaction_commits() {
         let ids: Vec<&str> = got.iter().map(|m| m.message_id.as_str()).collect();
         assert_eq!(ids.len(), 2);
         assert_eq!(got[1].message_id.as_str(), "m-hello");
-        assert_eq!(
-            (got[1].sequence_number, got[1].stream_sequence),
-            (2, 2)
-        );
+        assert_eq!((got[1].sequence_number, got[1].stream_sequence), (2, 2));
     }
     eprintln!(
         "SQL publish: COMMIT to delivery on both nodes in {:?}",
@@ -361,17 +362,26 @@ async fn a_database_outage_is_503_then_recovers_without_a_restart() {
             assert_eq!(body["status"], "database_unavailable", "{body}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "readyz stayed {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    db.admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name));
+    db.admin(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        db.name
+    ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (status, _) = a.get("/readyz", None).await;
         if status == 200 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "readyz stayed {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let after = a.publish("chat", "r", json!(3)).await;
@@ -386,8 +396,14 @@ async fn a_database_outage_is_503_then_recovers_without_a_restart() {
     );
     // Logged once per state change.
     let logs = a.logs();
-    let down = logs.iter().filter(|v| v["event"] == "database_unavailable").count();
-    let up = logs.iter().filter(|v| v["event"] == "database_available").count();
+    let down = logs
+        .iter()
+        .filter(|v| v["event"] == "database_unavailable")
+        .count();
+    let up = logs
+        .iter()
+        .filter(|v| v["event"] == "database_available")
+        .count();
     assert_eq!((down, up), (1, 1), "{:#?}", a.raw_logs());
 }
 

@@ -263,8 +263,8 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             config.statement_timeout = settings.pg_statement_timeout;
             // The tail starts once the hub exists (below): every event reaches the hub only
             // through it, this node's commits included.
-            let (writer, reader, _info) = PgStore::open_paused(config, hook)
-                .context("cannot open the PostgreSQL store")?;
+            let (writer, reader, _info) =
+                PgStore::open_paused(config, hook).context("cannot open the PostgreSQL store")?;
             Store::Postgres { writer, reader }
         }
         StorageKind::Sqlite => {

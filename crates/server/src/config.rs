@@ -396,7 +396,9 @@ impl Settings {
             storage,
             database_url,
             pg_pool_size,
-            pg_statement_timeout: Duration::from_millis(pick!(pg_statement_timeout_ms, 5_000).max(1)),
+            pg_statement_timeout: Duration::from_millis(
+                pick!(pg_statement_timeout_ms, 5_000).max(1),
+            ),
             jwt_secret,
             api_key: pick_opt!(api_key).filter(|s| !s.is_empty()),
             allowed_origins,

@@ -125,9 +125,11 @@ fn postgres_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
         args.jwt_secret = Some("unused-by-db-commands".to_owned());
     }
     let settings = Settings::resolve(&args)?;
-    Ok((settings.storage == seqcast_server::config::StorageKind::Postgres)
-        .then_some(settings.database_url)
-        .flatten())
+    Ok(
+        (settings.storage == seqcast_server::config::StorageKind::Postgres)
+            .then_some(settings.database_url)
+            .flatten(),
+    )
 }
 
 fn db_migrate(args: &ServeArgs) -> anyhow::Result<()> {

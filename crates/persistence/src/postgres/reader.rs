@@ -228,9 +228,10 @@ impl EventReader for PgReader {
             for row in rows {
                 let last: i64 = row.get(0);
                 let first: i64 = row.get(5);
-                let (Some(ts), Some(data)) =
-                    (row.get::<_, Option<i64>>(3), row.get::<_, Option<String>>(4))
-                else {
+                let (Some(ts), Some(data)) = (
+                    row.get::<_, Option<i64>>(3),
+                    row.get::<_, Option<String>>(4),
+                ) else {
                     return Err(StoreError::Corrupt(format!(
                         "stream row points at missing event {last}"
                     )));
@@ -310,13 +311,12 @@ impl EventReader for PgReader {
         );
         let rows = self.run(move |client| async move {
             let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-            client
-                .query(&stmt, &params.refs())
-                .await
-                .map_err(pg_error)
+            client.query(&stmt, &params.refs()).await.map_err(pg_error)
         })?;
         let Some(first) = rows.first() else {
-            return Err(StoreError::Corrupt("seqcast.retention has no row".to_owned()));
+            return Err(StoreError::Corrupt(
+                "seqcast.retention has no row".to_owned(),
+            ));
         };
         let floor = pg_u64(first.get(0), "retention floor")?;
         let mut events = Vec::with_capacity(rows.len());

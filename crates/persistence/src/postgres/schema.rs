@@ -33,7 +33,7 @@ pub const PG_SCHEMA_VERSION: u32 = 2;
 
 /// Key of the session advisory lock that migrations run under, so nodes that start together
 /// do not race ("seqcast" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7365_7163_6173_74;
+const MIGRATION_LOCK: i64 = 0x0073_6571_6361_7374;
 
 /// Applies the pending migrations under `pg_advisory_lock`, each in its own transaction.
 pub(crate) async fn apply_migrations(client: &mut Client) -> Result<MigrationReport, StoreError> {
@@ -178,7 +178,10 @@ async fn identity(client: &Client) -> String {
         .map(|r| r.get::<_, i64>(0))
         .unwrap_or(0);
     let sysid = match client
-        .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
         .await
     {
         Ok(row) => row.get::<_, String>(0),
@@ -215,7 +218,9 @@ async fn identity(client: &Client) -> String {
 pub(crate) fn random_hex(bytes: usize) -> String {
     use rand::Rng as _;
     let mut rng = rand::rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 /// `seqcast db migrate` against PostgreSQL: creates the `seqcast` schema if needed and applies

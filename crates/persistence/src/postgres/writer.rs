@@ -388,7 +388,9 @@ impl WriterTask {
             while let Some(command) = next.take() {
                 match command {
                     Command::Append { events: e, reply } => {
-                        self.shared.commands_received.fetch_add(1, Ordering::Release);
+                        self.shared
+                            .commands_received
+                            .fetch_add(1, Ordering::Release);
                         events += e.len();
                         appends.push(PendingAppend { events: e, reply });
                     }
@@ -791,7 +793,9 @@ impl WriterTask {
         // One call per message, each under a savepoint, so one refused message cannot hold
         // the others back.
         for (id, event) in &good {
-            tx.batch_execute("SAVEPOINT staged").await.map_err(pg_error)?;
+            tx.batch_execute("SAVEPOINT staged")
+                .await
+                .map_err(pg_error)?;
             let result = tx
                 .query(
                     &statements.append,
