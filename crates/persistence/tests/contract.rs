@@ -851,6 +851,42 @@ async fn a_retry_uses_no_number(backend: impl Backend) {
     }
 }
 
+/// Concurrent appends that share a group: the one the database refuses fails alone, the others
+/// commit with dense numbers.
+async fn a_refused_command_fails_alone(backend: impl Backend) {
+    let seen = Seen::default();
+    let (writer, reader, _) = backend.open(seen.hook());
+    let mut tasks = Vec::new();
+    for n in 0..40usize {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = if n % 10 == 7 {
+                "not json".to_owned()
+            } else {
+                n.to_string()
+            };
+            writer
+                .append(vec![event("c:a", &format!("m{n}"), &data)])
+                .await
+        }));
+    }
+    let mut numbers = Vec::new();
+    for (n, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(events) => numbers.push(events[0].sequence_number),
+            Err(e) => {
+                assert_eq!(n % 10, 7, "{e}");
+                assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+            }
+        }
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=36).collect::<Vec<_>>());
+    assert_eq!(reader.head().unwrap(), 36);
+    assert_eq!(seen.numbers(), (1..=36).collect::<Vec<_>>());
+    writer.close().await;
+}
+
 macro_rules! contract_tests {
     ($module:ident, optional $backend:expr) => {
         contract_tests!(@ $module, $backend);
@@ -908,6 +944,12 @@ macro_rules! contract_tests {
             async fn prune_trims_the_log_behind_a_rising_floor() {
                 let Some(backend) = $backend else { return };
                 super::prune_trims_the_log_behind_a_rising_floor(backend).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn a_refused_command_fails_alone() {
+                let Some(backend) = $backend else { return };
+                super::a_refused_command_fails_alone(backend).await;
             }
 
             #[tokio::test]

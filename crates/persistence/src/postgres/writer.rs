@@ -343,6 +343,8 @@ enum Attempt {
     Committed(Vec<Option<Vec<CommittedEvent>>>, u64),
     /// Command `index` was refused; the transaction was rolled back.
     CommandFailed(usize, StoreError),
+    /// A combined call was refused: write the group again with one call per command.
+    Split,
     /// The transaction failed as a whole; nothing of it persists (or, for a COMMIT whose
     /// answer was lost with the connection, it is in doubt — a retry with the same message
     /// ids is answered with the committed numbers).
@@ -501,11 +503,13 @@ impl WriterTask {
             return;
         }
         let mut own: Vec<Option<StoreError>> = vec![None; appends.len()];
+        let mut combined = true;
         loop {
             if own.iter().all(Option::is_some) {
                 break;
             }
-            match self.attempt(&appends, &own).await {
+            match self.attempt(&appends, &own, combined).await {
+                Attempt::Split => combined = false,
                 Attempt::CommandFailed(i, e) => own[i] = Some(e),
                 Attempt::Lost(e) => {
                     self.shared
@@ -533,85 +537,86 @@ impl WriterTask {
         }
     }
 
-    /// One attempt at the group, pipelined: BEGIN, one append per command, then NOTIFY and
-    /// COMMIT (or ROLLBACK when only retries came back).
-    async fn attempt(&mut self, appends: &[PendingAppend], own: &[Option<StoreError>]) -> Attempt {
+    /// One attempt at the group, pipelined: BEGIN, the appends, then NOTIFY and COMMIT (or
+    /// ROLLBACK when only retries came back). `combined`: every command in one
+    /// `append_events` call (one lock and one counter update per transaction: the fast path);
+    /// else one call per command, to find which one the database refuses.
+    async fn attempt(
+        &mut self,
+        appends: &[PendingAppend],
+        own: &[Option<StoreError>],
+        combined: bool,
+    ) -> Attempt {
         let Some((client, statements)) = &self.client else {
             return Attempt::Lost(StoreError::Unavailable("no connection".to_owned()));
         };
-        let arrays: Vec<Option<[Vec<&str>; 4]>> = appends
+        let active: Vec<usize> = (0..appends.len()).filter(|&i| own[i].is_none()).collect();
+        let groups: Vec<Vec<usize>> = if combined {
+            vec![active]
+        } else {
+            active.into_iter().map(|i| vec![i]).collect()
+        };
+        let arrays: Vec<[Vec<&str>; 4]> = groups
             .iter()
-            .zip(own)
-            .map(|(a, own)| {
-                own.is_none().then(|| {
-                    [
-                        a.events.iter().map(|e| e.key.channel().as_str()).collect(),
-                        a.events
-                            .iter()
-                            .map(|e| e.key.request_id().as_str())
-                            .collect(),
-                        a.events.iter().map(|e| e.message_id.as_str()).collect(),
-                        a.events.iter().map(|e| e.data.as_str()).collect(),
-                    ]
-                })
+            .map(|group| {
+                let events = || group.iter().flat_map(|&i| appends[i].events.iter());
+                [
+                    events().map(|e| e.key.channel().as_str()).collect(),
+                    events().map(|e| e.key.request_id().as_str()).collect(),
+                    events().map(|e| e.message_id.as_str()).collect(),
+                    events().map(|e| e.data.as_str()).collect(),
+                ]
             })
             .collect();
         let begin = client.batch_execute("BEGIN");
-        let calls = join_all(arrays.iter().map(|arrays| async move {
-            match arrays {
-                Some([c, r, m, d]) => Some(client.query(&statements.append, &[c, r, m, d]).await),
-                None => None,
-            }
+        let calls = join_all(arrays.iter().map(|[c, r, m, d]| async move {
+            client.query(&statements.append, &[c, r, m, d]).await
         }));
         let (begun, results) = futures_util::future::join(begin, calls).await;
         if let Err(e) = begun {
             return self.lost(pg_error(e)).await;
         }
-        let mut committed: Vec<Option<Vec<CommittedEvent>>> = Vec::with_capacity(appends.len());
+        let mut committed: Vec<Option<Vec<CommittedEvent>>> = vec![None; appends.len()];
         let mut newest = 0u64;
         let mut new_events = 0u64;
-        let mut failure: Option<(usize, tokio_postgres::Error)> = None;
-        for (i, result) in results.into_iter().enumerate() {
-            match result {
-                None => committed.push(None),
-                Some(Err(e)) => {
-                    // The first error is the cause; later ones only say the transaction was
+        for (group, result) in groups.iter().zip(results) {
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // The first error is the cause; later calls only say the transaction was
                     // already aborted.
-                    if failure.is_none() {
-                        failure = Some((i, e));
+                    let err = pg_error(e);
+                    if !matches!(err, StoreError::Rejected(_)) {
+                        return self.lost(err).await;
                     }
-                    committed.push(None);
+                    if let Err(e) = client.batch_execute("ROLLBACK").await {
+                        return Attempt::Lost(pg_error(e));
+                    }
+                    return match group.as_slice() {
+                        [i] => Attempt::CommandFailed(*i, err),
+                        _ => Attempt::Split,
+                    };
                 }
-                Some(Ok(rows)) => {
-                    if failure.is_some() {
-                        committed.push(None);
-                        continue;
+            };
+            let mut rows = rows.as_slice();
+            for &i in group {
+                let n = appends[i].events.len().min(rows.len());
+                let (mine, rest) = rows.split_at(n);
+                rows = rest;
+                match decode(&appends[i].events, mine) {
+                    Ok(events) => {
+                        for (e, retry) in &events {
+                            newest = newest.max(e.sequence_number);
+                            new_events += u64::from(!retry);
+                        }
+                        committed[i] = Some(events.into_iter().map(|(e, _)| e).collect());
                     }
-                    match decode(&appends[i].events, &rows) {
-                        Ok(events) => {
-                            for (e, retry) in &events {
-                                newest = newest.max(e.sequence_number);
-                                new_events += u64::from(!retry);
-                            }
-                            committed.push(Some(events.into_iter().map(|(e, _)| e).collect()));
-                        }
-                        Err(e) => {
-                            let _ = client.batch_execute("ROLLBACK").await;
-                            return Attempt::Lost(e);
-                        }
+                    Err(e) => {
+                        let _ = client.batch_execute("ROLLBACK").await;
+                        return Attempt::Lost(e);
                     }
                 }
             }
-        }
-        if let Some((i, e)) = failure {
-            let err = pg_error(e);
-            if matches!(err, StoreError::Rejected(_)) {
-                if let Err(e) = client.batch_execute("ROLLBACK").await {
-                    return Attempt::Lost(pg_error(e));
-                }
-                return Attempt::CommandFailed(i, err);
-            }
-            return self.lost(err).await;
         }
         if new_events == 0 {
             // Only retries: nothing was written.
