@@ -1083,6 +1083,41 @@ impl Bench {
             );
             self.raw.push(json!({"two_nodes": [va, vb]}));
             drop((a, b));
+            // Catch-up of a long backlog read from PostgreSQL over WebSocket.
+            let mut flags: Vec<&str> = flags.to_vec();
+            flags.extend(["--recovery-max-messages", "1000000"]);
+            let flags = self.log_flags(&flags, "1048576");
+            let server = self.start("catchup-postgres", &flags)?;
+            let v = self.loadgen(
+                &server,
+                "catchup",
+                &["--messages", &s.catchup.to_string(), "--live", "10"],
+            )?;
+            drop(server);
+            let problems = self.problems("catch-up (PostgreSQL)", &v);
+            let mut result = format!(
+                "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second; then {} live at the seam",
+                num(&v["msgs_per_s"]),
+                v["time_to_live_s"].as_f64().unwrap_or(0.0),
+                ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
+                v["msgs_per_server_cpu_s"]
+                    .as_f64()
+                    .map_or("–".to_owned(), |r| num(&json!(r))),
+                v["live_messages"],
+            );
+            if let Some(p) = &problems {
+                result = format!("**FAILED**: {p}. {result}");
+            }
+            self.row(
+                "catch-up from the log",
+                format!(
+                    "{} messages on one key, then one `subscribe` with `since`; PostgreSQL (unpinned), --cache-bytes 1 MiB",
+                    num(&json!(s.catchup))
+                ),
+                result,
+                &v,
+            );
+            self.raw.push(v);
             let anchor = pgbench(&name, publishers, &secs)?;
             self.rows.push(Row {
                 scenario: "pgbench anchor".into(),
