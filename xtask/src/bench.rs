@@ -1072,7 +1072,9 @@ impl Bench {
                 + vb["publishes_per_s"].as_f64().unwrap_or(0.0);
             self.row(
                 "publish (single)",
-                format!("{publishers} publishers over 2 nodes ({half} each), PostgreSQL (unpinned)"),
+                format!(
+                    "{publishers} publishers over 2 nodes ({half} each), PostgreSQL (unpinned)"
+                ),
                 format!(
                     "**{} publishes/s** in total; node A: {}; node B: {}",
                     num(&json!(two)),
@@ -1135,6 +1137,7 @@ impl Bench {
             });
             Ok(())
         })();
+        self.pin = pinned;
         let _ = psql(
             "postgres",
             &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
