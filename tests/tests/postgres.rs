@@ -427,3 +427,61 @@ async fn postgres_storage_needs_an_explicit_jwt_secret() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("jwt_secret"), "{err}");
 }
+
+/// A staged message the database refuses (here written into the outbox behind
+/// `seqcast.publish()`'s back) is set aside in `seqcast.outbox_failed`; the others staged with
+/// it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_staged_message_is_set_aside_and_the_rest_delivered() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let a = node(&db).await;
+    let t = token("u", None);
+    let mut c = a.client(&t).await;
+    c.subscribe("conv", "c2").await;
+    let mut app = db.connect().await;
+    let tx = app.transaction().await.unwrap();
+    tx.query_one(
+        "SELECT seqcast.publish('conv', 'c2', '{\"n\":1}'::jsonb, 'ok-1')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.execute(
+        "INSERT INTO seqcast.outbox (channel, request_id, message_id, data) \
+         VALUES ('conv', 'c2', 'broken', 'not json')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.query_one(
+        "SELECT seqcast.publish('conv', 'c2', '{\"n\":2}'::jsonb, 'ok-2')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let got = messages(&mut c, 2).await;
+    let ids: Vec<&str> = got.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, vec!["ok-1", "ok-2"]);
+    assert_eq!(
+        got.iter().map(|m| m.sequence_number).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    c.expect_nothing_more().await;
+    let failed: i64 = app
+        .query_one(
+            "SELECT count(*) FROM seqcast.outbox_failed WHERE message_id = 'broken'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let left: i64 = app
+        .query_one("SELECT count(*) FROM seqcast.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((failed, left), (1, 0));
+}

@@ -367,8 +367,8 @@ impl WriterTask {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = None;
         while shutdown.is_none() {
+            // Not biased: under a constant stream of publishes the outbox still gets its turn.
             let first = tokio::select! {
-                biased;
                 command = receiver.recv() => match command {
                     Some(c) => c,
                     None => break,
@@ -795,43 +795,83 @@ impl WriterTask {
         }
         let mut numbered = 0;
         let mut newest = 0;
-        // One call per message, each under a savepoint, so one refused message cannot hold
-        // the others back.
-        for (id, event) in &good {
-            tx.batch_execute("SAVEPOINT staged")
-                .await
-                .map_err(pg_error)?;
-            let result = tx
-                .query(
-                    &statements.append,
-                    &[
-                        &vec![event.key.channel().as_str()],
-                        &vec![event.key.request_id().as_str()],
-                        &vec![event.message_id.as_str()],
-                        &vec![event.data.as_str()],
-                    ],
-                )
-                .await;
-            match result {
-                Ok(rows) => {
-                    tx.batch_execute("RELEASE staged").await.map_err(pg_error)?;
-                    for row in &rows {
-                        let retry: bool = row.get(4);
-                        if !retry {
-                            numbered += 1;
-                            newest = newest.max(row.get::<_, i64>(0));
-                        }
-                    }
+        // All of them in one call (one counter update); only if the database refuses one,
+        // one call per message under a savepoint, so it cannot hold the others back.
+        tx.batch_execute("SAVEPOINT staged")
+            .await
+            .map_err(pg_error)?;
+        let all = tx
+            .query(
+                &statements.append,
+                &[
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.key.channel().as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.key.request_id().as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.message_id.as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.data.as_str())
+                        .collect::<Vec<_>>(),
+                ],
+            )
+            .await;
+        let mut count = |rows: &[tokio_postgres::Row]| {
+            for row in rows {
+                if !row.get::<_, bool>(4) {
+                    numbered += 1;
+                    newest = newest.max(row.get::<_, i64>(0));
                 }
-                Err(e) => {
-                    let err = pg_error(e);
-                    if !matches!(err, StoreError::Rejected(_)) {
-                        return Err(err);
-                    }
-                    tx.batch_execute("ROLLBACK TO staged")
+            }
+        };
+        match all {
+            Ok(rows) => count(&rows),
+            Err(e) => {
+                let err = pg_error(e);
+                if !matches!(err, StoreError::Rejected(_)) {
+                    return Err(err);
+                }
+                tx.batch_execute("ROLLBACK TO staged")
+                    .await
+                    .map_err(pg_error)?;
+                for (id, event) in &good {
+                    tx.batch_execute("SAVEPOINT staged")
                         .await
                         .map_err(pg_error)?;
-                    bad.push((*id, err.to_string()));
+                    let result = tx
+                        .query(
+                            &statements.append,
+                            &[
+                                &vec![event.key.channel().as_str()],
+                                &vec![event.key.request_id().as_str()],
+                                &vec![event.message_id.as_str()],
+                                &vec![event.data.as_str()],
+                            ],
+                        )
+                        .await;
+                    match result {
+                        Ok(rows) => {
+                            tx.batch_execute("RELEASE staged").await.map_err(pg_error)?;
+                            count(&rows);
+                        }
+                        Err(e) => {
+                            let err = pg_error(e);
+                            if !matches!(err, StoreError::Rejected(_)) {
+                                return Err(err);
+                            }
+                            tx.batch_execute("ROLLBACK TO staged")
+                                .await
+                                .map_err(pg_error)?;
+                            bad.push((*id, err.to_string()));
+                        }
+                    }
                 }
             }
         }
