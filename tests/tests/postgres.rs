@@ -64,6 +64,10 @@ async fn a_message_published_on_one_node_reaches_subscribers_on_every_node() {
     let (_, hb) = b.get("/websocket/messages?since=0", Some(&t)).await;
     assert_eq!(ha["messages"], hb["messages"]);
     assert_eq!(ha["epoch"], hb["epoch"]);
+    // Each node's tail shows where it is.
+    assert_eq!(b.metric("seqcast_pg_tail_applied").await, 2);
+    assert_eq!(b.metric("seqcast_pg_tail_lag_events").await, 0);
+    assert_eq!(b.metric("seqcast_pg_writable").await, 1);
 }
 
 /// 400 concurrent publishes spread over two nodes: 400 distinct consecutive numbers, every

@@ -1084,6 +1084,50 @@ impl Bench {
                 &va,
             );
             self.raw.push(json!({"two_nodes": [va, vb]}));
+            // Cross-node latency: publish on A, receive on B.
+            let rate = if self.profile == Profile::Smoke {
+                "200"
+            } else {
+                "10000"
+            };
+            let subs = if self.profile == Profile::Smoke {
+                "2"
+            } else {
+                "10"
+            };
+            let v = self.loadgen(
+                &b,
+                "fanout",
+                &[
+                    "--publish-addr",
+                    &a.addr,
+                    "--subscribers",
+                    subs,
+                    "--rate",
+                    rate,
+                    "--duration-secs",
+                    &secs,
+                    "--warmup-secs",
+                    &warm,
+                ],
+            )?;
+            let lat = &v["latency"];
+            self.row(
+                "fan-out across nodes",
+                format!(
+                    "publish on node A (batches of 32), {subs} subscribers on node B, {rate} msgs/s, PostgreSQL (unpinned)"
+                ),
+                format!(
+                    "publish→receive p50 {} / p99 {} / p999 {} ms; {} deliveries/s; lost {}",
+                    ms(&lat["p50_ms"]),
+                    ms(&lat["p99_ms"]),
+                    ms(&lat["p999_ms"]),
+                    num(&v["deliveries_per_s"]),
+                    v["lost_deliveries"]
+                ),
+                &v,
+            );
+            self.raw.push(v);
             drop((a, b));
             // Catch-up of a long backlog read from PostgreSQL over WebSocket.
             let mut flags: Vec<&str> = flags.to_vec();
@@ -1120,7 +1164,13 @@ impl Bench {
                 &v,
             );
             self.raw.push(v);
-            let anchor = pgbench(&name, publishers, &secs)?;
+            let anchor = match pgbench(&name, publishers, &secs) {
+                Ok(tps) => tps,
+                Err(e) => {
+                    eprintln!("bench: no pgbench anchor: {e:#}");
+                    return Ok(());
+                }
+            };
             self.rows.push(Row {
                 scenario: "pgbench anchor".into(),
                 settings: format!(

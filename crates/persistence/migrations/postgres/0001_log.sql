@@ -80,12 +80,28 @@ BEGIN
             INSERT INTO seqcast.streams (channel, request_id)
                  VALUES (p_channels[i], p_request_ids[i]) RETURNING stream_id INTO v_stream;
         END IF;
-        SELECT r.stream_sequence, r.first_sequence, r.last_sequence INTO v_pos, v_first, v_last
-          FROM seqcast.stream_rows r
-         WHERE r.stream_id = v_stream AND r.message_id = p_message_ids[i];
+        -- The common case first: a new message id creates its row (position = max + 1, by
+        -- the database) and its event, in two statements.
+        v_head := v_head + 1;
+        INSERT INTO seqcast.stream_rows
+               (stream_id, stream_sequence, message_id, first_sequence, last_sequence)
+        SELECT v_stream, COALESCE(MAX(r.stream_sequence), 0) + 1, p_message_ids[i], v_head, v_head
+          FROM seqcast.stream_rows r WHERE r.stream_id = v_stream
+        ON CONFLICT (stream_id, message_id) DO NOTHING
+        RETURNING stream_sequence INTO v_pos;
         IF FOUND THEN
-            SELECT e.data::text, e.timestamp_ms INTO v_old, v_old_ts
-              FROM seqcast.events e WHERE e.sequence_number = v_last;
+            INSERT INTO seqcast.events (sequence_number, stream_id, message_id, timestamp_ms, data)
+                 VALUES (v_head, v_stream, p_message_ids[i], v_ts, p_data[i]::json);
+            o_sequence_number := v_head; o_stream_sequence := v_pos; o_replaced := false;
+        ELSE
+            -- A known message id: a retry (same data: nothing written, the number given back)
+            -- or an upsert (new event, the row keeps its position).
+            v_head := v_head - 1;
+            SELECT r.stream_sequence, r.first_sequence, r.last_sequence, e.data::text, e.timestamp_ms
+              INTO v_pos, v_first, v_last, v_old, v_old_ts
+              FROM seqcast.stream_rows r
+              JOIN seqcast.events e ON e.sequence_number = r.last_sequence
+             WHERE r.stream_id = v_stream AND r.message_id = p_message_ids[i];
             IF v_old = p_data[i] THEN
                 o_sequence_number := v_last; o_stream_sequence := v_pos;
                 o_replaced := v_first <> v_last; o_timestamp_ms := v_old_ts; o_retry := true;
@@ -98,16 +114,6 @@ BEGIN
             UPDATE seqcast.stream_rows SET last_sequence = v_head
              WHERE stream_id = v_stream AND message_id = p_message_ids[i];
             o_sequence_number := v_head; o_stream_sequence := v_pos; o_replaced := true;
-        ELSE
-            v_head := v_head + 1;
-            INSERT INTO seqcast.events (sequence_number, stream_id, message_id, timestamp_ms, data)
-                 VALUES (v_head, v_stream, p_message_ids[i], v_ts, p_data[i]::json);
-            SELECT COALESCE(MAX(r.stream_sequence), 0) + 1 INTO v_pos
-              FROM seqcast.stream_rows r WHERE r.stream_id = v_stream;
-            INSERT INTO seqcast.stream_rows
-                   (stream_id, stream_sequence, message_id, first_sequence, last_sequence)
-            VALUES (v_stream, v_pos, p_message_ids[i], v_head, v_head);
-            o_sequence_number := v_head; o_stream_sequence := v_pos; o_replaced := false;
         END IF;
         o_timestamp_ms := v_ts; o_retry := false;
         RETURN NEXT;
