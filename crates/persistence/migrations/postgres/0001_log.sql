@@ -69,9 +69,11 @@ DECLARE
     v_old    text;
     v_old_ts bigint;
     i        int;
+    v_first_head bigint;
 BEGIN
     SELECT c.head, c.last_timestamp_ms INTO v_head, v_ts
       FROM seqcast.counter c WHERE c.id = 1 FOR UPDATE;
+    v_first_head := v_head;
     v_ts := GREATEST(v_ts, floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     FOR i IN 1 .. coalesce(array_length(p_channels, 1), 0) LOOP
         SELECT s.stream_id INTO v_stream FROM seqcast.streams s
@@ -118,7 +120,11 @@ BEGIN
         o_timestamp_ms := v_ts; o_retry := false;
         RETURN NEXT;
     END LOOP;
-    UPDATE seqcast.counter SET head = v_head, last_timestamp_ms = v_ts WHERE id = 1;
+    IF v_head > v_first_head THEN
+        UPDATE seqcast.counter SET head = v_head, last_timestamp_ms = v_ts WHERE id = 1;
+        -- Wakes every node's tail at COMMIT (payload: the last number); only a wake-up.
+        PERFORM pg_notify('seqcast_events', v_head::text);
+    END IF;
 END $$;
 
 -- The smallest retained number whose timestamp is >= p_min_ts: a binary search on the primary

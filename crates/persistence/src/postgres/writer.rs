@@ -2,9 +2,10 @@
 //!
 //! Publishers send commands over a bounded queue, each with its own oneshot reply. The task
 //! takes every command already queued into one transaction: `BEGIN`, one
-//! `seqcast.append_events` call per command (pipelined: one round trip for the group), then
-//! `pg_notify` and `COMMIT`. A command the database refuses is dropped from the group and the
-//! group is written again without it. After COMMIT the publishers are answered once this
+//! `seqcast.append_events` call for the whole group (which also sends the NOTIFY) and `COMMIT`,
+//! pipelined: one round trip per group, so the counter row is held for no network wait. When the
+//! database refuses something, the group is written again with one call per command, and the
+//! refused command is dropped alone. After COMMIT the publishers are answered once this
 //! node's tail has applied their numbers (so the hub has them: read-your-writes on the
 //! publishing node, and the same order of "hook, then answer" as SQLite); the tail is woken
 //! directly, so that costs one read, not a poll interval.
@@ -568,29 +569,29 @@ impl WriterTask {
                 ]
             })
             .collect();
+        // One round trip: BEGIN, the calls and COMMIT go out together. If a call fails, the
+        // transaction is aborted and PostgreSQL turns that COMMIT into a rollback.
         let begin = client.batch_execute("BEGIN");
         let calls = join_all(arrays.iter().map(|[c, r, m, d]| async move {
             client.query(&statements.append, &[c, r, m, d]).await
         }));
-        let (begun, results) = futures_util::future::join(begin, calls).await;
+        let commit = client.batch_execute("COMMIT");
+        let (begun, results, committed_tx) =
+            futures_util::future::join3(begin, calls, commit).await;
         if let Err(e) = begun {
             return self.lost(pg_error(e)).await;
         }
         let mut committed: Vec<Option<Vec<CommittedEvent>>> = vec![None; appends.len()];
-        let mut newest = 0u64;
         let mut new_events = 0u64;
         for (group, result) in groups.iter().zip(results) {
             let rows = match result {
                 Ok(rows) => rows,
                 Err(e) => {
                     // The first error is the cause; later calls only say the transaction was
-                    // already aborted.
+                    // already aborted. Nothing was committed.
                     let err = pg_error(e);
                     if !matches!(err, StoreError::Rejected(_)) {
                         return self.lost(err).await;
-                    }
-                    if let Err(e) = client.batch_execute("ROLLBACK").await {
-                        return Attempt::Lost(pg_error(e));
                     }
                     return match group.as_slice() {
                         [i] => Attempt::CommandFailed(*i, err),
@@ -605,33 +606,18 @@ impl WriterTask {
                 rows = rest;
                 match decode(&appends[i].events, mine) {
                     Ok(events) => {
-                        for (e, retry) in &events {
-                            newest = newest.max(e.sequence_number);
+                        for (_, retry) in &events {
                             new_events += u64::from(!retry);
                         }
                         committed[i] = Some(events.into_iter().map(|(e, _)| e).collect());
                     }
-                    Err(e) => {
-                        let _ = client.batch_execute("ROLLBACK").await;
-                        return Attempt::Lost(e);
-                    }
+                    Err(e) => return Attempt::Lost(e),
                 }
             }
         }
-        if new_events == 0 {
-            // Only retries: nothing was written.
-            if let Err(e) = client.batch_execute("ROLLBACK").await {
-                return Attempt::Lost(pg_error(e));
-            }
-        } else {
-            let payload = newest.to_string();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&payload];
-            let notify = client.execute("SELECT pg_notify('seqcast_events', $1)", &params);
-            let commit = client.batch_execute("COMMIT");
-            let (notified, done) = futures_util::future::join(notify, commit).await;
-            if let Err(e) = notified.and(done.map(|_| 0)) {
-                return self.lost(pg_error(e)).await;
-            }
+        // A COMMIT whose answer was lost is in doubt (see the Lost variant).
+        if let Err(e) = committed_tx {
+            return self.lost(pg_error(e)).await;
         }
         Attempt::Committed(committed, new_events)
     }
@@ -893,12 +879,6 @@ impl WriterTask {
         )
         .await
         .map_err(pg_error)?;
-        if numbered > 0 {
-            let payload = newest.to_string();
-            tx.execute("SELECT pg_notify('seqcast_events', $1)", &[&payload])
-                .await
-                .map_err(pg_error)?;
-        }
         tx.commit().await.map_err(pg_error)?;
         if numbered > 0 {
             self.shared
