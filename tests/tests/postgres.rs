@@ -489,3 +489,47 @@ async fn a_refused_staged_message_is_set_aside_and_the_rest_delivered() {
         .get(0);
     assert_eq!((failed, left), (1, 0));
 }
+
+/// `seqcast db migrate` and `seqcast db repair-sequences` work against PostgreSQL.
+#[tokio::test]
+async fn db_migrate_and_repair_sequences_run_against_postgres() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let db_command = |what: &str| {
+        let out = std::process::Command::new(seqcast_e2e::server_binary())
+            .args([
+                "db",
+                what,
+                "--storage",
+                "postgres",
+                "--database-url",
+                &db.url,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(db_command("migrate").contains("schema_version: 2"));
+    assert!(db_command("migrate").contains("applied: []"));
+    let app = db.connect().await;
+    app.batch_execute(
+        "SELECT count(*) FROM seqcast.append_events(ARRAY['c','c','c'], ARRAY['r','r','r'], \
+                ARRAY['a','b','c'], ARRAY['1','2','3']); \
+         UPDATE seqcast.stream_rows SET stream_sequence = stream_sequence + 10",
+    )
+    .await
+    .unwrap();
+    assert!(db_command("repair-sequences").contains("1 streams checked, 3 rows renumbered"));
+    assert!(db_command("repair-sequences").contains("0 rows renumbered"));
+    let rows = app
+        .query(
+            "SELECT message_id, stream_sequence FROM seqcast.stream_rows ORDER BY 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]);
+}
