@@ -1084,50 +1084,54 @@ impl Bench {
                 &va,
             );
             self.raw.push(json!({"two_nodes": [va, vb]}));
-            // Cross-node latency: publish on A, receive on B.
-            let rate = if self.profile == Profile::Smoke {
-                "200"
+            // Cross-node latency: publish on A (64 publishers), receive on B.
+            let rates: &[&str] = if self.profile == Profile::Smoke {
+                &["200"]
             } else {
-                "10000"
+                &["2000", "10000"]
             };
             let subs = if self.profile == Profile::Smoke {
                 "2"
             } else {
                 "10"
             };
-            let v = self.loadgen(
-                &b,
-                "fanout",
-                &[
-                    "--publish-addr",
-                    &a.addr,
-                    "--subscribers",
-                    subs,
-                    "--rate",
-                    rate,
-                    "--duration-secs",
-                    &secs,
-                    "--warmup-secs",
-                    &warm,
-                ],
-            )?;
-            let lat = &v["latency"];
-            self.row(
-                "fan-out across nodes",
-                format!(
-                    "publish on node A (batches of 32), {subs} subscribers on node B, {rate} msgs/s, PostgreSQL (unpinned)"
-                ),
-                format!(
-                    "publish→receive p50 {} / p99 {} / p999 {} ms; {} deliveries/s; lost {}",
-                    ms(&lat["p50_ms"]),
-                    ms(&lat["p99_ms"]),
-                    ms(&lat["p999_ms"]),
-                    num(&v["deliveries_per_s"]),
-                    v["lost_deliveries"]
-                ),
-                &v,
-            );
-            self.raw.push(v);
+            for &rate in rates {
+                let v = self.loadgen(
+                    &b,
+                    "fanout",
+                    &[
+                        "--publish-addr",
+                        &a.addr,
+                        "--publishers",
+                        "64",
+                        "--subscribers",
+                        subs,
+                        "--rate",
+                        rate,
+                        "--duration-secs",
+                        &secs,
+                        "--warmup-secs",
+                        &warm,
+                    ],
+                )?;
+                let lat = &v["latency"];
+                self.row(
+                    "fan-out across nodes",
+                    format!(
+                        "publish on node A (64 publishers), {subs} subscribers on node B, {rate} msgs/s, PostgreSQL (unpinned)"
+                    ),
+                    format!(
+                        "publish→receive p50 {} / p99 {} / p999 {} ms; {} deliveries/s; lost {}",
+                        ms(&lat["p50_ms"]),
+                        ms(&lat["p99_ms"]),
+                        ms(&lat["p999_ms"]),
+                        num(&v["deliveries_per_s"]),
+                        v["lost_deliveries"]
+                    ),
+                    &v,
+                );
+                self.raw.push(v);
+            }
             drop((a, b));
             // Catch-up of a long backlog read from PostgreSQL over WebSocket.
             let mut flags: Vec<&str> = flags.to_vec();
