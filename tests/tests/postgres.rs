@@ -533,3 +533,33 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
     let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(got, vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]);
 }
+
+/// Three nodes started at once on a new database: the migrations run once (under the advisory
+/// lock) and every node serves the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_that_start_together_migrate_once() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let (a, b, c) = tokio::join!(node(&db), node(&db), node(&db));
+    let t = token("u", None);
+    let mut epochs = HashSet::new();
+    for n in [&a, &b, &c] {
+        let (status, body) = n.get("/websocket/messages?since=0", Some(&t)).await;
+        assert_eq!(status, 200);
+        epochs.insert(body["epoch"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(epochs.len(), 1, "{epochs:?}");
+    let app = db.connect().await;
+    let versions: Vec<i32> = app
+        .query(
+            "SELECT version FROM seqcast.schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+}
