@@ -601,3 +601,92 @@ impl Client {
         }
     }
 }
+
+/// A PostgreSQL database made for one test (random name) and dropped with this value, on the
+/// server at 127.0.0.1:5432 (`SEQCAST_TEST_PG_ADMIN_URL` overrides the admin URL).
+#[derive(Debug)]
+pub struct PgDatabase {
+    admin_url: String,
+    /// The database's name.
+    pub name: String,
+    /// Its URL, for `--database-url`.
+    pub url: String,
+}
+
+impl PgDatabase {
+    /// A fresh database, or None when PostgreSQL is unreachable: said loudly on stderr, and a
+    /// test failure under `CI=true`.
+    pub fn create() -> Option<Self> {
+        let admin_url = std::env::var("SEQCAST_TEST_PG_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("seqcast_e2e_{:016x}", rand::random::<u64>());
+        if let Err(e) = admin_sql(&admin_url, &format!("CREATE DATABASE {name}")) {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(
+                !ci,
+                "PostgreSQL is not reachable at {admin_url} under CI=true: {e}"
+            );
+            eprintln!("\n!!!! SKIPPED: PostgreSQL test — no PostgreSQL at {admin_url}: {e}\n");
+            return None;
+        }
+        let (base, _) = admin_url.rsplit_once('/').unwrap();
+        let url = format!("{base}/{name}");
+        Some(PgDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    /// The server options of a node on this database.
+    pub fn node_options(&self) -> Options {
+        Options::args(&["--storage", "postgres", "--database-url", &self.url])
+    }
+
+    /// Runs SQL on the admin database (e.g. `ALTER DATABASE`).
+    pub fn admin(&self, sql: &str) {
+        admin_sql(&self.admin_url, sql).unwrap();
+    }
+
+    /// An application's own connection to this database.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = admin_sql(
+            &self.admin_url,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// One statement on another database, on a thread of its own (callable from async code).
+fn admin_sql(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let (client, connection) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_postgres::connect(&url, tokio_postgres::NoTls),
+            )
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .unwrap()
+}

@@ -40,20 +40,26 @@ impl Profile {
     }
 }
 
-/// `cargo xtask bench [--quick|--smoke]`.
+/// `cargo xtask bench [--quick|--smoke] [--postgres]` (`--postgres`: only the PostgreSQL rows).
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let profile = match args.first().map(String::as_str) {
-        None => Profile::Full,
-        Some("--quick") => Profile::Quick,
-        Some("--smoke") => Profile::Smoke,
-        Some(other) => bail!("unknown bench option {other:?}; use --quick or --smoke"),
-    };
-    bench(root, profile)
+    let mut profile = Profile::Full;
+    let mut only_postgres = false;
+    for arg in args {
+        match arg.as_str() {
+            "--quick" => profile = Profile::Quick,
+            "--smoke" => profile = Profile::Smoke,
+            "--postgres" => only_postgres = true,
+            other => {
+                bail!("unknown bench option {other:?}; use --quick, --smoke or --postgres")
+            }
+        }
+    }
+    bench(root, profile, only_postgres)
 }
 
 /// The smoke run `cargo xtask ci` calls: seconds, tiny sizes, no thresholds.
 pub fn smoke(root: &Path) -> Result<()> {
-    bench(root, Profile::Smoke)
+    bench(root, Profile::Smoke, false)
 }
 
 /// One measured result, with the goal it is held against (if any).
@@ -92,7 +98,7 @@ struct Bench {
     fsync_p50_us: f64,
 }
 
-fn bench(root: &Path, profile: Profile) -> Result<()> {
+fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
     let release = profile != Profile::Smoke;
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     build
@@ -141,13 +147,16 @@ fn bench(root: &Path, profile: Profile) -> Result<()> {
         failures: Vec::new(),
         fsync_p50_us,
     };
-    b.fanout().context("fan-out scenario")?;
-    b.publish().context("publish scenario")?;
-    b.recovery().context("recovery scenario")?;
-    b.connections().context("connections scenario")?;
-    b.catchup().context("catch-up scenario")?;
-    b.storm().context("storm scenario")?;
-    b.slow_consumer().context("slow-consumer scenario")?;
+    if !only_postgres {
+        b.fanout().context("fan-out scenario")?;
+        b.publish().context("publish scenario")?;
+        b.recovery().context("recovery scenario")?;
+        b.connections().context("connections scenario")?;
+        b.catchup().context("catch-up scenario")?;
+        b.storm().context("storm scenario")?;
+        b.slow_consumer().context("slow-consumer scenario")?;
+    }
+    b.postgres().context("PostgreSQL scenario")?;
     b.report(cores, started.elapsed())?;
     if !b.failures.is_empty() {
         bail!(
@@ -1010,6 +1019,190 @@ impl Bench {
     }
 
     /// Start a server with `flags`; it is killed when the handle is dropped.
+    /// PostgreSQL (127.0.0.1:5432, a database made for the run): publishes/s with 64
+    /// publishers on one node and spread over two, beside `pgbench` with 64 clients each
+    /// running INSERT + COMMIT on the same server (the anchor group commit should beat).
+    fn postgres(&mut self) -> Result<()> {
+        let ready = Command::new("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-p", "5432"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ready {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                bail!("PostgreSQL is not reachable at 127.0.0.1:5432");
+            }
+            eprintln!(
+                "\n!!!! bench: SKIPPED the PostgreSQL rows: no PostgreSQL at 127.0.0.1:5432\n"
+            );
+            return Ok(());
+        }
+        let s = self.sizes();
+        let secs = s.publish_secs.to_string();
+        let warm = s.warmup.to_string();
+        let publishers = if self.profile == Profile::Smoke {
+            4
+        } else {
+            64
+        };
+        let name = format!("seqcast_bench_{}", std::process::id());
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {name}"))?;
+        psql("postgres", &format!("CREATE DATABASE {name}"))?;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        let flags = ["--storage", "postgres", "--database-url", url.as_str()];
+        // Not pinned: PostgreSQL's own processes share the machine's cores with seqcast and
+        // pgbench alike, so one core for seqcast would measure the pinning, not the design.
+        let pinned = std::mem::replace(&mut self.pin, false);
+        let result = (|| -> Result<()> {
+            let a = self.start("publish-postgres-a", &flags)?;
+            let v = self.publish_load(&a, publishers, 1, &secs, &warm)?;
+            let one = v["publishes_per_s"].as_f64().unwrap_or(0.0);
+            self.row(
+                "publish (single)",
+                format!("{publishers} publishers, PostgreSQL, 1 node, group commit (unpinned)"),
+                publish_result(&v),
+                &v,
+            );
+            self.raw.push(v);
+            let b = self.start("publish-postgres-b", &flags)?;
+            let half = (publishers / 2).max(1);
+            let (va, vb) = std::thread::scope(|scope| {
+                let ta = scope.spawn(|| self.publish_load(&a, half, 1, &secs, &warm));
+                let tb = scope.spawn(|| self.publish_load(&b, half, 1, &secs, &warm));
+                (ta.join(), tb.join())
+            });
+            let va = va.map_err(|_| anyhow::anyhow!("load generator thread panicked"))??;
+            let vb = vb.map_err(|_| anyhow::anyhow!("load generator thread panicked"))??;
+            let two = va["publishes_per_s"].as_f64().unwrap_or(0.0)
+                + vb["publishes_per_s"].as_f64().unwrap_or(0.0);
+            self.row(
+                "publish (single)",
+                format!(
+                    "{publishers} publishers over 2 nodes ({half} each), PostgreSQL (unpinned)"
+                ),
+                format!(
+                    "**{} publishes/s** in total; node A: {}; node B: {}",
+                    num(&json!(two)),
+                    publish_result(&va),
+                    publish_result(&vb)
+                ),
+                &va,
+            );
+            self.raw.push(json!({"two_nodes": [va, vb]}));
+            // Cross-node latency: publish on A (64 publishers), receive on B.
+            let rates: &[&str] = if self.profile == Profile::Smoke {
+                &["200"]
+            } else {
+                &["2000", "10000"]
+            };
+            let subs = if self.profile == Profile::Smoke {
+                "2"
+            } else {
+                "10"
+            };
+            for &rate in rates {
+                let v = self.loadgen(
+                    &b,
+                    "fanout",
+                    &[
+                        "--publish-addr",
+                        &a.addr,
+                        "--publishers",
+                        "64",
+                        "--subscribers",
+                        subs,
+                        "--rate",
+                        rate,
+                        "--duration-secs",
+                        &secs,
+                        "--warmup-secs",
+                        &warm,
+                    ],
+                )?;
+                let lat = &v["latency"];
+                self.row(
+                    "fan-out across nodes",
+                    format!(
+                        "publish on node A (64 publishers), {subs} subscribers on node B, {rate} msgs/s, PostgreSQL (unpinned)"
+                    ),
+                    format!(
+                        "publish→receive p50 {} / p99 {} / p999 {} ms; {} deliveries/s; lost {}",
+                        ms(&lat["p50_ms"]),
+                        ms(&lat["p99_ms"]),
+                        ms(&lat["p999_ms"]),
+                        num(&v["deliveries_per_s"]),
+                        v["lost_deliveries"]
+                    ),
+                    &v,
+                );
+                self.raw.push(v);
+            }
+            drop((a, b));
+            // Catch-up of a long backlog read from PostgreSQL over WebSocket.
+            let mut flags: Vec<&str> = flags.to_vec();
+            flags.extend(["--recovery-max-messages", "1000000"]);
+            let flags = self.log_flags(&flags, "1048576");
+            let server = self.start("catchup-postgres", &flags)?;
+            let v = self.loadgen(
+                &server,
+                "catchup",
+                &["--messages", &s.catchup.to_string(), "--live", "10"],
+            )?;
+            drop(server);
+            let problems = self.problems("catch-up (PostgreSQL)", &v);
+            let mut result = format!(
+                "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second; then {} live at the seam",
+                num(&v["msgs_per_s"]),
+                v["time_to_live_s"].as_f64().unwrap_or(0.0),
+                ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
+                v["msgs_per_server_cpu_s"]
+                    .as_f64()
+                    .map_or("–".to_owned(), |r| num(&json!(r))),
+                v["live_messages"],
+            );
+            if let Some(p) = &problems {
+                result = format!("**FAILED**: {p}. {result}");
+            }
+            self.row(
+                "catch-up from the log",
+                format!(
+                    "{} messages on one key, then one `subscribe` with `since`; PostgreSQL (unpinned), --cache-bytes 1 MiB",
+                    num(&json!(s.catchup))
+                ),
+                result,
+                &v,
+            );
+            self.raw.push(v);
+            let anchor = match pgbench(&name, publishers, &secs) {
+                Ok(tps) => tps,
+                Err(e) => {
+                    eprintln!("bench: no pgbench anchor: {e:#}");
+                    return Ok(());
+                }
+            };
+            self.rows.push(Row {
+                scenario: "pgbench anchor".into(),
+                settings: format!(
+                    "{publishers} pgbench clients, INSERT + COMMIT each, same PostgreSQL"
+                ),
+                result: format!(
+                    "**{} commits/s**; seqcast 1 node = {:.1}× that",
+                    num(&json!(anchor)),
+                    one / anchor.max(1e-9)
+                ),
+                server_cores: None,
+                loadgen_cores: None,
+                cpu_pressure: None,
+            });
+            Ok(())
+        })();
+        self.pin = pinned;
+        let _ = psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+        result
+    }
+
     fn start(&self, name: &str, flags: &[&str]) -> Result<Server> {
         let data = self.out.join("data").join(name);
         let _ = std::fs::remove_dir_all(&data);
@@ -1227,6 +1420,72 @@ impl Bench {
         eprintln!("bench: wrote target/bench/{base}.md and .json");
         Ok(())
     }
+}
+
+/// One SQL command through `psql` on the local PostgreSQL.
+fn psql(database: &str, sql: &str) -> Result<()> {
+    let status = Command::new("psql")
+        .args([
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "-c",
+            sql,
+        ])
+        .status()
+        .context("cannot run psql")?;
+    if !status.success() {
+        bail!("psql failed: {sql}");
+    }
+    Ok(())
+}
+
+/// `pgbench` with `clients` clients, each running INSERT + COMMIT of a row like a published
+/// message, for `secs`; returns transactions per second.
+fn pgbench(database: &str, clients: usize, secs: &str) -> Result<f64> {
+    psql(
+        database,
+        "CREATE TABLE IF NOT EXISTS bench_events (id bigserial PRIMARY KEY, k text, data json)",
+    )?;
+    let script = std::env::temp_dir().join(format!("seqcast-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "INSERT INTO bench_events (k, data) VALUES ('bench:k', '{\"n\":1}');\n",
+    )?;
+    let secs = secs
+        .parse::<f64>()
+        .unwrap_or(1.0)
+        .ceil()
+        .max(1.0)
+        .to_string();
+    let out = Command::new("pgbench")
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-j",
+            "2",
+            "-T",
+            &secs,
+        ])
+        .args(["-c", &clients.to_string(), "-f"])
+        .arg(&script)
+        .arg(database)
+        .output()
+        .context("cannot run pgbench")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no tps in pgbench's output: {text}"))
 }
 
 fn publish_result(v: &Value) -> String {

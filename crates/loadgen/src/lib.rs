@@ -23,6 +23,9 @@ use std::net::SocketAddr;
 pub struct Target {
     /// The server's HTTP/WebSocket address.
     pub addr: SocketAddr,
+    /// Where the fan-out publishers publish, when not `addr` (another node of the same
+    /// PostgreSQL deployment: publish on one node, receive on another).
+    pub publish_addr: Option<SocketAddr>,
     /// A client JWT (HS256) valid for every key.
     pub token: String,
     /// The publisher API key.

@@ -28,6 +28,9 @@ struct Server {
     /// The server's address (127.0.0.1:PORT).
     #[arg(long)]
     addr: SocketAddr,
+    /// Publish (fan-out scenarios) to this address instead: another node on the same database.
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
     /// The server's JWT secret (tokens are minted from it).
     #[arg(long)]
     jwt_secret: String,
@@ -46,6 +49,7 @@ impl Server {
     fn target(&self) -> anyhow::Result<Target> {
         Ok(Target {
             addr: self.addr,
+            publish_addr: self.publish_addr,
             token: mint_token(&self.jwt_secret, "loadgen", 24 * 3600)?,
             api_key: self.api_key.clone(),
             server_pid: self.server_pid,

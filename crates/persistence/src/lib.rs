@@ -7,7 +7,9 @@
 //! [`CommitHook`] with the committed events in sequence order, and only then answers — so the
 //! server broadcasts only what is durable (persist-first), in number order. [`DbReader`] reads
 //! on its own WAL connections; [`migrate`] and [`repair_sequences`] are the `seqcast db` tools.
-//! [`MemoryStore`] is the in-memory backend (`--storage memory`) with the same contract.
+//! [`MemoryStore`] is the in-memory backend (`--storage memory`) with the same contract, and
+//! [`PgStore`] the PostgreSQL one (`--storage postgres`: several nodes, one sequence space; its
+//! ordered tail, not its writer, calls the hook — see the `postgres` module).
 //!
 //! The committed log is the truth; the server's memory only caches its recent tail. Readers
 //! page through it ([`EventReader::page`], one read transaction per page, with the retention
@@ -18,8 +20,10 @@
 //! A publish repeating a message id with the same data is a retry: answered with the numbers
 //! already committed, using none (numbers stay dense).
 //!
-//! Boundary: disk I/O through SQLite only. No async runtime is used here (tokio appears only for
-//! its channels); no clock except the one timestamp taken per transaction; no network.
+//! Boundary: disk I/O through SQLite, and the PostgreSQL backend's connections. SQLite uses no
+//! async runtime (tokio appears only for its channels); the PostgreSQL backend runs
+//! tokio-postgres on a private runtime of its own. No clock except the one timestamp taken per
+//! transaction.
 //!
 //! Invariant (SQLite): SQLite assigns every number. `sequence_number` comes from an AUTOINCREMENT insert
 //! (strictly increasing in commit order, never reused) and `stream_sequence` from
@@ -34,6 +38,7 @@ mod config;
 mod error;
 mod event;
 mod memory;
+mod postgres;
 mod reader;
 mod repair;
 mod schema;
@@ -48,6 +53,10 @@ pub use config::{
 pub use error::StoreError;
 pub use event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
+pub use postgres::{
+    DEFAULT_PG_POOL_SIZE, DEFAULT_PG_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgConfig, PgReader,
+    PgStatus, PgStore, PgWriter, pg_migrate, pg_repair_sequences,
+};
 pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
 pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};

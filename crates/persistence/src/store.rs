@@ -1,10 +1,12 @@
 //! The store interface: what every backend promises, whatever database is behind it.
 //!
-//! SQLite ([`crate::DbWriter`], [`crate::DbReader`]) is the default backend and
-//! [`crate::MemoryStore`] the in-memory one (`--storage memory`). Another one (PostgreSQL is
-//! next) implements these two traits with the same contract, gets its own constructor, and runs
-//! the same contract tests (`tests/contract.rs`); the server picks a backend at start and never
-//! looks behind the traits.
+//! SQLite ([`crate::DbWriter`], [`crate::DbReader`]) is the default backend,
+//! [`crate::MemoryStore`] the in-memory one (`--storage memory`) and [`crate::PgStore`] the
+//! PostgreSQL one (`--storage postgres`). Each implements these two traits with the same
+//! contract, has its own constructor, and runs the same contract tests (`tests/contract.rs`);
+//! the server picks a backend at start and never looks behind the traits. (On PostgreSQL the
+//! commit hook is called by the node's ordered tail of the log, so it also sees other nodes'
+//! commits; a caller is answered once the hook has seen its events, as everywhere.)
 //!
 //! The committed log is the truth; the server's memory is only a cache of its recent tail.
 //! Subscribers catch up from the log with [`EventReader::page`], backlogs are views of it

@@ -13,7 +13,9 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use seqcast_persistence::{DbReader, DbWriter, EventReader, MemoryStore, StoreConfig};
+use seqcast_persistence::{
+    DbReader, DbWriter, EventReader, MemoryStore, PgConfig, PgStore, StoreConfig,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -384,9 +386,20 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let (writer, reader, _info) = MemoryStore::open(hook);
             Store::Memory { writer, reader }
         }
-        StorageKind::Postgres => anyhow::bail!(
-            "--storage postgres is not available in this version of seqcast; use sqlite (the default) or memory"
-        ),
+        StorageKind::Postgres => {
+            let url = settings
+                .database_url
+                .clone()
+                .context("--storage postgres needs --database-url")?;
+            let mut config = PgConfig::new(url);
+            config.pool_size = settings.pg_pool_size;
+            config.statement_timeout = settings.pg_statement_timeout;
+            // The tail starts once the hub exists (below): every event reaches the hub only
+            // through it, this node's commits included.
+            let (writer, reader, _info) =
+                PgStore::open_paused(config, hook).context("cannot open the PostgreSQL store")?;
+            Store::Postgres { writer, reader }
+        }
         StorageKind::Sqlite => {
             let path = settings.data_dir.join("seqcast.db");
             seqcast_persistence::migrate(&path)
@@ -408,6 +421,7 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let (epoch, head, floor, recent) = match &store {
         Store::Memory { reader, .. } => log_state(reader)?,
         Store::Sqlite { reader, .. } => log_state(reader)?,
+        Store::Postgres { reader, .. } => log_state(reader)?,
     };
     // One budget: the tail cache gets most of it, the shared log pages the rest.
     let tail_bytes = settings.cache_bytes - settings.cache_bytes / PAGE_CACHE_SHARE;
@@ -415,6 +429,9 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         .context("the log's newest events are not a dense run")?;
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
+    if let Store::Postgres { writer, .. } = &store {
+        writer.start_delivery(head);
+    }
     Ok((hub, store))
 }
 
@@ -445,7 +462,9 @@ fn log_state(
 ) -> anyhow::Result<(String, u64, u64, Vec<seqcast_persistence::CommittedEvent>)> {
     let head = reader.head()?;
     let floor = reader.retention_floor()?;
-    let recent = reader.latest_events(CACHE_REFILL_EVENTS, 0)?;
+    let mut recent = reader.latest_events(CACHE_REFILL_EVENTS, 0)?;
+    // With PostgreSQL other nodes keep committing: the cache ends where the hub starts.
+    recent.retain(|e| e.sequence_number <= head);
     Ok((reader.epoch()?, head, floor, recent))
 }
 

@@ -280,6 +280,12 @@ pub struct ServeArgs {
     /// Group commit in the database writer (true); false = one transaction per command, for benchmarks.
     #[arg(long, env = "SEQCAST_GROUP_COMMIT")]
     pub group_commit: Option<bool>,
+    /// PostgreSQL: connections in a node's read pool (16).
+    #[arg(long, env = "SEQCAST_PG_POOL_SIZE")]
+    pub pg_pool_size: Option<usize>,
+    /// PostgreSQL: statement (and lock wait) timeout of every connection, in ms (5000).
+    #[arg(long, env = "SEQCAST_PG_STATEMENT_TIMEOUT_MS")]
+    pub pg_statement_timeout_ms: Option<u64>,
 }
 
 /// A settings problem, reported before anything starts.
@@ -349,6 +355,10 @@ pub struct Settings {
     pub storage: StorageKind,
     /// PostgreSQL URL.
     pub database_url: Option<String>,
+    /// PostgreSQL read pool size.
+    pub pg_pool_size: usize,
+    /// PostgreSQL statement timeout.
+    pub pg_statement_timeout: Duration,
     /// JWT secret, if configured (None = development mode).
     pub jwt_secret: Option<String>,
     /// API keys, if configured (any of them is valid).
@@ -491,12 +501,37 @@ impl Settings {
                 .filter(|o| !o.is_empty())
                 .collect::<Vec<_>>()
         });
+        let storage = pick!(storage, StorageKind::Sqlite);
+        let database_url = pick_opt!(database_url).filter(|s| !s.is_empty());
+        let jwt_secret = pick_opt!(jwt_secret).filter(|s| !s.is_empty());
+        if storage == StorageKind::Postgres {
+            if database_url.is_none() {
+                return Err(ConfigError::Invalid {
+                    name: "database_url",
+                    message: "--storage postgres needs --database-url".into(),
+                });
+            }
+            if jwt_secret.is_none() {
+                return Err(ConfigError::Invalid {
+                    name: "jwt_secret",
+                    message: "--storage postgres needs an explicit --jwt-secret shared by every node \
+                              (a generated development secret would make a token valid on one node only)"
+                        .into(),
+                });
+            }
+        }
+        let pg_pool_size = pick!(pg_pool_size, seqcast_persistence::DEFAULT_PG_POOL_SIZE);
+        positive("pg_pool_size", pg_pool_size)?;
         Ok(Settings {
             listen,
             data_dir: pick!(data_dir, PathBuf::from("seqcast-data")),
-            storage: pick!(storage, StorageKind::Sqlite),
-            database_url: pick_opt!(database_url),
-            jwt_secret: pick_opt!(jwt_secret).filter(|s| !s.is_empty()),
+            storage,
+            database_url,
+            pg_pool_size,
+            pg_statement_timeout: Duration::from_millis(
+                pick!(pg_statement_timeout_ms, 5_000).max(1),
+            ),
+            jwt_secret,
             api_keys: pick_opt!(api_key)
                 .unwrap_or_default()
                 .into_iter()

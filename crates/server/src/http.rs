@@ -415,6 +415,14 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting_down"}"#.into(),
         )
+    } else if let Some(status) = app.store.postgres_status().filter(|s| !s.writable) {
+        let reason = status
+            .last_error
+            .unwrap_or_else(|| "the database cannot take writes".to_owned());
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "database_unavailable", "reason": reason}).to_string(),
+        )
     } else if let Some(why) = app.readiness_fault().await {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -460,6 +468,35 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             "Commands waiting for the database writer",
             queued as u64,
         ));
+    }
+    if let Some(status) = app.store.postgres_status() {
+        gauges.extend([
+            (
+                "seqcast_pg_tail_lag_events",
+                "Committed events (on any node) this node's tail has not applied yet",
+                status.seen_head.saturating_sub(status.applied),
+            ),
+            (
+                "seqcast_pg_tail_applied",
+                "The highest sequence number this node's tail has applied",
+                status.applied,
+            ),
+            (
+                "seqcast_pg_tail_read_age_ms",
+                "Milliseconds since this node's tail last read the log",
+                status.since_tail_read_ms.unwrap_or(u64::MAX),
+            ),
+            (
+                "seqcast_pg_tail_connected",
+                "1 while the tail's LISTEN connection is up",
+                u64::from(status.tail_connected),
+            ),
+            (
+                "seqcast_pg_writable",
+                "1 while the database takes this node's writes",
+                u64::from(status.writable),
+            ),
+        ]);
     }
     let mut r = app.hub.metrics.render(&counters, &gauges).into_response();
     r.headers_mut().insert(

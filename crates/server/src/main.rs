@@ -119,7 +119,27 @@ fn db_path(args: &ServeArgs) -> anyhow::Result<std::path::PathBuf> {
     Ok(settings.data_dir.join("seqcast.db"))
 }
 
+/// The PostgreSQL URL when the settings say `--storage postgres`.
+fn postgres_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
+    let mut args = args.clone();
+    // `db` subcommands need no JWT secret; only the storage settings matter here.
+    if args.jwt_secret.is_none() {
+        args.jwt_secret = Some("unused-by-db-commands".to_owned());
+    }
+    let settings = Settings::resolve(&args)?;
+    Ok(
+        (settings.storage == seqcast_server::config::StorageKind::Postgres)
+            .then_some(settings.database_url)
+            .flatten(),
+    )
+}
+
 fn db_migrate(args: &ServeArgs) -> anyhow::Result<()> {
+    if let Some(url) = postgres_url(args)? {
+        let report = seqcast_persistence::pg_migrate(&url)?;
+        println!("migrated PostgreSQL schema seqcast: {report:?}");
+        return Ok(());
+    }
     let path = db_path(args)?;
     let report = seqcast_persistence::migrate(&path)?;
     println!("{}: {}", path.display(), migration_summary(&report));
@@ -147,6 +167,14 @@ fn migration_summary(report: &seqcast_persistence::MigrationReport) -> String {
 }
 
 fn db_repair(args: &ServeArgs) -> anyhow::Result<()> {
+    if let Some(url) = postgres_url(args)? {
+        let report = seqcast_persistence::pg_repair_sequences(&url)?;
+        println!(
+            "repaired PostgreSQL schema seqcast: {} streams checked, {} rows renumbered",
+            report.streams, report.rows_renumbered
+        );
+        return Ok(());
+    }
     let path = db_path(args)?;
     let report = seqcast_persistence::repair_sequences(&path)?;
     println!(

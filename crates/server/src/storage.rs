@@ -4,7 +4,7 @@
 
 use seqcast_persistence::{
     CommittedEvent, DbReader, DbWriter, EventWriter, MemoryReader, MemoryWriter, NewEvent,
-    PruneReport, WriterStats,
+    PgReader, PgStatus, PgWriter, PruneReport, WriterStats,
 };
 
 use crate::error::ApiError;
@@ -29,16 +29,39 @@ pub enum Store {
         /// Read connections.
         reader: DbReader,
     },
+    /// PostgreSQL: one sequence space shared by several nodes. Events reach the hub only
+    /// through the node's ordered tail of the log (the backend's commit hook is called by it).
+    Postgres {
+        /// This node's writer (and tail).
+        writer: PgWriter,
+        /// The read pool (blocking facade over the backend's own runtime).
+        reader: PgReader,
+    },
 }
 
 /// Run `$body` with `$r` bound to the store's `EventReader`, on a blocking thread for SQLite
-/// (reads may wait on the disk) and inline for memory. `$body` returns
+/// (reads may wait on the disk) and PostgreSQL (its reader is a blocking facade over its own
+/// runtime), and inline for memory. `$body` returns
 /// `Result<T, StoreError>`; the macro evaluates to `Result<T, ApiError>`.
 #[macro_export]
 macro_rules! read_log {
     ($store:expr, |$r:ident| $body:expr) => {
         match $store {
             $crate::storage::Store::Sqlite { reader, .. } => {
+                let owned = reader.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let $r = &owned;
+                    $body
+                })
+                .await
+                {
+                    Ok(result) => result.map_err($crate::error::ApiError::from),
+                    Err(e) => Err($crate::error::ApiError::Internal(format!(
+                        "log reader failed: {e}"
+                    ))),
+                }
+            }
+            $crate::storage::Store::Postgres { reader, .. } => {
                 let owned = reader.clone();
                 match tokio::task::spawn_blocking(move || {
                     let $r = &owned;
@@ -73,6 +96,7 @@ impl Store {
         let result = match self {
             Store::Memory { writer, .. } => writer.append(events).await,
             Store::Sqlite { writer, .. } => writer.append(events).await,
+            Store::Postgres { writer, .. } => writer.append(events).await,
         };
         if result.is_err() {
             Metrics::inc(&hub.metrics.publish_failures);
@@ -85,6 +109,7 @@ impl Store {
         let result = match self {
             Store::Memory { writer, .. } => writer.prune(below, max_events).await,
             Store::Sqlite { writer, .. } => writer.prune(below, max_events).await,
+            Store::Postgres { writer, .. } => writer.prune(below, max_events).await,
         };
         result.map_err(ApiError::from)
     }
@@ -94,6 +119,7 @@ impl Store {
         match self {
             Store::Memory { writer, .. } => writer.close().await,
             Store::Sqlite { writer, .. } => writer.close().await,
+            Store::Postgres { writer, .. } => writer.close().await,
         }
     }
 
@@ -102,6 +128,15 @@ impl Store {
         match self {
             Store::Memory { .. } => None,
             Store::Sqlite { writer, .. } => Some((writer.stats(), writer.queued_commands())),
+            Store::Postgres { writer, .. } => Some((writer.stats(), writer.queued_commands())),
+        }
+    }
+
+    /// PostgreSQL only: whether the node can write, and its tail's progress.
+    pub fn postgres_status(&self) -> Option<PgStatus> {
+        match self {
+            Store::Postgres { writer, .. } => Some(writer.status()),
+            _ => None,
         }
     }
 
@@ -110,6 +145,8 @@ impl Store {
         match self {
             Store::Memory { .. } => true,
             Store::Sqlite { writer, .. } => writer.is_running(),
+            // Its outages are reported by `postgres_status`.
+            Store::Postgres { writer, .. } => !writer.is_closed(),
         }
     }
 
@@ -117,7 +154,7 @@ impl Store {
     /// locked past the busy timeout, I/O error); `None` when writes work.
     pub fn write_health(&self) -> Option<String> {
         match self {
-            Store::Memory { .. } => None,
+            Store::Memory { .. } | Store::Postgres { .. } => None,
             Store::Sqlite { writer, .. } => writer.health().map(|e| e.to_string()),
         }
     }
@@ -137,6 +174,7 @@ impl Store {
         match self {
             Store::Memory { .. } => "memory",
             Store::Sqlite { .. } => "sqlite",
+            Store::Postgres { .. } => "postgres",
         }
     }
 }

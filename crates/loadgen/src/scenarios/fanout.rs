@@ -199,7 +199,7 @@ pub(crate) async fn spawn_publishers(
     let errors = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for k in 0..args.publishers {
-        let mut conn = HttpConn::connect(target.addr).await?;
+        let mut conn = HttpConn::connect(target.publish_addr.unwrap_or(target.addr)).await?;
         let shared = Arc::clone(shared);
         let published = Arc::clone(&published);
         let errors = Arc::clone(&errors);

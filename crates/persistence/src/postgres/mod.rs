@@ -1,0 +1,210 @@
+//! The PostgreSQL backend: several seqcast nodes share one sequence space.
+//!
+//! [`PgStore::open`] gives a [`PgWriter`] and a [`PgReader`] behind the same traits as SQLite.
+//! Numbers come from one counter row (`seqcast.counter`) that every writing transaction locks
+//! first (inside `seqcast.append_events`), so numbers are dense and handed out in commit order
+//! across nodes: a snapshot that sees N+1 committed also sees N. Each node has one writer
+//! (group commit, pipelined on one connection) and one ordered tail: the tail reads the log from
+//! the last number it applied and hands every event to the [`crate::CommitHook`] in sequence
+//! order — this node's commits and every other node's alike. `LISTEN/NOTIFY` only wakes the
+//! tail; it also re-reads after every reconnect and at least once a second.
+//!
+//! tokio-postgres runs on a small runtime of this backend's own (`seqcast-pg` threads), so the
+//! blocking [`crate::EventReader`] methods can wait for it from any thread, an async test's
+//! included; the server calls them in `spawn_blocking` as it does for SQLite.
+
+mod reader;
+mod schema;
+mod tail;
+mod writer;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::error::StoreError;
+
+pub use reader::PgReader;
+pub use schema::{PG_SCHEMA_VERSION, pg_migrate, pg_repair_sequences};
+pub use writer::{PgStatus, PgStore, PgWriter};
+
+/// Default size of a node's read pool.
+pub const DEFAULT_PG_POOL_SIZE: usize = 16;
+/// Default statement timeout (also bounds a wait for the counter row's lock).
+pub const DEFAULT_PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything [`PgStore::open`] needs.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `postgres://user@host:port/dbname` (or key=value form).
+    pub url: String,
+    /// Connections of the read pool (catch-up pages, recovery, stream pages).
+    pub pool_size: usize,
+    /// Every statement of every connection is cancelled after this long (`statement_timeout`);
+    /// a publish then fails with 503 instead of hanging.
+    pub statement_timeout: Duration,
+    /// Bound of the writer's command queue.
+    pub queue_capacity: usize,
+    /// The most events one group-commit transaction takes.
+    pub max_group_events: usize,
+    /// How often the tail re-reads the log without being woken (at most a second).
+    pub tail_interval: Duration,
+}
+
+impl PgConfig {
+    /// Defaults for the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgConfig {
+            url: url.into(),
+            pool_size: DEFAULT_PG_POOL_SIZE,
+            statement_timeout: DEFAULT_PG_STATEMENT_TIMEOUT,
+            queue_capacity: crate::DEFAULT_QUEUE_CAPACITY,
+            max_group_events: crate::DEFAULT_MAX_GROUP_EVENTS,
+            tail_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// The connection settings for one of this node's connections, named `application_name`
+    /// (visible in `pg_stat_activity`).
+    pub(crate) fn connection(
+        &self,
+        application_name: &str,
+    ) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("bad database URL: {e}")))?;
+        config.application_name(application_name);
+        config.connect_timeout(self.statement_timeout.max(Duration::from_secs(1)));
+        let ms = self.statement_timeout.as_millis().max(1);
+        config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
+        Ok(config)
+    }
+}
+
+/// The runtime the backend's connections live on. Dropped without blocking (a runtime must
+/// not be dropped inside another one's async context).
+pub(crate) struct PgRuntime {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for PgRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgRuntime").finish_non_exhaustive()
+    }
+}
+
+impl PgRuntime {
+    pub(crate) fn new() -> Result<Arc<Self>, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("seqcast-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        Ok(Arc::new(PgRuntime {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+        }))
+    }
+
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for it on this thread (which may be any
+    /// thread, also one of another runtime: the wait is a plain channel receive).
+    pub(crate) fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+impl Drop for PgRuntime {
+    fn drop(&mut self) {
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Opens one connection and drives it on the current runtime. Notifications (LISTEN) go to
+/// `notifications` when given.
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) -> Result<Client, StoreError> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    tokio::spawn(async move {
+        loop {
+            let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+            match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if let Some(tx) = &notifications {
+                        let _ = tx.send(n);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "database connection ended");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    Ok(client)
+}
+
+/// Maps a database error onto what the caller should do: the command's own fault (bad data,
+/// a constraint) is `Rejected`; everything about the database or the connection is
+/// `Unavailable`; a schema this build does not know is `Corrupt`.
+pub(crate) fn pg_error(err: tokio_postgres::Error) -> StoreError {
+    let text = match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => err.to_string(),
+    };
+    match err.code() {
+        Some(code) => {
+            let c = code.code();
+            if c.starts_with("22") || c.starts_with("23") {
+                StoreError::Rejected(text)
+            } else if code == &SqlState::UNDEFINED_TABLE
+                || code == &SqlState::UNDEFINED_FUNCTION
+                || code == &SqlState::INVALID_SCHEMA_NAME
+                || c.starts_with("XX")
+            {
+                StoreError::Corrupt(text)
+            } else {
+                StoreError::Unavailable(text)
+            }
+        }
+        None => StoreError::Unavailable(text),
+    }
+}
+
+/// A caller's number as PostgreSQL's bigint, saturating (every stored number is smaller).
+pub(crate) fn pg_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A stored number that must not be negative.
+pub(crate) fn pg_u64(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}

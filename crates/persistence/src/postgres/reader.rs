@@ -1,0 +1,452 @@
+//! Readers: a pool of connections (deadpool-postgres). Each method is one SQL statement, so it
+//! reads one snapshot; `page`, `count_key` and `nth_newest_of_key` read the retention floor in
+//! the same statement.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
+use tokio_postgres::Row;
+
+use super::{PgConfig, PgRuntime, pg_error, pg_int, pg_u64, schema};
+use crate::error::StoreError;
+use crate::event::{CommittedEvent, EventFilter, LogPage};
+use crate::store::EventReader;
+
+/// Every event with its stream's names and its row's current position.
+pub(crate) const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, s.channel, \
+     s.request_id, e.message_id, e.timestamp_ms, e.data::text, r.first_sequence";
+pub(crate) const EVENT_JOIN: &str = "JOIN seqcast.streams s ON s.stream_id = e.stream_id \
+     LEFT JOIN seqcast.stream_rows r ON r.stream_id = e.stream_id AND r.message_id = e.message_id";
+const KEY_STREAM: &str =
+    "(SELECT stream_id FROM seqcast.streams WHERE channel = $4 AND request_id = $5)";
+
+/// Read access to the PostgreSQL store. Cheap to clone (clones share the pool).
+///
+/// Methods block the calling thread until the database answers (they run on the backend's own
+/// runtime); async callers run them in `spawn_blocking`, as for SQLite.
+#[derive(Clone)]
+pub struct PgReader {
+    pool: deadpool_postgres::Pool,
+    runtime: Arc<PgRuntime>,
+}
+
+impl std::fmt::Debug for PgReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgReader")
+            .field("pool", &self.pool.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgReader {
+    pub(crate) fn new(config: &PgConfig, runtime: Arc<PgRuntime>) -> Result<Self, StoreError> {
+        let pg = config.connection("seqcast-reader")?;
+        let manager = deadpool_postgres::Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(config.statement_timeout);
+        let _guard = runtime.handle().enter();
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the read pool: {e}")))?;
+        Ok(PgReader { pool, runtime })
+    }
+
+    /// Runs `f` with a pooled connection on the backend's runtime and waits for it.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        let pool = self.pool.clone();
+        self.runtime.block(async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            f(client).await
+        })
+    }
+
+    fn events(
+        &self,
+        sql: String,
+        params: Params,
+        offset: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        self.run(move |client| async move {
+            let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
+            let rows = client
+                .query(&stmt, &params.refs())
+                .await
+                .map_err(pg_error)?;
+            rows.iter().map(|r| event_from_row(r, offset)).collect()
+        })
+    }
+}
+
+/// Owned statement parameters (moved to the backend's runtime).
+struct Params(Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>);
+
+impl Params {
+    fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        self.0
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect()
+    }
+}
+
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {
+        Params(vec![$(Box::new($p) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>),*])
+    };
+}
+
+fn pool_error(err: deadpool_postgres::PoolError) -> StoreError {
+    match err {
+        deadpool_postgres::PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(format!("no database connection: {other}")),
+    }
+}
+
+fn limit_of(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+impl EventReader for PgReader {
+    fn head(&self) -> Result<u64, StoreError> {
+        self.run(|client| async move {
+            let row = client
+                .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
+                .await
+                .map_err(pg_error)?;
+            pg_u64(row.get(0), "head")
+        })
+    }
+
+    fn epoch(&self) -> Result<String, StoreError> {
+        self.run(|client| async move { schema::read_epoch(&client).await })
+    }
+
+    fn events_after(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: EventFilter,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let (since, limit) = (pg_int(since), limit_of(limit));
+        let base = format!("SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN}");
+        let order = "ORDER BY e.sequence_number LIMIT $2";
+        match filter {
+            EventFilter::All => self.events(
+                format!("{base} WHERE e.sequence_number > $1 {order}"),
+                params![since, limit],
+                0,
+            ),
+            EventFilter::Key(key) => self.events(
+                format!(
+                    "{base} WHERE e.sequence_number > $1 AND $3::int IS NULL \
+                     AND e.stream_id = {KEY_STREAM} {order}"
+                ),
+                params![
+                    since,
+                    limit,
+                    None::<i32>,
+                    key.channel().as_str().to_owned(),
+                    key.request_id().as_str().to_owned()
+                ],
+                0,
+            ),
+            EventFilter::Channel(channel) => self.events(
+                format!("{base} WHERE e.sequence_number > $1 AND s.channel = $3 {order}"),
+                params![since, limit, channel.as_str().to_owned()],
+                0,
+            ),
+        }
+    }
+
+    fn latest_events(
+        &self,
+        limit: usize,
+        min_timestamp_ms: u64,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        self.events(
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM \
+                   (SELECT * FROM seqcast.events ORDER BY sequence_number DESC LIMIT $1) e \
+                 {EVENT_JOIN} WHERE e.timestamp_ms >= $2 ORDER BY e.sequence_number"
+            ),
+            params![limit_of(limit), pg_int(min_timestamp_ms)],
+            0,
+        )
+    }
+
+    fn stream_rows(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let key = key.clone();
+        let (after, limit) = (pg_int(after), limit_of(limit));
+        self.run(move |client| async move {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
+                            e.data::text, r.first_sequence \
+                     FROM seqcast.stream_rows r \
+                     LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
+                     WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
+                                          WHERE channel = $1 AND request_id = $2) \
+                       AND r.stream_sequence > $3 \
+                     ORDER BY r.stream_sequence LIMIT $4",
+                )
+                .await
+                .map_err(pg_error)?;
+            let rows = client
+                .query(
+                    &stmt,
+                    &[
+                        &key.channel().as_str(),
+                        &key.request_id().as_str(),
+                        &after,
+                        &limit,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let last: i64 = row.get(0);
+                let first: i64 = row.get(5);
+                let (Some(ts), Some(data)) = (
+                    row.get::<_, Option<i64>>(3),
+                    row.get::<_, Option<String>>(4),
+                ) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "stream row points at missing event {last}"
+                    )));
+                };
+                out.push(CommittedEvent {
+                    sequence_number: pg_u64(last, "last_sequence")?,
+                    stream_sequence: pg_u64(row.get(1), "stream_sequence")?,
+                    key: key.clone(),
+                    message_id: message_id(row.get(2))?,
+                    timestamp_ms: pg_u64(ts, "timestamp_ms")?,
+                    data,
+                    replaced: first != last,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn retention_floor(&self) -> Result<u64, StoreError> {
+        self.run(|client| async move {
+            let row = client
+                .query_one("SELECT floor FROM seqcast.retention WHERE id = 1", &[])
+                .await
+                .map_err(pg_error)?;
+            pg_u64(row.get(0), "retention floor")
+        })
+    }
+
+    fn page(
+        &self,
+        filter: &EventFilter,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError> {
+        let limit = limit.max(1);
+        let (filter_sql, params) = match filter {
+            EventFilter::All => (
+                "$4::text IS NULL AND $5::text IS NULL".to_owned(),
+                params![
+                    pg_int(after),
+                    pg_int(through),
+                    limit_of(limit),
+                    None::<String>,
+                    None::<String>
+                ],
+            ),
+            EventFilter::Key(key) => (
+                format!("e.stream_id = {KEY_STREAM}"),
+                params![
+                    pg_int(after),
+                    pg_int(through),
+                    limit_of(limit),
+                    key.channel().as_str().to_owned(),
+                    key.request_id().as_str().to_owned()
+                ],
+            ),
+            EventFilter::Channel(channel) => (
+                "s.channel = $4 AND $5::text IS NULL".to_owned(),
+                params![
+                    pg_int(after),
+                    pg_int(through),
+                    limit_of(limit),
+                    channel.as_str().to_owned(),
+                    None::<String>
+                ],
+            ),
+        };
+        // One statement: the floor and the events come from one snapshot.
+        let sql = format!(
+            "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
+                 SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
+                 WHERE e.sequence_number > GREATEST($1, f.floor - 1) \
+                   AND e.sequence_number <= $2 AND {filter_sql} \
+                 ORDER BY e.sequence_number LIMIT $3) x ON true \
+             WHERE f.id = 1"
+        );
+        let rows = self.run(move |client| async move {
+            let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
+            client.query(&stmt, &params.refs()).await.map_err(pg_error)
+        })?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Corrupt(
+                "seqcast.retention has no row".to_owned(),
+            ));
+        };
+        let floor = pg_u64(first.get(0), "retention floor")?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.get::<_, Option<i64>>(1).is_some() {
+                events.push(event_from_row(row, 1)?);
+            }
+        }
+        let covered_through = match events.last() {
+            Some(last) if events.len() >= limit => last.sequence_number,
+            _ => through,
+        };
+        Ok(LogPage {
+            events,
+            covered_through,
+            floor,
+        })
+    }
+
+    fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
+        let min = pg_int(min_timestamp_ms);
+        self.run(move |client| async move {
+            let row = client
+                .query_one("SELECT seqcast.first_at_or_after($1)", &[&min])
+                .await
+                .map_err(pg_error)?;
+            row.get::<_, Option<i64>>(0)
+                .map(|s| pg_u64(s, "sequence_number"))
+                .transpose()
+        })
+    }
+
+    fn count_key(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        through: u64,
+    ) -> Result<u64, StoreError> {
+        let key = key.clone();
+        let (after, through) = (pg_int(after), pg_int(through));
+        self.run(move |client| async move {
+            let row = client
+                .query_one(
+                    "SELECT count(e.sequence_number) FROM seqcast.retention f \
+                     JOIN seqcast.events e ON e.sequence_number > GREATEST($1, f.floor - 1) \
+                      AND e.sequence_number <= $2 \
+                      AND e.stream_id = (SELECT stream_id FROM seqcast.streams \
+                                         WHERE channel = $3 AND request_id = $4) \
+                     WHERE f.id = 1",
+                    &[
+                        &after,
+                        &through,
+                        &key.channel().as_str(),
+                        &key.request_id().as_str(),
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            pg_u64(row.get(0), "count")
+        })
+    }
+
+    fn nth_newest_of_key(
+        &self,
+        key: &SubscriptionKey,
+        through: u64,
+        n: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let key = key.clone();
+        let through = pg_int(through);
+        let offset = limit_of(n - 1);
+        self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "SELECT x.sequence_number, f.floor FROM seqcast.retention f, LATERAL ( \
+                         SELECT e.sequence_number FROM seqcast.events e \
+                         WHERE e.stream_id = (SELECT stream_id FROM seqcast.streams \
+                                              WHERE channel = $1 AND request_id = $2) \
+                           AND e.sequence_number <= $3 \
+                         ORDER BY e.sequence_number DESC LIMIT 1 OFFSET $4) x \
+                     WHERE f.id = 1",
+                    &[
+                        &key.channel().as_str(),
+                        &key.request_id().as_str(),
+                        &through,
+                        &offset,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            match rows.first() {
+                Some(row) => {
+                    let seq = pg_u64(row.get(0), "sequence_number")?;
+                    let floor = pg_u64(row.get(1), "retention floor")?;
+                    Ok((seq >= floor).then_some(seq))
+                }
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+/// Decodes `EVENT_COLUMNS` starting at column `offset`.
+pub(crate) fn event_from_row(row: &Row, offset: usize) -> Result<CommittedEvent, StoreError> {
+    let sequence_number: i64 = row.get(offset);
+    let stream_sequence: Option<i64> = row.get(offset + 1);
+    let first_sequence: Option<i64> = row.get(offset + 7);
+    let (Some(stream_sequence), Some(first_sequence)) = (stream_sequence, first_sequence) else {
+        return Err(StoreError::Corrupt(format!(
+            "event {sequence_number} has no stream row"
+        )));
+    };
+    let channel = Channel::parse(row.get(offset + 2))
+        .map_err(|e| StoreError::Corrupt(format!("event {sequence_number}: {e}")))?;
+    let request_id = RequestId::parse(row.get(offset + 3))
+        .map_err(|e| StoreError::Corrupt(format!("event {sequence_number}: {e}")))?;
+    Ok(CommittedEvent {
+        sequence_number: pg_u64(sequence_number, "sequence_number")?,
+        stream_sequence: pg_u64(stream_sequence, "stream_sequence")?,
+        key: SubscriptionKey::new(channel, request_id),
+        message_id: message_id(row.get(offset + 4))?,
+        timestamp_ms: pg_u64(row.get(offset + 5), "timestamp_ms")?,
+        data: row.get(offset + 6),
+        replaced: first_sequence != sequence_number,
+    })
+}
+
+fn message_id(s: &str) -> Result<MessageId, StoreError> {
+    MessageId::parse(s).map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))
+}

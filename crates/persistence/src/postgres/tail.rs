@@ -1,0 +1,186 @@
+//! The ordered tail: the only way committed events reach a node's commit hook on PostgreSQL.
+//!
+//! It reads the log from the last number it applied, in sequence order, and hands every event
+//! to the hook — this node's commits and every other node's. Numbers are taken under the
+//! counter row's lock and a transaction becomes visible before it releases that lock, so any
+//! snapshot holds a dense prefix of the log: `sequence_number > applied ORDER BY
+//! sequence_number` never skips a number that commits later. `LISTEN seqcast_events` only
+//! wakes it; it also re-reads after every (re)connect and at least every `interval`, so a lost
+//! connection or a missed notification delays nothing for longer than that.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::reader::{EVENT_COLUMNS, EVENT_JOIN, event_from_row};
+use super::writer::Shared;
+use super::{connect, pg_error, pg_int};
+use crate::error::StoreError;
+use crate::writer::CommitHook;
+
+/// Events read per tail query.
+const TAIL_PAGE: i64 = 2_000;
+
+pub(crate) struct Tail {
+    pub(crate) config: tokio_postgres::Config,
+    pub(crate) hook: std::sync::Mutex<CommitHook>,
+    pub(crate) applied: u64,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) interval: Duration,
+}
+
+impl Tail {
+    pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut connected = true;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+            let client = match self.connect(tx).await {
+                Ok(client) => client,
+                Err(e) => {
+                    if connected {
+                        tracing::warn!(event = "tail_disconnected", error = %e, "cannot read the log from the database; retrying");
+                    }
+                    connected = false;
+                    self.shared.tail_connected.store(false, Ordering::Release);
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.interval.min(Duration::from_millis(500))) => {}
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
+            };
+            if !connected {
+                tracing::info!(
+                    event = "tail_connected",
+                    applied = self.applied,
+                    "reading the log again"
+                );
+            }
+            self.shared.tail_connected.store(true, Ordering::Release);
+            let statement = match client
+                .prepare(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
+                     WHERE e.sequence_number > $1 ORDER BY e.sequence_number LIMIT $2"
+                ))
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(event = "tail_disconnected", error = %e, "cannot prepare the tail query");
+                    connected = false;
+                    continue;
+                }
+            };
+            // Re-read on every (re)connect; then on each wake-up, and at least every interval.
+            loop {
+                if let Err(e) = self.read_all(&client, &statement).await {
+                    tracing::warn!(event = "tail_disconnected", error = %e, "reading the log failed; reconnecting");
+                    connected = false;
+                    self.shared.tail_connected.store(false, Ordering::Release);
+                    break;
+                }
+                tokio::select! {
+                    _ = self.shared.tail_wake.notified() => {}
+                    note = notes.recv() => match note {
+                        Some(note) => self.on_notification(&note),
+                        None => {
+                            tracing::warn!(event = "tail_disconnected", "the LISTEN connection closed; reconnecting");
+                            connected = false;
+                            self.shared.tail_connected.store(false, Ordering::Release);
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep(self.interval) => {}
+                    _ = stop.changed() => return,
+                }
+                while let Ok(note) = notes.try_recv() {
+                    self.on_notification(&note);
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+    ) -> Result<tokio_postgres::Client, StoreError> {
+        let client = connect(&self.config, Some(tx)).await?;
+        client
+            .batch_execute("LISTEN seqcast_events; LISTEN seqcast_outbox")
+            .await
+            .map_err(pg_error)?;
+        Ok(client)
+    }
+
+    fn on_notification(&self, note: &tokio_postgres::Notification) {
+        match note.channel() {
+            "seqcast_outbox" => self.shared.outbox_wake.notify_one(),
+            _ => {
+                // The payload is the committed range's last number.
+                if let Ok(head) = note.payload().parse::<u64>() {
+                    self.shared.seen_head.fetch_max(head, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// Reads and applies everything committed after `applied`.
+    async fn read_all(
+        &mut self,
+        client: &tokio_postgres::Client,
+        statement: &tokio_postgres::Statement,
+    ) -> Result<(), StoreError> {
+        loop {
+            let rows = client
+                .query(statement, &[&pg_int(self.applied), &TAIL_PAGE])
+                .await
+                .map_err(pg_error)?;
+            *self
+                .shared
+                .last_tail_read
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let events = rows
+                .iter()
+                .map(|r| event_from_row(r, 0))
+                .collect::<Result<Vec<_>, _>>()?;
+            if events[0].sequence_number != self.applied + 1 {
+                // Only pruning can open this (the tail fell behind the retention floor): the
+                // hook refuses it and the server stops rather than serve a hole.
+                tracing::error!(
+                    event = "tail_gap",
+                    applied = self.applied,
+                    next = events[0].sequence_number,
+                    "the log no longer holds the next number this node needs"
+                );
+            }
+            let mut hook = self
+                .hook
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if catch_unwind(AssertUnwindSafe(|| (*hook)(&events))).is_err() {
+                tracing::error!(
+                    events = events.len(),
+                    "commit hook panicked; events are committed but fan-out may have missed them"
+                );
+            }
+            drop(hook);
+            let last = events[events.len() - 1].sequence_number;
+            self.applied = last;
+            self.shared.seen_head.fetch_max(last, Ordering::AcqRel);
+            self.shared.applied.send_replace(last);
+            if i64::try_from(rows.len()).unwrap_or(i64::MAX) < TAIL_PAGE {
+                return Ok(());
+            }
+        }
+    }
+}

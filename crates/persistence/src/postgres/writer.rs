@@ -1,0 +1,1015 @@
+//! A node's writer: one task, one connection, group commit with pipelined statements.
+//!
+//! Publishers send commands over a bounded queue, each with its own oneshot reply. The task
+//! takes every command already queued into one transaction: `BEGIN`, one
+//! `seqcast.append_events` call for the whole group (which also sends the NOTIFY) and `COMMIT`,
+//! pipelined: one round trip per group, so the counter row is held for no network wait. When the
+//! database refuses something, the group is written again with one call per command, and the
+//! refused command is dropped alone. After COMMIT the publishers are answered once this
+//! node's tail has applied their numbers (so the hub has them: read-your-writes on the
+//! publishing node, and the same order of "hook, then answer" as SQLite); the tail is woken
+//! directly, so that costs one read, not a poll interval.
+//!
+//! The same task numbers messages staged by `seqcast.publish()` (the outbox), woken by
+//! `NOTIFY seqcast_outbox` and at least once a second; that check doubles as the writer's health
+//! probe, so an outage and the recovery from it are noticed without a publish.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
+
+use super::reader::PgReader;
+use super::schema;
+use super::tail::Tail;
+use super::{PgConfig, PgRuntime, connect, pg_error, pg_int, pg_u64};
+use crate::error::StoreError;
+use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
+use crate::store::EventWriter;
+use crate::writer::{CommitHook, WriterStats};
+
+type AppendReply = oneshot::Sender<Result<Vec<CommittedEvent>, StoreError>>;
+
+enum Command {
+    Append {
+        events: Vec<NewEvent>,
+        reply: AppendReply,
+    },
+    Prune {
+        below: u64,
+        max_events: usize,
+        reply: oneshot::Sender<Result<PruneReport, StoreError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// State shared by the writer task, the tail task and the handles.
+pub(crate) struct Shared {
+    commands_queued: AtomicU64,
+    commands_received: AtomicU64,
+    transactions_committed: AtomicU64,
+    transactions_failed: AtomicU64,
+    events_committed: AtomicU64,
+    /// The writer can reach the database (last statement or probe succeeded).
+    available: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// The highest number the tail has handed to the hook.
+    pub(crate) applied: watch::Sender<u64>,
+    /// The highest number this node knows was committed (its own commits, NOTIFY payloads,
+    /// the tail's reads).
+    pub(crate) seen_head: AtomicU64,
+    pub(crate) tail_connected: AtomicBool,
+    pub(crate) last_tail_read: Mutex<Option<Instant>>,
+    pub(crate) tail_wake: Notify,
+    pub(crate) outbox_wake: Notify,
+    stop: watch::Sender<bool>,
+    /// The tail, until delivery starts.
+    pending_tail: Mutex<Option<Tail>>,
+}
+
+/// What `/readyz` and `/metrics` show about a node's database connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgStatus {
+    /// The writer can reach the database: publishes are taken.
+    pub writable: bool,
+    /// Why not, when not.
+    pub last_error: Option<String>,
+    /// The highest number this node's tail applied.
+    pub applied: u64,
+    /// The highest number this node knows was committed (on any node).
+    pub seen_head: u64,
+    /// The tail's LISTEN connection is up.
+    pub tail_connected: bool,
+    /// Milliseconds since the tail last read the log successfully.
+    pub since_tail_read_ms: Option<u64>,
+}
+
+/// Handle to a node's writer. Cheap to clone.
+#[derive(Clone)]
+pub struct PgWriter {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    runtime: Arc<PgRuntime>,
+}
+
+impl std::fmt::Debug for PgWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgWriter")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the PostgreSQL backend.
+#[derive(Debug)]
+pub struct PgStore;
+
+impl PgStore {
+    /// Connects, applies pending migrations (under `pg_advisory_lock`), starts the writer and
+    /// the tail (from the current head: the hook gets every event committed after this call,
+    /// on any node, in sequence order).
+    pub fn open(
+        config: PgConfig,
+        hook: CommitHook,
+    ) -> Result<(PgWriter, PgReader, StoreInfo), StoreError> {
+        let (writer, reader, info) = PgStore::open_paused(config, hook)?;
+        writer.start_delivery(info.head);
+        Ok((writer, reader, info))
+    }
+
+    /// Like [`PgStore::open`], but the tail waits for [`PgWriter::start_delivery`], so the
+    /// caller can build what the hook feeds from the log first.
+    pub fn open_paused(
+        config: PgConfig,
+        hook: CommitHook,
+    ) -> Result<(PgWriter, PgReader, StoreInfo), StoreError> {
+        let runtime = PgRuntime::new()?;
+        let writer_config = config.connection("seqcast-writer")?;
+        let opened = {
+            let writer_config = writer_config.clone();
+            runtime.block(async move {
+                let mut client = connect(&writer_config, None).await?;
+                schema::apply_migrations(&mut client).await?;
+                let epoch = schema::read_epoch(&client).await?;
+                let head: i64 = client
+                    .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
+                    .await
+                    .map_err(pg_error)?
+                    .get(0);
+                let statements = Statements::prepare(&client).await?;
+                Ok((client, statements, epoch, pg_u64(head, "head")?))
+            })?
+        };
+        let (client, statements, epoch, head) = opened;
+        let (applied, _) = watch::channel(head);
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            commands_queued: AtomicU64::new(0),
+            commands_received: AtomicU64::new(0),
+            transactions_committed: AtomicU64::new(0),
+            transactions_failed: AtomicU64::new(0),
+            events_committed: AtomicU64::new(0),
+            available: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            applied,
+            seen_head: AtomicU64::new(head),
+            tail_connected: AtomicBool::new(false),
+            last_tail_read: Mutex::new(None),
+            tail_wake: Notify::new(),
+            outbox_wake: Notify::new(),
+            stop,
+            pending_tail: Mutex::new(None),
+        });
+        let tail = Tail {
+            config: config.connection("seqcast-listen")?,
+            hook: Mutex::new(hook),
+            applied: head,
+            shared: Arc::clone(&shared),
+            interval: config.tail_interval.min(Duration::from_secs(1)),
+        };
+        *shared
+            .pending_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tail);
+        let reader = PgReader::new(&config, Arc::clone(&runtime))?;
+        let (commands, receiver) = mpsc::channel(config.queue_capacity.max(1));
+        let task = WriterTask {
+            config: writer_config,
+            client: Some((client, statements)),
+            epoch: epoch.clone(),
+            shared: Arc::clone(&shared),
+            max_group_events: config.max_group_events.max(1),
+            answer_timeout: config.statement_timeout.max(Duration::from_secs(1)),
+            last_committed: head,
+        };
+        runtime.handle().spawn(task.run(receiver, stop_rx));
+        tracing::info!(epoch = %epoch, head, "PostgreSQL writer started");
+        Ok((
+            PgWriter {
+                commands,
+                shared,
+                runtime,
+            },
+            reader,
+            StoreInfo { epoch, head },
+        ))
+    }
+}
+
+impl PgWriter {
+    /// Starts the tail: the hook gets every event after `from`, in sequence order. Only the
+    /// first call does anything.
+    pub fn start_delivery(&self, from: u64) {
+        let tail = self
+            .shared
+            .pending_tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut tail) = tail {
+            tail.applied = from;
+            self.shared.applied.send_replace(from);
+            let stop = self.shared.stop.subscribe();
+            self.runtime.handle().spawn(tail.run(stop));
+        }
+    }
+
+    /// The database connections' state, for `/readyz` and `/metrics`.
+    pub fn status(&self) -> PgStatus {
+        let s = &self.shared;
+        PgStatus {
+            writable: s.available.load(Ordering::Acquire),
+            last_error: s
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            applied: *s.applied.borrow(),
+            seen_head: s.seen_head.load(Ordering::Acquire),
+            tail_connected: s.tail_connected.load(Ordering::Acquire),
+            since_tail_read_ms: s
+                .last_tail_read
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// Commands waiting in the queue.
+    pub fn queued_commands(&self) -> usize {
+        let queued = self.shared.commands_queued.load(Ordering::Acquire);
+        let received = self.shared.commands_received.load(Ordering::Acquire);
+        usize::try_from(queued.saturating_sub(received)).unwrap_or(usize::MAX)
+    }
+}
+
+impl EventWriter for PgWriter {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Append { events, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        self.shared.commands_queued.fetch_add(1, Ordering::Release);
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    fn stats(&self) -> WriterStats {
+        let s = &self.shared;
+        WriterStats {
+            commands_received: s.commands_received.load(Ordering::Relaxed),
+            transactions_committed: s.transactions_committed.load(Ordering::Relaxed),
+            transactions_failed: s.transactions_failed.load(Ordering::Relaxed),
+            events_committed: s.events_committed.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Prune {
+                below,
+                max_events,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+const APPEND: &str = "SELECT o_sequence_number, o_stream_sequence, o_replaced, o_timestamp_ms, \
+     o_retry FROM seqcast.append_events($1, $2, $3, $4)";
+
+struct Statements {
+    append: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Self, StoreError> {
+        let text_array = Type::TEXT_ARRAY;
+        Ok(Statements {
+            append: client
+                .prepare_typed(
+                    APPEND,
+                    &[
+                        text_array.clone(),
+                        text_array.clone(),
+                        text_array.clone(),
+                        text_array,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?,
+        })
+    }
+}
+
+struct PendingAppend {
+    events: Vec<NewEvent>,
+    reply: AppendReply,
+}
+
+/// How one attempt at a group transaction ended.
+enum Attempt {
+    /// Committed: each command's events (None for commands that failed earlier), and how
+    /// many of them are new (not retries).
+    Committed(Vec<Option<Vec<CommittedEvent>>>, u64),
+    /// Command `index` was refused; the transaction was rolled back.
+    CommandFailed(usize, StoreError),
+    /// A combined call was refused: write the group again with one call per command.
+    Split,
+    /// The transaction failed as a whole; nothing of it persists (or, for a COMMIT whose
+    /// answer was lost with the connection, it is in doubt — a retry with the same message
+    /// ids is answered with the committed numbers).
+    Lost(StoreError),
+}
+
+struct WriterTask {
+    config: tokio_postgres::Config,
+    client: Option<(Client, Statements)>,
+    epoch: String,
+    shared: Arc<Shared>,
+    max_group_events: usize,
+    answer_timeout: Duration,
+    last_committed: u64,
+}
+
+impl WriterTask {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = None;
+        while shutdown.is_none() {
+            // Not biased: under a constant stream of publishes the outbox still gets its turn.
+            let first = tokio::select! {
+                command = receiver.recv() => match command {
+                    Some(c) => c,
+                    None => break,
+                },
+                _ = self.shared.outbox_wake.notified() => {
+                    self.sweep_outbox().await;
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    self.sweep_outbox().await;
+                    continue;
+                }
+                _ = stop.changed() => break,
+            };
+            let mut appends = Vec::new();
+            let mut prunes = Vec::new();
+            let mut events = 0usize;
+            let mut next = Some(first);
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append { events: e, reply } => {
+                        self.shared
+                            .commands_received
+                            .fetch_add(1, Ordering::Release);
+                        events += e.len();
+                        appends.push(PendingAppend { events: e, reply });
+                    }
+                    Command::Prune {
+                        below,
+                        max_events,
+                        reply,
+                    } => prunes.push((below, max_events, reply)),
+                    Command::Shutdown { reply } => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                }
+                if events < self.max_group_events {
+                    next = receiver.try_recv().ok();
+                }
+            }
+            if !appends.is_empty() {
+                self.write_group(appends).await;
+            }
+            for (below, max_events, reply) in prunes {
+                let result = self.prune(below, max_events).await;
+                let _ = reply.send(result);
+            }
+        }
+        receiver.close();
+        // Let the tail apply what this node committed, then stop it.
+        let mut applied = self.shared.applied.subscribe();
+        let last = self.last_committed;
+        let _ = tokio::time::timeout(self.answer_timeout, applied.wait_for(|a| *a >= last)).await;
+        self.shared.stop.send_replace(true);
+        self.client = None;
+        if let Some(reply) = shutdown {
+            let _ = reply.send(());
+        }
+    }
+
+    fn set_available(&self, result: Result<(), &StoreError>) {
+        let ok = result.is_ok();
+        let was = self.shared.available.swap(ok, Ordering::AcqRel);
+        let mut last = self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                *last = None;
+                if !was {
+                    tracing::info!(
+                        event = "database_available",
+                        "the database takes writes again"
+                    );
+                }
+            }
+            Err(e) => {
+                *last = Some(e.to_string());
+                if was {
+                    tracing::warn!(event = "database_unavailable", error = %e, "the database cannot take writes; publishes fail with 503 until it can");
+                }
+            }
+        }
+    }
+
+    /// The connection, reconnecting when it was lost. A database with another identity (a
+    /// restore or a failover to another history) is refused: its numbers are not ours.
+    async fn ensure_connection(&mut self) -> Result<(), StoreError> {
+        if let Some((client, _)) = &self.client {
+            if !client.is_closed() {
+                return Ok(());
+            }
+            self.client = None;
+        }
+        let client = connect(&self.config, None).await?;
+        schema::require_current_schema(&client).await?;
+        let epoch = schema::read_epoch(&client).await?;
+        if epoch != self.epoch {
+            return Err(StoreError::Unavailable(format!(
+                "the database is another history now (epoch {epoch}, this node serves {}); restart the node",
+                self.epoch
+            )));
+        }
+        let statements = Statements::prepare(&client).await?;
+        tracing::info!("database connection reopened");
+        self.client = Some((client, statements));
+        Ok(())
+    }
+
+    /// Drops the connection when the error says it is broken.
+    fn after_error(&mut self, err: &StoreError) {
+        if matches!(err, StoreError::Unavailable(_))
+            && let Some((client, _)) = &self.client
+            && client.is_closed()
+        {
+            self.client = None;
+        }
+    }
+
+    async fn write_group(&mut self, mut appends: Vec<PendingAppend>) {
+        if let Err(e) = self.ensure_connection().await {
+            self.set_available(Err(&e));
+            self.shared
+                .transactions_failed
+                .fetch_add(1, Ordering::Relaxed);
+            for a in appends {
+                let _ = a.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let mut own: Vec<Option<StoreError>> = vec![None; appends.len()];
+        let mut combined = true;
+        loop {
+            if own.iter().all(Option::is_some) {
+                break;
+            }
+            match self.attempt(&appends, &own, combined).await {
+                Attempt::Split => combined = false,
+                Attempt::CommandFailed(i, e) => own[i] = Some(e),
+                Attempt::Lost(e) => {
+                    self.shared
+                        .transactions_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.after_error(&e);
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.set_available(Err(&e));
+                    }
+                    for (a, own) in appends.drain(..).zip(own) {
+                        let _ = a.reply.send(Err(own.unwrap_or_else(|| e.clone())));
+                    }
+                    return;
+                }
+                Attempt::Committed(results, new_events) => {
+                    self.set_available(Ok(()));
+                    self.answer(appends, own, results, new_events);
+                    return;
+                }
+            }
+        }
+        // Every command was refused.
+        for (a, own) in appends.drain(..).zip(own) {
+            let _ = a.reply.send(Err(own.unwrap_or(StoreError::Closed)));
+        }
+    }
+
+    /// One attempt at the group, pipelined: BEGIN, the appends, then NOTIFY and COMMIT (or
+    /// ROLLBACK when only retries came back). `combined`: every command in one
+    /// `append_events` call (one lock and one counter update per transaction: the fast path);
+    /// else one call per command, to find which one the database refuses.
+    async fn attempt(
+        &mut self,
+        appends: &[PendingAppend],
+        own: &[Option<StoreError>],
+        combined: bool,
+    ) -> Attempt {
+        let Some((client, statements)) = &self.client else {
+            return Attempt::Lost(StoreError::Unavailable("no connection".to_owned()));
+        };
+        let active: Vec<usize> = (0..appends.len()).filter(|&i| own[i].is_none()).collect();
+        let groups: Vec<Vec<usize>> = if combined {
+            vec![active]
+        } else {
+            active.into_iter().map(|i| vec![i]).collect()
+        };
+        let arrays: Vec<[Vec<&str>; 4]> = groups
+            .iter()
+            .map(|group| {
+                let events = || group.iter().flat_map(|&i| appends[i].events.iter());
+                [
+                    events().map(|e| e.key.channel().as_str()).collect(),
+                    events().map(|e| e.key.request_id().as_str()).collect(),
+                    events().map(|e| e.message_id.as_str()).collect(),
+                    events().map(|e| e.data.as_str()).collect(),
+                ]
+            })
+            .collect();
+        // One round trip: BEGIN, the calls and COMMIT go out together. If a call fails, the
+        // transaction is aborted and PostgreSQL turns that COMMIT into a rollback.
+        let begin = client.batch_execute("BEGIN");
+        let calls = join_all(arrays.iter().map(|[c, r, m, d]| async move {
+            client.query(&statements.append, &[c, r, m, d]).await
+        }));
+        let commit = client.batch_execute("COMMIT");
+        let (begun, results, committed_tx) =
+            futures_util::future::join3(begin, calls, commit).await;
+        if let Err(e) = begun {
+            return self.lost(pg_error(e)).await;
+        }
+        let mut committed: Vec<Option<Vec<CommittedEvent>>> = vec![None; appends.len()];
+        let mut new_events = 0u64;
+        for (group, result) in groups.iter().zip(results) {
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(e) => {
+                    // The first error is the cause; later calls only say the transaction was
+                    // already aborted. Nothing was committed.
+                    let err = pg_error(e);
+                    if !matches!(err, StoreError::Rejected(_)) {
+                        return self.lost(err).await;
+                    }
+                    return match group.as_slice() {
+                        [i] => Attempt::CommandFailed(*i, err),
+                        _ => Attempt::Split,
+                    };
+                }
+            };
+            let mut rows = rows.as_slice();
+            for &i in group {
+                let n = appends[i].events.len().min(rows.len());
+                let (mine, rest) = rows.split_at(n);
+                rows = rest;
+                match decode(&appends[i].events, mine) {
+                    Ok(events) => {
+                        for (_, retry) in &events {
+                            new_events += u64::from(!retry);
+                        }
+                        committed[i] = Some(events.into_iter().map(|(e, _)| e).collect());
+                    }
+                    Err(e) => return Attempt::Lost(e),
+                }
+            }
+        }
+        // A COMMIT whose answer was lost is in doubt (see the Lost variant).
+        if let Err(e) = committed_tx {
+            return self.lost(pg_error(e)).await;
+        }
+        Attempt::Committed(committed, new_events)
+    }
+
+    async fn lost(&mut self, err: StoreError) -> Attempt {
+        if let Some((client, _)) = &self.client
+            && !client.is_closed()
+        {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        Attempt::Lost(err)
+    }
+
+    /// Counts the committed group, wakes the tail, and answers each publisher once the tail
+    /// has applied the group's numbers (bounded by the answer timeout: the events are
+    /// committed either way).
+    fn answer(
+        &mut self,
+        appends: Vec<PendingAppend>,
+        own: Vec<Option<StoreError>>,
+        results: Vec<Option<Vec<CommittedEvent>>>,
+        new_events: u64,
+    ) {
+        let newest = results
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.sequence_number)
+            .max()
+            .unwrap_or(0);
+        if new_events > 0 {
+            self.shared
+                .transactions_committed
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .events_committed
+                .fetch_add(new_events, Ordering::Relaxed);
+            self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
+        }
+        self.last_committed = self.last_committed.max(newest);
+        self.shared.tail_wake.notify_one();
+        let mut applied = self.shared.applied.subscribe();
+        let timeout = self.answer_timeout;
+        tokio::spawn(async move {
+            if tokio::time::timeout(timeout, applied.wait_for(|a| *a >= newest))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    event = "tail_slow",
+                    sequence_number = newest,
+                    "answering publishers before this node's tail applied their commit"
+                );
+            }
+            for ((a, own), events) in appends.into_iter().zip(own).zip(results) {
+                let answer = match (events, own) {
+                    (Some(events), _) => Ok(events),
+                    (None, own) => Err(own.unwrap_or(StoreError::Closed)),
+                };
+                let _ = a.reply.send(answer);
+            }
+        });
+    }
+
+    /// One prune step (see [`EventWriter::prune`]) in one transaction.
+    async fn prune(&mut self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
+        self.ensure_connection().await?;
+        let result = match &mut self.client {
+            Some((client, _)) => prune_step(client, below, max_events).await,
+            None => Err(StoreError::Closed),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "prune failed; nothing was deleted");
+            self.after_error(e);
+        }
+        result
+    }
+
+    /// Numbers the messages staged by `seqcast.publish()` whose transactions have committed.
+    /// Also the writer's health probe, once a second.
+    async fn sweep_outbox(&mut self) {
+        if let Err(e) = self.ensure_connection().await {
+            self.set_available(Err(&e));
+            return;
+        }
+        let Some((client, _)) = &self.client else {
+            return;
+        };
+        let staged = match client
+            .query_one("SELECT EXISTS (SELECT 1 FROM seqcast.outbox)", &[])
+            .await
+        {
+            Ok(row) => row.get::<_, bool>(0),
+            Err(e) => {
+                let e = pg_error(e);
+                self.set_available(Err(&e));
+                self.after_error(&e);
+                return;
+            }
+        };
+        self.set_available(Ok(()));
+        if !staged {
+            return;
+        }
+        loop {
+            match self.number_staged().await {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.shared.tail_wake.notify_one();
+                    tracing::debug!(
+                        event = "outbox_numbered",
+                        count = n,
+                        "numbered staged messages"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(event = "outbox_failed", error = %e, "could not number staged messages; will retry");
+                    self.after_error(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One transaction: take the counter, take up to a group of committed staged messages,
+    /// append them, delete them, COMMIT. A message the database refuses moves to
+    /// `seqcast.outbox_failed`. Returns how many were numbered or moved.
+    async fn number_staged(&mut self) -> Result<usize, StoreError> {
+        let limit = i64::try_from(self.max_group_events).unwrap_or(4096);
+        let Some((client, statements)) = &mut self.client else {
+            return Err(StoreError::Unavailable("no connection".to_owned()));
+        };
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT head FROM seqcast.counter WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+        let rows = tx
+            .query(
+                "SELECT outbox_id, channel, request_id, message_id, data FROM seqcast.outbox \
+                 ORDER BY outbox_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut good: Vec<(i64, NewEvent)> = Vec::with_capacity(rows.len());
+        let mut bad: Vec<(i64, String)> = Vec::new();
+        for row in &rows {
+            let id: i64 = row.get(0);
+            ids.push(id);
+            match staged_event(row.get(1), row.get(2), row.get(3), row.get(4)) {
+                Ok(e) => good.push((id, e)),
+                Err(why) => bad.push((id, why)),
+            }
+        }
+        let mut numbered = 0;
+        let mut newest = 0;
+        // All of them in one call (one counter update); only if the database refuses one,
+        // one call per message under a savepoint, so it cannot hold the others back.
+        tx.batch_execute("SAVEPOINT staged")
+            .await
+            .map_err(pg_error)?;
+        let all = tx
+            .query(
+                &statements.append,
+                &[
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.key.channel().as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.key.request_id().as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.message_id.as_str())
+                        .collect::<Vec<_>>(),
+                    &good
+                        .iter()
+                        .map(|(_, e)| e.data.as_str())
+                        .collect::<Vec<_>>(),
+                ],
+            )
+            .await;
+        let mut count = |rows: &[tokio_postgres::Row]| {
+            for row in rows {
+                if !row.get::<_, bool>(4) {
+                    numbered += 1;
+                    newest = newest.max(row.get::<_, i64>(0));
+                }
+            }
+        };
+        match all {
+            Ok(rows) => count(&rows),
+            Err(e) => {
+                let err = pg_error(e);
+                if !matches!(err, StoreError::Rejected(_)) {
+                    return Err(err);
+                }
+                tx.batch_execute("ROLLBACK TO staged")
+                    .await
+                    .map_err(pg_error)?;
+                for (id, event) in &good {
+                    tx.batch_execute("SAVEPOINT staged")
+                        .await
+                        .map_err(pg_error)?;
+                    let result = tx
+                        .query(
+                            &statements.append,
+                            &[
+                                &vec![event.key.channel().as_str()],
+                                &vec![event.key.request_id().as_str()],
+                                &vec![event.message_id.as_str()],
+                                &vec![event.data.as_str()],
+                            ],
+                        )
+                        .await;
+                    match result {
+                        Ok(rows) => {
+                            tx.batch_execute("RELEASE staged").await.map_err(pg_error)?;
+                            count(&rows);
+                        }
+                        Err(e) => {
+                            let err = pg_error(e);
+                            if !matches!(err, StoreError::Rejected(_)) {
+                                return Err(err);
+                            }
+                            tx.batch_execute("ROLLBACK TO staged")
+                                .await
+                                .map_err(pg_error)?;
+                            bad.push((*id, err.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        for (id, why) in &bad {
+            tx.execute(
+                "INSERT INTO seqcast.outbox_failed \
+                     (outbox_id, channel, request_id, message_id, data, staged_at, error) \
+                 SELECT outbox_id, channel, request_id, message_id, data, staged_at, $2 \
+                   FROM seqcast.outbox WHERE outbox_id = $1",
+                &[id, why],
+            )
+            .await
+            .map_err(pg_error)?;
+            tracing::warn!(event = "outbox_refused", outbox_id = id, error = %why, "a staged message was refused; kept in seqcast.outbox_failed");
+        }
+        tx.execute(
+            "DELETE FROM seqcast.outbox WHERE outbox_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        if numbered > 0 {
+            self.shared
+                .transactions_committed
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .events_committed
+                .fetch_add(numbered, Ordering::Relaxed);
+            let newest = u64::try_from(newest).unwrap_or(0);
+            self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
+            self.last_committed = self.last_committed.max(newest);
+        }
+        Ok(ids.len())
+    }
+}
+
+/// A staged row as an event, with the HTTP API's validation.
+fn staged_event(
+    channel: &str,
+    request_id: &str,
+    message_id: &str,
+    data: &str,
+) -> Result<NewEvent, String> {
+    let channel = Channel::parse(channel).map_err(|e| e.to_string())?;
+    let request_id = RequestId::parse(request_id).map_err(|e| e.to_string())?;
+    let message_id = MessageId::parse(message_id).map_err(|e| e.to_string())?;
+    Ok(NewEvent {
+        key: SubscriptionKey::new(channel, request_id),
+        message_id,
+        data: data.to_owned(),
+    })
+}
+
+/// A command's events with the numbers `append_events` returned (and whether each was a retry).
+fn decode(
+    events: &[NewEvent],
+    rows: &[tokio_postgres::Row],
+) -> Result<Vec<(CommittedEvent, bool)>, StoreError> {
+    if rows.len() != events.len() {
+        return Err(StoreError::Corrupt(format!(
+            "append_events returned {} rows for {} events",
+            rows.len(),
+            events.len()
+        )));
+    }
+    events
+        .iter()
+        .zip(rows)
+        .map(|(e, row)| {
+            Ok((
+                CommittedEvent {
+                    sequence_number: pg_u64(row.get(0), "sequence_number")?,
+                    stream_sequence: pg_u64(row.get(1), "stream_sequence")?,
+                    key: e.key.clone(),
+                    message_id: e.message_id.clone(),
+                    timestamp_ms: pg_u64(row.get(3), "timestamp_ms")?,
+                    data: e.data.clone(),
+                    replaced: row.get(2),
+                },
+                row.get(4),
+            ))
+        })
+        .collect()
+}
+
+/// The body of one prune step, in its own transaction.
+async fn prune_step(
+    client: &mut Client,
+    below: u64,
+    max_events: usize,
+) -> Result<PruneReport, StoreError> {
+    let tx = client.transaction().await.map_err(pg_error)?;
+    let head: i64 = tx
+        .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let head = pg_u64(head, "head")?;
+    let wanted = pg_int(below.min(head.saturating_add(1)));
+    // The floor row first (it only rises), in the same transaction as the deletes.
+    let floor: i64 = tx
+        .query_one(
+            "UPDATE seqcast.retention SET floor = GREATEST(floor, $1) WHERE id = 1 RETURNING floor",
+            &[&wanted],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let limit = i64::try_from(max_events).unwrap_or(i64::MAX);
+    let step_end: Option<i64> = if max_events == 0 {
+        None
+    } else {
+        tx.query_one(
+            "SELECT MAX(sequence_number) FROM (SELECT sequence_number FROM seqcast.events \
+             WHERE sequence_number < $1 ORDER BY sequence_number LIMIT $2) x",
+            &[&floor, &limit],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0)
+    };
+    let mut deleted = 0;
+    if let Some(end) = step_end {
+        tx.execute(
+            "DELETE FROM seqcast.stream_rows r USING seqcast.events e \
+             WHERE e.sequence_number <= $1 AND r.stream_id = e.stream_id \
+               AND r.message_id = e.message_id AND r.last_sequence <= $1",
+            &[&end],
+        )
+        .await
+        .map_err(pg_error)?;
+        deleted = tx
+            .execute(
+                "DELETE FROM seqcast.events WHERE sequence_number <= $1",
+                &[&end],
+            )
+            .await
+            .map_err(pg_error)?;
+    }
+    let remaining: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM seqcast.events WHERE sequence_number < $1)",
+            &[&floor],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    tx.commit().await.map_err(pg_error)?;
+    Ok(PruneReport {
+        floor: pg_u64(floor, "retention floor")?,
+        deleted,
+        done: !remaining,
+    })
+}
