@@ -288,6 +288,9 @@ pub struct ServeArgs {
     pub pg_statement_timeout_ms: Option<u64>,
 }
 
+/// `--retention-max-events` when none is given and the log lives in memory (`--storage memory`).
+pub const MEMORY_RETENTION_MAX_EVENTS: u64 = 1_000_000;
+
 /// A settings problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -502,6 +505,10 @@ impl Settings {
                 .collect::<Vec<_>>()
         });
         let storage = pick!(storage, StorageKind::Sqlite);
+        // The memory log is held in this process: without a count bound, 7 days of publishes
+        // would be kept in RAM.
+        let retention_max_events = retention_max_events
+            .or((storage == StorageKind::Memory).then_some(MEMORY_RETENTION_MAX_EVENTS));
         let database_url = pick_opt!(database_url).filter(|s| !s.is_empty());
         let jwt_secret = pick_opt!(jwt_secret).filter(|s| !s.is_empty());
         if storage == StorageKind::Postgres {
