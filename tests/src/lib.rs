@@ -585,7 +585,9 @@ impl Client {
         // One deadline for the whole wait: pings and other control frames do not extend it.
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             return Some(match msg {
                 Some(Ok(Message::Text(t))) => Event::Frame(
                     decode_server_frame(t.as_str())
