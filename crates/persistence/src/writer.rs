@@ -86,10 +86,24 @@ pub struct WriterStats {
     pub events_committed: u64,
 }
 
-#[derive(Debug)]
 struct Shared {
     counters: Counters,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Told about every committed group (see [`DbWriter::observe_commits`]).
+    observer: std::sync::OnceLock<CommitObserver>,
+}
+
+/// Called on the writer thread after each committed group with the number of new events in it
+/// and how long its transaction took, BEGIN to COMMIT (the fsync included). Must be quick.
+pub type CommitObserver = Box<dyn Fn(usize, std::time::Duration) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("counters", &self.counters)
+            .field("observed", &self.observer.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
@@ -153,6 +167,7 @@ impl DbWriter {
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             thread: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
         });
         let writer = Writer {
             conn: Some(conn),
@@ -175,6 +190,12 @@ impl DbWriter {
         *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
         tracing::info!(epoch = %info.epoch, head = info.head, "database writer started");
         Ok((DbWriter { commands, shared }, info))
+    }
+
+    /// Have `observer` told the size and transaction time of every group committed from now on
+    /// (for metrics). Only the first observer set is kept.
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        let _ = self.shared.observer.set(observer);
     }
 
     /// Like [`EventWriter::close`], but blocking, and it also joins the thread. Must not be called
@@ -500,6 +521,7 @@ impl Writer {
         let timestamp_ms = schema::now_ms().max(self.last_timestamp_ms);
         let fault = self.fault.as_ref();
         let mut own_errors: Vec<Option<StoreError>> = vec![None; count];
+        let started = std::time::Instant::now();
 
         let mut attempt = run_transaction(
             conn,
@@ -606,6 +628,9 @@ impl Writer {
         counters
             .events_committed
             .fetch_add(new_events.len() as u64, Ordering::Relaxed);
+        if let Some(observe) = self.shared.observer.get() {
+            observe(new_events.len(), started.elapsed());
+        }
 
         let hook = &mut self.hook;
         if !new_events.is_empty() && catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {

@@ -241,7 +241,7 @@ pub async fn start(
         db_identity,
         db_fault: std::sync::Mutex::new(None),
     });
-    let router = router(Arc::clone(&app));
+    let router = observed_router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
@@ -367,6 +367,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         .context("the log's newest events are not a dense run")?;
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
+    if let Store::Sqlite { writer, .. } = &store {
+        let observed = Arc::clone(&hub);
+        writer.observe_commits(Box::new(move |events, took| {
+            observed.metrics.group_committed(events, took);
+        }));
+    }
     Ok((hub, store))
 }
 
@@ -567,6 +573,11 @@ pub fn router(app: Arc<AppState>) -> Router {
         ))
 }
 
+/// [`router`] with request ids, the access log and the error counter around it.
+pub fn observed_router(app: Arc<AppState>) -> Router {
+    crate::observe::layers(router(Arc::clone(&app)), app)
+}
+
 async fn ws_upgrade(
     State(app): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -601,6 +612,7 @@ async fn ws_upgrade(
     };
     let max = app.settings.max_message_bytes;
     let tracker = app.connections.clone();
+    let http_request_id: Option<Arc<str>> = crate::observe::request_id_of(&headers).map(Arc::from);
     // Client frames are small; a 1 KiB read buffer keeps idle connections cheap (tungstenite
     // allocates and zero-fills it on the first read).
     ws.read_buffer_size(1024)
@@ -608,7 +620,7 @@ async fn ws_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                connection::serve(socket, app, pre_auth).await;
+                connection::serve(socket, app, pre_auth, http_request_id).await;
                 drop(slot);
             })
         })

@@ -19,6 +19,7 @@ use crate::auth::Grant;
 use crate::catchup;
 use crate::error::ApiError;
 use crate::hub::{Frame, Hub};
+use crate::metrics::PublishEndpoint;
 use crate::{now_ms, read_log};
 
 /// Most messages one recovery or stream page returns.
@@ -90,6 +91,23 @@ pub async fn recover(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = recover_page(&app, headers, raw).await;
+    let m = &app.hub.metrics;
+    m.recovery_seconds.observe(started.elapsed().as_secs_f64());
+    if let Ok((_, messages, bytes)) = &answer {
+        m.recovery_messages.observe(*messages as f64);
+        m.recovery_bytes.observe(*bytes as f64);
+    }
+    answer.map(|(r, _, _)| r)
+}
+
+/// The recovery answer, with its message count and bytes.
+async fn recover_page(
+    app: &Arc<AppState>,
+    headers: HeaderMap,
+    raw: Option<String>,
+) -> Result<(Response, usize, usize), ApiError> {
     let grant = app.auth.reader(authorization(&headers))?;
     let q = Query::parse(raw, &["since", "channel", "request_id", "limit", "epoch"])?;
     let since = q.u64("since")?.unwrap_or(0);
@@ -110,7 +128,7 @@ pub async fn recover(
     };
     let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
     let head = app.hub.head();
-    let window_start = catchup::resume_window_start(&app, head, now_ms()).await?;
+    let window_start = catchup::resume_window_start(app, head, now_ms()).await?;
     let oldest_sequence = (window_start <= head).then_some(window_start);
     let (mut complete, after) = match resume(since, epoch_ok, head, window_start) {
         Resume::Complete { after } => (true, after),
@@ -125,10 +143,10 @@ pub async fn recover(
                 next_since: None,
             };
             let body = encode_recovery_response(std::iter::empty(), &meta);
-            return Ok(json_response(StatusCode::OK, body));
+            return Ok((json_response(StatusCode::OK, body), 0, 0));
         }
     };
-    let page = read_recovery(&app, &filter, &grant, after, head, limit).await?;
+    let page = read_recovery(app, &filter, &grant, after, head, limit).await?;
     complete &= page.complete;
     let meta = RecoveryMeta {
         head,
@@ -137,8 +155,13 @@ pub async fn recover(
         complete,
         next_since: page.next_since,
     };
+    let bytes = page.frames.iter().map(|f| f.len()).sum();
     let body = encode_recovery_response(page.frames.iter().map(|f| f.as_str()), &meta);
-    Ok(json_response(StatusCode::OK, body))
+    Ok((
+        json_response(StatusCode::OK, body),
+        page.frames.len(),
+        bytes,
+    ))
 }
 
 /// A recovery answer's messages.
@@ -357,13 +380,26 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = publish_one(&app, headers, body).await;
+    app.hub
+        .metrics
+        .observe_publish(PublishEndpoint::single, started.elapsed());
+    answer
+}
+
+async fn publish_one(
+    app: &Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     check_length(&headers, app.settings.max_message_bytes)?;
     let grant = app.auth.publisher(authorization(&headers))?;
     app.limiter.admit_publish(&grant.rate_key(), 1)?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant, &app.message_ids)?;
-    let committed = commit(&app, vec![ev]).await?;
+    let committed = commit(app, vec![ev]).await?;
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
@@ -373,6 +409,19 @@ pub async fn publish(
 /// `POST /api/publish/batch` — one transaction: all or nothing.
 pub async fn publish_batch(
     State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = publish_many(&app, headers, body).await;
+    app.hub
+        .metrics
+        .observe_publish(PublishEndpoint::batch, started.elapsed());
+    answer
+}
+
+async fn publish_many(
+    app: &Arc<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -388,7 +437,7 @@ pub async fn publish_batch(
         .into_iter()
         .map(|m| new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = commit(&app, events).await?;
+    let committed = commit(app, events).await?;
     Ok(axum::Json(BatchPublishResponse {
         results: committed.iter().map(answer).collect(),
     })
@@ -454,36 +503,50 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let mut gauges = app.hub.gauges().to_vec();
-    let mut counters = Vec::new();
+    let mut snapshot = crate::metrics::Snapshot {
+        gauges: app.hub.gauges().to_vec(),
+        counters: Vec::new(),
+    };
+    snapshot.gauges.extend([
+        (
+            "seqcast_connections",
+            "WebSocket connections open (handshake done, hello or not)",
+            app.connections.len() as u64,
+        ),
+        (
+            "seqcast_live_subscriptions",
+            "Subscriptions in live delivery on this node (a key followed twice counts twice)",
+            app.hub.live_subscriptions() as u64,
+        ),
+    ]);
     if let Some((stats, queued)) = app.store.writer_stats() {
-        counters.extend([
+        snapshot.counters.extend([
             (
-                "seqcast_db_transactions_total",
+                "seqcast_db_transactions",
                 "Write transactions committed (one per group commit)",
                 stats.transactions_committed,
             ),
             (
-                "seqcast_db_transactions_failed_total",
+                "seqcast_db_transactions_failed",
                 "Write transactions that failed; nothing of them was written",
                 stats.transactions_failed,
             ),
             (
-                "seqcast_db_events_committed_total",
+                "seqcast_db_events_committed",
                 "Events committed; divided by transactions: events per group commit",
                 stats.events_committed,
             ),
         ]);
-        gauges.push((
+        snapshot.gauges.push((
             "seqcast_db_queued_commands",
             "Commands waiting for the database writer",
             queued as u64,
         ));
     }
-    let mut r = app.hub.metrics.render(&counters, &gauges).into_response();
+    let mut r = app.hub.metrics.render(&snapshot).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
 }

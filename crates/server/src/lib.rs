@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod observe;
 pub mod storage;
 
 pub use app::{ServerHandle, run, start};
