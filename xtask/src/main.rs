@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod api_check;
 mod bench;
 mod browser;
 
@@ -20,15 +21,25 @@ fn main() -> Result<()> {
         "test" => test(),
         "browser" => browser::run(&root()?),
         "bench" => bench::run(&root()?, rest),
+        "openapi" => api_check::openapi(&root()?, rest.iter().any(|a| a == "--check")),
+        "api-check" => api_check::api_check(&root()?, rest),
         "help" | "--help" | "-h" => {
             println!(
-                "cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, bench smoke"
+                "cargo xtask ci        fmt --check, clippy -D warnings, layering, openapi drift, all tests, browser tests, api-check, bench smoke"
             );
             println!(
                 "cargo xtask layering  check that the core crates depend on no runtime, socket or database crate"
             );
             println!("cargo xtask test      build the server and run every test");
-            println!("cargo xtask browser   the client and real-browser tests");
+            println!(
+                "cargo xtask browser   the client and real-browser tests (demo page, operator page)"
+            );
+            println!(
+                "cargo xtask openapi   write docs/openapi.json from the code (--check: fail on drift)"
+            );
+            println!(
+                "cargo xtask api-check schemathesis (all checks, <= 90 s) against the server's /openapi.json (--release: the release build)"
+            );
             println!(
                 "cargo xtask bench     benchmarks (--quick: about a minute, --smoke: seconds); tables in target/bench/"
             );
@@ -47,7 +58,7 @@ fn root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     if let Ok(r) = root() {
         c.current_dir(r);
@@ -55,7 +66,7 @@ fn cargo() -> Command {
     c
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd
         .status()
@@ -88,8 +99,10 @@ fn ci() -> Result<()> {
         ]))
     })?;
     step("layering", layering)?;
+    step("openapi drift", || api_check::openapi(&root()?, true))?;
     step("tests", test)?;
     step("browser", || browser::run(&root()?))?;
+    step("api-check", || api_check::api_check(&root()?, &[]))?;
     step("bench smoke", || bench::smoke(&root()?))?;
     eprintln!("\nci: all green in {:.0}s", t.elapsed().as_secs_f64());
     Ok(())

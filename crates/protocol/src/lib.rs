@@ -13,6 +13,7 @@ mod client;
 mod http;
 mod names;
 mod pattern;
+mod schema;
 mod server;
 
 pub use client::{

@@ -554,6 +554,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .route("/openapi.json", get(http::assets::openapi))
+        .route("/admin", get(crate::admin::page))
+        .route("/admin/api/overview", get(crate::admin::overview))
         .route("/", get(http::assets::demo_page))
         .route("/client/seqcast.js", get(http::assets::client_js))
         .route("/client/seqcast.d.ts", get(http::assets::client_dts))
@@ -578,12 +580,35 @@ pub fn observed_router(app: Arc<AppState>) -> Router {
     crate::observe::layers(router(Arc::clone(&app)), app)
 }
 
-async fn ws_upgrade(
+/// `GET /ws`
+#[utoipa::path(
+    get,
+    path = "/ws",
+    summary = "WebSocket upgrade (the protocol is in docs/protocol.md)",
+    description = "Authenticate with a `hello` frame, or with `Authorization: Bearer` on the upgrade.",
+    responses(
+        (status = 101, description = "Switching protocols"),
+        (status = 400, description = "Not a WebSocket upgrade request (`bad_request`)", body = seqcast_protocol::ErrorBody),
+        (status = 401, description = "Bad bearer token on the upgrade (`unauthorized`)", body = seqcast_protocol::ErrorBody),
+        (status = 403, description = "Origin not allowed (`forbidden`)", body = seqcast_protocol::ErrorBody),
+        (status = 429, description = "Over a per-IP connection limit (`rate_limited`), with `Retry-After`", body = seqcast_protocol::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+        (status = 503, description = "At the connection cap, or shutting down (`unavailable`)", body = seqcast_protocol::ErrorBody),
+    )
+)]
+pub async fn ws_upgrade(
     State(app): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::BadRequest(format!("not a WebSocket upgrade request: {e}"))
+                .into_response();
+        }
+    };
     if let Err(e) = check_origin(&app, &headers) {
         return e.into_response();
     }
