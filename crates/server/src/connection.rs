@@ -440,7 +440,7 @@ async fn run(
                     return Ended { sent, server_code: None, client_code: None, reason: None };
                 }
                 if let Some(at) = oldest_live.take() {
-                    app.hub.metrics.commit_to_written.observe(at.elapsed().as_secs_f64());
+                    app.hub.metrics.commit_to_written.observe(at.elapsed());
                 }
             }
             msg = socket.recv(), if reading => {

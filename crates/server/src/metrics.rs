@@ -7,8 +7,8 @@
 //! scrape time. Every label has a small fixed set of values: no per-key or per-connection label.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, text};
@@ -137,8 +137,8 @@ pub struct Metrics {
     /// Time from the group's COMMIT to its frames being in every live subscriber's queue.
     pub commit_to_queued: Histogram,
     /// Time from a COMMIT to its frame being written to a subscriber's socket (the oldest
-    /// live frame of each write round).
-    pub commit_to_written: Histogram,
+    /// live frame of each write round). Lock-free: observed per write round of every connection.
+    pub commit_to_written: AtomicHistogram,
     /// Events per committed group.
     pub db_group_events: Histogram,
     /// Group transaction time, BEGIN to COMMIT (fsync included).
@@ -225,11 +225,6 @@ impl Default for Metrics {
             "Time from a group's COMMIT to its frames being queued to every live subscriber",
             seconds_buckets().collect(),
         );
-        let commit_to_written = histogram(
-            "seqcast_commit_to_written_seconds",
-            "Time from a COMMIT to the frame being written to a subscriber's socket (oldest live frame of each write round)",
-            seconds_buckets().collect(),
-        );
         let db_group_events = histogram(
             "seqcast_db_group_events",
             "Events per committed group (group commit size)",
@@ -259,6 +254,12 @@ impl Default for Metrics {
             "seqcast_recovery_duration_seconds",
             "Time to answer a recovery request",
             seconds_buckets().collect(),
+        );
+        let commit_to_written = AtomicHistogram::new(seconds_buckets());
+        registry.register(
+            "seqcast_commit_to_written_seconds",
+            "Time from a COMMIT to the frame being written to a subscriber's socket (oldest live frame of each write round)",
+            commit_to_written.clone(),
         );
         let closes_by_code = Family::<CloseLabels, Count>::default();
         registry.register(
@@ -425,6 +426,75 @@ impl Metrics {
         let _ = text::encode_registry(&mut out, &scraped);
         let _ = text::encode_eof(&mut out);
         out
+    }
+}
+
+/// A histogram of durations on relaxed atomics (no lock): for observations made on every
+/// connection's write path, where `prometheus-client`'s locked histogram would be contended.
+/// Cheap to clone: clones share the counts.
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram {
+    inner: Arc<AtomicHistogramInner>,
+}
+
+#[derive(Debug)]
+struct AtomicHistogramInner {
+    /// Upper bounds in seconds, ascending.
+    bounds: Vec<f64>,
+    /// Upper bounds in nanoseconds.
+    bounds_nanos: Vec<u64>,
+    /// One counter per bound, and one for +Inf.
+    counts: Vec<AtomicU64>,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// A histogram with these upper bounds (seconds).
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Vec<f64> = bounds.into_iter().collect();
+        let bounds_nanos = bounds.iter().map(|b| (b * 1e9) as u64).collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        AtomicHistogram {
+            inner: Arc::new(AtomicHistogramInner {
+                bounds,
+                bounds_nanos,
+                counts,
+                sum_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Record one duration.
+    pub fn observe(&self, took: Duration) {
+        let h = &*self.inner;
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let i = h.bounds_nanos.partition_point(|&b| b < nanos);
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        h.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl prometheus_client::encoding::EncodeMetric for AtomicHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let h = &*self.inner;
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(h.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
     }
 }
 
