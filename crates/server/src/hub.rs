@@ -443,7 +443,7 @@ impl Hub {
         drop(state);
         self.metrics
             .commit_to_queued
-            .observe(committed_at.elapsed().as_secs_f64());
+            .observe(committed_at.elapsed());
         Ok(())
     }
 

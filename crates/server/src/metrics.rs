@@ -133,9 +133,10 @@ pub struct Metrics {
     pub publish_failures: Count,
     /// Subscriptions open on this node (catching up or live).
     pub subscriptions: Gauge,
-    publish_seconds: Family<EndpointLabel, Histogram>,
+    publish_single: AtomicHistogram,
+    publish_batch: AtomicHistogram,
     /// Time from the group's COMMIT to its frames being in every live subscriber's queue.
-    pub commit_to_queued: Histogram,
+    pub commit_to_queued: AtomicHistogram,
     /// Time from a COMMIT to its frame being written to a subscriber's socket (the oldest
     /// live frame of each write round). Lock-free: observed per write round of every connection.
     pub commit_to_written: AtomicHistogram,
@@ -207,24 +208,30 @@ impl Default for Metrics {
             "Subscriptions open on this node, catching up or live",
             subscriptions.clone(),
         );
-        let publish_seconds = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(seconds_buckets())
-        });
+        let publish_seconds =
+            Family::<EndpointLabel, AtomicHistogram>::new_with_constructor(AtomicHistogram::new);
         registry.register(
             "seqcast_publish_duration_seconds",
             "Publish request latency, from the request's arrival to the answer (endpoint: single or batch)",
             publish_seconds.clone(),
+        );
+        let publish_single = publish_seconds.get_or_create_owned(&EndpointLabel {
+            endpoint: PublishEndpoint::single,
+        });
+        let publish_batch = publish_seconds.get_or_create_owned(&EndpointLabel {
+            endpoint: PublishEndpoint::batch,
+        });
+        let commit_to_queued = AtomicHistogram::new();
+        registry.register(
+            "seqcast_commit_to_queued_seconds",
+            "Time from a group's COMMIT to its frames being queued to every live subscriber",
+            commit_to_queued.clone(),
         );
         let mut histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::new(buckets);
             registry.register(name, help, h.clone());
             h
         };
-        let commit_to_queued = histogram(
-            "seqcast_commit_to_queued_seconds",
-            "Time from a group's COMMIT to its frames being queued to every live subscriber",
-            seconds_buckets().collect(),
-        );
         let db_group_events = histogram(
             "seqcast_db_group_events",
             "Events per committed group (group commit size)",
@@ -255,7 +262,7 @@ impl Default for Metrics {
             "Time to answer a recovery request",
             seconds_buckets().collect(),
         );
-        let commit_to_written = AtomicHistogram::new(seconds_buckets());
+        let commit_to_written = AtomicHistogram::new();
         registry.register(
             "seqcast_commit_to_written_seconds",
             "Time from a COMMIT to the frame being written to a subscriber's socket (oldest live frame of each write round)",
@@ -286,7 +293,8 @@ impl Default for Metrics {
             slow_consumer_closes,
             publish_failures,
             subscriptions,
-            publish_seconds,
+            publish_single,
+            publish_batch,
             commit_to_queued,
             commit_to_written,
             db_group_events,
@@ -316,9 +324,10 @@ impl Metrics {
 
     /// Record a publish request's latency.
     pub fn observe_publish(&self, endpoint: PublishEndpoint, took: Duration) {
-        self.publish_seconds
-            .get_or_create(&EndpointLabel { endpoint })
-            .observe(took.as_secs_f64());
+        match endpoint {
+            PublishEndpoint::single => self.publish_single.observe(took),
+            PublishEndpoint::batch => self.publish_batch.observe(took),
+        }
     }
 
     /// Record a closed connection's close code.
@@ -429,9 +438,14 @@ impl Metrics {
     }
 }
 
-/// A histogram of durations on relaxed atomics (no lock): for observations made on every
-/// connection's write path, where `prometheus-client`'s locked histogram would be contended.
-/// Cheap to clone: clones share the counts.
+/// Upper bounds of [`AtomicHistogram`] (those of [`seconds_buckets`]).
+const ATOMIC_BOUNDS: usize = 17;
+/// Shards of [`AtomicHistogram`]: each runtime thread writes its own (no shared cache line).
+const SHARDS: usize = 8;
+
+/// A histogram of durations on relaxed atomics, sharded by thread: for an observation made on
+/// every connection's write path, where `prometheus-client`'s locked histogram (or one set of
+/// shared atomics) would bounce a cache line between the runtime's threads.
 #[derive(Debug, Clone)]
 pub struct AtomicHistogram {
     inner: Arc<AtomicHistogramInner>,
@@ -440,26 +454,41 @@ pub struct AtomicHistogram {
 #[derive(Debug)]
 struct AtomicHistogramInner {
     /// Upper bounds in seconds, ascending.
-    bounds: Vec<f64>,
+    bounds: [f64; ATOMIC_BOUNDS],
     /// Upper bounds in nanoseconds.
-    bounds_nanos: Vec<u64>,
-    /// One counter per bound, and one for +Inf.
-    counts: Vec<AtomicU64>,
+    bounds_nanos: [u64; ATOMIC_BOUNDS],
+    shards: [Shard; SHARDS],
+}
+
+/// One thread's counts: one per bound, one for +Inf, and the sum in nanoseconds.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    counts: [AtomicU64; ATOMIC_BOUNDS + 1],
     sum_nanos: AtomicU64,
 }
 
+/// This thread's shard.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SHARD: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 impl AtomicHistogram {
-    /// A histogram with these upper bounds (seconds).
-    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
-        let bounds: Vec<f64> = bounds.into_iter().collect();
-        let bounds_nanos = bounds.iter().map(|b| (b * 1e9) as u64).collect();
-        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+    /// A histogram with the bounds of [`seconds_buckets`].
+    pub fn new() -> Self {
+        let mut bounds = [0.0; ATOMIC_BOUNDS];
+        for (b, v) in bounds.iter_mut().zip(seconds_buckets()) {
+            *b = v;
+        }
         AtomicHistogram {
             inner: Arc::new(AtomicHistogramInner {
                 bounds,
-                bounds_nanos,
-                counts,
-                sum_nanos: AtomicU64::new(0),
+                bounds_nanos: bounds.map(|b| (b * 1e9) as u64),
+                shards: Default::default(),
             }),
         }
     }
@@ -469,8 +498,20 @@ impl AtomicHistogram {
         let h = &*self.inner;
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let i = h.bounds_nanos.partition_point(|&b| b < nanos);
-        h.counts[i].fetch_add(1, Ordering::Relaxed);
-        h.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let shard = &h.shards[shard_index()];
+        shard.counts[i].fetch_add(1, Ordering::Relaxed);
+        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for AtomicHistogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -485,12 +526,28 @@ impl prometheus_client::encoding::EncodeMetric for AtomicHistogram {
             .iter()
             .copied()
             .chain(std::iter::once(f64::MAX))
-            .zip(h.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .enumerate()
+            .map(|(i, bound)| {
+                let n = h
+                    .shards
+                    .iter()
+                    .map(|s| s.counts[i].load(Ordering::Relaxed))
+                    .sum();
+                (bound, n)
+            })
             .collect();
         let count = buckets.iter().map(|b| b.1).sum();
-        let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        let sum_nanos: u64 = h
+            .shards
+            .iter()
+            .map(|s| s.sum_nanos.load(Ordering::Relaxed))
+            .sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum_nanos as f64 / 1e9,
+            count,
+            &buckets,
+            None,
+        )
     }
 
     fn metric_type(&self) -> prometheus_client::metrics::MetricType {
