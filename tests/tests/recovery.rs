@@ -291,9 +291,10 @@ async fn bad_since_values_are_400_and_the_server_keeps_serving() {
     for bad in [
         "channel=a:b",
         "channel=&request_id=x",
-        "request_id=x",
         "channel=ok&request_id=sp%20ace",
         "limit=0",
+        "limit=10001",
+        "since=1",
         "bogus=1",
     ] {
         let (status, body) = s
@@ -303,6 +304,25 @@ async fn bad_since_values_are_400_and_the_server_keeps_serving() {
     }
     let (status, _) = s.get("/websocket/messages?since=0", Some(&t)).await;
     assert_eq!(status, 200);
+    let (status, _) = s
+        .get("/websocket/messages?since=0&limit=10000", Some(&t))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn request_id_alone_recovers_it_in_every_readable_channel() {
+    let s = TestServer::start().await;
+    s.publish("a", "x", json!(1)).await;
+    s.publish("a", "y", json!(2)).await;
+    s.publish("b", "x", json!(3)).await;
+    s.publish("secret", "x", json!(4)).await;
+    let t = token("alice", Some(&["a:*", "b:*"]));
+    let (status, body) = s
+        .get("/websocket/messages?since=0&request_id=x", Some(&t))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seqs(&body), vec![1, 3]);
 }
 
 #[tokio::test]

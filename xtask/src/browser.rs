@@ -78,11 +78,18 @@ pub fn run(root: &Path) -> Result<Vec<String>> {
     );
     run_bounded(&mut cmd, BROWSER_DEADLINE)?;
     eprintln!(
-        "browser: screenshot in {}",
-        root.join("target")
-            .join("browser")
-            .join("demo.png")
-            .display()
+        "browser: the operator's page (/admin) with {}",
+        chromium.display()
+    );
+    let mut cmd = node_test(&dir, &bin, "admin.browser.test.mjs", BROWSER_DEADLINE);
+    cmd.env("SEQCAST_CHROMIUM", &chromium).env(
+        "SEQCAST_BROWSER_ARTIFACTS",
+        root.join("target").join("browser"),
+    );
+    run_bounded(&mut cmd, BROWSER_DEADLINE)?;
+    eprintln!(
+        "browser: screenshots demo.png and admin.png in {}",
+        root.join("target").join("browser").display()
     );
     Ok(Vec::new())
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod api_check;
 mod bench;
 mod browser;
 mod fuzz;
@@ -35,15 +36,25 @@ fn main() -> Result<()> {
         }
         "bench" => bench::run(&root()?, rest),
         "fuzz" => fuzz::run(&root()?, rest),
+        "openapi" => api_check::openapi(&root()?, rest.iter().any(|a| a == "--check")),
+        "api-check" => api_check::api_check(&root()?, rest),
         "help" | "--help" | "-h" => {
             println!(
-                "cargo xtask ci        fmt --check, clippy -D warnings, layering, all tests, browser test, fuzz (20 s a target), bench smoke"
+                "cargo xtask ci        fmt --check, clippy -D warnings, layering, openapi drift, all tests, browser tests, api-check, fuzz (20 s a target), bench smoke"
             );
             println!(
                 "cargo xtask layering  check that the core crates depend on no runtime, socket or database crate"
             );
             println!("cargo xtask test      build the server and run every test");
-            println!("cargo xtask browser   the client and real-browser tests");
+            println!(
+                "cargo xtask browser   the client and real-browser tests (demo page, operator page)"
+            );
+            println!(
+                "cargo xtask openapi   write docs/openapi.json from the code (--check: fail on drift)"
+            );
+            println!(
+                "cargo xtask api-check schemathesis (all checks, <= 90 s) against the server's /openapi.json (--release: the release build)"
+            );
             println!(
                 "cargo xtask fuzz      the libFuzzer targets in fuzz/ (--seconds N each, default 60; or name targets)"
             );
@@ -65,7 +76,7 @@ fn root() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     if let Ok(r) = root() {
         c.current_dir(r);
@@ -73,7 +84,7 @@ fn cargo() -> Command {
     c
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd
         .status()
@@ -151,8 +162,10 @@ fn ci_steps() -> Result<Vec<String>> {
         ]))
     })?;
     step("layering", layering)?;
+    step("openapi drift", || api_check::openapi(&root()?, true))?;
     step("tests", test)?;
     let skipped = step_with_skips("browser", || browser::run(&root()?))?;
+    step("api-check", || api_check::api_check(&root()?, &[]))?;
     step("fuzz", || {
         fuzz::fuzz(&root()?, fuzz::TARGETS, CI_FUZZ_SECONDS)
     })?;

@@ -61,4 +61,4 @@ pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
 pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};
 pub use store::{EventReader, EventWriter};
-pub use writer::{CommitHook, DbWriter, WriterStats};
+pub use writer::{CommitHook, CommitObserver, DbWriter, WriterStats};

@@ -91,7 +91,6 @@ pub struct WriterStats {
     pub events_committed: u64,
 }
 
-#[derive(Debug)]
 struct Shared {
     counters: Counters,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -101,6 +100,21 @@ struct Shared {
     health: Mutex<Option<StoreError>>,
     /// A command's reply was dropped unanswered: the thread died (or is dying) under it.
     lost: std::sync::atomic::AtomicBool,
+    /// Told about every committed group (see [`DbWriter::observe_commits`]).
+    observer: std::sync::OnceLock<CommitObserver>,
+}
+
+/// Called on the writer thread after each committed group with the number of new events in it
+/// and how long its transaction took, BEGIN to COMMIT (the fsync included). Must be quick.
+pub type CommitObserver = Box<dyn Fn(usize, std::time::Duration) + Send + Sync>;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("counters", &self.counters)
+            .field("observed", &self.observer.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -185,6 +199,7 @@ impl DbWriter {
             thread: Mutex::new(None),
             health: Mutex::new(None),
             lost: std::sync::atomic::AtomicBool::new(false),
+            observer: std::sync::OnceLock::new(),
         });
         let writer = Writer {
             conn: Some(conn),
@@ -207,6 +222,12 @@ impl DbWriter {
         *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
         tracing::info!(epoch = %info.epoch, head = info.head, "database writer started");
         Ok((DbWriter { commands, shared }, info))
+    }
+
+    /// Have `observer` told the size and transaction time of every group committed from now on
+    /// (for metrics). Only the first observer set is kept.
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        let _ = self.shared.observer.set(observer);
     }
 
     /// Like [`EventWriter::close`], but blocking, and it also joins the thread. Must not be called
@@ -596,6 +617,7 @@ impl Writer {
         let timestamp_ms = schema::now_ms().max(self.last_timestamp_ms);
         let fault = self.fault.as_ref();
         let mut own_errors: Vec<Option<StoreError>> = vec![None; count];
+        let started = std::time::Instant::now();
 
         let mut attempt = run_transaction(
             conn,
@@ -709,6 +731,9 @@ impl Writer {
         counters
             .events_committed
             .fetch_add(new_events.len() as u64, Ordering::Relaxed);
+        if let Some(observe) = self.shared.observer.get() {
+            observe(new_events.len(), started.elapsed());
+        }
 
         let hook = &mut self.hook;
         if !new_events.is_empty() && catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {

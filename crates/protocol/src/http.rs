@@ -10,13 +10,14 @@ use crate::names::{Channel, MessageId, NameError, RequestId, SubscriptionKey};
 use crate::server::{ErrorCode, MessageFrame, push_json_str, push_u64};
 
 /// `POST /api/publish` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PublishRequest {
     /// The key's channel.
     pub channel: Channel,
     /// The key's request id.
     pub request_id: RequestId,
     /// Any JSON; kept verbatim.
+    #[schema(value_type = serde_json::Value, required)]
     pub data: Box<RawValue>,
     /// Idempotency key within the stream; a repeat is an upsert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,7 +43,7 @@ impl PartialEq for PublishRequest {
 impl Eq for PublishRequest {}
 
 /// `POST /api/publish` answer, sent once the write is durable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PublishResponse {
     /// The deployment-wide sequence number of this event.
     pub sequence_number: u64,
@@ -53,14 +54,15 @@ pub struct PublishResponse {
 }
 
 /// `POST /api/publish/batch` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchPublishRequest {
     /// The messages, published in this order in one transaction.
+    #[schema(min_items = 1)]
     pub messages: Vec<PublishRequest>,
 }
 
 /// `POST /api/publish/batch` answer: one result per message, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchPublishResponse {
     /// One answer per message, in request order.
     pub results: Vec<PublishResponse>,
@@ -182,13 +184,14 @@ pub struct RecoveryMeta {
 }
 
 /// `GET /websocket/messages` answer, for clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecoveryResponse {
     /// The messages after `since`, in order; the same objects as live frames.
     pub messages: Vec<MessageFrame>,
     /// The latest assigned sequence number.
     pub head: u64,
     /// The oldest sequence number the window still holds, if any.
+    #[schema(required)]
     pub oldest_sequence: Option<u64>,
     /// The store's epoch.
     pub epoch: String,
@@ -242,7 +245,7 @@ pub fn encode_recovery_response<'a>(
 }
 
 /// `GET /api/streams/{channel}/{request_id}/messages` answer: rows by `stream_sequence`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamPage {
     /// The rows after `after`, by `stream_sequence`.
     pub messages: Vec<MessageFrame>,
@@ -269,14 +272,14 @@ pub fn encode_stream_page<'a>(
 }
 
 /// HTTP error body: `{"error":{"code":…,"message":…}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The inside of an [`ErrorBody`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// What kind of failure.
     pub code: ErrorCode,

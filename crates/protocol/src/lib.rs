@@ -15,6 +15,7 @@ pub mod fuzz_checks;
 mod http;
 mod names;
 mod pattern;
+mod schema;
 mod server;
 
 pub use client::{

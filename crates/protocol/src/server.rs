@@ -11,7 +11,7 @@ use crate::client::{FrameError, truncate_for_echo};
 use crate::names::{Channel, MessageId, RequestId, SessionId, SubscriptionKey};
 
 /// Error codes in `error` frames and HTTP error bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request or frame is malformed or breaks a rule (HTTP 400).

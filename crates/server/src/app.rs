@@ -285,7 +285,7 @@ pub async fn start(
         db_identity,
         db_fault: std::sync::Mutex::new(None),
     });
-    let router = router(Arc::clone(&app));
+    let router = observed_router(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
@@ -431,6 +431,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let _ = slot.set(Arc::clone(&hub));
     if let Store::Postgres { writer, .. } = &store {
         writer.start_delivery(head);
+    }
+    if let Store::Sqlite { writer, .. } = &store {
+        let observed = Arc::clone(&hub);
+        writer.observe_commits(Box::new(move |events, took| {
+            observed.metrics.group_committed(events, took);
+        }));
     }
     Ok((hub, store))
 }
@@ -649,6 +655,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .route("/openapi.json", get(http::assets::openapi))
+        .route("/admin", get(crate::admin::page))
+        .route("/admin/api/overview", get(crate::admin::overview))
         .route("/", get(http::assets::demo_page))
         .route("/favicon.ico", get(http::assets::favicon))
         .route("/client/seqcast.js", get(http::assets::client_js))
@@ -696,12 +704,40 @@ fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
-async fn ws_upgrade(
+/// [`router`] with request ids, the access log and the error counter around it.
+pub fn observed_router(app: Arc<AppState>) -> Router {
+    crate::observe::layers(router(Arc::clone(&app)), app)
+}
+
+/// `GET /ws`
+#[utoipa::path(
+    get,
+    path = "/ws",
+    summary = "WebSocket upgrade (the protocol is in docs/protocol.md)",
+    description = "Authenticate with a `hello` frame, or with `Authorization: Bearer` on the upgrade.",
+    responses(
+        (status = 101, description = "Switching protocols"),
+        (status = 400, description = "Not a WebSocket upgrade request (`bad_request`)", body = seqcast_protocol::ErrorBody),
+        (status = 401, description = "Bad bearer token on the upgrade (`unauthorized`)", body = seqcast_protocol::ErrorBody),
+        (status = 403, description = "Origin not allowed (`forbidden`)", body = seqcast_protocol::ErrorBody),
+        (status = 429, description = "Over a per-IP connection limit (`rate_limited`), with `Retry-After`", body = seqcast_protocol::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+        (status = 503, description = "At the connection cap, or shutting down (`unavailable`)", body = seqcast_protocol::ErrorBody),
+    )
+)]
+pub async fn ws_upgrade(
     State(app): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::BadRequest(format!("not a WebSocket upgrade request: {e}"))
+                .into_response();
+        }
+    };
     if let Err(e) = check_origin(&app, &headers) {
         return e.into_response();
     }
@@ -730,6 +766,7 @@ async fn ws_upgrade(
     };
     let max = app.settings.max_message_bytes;
     let tracker = app.connections.clone();
+    let http_request_id: Option<Arc<str>> = crate::observe::request_id_of(&headers).map(Arc::from);
     // Client frames are small; a 1 KiB read buffer keeps idle connections cheap (tungstenite
     // allocates and zero-fills it on the first read).
     ws.read_buffer_size(1024)
@@ -737,7 +774,7 @@ async fn ws_upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                connection::serve(socket, app, pre_auth).await;
+                connection::serve(socket, app, pre_auth, http_request_id).await;
                 drop(slot);
             })
         })

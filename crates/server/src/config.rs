@@ -220,6 +220,9 @@ pub struct ServeArgs {
     /// Peers (IP addresses) whose `X-Forwarded-For` names the client, comma-separated.
     #[arg(long, env = "SEQCAST_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
+    /// Token for the operator's page `/admin` and `/admin/api/...` (absent: they answer 404).
+    #[arg(long, env = "SEQCAST_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Allowed browser origins, comma-separated; absent = same host only.
     #[arg(long, env = "SEQCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -384,6 +387,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Allowed origins (None = same host only).
     pub allowed_origins: Option<Vec<String>>,
+    /// Token for `/admin` (None: the operator's page is off).
+    pub admin_token: Option<String>,
     /// Recovery window bounds (how far back a resume reaches).
     pub recovery: WindowLimits,
     /// Bytes of the log's recent tail kept in memory.
@@ -598,6 +603,7 @@ impl Settings {
                 trusted_proxies: pick_opt!(trusted_proxies).unwrap_or_default(),
             },
             allowed_origins,
+            admin_token: pick_opt!(admin_token).filter(|s| !s.trim().is_empty()),
             recovery: WindowLimits {
                 max_messages: recovery_max_messages,
                 max_age_ms: recovery_ttl_secs.saturating_mul(1000),

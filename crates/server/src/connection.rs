@@ -28,7 +28,7 @@ use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
 use crate::hub::{Frame, Join, Subscriber};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
 use crate::pages::SharedPage;
 
@@ -42,7 +42,14 @@ struct ConnInfo {
 
 /// Serve one upgraded socket until it closes. `pre_auth` is the grant from an
 /// `Authorization: Bearer` header on the upgrade, if any.
-pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<Grant>) {
+/// `http_request_id` is the upgrade request's `x-request-id`, logged with the connection.
+pub async fn serve(
+    mut socket: WebSocket,
+    app: Arc<AppState>,
+    pre_auth: Option<Grant>,
+    http_request_id: Option<Arc<str>>,
+) {
+    let rid = http_request_id.as_deref();
     let started = Instant::now();
     let client_id: Arc<str> = Arc::from(random_hex(8));
 
@@ -58,7 +65,15 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
             connection_sequence,
         }) => (grant, session_id, connection_sequence),
         Ok(HelloOutcome::Closed(code)) => {
-            log_rejected(&client_id, None, None, code, started, "closed before hello");
+            log_rejected(
+                &client_id,
+                rid,
+                None,
+                None,
+                code,
+                started,
+                "closed before hello",
+            );
             return;
         }
         Ok(HelloOutcome::Reject {
@@ -71,6 +86,7 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
             close_with(&mut socket, reason).await;
             log_rejected(
                 &client_id,
+                rid,
                 session_id.as_ref(),
                 connection_sequence,
                 reason.code(),
@@ -88,6 +104,7 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
             close_with(&mut socket, CloseReason::Unauthenticated).await;
             log_rejected(
                 &client_id,
+                rid,
                 None,
                 None,
                 CloseReason::Unauthenticated.code(),
@@ -108,6 +125,7 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
     tracing::info!(
         event = "connection_opened",
         client_id = %info.client_id,
+        http_request_id = rid,
         session_id = info.session_id.as_ref().map(|s| s.as_str()),
         connection_sequence = info.connection_sequence,
         user = %grant.sub,
@@ -133,13 +151,18 @@ pub async fn serve(mut socket: WebSocket, app: Arc<AppState>, pre_auth: Option<G
     let ended = run(&app, &mut socket, &sub, &mut grant, &info, &mut subs).await;
     sub.finish();
     app.hub.disconnect(&sub, subs.cursors.keys());
+    app.hub
+        .metrics
+        .subscriptions
+        .dec_by(subs.cursors.len() as i64);
     let (sent, server_code, client_code) = (ended.sent, ended.server_code, ended.client_code);
     let ended_reason = ended.reason.clone();
     let close_code = server_code.or(client_code).unwrap_or(1006);
-    Metrics::inc(&app.hub.metrics.connections_closed);
+    app.hub.metrics.closed_with(close_code);
     tracing::info!(
         event = "connection_closed",
         client_id = %info.client_id,
+        http_request_id = rid,
         session_id = info.session_id.as_ref().map(|s| s.as_str()),
         connection_sequence = info.connection_sequence,
         close_code,
@@ -345,6 +368,7 @@ async fn run(
         expiry: expiry_instant(grant.exp).map(|at| Box::pin(tokio::time::sleep_until(at))),
     };
     let mut buf: Vec<Frame> = Vec::new();
+    let mut oldest_live: Option<Instant> = None;
     let mut job: Option<Job> = None;
     // Made once: a close request or shutdown wakes the connection through these.
     let closed = sub.closed();
@@ -393,7 +417,7 @@ async fn run(
                 job = None;
                 on_job_done(app, sub, info, subs, done);
             }
-            n = sub.wait_ready(&mut buf) => {
+            n = sub.wait_ready(&mut buf, &mut oldest_live) => {
                 for (key, sequence_number) in sub.lagged() {
                     if let Some(cursor) = subs.cursors.get_mut(&key) {
                         cursor.on_lagged(sequence_number);
@@ -414,6 +438,9 @@ async fn run(
                 };
                 if written.is_err() {
                     return Ended { sent, server_code: None, client_code: None, reason: None };
+                }
+                if let Some(at) = oldest_live.take() {
+                    app.hub.metrics.commit_to_written.observe(at.elapsed());
                 }
             }
             msg = socket.recv(), if reading => {
@@ -457,7 +484,12 @@ fn advance(
         let Some(cursor) = subs.cursors.get_mut(&key) else {
             continue; // unsubscribed meanwhile
         };
-        match cursor.next_step(app.hub.view()) {
+        let view = app.hub.view();
+        app.hub
+            .metrics
+            .catchup_lag
+            .observe(view.head.saturating_sub(cursor.position()) as f64);
+        match cursor.next_step(view) {
             Step::Idle => {}
             Step::Behind { position, floor } => {
                 close_behind(app, sub, info, &key, position, floor);
@@ -528,14 +560,19 @@ fn on_job_done(
                 let ok = sub.push_one(ack);
                 log_subscribe(app, info, &key, &start, ok);
                 if ok {
-                    subs.cursors
-                        .insert(key.clone(), Cursor::catching_up(start.after));
+                    if subs
+                        .cursors
+                        .insert(key.clone(), Cursor::catching_up(start.after))
+                        .is_none()
+                    {
+                        app.hub.metrics.subscriptions.inc();
+                    }
                     subs.catching_up.push_back(key);
                 }
             }
             Err(e) => {
                 tracing::warn!(event = "subscribe_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read where the subscription starts");
-                reply_error(sub, &e);
+                reply_error(app, sub, &e);
             }
         },
         JobDone::Page { key, result } => {
@@ -579,6 +616,7 @@ fn on_client_frame(
         Some(Ok(Message::Text(t))) => t,
         Some(Ok(Message::Binary(_))) => {
             reply_error(
+                app,
                 sub,
                 &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
             );
@@ -609,6 +647,7 @@ fn on_client_frame(
             }
             if subs.cursors.len() >= app.settings.max_subscriptions {
                 reply_error(
+                    app,
                     sub,
                     &ApiError::BadRequest(format!(
                         "too many subscriptions on this connection (limit {}); unsubscribe first",
@@ -619,6 +658,7 @@ fn on_client_frame(
             }
             if !grant.allows(&key) {
                 reply_error(
+                    app,
                     sub,
                     &ApiError::Forbidden(format!("token may not read {key}")),
                 );
@@ -634,7 +674,9 @@ fn on_client_frame(
         Ok(ClientFrame::Unsubscribe(u)) => {
             let key = u.key();
             app.hub.unsubscribe(sub, &key);
-            subs.cursors.remove(&key);
+            if subs.cursors.remove(&key).is_some() {
+                app.hub.metrics.subscriptions.dec();
+            }
             subs.catching_up.retain(|k| k != &key);
             tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
         }
@@ -642,11 +684,12 @@ fn on_client_frame(
             sub.push_one(Utf8Bytes::from_static(r#"{"type":"pong"}"#));
         }
         Ok(ClientFrame::Hello(_)) => reply_error(
+            app,
             sub,
             &ApiError::BadRequest("already connected: hello is only the first frame".into()),
         ),
         Ok(ClientFrame::Auth(a)) => return refresh_token(app, sub, grant, info, subs, &a.token),
-        Err(e) => reply_error(sub, &ApiError::from(e)),
+        Err(e) => reply_error(app, sub, &ApiError::from(e)),
     }
     Read::Continue
 }
@@ -666,13 +709,14 @@ fn refresh_token(
         Err(e) => {
             // The token in force still holds until its own `exp`.
             tracing::info!(event = "auth_refresh_rejected", client_id = %info.client_id, error = %e, "auth frame with an invalid token");
-            reply_error(sub, &e);
+            reply_error(app, sub, &e);
             return Read::Continue;
         }
     };
     if fresh.sub != grant.sub {
         tracing::info!(event = "auth_refresh_rejected", client_id = %info.client_id, user = %grant.sub, new_user = %fresh.sub, "auth frame for another user: closing with 4001");
         reply_error(
+            app,
             sub,
             &ApiError::Unauthorized("auth token is for another user".into()),
         );
@@ -687,9 +731,12 @@ fn refresh_token(
         .collect();
     for key in narrowed {
         app.hub.unsubscribe(sub, &key);
-        subs.cursors.remove(&key);
+        if subs.cursors.remove(&key).is_some() {
+            app.hub.metrics.subscriptions.dec();
+        }
         subs.catching_up.retain(|k| k != &key);
         reply_error(
+            app,
             sub,
             &ApiError::Forbidden(format!(
                 "the refreshed token may not read {key}: unsubscribed"
@@ -816,7 +863,14 @@ fn log_subscribe(
     );
 }
 
-fn reply_error(sub: &Subscriber, e: &ApiError) {
+fn reply_error(app: &AppState, sub: &Subscriber, e: &ApiError) {
+    app.hub.metrics.error(
+        e.code(),
+        Transport::ws,
+        0,
+        format!("client {}", sub.client_id),
+        e.message(),
+    );
     sub.push_one(error_frame(e));
 }
 
@@ -895,6 +949,7 @@ fn is_too_large(e: &axum::Error) -> bool {
 
 fn log_rejected(
     client_id: &str,
+    http_request_id: Option<&str>,
     session_id: Option<&SessionId>,
     connection_sequence: Option<u64>,
     close_code: u16,
@@ -904,6 +959,7 @@ fn log_rejected(
     tracing::info!(
         event = "connection_closed",
         client_id,
+        http_request_id,
         session_id = session_id.map(|s| s.as_str()),
         connection_sequence,
         close_code,

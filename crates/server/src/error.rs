@@ -112,6 +112,8 @@ impl IntoResponse for ApiError {
             tracing::warn!(event = "http_error", code = %self.code(), message = self.message(), "request failed");
         }
         let mut r = (self.status(), axum::Json(self.body())).into_response();
+        // For the error counter and the access log (see `observe`).
+        r.extensions_mut().insert(self.clone());
         if let ApiError::RateLimited {
             retry_after_secs, ..
         } = &self
@@ -177,6 +179,9 @@ pub async fn json_error_bodies(r: Response) -> Response {
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     for (name, value) in answer.headers() {
         parts.headers.insert(name.clone(), value.clone());
+    }
+    if let Some(e) = answer.extensions_mut().remove::<ApiError>() {
+        parts.extensions.insert(e);
     }
     let body = std::mem::take(answer.body_mut());
     Response::from_parts(parts, body)

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, QueryParams,
-    RecoveryMeta, RequestId, SubscriptionKey, decode_batch, decode_publish,
-    encode_recovery_response, encode_stream_page,
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
+    RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
+    encode_stream_page, parse_u64_param,
 };
 use seqcast_sequencing::{Resume, resume};
 
@@ -19,7 +19,9 @@ use crate::auth::Grant;
 use crate::catchup;
 use crate::error::ApiError;
 use crate::hub::{Frame, Hub};
+use crate::metrics::PublishEndpoint;
 use crate::{now_ms, read_log};
+use seqcast_protocol::{BatchPublishRequest, ErrorBody};
 
 /// Most messages one recovery or stream page returns.
 pub const MAX_PAGE: u64 = 10_000;
@@ -41,39 +43,146 @@ fn json_response(status: StatusCode, body: String) -> Response {
     r
 }
 
-/// Query parameters, decoded once (`seqcast_protocol::QueryParams`, a fuzz target).
-struct Query(QueryParams);
+/// A query string decoded into `T` (which refuses unknown parameters): any failure is a 400
+/// `bad_request` with a JSON body, as the contract wants, rather than axum's plain-text 400.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
 
-impl Query {
-    fn parse(raw: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
-        Ok(Query(QueryParams::parse(raw.as_deref(), allowed)?))
-    }
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = ApiError;
 
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name)
-    }
-
-    fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        Ok(self.0.u64(name)?)
-    }
-
-    fn limit(&self) -> Result<usize, ApiError> {
-        Ok(self.0.limit(DEFAULT_PAGE, MAX_PAGE)? as usize)
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        let raw = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(raw)
+            .map(ApiQuery)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
     }
 }
 
+/// A `u64` parameter with the contract's message for a bad value.
+fn u64_param<'de, D: serde::Deserializer<'de>>(
+    name: &'static str,
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let raw = <String as serde::Deserialize>::deserialize(d)?;
+    parse_u64_param(name, &raw)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(e.to_string()))
+}
+
+fn since_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("since", d)
+}
+
+fn after_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("after", d)
+}
+
+fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("limit", d)
+}
+
+/// `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE as usize),
+        Some(0) => Err(ApiError::BadRequest("limit must be at least 1".into())),
+        Some(n) if n > MAX_PAGE => Err(ApiError::BadRequest(format!(
+            "limit must be at most {MAX_PAGE}, got {n}"
+        ))),
+        Some(n) => Ok(n as usize),
+    }
+}
+
+/// `GET /websocket/messages` parameters.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecoverParams {
+    /// Answer the messages after this sequence number (0: from the window's start).
+    #[serde(default, deserialize_with = "since_param")]
+    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
+    pub since: Option<u64>,
+    /// Only this channel's messages.
+    #[param(value_type = Option<Channel>)]
+    pub channel: Option<String>,
+    /// Only this request id's messages: of one key with `channel`, else in every channel the
+    /// token may read.
+    #[param(value_type = Option<RequestId>)]
+    pub request_id: Option<String>,
+    /// At most this many messages (1 to 10000, default 1000).
+    #[serde(default, deserialize_with = "limit_param")]
+    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
+    pub limit: Option<u64>,
+    /// The epoch the client's `since` belongs to; another epoch answers `complete: false`.
+    pub epoch: Option<String>,
+}
+
+/// `GET /api/streams/{channel}/{request_id}/messages` parameters.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamParams {
+    /// Rows after this `stream_sequence` (default 0).
+    #[serde(default, deserialize_with = "after_param")]
+    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
+    pub after: Option<u64>,
+    /// At most this many rows (1 to 10000, default 1000).
+    #[serde(default, deserialize_with = "limit_param")]
+    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
+    pub limit: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/websocket/messages",
+    summary = "Recover messages after `since`",
+    description = "Messages with `sequence_number > since` in the recovery window that the token may read, in order; the same objects as live frames. `complete: false` where the window no longer reaches `since + 1` or `epoch` differs; `next_since` where `limit` or the byte bound cut the page. `request_id` is only taken with `channel` (alone: 400). Unknown parameters are refused (400).",
+    params(RecoverParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Recovered messages", body = seqcast_protocol::RecoveryResponse),
+        (status = 400, description = "Bad parameter, name or body (`bad_request`, `too_large`)", body = ErrorBody),
+        (status = 401, description = "No valid token or key (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "A key outside the token's patterns (`forbidden`)", body = ErrorBody),
+        (status = 503, description = "The log cannot be read (`unavailable`)", body = ErrorBody),
+    )
+)]
 /// `GET /websocket/messages?since=N[&channel=C[&request_id=R]][&limit=L][&epoch=E]`
 pub async fn recover(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    RawQuery(raw): RawQuery,
+    query: Result<ApiQuery<RecoverParams>, ApiError>,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = recover_page(&app, headers, query).await;
+    let m = &app.hub.metrics;
+    m.recovery_seconds.observe(started.elapsed().as_secs_f64());
+    if let Ok((_, messages, bytes)) = &answer {
+        m.recovery_messages.observe(*messages as f64);
+        m.recovery_bytes.observe(*bytes as f64);
+    }
+    answer.map(|(r, _, _)| r)
+}
+
+/// The recovery answer, with its message count and bytes.
+async fn recover_page(
+    app: &Arc<AppState>,
+    headers: HeaderMap,
+    query: Result<ApiQuery<RecoverParams>, ApiError>,
+) -> Result<(Response, usize, usize), ApiError> {
+    // Credentials are checked before parameters: a bad query without a token is a 401.
     let grant = app.auth.reader(authorization(&headers))?;
-    let q = Query::parse(raw, &["since", "channel", "request_id", "limit", "epoch"])?;
-    let since = q.u64("since")?.unwrap_or(0);
-    let limit = q.limit()?;
-    let channel = q.get("channel").map(Channel::new).transpose()?;
-    let request_id = q.get("request_id").map(RequestId::new).transpose()?;
+    let ApiQuery(q) = query?;
+    let since = q.since.unwrap_or(0);
+    let limit = page_limit(q.limit)?;
+    let channel = q.channel.map(Channel::new).transpose()?;
+    let request_id = q.request_id.map(RequestId::new).transpose()?;
     let filter = match (channel, request_id) {
         (Some(c), Some(r)) => {
             let key = SubscriptionKey::new(c, r);
@@ -83,12 +192,13 @@ pub async fn recover(
             Filter::Key(key)
         }
         (Some(c), None) => Filter::Channel(c),
-        (None, Some(_)) => return Err(ApiError::BadRequest("request_id needs channel".into())),
+        // A request id in every channel the token may read.
+        (None, Some(r)) => Filter::RequestId(r),
         (None, None) => Filter::All,
     };
-    let epoch_ok = q.get("epoch").is_none_or(|e| e == app.hub.epoch());
+    let epoch_ok = q.epoch.as_deref().is_none_or(|e| e == app.hub.epoch());
     let head = app.hub.head();
-    let window_start = catchup::resume_window_start(&app, head, now_ms()).await?;
+    let window_start = catchup::resume_window_start(app, head, now_ms()).await?;
     let oldest_sequence = (window_start <= head).then_some(window_start);
     let (mut complete, after) = match resume(since, epoch_ok, head, window_start) {
         Resume::Complete { after } => (true, after),
@@ -103,10 +213,10 @@ pub async fn recover(
                 next_since: None,
             };
             let body = encode_recovery_response(std::iter::empty(), &meta);
-            return Ok(json_response(StatusCode::OK, body));
+            return Ok((json_response(StatusCode::OK, body), 0, 0));
         }
     };
-    let page = read_recovery(&app, &filter, &grant, after, head, limit).await?;
+    let page = read_recovery(app, &filter, &grant, after, head, limit).await?;
     complete &= page.complete;
     let meta = RecoveryMeta {
         head,
@@ -115,8 +225,13 @@ pub async fn recover(
         complete,
         next_since: page.next_since,
     };
+    let bytes = page.frames.iter().map(|f| f.len()).sum();
     let body = encode_recovery_response(page.frames.iter().map(|f| f.as_str()), &meta);
-    Ok(json_response(StatusCode::OK, body))
+    Ok((
+        json_response(StatusCode::OK, body),
+        page.frames.len(),
+        bytes,
+    ))
 }
 
 /// A recovery answer's messages.
@@ -221,6 +336,7 @@ enum Filter {
     All,
     Channel(Channel),
     Key(SubscriptionKey),
+    RequestId(RequestId),
 }
 
 impl Filter {
@@ -228,7 +344,7 @@ impl Filter {
         match self {
             Filter::Key(k) => EventFilter::Key(k.clone()),
             Filter::Channel(c) => EventFilter::Channel(c.clone()),
-            Filter::All => EventFilter::All,
+            Filter::All | Filter::RequestId(_) => EventFilter::All,
         }
     }
 
@@ -236,6 +352,7 @@ impl Filter {
         match self {
             Filter::Key(k) => k == key,
             Filter::Channel(c) => key.channel() == c && grant.allows(key),
+            Filter::RequestId(r) => key.request_id() == r && grant.allows(key),
             Filter::All => grant.is_unrestricted() || grant.allows(key),
         }
     }
@@ -329,9 +446,40 @@ async fn commit(app: &AppState, events: Vec<NewEvent>) -> Result<Vec<CommittedEv
     result
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/publish",
+    summary = "Publish one message (answered after the write is durable)",
+    description = "`message_id` is the idempotency key within the stream: a repeat with the same data is answered with the first write's numbers; with other data it is an upsert. Absent (or null), the server makes one.",
+    request_body = PublishRequest,
+    security(("apiKey" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Committed", body = PublishResponse),
+        (status = 400, description = "Bad parameter, name or body (`bad_request`, `too_large`)", body = ErrorBody),
+        (status = 401, description = "No valid token or key (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "A key outside the token's patterns (`forbidden`)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time (`timeout`)", body = ErrorBody),
+        (status = 429, description = "Over the publish rate (`rate_limited`), with `Retry-After`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+        (status = 503, description = "The database cannot take writes; nothing was published (`unavailable`)", body = ErrorBody),
+    )
+)]
 /// `POST /api/publish`
 pub async fn publish(
     State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = publish_one(&app, headers, body).await;
+    app.hub
+        .metrics
+        .observe_publish(PublishEndpoint::single, started.elapsed());
+    answer
+}
+
+async fn publish_one(
+    app: &Arc<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -341,16 +489,46 @@ pub async fn publish(
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
     let ev = new_event(req, &grant, &app.message_ids)?;
-    let committed = commit(&app, vec![ev]).await?;
+    let committed = commit(app, vec![ev]).await?;
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
     Ok(axum::Json(answer(first)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/publish/batch",
+    summary = "Publish many messages in one transaction (all or nothing)",
+    request_body = BatchPublishRequest,
+    security(("apiKey" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Committed: one answer per message, in order", body = BatchPublishResponse),
+        (status = 400, description = "Bad parameter, name or body (`bad_request`, `too_large`)", body = ErrorBody),
+        (status = 401, description = "No valid token or key (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "A key outside the token's patterns (`forbidden`)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time (`timeout`)", body = ErrorBody),
+        (status = 429, description = "Over the publish rate (`rate_limited`), with `Retry-After`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+        (status = 503, description = "The database cannot take writes; nothing was published (`unavailable`)", body = ErrorBody),
+    )
+)]
 /// `POST /api/publish/batch` — one transaction: all or nothing.
 pub async fn publish_batch(
     State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = publish_many(&app, headers, body).await;
+    app.hub
+        .metrics
+        .observe_publish(PublishEndpoint::batch, started.elapsed());
+    answer
+}
+
+async fn publish_many(
+    app: &Arc<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -366,28 +544,46 @@ pub async fn publish_batch(
         .into_iter()
         .map(|m| new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = commit(&app, events).await?;
+    let committed = commit(app, events).await?;
     Ok(axum::Json(BatchPublishResponse {
         results: committed.iter().map(answer).collect(),
     })
     .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/streams/{channel}/{request_id}/messages",
+    summary = "Page a stream's rows by stream_sequence",
+    params(
+        ("channel" = Channel, Path, description = "The key's channel"),
+        ("request_id" = RequestId, Path, description = "The key's request id"),
+        StreamParams,
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Rows", body = seqcast_protocol::StreamPage),
+        (status = 400, description = "Bad parameter, name or body (`bad_request`, `too_large`)", body = ErrorBody),
+        (status = 401, description = "No valid token or key (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "A key outside the token's patterns (`forbidden`)", body = ErrorBody),
+        (status = 503, description = "The log cannot be read (`unavailable`)", body = ErrorBody),
+    )
+)]
 /// `GET /api/streams/{channel}/{request_id}/messages?after=S&limit=L`
 pub async fn stream_page(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((channel, request_id)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
+    query: Result<ApiQuery<StreamParams>, ApiError>,
 ) -> Result<Response, ApiError> {
     let grant = app.auth.reader(authorization(&headers))?;
     let key = SubscriptionKey::new(Channel::new(channel)?, RequestId::new(request_id)?);
     if !grant.allows(&key) {
         return Err(ApiError::Forbidden(format!("token may not read {key}")));
     }
-    let q = Query::parse(raw, &["after", "limit"])?;
-    let after = q.u64("after")?.unwrap_or(0);
-    let limit = q.limit()?;
+    let ApiQuery(q) = query?;
+    let after = q.after.unwrap_or(0);
+    let limit = page_limit(q.limit)?;
     let rows = read_log!(&app.store, |r| r.stream_rows(&key, after, limit))?;
     let next_after = if rows.len() == limit {
         rows.last().map(|r| r.stream_sequence)
@@ -401,11 +597,19 @@ pub async fn stream_page(
     ))
 }
 
+#[utoipa::path(get, path = "/healthz", summary = "Liveness",
+    responses((status = 200, description = "Up", body = Object, example = json!({"status": "ok"}))))]
 /// `GET /healthz`: the process is up.
 pub async fn healthz() -> Response {
     json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
 }
 
+#[utoipa::path(get, path = "/readyz", summary = "Readiness",
+    description = "503 while shutting down, or while publishes would be refused (writer stopped, database file lost), with the reason.",
+    responses(
+        (status = 200, description = "Ready", body = Object, example = json!({"status": "ready", "head": 42})),
+        (status = 503, description = "Not ready", body = Object, example = json!({"status": "unavailable", "reason": "the database writer has stopped"})),
+    ))]
 /// `GET /readyz`: ready to take traffic: not shutting down, and publishes would not be refused
 /// (writer stopped, database file lost, or the database failing writes: read-only, full,
 /// locked past the busy timeout). The body says why.
@@ -436,41 +640,57 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics (OpenMetrics text; see docs/operations.md)",
+    responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text")))]
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let mut gauges = app.hub.gauges().to_vec();
-    gauges.push((
+    let mut snapshot = crate::metrics::Snapshot {
+        gauges: app.hub.gauges().to_vec(),
+        counters: Vec::new(),
+    };
+    snapshot.gauges.extend([
+        (
+            "seqcast_connections",
+            "WebSocket connections open (handshake done, hello or not)",
+            app.connections.len() as u64,
+        ),
+        (
+            "seqcast_live_subscriptions",
+            "Subscriptions in live delivery on this node (a key followed twice counts twice)",
+            app.hub.live_subscriptions() as u64,
+        ),
+    ]);
+    snapshot.gauges.push((
         "seqcast_page_cache_bytes",
         "Bytes of log pages shared by cursors catching up over the same range",
         app.pages.bytes() as u64,
     ));
-    let mut counters = Vec::new();
     if let Some((stats, queued)) = app.store.writer_stats() {
-        counters.extend([
+        snapshot.counters.extend([
             (
-                "seqcast_db_transactions_total",
+                "seqcast_db_transactions",
                 "Write transactions committed (one per group commit)",
                 stats.transactions_committed,
             ),
             (
-                "seqcast_db_transactions_failed_total",
+                "seqcast_db_transactions_failed",
                 "Write transactions that failed; nothing of them was written",
                 stats.transactions_failed,
             ),
             (
-                "seqcast_db_events_committed_total",
+                "seqcast_db_events_committed",
                 "Events committed; divided by transactions: events per group commit",
                 stats.events_committed,
             ),
         ]);
-        gauges.push((
+        snapshot.gauges.push((
             "seqcast_db_queued_commands",
             "Commands waiting for the database writer",
             queued as u64,
         ));
     }
     if let Some(status) = app.store.postgres_status() {
-        gauges.extend([
+        snapshot.gauges.extend([
             (
                 "seqcast_pg_tail_lag_events",
                 "Committed events (on any node) this node's tail has not applied yet",
@@ -498,10 +718,10 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             ),
         ]);
     }
-    let mut r = app.hub.metrics.render(&counters, &gauges).into_response();
+    let mut r = app.hub.metrics.render(&snapshot).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     r
 }
@@ -518,11 +738,13 @@ pub mod assets {
     const CLIENT_JS: &str = include_str!("../../../clients/js/seqcast.js");
     const CLIENT_DTS: &str = include_str!("../../../clients/js/seqcast.d.ts");
     const DEMO_HTML: &str = include_str!("../../../clients/js/demo.html");
-    const OPENAPI: &str = include_str!("../../../docs/openapi.json");
-
-    /// `GET /openapi.json`
+    /// `GET /openapi.json`: generated from the code (see `crate::openapi`), once.
     pub async fn openapi() -> Response {
-        asset("application/json", OPENAPI)
+        static OPENAPI: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        asset(
+            "application/json",
+            OPENAPI.get_or_init(crate::openapi::json).as_str(),
+        )
     }
 
     fn asset(content_type: &'static str, body: &'static str) -> Response {

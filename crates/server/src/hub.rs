@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
@@ -68,6 +69,8 @@ struct SendQueue {
     finished: bool,
     /// Frames ever queued.
     queued: u64,
+    /// When the oldest live frame now queued was committed (for the commit → written metric).
+    oldest_live: Option<Instant>,
 }
 
 /// What a live push did.
@@ -101,8 +104,9 @@ impl Subscriber {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue a live message unless the queue is at its high-water mark.
-    pub fn push_live(&self, frame: Frame) -> LivePush {
+    /// Queue a live message, committed at `committed_at`, unless the queue is at its
+    /// high-water mark.
+    pub fn push_live(&self, frame: Frame, committed_at: Instant) -> LivePush {
         if self.closing_flag.load(Ordering::Acquire) {
             return LivePush::Gone;
         }
@@ -117,6 +121,7 @@ impl Subscriber {
             q.bytes += frame.len();
             q.items.push(frame);
             q.queued += 1;
+            q.oldest_live.get_or_insert(committed_at);
         }
         self.ready.wake();
         LivePush::Queued
@@ -176,16 +181,21 @@ impl Subscriber {
     }
 
     /// Wait until something is queued or a key lagged, then move everything queued into `buf`
-    /// (which the caller has emptied). Returns how many frames were taken (0 when only a lag
-    /// woke it). Cancel safe: frames are taken only in the poll that returns them.
-    pub async fn wait_ready(&self, buf: &mut Vec<Frame>) -> usize {
+    /// (which the caller has emptied), and into `oldest_live` when the oldest live frame taken
+    /// was committed. Returns how many frames were taken (0 when only a lag woke it). Cancel
+    /// safe: frames are taken only in the poll that returns them.
+    pub async fn wait_ready(
+        &self,
+        buf: &mut Vec<Frame>,
+        oldest_live: &mut Option<Instant>,
+    ) -> usize {
         std::future::poll_fn(|cx| {
-            if let Some(n) = self.take_now(buf) {
+            if let Some(n) = self.take_now(buf, oldest_live) {
                 return Poll::Ready(n);
             }
             self.ready.register(cx.waker());
             // Checked again after registering, so a push in between is not missed.
-            match self.take_now(buf) {
+            match self.take_now(buf, oldest_live) {
                 Some(n) => Poll::Ready(n),
                 None => Poll::Pending,
             }
@@ -193,7 +203,7 @@ impl Subscriber {
         .await
     }
 
-    fn take_now(&self, buf: &mut Vec<Frame>) -> Option<usize> {
+    fn take_now(&self, buf: &mut Vec<Frame>, oldest_live: &mut Option<Instant>) -> Option<usize> {
         let mut q = self.lock_queue();
         if q.items.is_empty() {
             drop(q);
@@ -207,6 +217,7 @@ impl Subscriber {
         debug_assert!(buf.is_empty(), "wait_ready needs an empty buffer");
         std::mem::swap(&mut q.items, buf);
         q.bytes = 0;
+        *oldest_live = q.oldest_live.take();
         Some(buf.len())
     }
 
@@ -414,6 +425,7 @@ impl Hub {
     /// Fan out events that the store committed, in commit order. Called by the store's commit
     /// hook. An event that is not `head + 1` is an error: the caller must stop the process.
     pub fn apply_committed(&self, events: &[CommittedEvent]) -> Result<(), HubError> {
+        let committed_at = Instant::now();
         let frames: Vec<Frame> = events.iter().map(Hub::frame_of).collect();
         let mut state = self.lock();
         for (ev, frame) in events.iter().zip(frames) {
@@ -426,15 +438,25 @@ impl Hub {
             })?;
             self.head.store(ev.sequence_number, Ordering::Release);
             Metrics::inc(&self.metrics.published);
-            self.deliver_live(&mut state, ev, frame);
+            self.deliver_live(&mut state, ev, frame, committed_at);
         }
+        drop(state);
+        self.metrics
+            .commit_to_queued
+            .observe(committed_at.elapsed());
         Ok(())
     }
 
-    fn deliver_live(&self, state: &mut HubState, ev: &CommittedEvent, frame: Frame) {
+    fn deliver_live(
+        &self,
+        state: &mut HubState,
+        ev: &CommittedEvent,
+        frame: Frame,
+        committed_at: Instant,
+    ) {
         let mut delivered = 0u64;
         if let Some(subs) = state.live.get_mut(&ev.key) {
-            subs.retain(|s| match s.push_live(frame.clone()) {
+            subs.retain(|s| match s.push_live(frame.clone(), committed_at) {
                 LivePush::Queued => {
                     delivered += 1;
                     true
@@ -580,6 +602,32 @@ impl Hub {
         f(&state.cache, state.retention_floor)
     }
 
+    /// The `n` keys with the most live subscribers on this node: (key, subscribers, the
+    /// deepest send queue among them in frames — how far its slowest live subscriber is behind).
+    pub fn busiest_keys(&self, n: usize) -> Vec<(SubscriptionKey, usize, usize)> {
+        let state = self.lock();
+        let mut counts: Vec<(&SubscriptionKey, &Vec<Arc<Subscriber>>)> =
+            state.live.iter().collect();
+        counts.sort_unstable_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(b.0)));
+        counts
+            .into_iter()
+            .take(n)
+            .map(|(key, subs)| {
+                let deepest = subs
+                    .iter()
+                    .map(|s| s.lock_queue().items.len())
+                    .max()
+                    .unwrap_or(0);
+                (key.clone(), subs.len(), deepest)
+            })
+            .collect()
+    }
+
+    /// Live subscriptions on this node (a key followed by two connections counts twice).
+    pub fn live_subscriptions(&self) -> usize {
+        self.lock().live.values().map(Vec::len).sum()
+    }
+
     /// Gauges for `/metrics`.
     pub fn gauges(&self) -> [(&'static str, &'static str, u64); 6] {
         let state = self.lock();
@@ -681,23 +729,23 @@ mod tests {
         // Two fit; the third did not: the key left live delivery at 3.
         assert_eq!(sub.lagged(), vec![(key.clone(), 3)]);
         let mut buf = Vec::new();
-        assert!(sub.take_now(&mut buf).is_some());
+        assert!(sub.take_now(&mut buf, &mut None).is_some());
         assert_eq!(sequence_numbers(&buf), [1, 2]);
         // Publishes after the lag are not pushed live.
         hub.apply_committed(&[event(6, "c:a")]).unwrap();
         let mut rest = Vec::new();
-        assert!(sub.take_now(&mut rest).is_none());
+        assert!(sub.take_now(&mut rest, &mut None).is_none());
         // Joining from position 2 queues 3..=6 from the cache, then live again.
         assert_eq!(
             hub.join_from_cache(&sub, &key, 2, 10),
             Join::Joined { head: 6, sent: 4 }
         );
-        sub.take_now(&mut rest);
+        sub.take_now(&mut rest, &mut None);
         assert_eq!(sequence_numbers(&rest), [3, 4, 5, 6]);
         // The socket took them: live again.
         hub.apply_committed(&[event(7, "c:a")]).unwrap();
         let mut live = Vec::new();
-        sub.take_now(&mut live);
+        sub.take_now(&mut live, &mut None);
         assert_eq!(sequence_numbers(&live), [7]);
         assert!(sub.lagged().is_empty());
     }

@@ -5,6 +5,7 @@
 //! Embedding: build [`config::Settings`], bind a listener, and call [`run`] — tests start the
 //! same function on `127.0.0.1:0`.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod catchup;
@@ -16,6 +17,8 @@ pub mod hub;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod observe;
+pub mod openapi;
 pub mod pages;
 pub mod storage;
 
