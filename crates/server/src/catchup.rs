@@ -80,6 +80,25 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
     ))
 }
 
+/// How long a resume waits for this node to apply a number the log already committed.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A resume names a number this node has not applied yet: with several nodes, a client may have
+/// seen it on another node whose tail was ahead. If the log has committed it, wait (bounded)
+/// until this node's hub applied it, so the seam is never below what the client already has.
+/// Returns the hub's head then.
+async fn wait_for_applied(app: &AppState, since: u64) -> Result<u64, ApiError> {
+    let committed = read_log!(&app.store, |r| r.head())?;
+    if since > committed {
+        return Ok(app.hub.head()); // never issued: the resume rule says `recovered: false`
+    }
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    while app.hub.head() < since && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(app.hub.head())
+}
+
 /// Decide where a `subscribe` to `key` starts.
 pub async fn plan_start(
     app: &AppState,
@@ -88,10 +107,13 @@ pub async fn plan_start(
     epoch: Option<&str>,
     now_ms: u64,
 ) -> Result<Start, ApiError> {
-    let head = app.hub.head();
+    let mut head = app.hub.head();
     let mut told = None;
     if let Some(since) = since {
         let epoch_matches = epoch.is_none_or(|e| e == app.hub.epoch());
+        if epoch_matches && since > head {
+            head = wait_for_applied(app, since).await?;
+        }
         let ws = resume_window_start(app, head, now_ms).await?;
         match resume(since, epoch_matches, head, ws) {
             Resume::Complete { after } => {
