@@ -18,9 +18,20 @@ use crate::schema::{self, ConnectionOptions};
 const COMMITS_PER_CHECKPOINT: u32 = 32;
 /// Events between two nudges (large batches fill the WAL faster than many small commits).
 const EVENTS_PER_CHECKPOINT: usize = 2048;
-/// The writer's own automatic checkpoint threshold, in pages (about 40 MiB of WAL): only
-/// reached if this thread cannot keep up.
-pub(crate) const BACKSTOP_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// The writer's own automatic checkpoint threshold, in bytes of WAL: only reached if this
+/// thread cannot keep up.
+const BACKSTOP_AUTOCHECKPOINT_BYTES: u32 = 40 << 20;
+
+/// Sets the writer connection's automatic checkpoint to the backstop: SQLite counts it in pages,
+/// and databases made by different builds have different page sizes.
+pub(crate) fn set_backstop(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let page_size: u32 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        BACKSTOP_AUTOCHECKPOINT_BYTES / page_size.max(512),
+    )
+}
 
 /// Handle to the checkpointer thread; dropping it stops the thread, [`Checkpointer::stop`]
 /// also waits for it.

@@ -59,6 +59,8 @@ pub use postgres::{
 };
 pub use reader::DbReader;
 pub use repair::{RepairReport, repair_sequences};
-pub use schema::{AppliedMigration, MigrationReport, SCHEMA_VERSION, migrate};
+pub use schema::{
+    AppliedMigration, MigrationReport, NEW_DATABASE_PAGE_SIZE, SCHEMA_VERSION, migrate,
+};
 pub use store::{EventReader, EventWriter};
 pub use writer::{CommitHook, CommitObserver, DbWriter, WriterStats};

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use seqcast_protocol::SubscriptionKey;
 
-use crate::checkpoint::{BACKSTOP_AUTOCHECKPOINT_PAGES, Checkpointer};
+use crate::checkpoint::{self, Checkpointer};
 use crate::config::{FaultInjector, StoreConfig};
 use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
@@ -179,7 +179,7 @@ impl DbWriter {
         // Checkpoints run on their own thread; the writer's automatic one is only a backstop.
         let checkpointer = match Checkpointer::start(&config.path, options) {
             Ok(checkpointer) => {
-                conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_AUTOCHECKPOINT_PAGES)?;
+                checkpoint::set_backstop(&conn)?;
                 Some(checkpointer)
             }
             Err(err) => {
@@ -818,7 +818,7 @@ impl Writer {
             )));
         }
         if self.checkpointer.is_some() {
-            conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_AUTOCHECKPOINT_PAGES)?;
+            checkpoint::set_backstop(&conn)?;
         }
         tracing::info!(path = %self.path.display(), "database connection reopened");
         self.stream_ids = StreamIds::default();

@@ -550,3 +550,42 @@ async fn readers_see_whole_transactions_only() {
     );
     writer.close().await;
 }
+
+#[tokio::test]
+async fn a_new_store_uses_small_pages_and_an_old_one_keeps_its_own() {
+    use seqcast_persistence::NEW_DATABASE_PAGE_SIZE;
+    let page_size = |path: &std::path::Path| -> u32 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap()
+    };
+
+    // A store created by this build.
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, _, _) = open(config(&dir));
+    writer.append(vec![event("r:1", "a", "1")]).await.unwrap();
+    writer.close().await;
+    assert_eq!(page_size(&db_path(&dir)), NEW_DATABASE_PAGE_SIZE);
+    assert_ne!(NEW_DATABASE_PAGE_SIZE, 4096);
+
+    // A database file made with 4 KiB pages (an earlier build) opens, migrates and keeps them.
+    let old = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(db_path(&old)).unwrap();
+        conn.execute_batch(
+            "PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE t (x);",
+        )
+        .unwrap();
+    }
+    let (writer, info, _) = open(config(&old));
+    assert_eq!(info.head, 0);
+    let numbers = writer
+        .append(vec![event("r:1", "a", "1"), event("r:1", "b", "2")])
+        .await
+        .unwrap();
+    assert_eq!(numbers.len(), 2);
+    assert_eq!(numbers[1].sequence_number, 2);
+    writer.close().await;
+    assert_eq!(page_size(&db_path(&old)), 4096);
+}
