@@ -75,10 +75,7 @@ async fn main() {
             read += p.events.len();
             after = p.covered_through;
         }
-        assert_eq!(
-            read,
-            events - events % 1000 + if events % 1000 == 0 { 0 } else { 1000 }
-        );
+        assert_eq!(read, events.div_ceil(1000) * 1000);
         let secs = (thread_cpu() - cpu).as_secs_f64();
         rates.push(read as f64 / secs);
     }
