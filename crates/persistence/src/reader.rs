@@ -36,12 +36,11 @@ struct ReaderInner {
     idle: Mutex<Vec<Connection>>,
 }
 
-// Every event with its stream's names and current position; `replaced` = not the row's first
-// event. LEFT JOIN so a missing row shows up as corruption instead of a skipped event.
-const EVENT_COLUMNS: &str = "e.sequence_number, r.stream_sequence, s.channel, s.request_id, \
-     e.message_id, e.timestamp_ms, e.data, r.first_sequence";
-const EVENT_JOIN: &str = "JOIN streams s ON s.stream_id = e.stream_id \
-     LEFT JOIN stream_rows r ON r.message_id = e.message_id AND r.stream_id = e.stream_id";
+// Every event with its stream's names, its position and whether it updated its row (both
+// stored with the event since schema 4).
+const EVENT_COLUMNS: &str = "e.sequence_number, e.stream_sequence, s.channel, s.request_id, \
+     e.message_id, e.timestamp_ms, e.data, e.replaced";
+const EVENT_JOIN: &str = "JOIN streams s ON s.stream_id = e.stream_id";
 
 impl DbReader {
     /// Opens a reader of the store at `path`, which must exist and be migrated (open the
@@ -374,10 +373,9 @@ impl EventReader for DbReader {
 
 // One key's events in a range, through `events_by_stream` (?1 after, ?2 through, ?3 limit).
 // One key's page: the stream is resolved once, so no row joins `streams` or parses names.
-const PAGE_OF_STREAM: &str = "SELECT e.sequence_number, r.stream_sequence, e.message_id, \
-            e.timestamp_ms, e.data, r.first_sequence \
+const PAGE_OF_STREAM: &str = "SELECT e.sequence_number, e.stream_sequence, e.message_id, \
+            e.timestamp_ms, e.data, e.replaced \
      FROM events e INDEXED BY events_by_stream \
-     LEFT JOIN stream_rows r ON r.message_id = e.message_id AND r.stream_id = e.stream_id \
      WHERE e.stream_id = ?1 AND e.sequence_number > ?2 AND e.sequence_number <= ?3 \
      ORDER BY e.sequence_number LIMIT ?4";
 const PAGE_CHANNEL: &str = "WHERE s.channel = ?4 \
@@ -493,22 +491,14 @@ fn key_page(
     let mut rows = stmt.query(params![stream_id, after, through, limit])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        let sequence_number: i64 = row.get(0)?;
-        let (Some(stream_sequence), Some(first_sequence)) =
-            (row.get::<_, Option<i64>>(1)?, row.get::<_, Option<i64>>(5)?)
-        else {
-            return Err(StoreError::Corrupt(format!(
-                "event {sequence_number} has no stream row"
-            )));
-        };
         out.push(CommittedEvent {
-            sequence_number: stored_u64(sequence_number, "sequence_number")?,
-            stream_sequence: stored_u64(stream_sequence, "stream_sequence")?,
+            sequence_number: stored_u64(row.get(0)?, "sequence_number")?,
+            stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
             key: key.clone(),
             message_id: message_id_at(row, 2)?,
             timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
             data: row.get(4)?,
-            replaced: first_sequence != sequence_number,
+            replaced: row.get(5)?,
         });
     }
     Ok(out)
@@ -531,13 +521,7 @@ fn collect_events(
 /// Decodes a row of `EVENT_COLUMNS`.
 fn event_from_row(row: &Row<'_>) -> Result<CommittedEvent, StoreError> {
     let sequence_number: i64 = row.get(0)?;
-    let stream_sequence: Option<i64> = row.get(1)?;
-    let first_sequence: Option<i64> = row.get(7)?;
-    let (Some(stream_sequence), Some(first_sequence)) = (stream_sequence, first_sequence) else {
-        return Err(StoreError::Corrupt(format!(
-            "event {sequence_number} has no stream row"
-        )));
-    };
+    let stream_sequence: i64 = row.get(1)?;
     let channel = Channel::parse(str_at(row, 2)?)
         .map_err(|e| StoreError::Corrupt(format!("event {sequence_number}: {e}")))?;
     let request_id = RequestId::parse(str_at(row, 3)?)
@@ -549,7 +533,7 @@ fn event_from_row(row: &Row<'_>) -> Result<CommittedEvent, StoreError> {
         message_id: message_id_at(row, 4)?,
         timestamp_ms: stored_u64(row.get(5)?, "timestamp_ms")?,
         data: row.get(6)?,
-        replaced: first_sequence != sequence_number,
+        replaced: row.get(7)?,
     })
 }
 

@@ -21,8 +21,8 @@ pub struct RepairReport {
 /// 82 of 86 rows at position 0. Safe on a healthy database (changes nothing) and idempotent.
 ///
 /// Runs the migrations first. It takes the write lock, so run it while no server writes, or
-/// accept that it waits up to the busy timeout for the server's current transaction. Events
-/// take their `stream_sequence` from the rows, so they follow the repair automatically.
+/// accept that it waits up to the busy timeout for the server's current transaction. Each event
+/// then takes the position of its row again (events carry their position since schema 4).
 pub fn repair_sequences(path: &Path) -> Result<RepairReport, StoreError> {
     let mut conn = schema::open_connection(path, ConnectionOptions::default())?;
     schema::apply_migrations(&mut conn)?;
@@ -48,6 +48,15 @@ pub fn repair_sequences(path: &Path) -> Result<RepairReport, StoreError> {
            AND stream_rows.stream_sequence IS NOT ranked.position",
         [],
     )?;
+    if rows_renumbered > 0 {
+        tx.execute(
+            "UPDATE events SET stream_sequence = r.stream_sequence
+             FROM stream_rows r
+             WHERE r.message_id = events.message_id AND r.stream_id = events.stream_id
+               AND events.stream_sequence IS NOT r.stream_sequence",
+            [],
+        )?;
+    }
     tx.commit()?;
     let streams = usize::try_from(streams)
         .map_err(|_| StoreError::Corrupt(format!("stream count {streams}")))?;

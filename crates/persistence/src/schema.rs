@@ -34,10 +34,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "log_retention",
         sql: include_str!("../migrations/0003_log_retention.sql"),
     },
+    Migration {
+        version: 4,
+        name: "event_positions",
+        sql: include_str!("../migrations/0004_event_positions.sql"),
+    },
 ];
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// One migration that [`migrate`] applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,9 +7,8 @@
 //! retried with a SAVEPOINT per command, see `Writer::write_group`). It never waits on a
 //! timer for more work: the group is whatever queued up while the previous commit was syncing.
 //!
-//! A retry (a known message id with byte-identical data) writes nothing: the upsert's
-//! `DO UPDATE ... WHERE` leaves the row alone, the read-back sees `last_sequence` is not the new
-//! event, and the event and its AUTOINCREMENT step are taken back in the same transaction. Prune
+//! A retry (a known message id with byte-identical data) writes nothing: the event's row is
+//! looked up before anything is inserted, and the answer is the row's last event. Prune
 //! commands run after the group they arrived with, each in its own short transaction.
 
 use std::collections::HashMap;
@@ -382,31 +381,27 @@ fn read_last_timestamp(conn: &Connection) -> Result<u64, StoreError> {
 
 const FIND_STREAM: &str = "SELECT stream_id FROM streams WHERE channel = ?1 AND request_id = ?2";
 const INSERT_STREAM: &str = "INSERT INTO streams (channel, request_id) VALUES (?1, ?2)";
-const INSERT_EVENT: &str =
-    "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)";
-// The stream position is computed here, by SQLite, when the row is created; on conflict the
-// row keeps it and only its last event changes — unless the row's current data (its last
-// event's) is byte-identical to the new event's: that is a retry, and the row is left alone.
-// The WHERE clause runs only on conflict, so a new message id pays nothing for it.
-// first_sequence tells a create (= this event) from an update; last_sequence != this event
-// tells a retry.
-const UPSERT_ROW: &str = "INSERT INTO stream_rows \
-         (stream_id, stream_sequence, first_sequence, message_id, last_sequence) \
-     VALUES (?1, \
-         (SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1), \
-         ?3, ?2, ?3) \
-     ON CONFLICT (message_id, stream_id) DO UPDATE SET last_sequence = excluded.last_sequence \
-     WHERE (SELECT data FROM events WHERE sequence_number = stream_rows.last_sequence) \
-        IS NOT (SELECT data FROM events WHERE sequence_number = excluded.last_sequence)";
-// Read back what the upsert decided. (A RETURNING clause on the upsert does the same but costs
-// SQLite about half as much again as the whole rest of the event, so it is a separate lookup.)
-const ROW_POSITION: &str = "SELECT stream_sequence, first_sequence, last_sequence FROM stream_rows \
+// The event with its stream position and whether it updates an existing row, both decided
+// before it is written (see `insert_command`).
+const INSERT_EVENT: &str = "INSERT INTO events \
+         (stream_id, message_id, timestamp_ms, data, stream_sequence, replaced) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+// The row of (stream, message_id), if the stream has one: its position, first and last event.
+const FIND_ROW: &str = "SELECT stream_sequence, first_sequence, last_sequence FROM stream_rows \
      WHERE message_id = ?2 AND stream_id = ?1";
-// A retry: the event just inserted is taken back, with its AUTOINCREMENT step, so no number is
-// used (numbers stay dense); the answer is the row's last event as committed.
-const UNDO_EVENT: &str = "DELETE FROM events WHERE sequence_number = ?1";
-const UNDO_NUMBER: &str = "UPDATE sqlite_sequence SET seq = seq - 1 WHERE name = 'events'";
-const EVENT_TIMESTAMP: &str = "SELECT timestamp_ms FROM events WHERE sequence_number = ?1";
+// A new row's position: one past the stream's last (a seek to the end of the stream's range of
+// the clustered stream_rows, the leaf the insert then writes).
+const NEXT_POSITION: &str =
+    "SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1";
+const INSERT_ROW: &str = "INSERT INTO stream_rows \
+         (stream_id, stream_sequence, first_sequence, message_id, last_sequence) \
+     VALUES (?1, ?2, ?3, ?4, ?3)";
+// An update moves the row's last event; the row keeps its position (and its first event).
+const UPDATE_ROW: &str = "UPDATE stream_rows SET last_sequence = ?4 \
+     WHERE stream_id = ?1 AND stream_sequence = ?2 AND first_sequence = ?3";
+// A retry compares the new data with the row's current data (its last event's), byte for byte.
+const EVENT_DATA_IS: &str =
+    "SELECT data IS ?2, timestamp_ms FROM events WHERE sequence_number = ?1";
 
 /// Stream ids of committed streams, so the hot path skips the text lookup in `streams`.
 /// Only committed ids go in (streams rows are never deleted), so a rollback cannot leave a
@@ -983,22 +978,27 @@ fn run_transaction(
 
 /// The hot path's statements, prepared (from the cache) once per attempt.
 struct Statements<'conn> {
+    find_row: rusqlite::CachedStatement<'conn>,
+    next_position: rusqlite::CachedStatement<'conn>,
     insert_event: rusqlite::CachedStatement<'conn>,
-    upsert_row: rusqlite::CachedStatement<'conn>,
-    row_position: rusqlite::CachedStatement<'conn>,
+    insert_row: rusqlite::CachedStatement<'conn>,
 }
 
 impl<'conn> Statements<'conn> {
     fn prepare(conn: &'conn Connection) -> Result<Self, rusqlite::Error> {
         Ok(Statements {
+            find_row: conn.prepare_cached(FIND_ROW)?,
+            next_position: conn.prepare_cached(NEXT_POSITION)?,
             insert_event: conn.prepare_cached(INSERT_EVENT)?,
-            upsert_row: conn.prepare_cached(UPSERT_ROW)?,
-            row_position: conn.prepare_cached(ROW_POSITION)?,
+            insert_row: conn.prepare_cached(INSERT_ROW)?,
         })
     }
 
-    /// Inserts one command's events; each gets its sequence number from the AUTOINCREMENT
-    /// insert and its stream position from the upsert.
+    /// Inserts one command's events. Each event's row is looked up first: a new message id gets
+    /// the next position of its stream and a new row; a known one with different data updates
+    /// the row (same position, `replaced`); a known one with byte-identical data is a retry and
+    /// writes nothing (no number is used: numbers stay dense). Sequence numbers come from the
+    /// AUTOINCREMENT insert, positions from the rows: both from SQLite, never from Rust state.
     fn insert_command(
         &mut self,
         conn: &Connection,
@@ -1014,35 +1014,70 @@ impl<'conn> Statements<'conn> {
                 None => stream_id(conn, &event.key)?,
             };
             let message_id = event.message_id.as_str();
-            let sequence_number = self
-                .insert_event
-                .insert(params![stream_id, message_id, ts, event.data])?;
-            self.upsert_row
-                .execute(params![stream_id, message_id, sequence_number])?;
-            let (stream_sequence, first_sequence, last_sequence): (i64, i64, i64) = self
-                .row_position
+            let row: Option<(i64, i64, i64)> = self
+                .find_row
                 .query_row(params![stream_id, message_id], |row| {
                     Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })?;
-            let retry_of = if last_sequence == sequence_number {
-                None
-            } else {
-                // Same data as the row's last event: take this event back.
-                conn.prepare_cached(UNDO_EVENT)?
-                    .execute(params![sequence_number])?;
-                conn.prepare_cached(UNDO_NUMBER)?.execute([])?;
-                let ts: i64 = conn
-                    .prepare_cached(EVENT_TIMESTAMP)?
-                    .query_row(params![last_sequence], |row| row.get(0))?;
-                Some(to_u64(ts)?)
+                })
+                .optional()?;
+            let assigned = match row {
+                None => {
+                    let position: i64 = self
+                        .next_position
+                        .query_row(params![stream_id], |row| row.get(0))?;
+                    let sequence_number = self.insert_event.insert(params![
+                        stream_id, message_id, ts, event.data, position, false
+                    ])?;
+                    self.insert_row.execute(params![
+                        stream_id,
+                        position,
+                        sequence_number,
+                        message_id
+                    ])?;
+                    Assigned {
+                        sequence_number: to_u64(sequence_number)?,
+                        stream_sequence: to_u64(position)?,
+                        replaced: false,
+                        stream_id,
+                        retry_of: None,
+                    }
+                }
+                Some((position, first_sequence, last_sequence)) => {
+                    let (same_data, last_ts): (bool, i64) = conn
+                        .prepare_cached(EVENT_DATA_IS)?
+                        .query_row(params![last_sequence, event.data], |row| {
+                            Ok((row.get(0)?, row.get(1)?))
+                        })?;
+                    if same_data {
+                        // A retry: the answer is the row's last event as committed.
+                        Assigned {
+                            sequence_number: to_u64(last_sequence)?,
+                            stream_sequence: to_u64(position)?,
+                            replaced: first_sequence != last_sequence,
+                            stream_id,
+                            retry_of: Some(to_u64(last_ts)?),
+                        }
+                    } else {
+                        let sequence_number = self.insert_event.insert(params![
+                            stream_id, message_id, ts, event.data, position, true
+                        ])?;
+                        conn.prepare_cached(UPDATE_ROW)?.execute(params![
+                            stream_id,
+                            position,
+                            first_sequence,
+                            sequence_number
+                        ])?;
+                        Assigned {
+                            sequence_number: to_u64(sequence_number)?,
+                            stream_sequence: to_u64(position)?,
+                            replaced: true,
+                            stream_id,
+                            retry_of: None,
+                        }
+                    }
+                }
             };
-            out.push(Assigned {
-                sequence_number: to_u64(last_sequence)?,
-                stream_sequence: to_u64(stream_sequence)?,
-                replaced: first_sequence != last_sequence,
-                stream_id,
-                retry_of,
-            });
+            out.push(assigned);
         }
         Ok(())
     }

@@ -183,6 +183,10 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
             AppliedMigration {
                 version: 3,
                 name: "log_retention"
+            },
+            AppliedMigration {
+                version: 4,
+                name: "event_positions"
             }
         ]
     );
@@ -198,7 +202,7 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
     let recorded: i64 = conn
         .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(recorded, 3);
+    assert_eq!(recorded, 4);
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -260,6 +264,10 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
             AppliedMigration {
                 version: 3,
                 name: "log_retention"
+            },
+            AppliedMigration {
+                version: 4,
+                name: "event_positions"
             }
         ]
     );
@@ -406,7 +414,7 @@ async fn repair_renumbers_a_buggy_stream_by_insertion_order() {
     assert_eq!(order, expected);
     // Pagination works again.
     assert_eq!(reader.stream_rows(&broken, 80, 100).unwrap().len(), 6);
-    // The event log reads positions from the rows, so it is repaired too.
+    // The events carry their positions and are repaired with the rows.
     let log = reader
         .events_after(0, 1000, EventFilter::Key(broken.clone()))
         .unwrap();

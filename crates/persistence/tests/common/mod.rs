@@ -100,6 +100,14 @@ pub async fn until_commands_arrived(writer: &DbWriter, n: u64) {
 pub fn insert_raw(path: &Path, rows: &[(&str, &str, &str, i64, i64)]) {
     let mut conn = Connection::open(path).unwrap();
     let tx = conn.transaction().unwrap();
+    // Schema 4 stores each event's position with it; older schemas only in stream_rows.
+    let events_have_positions: bool = tx
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('events') WHERE name = 'stream_sequence'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     for (i, (channel, request_id, message_id, stream_sequence, ts)) in rows.iter().enumerate() {
         tx.execute(
             "INSERT OR IGNORE INTO streams (channel, request_id) VALUES (?1, ?2)",
@@ -114,11 +122,20 @@ pub fn insert_raw(path: &Path, rows: &[(&str, &str, &str, i64, i64)]) {
             )
             .unwrap();
         let data = format!("{{\"n\":{i}}}");
-        tx.execute(
-            "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)",
-            rusqlite::params![stream_id, message_id, ts, data],
-        )
-        .unwrap();
+        if events_have_positions {
+            tx.execute(
+                "INSERT INTO events (stream_id, message_id, timestamp_ms, data, stream_sequence)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![stream_id, message_id, ts, data, stream_sequence],
+            )
+            .unwrap();
+        } else {
+            tx.execute(
+                "INSERT INTO events (stream_id, message_id, timestamp_ms, data) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![stream_id, message_id, ts, data],
+            )
+            .unwrap();
+        }
         let seq = tx.last_insert_rowid();
         tx.execute(
             "INSERT INTO stream_rows (stream_id, message_id, stream_sequence, first_sequence, last_sequence)
