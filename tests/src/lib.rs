@@ -477,9 +477,9 @@ impl TestServer {
         self.child.as_ref().and_then(Child::id)
     }
 
-    /// The server process's resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
+    /// The memory the server process holds itself, in bytes (see [`rss_bytes_of`]).
     pub fn rss_bytes(&self) -> u64 {
-        rss_bytes_of(self.pid().expect("the server is running")).expect("read VmRSS")
+        rss_bytes_of(self.pid().expect("the server is running")).expect("read RssAnon")
     }
 
     /// `POST /api/publish/batch` with these message objects; panics unless 200. Returns the
@@ -540,12 +540,14 @@ impl TestServer {
     }
 }
 
-/// `VmRSS` of a process in bytes, if it is readable.
+/// The memory a process holds itself, in bytes: its anonymous resident pages (`RssAnon`). The
+/// server's SQLite readers map the database file; those pages are the kernel's page cache
+/// (shared, dropped under pressure), which `VmRSS` would count too.
 pub fn rss_bytes_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
         .trim()
         .trim_end_matches("kB")
         .trim()

@@ -103,17 +103,23 @@ pub fn thread_cpu_seconds(pid: u32) -> Option<f64> {
     (read > 0).then_some(ns as f64 / 1e9)
 }
 
-/// Resident memory of `pid` in KiB (VmRSS in /proc/PID/status).
+/// Resident memory that `pid` holds itself, in KiB: its anonymous pages (`RssAnon` in
+/// /proc/PID/status; `VmRSS` where the kernel does not report it). The server's SQLite readers
+/// map the database file, and those file pages are the kernel's page cache (shared, dropped
+/// under pressure) that `VmRSS` would count as the server's.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    parse_vm_rss(&status).context("no VmRSS in /proc/PID/status")
+    parse_vm_rss(&status).context("no RssAnon or VmRSS in /proc/PID/status")
 }
 
-/// The VmRSS value (kB) of a /proc/PID/status text.
+/// The `RssAnon` value (kB) of a /proc/PID/status text, else its `VmRSS`.
 pub fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    field("RssAnon:").or_else(|| field("VmRSS:"))
 }
 
 /// Microseconds some task waited for a resource since boot ("some ... total=" of a
@@ -241,6 +247,10 @@ mod tests {
         assert!(parse_vm_rss(&status).unwrap() > 0);
         assert!(cpu_seconds("self", 100.0).unwrap() >= 0.0);
         assert_eq!(parse_vm_rss("Name: x\nVmRSS:\t  2048 kB\n"), Some(2048));
+        assert_eq!(
+            parse_vm_rss("VmRSS:\t  9000 kB\nRssAnon:\t  1024 kB\nRssFile:\t 7976 kB\n"),
+            Some(1024)
+        );
         assert!(thread_cpu_seconds(std::process::id()).is_some_and(|s| s > 0.0));
     }
 
