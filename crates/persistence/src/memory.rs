@@ -44,7 +44,7 @@ impl MemoryStore {
                 first_seq: 1,
                 last_timestamp_ms: 0,
                 events: VecDeque::new(),
-                streams: HashMap::new(),
+                streams: HashMap::default(),
                 stats: WriterStats::default(),
                 hook,
             }),
@@ -108,7 +108,7 @@ struct Row {
 
 #[derive(Default)]
 struct Stream {
-    rows: HashMap<MessageId, Row>,
+    rows: HashMap<MessageId, Row, foldhash::fast::RandomState>,
     /// (stream_sequence, first_sequence) -> message_id: the rows in page order.
     by_position: BTreeMap<(u64, u64), MessageId>,
     /// The stream's retained events' numbers, ascending.
@@ -124,7 +124,7 @@ struct Log {
     first_seq: u64,
     last_timestamp_ms: u64,
     events: VecDeque<Stored>,
-    streams: HashMap<SubscriptionKey, Stream>,
+    streams: HashMap<SubscriptionKey, Stream, foldhash::fast::RandomState>,
     stats: WriterStats,
     hook: CommitHook,
 }
@@ -216,21 +216,31 @@ impl Log {
 
     /// Applies one validated event; `None` for a new event, else the retry's answer.
     fn apply(&mut self, event: NewEvent, timestamp_ms: u64) -> Result<Applied, StoreError> {
-        let stream = self.streams.entry(event.key.clone()).or_default();
-        if let Some(row) = stream.rows.get(&event.message_id).copied() {
-            let index = usize::try_from(row.last_sequence - self.first_seq).unwrap_or(usize::MAX);
-            let same = self
-                .events
+        let Log {
+            streams,
+            events,
+            head,
+            first_seq,
+            ..
+        } = self;
+        // One hash of the key per event: look the stream up, and make it only when new.
+        let stream = match streams.get_mut(&event.key) {
+            Some(stream) => stream,
+            None => streams.entry(event.key.clone()).or_default(),
+        };
+        let existing = stream.rows.get_mut(&event.message_id);
+        if let Some(row) = &existing {
+            let index = usize::try_from(row.last_sequence - *first_seq).unwrap_or(usize::MAX);
+            if events
                 .get(index)
-                .is_some_and(|last| last.data == event.data);
-            if same {
-                return Ok(Applied::Retry(row));
+                .is_some_and(|last| last.data == event.data)
+            {
+                return Ok(Applied::Retry(**row));
             }
         }
-        self.head += 1;
-        let seq = self.head;
-        let stream = self.streams.entry(event.key.clone()).or_default();
-        let row = match stream.rows.get_mut(&event.message_id) {
+        *head += 1;
+        let seq = *head;
+        let row = match existing {
             Some(row) => {
                 row.last_sequence = seq;
                 *row
@@ -262,7 +272,7 @@ impl Log {
             data: event.data.clone(),
             replaced: row.first_sequence != seq,
         };
-        self.events.push_back(Stored {
+        events.push_back(Stored {
             key: event.key,
             message_id: event.message_id,
             timestamp_ms,
@@ -339,23 +349,43 @@ impl MemoryWriter {
             }
         }
         let timestamp_ms = now_ms().max(log.last_timestamp_ms);
-        let mut answers = Vec::with_capacity(events.len());
-        let mut new_events = Vec::with_capacity(events.len());
+        let mut applied = Vec::with_capacity(events.len());
         for event in events {
-            match log.apply(event, timestamp_ms)? {
-                Applied::New(committed) => {
-                    new_events.push(committed.clone());
-                    answers.push(committed);
-                }
-                Applied::Retry(row) => answers.push(log.row_event(&row)?),
-            }
+            applied.push(log.apply(event, timestamp_ms)?);
         }
+        // Usually every event is new: the hook's events are then the answers (no copy).
+        let retries = applied.iter().any(|a| matches!(a, Applied::Retry(_)));
+        let new_events: Vec<CommittedEvent> = applied
+            .iter()
+            .filter_map(|a| match a {
+                Applied::New(committed) if retries => Some(committed.clone()),
+                _ => None,
+            })
+            .collect();
+        let answers = if retries {
+            applied
+                .into_iter()
+                .map(|a| match a {
+                    Applied::New(committed) => Ok(committed),
+                    Applied::Retry(row) => log.row_event(&row),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            applied
+                .into_iter()
+                .filter_map(|a| match a {
+                    Applied::New(committed) => Some(committed),
+                    Applied::Retry(_) => None,
+                })
+                .collect()
+        };
+        let new_events = if retries { &new_events } else { &answers };
         if !new_events.is_empty() {
             log.last_timestamp_ms = timestamp_ms;
             log.stats.transactions_committed += 1;
             log.stats.events_committed += new_events.len() as u64;
             let hook = &mut log.hook;
-            if catch_unwind(AssertUnwindSafe(|| hook(&new_events))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {
                 tracing::error!(
                     events = new_events.len(),
                     "commit hook panicked; events are committed but fan-out may have missed them"

@@ -48,7 +48,7 @@ pub struct TailCache<F> {
     bytes: usize,
     messages: VecDeque<CachedMessage<F>>,
     /// Per key, the numbers of its cached messages, ascending.
-    by_key: HashMap<SubscriptionKey, VecDeque<u64>>,
+    by_key: HashMap<SubscriptionKey, VecDeque<u64>, foldhash::fast::RandomState>,
     head: u64,
 }
 
@@ -59,7 +59,7 @@ impl<F> TailCache<F> {
             budget_bytes,
             bytes: 0,
             messages: VecDeque::new(),
-            by_key: HashMap::new(),
+            by_key: HashMap::default(),
             head,
         }
     }

@@ -167,7 +167,7 @@ impl ApiError {
 
 /// Answers that a layer gave as a bare status (405 from routing, 408 from a timeout) get the
 /// JSON error body every error status has; headers such as `Allow` are kept.
-pub async fn json_error_bodies(r: Response) -> Response {
+pub fn json_error_bodies(r: Response) -> Response {
     let status = r.status();
     if !(status.is_client_error() || status.is_server_error())
         || r.headers().contains_key(axum::http::header::CONTENT_TYPE)

@@ -293,7 +293,7 @@ pub enum HubError {
 
 struct HubState {
     cache: TailCache<Frame>,
-    live: HashMap<SubscriptionKey, Vec<Arc<Subscriber>>>,
+    live: HashMap<SubscriptionKey, Vec<Arc<Subscriber>>, foldhash::fast::RandomState>,
     retention_floor: u64,
 }
 
@@ -355,7 +355,7 @@ impl Hub {
         Ok(Hub {
             state: Mutex::new(HubState {
                 cache,
-                live: HashMap::new(),
+                live: HashMap::default(),
                 retention_floor,
             }),
             epoch,

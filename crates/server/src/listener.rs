@@ -5,8 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -14,15 +17,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-/// Serve `router` on `listener` until `shutdown`; then stop accepting, let requests in flight
+/// Serve `service` on `listener` until `shutdown`; then stop accepting, let requests in flight
 /// finish (idle keep-alive connections are closed) for at most `grace`.
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     header_timeout: Duration,
     shutdown: CancellationToken,
     grace: Duration,
-) {
+) where
+    S: tower::Service<Request, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -44,13 +54,14 @@ pub async fn serve(
         };
         // Frames are small and latency matters: never let Nagle hold one back for an ACK.
         let _ = tcp.set_nodelay(true);
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(req)
-        });
+        let service = service.clone();
+        let per_connection =
+            hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                service.clone().oneshot(req.map(Body::new))
+            });
         let conn = builder
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(TokioIo::new(tcp), per_connection)
             .with_upgrades();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::Response;
@@ -32,18 +31,20 @@ pub fn request_id_of(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers.get(REQUEST_ID).and_then(|v| v.to_str().ok())
 }
 
-/// Wrap `router` with [`Observe`]: the request id, the request's span, the access log and the
-/// error counter, in one service (one boxed future per request; axum's `from_fn` and
-/// tower-http's `TraceLayer` together cost about a quarter of a publish — measured — and the
-/// publish path may lose at most 3 %).
-pub fn layers(router: Router, app: Arc<AppState>) -> Router {
-    router.layer(ObserveLayer { app })
-}
-
-/// See [`layers`].
+/// [`Observe`] as a layer: the request id, the request's span, the access log and the error
+/// counter, in one service (one boxed future per request; axum's `from_fn` and tower-http's
+/// `TraceLayer` together cost about a quarter of a publish — measured — and the publish path
+/// may lose at most 3 %).
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     app: Arc<AppState>,
+}
+
+impl ObserveLayer {
+    /// Observe requests to `app`.
+    pub fn new(app: Arc<AppState>) -> Self {
+        ObserveLayer { app }
+    }
 }
 
 impl<S> tower::Layer<S> for ObserveLayer {
@@ -56,7 +57,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
     }
 }
 
-/// See [`layers`].
+/// See [`ObserveLayer`].
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
