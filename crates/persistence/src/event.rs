@@ -1,6 +1,6 @@
 //! The values that go into and come out of the store.
 
-use seqcast_protocol::{Channel, MessageId, SubscriptionKey};
+use seqcast_protocol::{Channel, MessageId, MessageIdRef, SubscriptionKey};
 
 /// One message to persist. It has no numbers yet: the database assigns them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +69,48 @@ pub struct LogPage {
     /// The retention floor seen in the same read transaction (see
     /// [`crate::EventReader::retention_floor`]). When `floor > after + 1`, events the caller
     /// wanted may have been pruned.
+    pub floor: u64,
+}
+
+/// One event of a key's page as the reader holds it: its text borrowed from the store's row, for
+/// a caller that encodes it straight away ([`crate::EventReader::visit_key_page`]) instead of
+/// keeping a [`CommittedEvent`].
+#[derive(Debug, Clone, Copy)]
+pub struct EventRef<'a> {
+    /// Deployment-wide number.
+    pub sequence_number: u64,
+    /// The row's position in its stream.
+    pub stream_sequence: u64,
+    /// The message id (checked like [`MessageId::parse`]).
+    pub message_id: MessageIdRef<'a>,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// JSON text, verbatim.
+    pub data: &'a str,
+    /// True when this event updated an existing row.
+    pub replaced: bool,
+}
+
+impl<'a> From<&'a CommittedEvent> for EventRef<'a> {
+    fn from(ev: &'a CommittedEvent) -> Self {
+        EventRef {
+            sequence_number: ev.sequence_number,
+            stream_sequence: ev.stream_sequence,
+            message_id: (&ev.message_id).into(),
+            timestamp_ms: ev.timestamp_ms,
+            data: &ev.data,
+            replaced: ev.replaced,
+        }
+    }
+}
+
+/// What a page accounts for, without its events ([`crate::EventReader::visit_key_page`]); the
+/// same meaning as in [`LogPage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageBounds {
+    /// See [`LogPage::covered_through`].
+    pub covered_through: u64,
+    /// See [`LogPage::floor`].
     pub floor: u64,
 }
 

@@ -51,7 +51,9 @@ pub use config::{
     ParseSynchronousError, StoreConfig, Synchronous,
 };
 pub use error::StoreError;
-pub use event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
+pub use event::{
+    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
+};
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{
     DEFAULT_PG_POOL_SIZE, DEFAULT_PG_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgConfig, PgReader,

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, Row, params};
-use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
+use seqcast_protocol::{Channel, MessageId, MessageIdRef, RequestId, SubscriptionKey};
 
 use crate::config::DEFAULT_BUSY_TIMEOUT;
 use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
-use crate::event::{CommittedEvent, EventFilter, LogPage};
+use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds};
 use crate::schema::{self, ConnectionOptions};
 use crate::store::EventReader;
 
@@ -270,6 +270,28 @@ impl EventReader for DbReader {
         })
     }
 
+    fn visit_key_page(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        through: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<PageBounds, StoreError> {
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                let bounds = PageRange::of(conn, after, through, limit)?;
+                let (last, count) = match bounds.sql() {
+                    Some((after_i, through_i, limit_i)) => {
+                        visit_key_events(conn, key, after_i, through_i, limit_i, visit)?
+                    }
+                    None => (0, 0),
+                };
+                Ok(bounds.covered(count, last))
+            })
+        })
+    }
+
     // Binary search over numbers: `first_from(x)` is one primary-key seek, and its timestamp
     // never decreases as `x` grows, so ~log2(head) seeks find the answer.
     fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
@@ -395,10 +417,24 @@ fn in_read_transaction<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let tx = conn.unchecked_transaction()?;
-    let out = f(&tx)?;
-    tx.commit()?;
-    Ok(out)
+    // Cached statements rather than `Transaction` (which parses BEGIN and COMMIT every time):
+    // a catch-up runs one read transaction per page.
+    conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+    match f(conn) {
+        Ok(out) => {
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(out)
+        }
+        Err(e) => {
+            if let Err(rollback) = conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut s| s.execute([]))
+            {
+                tracing::debug!(error = %rollback, "read transaction rollback failed");
+            }
+            Err(e)
+        }
+    }
 }
 
 fn key_stream_id(conn: &Connection, key: &SubscriptionKey) -> Result<Option<i64>, StoreError> {
@@ -438,16 +474,25 @@ impl DbReader {
         through: u64,
         limit: usize,
     ) -> Result<LogPage, StoreError> {
-        let floor = schema::read_floor(conn)?;
-        let limit = limit.max(1);
-        // Events below the floor are pruned (a prune in steps may not have deleted them all).
-        let from = after.max(floor.saturating_sub(1));
-        let events = if through <= from {
-            Vec::new()
-        } else {
-            let (after_i, through_i, limit_i) = (sql_int(from), sql_int(through), sql_limit(limit));
-            match filter {
-                EventFilter::Key(key) => key_page(conn, key, after_i, through_i, limit_i)?,
+        let bounds = PageRange::of(conn, after, through, limit)?;
+        let events = match bounds.sql() {
+            None => Vec::new(),
+            Some((after_i, through_i, limit_i)) => match filter {
+                EventFilter::Key(key) => {
+                    let mut out = Vec::new();
+                    visit_key_events(conn, key, after_i, through_i, limit_i, &mut |ev| {
+                        out.push(CommittedEvent {
+                            sequence_number: ev.sequence_number,
+                            stream_sequence: ev.stream_sequence,
+                            key: key.clone(),
+                            message_id: ev.message_id.to_owned_id(),
+                            timestamp_ms: ev.timestamp_ms,
+                            data: ev.data.to_owned(),
+                            replaced: ev.replaced,
+                        });
+                    })?;
+                    out
+                }
                 // Walks the log from `after`, keeping the channel's events (CROSS JOIN fixes
                 // that loop order, as in `events_after`).
                 EventFilter::Channel(channel) => collect_events(
@@ -462,12 +507,13 @@ impl DbReader {
                     &format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} {PAGE_ALL}"),
                     params![after_i, through_i, limit_i],
                 )?,
-            }
+            },
         };
-        let covered_through = match events.last() {
-            Some(last) if events.len() >= limit => last.sequence_number,
-            _ => through,
-        };
+        let last = events.last().map_or(0, |ev| ev.sequence_number);
+        let PageBounds {
+            covered_through,
+            floor,
+        } = bounds.covered(events.len(), last);
         Ok(LogPage {
             events,
             covered_through,
@@ -476,32 +522,82 @@ impl DbReader {
     }
 }
 
-/// `key`'s events in `(after, through]`, at most `limit`, through the per-stream index.
-fn key_page(
+/// The range a page reads, settled in its read transaction: events below the retention floor
+/// are pruned (a prune in steps may not have deleted them all), so the page starts at the floor.
+struct PageRange {
+    from: u64,
+    through: u64,
+    limit: usize,
+    floor: u64,
+}
+
+impl PageRange {
+    fn of(conn: &Connection, after: u64, through: u64, limit: usize) -> Result<Self, StoreError> {
+        let floor = schema::read_floor(conn)?;
+        Ok(PageRange {
+            from: after.max(floor.saturating_sub(1)),
+            through,
+            limit: limit.max(1),
+            floor,
+        })
+    }
+
+    /// (after, through, limit) as SQL integers, or None when the range is empty.
+    fn sql(&self) -> Option<(i64, i64, i64)> {
+        (self.through > self.from).then(|| {
+            (
+                sql_int(self.from),
+                sql_int(self.through),
+                sql_limit(self.limit),
+            )
+        })
+    }
+
+    /// What a page of `count` events, the last numbered `last`, accounts for: up to its last
+    /// event when the limit cut it, else the whole range.
+    fn covered(&self, count: usize, last: u64) -> PageBounds {
+        PageBounds {
+            covered_through: if count >= self.limit {
+                last
+            } else {
+                self.through
+            },
+            floor: self.floor,
+        }
+    }
+}
+
+/// `key`'s events in `(after, through]`, at most `limit`, through the per-stream index, each
+/// handed to `visit` borrowed from its row. Returns (the last event's number, how many).
+fn visit_key_events(
     conn: &Connection,
     key: &SubscriptionKey,
     after: i64,
     through: i64,
     limit: i64,
-) -> Result<Vec<CommittedEvent>, StoreError> {
+    visit: &mut dyn FnMut(EventRef<'_>),
+) -> Result<(u64, usize), StoreError> {
     let Some(stream_id) = key_stream_id(conn, key)? else {
-        return Ok(Vec::new());
+        return Ok((0, 0));
     };
     let mut stmt = conn.prepare_cached(PAGE_OF_STREAM)?;
     let mut rows = stmt.query(params![stream_id, after, through, limit])?;
-    let mut out = Vec::new();
+    let (mut last, mut count) = (0, 0);
     while let Some(row) = rows.next()? {
-        out.push(CommittedEvent {
-            sequence_number: stored_u64(row.get(0)?, "sequence_number")?,
+        let sequence_number = stored_u64(row.get(0)?, "sequence_number")?;
+        visit(EventRef {
+            sequence_number,
             stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
-            key: key.clone(),
-            message_id: message_id_at(row, 2)?,
+            message_id: MessageIdRef::parse(str_at(row, 2)?)
+                .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))?,
             timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
-            data: row.get(4)?,
+            data: str_at(row, 4)?,
             replaced: row.get(5)?,
         });
+        last = sequence_number;
+        count += 1;
     }
-    Ok(out)
+    Ok((last, count))
 }
 
 fn collect_events(

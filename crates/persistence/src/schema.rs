@@ -234,12 +234,10 @@ pub(crate) fn read_head(conn: &Connection) -> Result<u64, StoreError> {
 
 /// The retention floor (see [`crate::EventReader::retention_floor`]).
 pub(crate) fn read_floor(conn: &Connection) -> Result<u64, StoreError> {
+    // Cached: every page of a catch-up reads it.
     let value: Option<String> = conn
-        .query_row(
-            "SELECT value FROM store_meta WHERE key = 'retention_floor'",
-            [],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT value FROM store_meta WHERE key = 'retention_floor'")?
+        .query_row([], |row| row.get(0))
         .optional()?;
     let value =
         value.ok_or_else(|| StoreError::Corrupt("store_meta has no retention_floor".to_owned()))?;

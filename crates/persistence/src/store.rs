@@ -19,7 +19,9 @@ use std::future::Future;
 use seqcast_protocol::SubscriptionKey;
 
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport};
+use crate::event::{
+    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport,
+};
 use crate::writer::WriterStats;
 
 /// The write side: one writer per store, owning the write connection.
@@ -159,6 +161,28 @@ pub trait EventReader: Clone + Send + Sync + 'static {
         through: u64,
         limit: usize,
     ) -> Result<LogPage, StoreError>;
+
+    /// [`EventReader::page`] of one key, handing each event to `visit` as it is read instead of
+    /// collecting [`CommittedEvent`]s: the catch-up path encodes frames straight from the
+    /// store's rows (SQLite: no copy of the message id or data). The same transaction, order,
+    /// bounds and floor as `page`; `visit` must not call back into the reader.
+    fn visit_key_page(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        through: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<PageBounds, StoreError> {
+        let page = self.page(&EventFilter::Key(key.clone()), after, through, limit)?;
+        for ev in &page.events {
+            visit(ev.into());
+        }
+        Ok(PageBounds {
+            covered_through: page.covered_through,
+            floor: page.floor,
+        })
+    }
 
     /// The smallest retained sequence number whose timestamp is >= `min_timestamp_ms`, or None
     /// when no retained event is that new. Timestamps never decrease along the log, so this is

@@ -499,6 +499,48 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     writer.close().await;
 }
 
+/// `visit_key_page` hands out exactly what `page` returns for the key (fields, bounds, floor),
+/// whether the limit cuts the page or not, for an unknown key, and after a prune.
+async fn visiting_a_key_page_matches_page(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    append_each(&writer, &TEN).await;
+    let head = reader.head().unwrap();
+    let check = |k: &str, after: u64, through: u64, limit: usize| {
+        let key = key(k);
+        let page = reader
+            .page(&EventFilter::Key(key.clone()), after, through, limit)
+            .unwrap();
+        let mut seen = Vec::new();
+        let bounds = reader
+            .visit_key_page(&key, after, through, limit, &mut |ev| {
+                seen.push(CommittedEvent {
+                    sequence_number: ev.sequence_number,
+                    stream_sequence: ev.stream_sequence,
+                    key: key.clone(),
+                    message_id: ev.message_id.to_owned_id(),
+                    timestamp_ms: ev.timestamp_ms,
+                    data: ev.data.to_owned(),
+                    replaced: ev.replaced,
+                });
+            })
+            .unwrap();
+        assert_eq!(seen, page.events, "{k} ({after}, {through}] limit {limit}");
+        assert_eq!(
+            (bounds.covered_through, bounds.floor),
+            (page.covered_through, page.floor)
+        );
+        seen.len()
+    };
+    assert_eq!(check("c:a", 0, head, 2), 2);
+    assert_eq!(check("c:a", 0, head, 100), 5);
+    assert_eq!(check("c:a", 3, 8, 100), 2);
+    assert_eq!(check("x:none", 0, head, 10), 0);
+    assert_eq!(check("c:a", 5, 5, 10), 0);
+    writer.prune(5, 100).await.unwrap();
+    assert_eq!(check("c:a", 0, head, 100), 3);
+    writer.close().await;
+}
+
 /// `count_key` and `nth_newest_of_key` answer from one key's events only.
 async fn key_counts_and_nth_newest(backend: impl Backend) {
     let (writer, reader, _) = backend.open(Box::new(|_| {}));
@@ -926,6 +968,12 @@ macro_rules! contract_tests {
             async fn page_reads_the_log_in_ranges() {
                 let Some(backend) = $backend else { return };
                 super::page_reads_the_log_in_ranges(backend).await;
+            }
+
+            #[tokio::test]
+            async fn visiting_a_key_page_matches_page() {
+                let Some(backend) = $backend else { return };
+                super::visiting_a_key_page_matches_page(backend).await;
             }
 
             #[tokio::test]

@@ -27,8 +27,8 @@ pub use http::{
     decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
 };
 pub use names::{
-    CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, NameError, NameKind, RequestId, SessionId,
-    SubscriptionKey,
+    CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, MessageIdRef, NameError, NameKind, RequestId,
+    SessionId, SubscriptionKey,
 };
 pub use pattern::KeyPattern;
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].

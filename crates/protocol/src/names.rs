@@ -270,6 +270,41 @@ name_type!(
     ID_MAX_LEN,
     is_id_char
 );
+/// A message id borrowed from text, checked like [`MessageId::parse`] but not copied: what a
+/// reader of stored rows hands to the frame encoder without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageIdRef<'a>(&'a str);
+
+impl<'a> MessageIdRef<'a> {
+    /// Validates `s` (the grammar of [`MessageId`]) and borrows it.
+    pub fn parse(s: &'a str) -> Result<Self, NameError> {
+        validate(NameKind::MessageId, s, ID_MAX_LEN, is_id_char)?;
+        Ok(Self(s))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+
+    /// An owned copy.
+    pub fn to_owned_id(&self) -> MessageId {
+        MessageId(Arc::from(self.0))
+    }
+}
+
+impl<'a> From<&'a MessageId> for MessageIdRef<'a> {
+    fn from(id: &'a MessageId) -> Self {
+        MessageIdRef(id.as_str())
+    }
+}
+
+impl fmt::Display for MessageIdRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 name_type!(
     /// A client-supplied id of one browser tab, stable across reconnects: `[A-Za-z0-9_.:-]{1,128}`.
     SessionId,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::client::{FrameError, truncate_for_echo};
-use crate::names::{Channel, MessageId, RequestId, SessionId, SubscriptionKey};
+use crate::names::{Channel, MessageId, MessageIdRef, RequestId, SessionId, SubscriptionKey};
 
 /// Error codes in `error` frames and HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -276,7 +276,7 @@ pub fn encode_message(frame: &MessageFrame) -> String {
         stream_sequence: frame.stream_sequence,
         channel: &frame.channel,
         request_id: &frame.request_id,
-        message_id: &frame.message_id,
+        message_id: (&frame.message_id).into(),
         timestamp: frame.timestamp,
         data_json: frame.data.get(),
     })
@@ -295,7 +295,7 @@ pub struct MessageRef<'a> {
     /// The request id.
     pub request_id: &'a RequestId,
     /// The message id.
-    pub message_id: &'a MessageId,
+    pub message_id: MessageIdRef<'a>,
     /// Milliseconds since the Unix epoch.
     pub timestamp: u64,
     /// The data as JSON text. It is copied verbatim, so it must already be valid JSON (seqcast
@@ -344,9 +344,8 @@ pub(crate) fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &digit in &buf[i..] {
-        out.push(char::from(digit));
-    }
+    // ASCII digits: always UTF-8; one copy rather than a push per digit.
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or("0"));
 }
 
 /// Appends `s` as a JSON string literal (quoted and escaped).

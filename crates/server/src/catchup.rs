@@ -6,12 +6,13 @@
 use seqcast_backlog::{KeyHistory, plan_drain};
 use std::sync::Arc;
 
-use seqcast_persistence::{EventFilter, EventReader};
+use seqcast_persistence::EventReader;
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::hub::Hub;
 use crate::pages::SharedPage;
 use crate::read_log;
 
@@ -189,8 +190,21 @@ pub async fn read_key_page(
 ) -> Result<Arc<SharedPage>, ApiError> {
     app.pages
         .get(&key, after, through, limit, || {
-            let filter = EventFilter::Key(key.clone());
-            async move { read_log!(&app.store, |r| r.page(&filter, after, through, limit)) }
+            let key = key.clone();
+            async move {
+                // Frames are encoded from the rows as they are read (no event is built).
+                read_log!(&app.store, |r| {
+                    let mut frames = Vec::new();
+                    let bounds = r.visit_key_page(&key, after, through, limit, &mut |ev| {
+                        frames.push(Hub::frame_of_row(&key, &ev));
+                    })?;
+                    Ok::<_, seqcast_persistence::StoreError>(SharedPage {
+                        frames,
+                        covered_through: bounds.covered_through,
+                        floor: bounds.floor,
+                    })
+                })
+            }
         })
         .await
 }

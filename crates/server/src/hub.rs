@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
-use seqcast_persistence::CommittedEvent;
+use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
@@ -411,14 +411,20 @@ impl Hub {
     /// once at publish, and the database refuses anything else (`CHECK (json_valid(data))`), so it
     /// is copied verbatim, never re-parsed.
     pub fn frame_of(ev: &CommittedEvent) -> Frame {
+        Hub::frame_of_row(&ev.key, &ev.into())
+    }
+
+    /// The frame of an event of `key` as a reader holds it (see
+    /// [`seqcast_persistence::EventReader::visit_key_page`]).
+    pub fn frame_of_row(key: &SubscriptionKey, ev: &EventRef<'_>) -> Frame {
         Utf8Bytes::from(encode_message_ref(&MessageRef {
             sequence_number: ev.sequence_number,
             stream_sequence: ev.stream_sequence,
-            channel: ev.key.channel(),
-            request_id: ev.key.request_id(),
-            message_id: &ev.message_id,
+            channel: key.channel(),
+            request_id: key.request_id(),
+            message_id: ev.message_id,
             timestamp: ev.timestamp_ms,
-            data_json: &ev.data,
+            data_json: ev.data,
         }))
     }
 

@@ -15,7 +15,7 @@ use seqcast_protocol::SubscriptionKey;
 use tokio::sync::OnceCell;
 
 use crate::error::ApiError;
-use crate::hub::{Frame, Hub};
+use crate::hub::Frame;
 
 /// One page as the cursors use it.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ impl PageCache {
     }
 
     /// The page of `key` in `(after, through]` (at most `limit` messages): cached, being read by
-    /// another cursor (then it waits for that read), or read now with `read`.
+    /// another cursor (then it waits for that read), or read (and encoded) now with `read`.
     pub async fn get<F, Fut>(
         &self,
         key: &SubscriptionKey,
@@ -72,7 +72,7 @@ impl PageCache {
     ) -> Result<Arc<SharedPage>, ApiError>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<seqcast_persistence::LogPage, ApiError>>,
+        Fut: std::future::Future<Output = Result<SharedPage, ApiError>>,
     {
         let id: PageId = (key.clone(), after, through, limit);
         let slot = Arc::clone(self.lock().slots.entry(id.clone()).or_default());
@@ -80,13 +80,8 @@ impl PageCache {
         let result = slot
             .get_or_try_init(|| async {
                 let page = read().await?;
-                let frames: Vec<Frame> = page.events.iter().map(Hub::frame_of).collect();
-                filled_here = Some(frames.iter().map(|f| f.len() + 64).sum::<usize>());
-                Ok::<_, ApiError>(Arc::new(SharedPage {
-                    frames,
-                    covered_through: page.covered_through,
-                    floor: page.floor,
-                }))
+                filled_here = Some(page.frames.iter().map(|f| f.len() + 64).sum::<usize>());
+                Ok::<_, ApiError>(Arc::new(page))
             })
             .await
             .cloned();
