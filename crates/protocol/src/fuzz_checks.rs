@@ -4,8 +4,8 @@
 //! invariants on what it accepts.
 
 use crate::{
-    Channel, ClientFrame, QueryParams, RequestId, decode_batch, decode_client_frame,
-    decode_publish, parse_u64_param,
+    Channel, ClientFrame, DEFAULT_PAGE, MAX_PAGE, RecoverParams, RequestId, StreamParams,
+    decode_batch, decode_client_frame, decode_publish, decode_query, page_limit, parse_u64_param,
 };
 
 /// A client WebSocket frame (text; non-UTF-8 bytes are what the server closes with 1007 before
@@ -25,25 +25,43 @@ pub fn client_frame(data: &[u8]) {
 /// within its bounds.
 pub fn http_query(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let allowed = ["since", "channel", "request_id", "limit", "epoch", "after"];
-    if let Ok(q) = QueryParams::parse(Some(&text), &allowed) {
-        for name in ["since", "after"] {
-            if let Ok(Some(n)) = q.u64(name) {
-                assert_eq!(parse_u64_param(name, &n.to_string()), Ok(n));
-            }
+    // The types and decoder the server's handlers use.
+    if let Ok(q) = decode_query::<RecoverParams>(&text) {
+        if let Some(n) = q.since {
+            assert_eq!(parse_u64_param("since", &n.to_string()), Ok(n));
         }
-        if let Ok(limit) = q.limit(1_000, 10_000) {
-            assert!((1..=10_000).contains(&limit));
-        }
-        if let Some(c) = q.get("channel").and_then(|c| Channel::new(c).ok()) {
+        check_limit(q.limit);
+        if let Some(c) = q.channel.as_deref().and_then(|c| Channel::new(c).ok()) {
             assert!(!c.as_str().contains(':'));
         }
-        let _ = q.get("request_id").map(RequestId::new);
+        let _ = q.request_id.map(RequestId::new);
+    }
+    if let Ok(q) = decode_query::<StreamParams>(&text) {
+        if let Some(n) = q.after {
+            assert_eq!(parse_u64_param("after", &n.to_string()), Ok(n));
+        }
+        check_limit(q.limit);
     }
     let mut segments = text.splitn(3, '/');
     if let (Some(channel), Some(request_id)) = (segments.next(), segments.next()) {
         let _ = Channel::new(channel);
         let _ = RequestId::new(request_id);
+    }
+}
+
+/// An accepted `limit` is within `1..=MAX_PAGE`, and absent means the default.
+fn check_limit(limit: Option<u64>) {
+    match page_limit(limit) {
+        Ok(n) => {
+            assert!((1..=MAX_PAGE as usize).contains(&n));
+            if limit.is_none() {
+                assert_eq!(n, DEFAULT_PAGE as usize);
+            }
+        }
+        Err(e) => {
+            assert_eq!(e.param, "limit");
+            assert!(limit.is_some_and(|l| l == 0 || l > MAX_PAGE));
+        }
     }
 }
 

@@ -309,60 +309,96 @@ pub struct ParamError {
     pub message: String,
 }
 
-/// A request's query string, decoded once (percent-decoding, `+` as space), with only the
-/// parameters an endpoint names allowed, and clear errors for bad values.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct QueryParams(Vec<(String, String)>);
+/// The most items one recovery answer or stream page may hold (`limit`).
+pub const MAX_PAGE: u64 = 10_000;
+/// `limit` when a request gives none.
+pub const DEFAULT_PAGE: u64 = 1_000;
 
-impl QueryParams {
-    /// Decodes `raw` (the part after `?`, if any); a parameter not in `allowed` is an error.
-    pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Self, ParamError> {
-        let pairs: Vec<(String, String)> = match raw {
-            None => Vec::new(),
-            Some(q) => serde_urlencoded::from_str(q).map_err(|e| ParamError {
-                param: "query".to_owned(),
-                message: format!("invalid query string: {e}"),
-            })?,
-        };
-        for (k, _) in &pairs {
-            if !allowed.contains(&k.as_str()) {
-                return Err(ParamError {
-                    param: truncate_for_echo(k),
-                    message: format!(
-                        "unknown query parameter {:?}; allowed: {}",
-                        truncate_for_echo(k),
-                        allowed.join(", ")
-                    ),
-                });
-            }
-        }
-        Ok(QueryParams(pairs))
-    }
+/// Decodes a query string (the part after `?`; percent-decoding, `+` as space) into `T`, whose
+/// fields are the parameters an endpoint takes: an unknown parameter, a repeated one or a bad
+/// value is an error that names it.
+pub fn decode_query<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T, ParamError> {
+    serde_urlencoded::from_str(raw).map_err(|e| ParamError {
+        param: "query".to_owned(),
+        message: format!("invalid query: {e}"),
+    })
+}
 
-    /// The first value of `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+/// `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+pub fn page_limit(limit: Option<u64>) -> Result<usize, ParamError> {
+    let fail = |message: String| ParamError {
+        param: "limit".to_owned(),
+        message,
+    };
+    match limit {
+        None => Ok(DEFAULT_PAGE as usize),
+        Some(0) => Err(fail("limit must be at least 1".into())),
+        Some(n) if n > MAX_PAGE => Err(fail(format!("limit must be at most {MAX_PAGE}, got {n}"))),
+        // At most MAX_PAGE, so it fits any usize.
+        Some(n) => Ok(n as usize),
     }
+}
 
-    /// `name` as a u64 (see [`parse_u64_param`]), if present.
-    pub fn u64(&self, name: &str) -> Result<Option<u64>, ParamError> {
-        self.get(name).map(|v| parse_u64_param(name, v)).transpose()
-    }
+/// A `u64` parameter with [`parse_u64_param`]'s message for a bad value.
+fn u64_param<'de, D: serde::Deserializer<'de>>(
+    name: &'static str,
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let raw = <String as Deserialize>::deserialize(d)?;
+    parse_u64_param(name, &raw)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(e.to_string()))
+}
 
-    /// `limit`: `default` when absent, at least 1, capped at `max`.
-    pub fn limit(&self, default: u64, max: u64) -> Result<u64, ParamError> {
-        match self.u64("limit")? {
-            None => Ok(default.min(max)),
-            Some(0) => Err(ParamError {
-                param: "limit".to_owned(),
-                message: "limit must be at least 1".to_owned(),
-            }),
-            Some(n) => Ok(n.min(max)),
-        }
-    }
+fn since_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("since", d)
+}
+
+fn after_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("after", d)
+}
+
+fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("limit", d)
+}
+
+/// `GET /websocket/messages` parameters ([`decode_query`]).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecoverParams {
+    /// Answer the messages after this sequence number (0: from the window's start).
+    #[serde(default, deserialize_with = "since_param")]
+    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
+    pub since: Option<u64>,
+    /// Only this channel's messages.
+    #[param(value_type = Option<Channel>)]
+    pub channel: Option<String>,
+    /// Only this request id's messages: of one key with `channel`, else in every channel the
+    /// token may read.
+    #[param(value_type = Option<RequestId>)]
+    pub request_id: Option<String>,
+    /// At most this many messages (1 to 10000, default 1000).
+    #[serde(default, deserialize_with = "limit_param")]
+    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
+    pub limit: Option<u64>,
+    /// The epoch the client's `since` belongs to; another epoch answers `complete: false`.
+    pub epoch: Option<String>,
+}
+
+/// `GET /api/streams/{channel}/{request_id}/messages` parameters ([`decode_query`]).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamParams {
+    /// Rows after this `stream_sequence` (default 0).
+    #[serde(default, deserialize_with = "after_param")]
+    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
+    pub after: Option<u64>,
+    /// At most this many rows (1 to 10000, default 1000).
+    #[serde(default, deserialize_with = "limit_param")]
+    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
+    pub limit: Option<u64>,
 }
 
 /// Parses a query parameter such as `since`, `after` or `limit`: plain decimal digits, a u64.

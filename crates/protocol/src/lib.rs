@@ -22,9 +22,10 @@ pub use client::{
     Auth, ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame,
 };
 pub use http::{
-    BatchPublishRequest, BatchPublishResponse, BodyError, ErrorBody, ErrorDetail, ParamError,
-    PublishRequest, PublishResponse, QueryParams, RecoveryMeta, RecoveryResponse, StreamPage,
-    decode_batch, decode_publish, encode_recovery_response, encode_stream_page, parse_u64_param,
+    BatchPublishRequest, BatchPublishResponse, BodyError, DEFAULT_PAGE, ErrorBody, ErrorDetail,
+    MAX_PAGE, ParamError, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
+    RecoveryResponse, StreamPage, StreamParams, decode_batch, decode_publish, decode_query,
+    encode_recovery_response, encode_stream_page, page_limit, parse_u64_param,
 };
 pub use names::{
     CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, MessageIdRef, NameError, NameKind, RequestId,

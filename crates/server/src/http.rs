@@ -8,9 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoveryMeta,
-    RequestId, SubscriptionKey, decode_batch, decode_publish, encode_recovery_response,
-    encode_stream_page, parse_u64_param,
+    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoverParams,
+    RecoveryMeta, RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish,
+    decode_query, encode_recovery_response, encode_stream_page, page_limit,
 };
 use seqcast_sequencing::{Resume, resume};
 
@@ -22,11 +22,6 @@ use crate::hub::{Frame, Hub};
 use crate::metrics::PublishEndpoint;
 use crate::{now_ms, read_log};
 use seqcast_protocol::{BatchPublishRequest, ErrorBody};
-
-/// Most messages one recovery or stream page returns.
-pub const MAX_PAGE: u64 = 10_000;
-/// Page size when `limit` is not given.
-pub const DEFAULT_PAGE: u64 = 1_000;
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -43,8 +38,9 @@ fn json_response(status: StatusCode, body: String) -> Response {
     r
 }
 
-/// A query string decoded into `T` (which refuses unknown parameters): any failure is a 400
-/// `bad_request` with a JSON body, as the contract wants, rather than axum's plain-text 400.
+/// A query string decoded into `T` ([`seqcast_protocol::decode_query`]: unknown parameters are
+/// refused): any failure is a 400 `bad_request` with a JSON body, as the contract wants, rather
+/// than axum's plain-text 400.
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
 
@@ -57,85 +53,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
         parts: &mut axum::http::request::Parts,
         _state: &S,
     ) -> Result<Self, ApiError> {
-        let raw = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(raw)
-            .map(ApiQuery)
-            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
+        Ok(ApiQuery(decode_query(parts.uri.query().unwrap_or(""))?))
     }
-}
-
-/// A `u64` parameter with the contract's message for a bad value.
-fn u64_param<'de, D: serde::Deserializer<'de>>(
-    name: &'static str,
-    d: D,
-) -> Result<Option<u64>, D::Error> {
-    let raw = <String as serde::Deserialize>::deserialize(d)?;
-    parse_u64_param(name, &raw)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(e.to_string()))
-}
-
-fn since_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    u64_param("since", d)
-}
-
-fn after_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    u64_param("after", d)
-}
-
-fn limit_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    u64_param("limit", d)
-}
-
-/// `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
-fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
-    match limit {
-        None => Ok(DEFAULT_PAGE as usize),
-        Some(0) => Err(ApiError::BadRequest("limit must be at least 1".into())),
-        Some(n) if n > MAX_PAGE => Err(ApiError::BadRequest(format!(
-            "limit must be at most {MAX_PAGE}, got {n}"
-        ))),
-        Some(n) => Ok(n as usize),
-    }
-}
-
-/// `GET /websocket/messages` parameters.
-#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct RecoverParams {
-    /// Answer the messages after this sequence number (0: from the window's start).
-    #[serde(default, deserialize_with = "since_param")]
-    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
-    pub since: Option<u64>,
-    /// Only this channel's messages.
-    #[param(value_type = Option<Channel>)]
-    pub channel: Option<String>,
-    /// Only this request id's messages: of one key with `channel`, else in every channel the
-    /// token may read.
-    #[param(value_type = Option<RequestId>)]
-    pub request_id: Option<String>,
-    /// At most this many messages (1 to 10000, default 1000).
-    #[serde(default, deserialize_with = "limit_param")]
-    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
-    pub limit: Option<u64>,
-    /// The epoch the client's `since` belongs to; another epoch answers `complete: false`.
-    pub epoch: Option<String>,
-}
-
-/// `GET /api/streams/{channel}/{request_id}/messages` parameters.
-#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct StreamParams {
-    /// Rows after this `stream_sequence` (default 0).
-    #[serde(default, deserialize_with = "after_param")]
-    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
-    pub after: Option<u64>,
-    /// At most this many rows (1 to 10000, default 1000).
-    #[serde(default, deserialize_with = "limit_param")]
-    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
-    pub limit: Option<u64>,
 }
 
 #[utoipa::path(
