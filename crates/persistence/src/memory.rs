@@ -6,7 +6,8 @@
 //! Reads take the lock for one consistent snapshot.
 //!
 //! Memory is bounded only by pruning ([`EventWriter::prune`]): every event stays until the
-//! server's retention prunes it. Nothing survives the process; a new store starts at head 0
+//! server's retention prunes it, and a key whose rows were all pruned keeps one number (the
+//! highest position it gave, as SQLite's `streams` row keeps it), so positions never go back. Nothing survives the process; a new store starts at head 0
 //! with a new epoch.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -45,6 +46,7 @@ impl MemoryStore {
                 last_timestamp_ms: 0,
                 events: VecDeque::new(),
                 streams: HashMap::default(),
+                emptied: HashMap::default(),
                 stats: WriterStats::default(),
                 hook,
             }),
@@ -113,6 +115,8 @@ struct Stream {
     by_position: BTreeMap<(u64, u64), MessageId>,
     /// The stream's retained events' numbers, ascending.
     numbers: VecDeque<u64>,
+    /// The highest position of a row pruning removed (positions never go back).
+    pruned_position: u64,
 }
 
 struct Log {
@@ -125,6 +129,9 @@ struct Log {
     last_timestamp_ms: u64,
     events: VecDeque<Stored>,
     streams: HashMap<SubscriptionKey, Stream, foldhash::fast::RandomState>,
+    /// Streams pruned empty: the highest position they gave, for their next row (as SQLite's
+    /// `streams.pruned_position`). One number per such key.
+    emptied: HashMap<SubscriptionKey, u64, foldhash::fast::RandomState>,
     stats: WriterStats,
     hook: CommitHook,
 }
@@ -218,6 +225,7 @@ impl Log {
     fn apply(&mut self, event: NewEvent, timestamp_ms: u64) -> Result<Applied, StoreError> {
         let Log {
             streams,
+            emptied,
             events,
             head,
             first_seq,
@@ -226,7 +234,10 @@ impl Log {
         // One hash of the key per event: look the stream up, and make it only when new.
         let stream = match streams.get_mut(&event.key) {
             Some(stream) => stream,
-            None => streams.entry(event.key.clone()).or_default(),
+            None => streams.entry(event.key.clone()).or_insert_with(|| Stream {
+                pruned_position: emptied.remove(&event.key).unwrap_or(0),
+                ..Stream::default()
+            }),
         };
         let existing = stream.rows.get_mut(&event.message_id);
         if let Some(row) = &existing {
@@ -249,7 +260,9 @@ impl Log {
                 let stream_sequence = stream
                     .by_position
                     .last_key_value()
-                    .map_or(1, |((position, _), _)| position + 1);
+                    .map_or(0, |((position, _), _)| *position)
+                    .max(stream.pruned_position)
+                    + 1;
                 let row = Row {
                     stream_sequence,
                     first_sequence: seq,
@@ -302,9 +315,14 @@ impl Log {
             stream
                 .by_position
                 .remove(&(row.stream_sequence, row.first_sequence));
+            stream.pruned_position = stream.pruned_position.max(row.stream_sequence);
         }
         if stream.rows.is_empty() && stream.numbers.is_empty() {
+            let pruned_position = stream.pruned_position;
             self.streams.remove(&stored.key);
+            if pruned_position > 0 {
+                self.emptied.insert(stored.key, pruned_position);
+            }
         }
     }
 }

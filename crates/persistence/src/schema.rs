@@ -39,10 +39,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "event_positions",
         sql: include_str!("../migrations/0004_event_positions.sql"),
     },
+    Migration {
+        version: 5,
+        name: "pruned_positions",
+        sql: include_str!("../migrations/0005_pruned_positions.sql"),
+    },
 ];
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// One migration that [`migrate`] applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

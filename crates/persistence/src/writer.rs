@@ -379,7 +379,8 @@ fn read_last_timestamp(conn: &Connection) -> Result<u64, StoreError> {
     stored_u64(ts.unwrap_or(0), "timestamp_ms")
 }
 
-const FIND_STREAM: &str = "SELECT stream_id FROM streams WHERE channel = ?1 AND request_id = ?2";
+const FIND_STREAM: &str =
+    "SELECT stream_id, pruned_position FROM streams WHERE channel = ?1 AND request_id = ?2";
 const INSERT_STREAM: &str = "INSERT INTO streams (channel, request_id) VALUES (?1, ?2)";
 // The event with its stream position and whether it updates an existing row, both decided
 // before it is written (see `insert_command`).
@@ -389,8 +390,10 @@ const INSERT_EVENT: &str = "INSERT INTO events \
 // The row of (stream, message_id), if the stream has one: its position, first and last event.
 const FIND_ROW: &str = "SELECT stream_sequence, first_sequence, last_sequence FROM stream_rows \
      WHERE message_id = ?2 AND stream_id = ?1";
-// A new row's position: one past the stream's last (a seek to the end of the stream's range of
-// the clustered stream_rows, the leaf the insert then writes).
+// One past the stream's last live row (a seek to the end of the stream's range of the clustered
+// stream_rows, the leaf the insert then writes). A new row's position is the larger of this and
+// one past the highest position the pruner removed from the stream (`streams.pruned_position`,
+// read with the stream's id), so positions never go back.
 const NEXT_POSITION: &str =
     "SELECT COALESCE(MAX(stream_sequence), 0) + 1 FROM stream_rows WHERE stream_id = ?1";
 const INSERT_ROW: &str = "INSERT INTO stream_rows \
@@ -405,23 +408,32 @@ const EVENT_DATA_IS: &str =
 
 /// Stream ids of committed streams, so the hot path skips the text lookup in `streams`.
 /// Only committed ids go in (streams rows are never deleted), so a rollback cannot leave a
-/// stale entry; cleared when the connection is reopened.
+/// stale entry; cleared when the connection is reopened. Each id comes with the stream's
+/// `pruned_position` as read with it; a prune step that deleted anything clears the cache, so
+/// a cached value is always the database's.
 #[derive(Debug, Default)]
 struct StreamIds {
-    committed: HashMap<SubscriptionKey, i64>,
+    committed: HashMap<SubscriptionKey, StreamRef>,
+}
+
+/// A stream as the writer needs it: its id, and the highest position pruning removed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamRef {
+    id: i64,
+    pruned_position: i64,
 }
 
 /// Past this many keys the cache starts over rather than grow without bound.
 const MAX_CACHED_STREAMS: usize = 100_000;
 
 impl StreamIds {
-    fn remember(&mut self, events: &[CommittedEvent], ids: &[i64]) {
+    fn remember(&mut self, events: &[CommittedEvent], streams: &[StreamRef]) {
         if self.committed.len() + events.len() > MAX_CACHED_STREAMS {
             self.committed.clear();
         }
-        for (event, &id) in events.iter().zip(ids) {
+        for (event, &stream) in events.iter().zip(streams) {
             if !self.committed.contains_key(&event.key) {
-                self.committed.insert(event.key.clone(), id);
+                self.committed.insert(event.key.clone(), stream);
             }
         }
     }
@@ -668,7 +680,7 @@ impl Writer {
         // Committed: pair each event with the numbers the database gave it (moving, not
         // copying, the publisher's data).
         let mut committed: Vec<CommittedEvent> = Vec::with_capacity(assigned.len());
-        let mut stream_ids: Vec<i64> = Vec::with_capacity(assigned.len());
+        let mut stream_ids: Vec<StreamRef> = Vec::with_capacity(assigned.len());
         let retries = assigned.iter().filter(|n| n.retry_of.is_some()).count();
         let mut is_retry: Vec<bool> = Vec::new();
         let mut numbers = assigned.into_iter();
@@ -680,7 +692,7 @@ impl Writer {
             }
             sizes.push(Some(events.len()));
             for (event, n) in events.into_iter().zip(numbers.by_ref()) {
-                stream_ids.push(n.stream_id);
+                stream_ids.push(n.stream);
                 if retries > 0 {
                     is_retry.push(n.retry_of.is_some());
                 }
@@ -758,6 +770,10 @@ impl Writer {
             return Err(StoreError::Closed);
         };
         let result = prune_step(conn, below, max_events);
+        if result.as_ref().is_ok_and(|r| r.deleted > 0) {
+            // Rows went: streams' pruned positions may have risen.
+            self.stream_ids = StreamIds::default();
+        }
         if let Err(err) = &result {
             rollback_quietly(conn);
             tracing::warn!(error = %err, "prune failed; nothing was deleted");
@@ -873,7 +889,7 @@ struct Assigned {
     sequence_number: u64,
     stream_sequence: u64,
     replaced: bool,
-    stream_id: i64,
+    stream: StreamRef,
     /// `Some(timestamp of the committed event)` when this event was a retry: nothing was
     /// written and the numbers are the row's last event's.
     retry_of: Option<u64>,
@@ -998,7 +1014,8 @@ impl<'conn> Statements<'conn> {
     /// the next position of its stream and a new row; a known one with different data updates
     /// the row (same position, `replaced`); a known one with byte-identical data is a retry and
     /// writes nothing (no number is used: numbers stay dense). Sequence numbers come from the
-    /// AUTOINCREMENT insert, positions from the rows: both from SQLite, never from Rust state.
+    /// AUTOINCREMENT insert, positions from the rows and the stream's `pruned_position`: all
+    /// from SQLite (the last one as read with the stream's id, cached until a prune deletes).
     fn insert_command(
         &mut self,
         conn: &Connection,
@@ -1009,10 +1026,11 @@ impl<'conn> Statements<'conn> {
     ) -> Result<(), rusqlite::Error> {
         let ts = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
         for event in events {
-            let stream_id = match stream_ids.committed.get(&event.key) {
-                Some(&id) => id,
-                None => stream_id(conn, &event.key)?,
+            let stream = match stream_ids.committed.get(&event.key) {
+                Some(&stream) => stream,
+                None => stream_ref(conn, &event.key)?,
             };
+            let stream_id = stream.id;
             let message_id = event.message_id.as_str();
             let row: Option<(i64, i64, i64)> = self
                 .find_row
@@ -1022,9 +1040,10 @@ impl<'conn> Statements<'conn> {
                 .optional()?;
             let assigned = match row {
                 None => {
-                    let position: i64 = self
+                    let after_live: i64 = self
                         .next_position
                         .query_row(params![stream_id], |row| row.get(0))?;
+                    let position = after_live.max(stream.pruned_position + 1);
                     let sequence_number = self.insert_event.insert(params![
                         stream_id, message_id, ts, event.data, position, false
                     ])?;
@@ -1038,7 +1057,7 @@ impl<'conn> Statements<'conn> {
                         sequence_number: to_u64(sequence_number)?,
                         stream_sequence: to_u64(position)?,
                         replaced: false,
-                        stream_id,
+                        stream,
                         retry_of: None,
                     }
                 }
@@ -1054,7 +1073,7 @@ impl<'conn> Statements<'conn> {
                             sequence_number: to_u64(last_sequence)?,
                             stream_sequence: to_u64(position)?,
                             replaced: first_sequence != last_sequence,
-                            stream_id,
+                            stream,
                             retry_of: Some(to_u64(last_ts)?),
                         }
                     } else {
@@ -1071,7 +1090,7 @@ impl<'conn> Statements<'conn> {
                             sequence_number: to_u64(sequence_number)?,
                             stream_sequence: to_u64(position)?,
                             replaced: true,
-                            stream_id,
+                            stream,
                             retry_of: None,
                         }
                     }
@@ -1083,19 +1102,27 @@ impl<'conn> Statements<'conn> {
     }
 }
 
-/// The id of `key`'s stream, creating the stream on its first event.
-fn stream_id(conn: &Connection, key: &SubscriptionKey) -> Result<i64, rusqlite::Error> {
+/// `key`'s stream, creating it on its first event.
+fn stream_ref(conn: &Connection, key: &SubscriptionKey) -> Result<StreamRef, rusqlite::Error> {
     let channel = key.channel().as_str();
     let request_id = key.request_id().as_str();
-    let found: Option<i64> = conn
+    let found: Option<StreamRef> = conn
         .prepare_cached(FIND_STREAM)?
-        .query_row(params![channel, request_id], |row| row.get(0))
+        .query_row(params![channel, request_id], |row| {
+            Ok(StreamRef {
+                id: row.get(0)?,
+                pruned_position: row.get(1)?,
+            })
+        })
         .optional()?;
     match found {
-        Some(id) => Ok(id),
-        None => conn
-            .prepare_cached(INSERT_STREAM)?
-            .insert(params![channel, request_id]),
+        Some(stream) => Ok(stream),
+        None => Ok(StreamRef {
+            id: conn
+                .prepare_cached(INSERT_STREAM)?
+                .insert(params![channel, request_id])?,
+            pruned_position: 0,
+        }),
     }
 }
 
@@ -1110,6 +1137,17 @@ fn to_u64(value: i64) -> Result<u64, rusqlite::Error> {
 const PRUNE_ROWS: &str = "DELETE FROM stream_rows WHERE (message_id, stream_id) IN \
          (SELECT message_id, stream_id FROM events WHERE sequence_number <= ?1) \
      AND last_sequence <= ?1";
+
+/// Before [`PRUNE_ROWS`]: each stream keeps the highest position of the rows that step deletes
+/// (same rows, same index), so its next row's position never goes back.
+const KEEP_PRUNED_POSITIONS: &str = "UPDATE streams SET pruned_position = \
+         MAX(pruned_position, gone.top) \
+     FROM (SELECT stream_id, MAX(stream_sequence) AS top FROM stream_rows \
+           WHERE (message_id, stream_id) IN \
+                 (SELECT message_id, stream_id FROM events WHERE sequence_number <= ?1) \
+             AND last_sequence <= ?1 \
+           GROUP BY stream_id) AS gone \
+     WHERE streams.stream_id = gone.stream_id";
 
 /// The body of one prune step; the caller rolls back on error.
 fn prune_step(conn: &Connection, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
@@ -1137,6 +1175,8 @@ fn prune_step(conn: &Connection, below: u64, max_events: usize) -> Result<PruneR
     };
     let mut deleted = 0u64;
     if let Some(end) = step_end {
+        conn.prepare_cached(KEEP_PRUNED_POSITIONS)?
+            .execute(params![end])?;
         conn.prepare_cached(PRUNE_ROWS)?.execute(params![end])?;
         let n = conn
             .prepare_cached("DELETE FROM events WHERE sequence_number <= ?1")?

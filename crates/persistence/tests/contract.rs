@@ -499,6 +499,53 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     writer.close().await;
 }
 
+/// A stream's positions never go back: after pruning removed its newest row, or all of its rows,
+/// a new row gets one past the highest position the stream ever gave (a client paging the stream
+/// by `after` would otherwise never see it).
+async fn positions_never_go_back_after_pruning(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let positions = |events: &[CommittedEvent]| -> Vec<u64> {
+        events.iter().map(|e| e.stream_sequence).collect()
+    };
+    // p:x gets rows 1..3; q:y gets a (1) and b (2), then a is updated (event 6).
+    let first = append_each(
+        &writer,
+        &[
+            ("p:x", "m1", "1"),
+            ("p:x", "m2", "2"),
+            ("p:x", "m3", "3"),
+            ("q:y", "a", "4"),
+            ("q:y", "b", "5"),
+            ("q:y", "a", "6"),
+        ],
+    )
+    .await;
+    assert_eq!(positions(&first), vec![1, 2, 3, 1, 2, 1]);
+    // Everything up to event 5 goes: all of p:x, and q:y's row b (its last event is 5); row a
+    // lives on (its last event, 6, stays).
+    let report = writer.prune(6, 100).await.unwrap();
+    assert_eq!((report.floor, report.deleted), (6, 5));
+    assert!(reader.stream_rows(&key("p:x"), 0, 10).unwrap().is_empty());
+    assert_eq!(
+        positions(&reader.stream_rows(&key("q:y"), 0, 10).unwrap()),
+        vec![1]
+    );
+    let next = append_each(&writer, &[("p:x", "m4", "7"), ("q:y", "c", "8")]).await;
+    assert_eq!(positions(&next), vec![4, 3]);
+    assert_eq!(
+        positions(&reader.stream_rows(&key("p:x"), 3, 10).unwrap()),
+        vec![4]
+    );
+    assert_eq!(
+        positions(&reader.stream_rows(&key("q:y"), 0, 10).unwrap()),
+        vec![1, 3]
+    );
+    // And the position stays past the pruned ones from then on.
+    let more = append_each(&writer, &[("p:x", "m5", "9")]).await;
+    assert_eq!(positions(&more), vec![5]);
+    writer.close().await;
+}
+
 /// `visit_key_page` hands out exactly what `page` returns for the key (fields, bounds, floor),
 /// whether the limit cuts the page or not, for an unknown key, and after a prune.
 async fn visiting_a_key_page_matches_page(backend: impl Backend) {
@@ -968,6 +1015,12 @@ macro_rules! contract_tests {
             async fn page_reads_the_log_in_ranges() {
                 let Some(backend) = $backend else { return };
                 super::page_reads_the_log_in_ranges(backend).await;
+            }
+
+            #[tokio::test]
+            async fn positions_never_go_back_after_pruning() {
+                let Some(backend) = $backend else { return };
+                super::positions_never_go_back_after_pruning(backend).await;
             }
 
             #[tokio::test]

@@ -67,6 +67,8 @@ struct Model {
     /// Events numbered up to this one are deleted (pruned).
     deleted_through: u64,
     rows: BTreeMap<(usize, usize), Row>,
+    /// Per key, the highest position of a row pruning removed: positions never go back.
+    pruned_position: BTreeMap<usize, u64>,
     log: Vec<(u64, u64, usize, usize, String, bool)>,
 }
 
@@ -77,6 +79,7 @@ impl Default for Model {
             floor: 1,
             deleted_through: 0,
             rows: BTreeMap::new(),
+            pruned_position: BTreeMap::new(),
             log: Vec::new(),
         }
     }
@@ -106,6 +109,7 @@ impl Model {
                 .map(|(_, row)| row.0)
                 .max()
                 .unwrap_or(0)
+                .max(self.pruned_position.get(k).copied().unwrap_or(0))
                 + 1;
             let row = self
                 .rows
@@ -127,6 +131,12 @@ impl Model {
         let start = self.deleted_through;
         let end = (start + max_events as u64).min(self.floor - 1).max(start);
         self.deleted_through = end;
+        for ((k, _), row) in &self.rows {
+            if row.3 <= end {
+                let top = self.pruned_position.entry(*k).or_insert(0);
+                *top = (*top).max(row.0);
+            }
+        }
         self.rows.retain(|_, row| row.3 > end);
         PruneReport {
             floor: self.floor,

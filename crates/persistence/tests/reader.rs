@@ -187,6 +187,10 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
             AppliedMigration {
                 version: 4,
                 name: "event_positions"
+            },
+            AppliedMigration {
+                version: 5,
+                name: "pruned_positions"
             }
         ]
     );
@@ -202,7 +206,7 @@ fn migrate_is_idempotent_and_keeps_the_epoch() {
     let recorded: i64 = conn
         .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(recorded, 4);
+    assert_eq!(recorded, i64::from(SCHEMA_VERSION));
     let journal: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
@@ -268,6 +272,10 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
             AppliedMigration {
                 version: 4,
                 name: "event_positions"
+            },
+            AppliedMigration {
+                version: 5,
+                name: "pruned_positions"
             }
         ]
     );

@@ -26,10 +26,15 @@ const PG_MIGRATIONS: &[PgMigration] = &[
         name: "outbox",
         sql: include_str!("../../migrations/postgres/0002_outbox.sql"),
     },
+    PgMigration {
+        version: 3,
+        name: "pruned_positions",
+        sql: include_str!("../../migrations/postgres/0003_pruned_positions.sql"),
+    },
 ];
 
 /// The PostgreSQL schema version this build writes and reads.
-pub const PG_SCHEMA_VERSION: u32 = 2;
+pub const PG_SCHEMA_VERSION: u32 = 3;
 
 /// Key of the session advisory lock that migrations run under, so nodes that start together
 /// do not race ("seqcast" in ASCII).

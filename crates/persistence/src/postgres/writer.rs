@@ -982,10 +982,17 @@ async fn prune_step(
     };
     let mut deleted = 0;
     if let Some(end) = step_end {
+        // The rows whose last event goes; each stream keeps the highest position removed, so
+        // its next row's position never goes back.
         tx.execute(
-            "DELETE FROM seqcast.stream_rows r USING seqcast.events e \
-             WHERE e.sequence_number <= $1 AND r.stream_id = e.stream_id \
-               AND r.message_id = e.message_id AND r.last_sequence <= $1",
+            "WITH gone AS ( \
+                 DELETE FROM seqcast.stream_rows r USING seqcast.events e \
+                 WHERE e.sequence_number <= $1 AND r.stream_id = e.stream_id \
+                   AND r.message_id = e.message_id AND r.last_sequence <= $1 \
+                 RETURNING r.stream_id, r.stream_sequence) \
+             UPDATE seqcast.streams s SET pruned_position = GREATEST(s.pruned_position, g.top) \
+             FROM (SELECT stream_id, MAX(stream_sequence) AS top FROM gone GROUP BY stream_id) g \
+             WHERE s.stream_id = g.stream_id",
             &[&end],
         )
         .await
