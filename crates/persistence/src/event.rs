@@ -91,6 +91,21 @@ pub struct EventRef<'a> {
     pub replaced: bool,
 }
 
+impl EventRef<'_> {
+    /// The owned event, as [`crate::EventReader::page`] returns it (`key` is the page's key).
+    pub fn to_committed(&self, key: &SubscriptionKey) -> CommittedEvent {
+        CommittedEvent {
+            sequence_number: self.sequence_number,
+            stream_sequence: self.stream_sequence,
+            key: key.clone(),
+            message_id: self.message_id.to_owned_id(),
+            timestamp_ms: self.timestamp_ms,
+            data: self.data.to_owned(),
+            replaced: self.replaced,
+        }
+    }
+}
+
 impl<'a> From<&'a CommittedEvent> for EventRef<'a> {
     fn from(ev: &'a CommittedEvent) -> Self {
         EventRef {

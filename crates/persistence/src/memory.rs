@@ -371,33 +371,38 @@ impl MemoryWriter {
         for event in events {
             applied.push(log.apply(event, timestamp_ms)?);
         }
-        // Usually every event is new: the hook's events are then the answers (no copy).
+        // Usually every event is new: the answers are then the hook's events (no copy). With
+        // retries, the hook gets copies of the new ones and the retries are answered from
+        // their rows.
         let retries = applied.iter().any(|a| matches!(a, Applied::Retry(_)));
-        let new_events: Vec<CommittedEvent> = applied
-            .iter()
-            .filter_map(|a| match a {
-                Applied::New(committed) if retries => Some(committed.clone()),
-                _ => None,
-            })
-            .collect();
-        let answers = if retries {
-            applied
+        let fresh: Vec<CommittedEvent>;
+        let answers: Vec<CommittedEvent>;
+        let new_events: &[CommittedEvent] = if retries {
+            fresh = applied
+                .iter()
+                .filter_map(|a| match a {
+                    Applied::New(committed) => Some(committed.clone()),
+                    Applied::Retry(_) => None,
+                })
+                .collect();
+            answers = applied
                 .into_iter()
                 .map(|a| match a {
                     Applied::New(committed) => Ok(committed),
                     Applied::Retry(row) => log.row_event(&row),
                 })
-                .collect::<Result<Vec<_>, _>>()?
+                .collect::<Result<_, _>>()?;
+            &fresh
         } else {
-            applied
+            answers = applied
                 .into_iter()
                 .filter_map(|a| match a {
                     Applied::New(committed) => Some(committed),
                     Applied::Retry(_) => None,
                 })
-                .collect()
+                .collect();
+            &answers
         };
-        let new_events = if retries { &new_events } else { &answers };
         if !new_events.is_empty() {
             log.last_timestamp_ms = timestamp_ms;
             log.stats.transactions_committed += 1;

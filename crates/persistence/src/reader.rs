@@ -481,15 +481,7 @@ impl DbReader {
                 EventFilter::Key(key) => {
                     let mut out = Vec::new();
                     visit_key_events(conn, key, after_i, through_i, limit_i, &mut |ev| {
-                        out.push(CommittedEvent {
-                            sequence_number: ev.sequence_number,
-                            stream_sequence: ev.stream_sequence,
-                            key: key.clone(),
-                            message_id: ev.message_id.to_owned_id(),
-                            timestamp_ms: ev.timestamp_ms,
-                            data: ev.data.to_owned(),
-                            replaced: ev.replaced,
-                        });
+                        out.push(ev.to_committed(key));
                     })?;
                     out
                 }

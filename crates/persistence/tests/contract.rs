@@ -560,15 +560,7 @@ async fn visiting_a_key_page_matches_page(backend: impl Backend) {
         let mut seen = Vec::new();
         let bounds = reader
             .visit_key_page(&key, after, through, limit, &mut |ev| {
-                seen.push(CommittedEvent {
-                    sequence_number: ev.sequence_number,
-                    stream_sequence: ev.stream_sequence,
-                    key: key.clone(),
-                    message_id: ev.message_id.to_owned_id(),
-                    timestamp_ms: ev.timestamp_ms,
-                    data: ev.data.to_owned(),
-                    replaced: ev.replaced,
-                });
+                seen.push(ev.to_committed(&key));
             })
             .unwrap();
         assert_eq!(seen, page.events, "{k} ({after}, {through}] limit {limit}");
