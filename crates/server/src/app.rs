@@ -666,7 +666,8 @@ pub fn router(app: Arc<AppState>) -> Router {
 
 /// The HTTP service: [`router`] inside, from the outside in, request ids with the access log and
 /// the error counter ([`crate::observe`]), JSON bodies on every error status, a cap on requests
-/// handled at once, a deadline on each request's handling and on its body.
+/// handled at once, a deadline on each request's handling and on its body
+/// ([`crate::deadline`]: timers only while something is waited for).
 ///
 /// The layers wrap the router once, not each route (`Router::layer` would): a route's layers
 /// cost a boxed service clone and a boxed future each per request, about 5 % of a publish
@@ -688,13 +689,10 @@ pub fn service(
         .layer(crate::observe::ObserveLayer::new(Arc::clone(&app)))
         .map_response(crate::error::json_error_bodies)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            timeouts.request,
-        ))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            timeouts.body,
-        ))
+        .layer(crate::deadline::DeadlinesLayer {
+            request: timeouts.request,
+            body: timeouts.body,
+        })
         .service(router(app))
 }
 

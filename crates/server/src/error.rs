@@ -151,7 +151,7 @@ impl ApiError {
     pub fn from_body_error(e: &axum::Error, limit: usize) -> Self {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
-            if s.is::<tower_http::timeout::TimeoutError>() {
+            if s.is::<crate::deadline::BodyTimeout>() {
                 return ApiError::Timeout("the request body did not arrive in time".into());
             }
             if s.to_string().contains("length limit") {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod catchup;
 pub mod config;
 pub mod connection;
+pub mod deadline;
 pub mod error;
 pub mod http;
 pub mod hub;

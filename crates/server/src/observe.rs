@@ -82,8 +82,11 @@ where
         let id = match req.headers().get(REQUEST_ID) {
             Some(v) => v.clone(),
             None => {
-                let v = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                    .unwrap_or_else(|_| HeaderValue::from_static("-"));
+                // Formatted on the stack: `to_string` grows a String three times per request.
+                let mut text = [0_u8; uuid::fmt::Hyphenated::LENGTH];
+                let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+                let v =
+                    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("-"));
                 req.headers_mut().insert(REQUEST_ID, v.clone());
                 v
             }
