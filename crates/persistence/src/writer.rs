@@ -207,6 +207,7 @@ impl DbWriter {
             epoch: info.epoch.clone(),
             group_commit: config.group_commit,
             max_group_events: config.max_group_events.max(1),
+            last_group_commands: 0,
             fault: config.fault,
             hook,
             last_timestamp_ms,
@@ -466,6 +467,8 @@ struct Writer {
     epoch: String,
     group_commit: bool,
     max_group_events: usize,
+    /// Commands in the last group: more than one means publishers are queueing concurrently.
+    last_group_commands: usize,
     fault: Option<FaultInjector>,
     hook: CommitHook,
     last_timestamp_ms: u64,
@@ -501,11 +504,12 @@ impl Writer {
                 &mut receiver,
             );
             // Group commit: whatever is already queued joins this transaction; never wait.
-            // One yield first: where the publishers' threads share this CPU, the command that
-            // woke the writer usually preempted them as they were queueing more; letting them
-            // finish turns a group of one into a group of many. With a CPU to spare it returns
-            // at once.
-            if self.group_commit && receiver.is_empty() {
+            // One yield first when publishers are concurrent (the last group had several):
+            // where their threads share this CPU, the command that woke the writer preempted
+            // them as they were queueing more, and letting them finish turns a group of one
+            // into a group of many. With a CPU to spare it returns at once; a lone publisher
+            // (groups of one) skips it, as it would only switch to a thread about to sleep.
+            if self.group_commit && self.last_group_commands > 1 && receiver.is_empty() {
                 std::thread::yield_now();
             }
             while self.group_commit && group_events < self.max_group_events {
@@ -521,6 +525,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.last_group_commands = group.len();
             if !group.is_empty() {
                 self.commit_group(group);
             }
@@ -732,7 +737,8 @@ impl Writer {
             &fresh
         };
         if let Some(checkpointer) = &mut self.checkpointer {
-            checkpointer.committed(new_events.len());
+            let data_bytes = new_events.iter().map(|event| event.data.len()).sum();
+            checkpointer.committed(new_events.len(), data_bytes);
         }
         self.shared.set_health(None);
         if let Some(fault) = &self.fault {
