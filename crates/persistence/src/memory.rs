@@ -10,6 +10,7 @@
 //! highest position it gave, as SQLite's `streams` row keeps it), so positions never go back. Nothing survives the process; a new store starts at head 0
 //! with a new epoch.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -239,24 +240,23 @@ impl Log {
                 ..Stream::default()
             }),
         };
-        let existing = stream.rows.get_mut(&event.message_id);
-        if let Some(row) = &existing {
-            let index = usize::try_from(row.last_sequence - *first_seq).unwrap_or(usize::MAX);
-            if events
-                .get(index)
-                .is_some_and(|last| last.data == event.data)
-            {
-                return Ok(Applied::Retry(**row));
-            }
-        }
-        *head += 1;
-        let seq = *head;
-        let row = match existing {
-            Some(row) => {
-                row.last_sequence = seq;
+        // One hash of the message id: the row is looked up and, when new, made in place.
+        let row = match stream.rows.entry(event.message_id.clone()) {
+            Entry::Occupied(mut occupied) => {
+                let row = occupied.get_mut();
+                let index = usize::try_from(row.last_sequence - *first_seq).unwrap_or(usize::MAX);
+                if events
+                    .get(index)
+                    .is_some_and(|last| last.data == event.data)
+                {
+                    return Ok(Applied::Retry(*row));
+                }
+                *head += 1;
+                row.last_sequence = *head;
                 *row
             }
-            None => {
+            Entry::Vacant(vacant) => {
+                *head += 1;
                 let stream_sequence = stream
                     .by_position
                     .last_key_value()
@@ -265,16 +265,17 @@ impl Log {
                     + 1;
                 let row = Row {
                     stream_sequence,
-                    first_sequence: seq,
-                    last_sequence: seq,
+                    first_sequence: *head,
+                    last_sequence: *head,
                 };
-                stream.rows.insert(event.message_id.clone(), row);
+                vacant.insert(row);
                 stream
                     .by_position
-                    .insert((stream_sequence, seq), event.message_id.clone());
+                    .insert((stream_sequence, *head), event.message_id.clone());
                 row
             }
         };
+        let seq = *head;
         stream.numbers.push_back(seq);
         let committed = CommittedEvent {
             sequence_number: seq,
