@@ -23,6 +23,19 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse as _, Response};
 use tokio::time::Sleep;
 
+/// The one timer of a wait: armed on the first call (the first time the inner work was not
+/// ready), then polled; ready once `timeout` has passed since it was armed.
+fn waited_too_long(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    sleep
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+        .as_mut()
+        .poll(cx)
+}
+
 /// The error a body past its deadline yields; [`crate::error::ApiError::from_body_error`] turns
 /// it into 408 `timeout`.
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +75,8 @@ impl HttpBody for DeadlineBody {
             this.sleep = None;
             return Poll::Ready(frame);
         }
-        let timeout = this.timeout;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyTimeout(timeout))))),
-            Poll::Pending => Poll::Pending,
-        }
+        waited_too_long(&mut this.sleep, this.timeout, cx)
+            .map(|()| Some(Err(axum::Error::new(BodyTimeout(this.timeout)))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -154,14 +161,8 @@ where
         if let Poll::Ready(answer) = this.inner.poll(cx) {
             return Poll::Ready(answer);
         }
-        let timeout = *this.timeout;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Ok(StatusCode::REQUEST_TIMEOUT.into_response())),
-            Poll::Pending => Poll::Pending,
-        }
+        waited_too_long(this.sleep, *this.timeout, cx)
+            .map(|()| Ok(StatusCode::REQUEST_TIMEOUT.into_response()))
     }
 }
 
