@@ -2,12 +2,12 @@
 //! restart while publishing continues, gaps, token refresh on reconnect.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod client_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{
+use client_support::{
     BACKOFF, Proxy, expect_message, expect_subscribed, index, next_event, spawn_publisher,
     wait_state,
 };
