@@ -10,6 +10,7 @@ mod api_check;
 mod bench;
 mod browser;
 mod fuzz;
+mod readmes;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,6 +20,7 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "fmt" => run(cargo().args(["fmt", "--all"])),
         "layering" => layering(),
+        "readmes" => readmes::check(&root()?),
         "test" => test(),
         "browser" => {
             let skipped = browser::run(&root()?)?;
@@ -40,10 +42,13 @@ fn main() -> Result<()> {
         "api-check" => api_check::api_check(&root()?, rest),
         "help" | "--help" | "-h" => {
             println!(
-                "cargo xtask ci        fmt --check, clippy -D warnings, layering, openapi drift, all tests, browser tests, api-check, fuzz (20 s a target), bench smoke"
+                "cargo xtask ci        fmt --check, clippy -D warnings, layering, crate READMEs, openapi drift, all tests, browser tests, api-check, fuzz (20 s a target), bench smoke"
             );
             println!(
                 "cargo xtask layering  check that the core crates depend on no runtime, socket or database crate"
+            );
+            println!(
+                "cargo xtask readmes   check that every item a crate README names in code style exists in the crate"
             );
             println!("cargo xtask test      build the server and run every test");
             println!(
@@ -193,6 +198,7 @@ fn ci_steps() -> Result<Vec<String>> {
         ]))
     })?;
     step("layering", layering)?;
+    step("readmes", || readmes::check(&root()?))?;
     step("openapi drift", || api_check::openapi(&root()?, true))?;
     step("tests", test)?;
     let skipped = step_with_skips("browser", || browser::run(&root()?))?;
