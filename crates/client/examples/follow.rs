@@ -10,7 +10,7 @@
 
 use clap::Parser;
 use futures_util::StreamExt;
-use seqcast_client::{Client, ConnectionState, Event, Resume, fixed_token};
+use seqcast_client::{Client, ConnectionState, Event, GapReason, Resume, fixed_token};
 
 #[derive(Debug, Parser)]
 #[command(about = "Follow one seqcast subscription key and print its messages")]
@@ -75,13 +75,33 @@ async fn main() -> anyhow::Result<()> {
                     );
                     printed += 1;
                 }
-                Some(Event::Subscribed(s)) => eprintln!(
-                    "subscribed to {} (since {:?}, drained {}, head {})",
-                    s.key, s.since, s.drained, s.head
-                ),
+                Some(Event::Subscribed(s)) => match s.since {
+                    Some(since) => eprintln!(
+                        "subscribed to {}: resuming after #{since}{} (head #{})",
+                        s.key,
+                        match s.recovered {
+                            Some(false) => ", history incomplete",
+                            _ => "",
+                        },
+                        s.head
+                    ),
+                    None => eprintln!(
+                        "subscribed to {}: {} backlog message(s) follow, then live (head #{})",
+                        s.key, s.drained, s.head
+                    ),
+                },
                 Some(Event::Gap(g)) => eprintln!(
-                    "GAP on {}: messages after {:?} are lost (history starts at {:?}, {:?})",
-                    g.key, g.since, g.oldest_sequence, g.reason
+                    "GAP on {}: messages after {} are lost ({}){}",
+                    g.key,
+                    g.since.map_or_else(|| "the start".to_owned(), |n| format!("#{n}")),
+                    match g.reason {
+                        GapReason::Window => "outside the server's recovery window",
+                        GapReason::EpochChanged => "the server's store was replaced: numbers restarted",
+                        _ => "the server could not replay them",
+                    },
+                    g.oldest_sequence
+                        .map(|n| format!("; its history starts at #{n}"))
+                        .unwrap_or_default()
                 ),
                 None => break,
             },
