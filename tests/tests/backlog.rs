@@ -62,9 +62,14 @@ async fn scenario_a_reconnect_to_a_new_search_gets_only_its_backlog() {
         let mut late = s.client(&t).await;
         let ack = late.subscribe("search", "req_A").await;
         if ack.drained == 0 {
+            // The sub_ack says what the backlog left out, so a client can tell "nothing was
+            // published" from "it is older than the backlog".
+            assert_eq!(ack.expired, 5, "sub_ack counts the key's expired messages");
+            assert_eq!(ack.overflow, 0);
             late.expect_nothing_more().await;
             break;
         }
+        assert_eq!(ack.expired + ack.drained, 5, "expired and drained add up");
         assert!(
             std::time::Instant::now() < deadline,
             "A's backlog never expired"
@@ -353,4 +358,21 @@ async fn concurrent_publishes_and_subscribes_keep_every_stream_whole() {
             "{key}: the first subscriber must get the backlog from the start"
         );
     }
+}
+
+/// The per-key bound: a late subscriber gets the newest `--backlog-per-key`, and its `sub_ack`
+/// counts the rest (`overflow`), so the client knows the backlog is not the whole key.
+#[tokio::test]
+async fn sub_ack_counts_what_the_per_key_bound_left_out() {
+    let s = TestServer::start_with(Options::args(&["--backlog-per-key", "2"])).await;
+    for i in 0..5 {
+        s.publish("search", "req_O", json!({"i": i})).await;
+    }
+    let mut c = s.client(&token("alice", None)).await;
+    let ack = c.subscribe("search", "req_O").await;
+    assert_eq!((ack.drained, ack.overflow, ack.expired), (2, 3, 0));
+    let first = c.expect_message().await;
+    let second = c.expect_message().await;
+    assert_eq!((first.sequence_number, second.sequence_number), (4, 5));
+    c.expect_nothing_more().await;
 }

@@ -85,10 +85,24 @@ async fn main() -> anyhow::Result<()> {
                         },
                         s.head
                     ),
-                    None => eprintln!(
-                        "subscribed to {}: {} backlog message(s) follow, then live (head #{})",
-                        s.key, s.drained, s.head
-                    ),
+                    None => {
+                        eprintln!(
+                            "subscribed to {}: {} backlog message(s) follow, then live (head #{})",
+                            s.key, s.drained, s.head
+                        );
+                        if s.expired > 0 {
+                            eprintln!(
+                                "  {} older message(s) of {} are not in the backlog (older than the server's backlog TTL, 2 minutes by default); --since 0 replays what the recovery window still holds",
+                                s.expired, s.key
+                            );
+                        }
+                        if s.overflow > 0 {
+                            eprintln!(
+                                "  {} more of {} are not in the backlog (the server drains only the newest of a key)",
+                                s.overflow, s.key
+                            );
+                        }
+                    }
                 },
                 Some(Event::Gap(g)) => eprintln!(
                     "GAP on {}: messages after {} are lost ({}){}",

@@ -38,6 +38,13 @@ pub struct Subscribed {
     pub epoch: String,
     /// For a resume: whether the server's history reached back to `since + 1`.
     pub recovered: Option<bool>,
+    /// Fresh subscription: the key's older messages left out of the backlog because they are
+    /// older than the server's backlog TTL. Still in the log: a resume with
+    /// [`Resume`](crate::Resume) `since` reaches them while the recovery window does.
+    pub expired: u64,
+    /// Fresh subscription: the key's messages within the TTL left out because the server drains
+    /// only the newest `--backlog-per-key`.
+    pub overflow: u64,
 }
 
 /// Why a [`Gap`] happened.

@@ -101,6 +101,8 @@ impl KeyTracker {
             head: ack.head,
             epoch: ack.epoch.clone(),
             recovered: ack.recovered,
+            expired: ack.expired,
+            overflow: ack.overflow,
         })];
         if epoch_changed || ack.recovered == Some(false) {
             if !epoch_changed
@@ -189,6 +191,8 @@ mod tests {
             head,
             recovered,
             oldest_sequence: recovered.and_then(|r| (!r).then_some(40)),
+            expired: 0,
+            overflow: 0,
             epoch: epoch.to_owned(),
         }
     }

@@ -139,8 +139,22 @@ pub struct SubAck {
     /// Where history starts, when `recovered` is false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_sequence: Option<u64>,
+    /// For a `subscribe` without `since`: how many of the key's older messages are not in the
+    /// backlog because they are older than its TTL (`--backlog-ttl-secs`). They are still in the
+    /// log (a resume with `since`, or the key's stream pages, reads them). Omitted when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expired: u64,
+    /// For a `subscribe` without `since`: how many of the key's messages within the TTL are not
+    /// in the backlog because only the newest `--backlog-per-key` are drained. Omitted when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overflow: u64,
     /// The store's epoch.
     pub epoch: String,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `message`: one published message, identical in live delivery, backlog drain and recovery.

@@ -397,6 +397,8 @@ fn every_server_frame() -> Vec<ServerFrame> {
             head: 9,
             recovered: None,
             oldest_sequence: None,
+            expired: 3,
+            overflow: 2,
             epoch: "e".into(),
         }),
         ServerFrame::SubAck(SubAck {
@@ -407,6 +409,8 @@ fn every_server_frame() -> Vec<ServerFrame> {
             head: 40,
             recovered: Some(false),
             oldest_sequence: Some(17),
+            expired: 0,
+            overflow: 0,
             epoch: "e".into(),
         }),
         ServerFrame::Message(message(r#"{"k":[true,null]}"#)),
@@ -442,7 +446,7 @@ fn server_frames_exact_wire_text() {
     );
     assert_eq!(
         texts[2],
-        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":5,"head":9,"epoch":"e"}"#
+        r#"{"type":"sub_ack","channel":"search","request_id":"r:1","subscription_key":"search:r:1","drained":5,"head":9,"expired":3,"overflow":2,"epoch":"e"}"#
     );
     assert_eq!(
         texts[3],

@@ -556,6 +556,7 @@ fn on_job_done(
                     start.head,
                     start.recovered,
                     start.oldest_sequence,
+                    (start.expired, start.overflow),
                 );
                 let ok = sub.push_one(ack);
                 log_subscribe(app, info, &key, &start, ok);
@@ -642,7 +643,7 @@ fn on_client_frame(
             let key = s.key();
             if subs.cursors.contains_key(&key) {
                 // Already subscribed: acknowledged again, nothing replayed.
-                sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None));
+                sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None, (0, 0)));
                 return Read::Continue;
             }
             if subs.cursors.len() >= app.settings.max_subscriptions {

@@ -549,7 +549,8 @@ impl Hub {
         Join::Joined { head, sent }
     }
 
-    /// The `sub_ack` frame.
+    /// The `sub_ack` frame. `skipped` is the key's older messages left out of a fresh
+    /// subscription's backlog: (older than the TTL, beyond the per-key bound).
     pub fn sub_ack(
         &self,
         key: &SubscriptionKey,
@@ -557,6 +558,7 @@ impl Hub {
         head: u64,
         recovered: Option<bool>,
         oldest_sequence: Option<u64>,
+        skipped: (u64, u64),
     ) -> Frame {
         Utf8Bytes::from(encode_server_frame(&ServerFrame::SubAck(SubAck {
             channel: key.channel().clone(),
@@ -566,6 +568,8 @@ impl Hub {
             head,
             recovered,
             oldest_sequence,
+            expired: skipped.0,
+            overflow: skipped.1,
             epoch: self.epoch.clone(),
         })))
     }
