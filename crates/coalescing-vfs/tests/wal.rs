@@ -258,3 +258,35 @@ fn commit_that_rewrites_spilled_frames_survives_a_crash_synchronous_normal() {
     assert_eq!(count_and_check(&conn), 1400, "acknowledged rows lost");
     assert_eq!(integrity(&conn), "ok");
 }
+
+#[test]
+fn register_over_wraps_a_named_vfs_once_and_says_why_not() {
+    use seqcast_coalescing_vfs::{RegisterError, register_over};
+    assert_eq!(
+        register_over("seqcast-test-shim", "no-such-vfs"),
+        Err(RegisterError::NoSuchVfs)
+    );
+    assert_eq!(
+        register_over("seqcast\0test", "unix"),
+        Err(RegisterError::InvalidName)
+    );
+    register_over("seqcast-test-shim", "unix").unwrap();
+    assert_eq!(
+        register_over("seqcast-test-shim", "unix"),
+        Err(RegisterError::NameTaken)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let mut conn =
+        Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), "seqcast-test-shim")
+            .unwrap();
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL, data BLOB NOT NULL);",
+    )
+    .unwrap();
+    commit_rows(&mut conn, 0, 30, 100);
+    let reader = Connection::open(&path).unwrap();
+    assert_eq!(count_and_check(&reader), 30);
+}
