@@ -79,7 +79,11 @@ pub fn register() -> Result<&'static str, RegisterError> {
 
 /// Registers another instance of the shim, named `name`, around the VFS registered as `wrapped`
 /// (which must be registered already and stay so; SQLite never frees a VFS). The default VFS
-/// stays the default. Each name can be registered once per process.
+/// stays the default. Each name can be registered once per process (its copy is kept for good).
+///
+/// As with [`register`], the shim is a copy of the wrapped VFS with its own `xOpen`: the wrapped
+/// VFS's other methods are called with the shim's pointer, so it must reach its state through
+/// `pAppData` only, as SQLite's own VFSes do.
 ///
 /// This is how a VFS can be put *under* the shim: the crate's crash-point tests wrap a VFS that
 /// records every write and sync the shim hands down (`tests/crash_points.rs`).
