@@ -9,6 +9,9 @@
 //!   last frame of a transaction), so a commit's frames are in the file before SQLite syncs the
 //!   WAL or publishes them in the WAL index — in every `synchronous` mode, other connections
 //!   never look for a frame that is still in the buffer;
+//! - a commit frame's header that does not continue the buffered run (SQLite rewriting frame
+//!   headers in place at the end of a transaction that changed a page it had spilled) is written
+//!   through at once: it can be the last write of a commit, with no page after it;
 //! - before every read, sync, truncate, size query, file control and close of that file, and
 //!   whenever a write does not continue the buffered run or would grow it past
 //!   [`MAX_PENDING_BYTES`].
@@ -32,9 +35,11 @@
 //! # }
 //! ```
 
+use std::ffi::CString;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod buffer;
 mod shim;
 
 /// The name the shim is registered under; pass it to
@@ -45,12 +50,20 @@ pub const VFS_NAME: &str = "seqcast-coalescing";
 /// sends what is buffered (a larger single write goes to the file directly).
 pub const MAX_PENDING_BYTES: usize = 1 << 20;
 
-/// Why [`register`] failed.
+/// Why [`register`] or [`register_over`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
-    /// `sqlite3_vfs_find(NULL)` found no default VFS to wrap (SQLite failed to initialize).
-    #[error("SQLite has no default VFS to wrap")]
-    NoDefaultVfs,
+    /// `sqlite3_vfs_find` found no VFS to wrap: no default VFS (SQLite failed to initialize), or
+    /// none registered under the name given to [`register_over`].
+    #[error("SQLite has no such VFS to wrap")]
+    NoSuchVfs,
+    /// A VFS is already registered under the name given to [`register_over`] (or, for
+    /// [`register`], under [`VFS_NAME`] by [`register_over`]).
+    #[error("a VFS of that name is already registered")]
+    NameTaken,
+    /// A name given to [`register_over`] contains a NUL byte.
+    #[error("a VFS name contains a NUL byte")]
+    InvalidName,
     /// `sqlite3_vfs_register` returned this result code.
     #[error("registering the coalescing VFS failed with SQLite result code {0}")]
     Register(i32),
@@ -61,7 +74,25 @@ pub enum RegisterError {
 /// default VFS stays the default.
 pub fn register() -> Result<&'static str, RegisterError> {
     static REGISTERED: OnceLock<Result<(), RegisterError>> = OnceLock::new();
-    (*REGISTERED.get_or_init(shim::register)).map(|()| VFS_NAME)
+    (*REGISTERED.get_or_init(|| shim::register(c"seqcast-coalescing", None))).map(|()| VFS_NAME)
+}
+
+/// Registers another instance of the shim, named `name`, around the VFS registered as `wrapped`
+/// (which must be registered already and stay so; SQLite never frees a VFS). The default VFS
+/// stays the default. Each name can be registered once per process (its copy is kept for good).
+///
+/// As with [`register`], the shim is a copy of the wrapped VFS with its own `xOpen`: the wrapped
+/// VFS's other methods are called with the shim's pointer, so it must reach its state through
+/// `pAppData` only, as SQLite's own VFSes do.
+///
+/// This is how a VFS can be put *under* the shim: the crate's crash-point tests wrap a VFS that
+/// records every write and sync the shim hands down (`tests/crash_points.rs`).
+pub fn register_over(name: &str, wrapped: &str) -> Result<(), RegisterError> {
+    let name = CString::new(name).map_err(|_| RegisterError::InvalidName)?;
+    let wrapped = CString::new(wrapped).map_err(|_| RegisterError::InvalidName)?;
+    // SQLite keeps the name pointer for as long as the VFS is registered: for good.
+    let name: &'static std::ffi::CStr = Box::leak(name.into_boxed_c_str());
+    shim::register(name, Some(&wrapped))
 }
 
 /// Process-wide counts of WAL writes, for tests and diagnostics.

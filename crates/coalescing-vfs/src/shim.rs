@@ -5,21 +5,25 @@
 //! the wrapped VFS's methods on them directly.
 #![allow(unsafe_code)]
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{CStr, c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 
 use rusqlite::ffi;
 
-use crate::{MAX_PENDING_BYTES, RegisterError, WRITES_ISSUED, WRITES_RECEIVED};
+use crate::buffer::WalBuffer;
+use crate::{RegisterError, WRITES_ISSUED, WRITES_RECEIVED};
 
-/// SQLite's WAL frame header size: a 24-byte write to a WAL file is a frame header.
-const FRAME_HEADER_BYTES: usize = 24;
-/// SQLite's WAL file header size: frames start after it.
-const WAL_HEADER_BYTES: i64 = 32;
-
-/// The VFS this one wraps (set once, before registration).
-static WRAPPED: AtomicPtr<ffi::sqlite3_vfs> = AtomicPtr::new(ptr::null_mut());
+/// What the shim registers: a copy of the wrapped VFS (so SQLite calls the wrapped VFS's own
+/// methods, other than `xOpen`, with this pointer; SQLite's VFSes reach their state only through
+/// `pAppData`, which is copied with them), followed by the VFS it wraps.
+#[repr(C)]
+struct ShimVfs {
+    base: ffi::sqlite3_vfs,
+    /// A registered VFS (SQLite never frees one).
+    wrapped: *mut ffi::sqlite3_vfs,
+}
 
 /// What SQLite allocates for a WAL file opened through the shim: this header, then (at
 /// [`INNER_OFFSET`]) the wrapped VFS's own file.
@@ -28,41 +32,41 @@ struct CoalescingFile {
     /// `pMethods` points at [`WAL_METHODS`].
     base: ffi::sqlite3_file,
     /// Owned (`Box::into_raw`); freed by [`close`].
-    pending: *mut Pending,
-}
-
-/// The buffered run of writes of one WAL file.
-#[derive(Default)]
-struct Pending {
-    bytes: Vec<u8>,
-    /// File offset of `bytes[0]`.
-    offset: i64,
-    /// The last write was a commit frame's header: its page is the last write of the commit.
-    commit_frame_next: bool,
+    buffer: *mut WalBuffer,
 }
 
 const INNER_OFFSET: usize = size_of::<CoalescingFile>().next_multiple_of(16);
 
-pub(crate) fn register() -> Result<(), RegisterError> {
-    // SAFETY: `sqlite3_vfs_find` initializes SQLite if needed and returns a pointer to a VFS
-    // that stays registered (SQLite never frees a VFS), or null.
-    let wrapped = unsafe { ffi::sqlite3_vfs_find(ptr::null()) };
-    if wrapped.is_null() {
-        return Err(RegisterError::NoDefaultVfs);
+/// Registers a shim named `name` around the VFS registered as `wrapped` (the default VFS when
+/// `None`). Registrations are serialized so that a name is taken once.
+pub(crate) fn register(name: &'static CStr, wrapped: Option<&CStr>) -> Result<(), RegisterError> {
+    static REGISTERING: Mutex<()> = Mutex::new(());
+    let _registering = REGISTERING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: `sqlite3_vfs_find` initializes SQLite if needed and takes a NUL-terminated name
+    // (or null for the default); it returns a VFS that stays registered, or null.
+    let taken = unsafe { ffi::sqlite3_vfs_find(name.as_ptr()) };
+    if !taken.is_null() {
+        return Err(RegisterError::NameTaken);
     }
-    WRAPPED.store(wrapped, Ordering::Release);
+    // SAFETY: as above.
+    let wrapped = unsafe { ffi::sqlite3_vfs_find(wrapped.map_or(ptr::null(), CStr::as_ptr)) };
+    if wrapped.is_null() {
+        return Err(RegisterError::NoSuchVfs);
+    }
     // SAFETY: `wrapped` is a valid, registered VFS (above); copying it copies plain data and
-    // function pointers. Its methods other than `xOpen` are called with this VFS's pointer;
-    // SQLite's own VFSes reach their state only through `pAppData`, which is copied with them.
+    // function pointers.
     let mut vfs: ffi::sqlite3_vfs = unsafe { *wrapped };
     let wrapped_size = usize::try_from(vfs.szOsFile).unwrap_or(0);
     vfs.szOsFile = c_int::try_from(INNER_OFFSET + wrapped_size).unwrap_or(c_int::MAX);
     vfs.pNext = ptr::null_mut();
-    vfs.zName = c"seqcast-coalescing".as_ptr();
+    vfs.zName = name.as_ptr();
     vfs.xOpen = Some(open);
-    let vfs = Box::leak(Box::new(vfs));
-    // SAFETY: `vfs` is leaked, so it lives as long as the process, as SQLite requires.
-    let rc = unsafe { ffi::sqlite3_vfs_register(vfs, 0) };
+    let shim = Box::leak(Box::new(ShimVfs { base: vfs, wrapped }));
+    // SAFETY: `shim` is leaked, so it lives as long as the process, as SQLite requires; its
+    // first field is the `sqlite3_vfs` (`repr(C)`), so SQLite hands [`open`] this pointer back.
+    let rc = unsafe { ffi::sqlite3_vfs_register(&raw mut shim.base, 0) };
     if rc == ffi::SQLITE_OK {
         Ok(())
     } else {
@@ -107,70 +111,66 @@ unsafe fn methods<'a>(inner: *mut ffi::sqlite3_file) -> &'a ffi::sqlite3_io_meth
     unsafe { &*(*inner).pMethods }
 }
 
-/// # Safety
-/// `file` is a [`CoalescingFile`] that [`open`] set up and [`close`] has not freed.
-unsafe fn pending<'a>(file: *mut ffi::sqlite3_file) -> &'a mut Pending {
-    // SAFETY: per the contract, `pending` is the live box `open` made; SQLite uses a file from
-    // one thread at a time, so this is the only reference.
-    unsafe { &mut *(*file.cast::<CoalescingFile>()).pending }
-}
-
-/// The most bytes handed to the wrapped file in one write: SQLite's unix VFS keeps only the low
-/// 17 bits of a write's length (its own writes are at most a 64 KiB page), so longer runs go in
-/// pieces of 124 KiB.
-const MAX_WRITE_BYTES: usize = 0x1ffff & !0xfff;
-
-/// Writes `bytes` at `offset` to the wrapped file, in pieces of at most [`MAX_WRITE_BYTES`].
+/// The file's buffer and a sink that writes to its wrapped file, counting each write.
+///
+/// The two never alias: the buffer is its own allocation (`Box`), the wrapped file lives at
+/// [`INNER_OFFSET`] in SQLite's allocation, and the sink holds only a raw pointer to it.
 ///
 /// # Safety
-/// As [`methods`].
-unsafe fn write_through(inner: *mut ffi::sqlite3_file, bytes: &[u8], offset: i64) -> c_int {
-    // SAFETY: per the contract `inner` is open.
-    let Some(x_write) = (unsafe { methods(inner) }).xWrite else {
-        return ffi::SQLITE_IOERR_WRITE;
-    };
-    let mut at = offset;
-    for piece in bytes.chunks(MAX_WRITE_BYTES) {
+/// `file` is a [`CoalescingFile`] that [`open`] set up and [`close`] has not freed, and the
+/// caller holds no other reference to its buffer (SQLite uses a file from one thread at a time,
+/// and each method takes the buffer once).
+unsafe fn buffer_and_sink<'a>(
+    file: *mut ffi::sqlite3_file,
+) -> (
+    &'a mut WalBuffer,
+    impl FnMut(&[u8], i64) -> Result<(), c_int>,
+) {
+    // SAFETY: per the contract, `buffer` is the live box `open` made and this is the only
+    // reference to it.
+    let buffer = unsafe { &mut *(*file.cast::<CoalescingFile>()).buffer };
+    let inner = inner_of(file);
+    let sink = move |piece: &[u8], at: i64| {
         WRITES_ISSUED.fetch_add(1, Ordering::Relaxed);
-        // A piece is at most MAX_WRITE_BYTES, so it fits a c_int and an i64.
+        // SAFETY: the inner file is open while the shim's is (per the contract).
+        let Some(x_write) = (unsafe { methods(inner) }).xWrite else {
+            return Err(ffi::SQLITE_IOERR_WRITE);
+        };
+        // The buffer hands over pieces of at most MAX_WRITE_BYTES: the length fits a c_int.
         let amount = piece.len() as c_int;
         // SAFETY: `inner` is open; `piece` is valid for `amount` bytes.
-        let rc = unsafe { x_write(inner, piece.as_ptr().cast(), amount, at) };
-        if rc != ffi::SQLITE_OK {
-            return rc;
+        match unsafe { x_write(inner, piece.as_ptr().cast(), amount, at) } {
+            ffi::SQLITE_OK => Ok(()),
+            rc => Err(rc),
         }
-        at += piece.len() as i64;
-    }
-    ffi::SQLITE_OK
+    };
+    (buffer, sink)
 }
 
-/// Sends the buffered run to the wrapped file. The buffer is empty afterwards either way: what
-/// failed to write belongs to a transaction SQLite now fails.
+/// Sends the buffered run to the wrapped file.
 ///
 /// # Safety
-/// As [`pending`].
+/// As [`buffer_and_sink`].
 unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: per the contract.
-    let pending = unsafe { pending(file) };
-    pending.commit_frame_next = false;
-    if pending.bytes.is_empty() {
-        return ffi::SQLITE_OK;
+    let (buffer, mut sink) = unsafe { buffer_and_sink(file) };
+    match buffer.flush(&mut sink) {
+        Ok(()) => ffi::SQLITE_OK,
+        Err(rc) => rc,
     }
-    // SAFETY: the inner file is open while the shim's is.
-    let rc = unsafe { write_through(inner_of(file), &pending.bytes, pending.offset) };
-    pending.bytes.clear();
-    rc
 }
 
 unsafe extern "C" fn open(
-    _vfs: *mut ffi::sqlite3_vfs,
+    vfs: *mut ffi::sqlite3_vfs,
     name: ffi::sqlite3_filename,
     file: *mut ffi::sqlite3_file,
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
-    let wrapped = WRAPPED.load(Ordering::Acquire);
-    // SAFETY: `register` stored a valid VFS before this VFS could be found by name.
+    // SAFETY: SQLite calls `xOpen` with the pointer `register` registered: a leaked `ShimVfs`
+    // whose `wrapped` is a registered VFS.
+    let wrapped = unsafe { (*vfs.cast::<ShimVfs>()).wrapped };
+    // SAFETY: as above.
     let Some(wrapped_open) = (unsafe { (*wrapped).xOpen }) else {
         return ffi::SQLITE_CANTOPEN;
     };
@@ -185,7 +185,7 @@ unsafe extern "C" fn open(
     // null until the inner open succeeded.
     unsafe {
         (*shim).base.pMethods = ptr::null();
-        (*shim).pending = ptr::null_mut();
+        (*shim).buffer = ptr::null_mut();
         let rc = wrapped_open(wrapped, name, inner, flags, out_flags);
         if rc != ffi::SQLITE_OK {
             // A failed open that set its methods still wants its `xClose`.
@@ -196,7 +196,7 @@ unsafe extern "C" fn open(
             }
             return rc;
         }
-        (*shim).pending = Box::into_raw(Box::default());
+        (*shim).buffer = Box::into_raw(Box::default());
         (*shim).base.pMethods = &WAL_METHODS;
     }
     ffi::SQLITE_OK
@@ -212,8 +212,8 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
             None => ffi::SQLITE_OK,
         };
         let shim = file.cast::<CoalescingFile>();
-        drop(Box::from_raw((*shim).pending));
-        (*shim).pending = ptr::null_mut();
+        drop(Box::from_raw((*shim).buffer));
+        (*shim).buffer = ptr::null_mut();
         if flushed != ffi::SQLITE_OK {
             flushed
         } else {
@@ -235,37 +235,14 @@ unsafe extern "C" fn write(
     if len == 0 {
         return ffi::SQLITE_OK;
     }
-    // SAFETY: SQLite passes `amount` readable bytes at `data`; `file` is open.
+    // SAFETY: SQLite passes `amount` readable bytes at `data`, which stay valid for this call.
     let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-    // SAFETY: `file` is open (SQLite never writes a closed file).
-    let pending = unsafe { pending(file) };
-    let continues = !pending.bytes.is_empty()
-        && pending.offset + pending.bytes.len() as i64 == offset
-        && pending.bytes.len() + len <= MAX_PENDING_BYTES;
-    let ends_commit = pending.commit_frame_next;
-    if !continues {
-        // SAFETY: as above.
-        let rc = unsafe { flush(file) };
-        if rc != ffi::SQLITE_OK {
-            return rc;
-        }
-        if len > MAX_PENDING_BYTES {
-            // SAFETY: as above; the inner file is open while the shim's is.
-            return unsafe { write_through(inner_of(file), bytes, offset) };
-        }
-        pending.offset = offset;
+    // SAFETY: `file` is open (SQLite never writes a closed file); the buffer is taken once.
+    let (buffer, mut sink) = unsafe { buffer_and_sink(file) };
+    match buffer.write(bytes, offset, &mut sink) {
+        Ok(()) => ffi::SQLITE_OK,
+        Err(rc) => rc,
     }
-    pending.bytes.extend_from_slice(bytes);
-    if ends_commit {
-        // The page of a commit frame: the transaction's frames are complete.
-        // SAFETY: as above.
-        return unsafe { flush(file) };
-    }
-    // A frame header's bytes 4..8 are the database size in pages after a commit, zero in every
-    // other frame.
-    pending.commit_frame_next =
-        len == FRAME_HEADER_BYTES && offset >= WAL_HEADER_BYTES && bytes[4..8] != [0, 0, 0, 0];
-    ffi::SQLITE_OK
 }
 
 /// Defines a method that sends the buffer first, then calls the wrapped file's method.

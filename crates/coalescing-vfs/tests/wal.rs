@@ -208,3 +208,85 @@ fn committed_rows_survive_a_crash_synchronous_normal() {
         "committed_rows_survive_a_crash_synchronous_normal",
     );
 }
+
+const SPILL_CHILD_DB: &str = "SEQCAST_COALESCING_SPILL_CHILD_DB";
+
+/// The child half of the lost-acknowledgement test: a transaction larger than the page cache
+/// spills frames to the WAL and changes spilled pages again, so at commit SQLite rewrites frame
+/// headers in place (`walRewriteChecksums`), the commit frame's header last, with no page after
+/// it and, under NORMAL, no sync. The child dies right after `commit()` returned.
+fn child_commits_a_spilling_transaction_then_aborts(path: &Path) -> ! {
+    let mut writer = open_writer(path, "NORMAL");
+    writer.pragma_update(None, "cache_size", 50).unwrap();
+    // As the persistence writer does: checkpoints are its own business, not the commit's.
+    writer
+        .pragma_update(None, "wal_autocheckpoint", 100_000)
+        .unwrap();
+    for commit in 0..40 {
+        commit_rows(&mut writer, commit * 25, 25, 200);
+    }
+    commit_rows(&mut writer, 1000, 400, 4000);
+    println!("committed 1400");
+    std::process::abort();
+}
+
+/// Issue 19, defect 1: under `synchronous = NORMAL` the commit frame's rewritten header stayed in
+/// the shim's buffer after `commit()` returned; a crash then lost the whole acknowledged commit
+/// (WAL recovery stops at the stale checksum): 1,000 of 1,400 rows were left.
+#[test]
+fn commit_that_rewrites_spilled_frames_survives_a_crash_synchronous_normal() {
+    let test_name = "commit_that_rewrites_spilled_frames_survives_a_crash_synchronous_normal";
+    if let Ok(db) = std::env::var(SPILL_CHILD_DB) {
+        child_commits_a_spilling_transaction_then_aborts(Path::new(&db));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(SPILL_CHILD_DB, &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("committed 1400"),
+        "the child did not commit: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "the child was meant to abort");
+    // Stock SQLite, as after a restart: it recovers the WAL from the file alone.
+    let conn = Connection::open(&path).unwrap();
+    assert_eq!(count_and_check(&conn), 1400, "acknowledged rows lost");
+    assert_eq!(integrity(&conn), "ok");
+}
+
+#[test]
+fn register_over_wraps_a_named_vfs_once_and_says_why_not() {
+    use seqcast_coalescing_vfs::{RegisterError, register_over};
+    assert_eq!(
+        register_over("seqcast-test-shim", "no-such-vfs"),
+        Err(RegisterError::NoSuchVfs)
+    );
+    assert_eq!(
+        register_over("seqcast\0test", "unix"),
+        Err(RegisterError::InvalidName)
+    );
+    register_over("seqcast-test-shim", "unix").unwrap();
+    assert_eq!(
+        register_over("seqcast-test-shim", "unix"),
+        Err(RegisterError::NameTaken)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let mut conn =
+        Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), "seqcast-test-shim")
+            .unwrap();
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .unwrap();
+    conn.execute_batch(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, stream INTEGER NOT NULL, data BLOB NOT NULL);",
+    )
+    .unwrap();
+    commit_rows(&mut conn, 0, 30, 100);
+    let reader = Connection::open(&path).unwrap();
+    assert_eq!(count_and_check(&reader), 30);
+}
