@@ -320,3 +320,59 @@ async fn resume_after_a_thousand_messages_of_other_keys_works_by_default() {
         .collect();
     assert_eq!(seqs, mine);
 }
+
+/// Under back-pressure the frames the server keeps for later keep their order with the control
+/// frames behind them: `subscribe k1`, `unsubscribe k1`, `subscribe k2`, `ping` sent by a stalled
+/// consumer end with k1 not followed, k2 followed, and the replies in the order sent.
+#[tokio::test]
+async fn frames_kept_under_back_pressure_keep_their_order() {
+    let s = TestServer::start_with(Options::args(&["--send-queue", "16"])).await;
+    let mut c = s
+        .client_with_recv_buffer(&token("alice", None), 8 * 1024)
+        .await;
+    c.subscribe("slow", "r").await;
+    let pad = "x".repeat(1000);
+    let messages: Vec<Value> = (0..2000)
+        .map(|i| json!({"channel": "slow", "request_id": "r", "data": {"i": i, "pad": pad}}))
+        .collect();
+    let mut want = Vec::new();
+    for chunk in messages.chunks(500) {
+        for r in s.publish_batch(chunk).await {
+            want.push(r["sequence_number"].as_u64().unwrap());
+        }
+    }
+    for frame in [
+        json!({"type": "subscribe", "channel": "k1", "request_id": "r"}),
+        json!({"type": "unsubscribe", "channel": "k1", "request_id": "r"}),
+        json!({"type": "subscribe", "channel": "k2", "request_id": "r"}),
+        json!({"type": "ping"}),
+    ] {
+        c.send(frame).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut got = Vec::new();
+    let mut replies = Vec::new();
+    while got.len() < want.len() || replies.len() < 3 {
+        match c.next_frame().await {
+            ServerFrame::Message(m) => got.push(m.sequence_number),
+            ServerFrame::SubAck(a) => replies.push(a.subscription_key.to_string()),
+            ServerFrame::Pong => replies.push("pong".into()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, want, "every message once, in order");
+    assert_eq!(
+        replies,
+        ["k1:r", "k2:r", "pong"],
+        "replies in the order sent"
+    );
+    s.publish("k1", "r", json!("not followed")).await;
+    let k2 = s.publish("k2", "r", json!("followed")).await;
+    let m = c.expect_message().await;
+    assert_eq!(m.sequence_number, k2["sequence_number"].as_u64().unwrap());
+    c.expect_nothing_more().await;
+    assert!(
+        s.metric("seqcast_subscribers_lagged_total").await >= 1,
+        "the consumer never left live delivery: back-pressure was not exercised"
+    );
+}

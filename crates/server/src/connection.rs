@@ -375,12 +375,12 @@ impl Deferred {
 
 /// Whether a frame read under back-pressure is acted on at once: `auth` always (the token's
 /// expiry keeps running); `ping` and `unsubscribe` when nothing read before them waits, so
-/// their effect keeps its place in the order (an `unsubscribe` of the key being subscribed
-/// waits for that subscribe to finish).
+/// their effect keeps its place in the order (a `pong` never overtakes the `sub_ack` of a
+/// subscribe being planned; an `unsubscribe` of the key being subscribed waits for it).
 fn acts_under_pressure(frame: &Incoming, subs: &Subscriptions, nothing_deferred: bool) -> bool {
     match frame {
         Incoming::Frame(ClientFrame::Auth(_)) => true,
-        Incoming::Frame(ClientFrame::Ping) => nothing_deferred,
+        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting.is_none(),
         Incoming::Frame(ClientFrame::Unsubscribe(u)) => {
             nothing_deferred && subs.starting.as_ref() != Some(&u.key())
         }
