@@ -219,9 +219,11 @@ async fn a_slow_consumer_that_refreshed_in_time_is_not_closed_4001() {
 /// fields; `backlog_enqueued` (one per message) stays at debug.
 #[tokio::test]
 async fn backlog_created_and_drained_are_logged_at_info() {
-    let mut opts = Options::default();
-    opts.env = vec![("RUST_LOG".into(), "info".into())];
-    let s = TestServer::start_with(opts).await;
+    let s = TestServer::start_with(Options {
+        env: vec![("RUST_LOG".into(), "info".into())],
+        ..Options::default()
+    })
+    .await;
     for i in 0..3 {
         s.publish("search", "req_B", json!(i)).await;
     }
@@ -375,4 +377,30 @@ async fn frames_kept_under_back_pressure_keep_their_order() {
         s.metric("seqcast_subscribers_lagged_total").await >= 1,
         "the consumer never left live delivery: back-pressure was not exercised"
     );
+}
+
+/// `seqcast token` for a server that verifies with a public key only refuses to mint an HS256
+/// token nobody would accept (with a development secret it would have made one up).
+#[tokio::test]
+async fn token_subcommand_refuses_without_a_secret_when_a_public_key_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("seqcast.toml");
+    let public = fixtures().join("test-rs256-public.pem");
+    std::fs::write(
+        &cfg,
+        format!("jwt_public_key = {:?}\n", public.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(server_binary())
+        .args(["token", "--sub", "alice", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("SEQCAST_JWT_SECRET")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--jwt-public-key"), "{err}");
+    assert!(!dir.path().join("jwt-secret").exists());
 }
