@@ -404,3 +404,18 @@ async fn token_subcommand_refuses_without_a_secret_when_a_public_key_is_configur
     assert!(err.contains("--jwt-public-key"), "{err}");
     assert!(!dir.path().join("jwt-secret").exists());
 }
+
+/// `seqcast --help` describes PostgreSQL as the storage it is, and the recovery count bound as
+/// optional.
+#[test]
+fn help_says_postgres_is_available_and_the_count_bound_is_optional() {
+    let out = std::process::Command::new(server_binary())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{help}");
+    assert!(!help.contains("not available"), "{help}");
+    assert!(help.contains("postgres: PostgreSQL"), "{help}");
+    assert!(help.contains("absent: no count bound"), "{help}");
+}
