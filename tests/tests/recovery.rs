@@ -61,7 +61,8 @@ async fn ac3_empty_when_nothing_is_new() {
 
 #[tokio::test]
 async fn ac4_overflow_returns_the_newest_500_and_says_incomplete() {
-    let s = TestServer::start().await;
+    // The seeds' count bound, given explicitly: by default the window is time-only.
+    let s = TestServer::start_with(Options::args(&["--recovery-max-messages", "500"])).await;
     let batch: Vec<Value> = (0..501)
         .map(|i| json!({"channel": "search", "request_id": "r1", "data": i}))
         .collect();

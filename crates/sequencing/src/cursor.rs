@@ -13,22 +13,34 @@
 //! the client is told `recovered: true`. Nothing here reads a clock, a socket or a disk: the
 //! shell passes in what it knows ([`View`]) and performs the step.
 
-/// How far back a resume (`since`) may reach: at most `max_messages` of the newest numbers,
-/// none older than `max_age_ms`, and never past the log's retention floor.
+/// How far back a resume (`since`) may reach: none older than `max_age_ms`, at most
+/// `max_messages` of the newest numbers where a count bound is set, and never past the log's
+/// retention floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowLimits {
-    /// Most numbers a resume may reach back.
-    pub max_messages: usize,
+    /// Most numbers a resume may reach back (`None`: no count bound, only age and retention).
+    pub max_messages: Option<u64>,
     /// Oldest message age (ms) a resume may reach.
     pub max_age_ms: u64,
 }
 
 impl Default for WindowLimits {
-    /// The seed defaults: the last 500 messages, none older than 900 s.
+    /// Time only: none older than 900 s, no count bound. (A global count bound would make a
+    /// half-second drop unrecoverable on a busy server: it counts every key's messages.)
     fn default() -> Self {
         WindowLimits {
-            max_messages: 500,
+            max_messages: None,
             max_age_ms: 900_000,
+        }
+    }
+}
+
+impl WindowLimits {
+    /// The oldest number the count bound lets a resume reach at `head` (1 without a bound).
+    pub fn count_start(&self, head: u64) -> u64 {
+        match self.max_messages {
+            Some(n) => head.saturating_sub(n).saturating_add(1),
+            None => 1,
         }
     }
 }
@@ -48,10 +60,7 @@ pub struct LogFacts {
 /// The oldest number a resume can be served from: every number in `window_start ..= head` is
 /// inside the recovery window. Equals `head + 1` when the window is empty.
 pub fn window_start(limits: WindowLimits, facts: LogFacts) -> u64 {
-    let by_count = facts
-        .head
-        .saturating_sub(limits.max_messages as u64)
-        .saturating_add(1);
+    let by_count = limits.count_start(facts.head);
     let by_age = facts.first_within_age.unwrap_or(facts.head + 1);
     by_count
         .max(by_age)

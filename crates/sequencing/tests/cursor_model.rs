@@ -314,7 +314,7 @@ proptest! {
             live: Vec::new(),
             capacity,
             page,
-            window: WindowLimits { max_messages: window_messages, max_age_ms: u64::MAX },
+            window: WindowLimits { max_messages: Some(window_messages as u64), max_age_ms: u64::MAX },
             keys: KEYS.iter().map(|k| SubscriptionKey::parse(k).unwrap()).collect(),
         };
         for op in ops {
@@ -440,8 +440,9 @@ fn a_floor_that_passed_the_position_means_behind() {
 
 #[test]
 fn resume_rules() {
+    // The seeds' count bound, given explicitly (`--recovery-max-messages 500`).
     let limits = WindowLimits {
-        max_messages: 500,
+        max_messages: Some(500),
         max_age_ms: 900_000,
     };
     // Seed 001 AC4: 501 published, since 0 → the newest 500, incomplete.
@@ -522,4 +523,36 @@ fn the_cache_is_dense_bounded_in_bytes_and_indexed_by_key() {
     let (page, through) = cache.after(0, 10, |m| m.key == b);
     assert!(page.is_empty());
     assert_eq!(through, 14);
+}
+
+/// By default the window is time-only: a resume reaches back to the oldest message younger than
+/// the age bound however many messages (of any key) came since, never past the retention floor.
+#[test]
+fn the_default_window_has_no_count_bound() {
+    let limits = WindowLimits::default();
+    assert_eq!(limits.max_messages, None);
+    assert_eq!(limits.max_age_ms, 900_000);
+    let facts = LogFacts {
+        head: 1_000_000,
+        retention_floor: 1,
+        first_within_age: Some(7),
+    };
+    let start = window_start(limits, facts);
+    assert_eq!(start, 7, "only the age bound applies");
+    assert_eq!(
+        resume(6, true, 1_000_000, start),
+        Resume::Complete { after: 6 }
+    );
+    assert!(!resume(5, true, 1_000_000, start).recovered());
+    let pruned = LogFacts {
+        retention_floor: 400_000,
+        ..facts
+    };
+    assert_eq!(window_start(limits, pruned), 400_000, "retention bounds it");
+    // A count bound, where given, still applies.
+    let counted = WindowLimits {
+        max_messages: Some(500),
+        ..limits
+    };
+    assert_eq!(window_start(counted, facts), 1_000_000 - 500 + 1);
 }

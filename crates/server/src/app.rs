@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authority, dev_secret};
-use crate::config::{Settings, StorageKind};
+use crate::config::{AuthMode, Settings, StorageKind, auth_mode};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::limits::Limiter;
@@ -43,7 +43,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks WebSocket connection tasks, so shutdown can wait for them.
     pub connections: TaskTracker,
-    /// No JWT secret was configured: a generated one is in use.
+    /// Development mode ([`crate::config::AuthMode::Development`]): no token verifier is
+    /// configured and the listen address is loopback; a generated secret is in use.
     pub dev_mode: bool,
     /// Makes message ids for publishes that bring none.
     pub message_ids: http::MessageIds,
@@ -185,22 +186,38 @@ pub async fn start(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ServerHandle> {
+    // Decided before anything is bound or generated: with no verifier, only loopback.
+    let listen_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?
+        .map(|a| a.ip())
+        .collect();
+    let mode = auth_mode(
+        settings.jwt_secret.is_some(),
+        settings.jwt_public_key.is_some(),
+        &settings.listen,
+        &listen_ips,
+    )?;
     let listener = bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
 
-    let (jwt_secret, dev_mode) = match &settings.jwt_secret {
-        Some(s) => (s.clone(), false),
-        None => {
-            let (s, _) = dev_secret(&settings.data_dir, "jwt-secret").with_context(|| {
-                format!(
-                    "cannot keep a development secret in {}",
-                    settings.data_dir.display()
-                )
-            })?;
-            (s, true)
-        }
+    let dev_mode = mode == AuthMode::Development;
+    let jwt_secret = match &settings.jwt_secret {
+        Some(s) => Some(s.clone()),
+        None if dev_mode => Some(
+            dev_secret(&settings.data_dir, "jwt-secret")
+                .with_context(|| {
+                    format!(
+                        "cannot keep a development secret in {}",
+                        settings.data_dir.display()
+                    )
+                })?
+                .0,
+        ),
+        // Public keys only: HS256 tokens are refused.
+        None => None,
     };
     let api_keys = if settings.api_keys.is_empty() {
         vec![
@@ -214,8 +231,11 @@ pub async fn start(
         settings.api_keys.clone()
     };
     let api_key = api_keys[0].clone();
-    let mut auth = Authority::with_keys(&jwt_secret, api_keys)
-        .require(settings.jwt_issuer.clone(), settings.jwt_audience.clone());
+    let auth = match &jwt_secret {
+        Some(secret) => Authority::with_keys(secret, api_keys),
+        None => Authority::without_secret(api_keys),
+    };
+    let mut auth = auth.require(settings.jwt_issuer.clone(), settings.jwt_audience.clone());
     if let Some(path) = &settings.jwt_public_key {
         auth = auth
             .with_public_keys(path)
@@ -615,11 +635,12 @@ async fn apply_retention(app: &AppState) -> Result<(), ApiError> {
 fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
     tracing::warn!(
         event = "development_mode",
-        "no JWT secret configured: development mode with a generated secret kept in the data directory"
+        "no token verifier configured (--jwt-secret, --jwt-public-key): development mode with a generated secret kept in the data directory, for loopback clients only"
     );
     eprintln!(
-        "\n  seqcast is in DEVELOPMENT MODE: no --jwt-secret was configured, so a secret was generated\n  \
-         and kept in the data directory. Do not expose this server.\n\n  \
+        "\n  seqcast is in DEVELOPMENT MODE: no --jwt-secret or --jwt-public-key was configured, so a\n  \
+         secret was generated and kept in the data directory. It listens on loopback only; configure a\n  \
+         verifier before listening on any other address.\n\n  \
          dev token (sub=dev, every channel, may publish, 24 h):\n    {token}\n  \
          API key:\n    {api_key}\n\n  \
          try:\n    curl -s -H 'Authorization: ApiKey {api_key}' -H 'Content-Type: application/json' \\\n      \

@@ -92,8 +92,8 @@ impl Grant {
 
 /// Verifies and mints tokens; checks API keys.
 pub struct Authority {
-    encoding: EncodingKey,
-    secret: DecodingKey,
+    /// The HS256 secret (to mint and to verify); `None` when only public keys are configured.
+    secret: Option<(EncodingKey, DecodingKey)>,
     /// Public keys for asymmetric tokens: (key id, algorithm family, key).
     public: Vec<PublicKey>,
     issuer: Option<String>,
@@ -131,9 +131,19 @@ impl Authority {
 
     /// An authority for a secret and several API keys (any is valid).
     pub fn with_keys(jwt_secret: &str, api_keys: Vec<String>) -> Self {
+        let mut a = Self::without_secret(api_keys);
+        a.secret = Some((
+            EncodingKey::from_secret(jwt_secret.as_bytes()),
+            DecodingKey::from_secret(jwt_secret.as_bytes()),
+        ));
+        a
+    }
+
+    /// An authority with no HS256 secret (add public keys with
+    /// [`Authority::with_public_keys`]): HS256 tokens are refused and nothing can be minted.
+    pub fn without_secret(api_keys: Vec<String>) -> Self {
         Authority {
-            encoding: EncodingKey::from_secret(jwt_secret.as_bytes()),
-            secret: DecodingKey::from_secret(jwt_secret.as_bytes()),
+            secret: None,
             public: Vec::new(),
             issuer: None,
             audience: None,
@@ -185,7 +195,14 @@ impl Authority {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| ApiError::Unauthorized("token is not a valid JWT".into()))?;
         let claims = match header.alg {
-            Algorithm::HS256 => self.decode(token, &self.secret, Algorithm::HS256)?,
+            Algorithm::HS256 => match &self.secret {
+                Some((_, key)) => self.decode(token, key, Algorithm::HS256)?,
+                None => {
+                    return Err(ApiError::Unauthorized(
+                        "HS256 tokens are not accepted: no JWT secret is configured (tokens are verified with the configured public key)".into(),
+                    ));
+                }
+            },
             alg @ (Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA) => {
                 let mut candidates = self.public.iter().filter(|k| {
                     k.algorithms.contains(&alg)
@@ -288,7 +305,12 @@ impl Authority {
             channels,
             publish,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        let Some((encoding, _)) = &self.secret else {
+            return Err(ApiError::Internal(
+                "cannot sign a token: no JWT secret is configured".into(),
+            ));
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
             .map_err(|e| ApiError::Internal(format!("cannot sign token: {e}")))
     }
 
@@ -392,6 +414,23 @@ fn parse_public_keys(bytes: &[u8]) -> Result<Vec<PublicKey>, String> {
         }
     }
     Err("not a PEM public key (RSA, EC P-256 or Ed25519) nor a JWKS document".into())
+}
+
+/// Why `GET /dev/token` must not answer this request, if it must not: development mode is for
+/// this machine only, so the peer must be a loopback address and the request must not have come
+/// through a proxy on this machine for someone else (`Forwarded`, `X-Forwarded-For`,
+/// `X-Real-IP`).
+pub fn dev_token_refusal(peer: Option<std::net::IpAddr>, forwarded: bool) -> Option<String> {
+    match peer {
+        Some(ip) if crate::config::is_loopback(ip) => forwarded.then(|| {
+            "development tokens are for loopback peers only; this request was forwarded by a proxy"
+                .to_owned()
+        }),
+        Some(ip) => Some(format!(
+            "development tokens are for loopback peers only, not {ip}"
+        )),
+        None => Some("development tokens are for loopback peers only; the peer is unknown".into()),
+    }
 }
 
 /// Read a secret kept in the data directory, or make and keep a new one (development mode).
@@ -498,5 +537,39 @@ mod tests {
         let (b, created) = dev_secret(dir.path(), "jwt-secret").unwrap();
         assert!(!created);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn without_a_secret_hs256_is_refused_and_nothing_is_minted() {
+        let a = Authority::without_secret(vec!["k".into()]);
+        let t = Authority::new("secret", "k")
+            .mint("x", None, 60, true)
+            .unwrap();
+        let err = a.verify(&t).unwrap_err();
+        assert!(err.message().contains("HS256"), "{err:?}");
+        assert!(a.mint("x", None, 60, false).is_err());
+        assert!(a.publisher(Some("ApiKey k")).is_ok(), "API keys still work");
+    }
+
+    #[test]
+    fn dev_tokens_go_to_loopback_peers_only() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(dev_token_refusal(ip("127.0.0.1"), false), None);
+        assert_eq!(dev_token_refusal(ip("::1"), false), None);
+        assert_eq!(dev_token_refusal(ip("::ffff:127.0.0.1"), false), None);
+        for peer in [
+            ip("10.0.0.7"),
+            ip("192.168.1.2"),
+            ip("::ffff:10.0.0.7"),
+            ip("2001:db8::1"),
+            None,
+        ] {
+            let why = dev_token_refusal(peer, false).expect("refused");
+            assert!(why.contains("loopback"), "{why}");
+        }
+        assert!(
+            dev_token_refusal(ip("127.0.0.1"), true).is_some(),
+            "forwarded by a proxy"
+        );
     }
 }

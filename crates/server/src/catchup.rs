@@ -42,9 +42,7 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
     let limits = app.settings.recovery;
     let min_ts = now_ms.saturating_sub(limits.max_age_ms);
     let from_memory = app.hub.with_cache(|cache, floor| {
-        let by_count = head
-            .saturating_sub(limits.max_messages as u64)
-            .saturating_add(1);
+        let by_count = limits.count_start(head);
         // The cache answers "the oldest message young enough" exactly when it reaches back past
         // the age boundary, holds everything retained, or the count bound lies inside it.
         let exact = cache.oldest_timestamp_ms().is_some_and(|t| t < min_ts)

@@ -112,7 +112,7 @@ pub enum StorageKind {
     Sqlite,
     /// An in-memory counter: nothing survives a restart.
     Memory,
-    /// PostgreSQL (not available in this version).
+    /// PostgreSQL (`--database-url`): several server nodes share one sequence space.
     Postgres,
 }
 
@@ -160,7 +160,8 @@ pub struct ServeArgs {
     /// PostgreSQL URL for `--storage postgres`.
     #[arg(long, env = "SEQCAST_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// HS256 secret for client tokens (absent: development mode).
+    /// HS256 secret for client tokens. With neither this nor --jwt-public-key the server runs in
+    /// development mode (loopback listen addresses only).
     #[arg(long, env = "SEQCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Key(s) for `Authorization: ApiKey K` on publish endpoints: repeat the flag or give a
@@ -226,9 +227,10 @@ pub struct ServeArgs {
     /// Allowed browser origins, comma-separated; absent = same host only.
     #[arg(long, env = "SEQCAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
-    /// Recovery window size in messages (500).
+    /// Recovery window count bound: a resume reaches back at most N messages of the whole log
+    /// (absent: no count bound; the window is --recovery-ttl-secs, bounded by retention).
     #[arg(long, env = "SEQCAST_RECOVERY_MAX_MESSAGES")]
-    pub recovery_max_messages: Option<usize>,
+    pub recovery_max_messages: Option<u64>,
     /// Recovery window age in seconds (900).
     #[arg(long, env = "SEQCAST_RECOVERY_TTL_SECS")]
     pub recovery_ttl_secs: Option<u64>,
@@ -322,6 +324,56 @@ pub enum ConfigError {
         /// Why.
         message: String,
     },
+    /// No token verifier is configured and the server would listen beyond this machine.
+    #[error(
+        "no token verifier is configured and --listen {listen} is not a loopback address: development \
+         mode (a generated secret, tokens from /dev/token) is for this machine only. Configure \
+         --jwt-secret S (HS256) or --jwt-public-key FILE (your identity provider's PEM key or JWKS), \
+         or listen on 127.0.0.1"
+    )]
+    NoVerifier {
+        /// The listen address as given.
+        listen: String,
+    },
+}
+
+/// How clients are authenticated, decided at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A verifier is configured (`--jwt-secret` and/or `--jwt-public-key`): only its tokens are
+    /// accepted; nothing is generated, `/dev/token` answers 404.
+    Configured,
+    /// No verifier and a loopback listen address: a generated secret kept in the data directory,
+    /// a development token printed at start, `/dev/token` for loopback peers.
+    Development,
+}
+
+/// Development mode only when no verifier of any kind is configured **and** every address the
+/// listen address resolves to (`listen_ips`) is loopback; no verifier and any other address is
+/// refused ([`ConfigError::NoVerifier`]): a generated secret and `/dev/token` must never face a
+/// network.
+pub fn auth_mode(
+    has_jwt_secret: bool,
+    has_public_key: bool,
+    listen: &str,
+    listen_ips: &[std::net::IpAddr],
+) -> Result<AuthMode, ConfigError> {
+    if has_jwt_secret || has_public_key {
+        return Ok(AuthMode::Configured);
+    }
+    let loopback = !listen_ips.is_empty() && listen_ips.iter().all(|ip| is_loopback(*ip));
+    if loopback {
+        Ok(AuthMode::Development)
+    } else {
+        Err(ConfigError::NoVerifier {
+            listen: listen.to_owned(),
+        })
+    }
+}
+
+/// Loopback, IPv4-mapped IPv6 (`::ffff:127.0.0.1`) included.
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// Deadlines on each phase of an HTTP request.
@@ -365,7 +417,8 @@ pub struct Settings {
     pub pg_pool_size: usize,
     /// PostgreSQL statement timeout.
     pub pg_statement_timeout: Duration,
-    /// JWT secret, if configured (None = development mode).
+    /// JWT secret, if configured (neither this nor `jwt_public_key`: development mode, see
+    /// [`auth_mode`]).
     pub jwt_secret: Option<String>,
     /// API keys, if configured (any of them is valid).
     pub api_keys: Vec<String>,
@@ -452,13 +505,18 @@ impl Settings {
                 args.$field.clone().or(file.$field.clone())
             };
         }
-        let recovery_max_messages = pick!(recovery_max_messages, 500);
+        let recovery_max_messages = pick_opt!(recovery_max_messages);
         let recovery_ttl_secs = pick!(recovery_ttl_secs, 900);
         let backlog_per_key = pick!(backlog_per_key, 1_000);
         let backlog_ttl_secs = pick!(backlog_ttl_secs, 120);
         let send_queue = pick!(send_queue, 1024);
         let max_message_bytes = pick!(max_message_bytes, 1 << 20);
-        positive("recovery_max_messages", recovery_max_messages)?;
+        if recovery_max_messages == Some(0) {
+            return Err(ConfigError::Invalid {
+                name: "recovery_max_messages",
+                message: "must be at least 1 (leave it out for no count bound)".into(),
+            });
+        }
         let mut retired = Vec::new();
         if pick_opt!(recovery_buffer_messages).is_some() {
             retired.push("recovery_buffer_messages");
@@ -687,7 +745,7 @@ mod tests {
             ..ServeArgs::default()
         };
         let s = Settings::resolve(&args).unwrap();
-        assert_eq!(s.recovery.max_messages, 7, "flag wins over file");
+        assert_eq!(s.recovery.max_messages, Some(7), "flag wins over file");
         assert_eq!(s.listen, "127.0.0.1:9000", "file wins over default");
         assert_eq!(s.storage, StorageKind::Memory);
         assert_eq!(s.recovery.max_age_ms, 900_000, "default when neither");
@@ -727,5 +785,64 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("send_queue"), "{err}");
+    }
+
+    #[test]
+    fn development_mode_needs_no_verifier_and_a_loopback_listen_address() {
+        use std::net::IpAddr;
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        let lan: IpAddr = "192.168.1.10".parse().unwrap();
+        for ips in [vec![v4], vec![v6], vec![mapped], vec![v4, v6]] {
+            assert_eq!(
+                auth_mode(false, false, "localhost:8080", &ips).unwrap(),
+                AuthMode::Development,
+                "{ips:?}"
+            );
+        }
+        // Any verifier turns development mode off, whatever the address.
+        for (secret, public) in [(true, false), (false, true), (true, true)] {
+            for ips in [vec![v4], vec![any], vec![lan]] {
+                assert_eq!(
+                    auth_mode(secret, public, "x:1", &ips).unwrap(),
+                    AuthMode::Configured
+                );
+            }
+        }
+        // No verifier and an address beyond this machine (or one of several): refused, saying
+        // what to configure.
+        for ips in [vec![any], vec![lan], vec![v4, lan], vec![]] {
+            let err = auth_mode(false, false, "0.0.0.0:8080", &ips).unwrap_err();
+            let text = err.to_string();
+            for needle in [
+                "--jwt-secret",
+                "--jwt-public-key",
+                "0.0.0.0:8080",
+                "loopback",
+            ] {
+                assert!(text.contains(needle), "{ips:?}: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_recovery_window_has_no_count_bound_unless_given() {
+        let s = Settings::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(s.recovery.max_messages, None);
+        assert_eq!(s.recovery.max_age_ms, 900_000);
+        let s = Settings::resolve(&ServeArgs {
+            recovery_max_messages: Some(500),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.recovery.max_messages, Some(500));
+        let err = Settings::resolve(&ServeArgs {
+            recovery_max_messages: Some(0),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("recovery_max_messages"), "{err}");
     }
 }

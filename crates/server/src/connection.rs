@@ -3,10 +3,13 @@
 //! written, then flushed once. One task per connection (no split halves, no lock between them)
 //! keeps an idle connection small and a busy one cheap.
 //!
-//! Flow control: while the send queue is above its high-water mark the task stops reading client
-//! frames (TCP back-pressure on the client) and stops catching up; replies and catch-up pages
-//! are therefore never refused. A subscription whose live delivery paused (queue full) catches up
-//! from the log page by page as the socket drains, and joins live again at the exact seam.
+//! Flow control: while the send queue is above its high-water mark (or a log read is in flight)
+//! the task stops catching up and acts only on control frames — `auth` (its token's deadline
+//! keeps running), `ping`, `unsubscribe` — and keeps other frames (`subscribe`) for later, a
+//! bounded number; past that bound it stops reading (TCP back-pressure on the client). Replies and
+//! catch-up pages are therefore never refused. A subscription whose live delivery paused (queue
+//! full) catches up from the log page by page as the socket drains, and joins live again at the
+//! exact seam.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -325,6 +328,64 @@ fn page_size(app: &AppState) -> usize {
 struct Subscriptions {
     cursors: HashMap<SubscriptionKey, Cursor>,
     catching_up: VecDeque<SubscriptionKey>,
+    /// The key whose `subscribe` is being planned (a [`JobDone::Started`] in flight).
+    starting: Option<SubscriptionKey>,
+}
+
+/// Frames the connection keeps for later while it is under back-pressure (at most this many,
+/// and reading stops once they hold [`DEFERRED_BYTES`]).
+const DEFERRED_FRAMES: usize = 32;
+/// Bytes of kept frames past which reading stops (one frame may take it past, up to the frame
+/// size limit).
+const DEFERRED_BYTES: usize = 64 << 10;
+/// Frames read while under back-pressure and not yet followed by a write round: bounds what
+/// replies to control frames (`pong`, `auth_ok`) can add to a queue that is already full.
+const READS_UNDER_PRESSURE: u32 = 64;
+
+/// A client frame, read and decoded.
+enum Incoming {
+    Frame(ClientFrame),
+    /// Not JSON text, or not a frame we know: answered with an error.
+    Refused(ApiError),
+}
+
+/// Frames read under back-pressure that the connection acts on later, in order.
+#[derive(Default)]
+struct Deferred {
+    frames: VecDeque<(Incoming, usize)>,
+    bytes: usize,
+}
+
+impl Deferred {
+    fn has_room(&self) -> bool {
+        self.frames.len() < DEFERRED_FRAMES && self.bytes < DEFERRED_BYTES
+    }
+
+    fn push(&mut self, frame: Incoming, len: usize) {
+        self.bytes += len;
+        self.frames.push_back((frame, len));
+    }
+
+    fn pop(&mut self) -> Option<Incoming> {
+        let (frame, len) = self.frames.pop_front()?;
+        self.bytes -= len;
+        Some(frame)
+    }
+}
+
+/// Whether a frame read under back-pressure is acted on at once: `auth` always (the token's
+/// expiry keeps running); `ping` and `unsubscribe` when nothing read before them waits, so
+/// their effect keeps its place in the order (a `pong` never overtakes the `sub_ack` of a
+/// subscribe being planned; an `unsubscribe` of the key being subscribed waits for it).
+fn acts_under_pressure(frame: &Incoming, subs: &Subscriptions, nothing_deferred: bool) -> bool {
+    match frame {
+        Incoming::Frame(ClientFrame::Auth(_)) => true,
+        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting.is_none(),
+        Incoming::Frame(ClientFrame::Unsubscribe(u)) => {
+            nothing_deferred && subs.starting.as_ref() != Some(&u.key())
+        }
+        _ => false,
+    }
 }
 
 /// A log read in flight (one per connection at a time, off the async runtime's threads).
@@ -370,16 +431,31 @@ async fn run(
     let mut buf: Vec<Frame> = Vec::new();
     let mut oldest_live: Option<Instant> = None;
     let mut job: Option<Job> = None;
+    let mut deferred = Deferred::default();
+    let mut reads_under_pressure = 0u32;
     // Made once: a close request or shutdown wakes the connection through these.
     let closed = sub.closed();
     tokio::pin!(closed);
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
     loop {
+        // Frames kept under back-pressure go first, in order, once the connection can act.
+        while job.is_none() && !sub.is_above_high_water() && !sub.is_closing() {
+            let Some(frame) = deferred.pop() else {
+                break;
+            };
+            on_frame(app, frame, sub, grant, info, subs, &mut job);
+        }
         if job.is_none() {
             job = advance(app, sub, info, subs);
         }
-        let reading = job.is_none() && !sub.is_above_high_water();
+        let pressured = job.is_some() || sub.is_above_high_water();
+        if !pressured {
+            reads_under_pressure = 0;
+        }
+        // Under back-pressure the socket is still read for control frames, up to a bound.
+        let reading =
+            !pressured || (reads_under_pressure < READS_UNDER_PRESSURE && deferred.has_room());
         tokio::select! {
             biased;
             reason = &mut closed => {
@@ -388,14 +464,55 @@ async fn run(
             }
             // Asks for a close; the next turn sends it.
             _ = &mut shutdown, if !sub.is_closing() => sub.close(CloseReason::GoingAway),
+            // Before the expiry: an `auth` that arrived while the connection was writing (a slow
+            // reader blocks the writes) is read before its old token's deadline is looked at.
+            msg = socket.recv(), if reading => {
+                // Any frame, a pong included, shows the peer is alive.
+                deadlines.answer = None;
+                let read = match receive(app, msg, sub, info) {
+                    Err(read) => read,
+                    Ok((frame, len)) => {
+                        if pressured {
+                            reads_under_pressure += 1;
+                        }
+                        if pressured && !acts_under_pressure(&frame, subs, deferred.frames.is_empty()) {
+                            deferred.push(frame, len);
+                        } else {
+                            on_frame(app, frame, sub, grant, info, subs, &mut job);
+                        }
+                        Read::Continue
+                    }
+                };
+                match read {
+                    Read::Continue => {}
+                    Read::PeerClosed(code) => {
+                        // The peer closed or the connection broke: answer a close, then stop.
+                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+                        return Ended { sent, server_code: None, client_code: Some(code), reason: None };
+                    }
+                    Read::Violation(code, text) => {
+                        tracing::info!(event = "protocol_violation", client_id = %info.client_id, close_code = code, reason = %text, "closing: the peer broke the WebSocket protocol");
+                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_text(socket, code, &text)).await;
+                        return Ended { sent, server_code: Some(code), client_code: None, reason: Some(text) };
+                    }
+                }
+                if grant.exp.is_some() {
+                    let at = expiry_instant(grant.exp);
+                    if let (Some(at), Some(e)) = (at, deadlines.expiry.as_mut()) && e.deadline() != at {
+                        e.as_mut().reset(at);
+                    }
+                }
+                // A peer that keeps sending must not keep its expiry from being looked at.
+                if deadlines.expiry.as_ref().is_some_and(|e| e.is_elapsed()) && !sub.is_closing() {
+                    expire(info, grant, &mut deadlines, sub);
+                }
+            }
             () = sleep_opt(&mut deadlines.expiry), if !sub.is_closing() => {
-                tracing::info!(event = "token_expired", client_id = %info.client_id, user = %grant.sub, "token expired and no auth frame brought a fresh one: closing with 4001");
-                deadlines.expiry = None;
-                sub.close(CloseReason::TokenExpired);
+                expire(info, grant, &mut deadlines, sub);
             }
             () = sleep_opt(&mut deadlines.answer), if !sub.is_closing() => {
-                if sent > deadlines.sent_at_ping && !reading {
-                    // Not read because we are not reading (its queue is full), but it takes our frames.
+                if sent > deadlines.sent_at_ping && pressured {
+                    // Under back-pressure its frames may wait unread, but it takes ours: alive.
                     deadlines.sent_at_ping = sent;
                     deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
                 } else {
@@ -415,7 +532,7 @@ async fn run(
             }
             done = poll_job(&mut job) => {
                 job = None;
-                on_job_done(app, sub, info, subs, done);
+                on_job_done(app, sub, grant, info, subs, done);
             }
             n = sub.wait_ready(&mut buf, &mut oldest_live) => {
                 for (key, sequence_number) in sub.lagged() {
@@ -439,35 +556,21 @@ async fn run(
                 if written.is_err() {
                     return Ended { sent, server_code: None, client_code: None, reason: None };
                 }
+                // The peer took frames: replies to what it sends under pressure can go out.
+                reads_under_pressure = 0;
                 if let Some(at) = oldest_live.take() {
                     app.hub.metrics.commit_to_written.observe(at.elapsed());
                 }
             }
-            msg = socket.recv(), if reading => {
-                // Any frame, a pong included, shows the peer is alive.
-                deadlines.answer = None;
-                match on_client_frame(app, msg, sub, grant, info, subs, &mut job) {
-                    Read::Continue => {}
-                    Read::PeerClosed(code) => {
-                        // The peer closed or the connection broke: answer a close, then stop.
-                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
-                        return Ended { sent, server_code: None, client_code: Some(code), reason: None };
-                    }
-                    Read::Violation(code, text) => {
-                        tracing::info!(event = "protocol_violation", client_id = %info.client_id, close_code = code, reason = %text, "closing: the peer broke the WebSocket protocol");
-                        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close_text(socket, code, &text)).await;
-                        return Ended { sent, server_code: Some(code), client_code: None, reason: Some(text) };
-                    }
-                }
-                if grant.exp.is_some() {
-                    let at = expiry_instant(grant.exp);
-                    if let (Some(at), Some(e)) = (at, deadlines.expiry.as_mut()) && e.deadline() != at {
-                        e.as_mut().reset(at);
-                    }
-                }
-            }
         }
     }
+}
+
+/// The token in force reached its `exp` and no `auth` brought a fresh one: close with 4001.
+fn expire(info: &ConnInfo, grant: &Grant, deadlines: &mut Deadlines, sub: &Subscriber) {
+    tracing::info!(event = "token_expired", client_id = %info.client_id, user = %grant.sub, "token expired and no auth frame brought a fresh one: closing with 4001");
+    deadlines.expiry = None;
+    sub.close(CloseReason::TokenExpired);
 }
 
 /// Move catching-up cursors forward while the send queue has room: join live from the cache
@@ -543,13 +646,24 @@ fn close_behind(
 fn on_job_done(
     app: &Arc<AppState>,
     sub: &Arc<Subscriber>,
+    grant: &Grant,
     info: &ConnInfo,
     subs: &mut Subscriptions,
     done: JobDone,
 ) {
     match done {
+        JobDone::Started { key, .. } if !grant.allows(&key) => {
+            // An `auth` read while the start was planned narrowed the token.
+            subs.starting = None;
+            reply_error(
+                app,
+                sub,
+                &ApiError::Forbidden(format!("the refreshed token may not read {key}")),
+            );
+        }
         JobDone::Started { key, result } => match result {
             Ok(start) => {
+                subs.starting = None;
                 let ack = app.hub.sub_ack(
                     &key,
                     start.drained,
@@ -572,6 +686,7 @@ fn on_job_done(
                 }
             }
             Err(e) => {
+                subs.starting = None;
                 tracing::warn!(event = "subscribe_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read where the subscription starts");
                 reply_error(app, sub, &e);
             }
@@ -603,48 +718,67 @@ fn on_job_done(
     }
 }
 
-/// Handle one read from the client. Returns the peer's close code when the connection is over.
-fn on_client_frame(
-    app: &Arc<AppState>,
+/// One read from the client: a frame to act on (with its size), or what the read means for the
+/// connection (closed, broken, or nothing to act on).
+fn receive(
+    app: &AppState,
     msg: Option<Result<Message, axum::Error>>,
+    sub: &Subscriber,
+    info: &ConnInfo,
+) -> Result<(Incoming, usize), Read> {
+    let text = match msg {
+        Some(Ok(Message::Text(t))) => t,
+        Some(Ok(Message::Binary(b))) => {
+            return Ok((
+                Incoming::Refused(ApiError::BadRequest(
+                    "binary frames are not supported; send JSON text".into(),
+                )),
+                b.len(),
+            ));
+        }
+        Some(Ok(Message::Close(c))) => return Err(Read::PeerClosed(c.map_or(1005, |c| c.code))),
+        Some(Ok(_)) => return Err(Read::Continue),
+        Some(Err(e)) if is_too_large(&e) => {
+            tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
+            sub.close(CloseReason::TooLarge);
+            return Err(Read::Continue);
+        }
+        Some(Err(e)) => {
+            return Err(match violation(&e) {
+                Some((code, text)) => Read::Violation(code, text),
+                None => Read::PeerClosed(1006),
+            });
+        }
+        None => return Err(Read::PeerClosed(1006)),
+    };
+    let frame = match decode_client_frame(text.as_str()) {
+        Ok(f) => Incoming::Frame(f),
+        Err(e) => Incoming::Refused(ApiError::from(e)),
+    };
+    Ok((frame, text.len()))
+}
+
+/// Act on one client frame.
+fn on_frame(
+    app: &Arc<AppState>,
+    frame: Incoming,
     sub: &Arc<Subscriber>,
     grant: &mut Grant,
     info: &ConnInfo,
     subs: &mut Subscriptions,
     job: &mut Option<Job>,
-) -> Read {
-    let text = match msg {
-        Some(Ok(Message::Text(t))) => t,
-        Some(Ok(Message::Binary(_))) => {
-            reply_error(
-                app,
-                sub,
-                &ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
-            );
-            return Read::Continue;
-        }
-        Some(Ok(Message::Close(c))) => return Read::PeerClosed(c.map_or(1005, |c| c.code)),
-        Some(Ok(_)) => return Read::Continue,
-        Some(Err(e)) if is_too_large(&e) => {
-            tracing::info!(event = "frame_too_large", client_id = %info.client_id, limit = app.settings.max_message_bytes, "closing: frame over the size limit");
-            sub.close(CloseReason::TooLarge);
-            return Read::Continue;
-        }
-        Some(Err(e)) => {
-            return match violation(&e) {
-                Some((code, text)) => Read::Violation(code, text),
-                None => Read::PeerClosed(1006),
-            };
-        }
-        None => return Read::PeerClosed(1006),
+) {
+    let frame = match frame {
+        Incoming::Frame(f) => f,
+        Incoming::Refused(e) => return reply_error(app, sub, &e),
     };
-    match decode_client_frame(text.as_str()) {
-        Ok(ClientFrame::Subscribe(s)) => {
+    match frame {
+        ClientFrame::Subscribe(s) => {
             let key = s.key();
             if subs.cursors.contains_key(&key) {
                 // Already subscribed: acknowledged again, nothing replayed.
                 sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None, (0, 0)));
-                return Read::Continue;
+                return;
             }
             if subs.cursors.len() >= app.settings.max_subscriptions {
                 reply_error(
@@ -655,7 +789,7 @@ fn on_client_frame(
                         app.settings.max_subscriptions
                     )),
                 );
-                return Read::Continue;
+                return;
             }
             if !grant.allows(&key) {
                 reply_error(
@@ -663,8 +797,9 @@ fn on_client_frame(
                     sub,
                     &ApiError::Forbidden(format!("token may not read {key}")),
                 );
-                return Read::Continue;
+                return;
             }
+            subs.starting = Some(key.clone());
             let app = Arc::clone(app);
             *job = Some(Box::pin(async move {
                 let result =
@@ -672,7 +807,7 @@ fn on_client_frame(
                 JobDone::Started { key, result }
             }));
         }
-        Ok(ClientFrame::Unsubscribe(u)) => {
+        ClientFrame::Unsubscribe(u) => {
             let key = u.key();
             app.hub.unsubscribe(sub, &key);
             if subs.cursors.remove(&key).is_some() {
@@ -681,18 +816,16 @@ fn on_client_frame(
             subs.catching_up.retain(|k| k != &key);
             tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
         }
-        Ok(ClientFrame::Ping) => {
+        ClientFrame::Ping => {
             sub.push_one(Utf8Bytes::from_static(r#"{"type":"pong"}"#));
         }
-        Ok(ClientFrame::Hello(_)) => reply_error(
+        ClientFrame::Hello(_) => reply_error(
             app,
             sub,
             &ApiError::BadRequest("already connected: hello is only the first frame".into()),
         ),
-        Ok(ClientFrame::Auth(a)) => return refresh_token(app, sub, grant, info, subs, &a.token),
-        Err(e) => reply_error(app, sub, &ApiError::from(e)),
+        ClientFrame::Auth(a) => refresh_token(app, sub, grant, info, subs, &a.token),
     }
-    Read::Continue
 }
 
 /// `auth`: a fresh token for the same user replaces the connection's; keys it no longer allows
@@ -704,14 +837,14 @@ fn refresh_token(
     info: &ConnInfo,
     subs: &mut Subscriptions,
     token: &str,
-) -> Read {
+) {
     let fresh = match app.auth.verify(token) {
         Ok(g) => g,
         Err(e) => {
             // The token in force still holds until its own `exp`.
             tracing::info!(event = "auth_refresh_rejected", client_id = %info.client_id, error = %e, "auth frame with an invalid token");
             reply_error(app, sub, &e);
-            return Read::Continue;
+            return;
         }
     };
     if fresh.sub != grant.sub {
@@ -722,7 +855,7 @@ fn refresh_token(
             &ApiError::Unauthorized("auth token is for another user".into()),
         );
         sub.close(CloseReason::AuthRejected);
-        return Read::Continue;
+        return;
     }
     let narrowed: Vec<SubscriptionKey> = subs
         .cursors
@@ -750,7 +883,6 @@ fn refresh_token(
     sub.push_one(Utf8Bytes::from(encode_server_frame(&ServerFrame::AuthOk(
         AuthOk { exp },
     ))));
-    Read::Continue
 }
 
 /// A read error that is the peer's protocol violation: its close code (1007 for invalid UTF-8,

@@ -702,12 +702,24 @@ pub mod assets {
     }
 
     /// `GET /dev/token` — development mode only: a short-lived token that may read and publish
-    /// everything, so the demo page works out of the box. 404 once a secret is configured.
-    pub async fn dev_token(State(app): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    /// everything, so the demo page works out of the box. 404 once a verifier is configured;
+    /// 403 unless the peer is loopback and the request came through no proxy.
+    pub async fn dev_token(
+        State(app): State<Arc<AppState>>,
+        peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+        headers: axum::http::HeaderMap,
+    ) -> Result<Response, ApiError> {
         if !app.dev_mode {
             return Err(ApiError::NotFound(
-                "no development token: a JWT secret is configured".into(),
+                "no development token: a token verifier is configured".into(),
             ));
+        }
+        let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+            .iter()
+            .any(|h| headers.contains_key(*h));
+        let peer = peer.map(|axum::Extension(axum::extract::ConnectInfo(a))| a.ip());
+        if let Some(why) = crate::auth::dev_token_refusal(peer, forwarded) {
+            return Err(ApiError::Forbidden(why));
         }
         let token = app.auth.mint("dev", None, 3600, true)?;
         Ok(axum::Json(serde_json::json!({ "token": token, "dev_mode": true })).into_response())

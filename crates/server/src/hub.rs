@@ -433,6 +433,7 @@ impl Hub {
     pub fn apply_committed(&self, events: &[CommittedEvent]) -> Result<(), HubError> {
         let committed_at = Instant::now();
         let frames: Vec<Frame> = events.iter().map(Hub::frame_of).collect();
+        let mut created = Vec::new();
         let mut state = self.lock();
         for (ev, frame) in events.iter().zip(frames) {
             state.cache.push(CachedMessage {
@@ -444,22 +445,39 @@ impl Hub {
             })?;
             self.head.store(ev.sequence_number, Ordering::Release);
             Metrics::inc(&self.metrics.published);
-            self.deliver_live(&mut state, ev, frame, committed_at);
+            if !self.deliver_live(&mut state, ev, frame, committed_at)
+                && ev.stream_sequence == 1
+                && !ev.replaced
+            {
+                created.push(&ev.key);
+            }
         }
         drop(state);
+        // Seed 003's story at the default level, one line per new key (like an access-log
+        // line), written outside the hub lock.
+        for key in created {
+            tracing::info!(
+                event = "backlog_created",
+                subscription_key = %key,
+                channel = %key.channel(),
+                request_id = %key.request_id(),
+                "backlog created for late subscribers: the key's first message, nobody follows it on this node"
+            );
+        }
         self.metrics
             .commit_to_queued
             .observe(committed_at.elapsed());
         Ok(())
     }
 
+    /// Queue `ev` to the key's live subscribers; returns whether anyone took it.
     fn deliver_live(
         &self,
         state: &mut HubState,
         ev: &CommittedEvent,
         frame: Frame,
         committed_at: Instant,
-    ) {
+    ) -> bool {
         let mut delivered = 0u64;
         if let Some(subs) = state.live.get_mut(&ev.key) {
             subs.retain(|s| match s.push_live(frame.clone(), committed_at) {
@@ -483,15 +501,6 @@ impl Hub {
             // Nobody here follows the key: the message waits in the log for late subscribers.
             Metrics::inc(&self.metrics.backlogged);
             let key = &ev.key;
-            if ev.stream_sequence == 1 && !ev.replaced {
-                tracing::debug!(
-                    event = "backlog_created",
-                    subscription_key = %key,
-                    channel = %key.channel(),
-                    request_id = %key.request_id(),
-                    "first message of a key with no subscriber on this node"
-                );
-            }
             tracing::debug!(
                 event = "backlog_enqueued",
                 subscription_key = %key,
@@ -501,6 +510,7 @@ impl Hub {
                 "message kept in the log for late subscribers"
             );
         }
+        delivered > 0
     }
 
     /// Under the hub lock: if the cache holds everything of `key` after `after`, queue it to

@@ -94,6 +94,10 @@ fn token(t: &seqcast_server::config::TokenArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&t.serve_args())?;
     let secret = match &settings.jwt_secret {
         Some(s) => s.clone(),
+        None if settings.jwt_public_key.is_some() => anyhow::bail!(
+            "the server verifies tokens with --jwt-public-key and has no --jwt-secret: mint tokens \
+             with your identity provider (seqcast token signs HS256 with --jwt-secret)"
+        ),
         None => {
             let (s, created) = seqcast_server::auth::dev_secret(&settings.data_dir, "jwt-secret")?;
             if created {
