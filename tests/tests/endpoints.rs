@@ -143,7 +143,14 @@ async fn publish_auth_and_body_errors() {
             (status, r.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
-    assert_eq!(post(None, body.clone()).await.0, 401);
+    let (status, missing) = post(None, body.clone()).await;
+    assert_eq!(status, 401);
+    // A publisher without the header is told the form it needs and where a development key is.
+    let message = missing["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("ApiKey <key>") && message.contains("api-key"),
+        "{missing}"
+    );
     assert_eq!(post(Some("ApiKey wrong".into()), body.clone()).await.0, 401);
     assert_eq!(
         post(

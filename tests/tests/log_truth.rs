@@ -692,6 +692,10 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
             text.contains(&format!("pid {pid}")),
             "holder pid {pid} not named: {text}"
         );
+        assert!(
+            text.contains("another --data-dir") && !text.contains("os error"),
+            "the refusal says what to do, without the OS's words for a held lock: {text}"
+        );
         // The first server is unharmed.
         let a = s.publish("still", "here", json!(1)).await;
         assert!(n(&a, "sequence_number") >= 1);

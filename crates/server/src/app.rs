@@ -259,7 +259,9 @@ pub async fn start(
         storage = store.name(),
         epoch = hub.epoch(),
         head = hub.head(),
-        data_dir = %settings.data_dir.display(),
+        // Only SQLite keeps its database in the data directory.
+        data_dir = (settings.storage == StorageKind::Sqlite)
+            .then(|| settings.data_dir.display().to_string()),
         "sequence authority ready"
     );
     if settings.storage == StorageKind::Memory {
@@ -523,19 +525,25 @@ pub fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    if let Err(e) = file.try_lock() {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        let holder = holder.trim();
-        anyhow::bail!(
-            "data directory {} is in use by another seqcast process ({}): {e}",
-            settings.data_dir.display(),
-            if holder.is_empty() {
-                "holder unknown"
-            } else {
-                holder
-            }
-        );
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "data directory {} is in use by another seqcast process ({}); stop it, or start this one with another --data-dir",
+                settings.data_dir.display(),
+                if holder.is_empty() {
+                    "holder unknown"
+                } else {
+                    holder
+                }
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
     }
     file.set_len(0)?;
     file.rewind()?;

@@ -329,7 +329,7 @@ impl Authority {
     pub fn publisher(&self, authorization: Option<&str>) -> Result<Grant, ApiError> {
         let Some(v) = authorization else {
             return Err(ApiError::Unauthorized(
-                "missing Authorization header".into(),
+                "missing Authorization header: publish with `Authorization: ApiKey <key>` (in development mode the key is in the data directory's `api-key` file) or `Authorization: Bearer <token>` with `publish: true`".into(),
             ));
         };
         if let Some(given) = credentials(v, "ApiKey") {
@@ -363,7 +363,7 @@ impl Authority {
                 )),
             },
             None => Err(ApiError::Unauthorized(
-                "missing Authorization header".into(),
+                "missing Authorization header: expected `Authorization: Bearer <token>`".into(),
             )),
         }
     }
