@@ -73,7 +73,16 @@ async fn publishes_after_the_file_went_are_refused(replace: bool) {
         "{:?}",
         s.raw_logs()
     );
-    assert_eq!(count_events(&s, "write_withheld"), 1, "{:?}", s.raw_logs());
+    let unwritable = s
+        .wait_for_log(|v| v["event"] == "database_unwritable")
+        .await;
+    assert!(
+        unwritable["error"]
+            .as_str()
+            .unwrap()
+            .contains("not acknowledged"),
+        "{unwritable}"
+    );
 }
 
 fn data_of(m: &seqcast_protocol::MessageFrame) -> Value {

@@ -790,10 +790,9 @@ impl Writer {
         // the answers: a group that went into a removed or replaced file is neither delivered
         // nor acknowledged (its publishers get 503 and may retry).
         if let Err(lost) = self.file.check() {
+            // Logged once, as `database_unwritable` with this reason (see `Shared::set_health`).
             let error = if assigned.iter().any(|n| n.retry_of.is_none()) {
-                let error = self.file.withhold(lost);
-                tracing::error!(event = "write_withheld", error = %error, commands = count, "a group committed into a database file that was removed or replaced: not delivered, not acknowledged");
-                error
+                self.file.withhold(lost)
             } else {
                 lost
             };
