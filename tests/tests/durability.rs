@@ -25,7 +25,7 @@ fn count_events(s: &TestServer, event: &str) -> usize {
 /// would lose it at the next restart. Also: that group reaches no subscriber, `/readyz` is 503,
 /// and each log event is written once, not once per publish.
 async fn publishes_after_the_file_went_are_refused(replace: bool) {
-    let s = TestServer::start().await;
+    let mut s = TestServer::start().await;
     let t = token("sub", None);
     let mut sub = s.client(&t).await;
     sub.subscribe("c", "r").await;
@@ -83,6 +83,33 @@ async fn publishes_after_the_file_went_are_refused(replace: bool) {
             .contains("not acknowledged"),
         "{unwritable}"
     );
+
+    // A restart opens what the path holds now: a new empty store, or the copy. The copy is
+    // continued with the WAL file beside it (it was not replaced), so the refused group may be
+    // there after all — unacknowledged, never a hole: the log stays dense.
+    s.kill9().await;
+    let mut o = Options::default();
+    o.data_dir = Some(s.data_dir.clone());
+    let again = TestServer::start_with(o).await;
+    assert_eq!(again.get("/readyz", None).await.0, 200);
+    let next = again.publish("c", "r", json!("after")).await;
+    let (_, log) = again.get("/websocket/messages?since=0", Some(&t)).await;
+    let log: Vec<(u64, Value)> = log["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["sequence_number"].as_u64().unwrap(), m["data"].clone()))
+        .collect();
+    let head = next["sequence_number"].as_u64().unwrap();
+    assert_eq!(log.len() as u64, head, "{log:?}");
+    assert!(log.iter().zip(1..).all(|((n, _), i)| *n == i), "{log:?}");
+    assert_eq!(log.last().unwrap().1, json!("after"));
+    if replace {
+        assert_eq!(log[0].1, json!(1), "{log:?}");
+        assert!(head <= 3, "{log:?}");
+    } else {
+        assert_eq!(head, 1, "a new store: {log:?}");
+    }
 }
 
 fn data_of(m: &seqcast_protocol::MessageFrame) -> Value {
