@@ -88,9 +88,7 @@ async fn publishes_after_the_file_went_are_refused(replace: bool) {
     // continued with the WAL file beside it (it was not replaced), so the refused group may be
     // there after all — unacknowledged, never a hole: the log stays dense.
     s.kill9().await;
-    let mut o = Options::default();
-    o.data_dir = Some(s.data_dir.clone());
-    let again = TestServer::start_with(o).await;
+    let again = TestServer::start_with(on_dir(&s.data_dir, &[])).await;
     assert_eq!(again.get("/readyz", None).await.0, 200);
     let next = again.publish("c", "r", json!("after")).await;
     let (_, log) = again.get("/websocket/messages?since=0", Some(&t)).await;
