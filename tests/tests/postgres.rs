@@ -517,11 +517,13 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
     app.batch_execute(
         "SELECT count(*) FROM seqcast.append_events(ARRAY['c','c','c'], ARRAY['r','r','r'], \
                 ARRAY['a','b','c'], ARRAY['1','2','3']); \
-         UPDATE seqcast.stream_rows SET stream_sequence = stream_sequence + 10",
+         UPDATE seqcast.stream_rows SET stream_sequence = 10 - stream_sequence",
     )
     .await
     .unwrap();
-    assert!(db_command("repair-sequences").contains("1 streams checked, 3 rows renumbered"));
+    // Damaged: positions fall in creation order (9, 8, 7). The first row keeps its position, the
+    // others rise past it (positions never go back).
+    assert!(db_command("repair-sequences").contains("1 streams checked, 2 rows renumbered"));
     assert!(db_command("repair-sequences").contains("0 rows renumbered"));
     let rows = app
         .query(
@@ -531,7 +533,10 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
         .await
         .unwrap();
     let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(got, vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]);
+    assert_eq!(
+        got,
+        vec![("a".into(), 9), ("b".into(), 10), ("c".into(), 11)]
+    );
 }
 
 /// Three nodes started at once on a new database: the migrations run once (under the advisory

@@ -6,6 +6,9 @@
 //! order, and only then answers each publisher. A failing command is undone alone (the group is
 //! retried with a SAVEPOINT per command, see `Writer::write_group`). It never waits on a
 //! timer for more work: the group is whatever queued up while the previous commit was syncing.
+//! Between COMMIT and the hook it checks that the database file is still the one at its path
+//! (one `stat`): a group written into a removed or replaced file is neither delivered nor
+//! acknowledged, and the writer refuses every write after it.
 //!
 //! A retry (a known message id with byte-identical data) writes nothing: the event's row is
 //! looked up before anything is inserted, and the answer is the row's last event. Prune
@@ -13,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -32,7 +35,9 @@ use crate::store::EventWriter;
 
 /// Called on the writer thread after each successful COMMIT with every event of that
 /// transaction in sequence order, before any publisher of the transaction is answered. The
-/// server fans out from here, which keeps live delivery in commit (= number) order.
+/// server fans out from here, which keeps live delivery in commit (= number) order. Not called
+/// for a group that committed into a database file removed or replaced meanwhile: that group
+/// is answered [`StoreError::Unavailable`] (see `FileWatch`).
 ///
 /// It must not block: the next transaction waits for it. A panic in the hook is caught and
 /// logged; the publishers are still answered (their events are committed).
@@ -170,6 +175,9 @@ impl DbWriter {
             create: true,
         };
         let mut conn = schema::open_connection(&config.path, options)?;
+        // Right after the open: SQLite now holds the file open, so its inode cannot be reused
+        // and (device, inode) at the path names this file for as long as the writer runs.
+        let file = FileWatch::new(&config.path);
         schema::apply_migrations(&mut conn)?;
         let info = StoreInfo {
             epoch: schema::read_epoch(&conn)?,
@@ -214,6 +222,7 @@ impl DbWriter {
             stream_ids: StreamIds::default(),
             checkpointer,
             shared: Arc::clone(&shared),
+            file,
         };
         let thread = std::thread::Builder::new()
             .name("seqcast-db-writer".to_owned())
@@ -440,6 +449,93 @@ impl StreamIds {
     }
 }
 
+/// The database file the writer opened, and whether its path still leads to it.
+///
+/// A file removed or replaced while the server runs still takes writes (SQLite writes through
+/// the descriptors it holds) and they are gone at the next start. So after every COMMIT, before
+/// the hook and before any answer, the writer looks: one `stat` of the path, its (device, inode)
+/// compared with the one recorded at open. While SQLite holds the file open its inode cannot be
+/// reused, so the same pair at the path is the same file. (An `fstat` of the open file,
+/// `st_nlink == 0`, would need a descriptor of our own on the database file, and closing a
+/// second descriptor drops every POSIX lock the process holds on it, SQLite's included — see
+/// SQLite's "How To Corrupt An SQLite Database File", §2.2.)
+#[derive(Debug)]
+struct FileWatch {
+    path: PathBuf,
+    /// (device, inode) at open; `None` when the path could not be examined (no check then).
+    opened: Option<(u64, u64)>,
+    /// Why the path no longer leads to the opened file, once seen.
+    lost: Option<StoreError>,
+    /// A group committed into the lost file and was refused: its numbers are used up in that
+    /// file and were never handed out, so this writer must not continue it (live delivery
+    /// would see a hole). Stays until the process restarts.
+    withheld: bool,
+}
+
+impl FileWatch {
+    fn new(path: &Path) -> FileWatch {
+        let opened = match file_identity(path) {
+            Ok(id) => Some(id),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "cannot examine the database file: its removal or replacement will not be noticed");
+                None
+            }
+        };
+        FileWatch {
+            path: path.to_path_buf(),
+            opened,
+            lost: None,
+            withheld: false,
+        }
+    }
+
+    /// `Err` (unavailable, with the reason) while the path does not lead to the file opened, or
+    /// for good once a group was withheld; looks at the path again on every call.
+    fn check(&mut self) -> Result<(), StoreError> {
+        if self.withheld
+            && let Some(lost) = &self.lost
+        {
+            return Err(lost.clone());
+        }
+        let Some(opened) = self.opened else {
+            return Ok(());
+        };
+        let path = self.path.display();
+        self.lost = match file_identity(&self.path) {
+            Ok(id) if id == opened => None,
+            Ok(_) => Some(format!(
+                "the database file {path} was replaced while the server ran; restart to open the new one"
+            )),
+            Err(err) => Some(format!(
+                "the database file {path} is gone ({err}); writes would be lost"
+            )),
+        }
+        .map(StoreError::Unavailable);
+        self.lost.clone().map_or(Ok(()), Err)
+    }
+
+    /// A group committed into the lost file: refuse it, and every write after it.
+    fn withhold(&mut self, cause: StoreError) -> StoreError {
+        let why = match cause {
+            StoreError::Unavailable(why) => why,
+            other => other.to_string(),
+        };
+        let lost = StoreError::Unavailable(format!(
+            "{why}; a write that went into it was not acknowledged, restart the server"
+        ));
+        self.withheld = true;
+        self.lost = Some(lost.clone());
+        lost
+    }
+}
+
+/// (device, inode) of the file at `path`.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 /// A queued append taken into the current group.
 struct PendingAppend {
     events: Vec<NewEvent>,
@@ -475,6 +571,8 @@ struct Writer {
     stream_ids: StreamIds,
     checkpointer: Option<Checkpointer>,
     shared: Arc<Shared>,
+    /// The database file as opened, and whether it is still the one at `path`.
+    file: FileWatch,
 }
 
 /// How one group transaction ended for each of its commands.
@@ -688,6 +786,23 @@ impl Writer {
                 .map(|own| Err(own.unwrap_or(StoreError::Closed)))
                 .collect();
         }
+        // Committed — but into the file the path still names? Looked at before the hook and
+        // the answers: a group that went into a removed or replaced file is neither delivered
+        // nor acknowledged (its publishers get 503 and may retry).
+        if let Err(lost) = self.file.check() {
+            // Logged once, as `database_unwritable` with this reason (see `Shared::set_health`).
+            let error = if assigned.iter().any(|n| n.retry_of.is_none()) {
+                self.file.withhold(lost)
+            } else {
+                lost
+            };
+            self.count_failed();
+            self.shared.set_health(Some(error.clone()));
+            return own_errors
+                .into_iter()
+                .map(|own| Err(own.unwrap_or_else(|| error.clone())))
+                .collect();
+        }
 
         // Committed: pair each event with the numbers the database gave it (moving, not
         // copying, the publisher's data).
@@ -817,7 +932,7 @@ impl Writer {
                 self.after_error(reopen);
                 return Err(error);
             }
-            Ok(())
+            self.file.check()
         });
         match &result {
             Ok(()) => self.shared.set_health(None),
@@ -827,7 +942,14 @@ impl Writer {
     }
 
     /// Makes sure a connection is open, reopening after an error that asked for it.
+    ///
+    /// Once the database file was seen removed or replaced, every call looks at it again
+    /// first and fails while it is still not the file opened (nothing more is written into
+    /// it); a reopen looks first too, so a removed file is never created afresh.
     fn ensure_connection(&mut self) -> Result<(), StoreError> {
+        if self.file.lost.is_some() || self.conn.is_none() {
+            self.file.check()?;
+        }
         if self.conn.is_some() {
             return Ok(());
         }

@@ -203,3 +203,59 @@ async fn a_replaced_file_is_not_continued() {
     }
     writer.close().await;
 }
+
+/// A group that commits into a database file removed meanwhile is neither handed to the hook
+/// nor acknowledged, and nothing after it is written: the file is looked at after COMMIT.
+#[tokio::test]
+async fn a_group_written_into_a_removed_file_is_neither_delivered_nor_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (writer, _, log) = open(config(&dir));
+    writer.append(vec![event("g:1", "a", "1")]).await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+
+    for n in ["2", "3"] {
+        match writer.append(vec![event("g:1", n, n)]).await {
+            Err(StoreError::Unavailable(msg)) => assert!(msg.contains("gone"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert_eq!(log.call_count(), 1, "the lost group reached the hook");
+    assert!(writer.health().is_some());
+    assert!(writer.probe().await.is_err());
+    assert!(
+        !path.exists(),
+        "the writer created a file in place of the removed one"
+    );
+    writer.close().await;
+}
+
+/// The same file moved away and back: a writer that withheld a group there stays refused (its
+/// numbers are used in the file but were never delivered), one that only noticed it continues.
+#[tokio::test]
+async fn a_file_moved_away_and_back_is_continued_only_if_nothing_was_withheld() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let aside = dir.path().join("aside.db");
+    let (writer, _, log) = open(config(&dir));
+    writer.append(vec![event("m:1", "a", "1")]).await.unwrap();
+
+    // Noticed by a probe (which writes no event): back in place, writes go on.
+    std::fs::rename(&path, &aside).unwrap();
+    assert!(writer.probe().await.is_err());
+    std::fs::rename(&aside, &path).unwrap();
+    let next = writer.append(vec![event("m:1", "b", "2")]).await.unwrap();
+    assert_eq!(next[0].sequence_number, 2);
+    assert!(writer.health().is_none());
+
+    // A group committed while it was away: withheld, and refused for good.
+    std::fs::rename(&path, &aside).unwrap();
+    assert!(writer.append(vec![event("m:1", "c", "3")]).await.is_err());
+    std::fs::rename(&aside, &path).unwrap();
+    match writer.append(vec![event("m:1", "d", "4")]).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("restart"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(log.call_count(), 2);
+    writer.close().await;
+}

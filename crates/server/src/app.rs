@@ -132,9 +132,12 @@ impl AppState {
                 tracing::error!(event = "database_lost", error = %why, "publishes are refused with 503 until the database file is back");
             }
             (Some(_), None) => {
+                // Publishes resume only if the writer wrote nothing into it meanwhile: a group
+                // it withheld keeps it refusing until a restart (its own `database_writable`
+                // says when writes work again).
                 tracing::info!(
                     event = "database_back",
-                    "the database file is back: publishes resume"
+                    "the database file is back at its path"
                 );
             }
             _ => {}
@@ -558,6 +561,8 @@ pub fn lock_data_dir(settings: &Settings) -> anyhow::Result<std::fs::File> {
 }
 
 /// Look at the database file every second: removed or replaced means writes would be lost.
+/// This is for `/readyz` and the log while nobody publishes; a publish does not depend on it,
+/// as the writer itself looks at the file after each COMMIT, before anyone is answered.
 async fn watch_database(app: Arc<AppState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut writer_was_running = true;

@@ -45,7 +45,8 @@ pub enum Command {
 pub enum DbCommand {
     /// Apply the embedded schema migrations and exit.
     Migrate(ServeArgs),
-    /// Renumber stream sequences by insertion order, per stream (for databases written by a buggy version).
+    /// Put stream positions that break insertion order back in order, per stream (for databases
+    /// written by a buggy version); a healthy database, pruned or not, is left as it is.
     RepairSequences(ServeArgs),
     /// Copy the database to FILE with SQLite's online backup API: consistent (one commit's
     /// state) while the server runs and publishes.

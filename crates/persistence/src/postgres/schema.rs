@@ -5,7 +5,7 @@ use tokio_postgres::Client;
 
 use super::{PgConfig, PgRuntime, connect, pg_error};
 use crate::error::StoreError;
-use crate::repair::RepairReport;
+use crate::repair::{Renumbering, RepairReport};
 use crate::schema::{AppliedMigration, MigrationReport};
 
 struct PgMigration {
@@ -239,8 +239,10 @@ pub fn pg_migrate(url: &str) -> Result<MigrationReport, StoreError> {
     })
 }
 
-/// `seqcast db repair-sequences` against PostgreSQL: renumbers every stream's rows 1, 2, 3… by
-/// the event that created them, in one transaction that holds the counter row (so no node
+/// `seqcast db repair-sequences` against PostgreSQL: the rule of SQLite's repair (a row keeps
+/// its position while positions rise in creation order; one at or below its predecessor's gets
+/// one past the larger of that and the stream's `pruned_position`), so a healthy database,
+/// pruned or not, is left as it is. One transaction that holds the counter row (so no node
 /// writes meanwhile).
 pub fn pg_repair_sequences(url: &str) -> Result<RepairReport, StoreError> {
     let config = PgConfig::new(url).connection("seqcast-repair")?;
@@ -260,31 +262,50 @@ pub fn pg_repair_sequences(url: &str) -> Result<RepairReport, StoreError> {
             .await
             .map_err(pg_error)?
             .get(0);
-        // Two steps through negative positions, so the primary key never sees a duplicate.
-        let renumbered = tx
-            .execute(
-                "WITH ranked AS (
-                     SELECT stream_id, message_id, stream_sequence,
-                            row_number() OVER (PARTITION BY stream_id ORDER BY first_sequence) AS rn
-                       FROM seqcast.stream_rows)
-                 UPDATE seqcast.stream_rows r SET stream_sequence = -ranked.rn
-                   FROM ranked
-                  WHERE r.stream_id = ranked.stream_id AND r.message_id = ranked.message_id
-                    AND r.stream_sequence <> ranked.rn",
+        let rows = tx
+            .query(
+                "SELECT r.stream_id, s.pruned_position, r.message_id, r.stream_sequence
+                   FROM seqcast.stream_rows r JOIN seqcast.streams s USING (stream_id)
+                  ORDER BY r.stream_id, r.first_sequence",
                 &[],
             )
             .await
             .map_err(pg_error)?;
-        tx.execute(
-            "UPDATE seqcast.stream_rows SET stream_sequence = -stream_sequence WHERE stream_sequence < 0",
-            &[],
-        )
-        .await
-        .map_err(pg_error)?;
+        let mut renumbering = Renumbering::default();
+        let (mut ids, mut messages, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lowest = 0i64;
+        for row in &rows {
+            let (stream, pruned, position): (i64, i64, i64) = (row.get(0), row.get(1), row.get(3));
+            lowest = lowest.min(position);
+            if let Some(new) = renumbering.next(stream, position, pruned) {
+                ids.push(stream);
+                messages.push(row.get::<_, String>(2));
+                positions.push(new);
+            }
+        }
+        if !ids.is_empty() {
+            // (stream_id, stream_sequence) is unique and checked row by row: the moved rows go
+            // first to distinct positions below every existing one, then to their own.
+            let parked: Vec<i64> = (1..=i64::try_from(ids.len()).unwrap_or(i64::MAX))
+                .map(|i| lowest - i)
+                .collect();
+            for targets in [&parked, &positions] {
+                tx.execute(
+                    "UPDATE seqcast.stream_rows r SET stream_sequence = u.position
+                       FROM unnest($1::bigint[], $2::text[], $3::bigint[])
+                            AS u(stream_id, message_id, position)
+                      WHERE r.stream_id = u.stream_id AND r.message_id = u.message_id",
+                    &[&ids, &messages, targets],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+        }
+        let renumbered = ids.len();
         tx.commit().await.map_err(pg_error)?;
         Ok(RepairReport {
             streams: usize::try_from(streams).unwrap_or(0),
-            rows_renumbered: usize::try_from(renumbered).unwrap_or(0),
+            rows_renumbered: renumbered,
         })
     })
 }
