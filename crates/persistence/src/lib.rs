@@ -52,7 +52,7 @@ pub use config::{
 };
 pub use error::StoreError;
 pub use event::{
-    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
+    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, read_bytes, StoreInfo,
 };
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{

@@ -179,8 +179,15 @@ pub async fn plan_start(
     })
 }
 
-/// One page of `key`'s log in `(after, through]`, read with the retention floor in one read
-/// transaction — or the same page another cursor read a moment ago (see [`crate::pages`]).
+/// Most bytes of messages ([`seqcast_persistence::read_bytes`]) one catch-up page reads from the
+/// log, whatever its frame count: a page is read only while the send queue is below its
+/// low-water mark, so a connection holds about a queue and a page even when messages are large.
+/// (The message that crosses it is included: a message larger than this is a page of its own.)
+pub const PAGE_BYTES: usize = crate::hub::SEND_QUEUE_BYTES / 4;
+
+/// One page of `key`'s log in `(after, through]`, at most `limit` messages and
+/// [`PAGE_BYTES`], read with the retention floor in one read transaction — or the same page
+/// another cursor read a moment ago (see [`crate::pages`]).
 pub async fn read_key_page(
     app: &AppState,
     key: SubscriptionKey,
@@ -195,9 +202,10 @@ pub async fn read_key_page(
                 // Frames are encoded from the rows as they are read (no event is built).
                 read_log!(&app.store, |r| {
                     let mut frames = Vec::new();
-                    let bounds = r.visit_key_page(&key, after, through, limit, &mut |ev| {
-                        frames.push(Hub::frame_of_row(&key, &ev));
-                    })?;
+                    let bounds =
+                        r.visit_key_page(&key, after, through, limit, PAGE_BYTES, &mut |ev| {
+                            frames.push(Hub::frame_of_row(&key, &ev));
+                        })?;
                     Ok::<_, seqcast_persistence::StoreError>(SharedPage {
                         frames,
                         covered_through: bounds.covered_through,

@@ -324,25 +324,26 @@ fn cost(ev: &CommittedEvent, frame: &Frame) -> usize {
 impl Hub {
     /// A hub for a store with `epoch` whose log ends at `head`, with a tail cache of
     /// `cache_bytes` refilled from `recent` (the log's newest events, ascending, ending at
-    /// `head`) and the log's `retention_floor`.
+    /// `head`) and the log's `retention_floor`. Each event is dropped once its frame is cached,
+    /// so the refill holds little more than the cache at any moment.
     pub fn new(
         epoch: String,
         head: u64,
         retention_floor: u64,
         cache_bytes: usize,
-        recent: &[CommittedEvent],
+        recent: Vec<CommittedEvent>,
     ) -> Result<Self, HubError> {
         let start = recent
             .first()
             .map_or(head, |e| e.sequence_number.saturating_sub(1));
         let mut cache = TailCache::new(cache_bytes, start);
         for ev in recent {
-            let frame = Hub::frame_of(ev);
+            let frame = Hub::frame_of(&ev);
             cache.push(CachedMessage {
                 sequence_number: ev.sequence_number,
                 key: ev.key.clone(),
                 timestamp_ms: ev.timestamp_ms,
-                bytes: cost(ev, &frame),
+                bytes: cost(&ev, &frame),
                 frame,
             })?;
         }
@@ -699,7 +700,7 @@ mod tests {
 
     #[test]
     fn a_hole_or_a_repeat_is_refused_and_changes_nothing() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         hub.apply_committed(&[event(1, "c:a")]).unwrap();
         assert!(
             hub.apply_committed(&[event(3, "c:a")]).is_err(),
@@ -714,7 +715,7 @@ mod tests {
                 5,
                 1,
                 1 << 20,
-                &[event(3, "c:a"), event(4, "c:a")]
+                vec![event(3, "c:a"), event(4, "c:a")]
             )
             .is_err()
         );
@@ -722,7 +723,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_lags_the_key_and_joining_resumes_at_the_seam() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 2));
         assert_eq!(
@@ -758,7 +759,7 @@ mod tests {
 
     #[test]
     fn joining_pages_a_long_cached_rest_and_reports_what_the_cache_lost() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 100));
         for seq in 1..=10 {

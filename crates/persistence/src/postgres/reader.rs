@@ -1,6 +1,8 @@
 //! Readers: a pool of connections (deadpool-postgres). Each method is one SQL statement, so it
 //! reads one snapshot; `page`, `count_key` and `nth_newest_of_key` read the retention floor in
-//! the same statement.
+//! the same statement. Reads of events take the rows as they stream in and stop taking them at
+//! the read's byte budget (the statement's `LIMIT` bounds what the server produces; rows past
+//! the budget are never decoded or kept: the connection discards them).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use tokio_postgres::Row;
 
 use super::{PgConfig, PgRuntime, pg_error, pg_int, pg_u64, schema};
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, LogPage};
+use crate::event::{CommittedEvent, EventFilter, LogPage, ReadBudget, read_bytes};
 use crate::store::EventReader;
 
 /// Every event with its stream's names and its row's current position.
@@ -81,16 +83,60 @@ impl PgReader {
         sql: String,
         params: Params,
         offset: usize,
+        budget: ReadBudget,
+        min_timestamp_ms: Option<i64>,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let rows = self.rows_within(sql, params, budget, move |row| {
+            if min_timestamp_ms.is_some_and(|min| row.get::<_, i64>(offset + 5) < min) {
+                return Take::Stop;
+            }
+            Take::Event(read_bytes(row.get(offset + 6), row.get(offset + 4)))
+        })?;
+        rows.iter().map(|r| event_from_row(r, offset)).collect()
+    }
+
+    /// The rows of `sql`, taken as they stream in until `budget` is spent or `weigh` says stop;
+    /// `weigh` gives a row's [`read_bytes`].
+    fn rows_within(
+        &self,
+        sql: String,
+        params: Params,
+        mut budget: ReadBudget,
+        weigh: impl Fn(&Row) -> Take + Send + 'static,
+    ) -> Result<Vec<Row>, StoreError> {
+        use futures_util::TryStreamExt as _;
         self.run(move |client| async move {
             let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-            let rows = client
-                .query(&stmt, &params.refs())
+            let stream = client
+                .query_raw(&stmt, params.refs())
                 .await
                 .map_err(pg_error)?;
-            rows.iter().map(|r| event_from_row(r, offset)).collect()
+            let mut stream = std::pin::pin!(stream);
+            let mut rows = Vec::new();
+            while budget.has_room() {
+                let Some(row) = stream.try_next().await.map_err(pg_error)? else {
+                    break;
+                };
+                match weigh(&row) {
+                    Take::Event(bytes) => budget.take(bytes),
+                    Take::NotEvent => {}
+                    Take::Stop => break,
+                }
+                rows.push(row);
+            }
+            Ok(rows)
         })
     }
+}
+
+/// What [`PgReader::rows_within`] does with a row.
+enum Take {
+    /// Keep it: an event that weighs this much ([`read_bytes`]).
+    Event(usize),
+    /// Keep it: not an event (costs nothing).
+    NotEvent,
+    /// Stop before it.
+    Stop,
 }
 
 /// Owned statement parameters (moved to the backend's runtime).
@@ -142,7 +188,9 @@ impl EventReader for PgReader {
         since: u64,
         limit: usize,
         filter: EventFilter,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let budget = ReadBudget::new(limit, max_bytes);
         let (since, limit) = (pg_int(since), limit_of(limit));
         let base = format!("SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN}");
         let order = "ORDER BY e.sequence_number LIMIT $2";
@@ -151,6 +199,8 @@ impl EventReader for PgReader {
                 format!("{base} WHERE e.sequence_number > $1 {order}"),
                 params![since, limit],
                 0,
+                budget,
+                None,
             ),
             EventFilter::Key(key) => self.events(
                 format!(
@@ -165,29 +215,39 @@ impl EventReader for PgReader {
                     key.request_id().as_str().to_owned()
                 ],
                 0,
+                budget,
+                None,
             ),
             EventFilter::Channel(channel) => self.events(
                 format!("{base} WHERE e.sequence_number > $1 AND s.channel = $3 {order}"),
                 params![since, limit, channel.as_str().to_owned()],
                 0,
+                budget,
+                None,
             ),
         }
     }
 
+    // Newest first, stopping at the first event older than `min_timestamp_ms` (timestamps never
+    // decrease along the log) or when a budget is spent.
     fn latest_events(
         &self,
         limit: usize,
         min_timestamp_ms: u64,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        self.events(
+        let mut events = self.events(
             format!(
-                "SELECT {EVENT_COLUMNS} FROM \
-                   (SELECT * FROM seqcast.events ORDER BY sequence_number DESC LIMIT $1) e \
-                 {EVENT_JOIN} WHERE e.timestamp_ms >= $2 ORDER BY e.sequence_number"
+                "SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
+                 ORDER BY e.sequence_number DESC LIMIT $1"
             ),
-            params![limit_of(limit), pg_int(min_timestamp_ms)],
+            params![limit_of(limit)],
             0,
-        )
+            ReadBudget::new(limit, max_bytes),
+            Some(pg_int(min_timestamp_ms)),
+        )?;
+        events.reverse();
+        Ok(events)
     }
 
     fn stream_rows(
@@ -195,35 +255,32 @@ impl EventReader for PgReader {
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let key = key.clone();
-        let (after, limit) = (pg_int(after), limit_of(limit));
-        self.run(move |client| async move {
-            let stmt = client
-                .prepare_cached(
-                    "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
-                            e.data::text, r.first_sequence \
-                     FROM seqcast.stream_rows r \
-                     LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
-                     WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
-                                          WHERE channel = $1 AND request_id = $2) \
-                       AND r.stream_sequence > $3 \
-                     ORDER BY r.stream_sequence LIMIT $4",
-                )
-                .await
-                .map_err(pg_error)?;
-            let rows = client
-                .query(
-                    &stmt,
-                    &[
-                        &key.channel().as_str(),
-                        &key.request_id().as_str(),
-                        &after,
-                        &limit,
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
+        let budget = ReadBudget::new(limit, max_bytes);
+        let rows = self.rows_within(
+            "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
+                    e.data::text, r.first_sequence \
+             FROM seqcast.stream_rows r \
+             LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
+             WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
+                                  WHERE channel = $1 AND request_id = $2) \
+               AND r.stream_sequence > $3 \
+             ORDER BY r.stream_sequence LIMIT $4"
+                .to_owned(),
+            params![
+                key.channel().as_str().to_owned(),
+                key.request_id().as_str().to_owned(),
+                pg_int(after),
+                limit_of(limit)
+            ],
+            budget,
+            |row| {
+                let data: Option<&str> = row.get(4);
+                Take::Event(read_bytes(data.unwrap_or(""), row.get(2)))
+            },
+        )?;
+        {
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
                 let last: i64 = row.get(0);
@@ -247,7 +304,7 @@ impl EventReader for PgReader {
                 });
             }
             Ok(out)
-        })
+        }
     }
 
     fn retention_floor(&self) -> Result<u64, StoreError> {
@@ -266,8 +323,10 @@ impl EventReader for PgReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.max(1);
+        let budget = ReadBudget::new(limit, max_bytes);
         let (filter_sql, params) = match filter {
             EventFilter::All => (
                 "$4::text IS NULL AND $5::text IS NULL".to_owned(),
@@ -309,9 +368,12 @@ impl EventReader for PgReader {
                  ORDER BY e.sequence_number LIMIT $3) x ON true \
              WHERE f.id = 1"
         );
-        let rows = self.run(move |client| async move {
-            let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-            client.query(&stmt, &params.refs()).await.map_err(pg_error)
+        // A row without an event (the LATERAL found none) carries only the floor.
+        let rows = self.rows_within(sql, params, budget, |row| {
+            match row.get::<_, Option<i64>>(1) {
+                Some(_) => Take::Event(read_bytes(row.get(7), row.get(5))),
+                None => Take::NotEvent,
+            }
         })?;
         let Some(first) = rows.first() else {
             return Err(StoreError::Corrupt(
@@ -325,8 +387,10 @@ impl EventReader for PgReader {
                 events.push(event_from_row(row, 1)?);
             }
         }
+        // Cut by the count or the bytes (the bytes are counted as in `rows_within`).
+        let bytes: usize = events.iter().map(CommittedEvent::read_bytes).sum();
         let covered_through = match events.last() {
-            Some(last) if events.len() >= limit => last.sequence_number,
+            Some(last) if events.len() >= limit || bytes >= max_bytes => last.sequence_number,
             _ => through,
         };
         Ok(LogPage {
