@@ -52,7 +52,8 @@ pub use config::{
 };
 pub use error::StoreError;
 pub use event::{
-    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, read_bytes, StoreInfo,
+    CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
+    read_bytes,
 };
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{

@@ -721,4 +721,58 @@ mod tests {
         );
         assert!(count.contains("COVERING INDEX events_by_stream"), "{count}");
     }
+    /// The byte budget stops the SQL cursor; it does not read on and drop: a row past the budget
+    /// that cannot be decoded (a negative timestamp written behind the store's back) is never
+    /// stepped onto by a budgeted read, while a read without a budget fails on it.
+    #[test]
+    fn a_budgeted_read_never_steps_past_its_budget() {
+        use crate::{DbWriter, EventWriter, NewEvent, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("budget.db");
+        let (writer, _) = DbWriter::open(StoreConfig::new(&path), Box::new(|_| {})).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        let data = format!("\"{}\"", "x".repeat(998)); // 1,002 bytes with its id
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for i in 0..10 {
+                let ev = NewEvent {
+                    key: key.clone(),
+                    message_id: MessageId::new(format!("m{i}")).unwrap(),
+                    data: data.clone(),
+                };
+                writer.append(vec![ev]).await.unwrap();
+            }
+            writer.close().await;
+        });
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE events SET timestamp_ms = -1 WHERE sequence_number IN (1, 5)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let reader = DbReader::open(&path).unwrap();
+        let corrupt = |r: Result<Vec<CommittedEvent>, StoreError>| {
+            matches!(r, Err(StoreError::Corrupt(_)))
+        };
+        // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
+        let ok = reader.events_after(1, 100, EventFilter::All, 3_000).unwrap();
+        assert_eq!(ok.len(), 3);
+        assert!(corrupt(reader.events_after(1, 100, EventFilter::All, usize::MAX)));
+        let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
+        assert_eq!(page.covered_through, 4);
+        let mut seen = 0;
+        reader
+            .visit_key_page(&key, 1, 10, 100, 3_000, &mut |_| seen += 1)
+            .unwrap();
+        assert_eq!(seen, 3);
+        assert!(reader.page(&EventFilter::All, 1, 10, 100, usize::MAX).is_err());
+        // Newest first: 10..=6 fit in 5,010 bytes, event 5 is never read.
+        assert_eq!(reader.latest_events(100, 0, 5_010).unwrap().len(), 5);
+        assert!(corrupt(reader.latest_events(100, 0, usize::MAX)));
+        assert_eq!(reader.stream_rows(&key, 1, 100, 3_000).unwrap().len(), 3);
+        assert!(corrupt(reader.stream_rows(&key, 1, 100, usize::MAX)));
+    }
 }

@@ -258,7 +258,9 @@ async fn run(ops: Vec<Op>) {
     assert_eq!(reader.head().unwrap(), model.head);
     assert_eq!(reader.retention_floor().unwrap(), model.floor);
     for (k, name) in KEYS.iter().enumerate() {
-        let rows = reader.stream_rows(&key(name), 0, usize::MAX, usize::MAX).unwrap();
+        let rows = reader
+            .stream_rows(&key(name), 0, usize::MAX, usize::MAX)
+            .unwrap();
         let got: Vec<Row> = rows
             .iter()
             .map(|r| (r.stream_sequence, r.data.clone(), 0, r.sequence_number))

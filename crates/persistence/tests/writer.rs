@@ -82,7 +82,9 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(reader.head().unwrap(), 400);
     assert_eq!(
-        reader.events_after(0, 1000, EventFilter::All, usize::MAX).unwrap(),
+        reader
+            .events_after(0, 1000, EventFilter::All, usize::MAX)
+            .unwrap(),
         hooked
     );
     writer.close().await;
@@ -186,7 +188,9 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
     assert_eq!(update[0].data, r#"{"v":3}"#);
 
     let reader = DbReader::open(&db_path(&dir)).unwrap();
-    let rows = reader.stream_rows(&key("doc:1"), 0, 10, usize::MAX).unwrap();
+    let rows = reader
+        .stream_rows(&key("doc:1"), 0, 10, usize::MAX)
+        .unwrap();
     let summary: Vec<(&str, u64, u64, &str, bool)> = rows
         .iter()
         .map(|r| {
@@ -207,7 +211,9 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
         ]
     );
     // The log keeps both versions of "a", each with the row's position.
-    let events = reader.events_after(0, 10, EventFilter::All, usize::MAX).unwrap();
+    let events = reader
+        .events_after(0, 10, EventFilter::All, usize::MAX)
+        .unwrap();
     let log: Vec<(u64, u64, &str, bool)> = events
         .iter()
         .map(|e| {
@@ -351,7 +357,12 @@ async fn a_failing_batch_commits_nothing_while_its_group_commits() {
         .map(|e| e.message_id.to_string())
         .collect();
     assert_eq!(ids, vec!["first", "before", "after"]);
-    assert!(reader.stream_rows(&key("s:2"), 0, 10, usize::MAX).unwrap().is_empty());
+    assert!(
+        reader
+            .stream_rows(&key("s:2"), 0, 10, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
     writer.close().await;
 }
 
