@@ -754,13 +754,19 @@ mod tests {
         .unwrap();
         drop(conn);
         let reader = DbReader::open(&path).unwrap();
-        let corrupt = |r: Result<Vec<CommittedEvent>, StoreError>| {
-            matches!(r, Err(StoreError::Corrupt(_)))
-        };
+        let corrupt =
+            |r: Result<Vec<CommittedEvent>, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
         // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
-        let ok = reader.events_after(1, 100, EventFilter::All, 3_000).unwrap();
+        let ok = reader
+            .events_after(1, 100, EventFilter::All, 3_000)
+            .unwrap();
         assert_eq!(ok.len(), 3);
-        assert!(corrupt(reader.events_after(1, 100, EventFilter::All, usize::MAX)));
+        assert!(corrupt(reader.events_after(
+            1,
+            100,
+            EventFilter::All,
+            usize::MAX
+        )));
         let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
         assert_eq!(page.covered_through, 4);
         let mut seen = 0;
@@ -768,7 +774,11 @@ mod tests {
             .visit_key_page(&key, 1, 10, 100, 3_000, &mut |_| seen += 1)
             .unwrap();
         assert_eq!(seen, 3);
-        assert!(reader.page(&EventFilter::All, 1, 10, 100, usize::MAX).is_err());
+        assert!(
+            reader
+                .page(&EventFilter::All, 1, 10, 100, usize::MAX)
+                .is_err()
+        );
         // Newest first: 10..=6 fit in 5,010 bytes, event 5 is never read.
         assert_eq!(reader.latest_events(100, 0, 5_010).unwrap().len(), 5);
         assert!(corrupt(reader.latest_events(100, 0, usize::MAX)));

@@ -230,7 +230,8 @@ async fn read_recovery(
         let db_filter = filter.to_event_filter();
         // Read no more than what is left of the response's byte budget (at least one message).
         let room = page.max_bytes.saturating_sub(page.bytes);
-        let log_page = read_log!(&app.store, |r| r.page(&db_filter, cursor, head, chunk, room))?;
+        let log_page = read_log!(&app.store, |r| r
+            .page(&db_filter, cursor, head, chunk, room))?;
         if log_page.floor > cursor + 1 {
             complete = false; // pruned while we read: what lay below the floor is gone
         }
