@@ -1,8 +1,10 @@
 //! Readers: a pool of connections (deadpool-postgres). Each method is one SQL statement, so it
 //! reads one snapshot; `page`, `count_key` and `nth_newest_of_key` read the retention floor in
-//! the same statement. Reads of events take the rows as they stream in and stop taking them at
-//! the read's byte budget (the statement's `LIMIT` bounds what the server produces; rows past
-//! the budget are never decoded or kept: the connection discards them).
+//! the same statement. Reads of events stop at their byte budget twice over: in the statement, a
+//! running sum of each row's stored size (`pg_column_size`, which reads no TOAST data) drops the
+//! rows past the budget before they are fetched or sent — a lower bound of the bytes, so it never
+//! drops a row the budget admits (compressed data may let a few more through) —, and the reader
+//! takes rows as they stream in and stops at the exact budget ([`crate::read_bytes`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -129,6 +131,26 @@ impl PgReader {
     }
 }
 
+/// A lower bound of a row's [`read_bytes`] that PostgreSQL knows without reading TOAST data: the
+/// stored size of `data` (its raw size, or less when compressed, plus a header of up to 4 bytes)
+/// and the message id's length.
+fn read_estimate(message_id: &str) -> String {
+    format!("GREATEST(pg_column_size(e.data) - 4, 0) + octet_length({message_id}) AS read_estimate")
+}
+
+/// `inner` (whose rows carry `read_estimate`, see [`read_estimate`]) without the rows whose
+/// predecessors (in `order`: a column of `inner`, maybe with `DESC`) already reach the byte
+/// budget `budget` (a parameter): the rows a budgeted read may take, and no more than one
+/// past what it takes (the first row always passes: the budget given is at least 1). `inner`
+/// keeps its own `LIMIT`, so the sum runs over at most that many rows.
+fn within_budget(inner: &str, order: &str, budget: &str) -> String {
+    format!(
+        "SELECT w.* FROM (SELECT l.*, sum(l.read_estimate) OVER \
+             (ORDER BY l.{order} ROWS UNBOUNDED PRECEDING) AS read_upto FROM ({inner}) l) w \
+         WHERE w.read_upto - w.read_estimate < {budget} ORDER BY w.{order}"
+    )
+}
+
 /// What [`PgReader::rows_within`] does with a row.
 enum Take {
     /// Keep it: an event that weighs this much ([`read_bytes`]).
@@ -143,6 +165,12 @@ enum Take {
 struct Params(Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>);
 
 impl Params {
+    /// With one more parameter; returns its placeholder (`$n`).
+    fn push(&mut self, p: impl tokio_postgres::types::ToSql + Sync + Send + 'static) -> String {
+        self.0.push(Box::new(p));
+        format!("${}", self.0.len())
+    }
+
     fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         self.0
             .iter()
@@ -192,17 +220,17 @@ impl EventReader for PgReader {
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let budget = ReadBudget::new(limit, max_bytes);
         let (since, limit) = (pg_int(since), limit_of(limit));
-        let base = format!("SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN}");
+        let base = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN}",
+            read_estimate("e.message_id")
+        );
         let order = "ORDER BY e.sequence_number LIMIT $2";
-        match filter {
-            EventFilter::All => self.events(
+        let (inner, mut params) = match filter {
+            EventFilter::All => (
                 format!("{base} WHERE e.sequence_number > $1 {order}"),
                 params![since, limit],
-                0,
-                budget,
-                None,
             ),
-            EventFilter::Key(key) => self.events(
+            EventFilter::Key(key) => (
                 format!(
                     "{base} WHERE e.sequence_number > $1 AND $3::int IS NULL \
                      AND e.stream_id = {KEY_STREAM} {order}"
@@ -214,18 +242,15 @@ impl EventReader for PgReader {
                     key.channel().as_str().to_owned(),
                     key.request_id().as_str().to_owned()
                 ],
-                0,
-                budget,
-                None,
             ),
-            EventFilter::Channel(channel) => self.events(
+            EventFilter::Channel(channel) => (
                 format!("{base} WHERE e.sequence_number > $1 AND s.channel = $3 {order}"),
                 params![since, limit, channel.as_str().to_owned()],
-                0,
-                budget,
-                None,
             ),
-        }
+        };
+        let max = params.push(limit_of(max_bytes.max(1)));
+        let sql = within_budget(&inner, "sequence_number", &max);
+        self.events(sql, params, 0, budget, None)
     }
 
     // Newest first, stopping at the first event older than `min_timestamp_ms` (timestamps never
@@ -236,12 +261,14 @@ impl EventReader for PgReader {
         min_timestamp_ms: u64,
         max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let inner = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN} \
+             ORDER BY e.sequence_number DESC LIMIT $1",
+            read_estimate("e.message_id")
+        );
         let mut events = self.events(
-            format!(
-                "SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
-                 ORDER BY e.sequence_number DESC LIMIT $1"
-            ),
-            params![limit_of(limit)],
+            within_budget(&inner, "sequence_number DESC", "$2"),
+            params![limit_of(limit), limit_of(max_bytes.max(1))],
             0,
             ReadBudget::new(limit, max_bytes),
             Some(pg_int(min_timestamp_ms)),
@@ -258,21 +285,25 @@ impl EventReader for PgReader {
         max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let budget = ReadBudget::new(limit, max_bytes);
-        let rows = self.rows_within(
+        let inner = format!(
             "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
-                    e.data::text, r.first_sequence \
+                    e.data::text, r.first_sequence, {} \
              FROM seqcast.stream_rows r \
              LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
              WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
                                   WHERE channel = $1 AND request_id = $2) \
                AND r.stream_sequence > $3 \
-             ORDER BY r.stream_sequence LIMIT $4"
-                .to_owned(),
+             ORDER BY r.stream_sequence LIMIT $4",
+            read_estimate("r.message_id")
+        );
+        let rows = self.rows_within(
+            within_budget(&inner, "stream_sequence", "$5"),
             params![
                 key.channel().as_str().to_owned(),
                 key.request_id().as_str().to_owned(),
                 pg_int(after),
-                limit_of(limit)
+                limit_of(limit),
+                limit_of(max_bytes.max(1))
             ],
             budget,
             |row| {
@@ -327,7 +358,7 @@ impl EventReader for PgReader {
     ) -> Result<LogPage, StoreError> {
         let limit = limit.max(1);
         let budget = ReadBudget::new(limit, max_bytes);
-        let (filter_sql, params) = match filter {
+        let (filter_sql, mut params) = match filter {
             EventFilter::All => (
                 "$4::text IS NULL AND $5::text IS NULL".to_owned(),
                 params![
@@ -360,13 +391,19 @@ impl EventReader for PgReader {
             ),
         };
         // One statement: the floor and the events come from one snapshot.
+        let max = params.push(limit_of(max_bytes.max(1)));
+        let inner = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN} \
+             WHERE e.sequence_number > GREATEST($1, f.floor - 1) \
+               AND e.sequence_number <= $2 AND {filter_sql} \
+             ORDER BY e.sequence_number LIMIT $3",
+            read_estimate("e.message_id")
+        );
         let sql = format!(
             "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
-                 SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
-                 WHERE e.sequence_number > GREATEST($1, f.floor - 1) \
-                   AND e.sequence_number <= $2 AND {filter_sql} \
-                 ORDER BY e.sequence_number LIMIT $3) x ON true \
-             WHERE f.id = 1"
+                 {}) x ON true \
+             WHERE f.id = 1",
+            within_budget(&inner, "sequence_number", &max)
         );
         // A row without an event (the LATERAL found none) carries only the floor.
         let rows = self.rows_within(sql, params, budget, |row| {
