@@ -257,3 +257,46 @@ async fn publishes_to_many_distinct_keys_stay_within_the_budget() {
     })
     .await;
 }
+
+/// A stream page stops at `--max-response-bytes` (at least one row) and says where to go on;
+/// the rows it did not answer are not read. Before the fix a page was up to `limit` rows (10,000)
+/// whatever their size.
+#[tokio::test]
+async fn a_stream_page_stops_at_the_response_budget() {
+    bounded(300, async {
+        let s = TestServer::start_with(Options::args(&[
+            "--synchronous",
+            "normal",
+            "--max-response-bytes",
+            "2097152",
+        ]))
+        .await;
+        publish_large(&s, "big", "rows", 5, 900_000, 5).await;
+        let reader = token("r", None);
+        let (mut after, mut pages, mut positions) = (0, 0, Vec::new());
+        loop {
+            let (status, body) = s
+                .get(
+                    &format!("/api/streams/big/rows/messages?after={after}&limit=100"),
+                    Some(&reader),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let rows = body["messages"].as_array().unwrap();
+            assert!(
+                !rows.is_empty() && rows.len() <= 2,
+                "{} rows of 900 KB",
+                rows.len()
+            );
+            positions.extend(rows.iter().map(|r| r["stream_sequence"].as_u64().unwrap()));
+            pages += 1;
+            match body["next_after"].as_u64() {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        assert_eq!(positions, vec![1, 2, 3, 4, 5]);
+        assert!(pages >= 3, "{pages} pages");
+    })
+    .await;
+}
