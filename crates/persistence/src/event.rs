@@ -111,8 +111,8 @@ pub struct LogPage {
     /// and stopped at `max_bytes` (see [`crate::EventReader::page`]).
     pub events: Vec<CommittedEvent>,
     /// The highest number this page accounts for: the last event's number when `limit` or
-    /// `max_bytes` cut the page, else `through`. Every matching event in `(after, covered_through]` is in
-    /// `events`.
+    /// `max_bytes` cut the page, else `through`. Every matching event in
+    /// `(after, covered_through]` is in `events`.
     pub covered_through: u64,
     /// The retention floor seen in the same read transaction (see
     /// [`crate::EventReader::retention_floor`]). When `floor > after + 1`, events the caller

@@ -52,7 +52,8 @@ pub const KEY_OVERHEAD_BYTES: usize = 176;
 
 /// The newest messages of the log, a dense run `floor() ..= head()` (no number missing),
 /// bounded by a byte budget that counts each message ([`ENTRY_OVERHEAD_BYTES`] on top of its
-/// `bytes`) and each key of the index ([`KEY_OVERHEAD_BYTES`]): the oldest go first. Everything older is read from the log.
+/// `bytes`) and each key of the index ([`KEY_OVERHEAD_BYTES`]): the oldest go first.
+/// Everything older is read from the log.
 ///
 /// Sans-IO: no clock, no disk; the caller pushes committed messages in order and asks.
 #[derive(Debug, Clone)]
