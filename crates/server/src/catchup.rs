@@ -12,7 +12,7 @@ use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::hub::{Hub, PAGE_BYTES};
 use crate::pages::SharedPage;
 use crate::read_log;
 
@@ -179,14 +179,8 @@ pub async fn plan_start(
     })
 }
 
-/// Most bytes of messages ([`seqcast_persistence::read_bytes`]) one catch-up page reads from the
-/// log, whatever its frame count: a page is read only while the send queue is below its
-/// low-water mark, so a connection holds about a queue and a page even when messages are large.
-/// (The message that crosses it is included: a message larger than this is a page of its own.)
-pub const PAGE_BYTES: usize = crate::hub::SEND_QUEUE_BYTES / 4;
-
 /// One page of `key`'s log in `(after, through]`, at most `limit` messages and
-/// [`PAGE_BYTES`], read with the retention floor in one read transaction — or the same page
+/// [`PAGE_BYTES`] ([`seqcast_persistence::read_bytes`]), read with the retention floor in one read transaction — or the same page
 /// another cursor read a moment ago (see [`crate::pages`]).
 pub async fn read_key_page(
     app: &AppState,
