@@ -71,7 +71,7 @@ async fn main() {
         let cpu = thread_cpu();
         let (mut after, mut read) = (0u64, 0usize);
         while after < head {
-            let p = reader.page(&filter, after, head, page).unwrap();
+            let p = reader.page(&filter, after, head, page, usize::MAX).unwrap();
             read += p.events.len();
             after = p.covered_through;
         }

@@ -14,6 +14,53 @@ pub struct NewEvent {
     pub data: String,
 }
 
+/// What an event weighs against a read's byte budget (`max_bytes` of the
+/// [`crate::EventReader`] reads): its data and message id, the text a reader copies out of the
+/// store for it. Names and numbers are a small fixed cost per event, bounded by the event count.
+pub fn read_bytes(data: &str, message_id: &str) -> usize {
+    data.len() + message_id.len()
+}
+
+/// Counts a read against its event and byte budgets. Every backend stops reading (stops stepping
+/// its cursor) when [`ReadBudget::take`] says so: a read ends once `limit` events were taken, or
+/// once the bytes taken reach `max_bytes` — the event that reaches or crosses the budget is
+/// included, so one event larger than the budget is still read, alone, and a reader paging
+/// through the log always makes progress.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadBudget {
+    limit: usize,
+    max_bytes: usize,
+    taken: usize,
+    bytes: usize,
+}
+
+impl ReadBudget {
+    pub(crate) fn new(limit: usize, max_bytes: usize) -> Self {
+        ReadBudget {
+            limit,
+            max_bytes,
+            taken: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether another event may be read (false when a budget is already spent, or `limit` is 0).
+    pub(crate) fn has_room(&self) -> bool {
+        self.taken < self.limit && (self.taken == 0 || self.bytes < self.max_bytes)
+    }
+
+    /// Counts an event of `bytes` ([`read_bytes`]) that was read.
+    pub(crate) fn take(&mut self, bytes: usize) {
+        self.taken += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// Whether a budget cut the read: nothing more may be read though more may match.
+    pub(crate) fn is_spent(&self) -> bool {
+        !self.has_room()
+    }
+}
+
 /// A persisted event with the numbers the database gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedEvent {
@@ -60,11 +107,12 @@ pub enum EventFilter {
 /// ([`crate::EventReader::page`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogPage {
-    /// Matching events with `after < sequence_number <= through`, ascending, at most `limit`.
+    /// Matching events with `after < sequence_number <= through`, ascending, at most `limit`
+    /// and stopped at `max_bytes` (see [`crate::EventReader::page`]).
     pub events: Vec<CommittedEvent>,
-    /// The highest number this page accounts for: the last event's number when `limit` cut
-    /// the page, else `through`. Every matching event in `(after, covered_through]` is in
-    /// `events`.
+    /// The highest number this page accounts for: the last event's number when `limit` or
+    /// `max_bytes` cut the page, else `through`. Every matching event in
+    /// `(after, covered_through]` is in `events`.
     pub covered_through: u64,
     /// The retention floor seen in the same read transaction (see
     /// [`crate::EventReader::retention_floor`]). When `floor > after + 1`, events the caller
@@ -92,6 +140,11 @@ pub struct EventRef<'a> {
 }
 
 impl EventRef<'_> {
+    /// What this event weighs against a read's byte budget ([`read_bytes`]).
+    pub fn read_bytes(&self) -> usize {
+        read_bytes(self.data, self.message_id.as_str())
+    }
+
     /// The owned event, as [`crate::EventReader::page`] returns it (`key` is the page's key).
     pub fn to_committed(&self, key: &SubscriptionKey) -> CommittedEvent {
         CommittedEvent {
@@ -103,6 +156,13 @@ impl EventRef<'_> {
             data: self.data.to_owned(),
             replaced: self.replaced,
         }
+    }
+}
+
+impl CommittedEvent {
+    /// What this event weighs against a read's byte budget ([`read_bytes`]).
+    pub fn read_bytes(&self) -> usize {
+        read_bytes(&self.data, self.message_id.as_str())
     }
 }
 

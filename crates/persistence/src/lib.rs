@@ -53,6 +53,7 @@ pub use config::{
 pub use error::StoreError;
 pub use event::{
     CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
+    read_bytes,
 };
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{

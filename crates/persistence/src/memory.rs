@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, StoreInfo};
+use crate::event::{
+    CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, ReadBudget, StoreInfo,
+};
 use crate::schema::now_ms;
 use crate::store::{EventReader, EventWriter};
 use crate::writer::{CommitHook, WriterStats};
@@ -184,10 +186,10 @@ impl Log {
         filter: &EventFilter,
         after: u64,
         through: u64,
-        limit: usize,
+        budget: &mut ReadBudget,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let mut out = Vec::new();
-        if through <= after || limit == 0 {
+        if through <= after {
             return Ok(out);
         }
         match filter {
@@ -197,17 +199,19 @@ impl Log {
                 };
                 let start = stream.numbers.partition_point(|&n| n <= after);
                 for &seq in stream.numbers.range(start..) {
-                    if seq > through || out.len() >= limit {
+                    if seq > through || !budget.has_room() {
                         break;
                     }
-                    out.push(self.committed(seq)?);
+                    let ev = self.committed(seq)?;
+                    budget.take(ev.read_bytes());
+                    out.push(ev);
                 }
             }
             EventFilter::All | EventFilter::Channel(_) => {
                 let start = self.index_after(after);
                 for (i, stored) in self.events.range(start..).enumerate() {
                     let seq = self.first_seq + (start + i) as u64;
-                    if seq > through || out.len() >= limit {
+                    if seq > through || !budget.has_room() {
                         break;
                     }
                     if let EventFilter::Channel(channel) = filter
@@ -215,7 +219,9 @@ impl Log {
                     {
                         continue;
                     }
-                    out.push(self.committed(seq)?);
+                    let ev = self.committed(seq)?;
+                    budget.take(ev.read_bytes());
+                    out.push(ev);
                 }
             }
         }
@@ -489,23 +495,34 @@ impl EventReader for MemoryReader {
         since: u64,
         limit: usize,
         filter: EventFilter,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        self.shared.lock().collect(&filter, since, u64::MAX, limit)
+        let mut budget = ReadBudget::new(limit, max_bytes);
+        self.shared
+            .lock()
+            .collect(&filter, since, u64::MAX, &mut budget)
     }
 
     fn latest_events(
         &self,
         limit: usize,
         min_timestamp_ms: u64,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let log = self.shared.lock();
-        let start = log.events.len().saturating_sub(limit);
+        let mut budget = ReadBudget::new(limit, max_bytes);
         let mut out = Vec::new();
-        for (i, stored) in log.events.range(start..).enumerate() {
-            if stored.timestamp_ms >= min_timestamp_ms {
-                out.push(log.committed(log.first_seq + (start + i) as u64)?);
+        // Newest first, stopping at the first one too old (timestamps never decrease along the
+        // log) or when a budget is spent.
+        for (i, stored) in log.events.iter().enumerate().rev() {
+            if !budget.has_room() || stored.timestamp_ms < min_timestamp_ms {
+                break;
             }
+            let ev = log.committed(log.first_seq + i as u64)?;
+            budget.take(ev.read_bytes());
+            out.push(ev);
         }
+        out.reverse();
         Ok(out)
     }
 
@@ -514,16 +531,23 @@ impl EventReader for MemoryReader {
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let log = self.shared.lock();
         let Some(stream) = log.streams.get(key) else {
             return Ok(Vec::new());
         };
+        let mut budget = ReadBudget::new(limit, max_bytes);
         let mut out = Vec::new();
         let from = (Bound::Excluded((after, u64::MAX)), Bound::Unbounded);
-        for message_id in stream.by_position.range(from).map(|(_, id)| id).take(limit) {
+        for message_id in stream.by_position.range(from).map(|(_, id)| id) {
+            if !budget.has_room() {
+                break;
+            }
             if let Some(row) = stream.rows.get(message_id) {
-                out.push(log.row_event(row)?);
+                let ev = log.row_event(row)?;
+                budget.take(ev.read_bytes());
+                out.push(ev);
             }
         }
         Ok(out)
@@ -539,13 +563,14 @@ impl EventReader for MemoryReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
         let log = self.shared.lock();
-        let limit = limit.max(1);
+        let mut budget = ReadBudget::new(limit.max(1), max_bytes);
         let from = after.max(log.floor.saturating_sub(1));
-        let events = log.collect(filter, from, through, limit)?;
+        let events = log.collect(filter, from, through, &mut budget)?;
         let covered_through = match events.last() {
-            Some(last) if events.len() >= limit => last.sequence_number,
+            Some(last) if budget.is_spent() => last.sequence_number,
             _ => through,
         };
         Ok(LogPage {

@@ -9,7 +9,7 @@ use seqcast_protocol::{Channel, MessageId, MessageIdRef, RequestId, Subscription
 
 use crate::config::DEFAULT_BUSY_TIMEOUT;
 use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
-use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds};
+use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget};
 use crate::schema::{self, ConnectionOptions};
 use crate::store::EventReader;
 
@@ -136,16 +136,19 @@ impl EventReader for DbReader {
         since: u64,
         limit: usize,
         filter: EventFilter,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
         let since = sql_int(since);
+        let mut budget = ReadBudget::new(limit, max_bytes);
         let limit = sql_limit(limit);
+        let budget = &mut budget;
         self.with_connection(|conn| match &filter {
             EventFilter::All => {
                 let sql = format!(
                     "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
                      WHERE e.sequence_number > ?1 ORDER BY e.sequence_number LIMIT ?2"
                 );
-                collect_events(conn, &sql, params![since, limit])
+                collect_events(conn, &sql, params![since, limit], budget)
             }
             EventFilter::Key(key) => {
                 // Reads the stream's events through `events_by_stream` (migration 3).
@@ -165,6 +168,7 @@ impl EventReader for DbReader {
                         key.channel().as_str(),
                         key.request_id().as_str()
                     ],
+                    budget,
                 )
             }
             EventFilter::Channel(channel) => {
@@ -176,28 +180,41 @@ impl EventReader for DbReader {
                      WHERE s.channel = ?3 AND e.sequence_number > ?1 \
                      ORDER BY e.sequence_number LIMIT ?2"
                 );
-                collect_events(conn, &sql, params![since, limit, channel.as_str()])
+                collect_events(conn, &sql, params![since, limit, channel.as_str()], budget)
             }
         })
     }
 
-    // Because the writer never lets timestamps go backwards along the log, this is exactly "the
-    // newest `limit` events not older than `min_timestamp_ms`", and it reads at most `limit`
-    // rows however large the log is.
+    // Walks the log backwards from the head and stops at the first event older than
+    // `min_timestamp_ms` (the writer never lets timestamps go backwards along the log, so every
+    // older one is older too) or when a budget is spent: it reads at most `limit` rows and about
+    // `max_bytes`, however large the log is.
     fn latest_events(
         &self,
         limit: usize,
         min_timestamp_ms: u64,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let limit = sql_limit(limit);
-        let min_ts = sql_int(min_timestamp_ms);
+        let mut budget = ReadBudget::new(limit, max_bytes);
         self.with_connection(|conn| {
-            let sql = format!(
-                "SELECT {EVENT_COLUMNS} FROM \
-                     (SELECT * FROM events ORDER BY sequence_number DESC LIMIT ?1) e {EVENT_JOIN} \
-                 WHERE e.timestamp_ms >= ?2 ORDER BY e.sequence_number"
-            );
-            collect_events(conn, &sql, params![limit, min_ts])
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
+                 ORDER BY e.sequence_number DESC LIMIT ?1"
+            ))?;
+            let mut rows = stmt.query(params![sql_limit(limit)])?;
+            let mut out = Vec::new();
+            while budget.has_room() {
+                let Some(row) = rows.next()? else { break };
+                let timestamp_ms = stored_u64(row.get(5)?, "timestamp_ms")?;
+                if timestamp_ms < min_timestamp_ms {
+                    break;
+                }
+                let ev = event_from_row(row)?;
+                budget.take(ev.read_bytes());
+                out.push(ev);
+            }
+            out.reverse();
+            Ok(out)
         })
     }
 
@@ -206,7 +223,9 @@ impl EventReader for DbReader {
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let mut budget = ReadBudget::new(limit, max_bytes);
         let after = sql_int(after);
         let limit = sql_limit(limit);
         self.with_connection(|conn| {
@@ -227,7 +246,8 @@ impl EventReader for DbReader {
                 limit
             ])?;
             let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
+            while budget.has_room() {
+                let Some(row) = rows.next()? else { break };
                 let last_sequence: i64 = row.get(0)?;
                 let first_sequence: i64 = row.get(5)?;
                 let (Some(timestamp_ms), Some(data)) = (
@@ -238,7 +258,7 @@ impl EventReader for DbReader {
                         "stream row points at missing event {last_sequence}"
                     )));
                 };
-                out.push(CommittedEvent {
+                let ev = CommittedEvent {
                     sequence_number: stored_u64(last_sequence, "last_sequence")?,
                     stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
                     key: key.clone(),
@@ -246,7 +266,9 @@ impl EventReader for DbReader {
                     timestamp_ms: stored_u64(timestamp_ms, "timestamp_ms")?,
                     data,
                     replaced: first_sequence != last_sequence,
-                });
+                };
+                budget.take(ev.read_bytes());
+                out.push(ev);
             }
             Ok(out)
         })
@@ -262,10 +284,11 @@ impl EventReader for DbReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
         self.with_connection(|conn| {
             in_read_transaction(conn, |conn| {
-                DbReader::page_in(conn, filter, after, through, limit)
+                DbReader::page_in(conn, filter, after, through, limit, max_bytes)
             })
         })
     }
@@ -276,18 +299,26 @@ impl EventReader for DbReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
         visit: &mut dyn FnMut(EventRef<'_>),
     ) -> Result<PageBounds, StoreError> {
         self.with_connection(|conn| {
             in_read_transaction(conn, |conn| {
                 let bounds = PageRange::of(conn, after, through, limit)?;
-                let (last, count) = match bounds.sql() {
-                    Some((after_i, through_i, limit_i)) => {
-                        visit_key_events(conn, key, after_i, through_i, limit_i, visit)?
-                    }
-                    None => (0, 0),
+                let mut budget = ReadBudget::new(bounds.limit, max_bytes);
+                let last = match bounds.sql() {
+                    Some((after_i, through_i, limit_i)) => visit_key_events(
+                        conn,
+                        key,
+                        after_i,
+                        through_i,
+                        limit_i,
+                        &mut budget,
+                        visit,
+                    )?,
+                    None => 0,
                 };
-                Ok(bounds.covered(count, last))
+                Ok(bounds.covered(&budget, last))
             })
         })
     }
@@ -473,16 +504,24 @@ impl DbReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
         let bounds = PageRange::of(conn, after, through, limit)?;
+        let mut budget = ReadBudget::new(bounds.limit, max_bytes);
         let events = match bounds.sql() {
             None => Vec::new(),
             Some((after_i, through_i, limit_i)) => match filter {
                 EventFilter::Key(key) => {
                     let mut out = Vec::new();
-                    visit_key_events(conn, key, after_i, through_i, limit_i, &mut |ev| {
-                        out.push(ev.to_committed(key));
-                    })?;
+                    visit_key_events(
+                        conn,
+                        key,
+                        after_i,
+                        through_i,
+                        limit_i,
+                        &mut budget,
+                        &mut |ev| out.push(ev.to_committed(key)),
+                    )?;
                     out
                 }
                 // Walks the log from `after`, keeping the channel's events (CROSS JOIN fixes
@@ -493,11 +532,13 @@ impl DbReader {
                         "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} {PAGE_CHANNEL}"
                     ),
                     params![after_i, through_i, limit_i, channel.as_str()],
+                    &mut budget,
                 )?,
                 EventFilter::All => collect_events(
                     conn,
                     &format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} {PAGE_ALL}"),
                     params![after_i, through_i, limit_i],
+                    &mut budget,
                 )?,
             },
         };
@@ -505,7 +546,7 @@ impl DbReader {
         let PageBounds {
             covered_through,
             floor,
-        } = bounds.covered(events.len(), last);
+        } = bounds.covered(&budget, last);
         Ok(LogPage {
             events,
             covered_through,
@@ -545,11 +586,11 @@ impl PageRange {
         })
     }
 
-    /// What a page of `count` events, the last numbered `last`, accounts for: up to its last
-    /// event when the limit cut it, else the whole range.
-    fn covered(&self, count: usize, last: u64) -> PageBounds {
+    /// What a page read with `budget`, its last event numbered `last`, accounts for: up to its
+    /// last event when a budget cut it, else the whole range.
+    fn covered(&self, budget: &ReadBudget, last: u64) -> PageBounds {
         PageBounds {
-            covered_through: if count >= self.limit {
+            covered_through: if budget.is_spent() && last != 0 {
                 last
             } else {
                 self.through
@@ -560,24 +601,27 @@ impl PageRange {
 }
 
 /// `key`'s events in `(after, through]`, at most `limit`, through the per-stream index, each
-/// handed to `visit` borrowed from its row. Returns (the last event's number, how many).
+/// handed to `visit` borrowed from its row, until `budget` is spent (the cursor is not stepped
+/// further). Returns the last event's number (0 when none).
 fn visit_key_events(
     conn: &Connection,
     key: &SubscriptionKey,
     after: i64,
     through: i64,
     limit: i64,
+    budget: &mut ReadBudget,
     visit: &mut dyn FnMut(EventRef<'_>),
-) -> Result<(u64, usize), StoreError> {
+) -> Result<u64, StoreError> {
     let Some(stream_id) = key_stream_id(conn, key)? else {
-        return Ok((0, 0));
+        return Ok(0);
     };
     let mut stmt = conn.prepare_cached(PAGE_OF_STREAM)?;
     let mut rows = stmt.query(params![stream_id, after, through, limit])?;
-    let (mut last, mut count) = (0, 0);
-    while let Some(row) = rows.next()? {
+    let mut last = 0;
+    while budget.has_room() {
+        let Some(row) = rows.next()? else { break };
         let sequence_number = stored_u64(row.get(0)?, "sequence_number")?;
-        visit(EventRef {
+        let ev = EventRef {
             sequence_number,
             stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
             message_id: MessageIdRef::parse(str_at(row, 2)?)
@@ -585,23 +629,29 @@ fn visit_key_events(
             timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
             data: str_at(row, 4)?,
             replaced: row.get(5)?,
-        });
+        };
+        budget.take(ev.read_bytes());
+        visit(ev);
         last = sequence_number;
-        count += 1;
     }
-    Ok((last, count))
+    Ok(last)
 }
 
+/// The rows of `sql` as events, until `budget` is spent (the cursor is not stepped further).
 fn collect_events(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
+    budget: &mut ReadBudget,
 ) -> Result<Vec<CommittedEvent>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query(params)?;
     let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        out.push(event_from_row(row)?);
+    while budget.has_room() {
+        let Some(row) = rows.next()? else { break };
+        let ev = event_from_row(row)?;
+        budget.take(ev.read_bytes());
+        out.push(ev);
     }
     Ok(out)
 }
@@ -670,5 +720,69 @@ mod tests {
              WHERE stream_id = ?1 AND sequence_number > ?2 AND sequence_number <= ?3",
         );
         assert!(count.contains("COVERING INDEX events_by_stream"), "{count}");
+    }
+    /// The byte budget stops the SQL cursor; it does not read on and drop: a row past the budget
+    /// that cannot be decoded (a negative timestamp written behind the store's back) is never
+    /// stepped onto by a budgeted read, while a read without a budget fails on it.
+    #[test]
+    fn a_budgeted_read_never_steps_past_its_budget() {
+        use crate::{DbWriter, EventWriter, NewEvent, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("budget.db");
+        let (writer, _) = DbWriter::open(StoreConfig::new(&path), Box::new(|_| {})).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        let data = format!("\"{}\"", "x".repeat(998)); // 1,002 bytes with its id
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            for i in 0..10 {
+                let ev = NewEvent {
+                    key: key.clone(),
+                    message_id: MessageId::new(format!("m{i}")).unwrap(),
+                    data: data.clone(),
+                };
+                writer.append(vec![ev]).await.unwrap();
+            }
+            writer.close().await;
+        });
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE events SET timestamp_ms = -1 WHERE sequence_number IN (1, 5)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let reader = DbReader::open(&path).unwrap();
+        let corrupt =
+            |r: Result<Vec<CommittedEvent>, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
+        let ok = reader
+            .events_after(1, 100, EventFilter::All, 3_000)
+            .unwrap();
+        assert_eq!(ok.len(), 3);
+        assert!(corrupt(reader.events_after(
+            1,
+            100,
+            EventFilter::All,
+            usize::MAX
+        )));
+        let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
+        assert_eq!(page.covered_through, 4);
+        let mut seen = 0;
+        reader
+            .visit_key_page(&key, 1, 10, 100, 3_000, &mut |_| seen += 1)
+            .unwrap();
+        assert_eq!(seen, 3);
+        assert!(
+            reader
+                .page(&EventFilter::All, 1, 10, 100, usize::MAX)
+                .is_err()
+        );
+        // Newest first: 10..=6 fit in 5,010 bytes, event 5 is never read.
+        assert_eq!(reader.latest_events(100, 0, 5_010).unwrap().len(), 5);
+        assert!(corrupt(reader.latest_events(100, 0, usize::MAX)));
+        assert_eq!(reader.stream_rows(&key, 1, 100, 3_000).unwrap().len(), 3);
+        assert!(corrupt(reader.stream_rows(&key, 1, 100, usize::MAX)));
     }
 }

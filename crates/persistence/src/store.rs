@@ -103,6 +103,14 @@ pub trait EventWriter: Clone + Send + Sync + 'static {
 /// The read side: any number of readers, never queued behind the writer, each call one
 /// consistent snapshot of committed data. Calls may block on the database; async callers run
 /// them in `spawn_blocking`.
+///
+/// **Every read of events is bounded in bytes as well as in count.** The methods that return
+/// events take a `limit` (events) and a `max_bytes` budget, and read the matching events in
+/// order until `limit` events are read or the bytes read ([`crate::read_bytes`]: data and
+/// message id) reach `max_bytes`, then stop reading — the database cursor stops stepping; the
+/// rest is never read, not read and dropped. The event that reaches or crosses the budget is
+/// included, so one event larger than the budget is still read (alone) and a caller paging
+/// through the log always makes progress. `usize::MAX` means no byte budget.
 pub trait EventReader: Clone + Send + Sync + 'static {
     /// The highest sequence number ever assigned (0 for an empty store); never goes back.
     fn head(&self) -> Result<u64, StoreError>;
@@ -110,31 +118,37 @@ pub trait EventReader: Clone + Send + Sync + 'static {
     /// The store's epoch: a random id made when the store was created.
     fn epoch(&self) -> Result<String, StoreError>;
 
-    /// Events with `sequence_number > since`, ascending, at most `limit`, optionally only of
-    /// one stream or one channel. Each carries its row's current `stream_sequence`.
+    /// Events with `sequence_number > since`, ascending, at most `limit` and stopped at
+    /// `max_bytes` (see the trait docs), optionally only of one stream or one channel. Each
+    /// carries its row's current `stream_sequence`.
     fn events_after(
         &self,
         since: u64,
         limit: usize,
         filter: EventFilter,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError>;
 
-    /// Of the newest `limit` events, those with `timestamp_ms >= min_timestamp_ms`, ascending:
-    /// the recovery window to refill at start. Reads at most `limit` events.
+    /// The newest events, read newest first until `limit` events or `max_bytes` are read (see
+    /// the trait docs), of which those with `timestamp_ms >= min_timestamp_ms`, returned
+    /// ascending: what fills the tail cache at start. Reads at most `limit` events and about
+    /// `max_bytes`, however large the log and its events are.
     fn latest_events(
         &self,
         limit: usize,
         min_timestamp_ms: u64,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError>;
 
-    /// A stream's current rows with `stream_sequence > after`, ascending, at most `limit`; each
-    /// as its latest event (`replaced` = the row was updated since it was created). Rows whose
-    /// last event was pruned are gone.
+    /// A stream's current rows with `stream_sequence > after`, ascending, at most `limit` and
+    /// stopped at `max_bytes` (see the trait docs); each as its latest event (`replaced` = the
+    /// row was updated since it was created). Rows whose last event was pruned are gone.
     fn stream_rows(
         &self,
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError>;
 
     /// The retention floor: the smallest sequence number the log may still hold (1 for a store
@@ -143,13 +157,15 @@ pub trait EventReader: Clone + Send + Sync + 'static {
     fn retention_floor(&self) -> Result<u64, StoreError>;
 
     /// Events matching `filter` with `after < sequence_number <= through`, ascending, at most
-    /// `limit` (>= 1; 0 is read as 1), together with the retention floor, all in ONE read
+    /// `limit` (>= 1; 0 is read as 1) and stopped at `max_bytes` (see the trait docs; at least
+    /// one event is read when one matches), together with the retention floor, all in ONE read
     /// transaction (SQLite: `BEGIN DEFERRED ... COMMIT` on the pooled connection), so pruning
     /// can never open a silent hole under a reader: if `floor > after + 1` the caller knows
     /// events may be missing. A `Key` filter uses the per-stream index (cost proportional to
     /// the page, not to the log). `Channel`/`All` may walk the log from `after`.
     ///
-    /// `covered_through` is the last event's number when `limit` cut the page, else `through`
+    /// `covered_through` is the last event's number when `limit` or `max_bytes` cut the page,
+    /// else `through`
     /// (also when `through <= after`: then the page is empty and covers nothing new); every
     /// matching event in `(after, covered_through]` is in `events`, so the next page starts
     /// after `covered_through`. Pass a `through` no greater than a head already seen: numbers
@@ -160,21 +176,29 @@ pub trait EventReader: Clone + Send + Sync + 'static {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError>;
 
     /// [`EventReader::page`] of one key, handing each event to `visit` as it is read instead of
     /// collecting [`CommittedEvent`]s: the catch-up path encodes frames straight from the
     /// store's rows (SQLite: no copy of the message id or data). The same transaction, order,
-    /// bounds and floor as `page`; `visit` must not call back into the reader.
+    /// bounds, budgets and floor as `page`; `visit` must not call back into the reader.
     fn visit_key_page(
         &self,
         key: &SubscriptionKey,
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
         visit: &mut dyn FnMut(EventRef<'_>),
     ) -> Result<PageBounds, StoreError> {
-        let page = self.page(&EventFilter::Key(key.clone()), after, through, limit)?;
+        let page = self.page(
+            &EventFilter::Key(key.clone()),
+            after,
+            through,
+            limit,
+            max_bytes,
+        )?;
         for ev in &page.events {
             visit(ev.into());
         }

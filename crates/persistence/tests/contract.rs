@@ -234,7 +234,9 @@ async fn concurrent_appends_are_numbered_by_the_store(backend: impl Backend) {
         assert_eq!(positions, (1..=40).collect::<Vec<_>>(), "stream {stream}");
     }
     assert_eq!(reader.head().unwrap(), 120);
-    let log = reader.events_after(0, 1000, EventFilter::All).unwrap();
+    let log = reader
+        .events_after(0, 1000, EventFilter::All, usize::MAX)
+        .unwrap();
     assert_eq!(log, *seen.events.lock().unwrap());
     writer.close().await;
     assert!(writer.is_closed());
@@ -254,7 +256,7 @@ async fn a_repeated_message_id_is_an_upsert(backend: impl Backend) {
         ),
         (3, 1, true)
     );
-    let rows = reader.stream_rows(&key("c:a"), 0, 10).unwrap();
+    let rows = reader.stream_rows(&key("c:a"), 0, 10, usize::MAX).unwrap();
     let rows: Vec<(u64, u64, &str, bool)> = rows
         .iter()
         .map(|r| {
@@ -290,7 +292,12 @@ async fn a_batch_is_all_or_nothing(backend: impl Backend) {
     );
     assert_eq!(reader.head().unwrap(), 1);
     assert_eq!(seen.numbers(), vec![1]);
-    assert!(reader.stream_rows(&key("c:b"), 0, 10).unwrap().is_empty());
+    assert!(
+        reader
+            .stream_rows(&key("c:b"), 0, 10, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
 
     let batch = writer
         .append(vec![event("c:a", "b", "2"), event("c:b", "c", "3")])
@@ -341,25 +348,30 @@ async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
     assert_eq!(numbers, vec![(6, 4), (7, 1)]);
 
     let of_a = reader
-        .events_after(1, 10, EventFilter::Key(key("c:a")))
+        .events_after(1, 10, EventFilter::Key(key("c:a")), usize::MAX)
         .unwrap();
     assert_eq!(
         of_a.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
         vec![3, 5, 6]
     );
     let of_c = reader
-        .events_after(0, 10, EventFilter::Channel(Channel::new("c").unwrap()))
+        .events_after(
+            0,
+            10,
+            EventFilter::Channel(Channel::new("c").unwrap()),
+            usize::MAX,
+        )
         .unwrap();
     assert_eq!(
         of_c.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
         vec![1, 2, 3, 4, 5, 6]
     );
-    let latest = reader.latest_events(3, 0).unwrap();
+    let latest = reader.latest_events(3, 0, usize::MAX).unwrap();
     assert_eq!(
         latest.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
         vec![5, 6, 7]
     );
-    let page = reader.stream_rows(&key("c:a"), 1, 2).unwrap();
+    let page = reader.stream_rows(&key("c:a"), 1, 2, usize::MAX).unwrap();
     assert_eq!(
         page.iter().map(|r| r.stream_sequence).collect::<Vec<_>>(),
         vec![2, 3]
@@ -402,7 +414,9 @@ const TEN: [(&str, &str, &str); 10] = [
 /// accounted for, and carries the floor.
 async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     let (writer, reader, _) = backend.open(Box::new(|_| {}));
-    let empty = reader.page(&EventFilter::All, 0, 0, 10).unwrap();
+    let empty = reader
+        .page(&EventFilter::All, 0, 0, 10, usize::MAX)
+        .unwrap();
     assert_eq!(
         (empty.events.len(), empty.covered_through, empty.floor),
         (0, 0, 1)
@@ -416,7 +430,7 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     let mut after = 0;
     let mut seen = Vec::new();
     loop {
-        let page = reader.page(&of_a, after, head, 2).unwrap();
+        let page = reader.page(&of_a, after, head, 2, usize::MAX).unwrap();
         assert_eq!(page.floor, 1);
         assert!(page.events.len() <= 2);
         seen.extend(numbers(&page.events));
@@ -432,7 +446,7 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     }
     assert_eq!(seen, vec![1, 3, 5, 8, 10]);
     // Each event carries its row's current position; event 8 updated row m3.
-    let page = reader.page(&of_a, 0, head, 10).unwrap();
+    let page = reader.page(&of_a, 0, head, 10, usize::MAX).unwrap();
     let rows: Vec<(u64, u64, bool)> = page
         .events
         .iter()
@@ -450,51 +464,57 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
     );
 
     // `through` bounds the page; a page not cut by the limit covers through `through`.
-    let page = reader.page(&of_a, 1, 6, 10).unwrap();
+    let page = reader.page(&of_a, 1, 6, 10, usize::MAX).unwrap();
     assert_eq!(
         (numbers(&page.events), page.covered_through),
         (vec![3, 5], 6)
     );
     let page = reader
-        .page(&EventFilter::Key(key("x:none")), 0, head, 10)
+        .page(&EventFilter::Key(key("x:none")), 0, head, 10, usize::MAX)
         .unwrap();
     assert_eq!((page.events.len(), page.covered_through), (0, head));
 
     let channel_c = EventFilter::Channel(Channel::new("c").unwrap());
-    let page = reader.page(&channel_c, 2, 9, 3).unwrap();
+    let page = reader.page(&channel_c, 2, 9, 3, usize::MAX).unwrap();
     assert_eq!(
         (numbers(&page.events), page.covered_through),
         (vec![3, 5, 6], 6)
     );
-    let page = reader.page(&channel_c, 6, 9, 3).unwrap();
+    let page = reader.page(&channel_c, 6, 9, 3, usize::MAX).unwrap();
     assert_eq!((numbers(&page.events), page.covered_through), (vec![8], 9));
 
-    let page = reader.page(&EventFilter::All, 3, 7, 100).unwrap();
+    let page = reader
+        .page(&EventFilter::All, 3, 7, 100, usize::MAX)
+        .unwrap();
     assert_eq!(
         (numbers(&page.events), page.covered_through),
         (vec![4, 5, 6, 7], 7)
     );
-    let page = reader.page(&EventFilter::All, 3, 7, 4).unwrap();
+    let page = reader.page(&EventFilter::All, 3, 7, 4, usize::MAX).unwrap();
     assert_eq!(
         (numbers(&page.events), page.covered_through),
         (vec![4, 5, 6, 7], 7)
     );
-    let page = reader.page(&EventFilter::All, 3, 7, 2).unwrap();
+    let page = reader.page(&EventFilter::All, 3, 7, 2, usize::MAX).unwrap();
     assert_eq!(
         (numbers(&page.events), page.covered_through),
         (vec![4, 5], 5)
     );
     assert_eq!(
         page.events,
-        reader.events_after(3, 2, EventFilter::All).unwrap()
+        reader
+            .events_after(3, 2, EventFilter::All, usize::MAX)
+            .unwrap()
     );
 
     // After a prune the page says where the log starts now.
     writer.prune(5, 100).await.unwrap();
-    let page = reader.page(&EventFilter::All, 0, head, 100).unwrap();
+    let page = reader
+        .page(&EventFilter::All, 0, head, 100, usize::MAX)
+        .unwrap();
     assert_eq!(page.floor, 5);
     assert_eq!(numbers(&page.events), vec![5, 6, 7, 8, 9, 10]);
-    let page = reader.page(&of_a, 0, head, 100).unwrap();
+    let page = reader.page(&of_a, 0, head, 100, usize::MAX).unwrap();
     assert_eq!((numbers(&page.events), page.floor), (vec![5, 8, 10], 5));
     writer.close().await;
 }
@@ -525,24 +545,160 @@ async fn positions_never_go_back_after_pruning(backend: impl Backend) {
     // lives on (its last event, 6, stays).
     let report = writer.prune(6, 100).await.unwrap();
     assert_eq!((report.floor, report.deleted), (6, 5));
-    assert!(reader.stream_rows(&key("p:x"), 0, 10).unwrap().is_empty());
+    assert!(
+        reader
+            .stream_rows(&key("p:x"), 0, 10, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        positions(&reader.stream_rows(&key("q:y"), 0, 10).unwrap()),
+        positions(&reader.stream_rows(&key("q:y"), 0, 10, usize::MAX).unwrap()),
         vec![1]
     );
     let next = append_each(&writer, &[("p:x", "m4", "7"), ("q:y", "c", "8")]).await;
     assert_eq!(positions(&next), vec![4, 3]);
     assert_eq!(
-        positions(&reader.stream_rows(&key("p:x"), 3, 10).unwrap()),
+        positions(&reader.stream_rows(&key("p:x"), 3, 10, usize::MAX).unwrap()),
         vec![4]
     );
     assert_eq!(
-        positions(&reader.stream_rows(&key("q:y"), 0, 10).unwrap()),
+        positions(&reader.stream_rows(&key("q:y"), 0, 10, usize::MAX).unwrap()),
         vec![1, 3]
     );
     // And the position stays past the pruned ones from then on.
     let more = append_each(&writer, &[("p:x", "m5", "9")]).await;
     assert_eq!(positions(&more), vec![5]);
+    writer.close().await;
+}
+
+/// Every read of events stops at its byte budget ([`seqcast_persistence::read_bytes`]: data and
+/// message id): it reads events in order until the bytes read reach `max_bytes`, the event that
+/// reaches or crosses it included (one event larger than the budget is read alone), and a page
+/// cut by its bytes accounts only for what it read, so paging on reads the rest.
+async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    // Ten events of key c:a, each 1,002 bytes: data of 1,000 (a JSON string), id of 2.
+    let data = format!("\"{}\"", "x".repeat(998));
+    let ids: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let events: Vec<(&str, &str, &str)> = ids
+        .iter()
+        .map(|id| ("c:a", id.as_str(), data.as_str()))
+        .collect();
+    let written = append_each(&writer, &events).await;
+    assert!(written.iter().all(|e| e.read_bytes() == 1_002));
+    assert_eq!(seqcast_persistence::read_bytes(&data, "m0"), 1_002);
+    let filters = [
+        EventFilter::All,
+        EventFilter::Key(key("c:a")),
+        EventFilter::Channel(Channel::new("c").unwrap()),
+    ];
+    for filter in &filters {
+        // 2,500 is crossed by the third event: three are read, whatever the count allows.
+        let read = |max_bytes| {
+            numbers(
+                &reader
+                    .events_after(0, 100, filter.clone(), max_bytes)
+                    .unwrap(),
+            )
+        };
+        assert_eq!(read(2_500), vec![1, 2, 3], "{filter:?}");
+        assert_eq!(
+            read(3_006),
+            vec![1, 2, 3],
+            "{filter:?}: reaching the budget stops"
+        );
+        assert_eq!(read(3_007), vec![1, 2, 3, 4], "{filter:?}");
+        assert_eq!(
+            read(1),
+            vec![1],
+            "{filter:?}: one event larger than the budget"
+        );
+        assert_eq!(read(0), vec![1], "{filter:?}");
+        assert_eq!(read(usize::MAX).len(), 10, "{filter:?}");
+        // The count still bounds it.
+        assert_eq!(
+            numbers(&reader.events_after(0, 2, filter.clone(), 100_000).unwrap()),
+            vec![1, 2]
+        );
+
+        // Pages: cut by the bytes, each accounts for what it read; paging on reads everything.
+        let page = reader.page(filter, 0, 10, 100, 2_500).unwrap();
+        assert_eq!(
+            (numbers(&page.events), page.covered_through),
+            (vec![1, 2, 3], 3),
+            "{filter:?}"
+        );
+        let (mut after, mut seen, mut pages) = (0, Vec::new(), 0);
+        while after < 10 {
+            let page = reader.page(filter, after, 10, 100, 2_500).unwrap();
+            seen.extend(numbers(&page.events));
+            after = page.covered_through;
+            pages += 1;
+        }
+        assert_eq!(
+            (seen, pages),
+            ((1..=10).collect::<Vec<_>>(), 4),
+            "{filter:?}"
+        );
+        let last = reader.page(filter, 9, 10, 100, 2_500).unwrap();
+        assert_eq!(
+            (numbers(&last.events), last.covered_through),
+            (vec![10], 10),
+            "not cut"
+        );
+        let one = reader.page(filter, 4, 10, 100, 0).unwrap();
+        assert_eq!(
+            (numbers(&one.events), one.covered_through),
+            (vec![5], 5),
+            "{filter:?}"
+        );
+    }
+    // A key's page handed out by visiting stops at the same place.
+    let mut visited = Vec::new();
+    let bounds = reader
+        .visit_key_page(&key("c:a"), 2, 10, 100, 2_500, &mut |ev| {
+            visited.push(ev.sequence_number);
+        })
+        .unwrap();
+    assert_eq!((visited, bounds.covered_through), (vec![3, 4, 5], 5));
+    // The newest events, newest first until the budget: the last three, ascending.
+    assert_eq!(
+        numbers(&reader.latest_events(100, 0, 2_500).unwrap()),
+        vec![8, 9, 10]
+    );
+    assert_eq!(numbers(&reader.latest_events(100, 0, 0).unwrap()), vec![10]);
+    assert_eq!(
+        numbers(&reader.latest_events(2, 0, usize::MAX).unwrap()),
+        vec![9, 10]
+    );
+    assert_eq!(reader.latest_events(100, 0, usize::MAX).unwrap().len(), 10);
+    // A stream's rows, by position.
+    let rows = reader.stream_rows(&key("c:a"), 0, 100, 2_500).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.stream_sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let rows = reader.stream_rows(&key("c:a"), 3, 100, 1).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.stream_sequence).collect::<Vec<_>>(),
+        vec![4]
+    );
+    // One event larger than the budget after small ones ends the read with it.
+    let big = format!("\"{}\"", "y".repeat(9_998));
+    append_each(&writer, &[("c:a", "big", big.as_str()), ("c:a", "s", "1")]).await;
+    assert_eq!(
+        numbers(
+            &reader
+                .events_after(9, 100, EventFilter::All, 2_500)
+                .unwrap()
+        ),
+        vec![10, 11]
+    );
+    assert_eq!(numbers(&reader.latest_events(100, 0, 2).unwrap()), vec![12]);
+    assert_eq!(
+        numbers(&reader.latest_events(100, 0, 3).unwrap()),
+        vec![11, 12]
+    );
     writer.close().await;
 }
 
@@ -555,11 +711,17 @@ async fn visiting_a_key_page_matches_page(backend: impl Backend) {
     let check = |k: &str, after: u64, through: u64, limit: usize| {
         let key = key(k);
         let page = reader
-            .page(&EventFilter::Key(key.clone()), after, through, limit)
+            .page(
+                &EventFilter::Key(key.clone()),
+                after,
+                through,
+                limit,
+                usize::MAX,
+            )
             .unwrap();
         let mut seen = Vec::new();
         let bounds = reader
-            .visit_key_page(&key, after, through, limit, &mut |ev| {
+            .visit_key_page(&key, after, through, limit, usize::MAX, &mut |ev| {
                 seen.push(ev.to_committed(&key));
             })
             .unwrap();
@@ -629,7 +791,9 @@ async fn first_at_or_after_finds_a_time(backend: impl Backend) {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     let head = reader.head().unwrap();
-    let all = reader.events_after(0, 1000, EventFilter::All).unwrap();
+    let all = reader
+        .events_after(0, 1000, EventFilter::All, usize::MAX)
+        .unwrap();
     assert_eq!(all.len() as u64, head);
     assert!(
         all.windows(2)
@@ -712,13 +876,17 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
     assert_eq!(reader.retention_floor().unwrap(), 5);
 
     assert_eq!(
-        numbers(&reader.events_after(0, 100, EventFilter::All).unwrap()),
+        numbers(
+            &reader
+                .events_after(0, 100, EventFilter::All, usize::MAX)
+                .unwrap()
+        ),
         (5..=10).collect::<Vec<_>>()
     );
     assert_eq!(
         numbers(
             &reader
-                .events_after(0, 100, EventFilter::Key(key("c:a")))
+                .events_after(0, 100, EventFilter::Key(key("c:a")), usize::MAX)
                 .unwrap()
         ),
         vec![5, 8, 10]
@@ -726,17 +894,17 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
     assert_eq!(reader.head().unwrap(), 10);
     // Rows whose last event was pruned are gone (m1 of c:a, m2 of c:b); m3 of c:a was
     // updated by event 8, so it stays with that data.
-    let rows = reader.stream_rows(&key("c:a"), 0, 10).unwrap();
+    let rows = reader.stream_rows(&key("c:a"), 0, 10, usize::MAX).unwrap();
     let rows: Vec<(u64, &str, u64)> = rows
         .iter()
         .map(|r| (r.stream_sequence, r.message_id.as_str(), r.sequence_number))
         .collect();
     assert_eq!(rows, vec![(2, "m3", 8), (3, "m5", 5), (4, "m10", 10)]);
-    let rows = reader.stream_rows(&key("c:b"), 0, 10).unwrap();
+    let rows = reader.stream_rows(&key("c:b"), 0, 10, usize::MAX).unwrap();
     assert_eq!(numbers(&rows), vec![6]);
     assert!(
         reader
-            .latest_events(100, 0)
+            .latest_events(100, 0, usize::MAX)
             .unwrap()
             .iter()
             .all(|e| e.sequence_number >= 5)
@@ -761,12 +929,19 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
     assert_eq!(reader.head().unwrap(), 10);
     assert!(
         reader
-            .events_after(0, 100, EventFilter::All)
+            .events_after(0, 100, EventFilter::All, usize::MAX)
             .unwrap()
             .is_empty()
     );
-    assert!(reader.stream_rows(&key("c:a"), 0, 10).unwrap().is_empty());
-    let page = reader.page(&EventFilter::All, 0, 10, 100).unwrap();
+    assert!(
+        reader
+            .stream_rows(&key("c:a"), 0, 10, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
+    let page = reader
+        .page(&EventFilter::All, 0, 10, 100, usize::MAX)
+        .unwrap();
     assert_eq!(
         (page.events.len(), page.covered_through, page.floor),
         (0, 10, 11)
@@ -801,7 +976,7 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
         assert_eq!(reader.retention_floor().unwrap(), 12);
         assert!(
             reader
-                .events_after(0, 100, EventFilter::All)
+                .events_after(0, 100, EventFilter::All, usize::MAX)
                 .unwrap()
                 .is_empty()
         );
@@ -904,7 +1079,9 @@ async fn a_retry_uses_no_number(backend: impl Backend) {
     let next = writer.append(vec![event("d:a", "n", "9")]).await.unwrap();
     assert_eq!(next[0].sequence_number, 9);
     // Dense: the log holds exactly 1..=head.
-    let log = reader.events_after(0, 100, EventFilter::All).unwrap();
+    let log = reader
+        .events_after(0, 100, EventFilter::All, usize::MAX)
+        .unwrap();
     assert_eq!(numbers(&log), (1..=9).collect::<Vec<_>>());
     assert_eq!(log, *seen.events.lock().unwrap());
     // A batch of nothing but retries reaches nobody.
@@ -1043,6 +1220,12 @@ macro_rules! contract_tests {
             async fn a_refused_command_fails_alone() {
                 let Some(backend) = $backend else { return };
                 super::a_refused_command_fails_alone(backend).await;
+            }
+
+            #[tokio::test]
+            async fn every_read_stops_at_its_byte_budget() {
+                let Some(backend) = $backend else { return };
+                super::every_read_stops_at_its_byte_budget(backend).await;
             }
 
             #[tokio::test]

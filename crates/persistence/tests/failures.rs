@@ -33,7 +33,7 @@ async fn an_injected_commit_failure_changes_nothing() {
     assert_eq!(log.call_count(), 1);
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(reader.head().unwrap(), 1);
-    let rows = reader.stream_rows(&key("f:1"), 0, 10).unwrap();
+    let rows = reader.stream_rows(&key("f:1"), 0, 10, usize::MAX).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].data.as_str(), rows[0].replaced), ("1", false));
 
@@ -135,7 +135,7 @@ async fn a_file_made_read_only_while_running_is_unavailable_until_writable() {
     assert_eq!((next[0].sequence_number, next[0].stream_sequence), (2, 2));
     let reader = DbReader::open(&path).unwrap();
     let ids: Vec<String> = reader
-        .events_after(0, 10, EventFilter::All)
+        .events_after(0, 10, EventFilter::All, usize::MAX)
         .unwrap()
         .iter()
         .map(|e| e.message_id.to_string())

@@ -228,7 +228,7 @@ async fn run(ops: Vec<Op>) {
     // The hook saw the model's log, in order; the database holds it.
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     let stored = reader
-        .events_after(0, usize::MAX, EventFilter::All)
+        .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
         .unwrap();
     let as_tuples = |events: &[CommittedEvent]| -> Vec<(u64, String, String, bool)> {
         events
@@ -258,7 +258,9 @@ async fn run(ops: Vec<Op>) {
     assert_eq!(reader.head().unwrap(), model.head);
     assert_eq!(reader.retention_floor().unwrap(), model.floor);
     for (k, name) in KEYS.iter().enumerate() {
-        let rows = reader.stream_rows(&key(name), 0, usize::MAX).unwrap();
+        let rows = reader
+            .stream_rows(&key(name), 0, usize::MAX, usize::MAX)
+            .unwrap();
         let got: Vec<Row> = rows
             .iter()
             .map(|r| (r.stream_sequence, r.data.clone(), 0, r.sequence_number))

@@ -41,7 +41,9 @@ async fn events_after_pages_through_the_log_with_filters() {
     let mut paged = Vec::new();
     let mut since = 0;
     loop {
-        let page = reader.events_after(since, 7, EventFilter::All).unwrap();
+        let page = reader
+            .events_after(since, 7, EventFilter::All, usize::MAX)
+            .unwrap();
         assert!(page.len() <= 7);
         let Some(last) = page.last() else { break };
         since = last.sequence_number;
@@ -50,7 +52,7 @@ async fn events_after_pages_through_the_log_with_filters() {
     assert_eq!(paged, written);
 
     let key_only = reader
-        .events_after(10, 100, EventFilter::Key(key("chat:b")))
+        .events_after(10, 100, EventFilter::Key(key("chat:b")), usize::MAX)
         .unwrap();
     assert_eq!(numbers(&key_only), vec![13, 16, 19, 22, 25, 28]);
     assert_eq!(
@@ -61,24 +63,29 @@ async fn events_after_pages_through_the_log_with_filters() {
         vec![5, 6, 7, 8, 9, 10]
     );
     let channel = reader
-        .events_after(20, 4, EventFilter::Channel(Channel::new("chat").unwrap()))
+        .events_after(
+            20,
+            4,
+            EventFilter::Channel(Channel::new("chat").unwrap()),
+            usize::MAX,
+        )
         .unwrap();
     assert_eq!(numbers(&channel), vec![21, 22, 24, 25]);
     assert!(
         reader
-            .events_after(30, 10, EventFilter::All)
+            .events_after(30, 10, EventFilter::All, usize::MAX)
             .unwrap()
             .is_empty()
     );
     assert!(
         reader
-            .events_after(u64::MAX, 10, EventFilter::All)
+            .events_after(u64::MAX, 10, EventFilter::All, usize::MAX)
             .unwrap()
             .is_empty()
     );
     assert!(
         reader
-            .events_after(0, 0, EventFilter::All)
+            .events_after(0, 0, EventFilter::All, usize::MAX)
             .unwrap()
             .is_empty()
     );
@@ -101,25 +108,30 @@ async fn latest_events_is_the_newest_n_not_older_than_the_cutoff() {
     let reader = DbReader::open(&path).unwrap();
 
     assert_eq!(
-        numbers(&reader.latest_events(3, 0).unwrap()),
+        numbers(&reader.latest_events(3, 0, usize::MAX).unwrap()),
         vec![8, 9, 10]
     );
     assert_eq!(
-        numbers(&reader.latest_events(100, 0).unwrap()),
+        numbers(&reader.latest_events(100, 0, usize::MAX).unwrap()),
         (1..=10).collect::<Vec<_>>()
     );
     // The age cutoff and the count both bound the window.
     assert_eq!(
-        numbers(&reader.latest_events(100, 7000).unwrap()),
+        numbers(&reader.latest_events(100, 7000, usize::MAX).unwrap()),
         vec![7, 8, 9, 10]
     );
     assert_eq!(
-        numbers(&reader.latest_events(2, 7000).unwrap()),
+        numbers(&reader.latest_events(2, 7000, usize::MAX).unwrap()),
         vec![9, 10]
     );
-    assert!(reader.latest_events(5, 10_001).unwrap().is_empty());
-    assert!(reader.latest_events(0, 0).unwrap().is_empty());
-    let newest = &reader.latest_events(1, 0).unwrap()[0];
+    assert!(
+        reader
+            .latest_events(5, 10_001, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(reader.latest_events(0, 0, usize::MAX).unwrap().is_empty());
+    let newest = &reader.latest_events(1, 0, usize::MAX).unwrap()[0];
     assert_eq!(
         (
             newest.timestamp_ms,
@@ -142,7 +154,7 @@ async fn stream_rows_pages_by_stream_position() {
     let mut after = 0;
     let mut pages = Vec::new();
     loop {
-        let page = reader.stream_rows(&k, after, 4).unwrap();
+        let page = reader.stream_rows(&k, after, 4, usize::MAX).unwrap();
         if page.is_empty() {
             break;
         }
@@ -158,7 +170,7 @@ async fn stream_rows_pages_by_stream_position() {
     assert_eq!(rows.iter().collect::<Vec<_>>(), mine);
     assert!(
         reader
-            .stream_rows(&key("none:x"), 0, 10)
+            .stream_rows(&key("none:x"), 0, 10, usize::MAX)
             .unwrap()
             .is_empty()
     );
@@ -280,7 +292,9 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
         ]
     );
     let reader = DbReader::open(&path).unwrap();
-    let log = reader.events_after(0, 10, EventFilter::All).unwrap();
+    let log = reader
+        .events_after(0, 10, EventFilter::All, usize::MAX)
+        .unwrap();
     let summary: Vec<(u64, String, u64, bool)> = log
         .iter()
         .map(|e| {
@@ -301,7 +315,9 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
             (4, "chat:a".to_owned(), 1, true),
         ]
     );
-    let rows = reader.stream_rows(&key("chat:a"), 0, 10).unwrap();
+    let rows = reader
+        .stream_rows(&key("chat:a"), 0, 10, usize::MAX)
+        .unwrap();
     assert_eq!(
         rows.iter()
             .map(|r| (r.stream_sequence, r.sequence_number, r.data.as_str()))
@@ -413,7 +429,7 @@ async fn repair_renumbers_a_buggy_stream_by_insertion_order() {
     );
     let reader = DbReader::open(&path).unwrap();
     let broken = key("session:codex-1");
-    let rows = reader.stream_rows(&broken, 0, 1000).unwrap();
+    let rows = reader.stream_rows(&broken, 0, 1000, usize::MAX).unwrap();
     let order: Vec<(u64, String)> = rows
         .iter()
         .map(|r| (r.stream_sequence, r.message_id.to_string()))
@@ -421,16 +437,24 @@ async fn repair_renumbers_a_buggy_stream_by_insertion_order() {
     let expected: Vec<(u64, String)> = (1..=86).map(|n| (n, format!("msg-{n:03}"))).collect();
     assert_eq!(order, expected);
     // Pagination works again.
-    assert_eq!(reader.stream_rows(&broken, 80, 100).unwrap().len(), 6);
+    assert_eq!(
+        reader
+            .stream_rows(&broken, 80, 100, usize::MAX)
+            .unwrap()
+            .len(),
+        6
+    );
     // The events carry their positions and are repaired with the rows.
     let log = reader
-        .events_after(0, 1000, EventFilter::Key(broken.clone()))
+        .events_after(0, 1000, EventFilter::Key(broken.clone()), usize::MAX)
         .unwrap();
     assert_eq!(
         log.iter().map(|e| e.stream_sequence).collect::<Vec<_>>(),
         (1..=86).collect::<Vec<_>>()
     );
-    let healthy = reader.stream_rows(&key("session:claude-1"), 0, 10).unwrap();
+    let healthy = reader
+        .stream_rows(&key("session:claude-1"), 0, 10, usize::MAX)
+        .unwrap();
     assert_eq!(
         healthy
             .iter()
@@ -464,7 +488,9 @@ async fn repair_leaves_a_healthy_database_alone() {
     );
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(
-        reader.events_after(0, 100, EventFilter::All).unwrap(),
+        reader
+            .events_after(0, 100, EventFilter::All, usize::MAX)
+            .unwrap(),
         written
     );
 }

@@ -82,7 +82,9 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(reader.head().unwrap(), 400);
     assert_eq!(
-        reader.events_after(0, 1000, EventFilter::All).unwrap(),
+        reader
+            .events_after(0, 1000, EventFilter::All, usize::MAX)
+            .unwrap(),
         hooked
     );
     writer.close().await;
@@ -186,7 +188,9 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
     assert_eq!(update[0].data, r#"{"v":3}"#);
 
     let reader = DbReader::open(&db_path(&dir)).unwrap();
-    let rows = reader.stream_rows(&key("doc:1"), 0, 10).unwrap();
+    let rows = reader
+        .stream_rows(&key("doc:1"), 0, 10, usize::MAX)
+        .unwrap();
     let summary: Vec<(&str, u64, u64, &str, bool)> = rows
         .iter()
         .map(|r| {
@@ -207,7 +211,9 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
         ]
     );
     // The log keeps both versions of "a", each with the row's position.
-    let events = reader.events_after(0, 10, EventFilter::All).unwrap();
+    let events = reader
+        .events_after(0, 10, EventFilter::All, usize::MAX)
+        .unwrap();
     let log: Vec<(u64, u64, &str, bool)> = events
         .iter()
         .map(|e| {
@@ -345,13 +351,18 @@ async fn a_failing_batch_commits_nothing_while_its_group_commits() {
     assert_eq!(log.events().len(), 3);
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     let ids: Vec<String> = reader
-        .events_after(0, 100, EventFilter::All)
+        .events_after(0, 100, EventFilter::All, usize::MAX)
         .unwrap()
         .iter()
         .map(|e| e.message_id.to_string())
         .collect();
     assert_eq!(ids, vec!["first", "before", "after"]);
-    assert!(reader.stream_rows(&key("s:2"), 0, 10).unwrap().is_empty());
+    assert!(
+        reader
+            .stream_rows(&key("s:2"), 0, 10, usize::MAX)
+            .unwrap()
+            .is_empty()
+    );
     writer.close().await;
 }
 
@@ -519,7 +530,7 @@ async fn readers_see_whole_transactions_only() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 let events = reader
-                    .events_after(0, usize::MAX, EventFilter::All)
+                    .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
                     .unwrap();
                 // Batches of 5: a reader never sees part of one.
                 assert_eq!(events.len() % 5, 0, "saw a partial batch");
@@ -543,7 +554,7 @@ async fn readers_see_whole_transactions_only() {
     assert!(reads.load(Ordering::SeqCst) >= 9);
     assert_eq!(
         reader
-            .events_after(0, usize::MAX, EventFilter::All)
+            .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
             .unwrap()
             .len(),
         200

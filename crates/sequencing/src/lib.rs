@@ -38,4 +38,4 @@ mod cursor;
 mod tail;
 
 pub use cursor::{Cursor, LogFacts, Phase, Resume, Step, View, WindowLimits, resume, window_start};
-pub use tail::{CachedMessage, ENTRY_OVERHEAD_BYTES, GapError, TailCache};
+pub use tail::{CachedMessage, ENTRY_OVERHEAD_BYTES, GapError, KEY_OVERHEAD_BYTES, TailCache};

@@ -496,7 +496,9 @@ fn the_cache_is_dense_bounded_in_bytes_and_indexed_by_key() {
     let a = SubscriptionKey::parse("c:a").unwrap();
     let b = SubscriptionKey::parse("c:b").unwrap();
     let per = MSG_BYTES + seqcast_sequencing::ENTRY_OVERHEAD_BYTES;
-    let mut cache: TailCache<u64> = TailCache::new(3 * per, 10);
+    // Three messages of two keys fit.
+    let budget = 3 * per + 2 * seqcast_sequencing::KEY_OVERHEAD_BYTES;
+    let mut cache: TailCache<u64> = TailCache::new(budget, 10);
     assert_eq!(cache.floor(), 11);
     let msg = |seq: u64, key: &SubscriptionKey| CachedMessage {
         sequence_number: seq,

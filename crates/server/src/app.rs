@@ -387,8 +387,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 /// The shared log pages get this fraction (1/n) of `--cache-bytes`; the tail cache the rest.
 const PAGE_CACHE_SHARE: usize = 4;
 
-/// How many of the log's newest events are read at start to refill the cache (the cache keeps
-/// what fits its byte budget).
+/// At most how many of the log's newest events are read at start to refill the cache; the read
+/// also stops at the cache's byte budget (newest first), so a log of large events is read only
+/// as far as the cache holds it.
 const CACHE_REFILL_EVENTS: usize = 10_000;
 
 fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
@@ -442,15 +443,15 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             Store::Sqlite { writer, reader }
         }
     };
-    // Nothing is published before the server listens, so the log is still at this head.
-    let (epoch, head, floor, recent) = match &store {
-        Store::Memory { reader, .. } => log_state(reader)?,
-        Store::Sqlite { reader, .. } => log_state(reader)?,
-        Store::Postgres { reader, .. } => log_state(reader)?,
-    };
     // One budget: the tail cache gets most of it, the shared log pages the rest.
     let tail_bytes = settings.cache_bytes - settings.cache_bytes / PAGE_CACHE_SHARE;
-    let hub = Hub::new(epoch, head, floor, tail_bytes, &recent)
+    // Nothing is published before the server listens, so the log is still at this head.
+    let (epoch, head, floor, recent) = match &store {
+        Store::Memory { reader, .. } => log_state(reader, tail_bytes)?,
+        Store::Sqlite { reader, .. } => log_state(reader, tail_bytes)?,
+        Store::Postgres { reader, .. } => log_state(reader, tail_bytes)?,
+    };
+    let hub = Hub::new(epoch, head, floor, tail_bytes, recent)
         .context("the log's newest events are not a dense run")?;
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
@@ -487,13 +488,15 @@ fn test_faults() -> Option<seqcast_persistence::FaultInjector> {
     Some(fault)
 }
 
-/// The log's epoch, head, retention floor and newest events (to refill the cache).
+/// The log's epoch, head, retention floor and newest events, as many as `cache_bytes` holds (to
+/// refill the cache).
 fn log_state(
     reader: &impl EventReader,
+    cache_bytes: usize,
 ) -> anyhow::Result<(String, u64, u64, Vec<seqcast_persistence::CommittedEvent>)> {
     let head = reader.head()?;
     let floor = reader.retention_floor()?;
-    let mut recent = reader.latest_events(CACHE_REFILL_EVENTS, 0)?;
+    let mut recent = reader.latest_events(CACHE_REFILL_EVENTS, 0, cache_bytes)?;
     // With PostgreSQL other nodes keep committing: the cache ends where the hub starts.
     recent.retain(|e| e.sequence_number <= head);
     Ok((reader.epoch()?, head, floor, recent))

@@ -12,7 +12,7 @@ use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::hub::Hub;
+use crate::hub::{Hub, PAGE_BYTES};
 use crate::pages::SharedPage;
 use crate::read_log;
 
@@ -177,8 +177,9 @@ pub async fn plan_start(
     })
 }
 
-/// One page of `key`'s log in `(after, through]`, read with the retention floor in one read
-/// transaction — or the same page another cursor read a moment ago (see [`crate::pages`]).
+/// One page of `key`'s log in `(after, through]`, at most `limit` messages and
+/// [`PAGE_BYTES`] ([`seqcast_persistence::read_bytes`]), read with the retention floor in one read transaction — or the same page
+/// another cursor read a moment ago (see [`crate::pages`]).
 pub async fn read_key_page(
     app: &AppState,
     key: SubscriptionKey,
@@ -193,9 +194,10 @@ pub async fn read_key_page(
                 // Frames are encoded from the rows as they are read (no event is built).
                 read_log!(&app.store, |r| {
                     let mut frames = Vec::new();
-                    let bounds = r.visit_key_page(&key, after, through, limit, &mut |ev| {
-                        frames.push(Hub::frame_of_row(&key, &ev));
-                    })?;
+                    let bounds =
+                        r.visit_key_page(&key, after, through, limit, PAGE_BYTES, &mut |ev| {
+                            frames.push(Hub::frame_of_row(&key, &ev));
+                        })?;
                     Ok::<_, seqcast_persistence::StoreError>(SharedPage {
                         frames,
                         covered_through: bounds.covered_through,

@@ -228,7 +228,10 @@ async fn read_recovery(
             break;
         }
         let db_filter = filter.to_event_filter();
-        let log_page = read_log!(&app.store, |r| r.page(&db_filter, cursor, head, chunk))?;
+        // Read no more than what is left of the response's byte budget (at least one message).
+        let room = page.max_bytes.saturating_sub(page.bytes);
+        let log_page = read_log!(&app.store, |r| r
+            .page(&db_filter, cursor, head, chunk, room))?;
         if log_page.floor > cursor + 1 {
             complete = false; // pruned while we read: what lay below the floor is gone
         }
@@ -503,13 +506,25 @@ pub async fn stream_page(
     let ApiQuery(q) = query?;
     let after = q.after.unwrap_or(0);
     let limit = page_limit(q.limit)?;
-    let rows = read_log!(&app.store, |r| r.stream_rows(&key, after, limit))?;
-    let next_after = if rows.len() == limit {
-        rows.last().map(|r| r.stream_sequence)
-    } else {
-        None
-    };
-    let frames: Vec<_> = rows.iter().map(Hub::frame_of).collect();
+    let max_bytes = app.settings.max_response_bytes;
+    // The store stops reading at the count or the bytes; the page is cut where its frames
+    // reach `--max-response-bytes` (at least one row), like a recovery page.
+    let rows = read_log!(&app.store, |r| r.stream_rows(&key, after, limit, max_bytes))?;
+    let read_bytes: usize = rows.iter().map(CommittedEvent::read_bytes).sum();
+    let mut next_after = (rows.len() == limit || read_bytes >= max_bytes)
+        .then(|| rows.last().map(|r| r.stream_sequence))
+        .flatten();
+    let mut frames = Vec::with_capacity(rows.len());
+    let mut bytes = 0;
+    for (i, row) in rows.iter().enumerate() {
+        let frame = Hub::frame_of(row);
+        if i > 0 && bytes + frame.len() > max_bytes {
+            next_after = Some(rows[i - 1].stream_sequence);
+            break;
+        }
+        bytes += frame.len();
+        frames.push(frame);
+    }
     Ok(json_response(
         StatusCode::OK,
         encode_stream_page(frames.iter().map(|f| f.as_str()), next_after),

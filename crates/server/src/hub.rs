@@ -36,6 +36,12 @@ pub type Frame = Utf8Bytes;
 /// catches up from the log as its socket drains).
 pub const SEND_QUEUE_BYTES: usize = 4 << 20;
 
+/// Most bytes of messages one catch-up step queues, from the log or from the cache, whatever
+/// its frame count (the message that crosses it is included: a larger message is a step of its
+/// own). A step is taken only while the send queue is below its low-water mark, so a connection
+/// holds about a queue and a page even when messages are large.
+pub const PAGE_BYTES: usize = SEND_QUEUE_BYTES / 4;
+
 /// The hub's side of one WebSocket connection: its send queue, the keys that lagged out of live
 /// delivery, and its close request.
 ///
@@ -324,25 +330,26 @@ fn cost(ev: &CommittedEvent, frame: &Frame) -> usize {
 impl Hub {
     /// A hub for a store with `epoch` whose log ends at `head`, with a tail cache of
     /// `cache_bytes` refilled from `recent` (the log's newest events, ascending, ending at
-    /// `head`) and the log's `retention_floor`.
+    /// `head`) and the log's `retention_floor`. Each event is dropped once its frame is cached,
+    /// so the refill holds little more than the cache at any moment.
     pub fn new(
         epoch: String,
         head: u64,
         retention_floor: u64,
         cache_bytes: usize,
-        recent: &[CommittedEvent],
+        recent: Vec<CommittedEvent>,
     ) -> Result<Self, HubError> {
         let start = recent
             .first()
             .map_or(head, |e| e.sequence_number.saturating_sub(1));
         let mut cache = TailCache::new(cache_bytes, start);
         for ev in recent {
-            let frame = Hub::frame_of(ev);
+            let frame = Hub::frame_of(&ev);
             cache.push(CachedMessage {
                 sequence_number: ev.sequence_number,
                 key: ev.key.clone(),
                 timestamp_ms: ev.timestamp_ms,
-                bytes: cost(ev, &frame),
+                bytes: cost(&ev, &frame),
                 frame,
             })?;
         }
@@ -529,6 +536,15 @@ impl Hub {
             return Join::NotCached;
         }
         let cached = state.cache.key_after(key, after, page + 1);
+        // A page ends at `page` frames or once its frames reach PAGE_BYTES.
+        let mut bytes = 0;
+        let page = cached
+            .iter()
+            .position(|m| {
+                bytes += m.frame.len();
+                bytes >= PAGE_BYTES
+            })
+            .map_or(page, |last| page.min(last + 1));
         if cached.len() > page {
             let through = cached[page - 1].sequence_number;
             let frames: Vec<Frame> = cached[..page].iter().map(|m| m.frame.clone()).collect();
@@ -713,7 +729,7 @@ mod tests {
 
     #[test]
     fn a_hole_or_a_repeat_is_refused_and_changes_nothing() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         hub.apply_committed(&[event(1, "c:a")]).unwrap();
         assert!(
             hub.apply_committed(&[event(3, "c:a")]).is_err(),
@@ -728,15 +744,47 @@ mod tests {
                 5,
                 1,
                 1 << 20,
-                &[event(3, "c:a"), event(4, "c:a")]
+                vec![event(3, "c:a"), event(4, "c:a")]
             )
             .is_err()
         );
     }
 
+    /// A page from the cache stops at PAGE_BYTES of frames (the crossing one included), whatever
+    /// the page's frame count, so a connection never queues the whole cached rest of a key of
+    /// large messages at once.
+    #[test]
+    fn a_page_from_the_cache_stops_at_its_bytes() {
+        let hub = Hub::new("e".into(), 0, 1, 16 << 20, Vec::new()).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        let big = format!("\"{}\"", "x".repeat(PAGE_BYTES / 2 - 200));
+        for seq in 1..=6 {
+            let mut ev = event(seq, "c:a");
+            ev.data = big.clone();
+            hub.apply_committed(&[ev]).unwrap();
+        }
+        // Two frames are just under PAGE_BYTES; the third crosses it and ends the page.
+        let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 0, 512),
+            Join::Page {
+                through: 3,
+                sent: 3
+            }
+        );
+        // The rest is a page of its own too, and the last: joined.
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 3, 512),
+            Join::Joined { head: 6, sent: 3 }
+        );
+        let mut buf = Vec::new();
+        sub.take_now(&mut buf, &mut None);
+        assert_eq!(sequence_numbers(&buf), [1, 2, 3, 4, 5, 6]);
+    }
+
     #[test]
     fn a_full_queue_lags_the_key_and_joining_resumes_at_the_seam() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 2));
         assert_eq!(
@@ -772,7 +820,7 @@ mod tests {
 
     #[test]
     fn joining_pages_a_long_cached_rest_and_reports_what_the_cache_lost() {
-        let hub = Hub::new("e".into(), 0, 1, 1 << 20, &[]).unwrap();
+        let hub = Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 100));
         for seq in 1..=10 {

@@ -1,6 +1,10 @@
 //! Readers: a pool of connections (deadpool-postgres). Each method is one SQL statement, so it
 //! reads one snapshot; `page`, `count_key` and `nth_newest_of_key` read the retention floor in
-//! the same statement.
+//! the same statement. Reads of events stop at their byte budget twice over: in the statement, a
+//! running sum of each row's stored size (`pg_column_size`, which reads no TOAST data) drops the
+//! rows past the budget before they are fetched or sent — a lower bound of the bytes, so it never
+//! drops a row the budget admits (compressed data may let a few more through) —, and the reader
+//! takes rows as they stream in and stops at the exact budget ([`crate::read_bytes`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,7 +14,7 @@ use tokio_postgres::Row;
 
 use super::{PgConfig, PgRuntime, pg_error, pg_int, pg_u64, schema};
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, LogPage};
+use crate::event::{CommittedEvent, EventFilter, LogPage, ReadBudget, read_bytes};
 use crate::store::EventReader;
 
 /// Every event with its stream's names and its row's current position.
@@ -81,22 +85,92 @@ impl PgReader {
         sql: String,
         params: Params,
         offset: usize,
+        budget: ReadBudget,
+        min_timestamp_ms: Option<i64>,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let rows = self.rows_within(sql, params, budget, move |row| {
+            if min_timestamp_ms.is_some_and(|min| row.get::<_, i64>(offset + 5) < min) {
+                return Take::Stop;
+            }
+            Take::Event(read_bytes(row.get(offset + 6), row.get(offset + 4)))
+        })?;
+        rows.iter().map(|r| event_from_row(r, offset)).collect()
+    }
+
+    /// The rows of `sql`, taken as they stream in until `budget` is spent or `weigh` says stop;
+    /// `weigh` gives a row's [`read_bytes`].
+    fn rows_within(
+        &self,
+        sql: String,
+        params: Params,
+        mut budget: ReadBudget,
+        weigh: impl Fn(&Row) -> Take + Send + 'static,
+    ) -> Result<Vec<Row>, StoreError> {
+        use futures_util::TryStreamExt as _;
         self.run(move |client| async move {
             let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-            let rows = client
-                .query(&stmt, &params.refs())
+            let stream = client
+                .query_raw(&stmt, params.refs())
                 .await
                 .map_err(pg_error)?;
-            rows.iter().map(|r| event_from_row(r, offset)).collect()
+            let mut stream = std::pin::pin!(stream);
+            let mut rows = Vec::new();
+            while budget.has_room() {
+                let Some(row) = stream.try_next().await.map_err(pg_error)? else {
+                    break;
+                };
+                match weigh(&row) {
+                    Take::Event(bytes) => budget.take(bytes),
+                    Take::NotEvent => {}
+                    Take::Stop => break,
+                }
+                rows.push(row);
+            }
+            Ok(rows)
         })
     }
+}
+
+/// A lower bound of a row's [`read_bytes`] that PostgreSQL knows without reading TOAST data: the
+/// stored size of `data` (its raw size, or less when compressed, plus a header of up to 4 bytes)
+/// and the message id's length.
+fn read_estimate(message_id: &str) -> String {
+    format!("GREATEST(pg_column_size(e.data) - 4, 0) + octet_length({message_id}) AS read_estimate")
+}
+
+/// `inner` (whose rows carry `read_estimate`, see [`read_estimate`]) without the rows whose
+/// predecessors (in `order`: a column of `inner`, maybe with `DESC`) already reach the byte
+/// budget `budget` (a parameter): the rows a budgeted read may take, and no more than one
+/// past what it takes (the first row always passes: the budget given is at least 1). `inner`
+/// keeps its own `LIMIT`, so the sum runs over at most that many rows.
+fn within_budget(inner: &str, order: &str, budget: &str) -> String {
+    format!(
+        "SELECT w.* FROM (SELECT l.*, sum(l.read_estimate) OVER \
+             (ORDER BY l.{order} ROWS UNBOUNDED PRECEDING) AS read_upto FROM ({inner}) l) w \
+         WHERE w.read_upto - w.read_estimate < {budget} ORDER BY w.{order}"
+    )
+}
+
+/// What [`PgReader::rows_within`] does with a row.
+enum Take {
+    /// Keep it: an event that weighs this much ([`read_bytes`]).
+    Event(usize),
+    /// Keep it: not an event (costs nothing).
+    NotEvent,
+    /// Stop before it.
+    Stop,
 }
 
 /// Owned statement parameters (moved to the backend's runtime).
 struct Params(Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>);
 
 impl Params {
+    /// With one more parameter; returns its placeholder (`$n`).
+    fn push(&mut self, p: impl tokio_postgres::types::ToSql + Sync + Send + 'static) -> String {
+        self.0.push(Box::new(p));
+        format!("${}", self.0.len())
+    }
+
     fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         self.0
             .iter()
@@ -142,17 +216,21 @@ impl EventReader for PgReader {
         since: u64,
         limit: usize,
         filter: EventFilter,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
+        let budget = ReadBudget::new(limit, max_bytes);
         let (since, limit) = (pg_int(since), limit_of(limit));
-        let base = format!("SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN}");
+        let base = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN}",
+            read_estimate("e.message_id")
+        );
         let order = "ORDER BY e.sequence_number LIMIT $2";
-        match filter {
-            EventFilter::All => self.events(
+        let (inner, mut params) = match filter {
+            EventFilter::All => (
                 format!("{base} WHERE e.sequence_number > $1 {order}"),
                 params![since, limit],
-                0,
             ),
-            EventFilter::Key(key) => self.events(
+            EventFilter::Key(key) => (
                 format!(
                     "{base} WHERE e.sequence_number > $1 AND $3::int IS NULL \
                      AND e.stream_id = {KEY_STREAM} {order}"
@@ -164,30 +242,39 @@ impl EventReader for PgReader {
                     key.channel().as_str().to_owned(),
                     key.request_id().as_str().to_owned()
                 ],
-                0,
             ),
-            EventFilter::Channel(channel) => self.events(
+            EventFilter::Channel(channel) => (
                 format!("{base} WHERE e.sequence_number > $1 AND s.channel = $3 {order}"),
                 params![since, limit, channel.as_str().to_owned()],
-                0,
             ),
-        }
+        };
+        let max = params.push(limit_of(max_bytes.max(1)));
+        let sql = within_budget(&inner, "sequence_number", &max);
+        self.events(sql, params, 0, budget, None)
     }
 
+    // Newest first, stopping at the first event older than `min_timestamp_ms` (timestamps never
+    // decrease along the log) or when a budget is spent.
     fn latest_events(
         &self,
         limit: usize,
         min_timestamp_ms: u64,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        self.events(
-            format!(
-                "SELECT {EVENT_COLUMNS} FROM \
-                   (SELECT * FROM seqcast.events ORDER BY sequence_number DESC LIMIT $1) e \
-                 {EVENT_JOIN} WHERE e.timestamp_ms >= $2 ORDER BY e.sequence_number"
-            ),
-            params![limit_of(limit), pg_int(min_timestamp_ms)],
+        let inner = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN} \
+             ORDER BY e.sequence_number DESC LIMIT $1",
+            read_estimate("e.message_id")
+        );
+        let mut events = self.events(
+            within_budget(&inner, "sequence_number DESC", "$2"),
+            params![limit_of(limit), limit_of(max_bytes.max(1))],
             0,
-        )
+            ReadBudget::new(limit, max_bytes),
+            Some(pg_int(min_timestamp_ms)),
+        )?;
+        events.reverse();
+        Ok(events)
     }
 
     fn stream_rows(
@@ -195,35 +282,36 @@ impl EventReader for PgReader {
         key: &SubscriptionKey,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let key = key.clone();
-        let (after, limit) = (pg_int(after), limit_of(limit));
-        self.run(move |client| async move {
-            let stmt = client
-                .prepare_cached(
-                    "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
-                            e.data::text, r.first_sequence \
-                     FROM seqcast.stream_rows r \
-                     LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
-                     WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
-                                          WHERE channel = $1 AND request_id = $2) \
-                       AND r.stream_sequence > $3 \
-                     ORDER BY r.stream_sequence LIMIT $4",
-                )
-                .await
-                .map_err(pg_error)?;
-            let rows = client
-                .query(
-                    &stmt,
-                    &[
-                        &key.channel().as_str(),
-                        &key.request_id().as_str(),
-                        &after,
-                        &limit,
-                    ],
-                )
-                .await
-                .map_err(pg_error)?;
+        let budget = ReadBudget::new(limit, max_bytes);
+        let inner = format!(
+            "SELECT r.last_sequence, r.stream_sequence, r.message_id, e.timestamp_ms, \
+                    e.data::text, r.first_sequence, {} \
+             FROM seqcast.stream_rows r \
+             LEFT JOIN seqcast.events e ON e.sequence_number = r.last_sequence \
+             WHERE r.stream_id = (SELECT stream_id FROM seqcast.streams \
+                                  WHERE channel = $1 AND request_id = $2) \
+               AND r.stream_sequence > $3 \
+             ORDER BY r.stream_sequence LIMIT $4",
+            read_estimate("r.message_id")
+        );
+        let rows = self.rows_within(
+            within_budget(&inner, "stream_sequence", "$5"),
+            params![
+                key.channel().as_str().to_owned(),
+                key.request_id().as_str().to_owned(),
+                pg_int(after),
+                limit_of(limit),
+                limit_of(max_bytes.max(1))
+            ],
+            budget,
+            |row| {
+                let data: Option<&str> = row.get(4);
+                Take::Event(read_bytes(data.unwrap_or(""), row.get(2)))
+            },
+        )?;
+        {
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
                 let last: i64 = row.get(0);
@@ -247,7 +335,7 @@ impl EventReader for PgReader {
                 });
             }
             Ok(out)
-        })
+        }
     }
 
     fn retention_floor(&self) -> Result<u64, StoreError> {
@@ -266,9 +354,11 @@ impl EventReader for PgReader {
         after: u64,
         through: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
         let limit = limit.max(1);
-        let (filter_sql, params) = match filter {
+        let budget = ReadBudget::new(limit, max_bytes);
+        let (filter_sql, mut params) = match filter {
             EventFilter::All => (
                 "$4::text IS NULL AND $5::text IS NULL".to_owned(),
                 params![
@@ -301,17 +391,26 @@ impl EventReader for PgReader {
             ),
         };
         // One statement: the floor and the events come from one snapshot.
+        let max = params.push(limit_of(max_bytes.max(1)));
+        let inner = format!(
+            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN} \
+             WHERE e.sequence_number > GREATEST($1, f.floor - 1) \
+               AND e.sequence_number <= $2 AND {filter_sql} \
+             ORDER BY e.sequence_number LIMIT $3",
+            read_estimate("e.message_id")
+        );
         let sql = format!(
             "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
-                 SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
-                 WHERE e.sequence_number > GREATEST($1, f.floor - 1) \
-                   AND e.sequence_number <= $2 AND {filter_sql} \
-                 ORDER BY e.sequence_number LIMIT $3) x ON true \
-             WHERE f.id = 1"
+                 {}) x ON true \
+             WHERE f.id = 1",
+            within_budget(&inner, "sequence_number", &max)
         );
-        let rows = self.run(move |client| async move {
-            let stmt = client.prepare_cached(&sql).await.map_err(pg_error)?;
-            client.query(&stmt, &params.refs()).await.map_err(pg_error)
+        // A row without an event (the LATERAL found none) carries only the floor.
+        let rows = self.rows_within(sql, params, budget, |row| {
+            match row.get::<_, Option<i64>>(1) {
+                Some(_) => Take::Event(read_bytes(row.get(7), row.get(5))),
+                None => Take::NotEvent,
+            }
         })?;
         let Some(first) = rows.first() else {
             return Err(StoreError::Corrupt(
@@ -325,8 +424,10 @@ impl EventReader for PgReader {
                 events.push(event_from_row(row, 1)?);
             }
         }
+        // Cut by the count or the bytes (the bytes are counted as in `rows_within`).
+        let bytes: usize = events.iter().map(CommittedEvent::read_bytes).sum();
         let covered_through = match events.last() {
-            Some(last) if events.len() >= limit => last.sequence_number,
+            Some(last) if events.len() >= limit || bytes >= max_bytes => last.sequence_number,
             _ => through,
         };
         Ok(LogPage {
