@@ -3,6 +3,9 @@
 //! WebSocket client, and read its JSON logs.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod fault_proxy;
+pub mod pg_cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
