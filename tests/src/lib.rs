@@ -5,6 +5,7 @@
 
 pub mod fault_proxy;
 pub mod pg_cluster;
+pub mod pg_faults;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::reader::{EVENT_COLUMNS, EVENT_JOIN, event_from_row};
 use super::writer::Shared;
-use super::{connect, pg_error, pg_int};
+use super::{connect, pg_error, pg_int, within};
 use crate::error::StoreError;
 use crate::writer::CommitHook;
 
@@ -30,6 +30,9 @@ pub(crate) struct Tail {
     pub(crate) applied: u64,
     pub(crate) shared: Arc<Shared>,
     pub(crate) interval: Duration,
+    /// Client-side deadline of every statement: a half-open connection (no FIN, no RST) is
+    /// given up after this long and the tail reconnects.
+    pub(crate) query_deadline: Duration,
 }
 
 impl Tail {
@@ -63,17 +66,22 @@ impl Tail {
                 );
             }
             self.shared.tail_connected.store(true, Ordering::Release);
-            let statement = match client
-                .prepare(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
-                     WHERE e.sequence_number > $1 ORDER BY e.sequence_number LIMIT $2"
-                ))
-                .await
-            {
+            let prepared = within(self.query_deadline, "preparing the tail query", async {
+                client
+                    .prepare(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM seqcast.events e {EVENT_JOIN} \
+                         WHERE e.sequence_number > $1 ORDER BY e.sequence_number LIMIT $2"
+                    ))
+                    .await
+                    .map_err(pg_error)
+            })
+            .await;
+            let statement = match prepared {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(event = "tail_disconnected", error = %e, "cannot prepare the tail query");
                     connected = false;
+                    self.shared.tail_connected.store(false, Ordering::Release);
                     continue;
                 }
             };
@@ -111,10 +119,13 @@ impl Tail {
         tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> Result<tokio_postgres::Client, StoreError> {
         let client = connect(&self.config, Some(tx)).await?;
-        client
-            .batch_execute("LISTEN seqcast_events; LISTEN seqcast_outbox")
-            .await
-            .map_err(pg_error)?;
+        within(self.query_deadline, "LISTEN", async {
+            client
+                .batch_execute("LISTEN seqcast_events; LISTEN seqcast_outbox")
+                .await
+                .map_err(pg_error)
+        })
+        .await?;
         Ok(client)
     }
 
@@ -137,10 +148,13 @@ impl Tail {
         statement: &tokio_postgres::Statement,
     ) -> Result<(), StoreError> {
         loop {
-            let rows = client
-                .query(statement, &[&pg_int(self.applied), &TAIL_PAGE])
-                .await
-                .map_err(pg_error)?;
+            let rows = within(self.query_deadline, "reading the log", async {
+                client
+                    .query(statement, &[&pg_int(self.applied), &TAIL_PAGE])
+                    .await
+                    .map_err(pg_error)
+            })
+            .await?;
             *self
                 .shared
                 .last_tail_read

@@ -28,7 +28,7 @@ use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
 use super::reader::PgReader;
 use super::schema;
 use super::tail::Tail;
-use super::{PgConfig, PgRuntime, connect, pg_error, pg_int, pg_u64};
+use super::{NoticeSink, PgConfig, PgRuntime, connect_observed, pg_error, pg_int, pg_u64, within};
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
 use crate::store::EventWriter;
@@ -68,6 +68,8 @@ pub(crate) struct Shared {
     pub(crate) seen_head: AtomicU64,
     pub(crate) tail_connected: AtomicBool,
     pub(crate) last_tail_read: Mutex<Option<Instant>>,
+    /// Past this age of the tail's last read the node says it is not writable.
+    tail_stale_after: Duration,
     pub(crate) tail_wake: Notify,
     pub(crate) outbox_wake: Notify,
     stop: watch::Sender<bool>,
@@ -78,7 +80,10 @@ pub(crate) struct Shared {
 /// What `/readyz` and `/metrics` show about a node's database connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgStatus {
-    /// The writer can reach the database: publishes are taken.
+    /// Publishes are taken and answered: the writer's last statement or probe succeeded (and
+    /// was confirmed by a synchronous standby where one is configured), and this node's tail
+    /// has read the log within `tail_stale_after` (a publish is answered once the tail has
+    /// applied it, and live delivery depends on it).
     pub writable: bool,
     /// Why not, when not.
     pub last_error: Option<String>,
@@ -133,10 +138,12 @@ impl PgStore {
     ) -> Result<(PgWriter, PgReader, StoreInfo), StoreError> {
         let runtime = PgRuntime::new()?;
         let writer_config = config.connection("seqcast-writer")?;
+        let unconfirmed = Arc::new(AtomicBool::new(false));
         let opened = {
             let writer_config = writer_config.clone();
+            let sink = unconfirmed_sink(&unconfirmed);
             runtime.block(async move {
-                let mut client = connect(&writer_config, None).await?;
+                let mut client = connect_observed(&writer_config, None, Some(sink)).await?;
                 schema::apply_migrations(&mut client).await?;
                 let epoch = schema::read_epoch(&client).await?;
                 let head: i64 = client
@@ -163,6 +170,7 @@ impl PgStore {
             seen_head: AtomicU64::new(head),
             tail_connected: AtomicBool::new(false),
             last_tail_read: Mutex::new(None),
+            tail_stale_after: config.tail_stale_after.max(Duration::from_millis(100)),
             tail_wake: Notify::new(),
             outbox_wake: Notify::new(),
             stop,
@@ -174,6 +182,7 @@ impl PgStore {
             applied: head,
             shared: Arc::clone(&shared),
             interval: config.tail_interval.min(Duration::from_secs(1)),
+            query_deadline: config.query_deadline(),
         };
         *shared
             .pending_tail
@@ -188,6 +197,9 @@ impl PgStore {
             shared: Arc::clone(&shared),
             max_group_events: config.max_group_events.max(1),
             answer_timeout: config.statement_timeout.max(Duration::from_secs(1)),
+            query_deadline: config.query_deadline(),
+            commit_timeout: config.commit_timeout.max(Duration::from_millis(100)),
+            unconfirmed,
             last_committed: head,
         };
         runtime.handle().spawn(task.run(receiver, stop_rx));
@@ -225,21 +237,35 @@ impl PgWriter {
     /// The database connections' state, for `/readyz` and `/metrics`.
     pub fn status(&self) -> PgStatus {
         let s = &self.shared;
+        let since_tail_read = s
+            .last_tail_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|t| t.elapsed());
+        let mut writable = s.available.load(Ordering::Acquire);
+        let mut last_error = s
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(age) = since_tail_read.filter(|age| *age > s.tail_stale_after) {
+            writable = false;
+            if last_error.is_none() {
+                last_error = Some(format!(
+                    "this node's tail has not read the log for {} ms (its database connection \
+                     is lost or hangs): live delivery is stalled",
+                    age.as_millis()
+                ));
+            }
+        }
         PgStatus {
-            writable: s.available.load(Ordering::Acquire),
-            last_error: s
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            writable,
+            last_error,
             applied: *s.applied.borrow(),
             seen_head: s.seen_head.load(Ordering::Acquire),
             tail_connected: s.tail_connected.load(Ordering::Acquire),
-            since_tail_read_ms: s
-                .last_tail_read
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            since_tail_read_ms: since_tail_read
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -359,7 +385,37 @@ struct WriterTask {
     shared: Arc<Shared>,
     max_group_events: usize,
     answer_timeout: Duration,
+    /// Client-side deadline of a statement that is not a group commit.
+    query_deadline: Duration,
+    /// Client-side deadline of a group transaction, COMMIT (and the synchronous standby's
+    /// confirmation) included.
+    commit_timeout: Duration,
+    /// Set by the connection when PostgreSQL reports that it stopped waiting for a
+    /// synchronous standby ("canceling wait for synchronous replication … the transaction
+    /// has already committed locally"): that COMMIT is not an acknowledgement.
+    unconfirmed: Arc<AtomicBool>,
     last_committed: u64,
+}
+
+/// The notice text PostgreSQL sends when a COMMIT stops waiting for the synchronous standby
+/// (statement timeout, cancel, or the session ending) — the transaction is committed locally
+/// but the standby may not have it.
+const SYNC_REP_CANCELED: &str = "canceling wait for synchronous replication";
+
+/// A notice sink that raises `flag` on [`SYNC_REP_CANCELED`].
+fn unconfirmed_sink(flag: &Arc<AtomicBool>) -> NoticeSink {
+    let flag = Arc::clone(flag);
+    Box::new(move |notice| {
+        if notice.message().starts_with(SYNC_REP_CANCELED) {
+            tracing::warn!(
+                event = "commit_unconfirmed",
+                notice = notice.message(),
+                detail = notice.detail(),
+                "a COMMIT was not confirmed by the synchronous standby; its publishers are not acknowledged"
+            );
+            flag.store(true, Ordering::SeqCst);
+        }
+    })
 }
 
 impl WriterTask {
@@ -467,16 +523,29 @@ impl WriterTask {
             }
             self.client = None;
         }
-        let client = connect(&self.config, None).await?;
-        schema::require_current_schema(&client).await?;
-        let epoch = schema::read_epoch(&client).await?;
+        let client = connect_observed(
+            &self.config,
+            None,
+            Some(unconfirmed_sink(&self.unconfirmed)),
+        )
+        .await?;
+        let (epoch, statements) = within(
+            self.query_deadline,
+            "checking the reconnected database",
+            async {
+                schema::require_current_schema(&client).await?;
+                let epoch = schema::read_epoch(&client).await?;
+                let statements = Statements::prepare(&client).await?;
+                Ok((epoch, statements))
+            },
+        )
+        .await?;
         if epoch != self.epoch {
             return Err(StoreError::Unavailable(format!(
                 "the database is another history now (epoch {epoch}, this node serves {}); restart the node",
                 self.epoch
             )));
         }
-        let statements = Statements::prepare(&client).await?;
         tracing::info!("database connection reopened");
         self.client = Some((client, statements));
         Ok(())
@@ -509,7 +578,53 @@ impl WriterTask {
             if own.iter().all(Option::is_some) {
                 break;
             }
-            match self.attempt(&appends, &own, combined).await {
+            self.unconfirmed.store(false, Ordering::SeqCst);
+            let attempt = match tokio::time::timeout(
+                self.commit_timeout,
+                self.attempt(&appends, &own, combined),
+            )
+            .await
+            {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    // The connection may be half-open or the COMMIT waits for a synchronous
+                    // standby: either way nobody is acknowledged, and the connection (whose
+                    // pipeline is in an unknown state) is dropped.
+                    self.client = None;
+                    Attempt::Lost(StoreError::Unavailable(format!(
+                        "the database did not confirm the commit within {} ms (a synchronous \
+                         standby missing or lagging, or the connection lost); the publish is in \
+                         doubt: retry it with the same message_id",
+                        self.commit_timeout.as_millis()
+                    )))
+                }
+            };
+            let attempt = match attempt {
+                Attempt::Committed(results, _)
+                    if self.unconfirmed.swap(false, Ordering::SeqCst) =>
+                {
+                    // Visible on this primary (every tail delivers it), but not acknowledged:
+                    // a failover may lose it. The publishers retry with their message ids.
+                    let newest = results
+                        .iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.sequence_number)
+                        .max()
+                        .unwrap_or(0);
+                    self.last_committed = self.last_committed.max(newest);
+                    self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
+                    self.shared.tail_wake.notify_one();
+                    Attempt::Lost(StoreError::Unavailable(
+                        "PostgreSQL committed locally but the synchronous standby did not confirm \
+                         (\"canceling wait for synchronous replication\"): not acknowledged; retry \
+                         with the same message_id"
+                            .to_owned(),
+                    ))
+                }
+                other => other,
+            };
+            match attempt {
                 Attempt::Split => combined = false,
                 Attempt::CommandFailed(i, e) => own[i] = Some(e),
                 Attempt::Lost(e) => {
@@ -685,10 +800,17 @@ impl WriterTask {
     /// One prune step (see [`EventWriter::prune`]) in one transaction.
     async fn prune(&mut self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
         self.ensure_connection().await?;
+        let deadline = self.query_deadline;
         let result = match &mut self.client {
-            Some((client, _)) => prune_step(client, below, max_events).await,
+            Some((client, _)) => {
+                within(deadline, "pruning", prune_step(client, below, max_events)).await
+            }
             None => Err(StoreError::Closed),
         };
+        if matches!(&result, Err(StoreError::Unavailable(_))) {
+            // Possibly a hung connection: start from a fresh one.
+            self.client = None;
+        }
         if let Err(e) = &result {
             tracing::warn!(error = %e, "prune failed; nothing was deleted");
             self.after_error(e);
@@ -706,15 +828,48 @@ impl WriterTask {
         let Some((client, _)) = &self.client else {
             return;
         };
-        let staged = match client
-            .query_one("SELECT EXISTS (SELECT 1 FROM seqcast.outbox)", &[])
-            .await
-        {
-            Ok(row) => row.get::<_, bool>(0),
+        // While publishes fail, the probe writes (a commit record), so that a synchronous
+        // standby that is still missing keeps the node unavailable and one that is back
+        // makes it available again without a publish.
+        let writes = !self.shared.available.load(Ordering::Acquire);
+        self.unconfirmed.store(false, Ordering::SeqCst);
+        let probe = within(self.query_deadline, "the writer's probe", async {
+            if writes {
+                client.batch_execute("BEGIN").await.map_err(pg_error)?;
+                let written = async {
+                    client
+                        .batch_execute("SET LOCAL statement_timeout = 1000")
+                        .await?;
+                    client.query_one("SELECT txid_current()", &[]).await?;
+                    client.batch_execute("COMMIT").await
+                }
+                .await;
+                if let Err(e) = written {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(pg_error(e));
+                }
+            }
+            client
+                .query_one("SELECT EXISTS (SELECT 1 FROM seqcast.outbox)", &[])
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(pg_error)
+        })
+        .await;
+        let probe = match probe {
+            Ok(_) if self.unconfirmed.swap(false, Ordering::SeqCst) => Err(StoreError::Unavailable(
+                "the synchronous standby does not confirm commits (\"canceling wait for synchronous replication\")"
+                    .to_owned(),
+            )),
+            other => other,
+        };
+        let staged = match probe {
+            Ok(staged) => staged,
             Err(e) => {
-                let e = pg_error(e);
                 self.set_available(Err(&e));
-                self.after_error(&e);
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.client = None;
+                }
                 return;
             }
         };
@@ -723,7 +878,24 @@ impl WriterTask {
             return;
         }
         loop {
-            match self.number_staged().await {
+            let deadline = self.commit_timeout.max(self.query_deadline);
+            let numbered = match tokio::time::timeout(deadline, self.number_staged()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.client = None;
+                    Err(StoreError::Unavailable(format!(
+                        "numbering staged messages got no answer within {} ms",
+                        deadline.as_millis()
+                    )))
+                }
+            };
+            if self.unconfirmed.swap(false, Ordering::SeqCst) {
+                tracing::warn!(
+                    event = "outbox_unconfirmed",
+                    "staged messages were numbered and committed locally, but the synchronous standby did not confirm"
+                );
+            }
+            match numbered {
                 Ok(0) => return,
                 Ok(n) => {
                     self.shared.tail_wake.notify_one();
