@@ -28,7 +28,10 @@ pub struct PgCluster {
 
 fn skip_or_fail(why: &str) -> Option<PathBuf> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    assert!(!ci, "PostgreSQL fault tests cannot run under CI=true: {why}");
+    assert!(
+        !ci,
+        "PostgreSQL fault tests cannot run under CI=true: {why}"
+    );
     eprintln!("\n!!!! SKIPPED: PostgreSQL fault test — {why}\n");
     None
 }
@@ -240,7 +243,10 @@ impl PgCluster {
 
     /// `pg_ctl stop -m fast -w`.
     pub fn stop(&self) {
-        self.run_ok("pg_ctl", &["-D", &self.data_str(), "-m", "fast", "-w", "stop"]);
+        self.run_ok(
+            "pg_ctl",
+            &["-D", &self.data_str(), "-m", "fast", "-w", "stop"],
+        );
     }
 
     /// `pg_ctl restart -m fast -w`.
@@ -328,7 +334,10 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if self.data.join("postmaster.pid").exists() {
-            let _ = self.run("pg_ctl", &["-D", &self.data_str(), "-m", "immediate", "-w", "stop"]);
+            let _ = self.run(
+                "pg_ctl",
+                &["-D", &self.data_str(), "-m", "immediate", "-w", "stop"],
+            );
         }
     }
 }

@@ -10,13 +10,11 @@ use seqcast_e2e::pg_cluster::PgCluster;
 use tokio_postgres::NoTls;
 
 async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_postgres::connect(url, NoTls),
-    )
-    .await
-    .expect("connect timed out")
-    .unwrap();
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
+            .await
+            .expect("connect timed out")
+            .unwrap();
     tokio::spawn(connection);
     client
 }
@@ -38,21 +36,31 @@ async fn the_proxy_passes_delays_black_holes_resets_and_switches_a_real_connecti
     proxy.set_latency(Duration::from_millis(150));
     let t = Instant::now();
     one(&client).await.unwrap();
-    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
     proxy.set_latency(Duration::ZERO);
 
     // Black hole: the query never answers and the connection is not closed either.
     proxy.black_hole();
     let hung = tokio::time::timeout(Duration::from_secs(2), one(&client)).await;
     assert!(hung.is_err(), "a black-holed query answered: {hung:?}");
-    assert!(!client.is_closed(), "a black hole must not close the connection");
+    assert!(
+        !client.is_closed(),
+        "a black hole must not close the connection"
+    );
     // New connections hang too (the TCP connect succeeds, the startup gets no answer).
     let new = tokio::time::timeout(
         Duration::from_secs(2),
         tokio_postgres::connect(&proxy.url("postgres"), NoTls),
     )
     .await;
-    assert!(new.is_err(), "a connection through the black hole was answered");
+    assert!(
+        new.is_err(),
+        "a connection through the black hole was answered"
+    );
     // Healed: new connections work; the black-holed one stays dead.
     proxy.heal();
     let fresh = connect(&proxy.url("postgres")).await;
@@ -97,16 +105,25 @@ async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promot
         .batch_execute("CREATE TABLE t (n int)")
         .await
         .unwrap();
-    client.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    client
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
 
     // The standby is gone: a commit waits (for ever, by PostgreSQL's default).
     standby.stop();
     let insert = tokio::spawn(async move {
-        client.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+        client
+            .batch_execute("INSERT INTO t VALUES (2)")
+            .await
+            .unwrap();
         client
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!insert.is_finished(), "a commit returned without the standby");
+    assert!(
+        !insert.is_finished(),
+        "a commit returned without the standby"
+    );
     // It comes back: the commit completes.
     standby.start();
     let client = tokio::time::timeout(Duration::from_secs(20), insert)
@@ -126,7 +143,10 @@ async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promot
         .unwrap()
         .get(0);
     assert_eq!(rows, 2);
-    promoted.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    promoted
+        .batch_execute("INSERT INTO t VALUES (3)")
+        .await
+        .unwrap();
     let timeline: String = promoted
         .query_one(
             "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
@@ -135,5 +155,8 @@ async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promot
         .await
         .unwrap()
         .get(0);
-    assert_ne!(timeline, "00000001", "promotion must move to a new timeline");
+    assert_ne!(
+        timeline, "00000001",
+        "promotion must move to a new timeline"
+    );
 }

@@ -64,7 +64,8 @@ pub struct PgConfig {
     /// Connections of the read pool (catch-up pages, recovery, stream pages).
     pub pool_size: usize,
     /// Every statement of every connection is cancelled after this long (`statement_timeout`);
-    /// a publish then fails with 503 instead of hanging.
+    /// a publish then fails with 503 instead of hanging. (It does not end a COMMIT's wait for
+    /// a synchronous standby: [`PgConfig::commit_timeout`] does.)
     pub statement_timeout: Duration,
     /// Bound of the writer's command queue.
     pub queue_capacity: usize,

@@ -200,6 +200,7 @@ impl PgStore {
             query_deadline: config.query_deadline(),
             commit_timeout: config.commit_timeout.max(Duration::from_millis(100)),
             unconfirmed,
+            unconfirmed_since: None,
             last_committed: head,
         };
         runtime.handle().spawn(task.run(receiver, stop_rx));
@@ -394,8 +395,19 @@ struct WriterTask {
     /// synchronous standby ("canceling wait for synchronous replication … the transaction
     /// has already committed locally"): that COMMIT is not an acknowledgement.
     unconfirmed: Arc<AtomicBool>,
+    /// Set when a group commit was not confirmed in time (or PostgreSQL stopped waiting for
+    /// the synchronous standby): publishes are refused at once, with this reason, until the
+    /// writer's probe commits with confirmation again.
+    unconfirmed_since: Option<String>,
     last_committed: u64,
 }
+
+/// Client-side deadline of the write probe while publishes fail.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Why publishes are refused while commits are not confirmed.
+const UNCONFIRMED: &str = "commits are not confirmed (a synchronous standby missing or lagging, \
+     or the database connection lost): publishes are refused until a probe commit is confirmed";
 
 /// The notice text PostgreSQL sends when a COMMIT stops waiting for the synchronous standby
 /// (statement timeout, cancel, or the session ending) — the transaction is committed locally
@@ -431,12 +443,22 @@ impl WriterTask {
                     None => break,
                 },
                 _ = self.shared.outbox_wake.notified() => {
-                    self.sweep_outbox().await;
-                    continue;
+                    match self.queued_while_refusing(&mut receiver) {
+                        Some(c) => c,
+                        None => {
+                            self.sweep_outbox().await;
+                            continue;
+                        }
+                    }
                 }
                 _ = sweep.tick() => {
-                    self.sweep_outbox().await;
-                    continue;
+                    match self.queued_while_refusing(&mut receiver) {
+                        Some(c) => c,
+                        None => {
+                            self.sweep_outbox().await;
+                            continue;
+                        }
+                    }
                 }
                 _ = stop.changed() => break,
             };
@@ -484,6 +506,34 @@ impl WriterTask {
         self.client = None;
         if let Some(reply) = shutdown {
             let _ = reply.send(());
+        }
+    }
+
+    /// Gives up the connection after a client-side deadline: its statement is canceled (a
+    /// cancel request on a connection of its own: a COMMIT waiting for a synchronous standby
+    /// does not end by itself, and would hold its locks and its backend until the standby
+    /// comes back), then it is dropped. Both in the background, bounded.
+    fn abandon_connection(&mut self) {
+        if let Some((client, _)) = self.client.take() {
+            let token = client.cancel_token();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    token.cancel_query(tokio_postgres::NoTls),
+                )
+                .await;
+                drop(client);
+            });
+        }
+    }
+
+    /// While publishes are refused (commits not confirmed), a queued command goes before the
+    /// probe: it is answered at once, instead of waiting for a probe that may take seconds.
+    fn queued_while_refusing(&self, receiver: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        if self.unconfirmed_since.is_some() {
+            receiver.try_recv().ok()
+        } else {
+            None
         }
     }
 
@@ -562,6 +612,18 @@ impl WriterTask {
     }
 
     async fn write_group(&mut self, mut appends: Vec<PendingAppend>) {
+        if let Some(why) = &self.unconfirmed_since {
+            // Commits are not being confirmed: answer at once instead of letting every group
+            // wait out the commit deadline; the probe (every second) lifts this.
+            let e = StoreError::Unavailable(why.clone());
+            self.shared
+                .transactions_failed
+                .fetch_add(1, Ordering::Relaxed);
+            for a in appends {
+                let _ = a.reply.send(Err(e.clone()));
+            }
+            return;
+        }
         if let Err(e) = self.ensure_connection().await {
             self.set_available(Err(&e));
             self.shared
@@ -590,7 +652,8 @@ impl WriterTask {
                     // The connection may be half-open or the COMMIT waits for a synchronous
                     // standby: either way nobody is acknowledged, and the connection (whose
                     // pipeline is in an unknown state) is dropped.
-                    self.client = None;
+                    self.abandon_connection();
+                    self.unconfirmed_since = Some(UNCONFIRMED.to_owned());
                     Attempt::Lost(StoreError::Unavailable(format!(
                         "the database did not confirm the commit within {} ms (a synchronous \
                          standby missing or lagging, or the connection lost); the publish is in \
@@ -615,6 +678,7 @@ impl WriterTask {
                     self.last_committed = self.last_committed.max(newest);
                     self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
                     self.shared.tail_wake.notify_one();
+                    self.unconfirmed_since = Some(UNCONFIRMED.to_owned());
                     Attempt::Lost(StoreError::Unavailable(
                         "PostgreSQL committed locally but the synchronous standby did not confirm \
                          (\"canceling wait for synchronous replication\"): not acknowledged; retry \
@@ -809,7 +873,7 @@ impl WriterTask {
         };
         if matches!(&result, Err(StoreError::Unavailable(_))) {
             // Possibly a hung connection: start from a fresh one.
-            self.client = None;
+            self.abandon_connection();
         }
         if let Err(e) = &result {
             tracing::warn!(error = %e, "prune failed; nothing was deleted");
@@ -833,14 +897,28 @@ impl WriterTask {
         // makes it available again without a publish.
         let writes = !self.shared.available.load(Ordering::Acquire);
         self.unconfirmed.store(false, Ordering::SeqCst);
-        let probe = within(self.query_deadline, "the writer's probe", async {
+        // Short while publishes are refused: a probe must not hold up the queue for long.
+        let probe_deadline = if writes {
+            PROBE_DEADLINE.min(self.query_deadline)
+        } else {
+            self.query_deadline
+        };
+        let probe_started = Instant::now();
+        let probe = within(probe_deadline, "the writer's probe", async {
             if writes {
                 client.batch_execute("BEGIN").await.map_err(pg_error)?;
                 let written = async {
                     client
                         .batch_execute("SET LOCAL statement_timeout = 1000")
                         .await?;
-                    client.query_one("SELECT txid_current()", &[]).await?;
+                    // A row version, so the COMMIT writes WAL and waits for the standby
+                    // (an xid alone does not). Readers are not blocked; no value changes.
+                    client
+                        .execute(
+                            "UPDATE seqcast.store_meta SET value = value WHERE key = 'epoch'",
+                            &[],
+                        )
+                        .await?;
                     client.batch_execute("COMMIT").await
                 }
                 .await;
@@ -863,12 +941,26 @@ impl WriterTask {
             )),
             other => other,
         };
+        if writes {
+            tracing::debug!(
+                took_ms = u64::try_from(probe_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ok = probe.is_ok(),
+                "write probe"
+            );
+            if probe.is_err() {
+                self.abandon_connection();
+            }
+            self.unconfirmed_since = probe
+                .as_ref()
+                .err()
+                .map(|e| format!("{UNCONFIRMED} (the last probe: {e})"));
+        }
         let staged = match probe {
             Ok(staged) => staged,
             Err(e) => {
                 self.set_available(Err(&e));
                 if matches!(e, StoreError::Unavailable(_)) {
-                    self.client = None;
+                    self.abandon_connection();
                 }
                 return;
             }
@@ -882,7 +974,7 @@ impl WriterTask {
             let numbered = match tokio::time::timeout(deadline, self.number_staged()).await {
                 Ok(r) => r,
                 Err(_) => {
-                    self.client = None;
+                    self.abandon_connection();
                     Err(StoreError::Unavailable(format!(
                         "numbering staged messages got no answer within {} ms",
                         deadline.as_millis()
