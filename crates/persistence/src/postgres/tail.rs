@@ -33,6 +33,8 @@ pub(crate) struct Tail {
     /// Client-side deadline of every statement: a half-open connection (no FIN, no RST) is
     /// given up after this long and the tail reconnects.
     pub(crate) query_deadline: Duration,
+    /// When a bad event was last reported.
+    pub(crate) fault_logged: Option<Instant>,
 }
 
 impl Tail {
@@ -88,6 +90,15 @@ impl Tail {
             // Re-read on every (re)connect; then on each wake-up, and at least every interval.
             loop {
                 if let Err(e) = self.read_all(&client, &statement).await {
+                    if let StoreError::Corrupt(why) = &e {
+                        self.report_bad_event(why);
+                        // Not a connection problem: read again after an interval (a repaired
+                        // row lets it go on), on this connection.
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.interval) => continue,
+                            _ = stop.changed() => return,
+                        }
+                    }
                     tracing::warn!(event = "tail_disconnected", error = %e, "reading the log failed; reconnecting");
                     connected = false;
                     self.shared.tail_connected.store(false, Ordering::Release);
@@ -129,6 +140,48 @@ impl Tail {
         Ok(client)
     }
 
+    /// The next event cannot be read: said loudly (an error, repeated every 30 s while it
+    /// lasts) and in the node's status (`/readyz` 503 with the reason), never a silent stall.
+    fn report_bad_event(&mut self, why: &str) {
+        let reason = format!(
+            "this node's tail cannot apply the event after {}: {why}; live delivery is stopped \
+             until the row is repaired",
+            self.applied
+        );
+        let mut fault = self
+            .shared
+            .tail_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let again = fault.as_deref() == Some(reason.as_str());
+        if !again
+            || self
+                .fault_logged
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+        {
+            tracing::error!(event = "tail_bad_event", applied = self.applied, error = %why, "{reason}");
+            self.fault_logged = Some(Instant::now());
+        }
+        *fault = Some(reason);
+    }
+
+    fn clear_fault(&mut self) {
+        let fault = self
+            .shared
+            .tail_fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if fault.is_some() {
+            self.fault_logged = None;
+            tracing::info!(
+                event = "tail_recovered",
+                applied = self.applied,
+                "the tail applies the log again"
+            );
+        }
+    }
+
     fn on_notification(&self, note: &tokio_postgres::Notification) {
         match note.channel() {
             "seqcast_outbox" => self.shared.outbox_wake.notify_one(),
@@ -161,6 +214,7 @@ impl Tail {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
             if rows.is_empty() {
+                self.clear_fault();
                 return Ok(());
             }
             let events = rows
@@ -192,6 +246,7 @@ impl Tail {
             self.applied = last;
             self.shared.seen_head.fetch_max(last, Ordering::AcqRel);
             self.shared.applied.send_replace(last);
+            self.clear_fault();
             if i64::try_from(rows.len()).unwrap_or(i64::MAX) < TAIL_PAGE {
                 return Ok(());
             }

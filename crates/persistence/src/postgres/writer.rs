@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     /// the tail's reads).
     pub(crate) seen_head: AtomicU64,
     pub(crate) tail_connected: AtomicBool,
+    /// Set while the tail cannot apply the next event (a row it cannot read): why.
+    pub(crate) tail_fault: Mutex<Option<String>>,
     pub(crate) last_tail_read: Mutex<Option<Instant>>,
     /// Past this age of the tail's last read the node says it is not writable.
     tail_stale_after: Duration,
@@ -169,6 +171,7 @@ impl PgStore {
             applied,
             seen_head: AtomicU64::new(head),
             tail_connected: AtomicBool::new(false),
+            tail_fault: Mutex::new(None),
             last_tail_read: Mutex::new(None),
             tail_stale_after: config.tail_stale_after.max(Duration::from_millis(100)),
             tail_wake: Notify::new(),
@@ -183,6 +186,7 @@ impl PgStore {
             shared: Arc::clone(&shared),
             interval: config.tail_interval.min(Duration::from_secs(1)),
             query_deadline: config.query_deadline(),
+            fault_logged: None,
         };
         *shared
             .pending_tail
@@ -249,7 +253,15 @@ impl PgWriter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        if let Some(age) = since_tail_read.filter(|age| *age > s.tail_stale_after) {
+        if let Some(fault) = s
+            .tail_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            writable = false;
+            last_error = Some(fault);
+        } else if let Some(age) = since_tail_read.filter(|age| *age > s.tail_stale_after) {
             writable = false;
             if last_error.is_none() {
                 last_error = Some(format!(
@@ -1195,7 +1207,17 @@ fn decode(
             Ok((
                 CommittedEvent {
                     sequence_number: pg_u64(row.get(0), "sequence_number")?,
-                    stream_sequence: pg_u64(row.get(1), "stream_sequence")?,
+                    // Never NULL while pruning holds the counter lock; if it ever is, an
+                    // error for this group, not a panic of the writer task.
+                    stream_sequence: pg_u64(
+                        row.get::<_, Option<i64>>(1).ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "append_events gave message {} no stream position",
+                                e.message_id.as_str()
+                            ))
+                        })?,
+                        "stream_sequence",
+                    )?,
                     key: e.key.clone(),
                     message_id: e.message_id.clone(),
                     timestamp_ms: pg_u64(row.get(3), "timestamp_ms")?,
@@ -1215,8 +1237,14 @@ async fn prune_step(
     max_events: usize,
 ) -> Result<PruneReport, StoreError> {
     let tx = client.transaction().await.map_err(pg_error)?;
+    // The counter row's lock, as every append takes it first: no append (on any node) runs
+    // between this step's statements, so an upsert never finds its row half-deleted (a NULL
+    // position, or an event committed without its row that every tail would stop on).
     let head: i64 = tx
-        .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
+        .query_one(
+            "SELECT head FROM seqcast.counter WHERE id = 1 FOR UPDATE",
+            &[],
+        )
         .await
         .map_err(pg_error)?
         .get(0);
