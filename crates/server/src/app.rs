@@ -430,6 +430,11 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
     if let Store::Postgres { writer, .. } = &store {
+        // A node that was paused or slow while another pruned past it skips to the shared
+        // retention floor instead of stopping; its subscribers that needed the pruned part
+        // are closed with 1013 (resume: `recovered: false`).
+        let skipping = Arc::clone(&hub);
+        writer.on_pruned_gap(Box::new(move |_applied, next| skipping.skip_to(next)));
         writer.start_delivery(head);
     }
     if let Store::Sqlite { writer, .. } = &store {

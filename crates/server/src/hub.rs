@@ -407,6 +407,43 @@ impl Hub {
         }
     }
 
+    /// The log was pruned past what this hub applied (this node was paused or slow while
+    /// another node's retention raised the shared floor): the numbers after the head and
+    /// before `next` are gone. The retention floor rises to `next`, the cache starts again
+    /// empty at `next - 1`, and every live subscriber leaves live delivery where it was (any
+    /// of them may have needed the pruned part; which keys it held is no longer known): its
+    /// cursor finds itself behind the floor and the connection closes it with 1013, so
+    /// resuming says `recovered: false` (CONTRACT §5). Nothing happens when `next` follows
+    /// the head.
+    pub fn skip_to(&self, next: u64) {
+        let mut state = self.lock();
+        let head = state.cache.head();
+        if next <= head + 1 {
+            return;
+        }
+        state.retention_floor = state.retention_floor.max(next);
+        let budget = state.cache.budget_bytes();
+        state.cache = TailCache::new(budget, next - 1);
+        self.head.store(next - 1, Ordering::Release);
+        let live = std::mem::take(&mut state.live);
+        drop(state);
+        let mut told = 0u64;
+        for (key, subs) in live {
+            for s in subs {
+                Metrics::inc(&self.metrics.lagged);
+                s.lag(&key, head + 1);
+                told += 1;
+            }
+        }
+        tracing::warn!(
+            event = "hub_skipped_pruned",
+            head,
+            next,
+            live_subscriptions_told = told,
+            "live delivery skipped numbers pruned before this node applied them"
+        );
+    }
+
     /// Build the one serialized frame of a committed event. Its data is valid JSON: validated
     /// once at publish, and the database refuses anything else (`CHECK (json_valid(data))`), so it
     /// is copied verbatim, never re-parsed.

@@ -221,15 +221,49 @@ impl Tail {
                 .iter()
                 .map(|r| event_from_row(r, 0))
                 .collect::<Result<Vec<_>, _>>()?;
-            if events[0].sequence_number != self.applied + 1 {
-                // Only pruning can open this (the tail fell behind the retention floor): the
-                // hook refuses it and the server stops rather than serve a hole.
-                tracing::error!(
-                    event = "tail_gap",
-                    applied = self.applied,
-                    next = events[0].sequence_number,
-                    "the log no longer holds the next number this node needs"
-                );
+            let next = events[0].sequence_number;
+            if next != self.applied + 1 {
+                // The numbers in between were committed before `next` (numbers are dense in
+                // commit order), so only pruning can have removed them. The retention floor
+                // only rises and nothing at or above it is ever deleted: if it is above
+                // `next - 1` now, the gap is pruned history — skip it (the node's
+                // subscribers that needed it are told). Anything else is a hole: the hook
+                // refuses it and the server stops rather than serve one.
+                let floor = within(self.query_deadline, "reading the retention floor", async {
+                    client
+                        .query_one("SELECT floor FROM seqcast.retention WHERE id = 1", &[])
+                        .await
+                        .map(|r| r.get::<_, i64>(0))
+                        .map_err(pg_error)
+                })
+                .await?;
+                let floor = u64::try_from(floor).unwrap_or(0);
+                let mut skipped = self
+                    .shared
+                    .pruned_gap
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match skipped.as_mut() {
+                    Some(skip) if floor >= next => {
+                        tracing::warn!(
+                            event = "tail_skipped_pruned",
+                            applied = self.applied,
+                            next,
+                            retention_floor = floor,
+                            "this node fell behind the retention floor (paused or slow while \
+                             another node pruned): skipping to the floor; its subscribers that \
+                             needed the pruned part are told"
+                        );
+                        skip(self.applied, next);
+                    }
+                    _ => tracing::error!(
+                        event = "tail_gap",
+                        applied = self.applied,
+                        next,
+                        retention_floor = floor,
+                        "the log no longer holds the next number this node needs"
+                    ),
+                }
             }
             let mut hook = self
                 .hook

@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     pub(crate) tail_connected: AtomicBool,
     /// Set while the tail cannot apply the next event (a row it cannot read): why.
     pub(crate) tail_fault: Mutex<Option<String>>,
+    /// Told when the tail skips numbers that the retention floor pruned before it read them.
+    #[allow(clippy::type_complexity)]
+    pub(crate) pruned_gap: Mutex<Option<Box<dyn FnMut(u64, u64) + Send>>>,
     pub(crate) last_tail_read: Mutex<Option<Instant>>,
     /// Past this age of the tail's last read the node says it is not writable.
     tail_stale_after: Duration,
@@ -172,6 +175,7 @@ impl PgStore {
             seen_head: AtomicU64::new(head),
             tail_connected: AtomicBool::new(false),
             tail_fault: Mutex::new(None),
+            pruned_gap: Mutex::new(None),
             last_tail_read: Mutex::new(None),
             tail_stale_after: config.tail_stale_after.max(Duration::from_millis(100)),
             tail_wake: Notify::new(),
@@ -237,6 +241,20 @@ impl PgWriter {
             let stop = self.shared.stop.subscribe();
             self.runtime.handle().spawn(tail.run(stop));
         }
+    }
+
+    /// Lets the tail skip what retention pruned before this node read it (a node that was
+    /// paused or slow while another node pruned past it): `skipped(applied, next)` is called
+    /// on the tail's task before the commit hook gets `next`, the first retained event after
+    /// `applied`, when the retention floor (one row of the database, raised by whichever node
+    /// prunes) is above `applied + 1`. Without it, such a gap reaches the commit hook as is.
+    /// Set it before [`PgWriter::start_delivery`].
+    pub fn on_pruned_gap(&self, skipped: Box<dyn FnMut(u64, u64) + Send>) {
+        *self
+            .shared
+            .pruned_gap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(skipped);
     }
 
     /// The database connections' state, for `/readyz` and `/metrics`.
