@@ -435,6 +435,13 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
         // are closed with 1013 (resume: `recovered: false`).
         let skipping = Arc::clone(&hub);
         writer.on_pruned_gap(Box::new(move |_applied, next| skipping.skip_to(next)));
+        // A failover to another timeline or a restore: the node moves to the new epoch
+        // without a restart; its live connections are closed so their clients resume (and
+        // are told `recovered: false`).
+        let moving = Arc::clone(&hub);
+        writer.on_new_history(Box::new(move |epoch, head, floor| {
+            moving.move_to_history(epoch.to_owned(), head, floor);
+        }));
         writer.start_delivery(head);
     }
     if let Store::Sqlite { writer, .. } = &store {

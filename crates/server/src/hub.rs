@@ -300,7 +300,8 @@ struct HubState {
 /// See the module docs.
 pub struct Hub {
     state: Mutex<HubState>,
-    epoch: String,
+    /// Changes only when the store becomes another history ([`Hub::move_to_history`]).
+    epoch: std::sync::RwLock<String>,
     /// The newest number applied (readable without the lock).
     head: AtomicU64,
     /// Process counters.
@@ -310,7 +311,7 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .field("head", &self.head())
             .finish_non_exhaustive()
     }
@@ -358,15 +359,51 @@ impl Hub {
                 live: HashMap::default(),
                 retention_floor,
             }),
-            epoch,
+            epoch: std::sync::RwLock::new(epoch),
             head: AtomicU64::new(head),
             metrics: Metrics::default(),
         })
     }
 
-    /// The store's epoch.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
+    /// The store's epoch (of the history this node serves now).
+    pub fn epoch(&self) -> String {
+        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The store is another history now (a PostgreSQL failover to another timeline, or a
+    /// restore): this node serves `epoch`, whose log ends at `head` and starts at `floor`.
+    /// The cache starts again empty at `head`, and every connection in live delivery is closed
+    /// (1012, "service restart"): its client reconnects, resumes with its old epoch and is
+    /// told `recovered: false` (HTTP recovery with the old epoch says `complete: false`).
+    pub fn move_to_history(&self, epoch: String, head: u64, floor: u64) {
+        let mut state = self.lock();
+        *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch.clone();
+        let budget = state.cache.budget_bytes();
+        state.cache = TailCache::new(budget, head);
+        state.retention_floor = floor;
+        self.head.store(head, Ordering::Release);
+        let live = std::mem::take(&mut state.live);
+        drop(state);
+        let mut closed = 0u64;
+        for subs in live.into_values() {
+            for s in subs {
+                if !s.is_closing() {
+                    closed += 1;
+                }
+                s.close(CloseReason::Peer(
+                    1012,
+                    "the store is another history now (failover or restore): resume with since",
+                ));
+            }
+        }
+        tracing::warn!(
+            event = "history_changed",
+            epoch = %epoch,
+            head,
+            retention_floor = floor,
+            connections_closed = closed,
+            "the store is another history now: serving the new epoch; live connections closed so their clients resume"
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -603,7 +640,7 @@ impl Hub {
             head,
             recovered,
             oldest_sequence,
-            epoch: self.epoch.clone(),
+            epoch: self.epoch(),
         })))
     }
 

@@ -104,6 +104,10 @@ impl Tail {
                     self.shared.tail_connected.store(false, Ordering::Release);
                     break;
                 }
+                if self.shared.identity_check.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the writer found another history: reconnecting to check");
+                    break;
+                }
                 tokio::select! {
                     _ = self.shared.tail_wake.notified() => {}
                     note = notes.recv() => match note {
@@ -121,12 +125,16 @@ impl Tail {
                 while let Ok(note) = notes.try_recv() {
                     self.on_notification(&note);
                 }
+                if self.shared.identity_check.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the writer found another history: reconnecting to check");
+                    break;
+                }
             }
         }
     }
 
     async fn connect(
-        &self,
+        &mut self,
         tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> Result<tokio_postgres::Client, StoreError> {
         let client = connect(&self.config, Some(tx)).await?;
@@ -137,6 +145,7 @@ impl Tail {
                 .map_err(pg_error)
         })
         .await?;
+        self.check_identity(&client).await?;
         Ok(client)
     }
 
@@ -163,6 +172,68 @@ impl Tail {
             self.fault_logged = Some(Instant::now());
         }
         *fault = Some(reason);
+    }
+
+    /// Every (re)connection checks the database's identity. Another history (a failover to
+    /// another timeline, a restore) moves the node to it: the new-history hook is told, and
+    /// the tail goes on from the new history's head.
+    async fn check_identity(&mut self, client: &tokio_postgres::Client) -> Result<(), StoreError> {
+        let (epoch, head, floor) = within(
+            self.query_deadline,
+            "checking the database identity",
+            async {
+                let epoch = super::schema::read_epoch(client).await?;
+                let row = client
+                    .query_one(
+                        "SELECT c.head, r.floor FROM seqcast.counter c, seqcast.retention r \
+                     WHERE c.id = 1 AND r.id = 1",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Ok((epoch, row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            },
+        )
+        .await?;
+        let serving = self
+            .shared
+            .epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if epoch == serving {
+            return Ok(());
+        }
+        let head = super::pg_u64(head, "head")?;
+        let floor = super::pg_u64(floor, "retention floor")?;
+        let mut moved = self
+            .shared
+            .new_history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(moved) = moved.as_mut() else {
+            return Err(StoreError::Unavailable(format!(
+                "the database is another history now (epoch {epoch}, this node serves {serving}); restart the node"
+            )));
+        };
+        tracing::warn!(
+            event = "tail_new_history",
+            old_epoch = %serving,
+            epoch = %epoch,
+            applied = self.applied,
+            head,
+            "the database is another history now: moving this node to it"
+        );
+        moved(&epoch, head, floor);
+        self.applied = head;
+        self.shared.seen_head.store(head, Ordering::Release);
+        self.shared.applied.send_replace(head);
+        *self
+            .shared
+            .epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = epoch;
+        Ok(())
     }
 
     fn clear_fault(&mut self) {

@@ -69,6 +69,13 @@ pub(crate) struct Shared {
     pub(crate) tail_connected: AtomicBool,
     /// Set while the tail cannot apply the next event (a row it cannot read): why.
     pub(crate) tail_fault: Mutex<Option<String>>,
+    /// The epoch of the history this node serves (the tail moves it; the writer follows).
+    pub(crate) epoch: Mutex<String>,
+    /// The writer found another history: the tail reconnects (and so checks the identity).
+    pub(crate) identity_check: AtomicBool,
+    /// Told when the tail finds the database is another history: (epoch, head, floor).
+    #[allow(clippy::type_complexity)]
+    pub(crate) new_history: Mutex<Option<Box<dyn FnMut(&str, u64, u64) + Send>>>,
     /// Told when the tail skips numbers that the retention floor pruned before it read them.
     #[allow(clippy::type_complexity)]
     pub(crate) pruned_gap: Mutex<Option<Box<dyn FnMut(u64, u64) + Send>>>,
@@ -176,6 +183,9 @@ impl PgStore {
             tail_connected: AtomicBool::new(false),
             tail_fault: Mutex::new(None),
             pruned_gap: Mutex::new(None),
+            epoch: Mutex::new(epoch.clone()),
+            identity_check: AtomicBool::new(false),
+            new_history: Mutex::new(None),
             last_tail_read: Mutex::new(None),
             tail_stale_after: config.tail_stale_after.max(Duration::from_millis(100)),
             tail_wake: Notify::new(),
@@ -255,6 +265,22 @@ impl PgWriter {
             .pruned_gap
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(skipped);
+    }
+
+    /// Lets the node move to another history without a restart. Every (re)connection of the
+    /// tail checks the database's identity (the epoch: the store's id bound to the cluster's
+    /// system identifier, its timeline and the database): when it changed (a failover to
+    /// another timeline, a restore), `moved(epoch, head, floor)` is called on the tail's task
+    /// with the new history's epoch, head and retention floor, the tail goes on from that head,
+    /// and the writer takes the new epoch (until then it refuses publishes with the reason).
+    /// Without it the node keeps refusing publishes. Set it before
+    /// [`PgWriter::start_delivery`].
+    pub fn on_new_history(&self, moved: Box<dyn FnMut(&str, u64, u64) + Send>) {
+        *self
+            .shared
+            .new_history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(moved);
     }
 
     /// The database connections' state, for `/readyz` and `/metrics`.
@@ -621,10 +647,24 @@ impl WriterTask {
         )
         .await?;
         if epoch != self.epoch {
-            return Err(StoreError::Unavailable(format!(
-                "the database is another history now (epoch {epoch}, this node serves {}); restart the node",
-                self.epoch
-            )));
+            let serving = self
+                .shared
+                .epoch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if epoch != serving {
+                // The tail moves the node (it must restart delivery from the new history
+                // first); until it has, nothing is written under the old epoch.
+                self.shared.identity_check.store(true, Ordering::Release);
+                self.shared.tail_wake.notify_one();
+                return Err(StoreError::Unavailable(format!(
+                    "the database is another history now (epoch {epoch}, this node serves \
+                     {serving}); the node is moving to it"
+                )));
+            }
+            tracing::warn!(event = "writer_new_history", epoch = %epoch, "the writer writes to the new history");
+            self.epoch = epoch;
         }
         tracing::info!("database connection reopened");
         self.client = Some((client, statements));
