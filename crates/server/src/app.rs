@@ -394,6 +394,8 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let mut config = PgConfig::new(url);
             config.pool_size = settings.pg_pool_size;
             config.statement_timeout = settings.pg_statement_timeout;
+            // seqcast.publish() holds data to the same limit as HTTP publishes.
+            config.max_message_bytes = Some(settings.max_message_bytes);
             // The tail starts once the hub exists (below): every event reaches the hub only
             // through it, this node's commits included.
             let (writer, reader, _info) =

@@ -53,6 +53,8 @@ pub const DEFAULT_PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default commit deadline: a group transaction not confirmed by then (a synchronous standby
 /// missing or lagging, a hung connection) is answered 503 `unavailable`.
 pub const DEFAULT_PG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default interval of the writer's outbox poll.
+pub const DEFAULT_PG_OUTBOX_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Default age of the tail's last successful read after which the node is not ready.
 pub const DEFAULT_PG_TAIL_STALE_AFTER: Duration = Duration::from_secs(3);
 
@@ -81,6 +83,15 @@ pub struct PgConfig {
     /// The node reports itself not writable (`/readyz` 503) when its tail has not completed a
     /// read of the log for this long (a lost or half-open connection).
     pub tail_stale_after: Duration,
+    /// How often the writer looks for messages staged by `seqcast.publish()` (which no longer
+    /// sends a NOTIFY: that takes a cluster-wide lock at every publishing commit). Half of it
+    /// is the mean COMMIT → numbering delay.
+    pub outbox_poll_interval: Duration,
+    /// The largest `data` (bytes of JSON text) a staged message may have: written to
+    /// `seqcast.store_meta` at open, where `seqcast.publish()` enforces it (keep it the same on
+    /// every node, as the HTTP limit); larger staged rows are moved to `seqcast.outbox_failed`.
+    /// `None`: no limit.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl PgConfig {
@@ -95,6 +106,8 @@ impl PgConfig {
             tail_interval: Duration::from_secs(1),
             commit_timeout: DEFAULT_PG_COMMIT_TIMEOUT,
             tail_stale_after: DEFAULT_PG_TAIL_STALE_AFTER,
+            outbox_poll_interval: DEFAULT_PG_OUTBOX_POLL_INTERVAL,
+            max_message_bytes: None,
         }
     }
 

@@ -151,12 +151,26 @@ impl PgStore {
         let runtime = PgRuntime::new()?;
         let writer_config = config.connection("seqcast-writer")?;
         let unconfirmed = Arc::new(AtomicBool::new(false));
+        let max_message_bytes = config.max_message_bytes;
         let opened = {
             let writer_config = writer_config.clone();
             let sink = unconfirmed_sink(&unconfirmed);
             runtime.block(async move {
                 let mut client = connect_observed(&writer_config, None, Some(sink)).await?;
                 schema::apply_migrations(&mut client).await?;
+                if let Some(limit) = max_message_bytes {
+                    // Where seqcast.publish() finds the HTTP size limit.
+                    client
+                        .execute(
+                            "INSERT INTO seqcast.store_meta (key, value) \
+                             VALUES ('max_message_bytes', $1) \
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value \
+                             WHERE seqcast.store_meta.value IS DISTINCT FROM EXCLUDED.value",
+                            &[&limit.to_string()],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                }
                 let epoch = schema::read_epoch(&client).await?;
                 let head: i64 = client
                     .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
@@ -219,6 +233,8 @@ impl PgStore {
             commit_timeout: config.commit_timeout.max(Duration::from_millis(100)),
             unconfirmed,
             unconfirmed_since: None,
+            outbox_poll_interval: config.outbox_poll_interval.max(Duration::from_millis(1)),
+            max_message_bytes: config.max_message_bytes,
             last_committed: head,
         };
         runtime.handle().spawn(task.run(receiver, stop_rx));
@@ -455,6 +471,8 @@ struct WriterTask {
     /// the synchronous standby): publishes are refused at once, with this reason, until the
     /// writer's probe commits with confirmation again.
     unconfirmed_since: Option<String>,
+    outbox_poll_interval: Duration,
+    max_message_bytes: Option<usize>,
     last_committed: u64,
 }
 
@@ -490,6 +508,9 @@ impl WriterTask {
     async fn run(mut self, mut receiver: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The outbox poll: seqcast.publish() sends no NOTIFY (schema 4).
+        let mut poll = tokio::time::interval(self.outbox_poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = None;
         while shutdown.is_none() {
             // Not biased: under a constant stream of publishes the outbox still gets its turn.
@@ -506,6 +527,12 @@ impl WriterTask {
                             continue;
                         }
                     }
+                }
+                _ = poll.tick(), if self.unconfirmed_since.is_none()
+                    && self.shared.available.load(Ordering::Acquire) =>
+                {
+                    self.poll_outbox().await;
+                    continue;
                 }
                 _ = sweep.tick() => {
                     match self.queued_while_refusing(&mut receiver) {
@@ -952,6 +979,28 @@ impl WriterTask {
         result
     }
 
+    /// The frequent outbox check: one index probe; numbering when something is staged. Errors
+    /// are left to the once-a-second sweep (which reports them).
+    async fn poll_outbox(&mut self) {
+        let Some((client, _)) = &self.client else {
+            return;
+        };
+        if client.is_closed() {
+            return;
+        }
+        let staged = within(self.query_deadline, "the outbox poll", async {
+            client
+                .query_one("SELECT EXISTS (SELECT 1 FROM seqcast.outbox)", &[])
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(pg_error)
+        })
+        .await;
+        if matches!(staged, Ok(true)) {
+            self.sweep_outbox().await;
+        }
+    }
+
     /// Numbers the messages staged by `seqcast.publish()` whose transactions have committed.
     /// Also the writer's health probe, once a second.
     async fn sweep_outbox(&mut self) {
@@ -1108,7 +1157,13 @@ impl WriterTask {
         for row in &rows {
             let id: i64 = row.get(0);
             ids.push(id);
-            match staged_event(row.get(1), row.get(2), row.get(3), row.get(4)) {
+            match staged_event(
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                self.max_message_bytes,
+            ) {
                 Ok(e) => good.push((id, e)),
                 Err(why) => bad.push((id, why)),
             }
@@ -1235,7 +1290,14 @@ fn staged_event(
     request_id: &str,
     message_id: &str,
     data: &str,
+    max_bytes: Option<usize>,
 ) -> Result<NewEvent, String> {
+    if let Some(limit) = max_bytes.filter(|l| data.len() > *l) {
+        return Err(format!(
+            "data is {} bytes, over the limit of {limit} (max_message_bytes)",
+            data.len()
+        ));
+    }
     let channel = Channel::parse(channel).map_err(|e| e.to_string())?;
     let request_id = RequestId::parse(request_id).map_err(|e| e.to_string())?;
     let message_id = MessageId::parse(message_id).map_err(|e| e.to_string())?;
