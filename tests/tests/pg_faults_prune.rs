@@ -104,7 +104,7 @@ async fn pruning_every_few_milliseconds_never_loses_an_upserts_row() {
                 match node.prune(below, 5_000).await {
                     Ok(r) => {
                         steps += 1;
-                        deleted += r.deleted as u64;
+                        deleted += r.deleted;
                     }
                     Err(e) => failures.lock().unwrap().push(format!("prune: {e}")),
                 }

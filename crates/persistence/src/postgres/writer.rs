@@ -51,6 +51,11 @@ enum Command {
     },
 }
 
+/// See [`PgWriter::on_new_history`]: `(epoch, head, retention floor)` of the new history.
+pub type NewHistoryHook = Box<dyn FnMut(&str, u64, u64) + Send>;
+/// See [`PgWriter::on_pruned_gap`]: `(applied, next)`.
+pub type PrunedGapHook = Box<dyn FnMut(u64, u64) + Send>;
+
 /// State shared by the writer task, the tail task and the handles.
 pub(crate) struct Shared {
     commands_queued: AtomicU64,
@@ -74,11 +79,9 @@ pub(crate) struct Shared {
     /// The writer found another history: the tail reconnects (and so checks the identity).
     pub(crate) identity_check: AtomicBool,
     /// Told when the tail finds the database is another history: (epoch, head, floor).
-    #[allow(clippy::type_complexity)]
-    pub(crate) new_history: Mutex<Option<Box<dyn FnMut(&str, u64, u64) + Send>>>,
+    pub(crate) new_history: Mutex<Option<NewHistoryHook>>,
     /// Told when the tail skips numbers that the retention floor pruned before it read them.
-    #[allow(clippy::type_complexity)]
-    pub(crate) pruned_gap: Mutex<Option<Box<dyn FnMut(u64, u64) + Send>>>,
+    pub(crate) pruned_gap: Mutex<Option<PrunedGapHook>>,
     pub(crate) last_tail_read: Mutex<Option<Instant>>,
     /// Past this age of the tail's last read the node says it is not writable.
     tail_stale_after: Duration,
@@ -275,7 +278,7 @@ impl PgWriter {
     /// `applied`, when the retention floor (one row of the database, raised by whichever node
     /// prunes) is above `applied + 1`. Without it, such a gap reaches the commit hook as is.
     /// Set it before [`PgWriter::start_delivery`].
-    pub fn on_pruned_gap(&self, skipped: Box<dyn FnMut(u64, u64) + Send>) {
+    pub fn on_pruned_gap(&self, skipped: PrunedGapHook) {
         *self
             .shared
             .pruned_gap
@@ -291,7 +294,7 @@ impl PgWriter {
     /// and the writer takes the new epoch (until then it refuses publishes with the reason).
     /// Without it the node keeps refusing publishes. Set it before
     /// [`PgWriter::start_delivery`].
-    pub fn on_new_history(&self, moved: Box<dyn FnMut(&str, u64, u64) + Send>) {
+    pub fn on_new_history(&self, moved: NewHistoryHook) {
         *self
             .shared
             .new_history
