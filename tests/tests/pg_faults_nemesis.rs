@@ -95,7 +95,11 @@ async fn hop_subscriber(
             if let Some(e) = &epoch {
                 frame["epoch"] = json!(e);
             }
-            if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+            if ws
+                .send(Message::Text(frame.to_string().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -209,8 +213,7 @@ async fn app_publisher(url: String, stop: Arc<AtomicBool>) -> Vec<String> {
             let sql = format!(
                 "BEGIN; SELECT seqcast.publish('nemesis', '{key}', '{{\"app\": {n}}}', '{id}'); COMMIT;"
             );
-            match tokio::time::timeout(Duration::from_secs(8), client.batch_execute(&sql)).await
-            {
+            match tokio::time::timeout(Duration::from_secs(8), client.batch_execute(&sql)).await {
                 Ok(Ok(())) => committed.push(id),
                 _ => break,
             }
@@ -312,7 +315,9 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
                     .status();
             }
             2 => {
-                log.push(format!("black-hole node {slot}'s database connections for {hold:?}"));
+                log.push(format!(
+                    "black-hole node {slot}'s database connections for {hold:?}"
+                ));
                 proxies[slot].black_hole();
                 tokio::time::sleep(hold).await;
                 proxies[slot].heal();
@@ -358,13 +363,14 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = token("checker", None);
     let node = nodes.iter().flatten().next().unwrap();
-    let (_, page) = node.get("/websocket/messages?since=0&limit=1", Some(&t)).await;
+    let (_, page) = node
+        .get("/websocket/messages?since=0&limit=1", Some(&t))
+        .await;
     let final_epoch = page["epoch"].as_str().unwrap().to_owned();
     // The log itself (HTTP recovery holds only the recovery window).
-    let (client, connection) =
-        tokio_postgres::connect(&current.url(db), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+    let (client, connection) = tokio_postgres::connect(&current.url(db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
     let rows = client
         .query(
@@ -384,7 +390,10 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
     let mut log_by_key: HashMap<String, Vec<u64>> = HashMap::new();
     for r in &rows {
         let n = u64::try_from(r.get::<_, i64>(1)).unwrap();
-        final_log.entry(r.get::<_, String>(0)).or_default().push((n, ()));
+        final_log
+            .entry(r.get::<_, String>(0))
+            .or_default()
+            .push((n, ()));
         log_by_key.entry(r.get::<_, String>(2)).or_default().push(n);
     }
     eprintln!(
@@ -393,7 +402,11 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
         app_committed.len(),
         final_log.len()
     );
-    assert!(acked.len() > 100, "too few publishes got through: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "too few publishes got through: {}",
+        acked.len()
+    );
 
     // 1. Every acknowledged publish is in the log with its number; no id got two numbers.
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
@@ -427,11 +440,17 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
     for (slot, n) in nodes.iter().enumerate() {
         let n = n.as_ref().unwrap();
         let (status, body) = n.get("/readyz", None).await;
-        assert_eq!(status, 200, "node {slot} is not ready after the faults: {body}");
+        assert_eq!(
+            status, 200,
+            "node {slot} is not ready after the faults: {body}"
+        );
         let (status, body) = n
             .publish_raw(&json!({"channel": "nemesis", "request_id": "n0", "data": {"last": slot}}))
             .await;
-        assert_eq!(status, 200, "node {slot} refuses publishes after the faults: {body}");
+        assert_eq!(
+            status, 200,
+            "node {slot} refuses publishes after the faults: {body}"
+        );
     }
     // 2. Subscribers: strictly increasing per key, and no silent gap.
     let mut delivered = 0;
@@ -465,5 +484,8 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
         }
     }
     eprintln!("{delivered} deliveries checked; seed {seed}");
-    assert!(delivered > 100, "the subscribers saw too little: {delivered}");
+    assert!(
+        delivered > 100,
+        "the subscribers saw too little: {delivered}"
+    );
 }
