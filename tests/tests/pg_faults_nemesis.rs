@@ -478,7 +478,11 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
                 }
                 assert!(
                     ea == eb || announced,
-                    "subscriber {i}, key {key}: epoch changed without recovered: false"
+                    "subscriber {i}, key {key}: epoch changed without recovered: false between \
+                     {a} ({ea}) and {b} ({eb}) at {}; announced at {:?}; around: {:?}; seed {seed}",
+                    j + 1,
+                    h.announced,
+                    &h.seen[j.saturating_sub(3)..(j + 4).min(h.seen.len())]
                 );
             }
         }
