@@ -3,6 +3,10 @@
 //! WebSocket client, and read its JSON logs.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod fault_proxy;
+pub mod pg_cluster;
+pub mod pg_faults;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

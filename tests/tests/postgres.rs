@@ -511,7 +511,7 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(db_command("migrate").contains("schema_version: 3"));
+    assert!(db_command("migrate").contains("schema_version: 4"));
     assert!(db_command("migrate").contains("applied: []"));
     let app = db.connect().await;
     app.batch_execute(
@@ -566,5 +566,5 @@ async fn nodes_that_start_together_migrate_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(versions, vec![1, 2, 3, 4]);
 }

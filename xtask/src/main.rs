@@ -40,6 +40,7 @@ fn main() -> Result<()> {
         "fuzz" => fuzz::run(&root()?, rest),
         "openapi" => api_check::openapi(&root()?, rest.iter().any(|a| a == "--check")),
         "api-check" => api_check::api_check(&root()?, rest),
+        "soak" => soak(rest),
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask ci        fmt --check, clippy -D warnings, layering, crate READMEs, openapi drift, all tests, browser tests, api-check, fuzz (20 s a target), bench smoke"
@@ -51,6 +52,9 @@ fn main() -> Result<()> {
                 "cargo xtask readmes   check that every item a crate README names in code style exists in the crate"
             );
             println!("cargo xtask test      build the server and run every test");
+            println!(
+                "cargo xtask soak [--minutes N]  the PostgreSQL nemesis run with N minutes of faults (10)"
+            );
             println!(
                 "cargo xtask browser   the client and real-browser tests (demo page, operator page)"
             );
@@ -265,6 +269,30 @@ fn server_binary(root: &Path) -> PathBuf {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     target.join("debug").join("seqcast")
+}
+
+/// `cargo xtask soak --minutes N`: the PostgreSQL nemesis run (tests/tests/pg_faults_nemesis.rs)
+/// with N minutes of faults instead of one.
+fn soak(rest: &[String]) -> Result<()> {
+    let minutes: u64 = match rest {
+        [flag, n] if flag == "--minutes" => n.parse()?,
+        [] => 10,
+        _ => bail!("usage: cargo xtask soak [--minutes N]"),
+    };
+    let root = root()?;
+    run(cargo().args(["build", "-p", "seqcast-server", "--bin", "seqcast"]))?;
+    run(cargo()
+        .env("SEQCAST_BIN", server_binary(&root))
+        .env("SEQCAST_NEMESIS_SECS", (minutes * 60).to_string())
+        .args([
+            "test",
+            "-p",
+            "seqcast-e2e",
+            "--test",
+            "pg_faults_nemesis",
+            "--",
+            "--nocapture",
+        ]))
 }
 
 fn test() -> Result<()> {

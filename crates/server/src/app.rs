@@ -420,6 +420,8 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let mut config = PgConfig::new(url);
             config.pool_size = settings.pg_pool_size;
             config.statement_timeout = settings.pg_statement_timeout;
+            // seqcast.publish() holds data to the same limit as HTTP publishes.
+            config.max_message_bytes = Some(settings.max_message_bytes);
             // The tail starts once the hub exists (below): every event reaches the hub only
             // through it, this node's commits included.
             let (writer, reader, _info) =
@@ -456,6 +458,18 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
     if let Store::Postgres { writer, .. } = &store {
+        // A node that was paused or slow while another pruned past it skips to the shared
+        // retention floor instead of stopping; its subscribers that needed the pruned part
+        // are closed with 1013 (resume: `recovered: false`).
+        let skipping = Arc::clone(&hub);
+        writer.on_pruned_gap(Box::new(move |_applied, next| skipping.skip_to(next)));
+        // A failover to another timeline or a restore: the node moves to the new epoch
+        // without a restart; its live connections are closed so their clients resume (and
+        // are told `recovered: false`).
+        let moving = Arc::clone(&hub);
+        writer.on_new_history(Box::new(move |epoch, head, floor| {
+            moving.move_to_history(epoch.to_owned(), head, floor);
+        }));
         writer.start_delivery(head);
     }
     if let Store::Sqlite { writer, .. } = &store {

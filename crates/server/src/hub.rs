@@ -306,7 +306,8 @@ struct HubState {
 /// See the module docs.
 pub struct Hub {
     state: Mutex<HubState>,
-    epoch: String,
+    /// Changes only when the store becomes another history ([`Hub::move_to_history`]).
+    epoch: std::sync::RwLock<String>,
     /// The newest number applied (readable without the lock).
     head: AtomicU64,
     /// Process counters.
@@ -316,7 +317,7 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .field("head", &self.head())
             .finish_non_exhaustive()
     }
@@ -365,15 +366,51 @@ impl Hub {
                 live: HashMap::default(),
                 retention_floor,
             }),
-            epoch,
+            epoch: std::sync::RwLock::new(epoch),
             head: AtomicU64::new(head),
             metrics: Metrics::default(),
         })
     }
 
-    /// The store's epoch.
-    pub fn epoch(&self) -> &str {
-        &self.epoch
+    /// The store's epoch (of the history this node serves now).
+    pub fn epoch(&self) -> String {
+        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The store is another history now (a PostgreSQL failover to another timeline, or a
+    /// restore): this node serves `epoch`, whose log ends at `head` and starts at `floor`.
+    /// The cache starts again empty at `head`, and every connection in live delivery is closed
+    /// (1012, "service restart"): its client reconnects, resumes with its old epoch and is
+    /// told `recovered: false` (HTTP recovery with the old epoch says `complete: false`).
+    pub fn move_to_history(&self, epoch: String, head: u64, floor: u64) {
+        let mut state = self.lock();
+        *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch.clone();
+        let budget = state.cache.budget_bytes();
+        state.cache = TailCache::new(budget, head);
+        state.retention_floor = floor;
+        self.head.store(head, Ordering::Release);
+        let live = std::mem::take(&mut state.live);
+        drop(state);
+        let mut closed = 0u64;
+        for subs in live.into_values() {
+            for s in subs {
+                if !s.is_closing() {
+                    closed += 1;
+                }
+                s.close(CloseReason::Peer(
+                    1012,
+                    "the store is another history now (failover or restore): resume with since",
+                ));
+            }
+        }
+        tracing::warn!(
+            event = "history_changed",
+            epoch = %epoch,
+            head,
+            retention_floor = floor,
+            connections_closed = closed,
+            "the store is another history now: serving the new epoch; live connections closed so their clients resume"
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -412,6 +449,43 @@ impl Hub {
             state.retention_floor = floor;
             state.cache.evict_below(floor);
         }
+    }
+
+    /// The log was pruned past what this hub applied (this node was paused or slow while
+    /// another node's retention raised the shared floor): the numbers after the head and
+    /// before `next` are gone. The retention floor rises to `next`, the cache starts again
+    /// empty at `next - 1`, and every live subscriber leaves live delivery where it was (any
+    /// of them may have needed the pruned part; which keys it held is no longer known): its
+    /// cursor finds itself behind the floor and the connection closes it with 1013, so
+    /// resuming says `recovered: false` (CONTRACT §5). Nothing happens when `next` follows
+    /// the head.
+    pub fn skip_to(&self, next: u64) {
+        let mut state = self.lock();
+        let head = state.cache.head();
+        if next <= head + 1 {
+            return;
+        }
+        state.retention_floor = state.retention_floor.max(next);
+        let budget = state.cache.budget_bytes();
+        state.cache = TailCache::new(budget, next - 1);
+        self.head.store(next - 1, Ordering::Release);
+        let live = std::mem::take(&mut state.live);
+        drop(state);
+        let mut told = 0u64;
+        for (key, subs) in live {
+            for s in subs {
+                Metrics::inc(&self.metrics.lagged);
+                s.lag(&key, head + 1);
+                told += 1;
+            }
+        }
+        tracing::warn!(
+            event = "hub_skipped_pruned",
+            head,
+            next,
+            live_subscriptions_told = told,
+            "live delivery skipped numbers pruned before this node applied them"
+        );
     }
 
     /// Build the one serialized frame of a committed event. Its data is valid JSON: validated
@@ -596,7 +670,7 @@ impl Hub {
             oldest_sequence,
             expired: skipped.0,
             overflow: skipped.1,
-            epoch: self.epoch.clone(),
+            epoch: self.epoch(),
         })))
     }
 

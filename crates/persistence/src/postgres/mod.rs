@@ -31,10 +31,32 @@ pub use reader::PgReader;
 pub use schema::{PG_SCHEMA_VERSION, pg_migrate, pg_repair_sequences};
 pub use writer::{PgStatus, PgStore, PgWriter};
 
+/// Runs `fut` with a client-side deadline; past it, `Unavailable` saying what did not answer.
+pub(crate) async fn within<T>(
+    deadline: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no answer from the database within {} ms ({what}): the connection is lost or hangs",
+            deadline.as_millis()
+        ))),
+    }
+}
+
 /// Default size of a node's read pool.
 pub const DEFAULT_PG_POOL_SIZE: usize = 16;
 /// Default statement timeout (also bounds a wait for the counter row's lock).
 pub const DEFAULT_PG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default commit deadline: a group transaction not confirmed by then (a synchronous standby
+/// missing or lagging, a hung connection) is answered 503 `unavailable`.
+pub const DEFAULT_PG_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default interval of the writer's outbox poll.
+pub const DEFAULT_PG_OUTBOX_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Default age of the tail's last successful read after which the node is not ready.
+pub const DEFAULT_PG_TAIL_STALE_AFTER: Duration = Duration::from_secs(3);
 
 /// Everything [`PgStore::open`] needs.
 #[derive(Debug, Clone)]
@@ -44,7 +66,8 @@ pub struct PgConfig {
     /// Connections of the read pool (catch-up pages, recovery, stream pages).
     pub pool_size: usize,
     /// Every statement of every connection is cancelled after this long (`statement_timeout`);
-    /// a publish then fails with 503 instead of hanging.
+    /// a publish then fails with 503 instead of hanging. (It does not end a COMMIT's wait for
+    /// a synchronous standby: [`PgConfig::commit_timeout`] does.)
     pub statement_timeout: Duration,
     /// Bound of the writer's command queue.
     pub queue_capacity: usize,
@@ -52,6 +75,23 @@ pub struct PgConfig {
     pub max_group_events: usize,
     /// How often the tail re-reads the log without being woken (at most a second).
     pub tail_interval: Duration,
+    /// The client-side deadline of a group transaction, COMMIT included (and so of the wait
+    /// for a synchronous standby's confirmation): past it the connection is dropped and the
+    /// publishers are answered `Unavailable` (their commit is in doubt; a retry with the same
+    /// message ids is answered with the committed numbers).
+    pub commit_timeout: Duration,
+    /// The node reports itself not writable (`/readyz` 503) when its tail has not completed a
+    /// read of the log for this long (a lost or half-open connection).
+    pub tail_stale_after: Duration,
+    /// How often the writer looks for messages staged by `seqcast.publish()` (which no longer
+    /// sends a NOTIFY: that takes a cluster-wide lock at every publishing commit). Half of it
+    /// is the mean COMMIT → numbering delay.
+    pub outbox_poll_interval: Duration,
+    /// The largest `data` (bytes of JSON text) a staged message may have: written to
+    /// `seqcast.store_meta` at open, where `seqcast.publish()` enforces it (keep it the same on
+    /// every node, as the HTTP limit); larger staged rows are moved to `seqcast.outbox_failed`.
+    /// `None`: no limit.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl PgConfig {
@@ -64,7 +104,18 @@ impl PgConfig {
             queue_capacity: crate::DEFAULT_QUEUE_CAPACITY,
             max_group_events: crate::DEFAULT_MAX_GROUP_EVENTS,
             tail_interval: Duration::from_secs(1),
+            commit_timeout: DEFAULT_PG_COMMIT_TIMEOUT,
+            tail_stale_after: DEFAULT_PG_TAIL_STALE_AFTER,
+            outbox_poll_interval: DEFAULT_PG_OUTBOX_POLL_INTERVAL,
+            max_message_bytes: None,
         }
+    }
+
+    /// The client-side deadline of one query (or one connection attempt): the server's
+    /// `statement_timeout` plus a second for the answer to travel. A connection that does not
+    /// answer by then is treated as lost (it may be half-open: no FIN, no RST).
+    pub(crate) fn query_deadline(&self) -> Duration {
+        self.statement_timeout.max(Duration::from_secs(1)) + Duration::from_secs(1)
     }
 
     /// The connection settings for one of this node's connections, named `application_name`
@@ -79,6 +130,14 @@ impl PgConfig {
             .map_err(|e| StoreError::Unavailable(format!("bad database URL: {e}")))?;
         config.application_name(application_name);
         config.connect_timeout(self.statement_timeout.max(Duration::from_secs(1)));
+        // A peer that vanished is noticed by the kernel too: keepalive probes on an idle
+        // connection, and a bound on unacknowledged data. (A half-open path that still acks
+        // is caught by the client-side deadlines.)
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(self.query_deadline() * 2);
         let ms = self.statement_timeout.as_millis().max(1);
         config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
         Ok(config)
@@ -150,7 +209,35 @@ pub(crate) async fn connect(
     config: &tokio_postgres::Config,
     notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
 ) -> Result<Client, StoreError> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(pg_error)?;
+    connect_observed(config, notifications, None).await
+}
+
+/// What a connection does with a notice (a WARNING or NOTICE the server sent).
+pub(crate) type NoticeSink = Box<dyn Fn(&tokio_postgres::error::DbError) + Send + Sync>;
+
+/// [`connect`], with every notice handed to `notices` (in order with the answers: a notice
+/// sent before a statement's completion is seen before that statement's future resolves).
+/// The whole connection attempt, startup and authentication included, is bounded by the
+/// config's connect timeout (tokio-postgres bounds only the TCP connect).
+pub(crate) async fn connect_observed(
+    config: &tokio_postgres::Config,
+    notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    notices: Option<NoticeSink>,
+) -> Result<Client, StoreError> {
+    let deadline = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10))
+        * 2;
+    let (client, mut connection) = tokio::time::timeout(deadline, config.connect(NoTls))
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "no answer from the database within {} s while connecting",
+                deadline.as_secs()
+            ))
+        })?
+        .map_err(pg_error)?;
     tokio::spawn(async move {
         loop {
             let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
@@ -158,6 +245,16 @@ pub(crate) async fn connect(
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                     if let Some(tx) = &notifications {
                         let _ = tx.send(n);
+                    }
+                }
+                Some(Ok(tokio_postgres::AsyncMessage::Notice(notice))) => {
+                    tracing::debug!(
+                        severity = notice.severity(),
+                        message = notice.message(),
+                        "database notice"
+                    );
+                    if let Some(sink) = &notices {
+                        sink(&notice);
                     }
                 }
                 Some(Ok(_)) => {}

@@ -31,10 +31,15 @@ const PG_MIGRATIONS: &[PgMigration] = &[
         name: "pruned_positions",
         sql: include_str!("../../migrations/postgres/0003_pruned_positions.sql"),
     },
+    PgMigration {
+        version: 4,
+        name: "publish_without_notify",
+        sql: include_str!("../../migrations/postgres/0004_publish_without_notify.sql"),
+    },
 ];
 
 /// The PostgreSQL schema version this build writes and reads.
-pub const PG_SCHEMA_VERSION: u32 = 3;
+pub const PG_SCHEMA_VERSION: u32 = 4;
 
 /// Key of the session advisory lock that migrations run under, so nodes that start together
 /// do not race ("seqcast" in ASCII).

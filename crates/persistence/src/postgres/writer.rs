@@ -28,7 +28,7 @@ use seqcast_protocol::{Channel, MessageId, RequestId, SubscriptionKey};
 use super::reader::PgReader;
 use super::schema;
 use super::tail::Tail;
-use super::{PgConfig, PgRuntime, connect, pg_error, pg_int, pg_u64};
+use super::{NoticeSink, PgConfig, PgRuntime, connect_observed, pg_error, pg_int, pg_u64, within};
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
 use crate::store::EventWriter;
@@ -51,6 +51,11 @@ enum Command {
     },
 }
 
+/// See [`PgWriter::on_new_history`]: `(epoch, head, retention floor)` of the new history.
+pub type NewHistoryHook = Box<dyn FnMut(&str, u64, u64) + Send>;
+/// See [`PgWriter::on_pruned_gap`]: `(applied, next)`.
+pub type PrunedGapHook = Box<dyn FnMut(u64, u64) + Send>;
+
 /// State shared by the writer task, the tail task and the handles.
 pub(crate) struct Shared {
     commands_queued: AtomicU64,
@@ -67,7 +72,19 @@ pub(crate) struct Shared {
     /// the tail's reads).
     pub(crate) seen_head: AtomicU64,
     pub(crate) tail_connected: AtomicBool,
+    /// Set while the tail cannot apply the next event (a row it cannot read): why.
+    pub(crate) tail_fault: Mutex<Option<String>>,
+    /// The epoch of the history this node serves (the tail moves it; the writer follows).
+    pub(crate) epoch: Mutex<String>,
+    /// The writer found another history: the tail reconnects (and so checks the identity).
+    pub(crate) identity_check: AtomicBool,
+    /// Told when the tail finds the database is another history: (epoch, head, floor).
+    pub(crate) new_history: Mutex<Option<NewHistoryHook>>,
+    /// Told when the tail skips numbers that the retention floor pruned before it read them.
+    pub(crate) pruned_gap: Mutex<Option<PrunedGapHook>>,
     pub(crate) last_tail_read: Mutex<Option<Instant>>,
+    /// Past this age of the tail's last read the node says it is not writable.
+    tail_stale_after: Duration,
     pub(crate) tail_wake: Notify,
     pub(crate) outbox_wake: Notify,
     stop: watch::Sender<bool>,
@@ -78,7 +95,10 @@ pub(crate) struct Shared {
 /// What `/readyz` and `/metrics` show about a node's database connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgStatus {
-    /// The writer can reach the database: publishes are taken.
+    /// Publishes are taken and answered: the writer's last statement or probe succeeded (and
+    /// was confirmed by a synchronous standby where one is configured), and this node's tail
+    /// has read the log within `tail_stale_after` (a publish is answered once the tail has
+    /// applied it, and live delivery depends on it).
     pub writable: bool,
     /// Why not, when not.
     pub last_error: Option<String>,
@@ -133,11 +153,27 @@ impl PgStore {
     ) -> Result<(PgWriter, PgReader, StoreInfo), StoreError> {
         let runtime = PgRuntime::new()?;
         let writer_config = config.connection("seqcast-writer")?;
+        let unconfirmed = Arc::new(AtomicBool::new(false));
+        let max_message_bytes = config.max_message_bytes;
         let opened = {
             let writer_config = writer_config.clone();
+            let sink = unconfirmed_sink(&unconfirmed);
             runtime.block(async move {
-                let mut client = connect(&writer_config, None).await?;
+                let mut client = connect_observed(&writer_config, None, Some(sink)).await?;
                 schema::apply_migrations(&mut client).await?;
+                if let Some(limit) = max_message_bytes {
+                    // Where seqcast.publish() finds the HTTP size limit.
+                    client
+                        .execute(
+                            "INSERT INTO seqcast.store_meta (key, value) \
+                             VALUES ('max_message_bytes', $1) \
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value \
+                             WHERE seqcast.store_meta.value IS DISTINCT FROM EXCLUDED.value",
+                            &[&limit.to_string()],
+                        )
+                        .await
+                        .map_err(pg_error)?;
+                }
                 let epoch = schema::read_epoch(&client).await?;
                 let head: i64 = client
                     .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
@@ -162,7 +198,13 @@ impl PgStore {
             applied,
             seen_head: AtomicU64::new(head),
             tail_connected: AtomicBool::new(false),
+            tail_fault: Mutex::new(None),
+            pruned_gap: Mutex::new(None),
+            epoch: Mutex::new(epoch.clone()),
+            identity_check: AtomicBool::new(false),
+            new_history: Mutex::new(None),
             last_tail_read: Mutex::new(None),
+            tail_stale_after: config.tail_stale_after.max(Duration::from_millis(100)),
             tail_wake: Notify::new(),
             outbox_wake: Notify::new(),
             stop,
@@ -174,6 +216,8 @@ impl PgStore {
             applied: head,
             shared: Arc::clone(&shared),
             interval: config.tail_interval.min(Duration::from_secs(1)),
+            query_deadline: config.query_deadline(),
+            fault_logged: None,
         };
         *shared
             .pending_tail
@@ -188,6 +232,12 @@ impl PgStore {
             shared: Arc::clone(&shared),
             max_group_events: config.max_group_events.max(1),
             answer_timeout: config.statement_timeout.max(Duration::from_secs(1)),
+            query_deadline: config.query_deadline(),
+            commit_timeout: config.commit_timeout.max(Duration::from_millis(100)),
+            unconfirmed,
+            unconfirmed_since: None,
+            outbox_poll_interval: config.outbox_poll_interval.max(Duration::from_millis(1)),
+            max_message_bytes: config.max_message_bytes,
             last_committed: head,
         };
         runtime.handle().spawn(task.run(receiver, stop_rx));
@@ -222,24 +272,76 @@ impl PgWriter {
         }
     }
 
+    /// Lets the tail skip what retention pruned before this node read it (a node that was
+    /// paused or slow while another node pruned past it): `skipped(applied, next)` is called
+    /// on the tail's task before the commit hook gets `next`, the first retained event after
+    /// `applied`, when the retention floor (one row of the database, raised by whichever node
+    /// prunes) is above `applied + 1`. Without it, such a gap reaches the commit hook as is.
+    /// Set it before [`PgWriter::start_delivery`].
+    pub fn on_pruned_gap(&self, skipped: PrunedGapHook) {
+        *self
+            .shared
+            .pruned_gap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(skipped);
+    }
+
+    /// Lets the node move to another history without a restart. Every (re)connection of the
+    /// tail checks the database's identity (the epoch: the store's id bound to the cluster's
+    /// system identifier, its timeline and the database): when it changed (a failover to
+    /// another timeline, a restore), `moved(epoch, head, floor)` is called on the tail's task
+    /// with the new history's epoch, head and retention floor, the tail goes on from that head,
+    /// and the writer takes the new epoch (until then it refuses publishes with the reason).
+    /// Without it the node keeps refusing publishes. Set it before
+    /// [`PgWriter::start_delivery`].
+    pub fn on_new_history(&self, moved: NewHistoryHook) {
+        *self
+            .shared
+            .new_history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(moved);
+    }
+
     /// The database connections' state, for `/readyz` and `/metrics`.
     pub fn status(&self) -> PgStatus {
         let s = &self.shared;
+        let since_tail_read = s
+            .last_tail_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|t| t.elapsed());
+        let mut writable = s.available.load(Ordering::Acquire);
+        let mut last_error = s
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(fault) = s
+            .tail_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            writable = false;
+            last_error = Some(fault);
+        } else if let Some(age) = since_tail_read.filter(|age| *age > s.tail_stale_after) {
+            writable = false;
+            if last_error.is_none() {
+                last_error = Some(format!(
+                    "this node's tail has not read the log for {} ms (its database connection \
+                     is lost or hangs): live delivery is stalled",
+                    age.as_millis()
+                ));
+            }
+        }
         PgStatus {
-            writable: s.available.load(Ordering::Acquire),
-            last_error: s
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            writable,
+            last_error,
             applied: *s.applied.borrow(),
             seen_head: s.seen_head.load(Ordering::Acquire),
             tail_connected: s.tail_connected.load(Ordering::Acquire),
-            since_tail_read_ms: s
-                .last_tail_read
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            since_tail_read_ms: since_tail_read
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -359,13 +461,64 @@ struct WriterTask {
     shared: Arc<Shared>,
     max_group_events: usize,
     answer_timeout: Duration,
+    /// Client-side deadline of a statement that is not a group commit.
+    query_deadline: Duration,
+    /// Client-side deadline of a group transaction, COMMIT (and the synchronous standby's
+    /// confirmation) included.
+    commit_timeout: Duration,
+    /// Set by the connection when PostgreSQL reports that it stopped waiting for a
+    /// synchronous standby ("canceling wait for synchronous replication … the transaction
+    /// has already committed locally"): that COMMIT is not an acknowledgement.
+    unconfirmed: Arc<AtomicBool>,
+    /// Set when a group commit was not confirmed in time (or PostgreSQL stopped waiting for
+    /// the synchronous standby): publishes are refused at once, with this reason, until the
+    /// writer's probe commits with confirmation again.
+    unconfirmed_since: Option<String>,
+    outbox_poll_interval: Duration,
+    max_message_bytes: Option<usize>,
     last_committed: u64,
+}
+
+/// Whether anything is staged: one probe of the primary key's index (which skips the dead
+/// entries of numbered rows cheaply; a sequential scan would read them until a vacuum).
+const OUTBOX_NONEMPTY: &str =
+    "SELECT EXISTS (SELECT 1 FROM seqcast.outbox ORDER BY outbox_id LIMIT 1)";
+
+/// Client-side deadline of the write probe while publishes fail.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Why publishes are refused while commits are not confirmed.
+const UNCONFIRMED: &str = "commits are not confirmed (a synchronous standby missing or lagging, \
+     or the database connection lost): publishes are refused until a probe commit is confirmed";
+
+/// The notice text PostgreSQL sends when a COMMIT stops waiting for the synchronous standby
+/// (statement timeout, cancel, or the session ending) — the transaction is committed locally
+/// but the standby may not have it.
+const SYNC_REP_CANCELED: &str = "canceling wait for synchronous replication";
+
+/// A notice sink that raises `flag` on [`SYNC_REP_CANCELED`].
+fn unconfirmed_sink(flag: &Arc<AtomicBool>) -> NoticeSink {
+    let flag = Arc::clone(flag);
+    Box::new(move |notice| {
+        if notice.message().starts_with(SYNC_REP_CANCELED) {
+            tracing::warn!(
+                event = "commit_unconfirmed",
+                notice = notice.message(),
+                detail = notice.detail(),
+                "a COMMIT was not confirmed by the synchronous standby; its publishers are not acknowledged"
+            );
+            flag.store(true, Ordering::SeqCst);
+        }
+    })
 }
 
 impl WriterTask {
     async fn run(mut self, mut receiver: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The outbox poll: seqcast.publish() sends no NOTIFY (schema 4).
+        let mut poll = tokio::time::interval(self.outbox_poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = None;
         while shutdown.is_none() {
             // Not biased: under a constant stream of publishes the outbox still gets its turn.
@@ -375,12 +528,28 @@ impl WriterTask {
                     None => break,
                 },
                 _ = self.shared.outbox_wake.notified() => {
-                    self.sweep_outbox().await;
+                    match self.queued_while_refusing(&mut receiver) {
+                        Some(c) => c,
+                        None => {
+                            self.sweep_outbox().await;
+                            continue;
+                        }
+                    }
+                }
+                _ = poll.tick(), if self.unconfirmed_since.is_none()
+                    && self.shared.available.load(Ordering::Acquire) =>
+                {
+                    self.poll_outbox().await;
                     continue;
                 }
                 _ = sweep.tick() => {
-                    self.sweep_outbox().await;
-                    continue;
+                    match self.queued_while_refusing(&mut receiver) {
+                        Some(c) => c,
+                        None => {
+                            self.sweep_outbox().await;
+                            continue;
+                        }
+                    }
                 }
                 _ = stop.changed() => break,
             };
@@ -431,6 +600,34 @@ impl WriterTask {
         }
     }
 
+    /// Gives up the connection after a client-side deadline: its statement is canceled (a
+    /// cancel request on a connection of its own: a COMMIT waiting for a synchronous standby
+    /// does not end by itself, and would hold its locks and its backend until the standby
+    /// comes back), then it is dropped. Both in the background, bounded.
+    fn abandon_connection(&mut self) {
+        if let Some((client, _)) = self.client.take() {
+            let token = client.cancel_token();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    token.cancel_query(tokio_postgres::NoTls),
+                )
+                .await;
+                drop(client);
+            });
+        }
+    }
+
+    /// While publishes are refused (commits not confirmed), a queued command goes before the
+    /// probe: it is answered at once, instead of waiting for a probe that may take seconds.
+    fn queued_while_refusing(&self, receiver: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        if self.unconfirmed_since.is_some() {
+            receiver.try_recv().ok()
+        } else {
+            None
+        }
+    }
+
     fn set_available(&self, result: Result<(), &StoreError>) {
         let ok = result.is_ok();
         let was = self.shared.available.swap(ok, Ordering::AcqRel);
@@ -467,16 +664,43 @@ impl WriterTask {
             }
             self.client = None;
         }
-        let client = connect(&self.config, None).await?;
-        schema::require_current_schema(&client).await?;
-        let epoch = schema::read_epoch(&client).await?;
+        let client = connect_observed(
+            &self.config,
+            None,
+            Some(unconfirmed_sink(&self.unconfirmed)),
+        )
+        .await?;
+        let (epoch, statements) = within(
+            self.query_deadline,
+            "checking the reconnected database",
+            async {
+                schema::require_current_schema(&client).await?;
+                let epoch = schema::read_epoch(&client).await?;
+                let statements = Statements::prepare(&client).await?;
+                Ok((epoch, statements))
+            },
+        )
+        .await?;
         if epoch != self.epoch {
-            return Err(StoreError::Unavailable(format!(
-                "the database is another history now (epoch {epoch}, this node serves {}); restart the node",
-                self.epoch
-            )));
+            let serving = self
+                .shared
+                .epoch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if epoch != serving {
+                // The tail moves the node (it must restart delivery from the new history
+                // first); until it has, nothing is written under the old epoch.
+                self.shared.identity_check.store(true, Ordering::Release);
+                self.shared.tail_wake.notify_one();
+                return Err(StoreError::Unavailable(format!(
+                    "the database is another history now (epoch {epoch}, this node serves \
+                     {serving}); the node is moving to it"
+                )));
+            }
+            tracing::warn!(event = "writer_new_history", epoch = %epoch, "the writer writes to the new history");
+            self.epoch = epoch;
         }
-        let statements = Statements::prepare(&client).await?;
         tracing::info!("database connection reopened");
         self.client = Some((client, statements));
         Ok(())
@@ -493,6 +717,18 @@ impl WriterTask {
     }
 
     async fn write_group(&mut self, mut appends: Vec<PendingAppend>) {
+        if let Some(why) = &self.unconfirmed_since {
+            // Commits are not being confirmed: answer at once instead of letting every group
+            // wait out the commit deadline; the probe (every second) lifts this.
+            let e = StoreError::Unavailable(why.clone());
+            self.shared
+                .transactions_failed
+                .fetch_add(1, Ordering::Relaxed);
+            for a in appends {
+                let _ = a.reply.send(Err(e.clone()));
+            }
+            return;
+        }
         if let Err(e) = self.ensure_connection().await {
             self.set_available(Err(&e));
             self.shared
@@ -509,7 +745,55 @@ impl WriterTask {
             if own.iter().all(Option::is_some) {
                 break;
             }
-            match self.attempt(&appends, &own, combined).await {
+            self.unconfirmed.store(false, Ordering::SeqCst);
+            let attempt = match tokio::time::timeout(
+                self.commit_timeout,
+                self.attempt(&appends, &own, combined),
+            )
+            .await
+            {
+                Ok(attempt) => attempt,
+                Err(_) => {
+                    // The connection may be half-open or the COMMIT waits for a synchronous
+                    // standby: either way nobody is acknowledged, and the connection (whose
+                    // pipeline is in an unknown state) is dropped.
+                    self.abandon_connection();
+                    self.unconfirmed_since = Some(UNCONFIRMED.to_owned());
+                    Attempt::Lost(StoreError::Unavailable(format!(
+                        "the database did not confirm the commit within {} ms (a synchronous \
+                         standby missing or lagging, or the connection lost); the publish is in \
+                         doubt: retry it with the same message_id",
+                        self.commit_timeout.as_millis()
+                    )))
+                }
+            };
+            let attempt = match attempt {
+                Attempt::Committed(results, _)
+                    if self.unconfirmed.swap(false, Ordering::SeqCst) =>
+                {
+                    // Visible on this primary (every tail delivers it), but not acknowledged:
+                    // a failover may lose it. The publishers retry with their message ids.
+                    let newest = results
+                        .iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.sequence_number)
+                        .max()
+                        .unwrap_or(0);
+                    self.last_committed = self.last_committed.max(newest);
+                    self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
+                    self.shared.tail_wake.notify_one();
+                    self.unconfirmed_since = Some(UNCONFIRMED.to_owned());
+                    Attempt::Lost(StoreError::Unavailable(
+                        "PostgreSQL committed locally but the synchronous standby did not confirm \
+                         (\"canceling wait for synchronous replication\"): not acknowledged; retry \
+                         with the same message_id"
+                            .to_owned(),
+                    ))
+                }
+                other => other,
+            };
+            match attempt {
                 Attempt::Split => combined = false,
                 Attempt::CommandFailed(i, e) => own[i] = Some(e),
                 Attempt::Lost(e) => {
@@ -685,15 +969,44 @@ impl WriterTask {
     /// One prune step (see [`EventWriter::prune`]) in one transaction.
     async fn prune(&mut self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
         self.ensure_connection().await?;
+        let deadline = self.query_deadline;
         let result = match &mut self.client {
-            Some((client, _)) => prune_step(client, below, max_events).await,
+            Some((client, _)) => {
+                within(deadline, "pruning", prune_step(client, below, max_events)).await
+            }
             None => Err(StoreError::Closed),
         };
+        if matches!(&result, Err(StoreError::Unavailable(_))) {
+            // Possibly a hung connection: start from a fresh one.
+            self.abandon_connection();
+        }
         if let Err(e) = &result {
             tracing::warn!(error = %e, "prune failed; nothing was deleted");
             self.after_error(e);
         }
         result
+    }
+
+    /// The frequent outbox check: one index probe; numbering when something is staged. Errors
+    /// are left to the once-a-second sweep (which reports them).
+    async fn poll_outbox(&mut self) {
+        let Some((client, _)) = &self.client else {
+            return;
+        };
+        if client.is_closed() {
+            return;
+        }
+        let staged = within(self.query_deadline, "the outbox poll", async {
+            client
+                .query_one(OUTBOX_NONEMPTY, &[])
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(pg_error)
+        })
+        .await;
+        if matches!(staged, Ok(true)) {
+            self.sweep_outbox().await;
+        }
     }
 
     /// Numbers the messages staged by `seqcast.publish()` whose transactions have committed.
@@ -706,15 +1019,76 @@ impl WriterTask {
         let Some((client, _)) = &self.client else {
             return;
         };
-        let staged = match client
-            .query_one("SELECT EXISTS (SELECT 1 FROM seqcast.outbox)", &[])
-            .await
-        {
-            Ok(row) => row.get::<_, bool>(0),
+        // While publishes fail, the probe writes (a commit record), so that a synchronous
+        // standby that is still missing keeps the node unavailable and one that is back
+        // makes it available again without a publish.
+        let writes = !self.shared.available.load(Ordering::Acquire);
+        self.unconfirmed.store(false, Ordering::SeqCst);
+        // Short while publishes are refused: a probe must not hold up the queue for long.
+        let probe_deadline = if writes {
+            PROBE_DEADLINE.min(self.query_deadline)
+        } else {
+            self.query_deadline
+        };
+        let probe_started = Instant::now();
+        let probe = within(probe_deadline, "the writer's probe", async {
+            if writes {
+                client.batch_execute("BEGIN").await.map_err(pg_error)?;
+                let written = async {
+                    client
+                        .batch_execute("SET LOCAL statement_timeout = 1000")
+                        .await?;
+                    // A row version, so the COMMIT writes WAL and waits for the standby
+                    // (an xid alone does not). Readers are not blocked; no value changes.
+                    client
+                        .execute(
+                            "UPDATE seqcast.store_meta SET value = value WHERE key = 'epoch'",
+                            &[],
+                        )
+                        .await?;
+                    client.batch_execute("COMMIT").await
+                }
+                .await;
+                if let Err(e) = written {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(pg_error(e));
+                }
+            }
+            client
+                .query_one(OUTBOX_NONEMPTY, &[])
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(pg_error)
+        })
+        .await;
+        let probe = match probe {
+            Ok(_) if self.unconfirmed.swap(false, Ordering::SeqCst) => Err(StoreError::Unavailable(
+                "the synchronous standby does not confirm commits (\"canceling wait for synchronous replication\")"
+                    .to_owned(),
+            )),
+            other => other,
+        };
+        if writes {
+            tracing::debug!(
+                took_ms = u64::try_from(probe_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ok = probe.is_ok(),
+                "write probe"
+            );
+            if probe.is_err() {
+                self.abandon_connection();
+            }
+            self.unconfirmed_since = probe
+                .as_ref()
+                .err()
+                .map(|e| format!("{UNCONFIRMED} (the last probe: {e})"));
+        }
+        let staged = match probe {
+            Ok(staged) => staged,
             Err(e) => {
-                let e = pg_error(e);
                 self.set_available(Err(&e));
-                self.after_error(&e);
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.abandon_connection();
+                }
                 return;
             }
         };
@@ -723,7 +1097,24 @@ impl WriterTask {
             return;
         }
         loop {
-            match self.number_staged().await {
+            let deadline = self.commit_timeout.max(self.query_deadline);
+            let numbered = match tokio::time::timeout(deadline, self.number_staged()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.abandon_connection();
+                    Err(StoreError::Unavailable(format!(
+                        "numbering staged messages got no answer within {} ms",
+                        deadline.as_millis()
+                    )))
+                }
+            };
+            if self.unconfirmed.swap(false, Ordering::SeqCst) {
+                tracing::warn!(
+                    event = "outbox_unconfirmed",
+                    "staged messages were numbered and committed locally, but the synchronous standby did not confirm"
+                );
+            }
+            match numbered {
                 Ok(0) => return,
                 Ok(n) => {
                     self.shared.tail_wake.notify_one();
@@ -774,7 +1165,13 @@ impl WriterTask {
         for row in &rows {
             let id: i64 = row.get(0);
             ids.push(id);
-            match staged_event(row.get(1), row.get(2), row.get(3), row.get(4)) {
+            match staged_event(
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                self.max_message_bytes,
+            ) {
                 Ok(e) => good.push((id, e)),
                 Err(why) => bad.push((id, why)),
             }
@@ -901,7 +1298,14 @@ fn staged_event(
     request_id: &str,
     message_id: &str,
     data: &str,
+    max_bytes: Option<usize>,
 ) -> Result<NewEvent, String> {
+    if let Some(limit) = max_bytes.filter(|l| data.len() > *l) {
+        return Err(format!(
+            "data is {} bytes, over the limit of {limit} (max_message_bytes)",
+            data.len()
+        ));
+    }
     let channel = Channel::parse(channel).map_err(|e| e.to_string())?;
     let request_id = RequestId::parse(request_id).map_err(|e| e.to_string())?;
     let message_id = MessageId::parse(message_id).map_err(|e| e.to_string())?;
@@ -931,7 +1335,17 @@ fn decode(
             Ok((
                 CommittedEvent {
                     sequence_number: pg_u64(row.get(0), "sequence_number")?,
-                    stream_sequence: pg_u64(row.get(1), "stream_sequence")?,
+                    // Never NULL while pruning holds the counter lock; if it ever is, an
+                    // error for this group, not a panic of the writer task.
+                    stream_sequence: pg_u64(
+                        row.get::<_, Option<i64>>(1).ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "append_events gave message {} no stream position",
+                                e.message_id.as_str()
+                            ))
+                        })?,
+                        "stream_sequence",
+                    )?,
                     key: e.key.clone(),
                     message_id: e.message_id.clone(),
                     timestamp_ms: pg_u64(row.get(3), "timestamp_ms")?,
@@ -951,8 +1365,14 @@ async fn prune_step(
     max_events: usize,
 ) -> Result<PruneReport, StoreError> {
     let tx = client.transaction().await.map_err(pg_error)?;
+    // The counter row's lock, as every append takes it first: no append (on any node) runs
+    // between this step's statements, so an upsert never finds its row half-deleted (a NULL
+    // position, or an event committed without its row that every tail would stop on).
     let head: i64 = tx
-        .query_one("SELECT head FROM seqcast.counter WHERE id = 1", &[])
+        .query_one(
+            "SELECT head FROM seqcast.counter WHERE id = 1 FOR UPDATE",
+            &[],
+        )
         .await
         .map_err(pg_error)?
         .get(0);
