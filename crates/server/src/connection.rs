@@ -41,6 +41,24 @@ struct ConnInfo {
     session_id: Option<SessionId>,
     connection_sequence: Option<u64>,
     started: Instant,
+    /// The hub's history when `connected` told the client its epoch ([`crate::hub::Hub::history`]).
+    history: u64,
+}
+
+/// The close of a connection whose node moved to another history (failover, restore).
+const HISTORY_CHANGED: CloseReason = CloseReason::Peer(
+    1012,
+    "the store is another history now (failover or restore): resume with since",
+);
+
+/// The node moved to another history since the connection told its client the epoch: nothing
+/// planned under the old one may be sent. Asks for the close; true when it did.
+fn history_changed(app: &AppState, sub: &Subscriber, info: &ConnInfo) -> bool {
+    if app.hub.history() == info.history {
+        return false;
+    }
+    sub.close(HISTORY_CHANGED);
+    true
 }
 
 /// Serve one upgraded socket until it closes. `pre_auth` is the grant from an
@@ -123,6 +141,9 @@ pub async fn serve(
         session_id,
         connection_sequence,
         started,
+        // Before the epoch is read for `connected` (below): a move in between ends the
+        // connection at once, never the other way round.
+        history: app.hub.history(),
     };
     Metrics::inc(&app.hub.metrics.connections_opened);
     tracing::info!(
@@ -439,6 +460,9 @@ async fn run(
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
     loop {
+        if !sub.is_closing() {
+            history_changed(app, sub, info);
+        }
         // Frames kept under back-pressure go first, in order, once the connection can act.
         while job.is_none() && !sub.is_above_high_water() && !sub.is_closing() {
             let Some(frame) = deferred.pop() else {
@@ -599,14 +623,20 @@ fn advance(
                 return None;
             }
             Step::JoinFromCache { after } => {
-                match app.hub.join_from_cache(sub, &key, after, page) {
+                match app
+                    .hub
+                    .join_from_cache(sub, &key, after, page, info.history)
+                {
                     Join::Joined { head, .. } => cursor.on_joined(head),
                     Join::Page { through, .. } => {
                         cursor.on_cache_page(through);
                         subs.catching_up.push_back(key);
                     }
                     Join::NotCached => subs.catching_up.push_back(key),
-                    Join::Gone => return None,
+                    Join::Gone => {
+                        history_changed(app, sub, info);
+                        return None;
+                    }
                 }
             }
             Step::ReadLog { after, through } => {
@@ -651,6 +681,10 @@ fn on_job_done(
     subs: &mut Subscriptions,
     done: JobDone,
 ) {
+    // A start or a page planned under the old history: its epoch and numbers mean nothing now.
+    if history_changed(app, sub, info) {
+        return;
+    }
     match done {
         JobDone::Started { key, .. } if !grant.allows(&key) => {
             // An `auth` read while the start was planned narrowed the token.

@@ -285,7 +285,7 @@ pub enum Join {
     /// The cache no longer holds everything after the position (it was evicted meanwhile):
     /// read the log.
     NotCached,
-    /// The connection is closing.
+    /// The connection is closing, or its cursor belongs to an older history.
     Gone,
 }
 
@@ -308,6 +308,9 @@ pub struct Hub {
     state: Mutex<HubState>,
     /// Changes only when the store becomes another history ([`Hub::move_to_history`]).
     epoch: std::sync::RwLock<String>,
+    /// How many times this node moved to another history; a connection that started under an
+    /// older one ends (1012) instead of acting on anything it planned there.
+    history: AtomicU64,
     /// The newest number applied (readable without the lock).
     head: AtomicU64,
     /// Process counters.
@@ -367,9 +370,17 @@ impl Hub {
                 retention_floor,
             }),
             epoch: std::sync::RwLock::new(epoch),
+            history: AtomicU64::new(0),
             head: AtomicU64::new(head),
             metrics: Metrics::default(),
         })
+    }
+
+    /// Which history this node serves: a number that changes with every
+    /// [`Hub::move_to_history`]. Read it before [`Hub::epoch`]: a connection that told its client
+    /// an epoch acts only while this is unchanged.
+    pub fn history(&self) -> u64 {
+        self.history.load(Ordering::Acquire)
     }
 
     /// The store's epoch (of the history this node serves now).
@@ -382,9 +393,12 @@ impl Hub {
     /// The cache starts again empty at `head`, and every connection in live delivery is closed
     /// (1012, "service restart"): its client reconnects, resumes with its old epoch and is
     /// told `recovered: false` (HTTP recovery with the old epoch says `complete: false`).
+    /// Connections not in live delivery (catching up, subscribing) see [`Hub::history`] change
+    /// and end the same way before they send anything planned under the old history.
     pub fn move_to_history(&self, epoch: String, head: u64, floor: u64) {
         let mut state = self.lock();
         *self.epoch.write().unwrap_or_else(|p| p.into_inner()) = epoch.clone();
+        self.history.fetch_add(1, Ordering::AcqRel);
         let budget = state.cache.budget_bytes();
         state.cache = TailCache::new(budget, head);
         state.retention_floor = floor;
@@ -603,9 +617,15 @@ impl Hub {
         key: &SubscriptionKey,
         after: u64,
         page: usize,
+        history: u64,
     ) -> Join {
         let page = page.max(1);
         let mut state = self.lock();
+        // Under the lock that `move_to_history` holds: a cursor of an older history never joins
+        // (or takes the cached rest of) this one.
+        if self.history.load(Ordering::Acquire) != history {
+            return Join::Gone;
+        }
         if !state.cache.covers_after(after) {
             return Join::NotCached;
         }
@@ -824,6 +844,30 @@ mod tests {
         );
     }
 
+    /// After a move to another history, a cursor of the old one never joins the new one — even
+    /// where the new cache covers its position (a new history that ends below the old one's
+    /// numbers) — and the history number a connection compares against has changed.
+    #[test]
+    fn a_cursor_of_an_older_history_never_joins_the_new_one() {
+        let hub = Hub::new("old".into(), 0, 1, 1 << 20, Vec::new()).unwrap();
+        let key = SubscriptionKey::parse("c:a").unwrap();
+        for seq in 1..=5 {
+            hub.apply_committed(&[event(seq, "c:a")]).unwrap();
+        }
+        let before = hub.history();
+        // The new history's log ends at 3: a cursor of the old one at 4 is "covered" by its cache.
+        hub.move_to_history("new".into(), 3, 1);
+        assert_ne!(hub.history(), before);
+        assert_eq!(hub.epoch(), "new");
+        let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
+        assert_eq!(hub.join_from_cache(&sub, &key, 4, 16, before), Join::Gone);
+        // A connection that started under the new history joins as usual.
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 3, 16, hub.history()),
+            Join::Joined { head: 3, sent: 0 }
+        );
+    }
+
     /// A page from the cache stops at PAGE_BYTES of frames (the crossing one included), whatever
     /// the page's frame count, so a connection never queues the whole cached rest of a key of
     /// large messages at once.
@@ -840,7 +884,7 @@ mod tests {
         // Two frames are just under PAGE_BYTES; the third crosses it and ends the page.
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 512),
+            hub.join_from_cache(&sub, &key, 0, 512, 0),
             Join::Page {
                 through: 3,
                 sent: 3
@@ -848,7 +892,7 @@ mod tests {
         );
         // The rest is a page of its own too, and the last: joined.
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 3, 512),
+            hub.join_from_cache(&sub, &key, 3, 512, 0),
             Join::Joined { head: 6, sent: 3 }
         );
         let mut buf = Vec::new();
@@ -862,7 +906,7 @@ mod tests {
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 2));
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 10),
+            hub.join_from_cache(&sub, &key, 0, 10, 0),
             Join::Joined { head: 0, sent: 0 }
         );
         for seq in 1..=5 {
@@ -879,7 +923,7 @@ mod tests {
         assert!(sub.take_now(&mut rest, &mut None).is_none());
         // Joining from position 2 queues 3..=6 from the cache, then live again.
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 2, 10),
+            hub.join_from_cache(&sub, &key, 2, 10, 0),
             Join::Joined { head: 6, sent: 4 }
         );
         sub.take_now(&mut rest, &mut None);
@@ -901,7 +945,7 @@ mod tests {
             hub.apply_committed(&[event(seq, "c:a")]).unwrap();
         }
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 4),
+            hub.join_from_cache(&sub, &key, 0, 4, 0),
             Join::Page {
                 through: 4,
                 sent: 4
@@ -909,7 +953,7 @@ mod tests {
         );
         // The log is pruned below 6: the cache drops 1..=5 with it.
         hub.raise_retention_floor(6);
-        assert_eq!(hub.join_from_cache(&sub, &key, 4, 4), Join::NotCached);
+        assert_eq!(hub.join_from_cache(&sub, &key, 4, 4, 0), Join::NotCached);
         let view = hub.view();
         assert_eq!(
             (view.cache_floor, view.retention_floor, view.head),
