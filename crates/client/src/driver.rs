@@ -477,7 +477,12 @@ impl Driver {
                 // Nobody listening is fine: the error is logged above.
                 let _ = self.shared.errors.send(e);
             }
-            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::AuthOk(_)) => {}
+            Ok(
+                ServerFrame::Connected(_)
+                | ServerFrame::Pong
+                | ServerFrame::AuthOk(_)
+                | ServerFrame::PublishAck(_),
+            ) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");
