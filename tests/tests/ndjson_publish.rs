@@ -49,6 +49,12 @@ async fn curl(s: &TestServer, authorization: &str, input: String) -> Vec<Value> 
 /// piece, and the chunked NDJSON answer read as it arrives.
 struct Raw {
     socket: TcpStream,
+    answers: Answers,
+}
+
+/// The chunked NDJSON answer, decoded as its bytes arrive.
+#[derive(Default)]
+struct Answers {
     /// Bytes read and not yet decoded.
     raw: Vec<u8>,
     /// Decoded answer text not yet split into lines.
@@ -57,29 +63,7 @@ struct Raw {
     ended: bool,
 }
 
-impl Raw {
-    async fn start(s: &TestServer, authorization: &str) -> Self {
-        let mut socket = TcpStream::connect(s.addr).await.unwrap();
-        let head = format!(
-            "POST /api/publish/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: {authorization}\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n",
-            s.addr
-        );
-        socket.write_all(head.as_bytes()).await.unwrap();
-        Raw {
-            socket,
-            raw: Vec::new(),
-            body: Vec::new(),
-            status: None,
-            ended: false,
-        }
-    }
-
-    async fn send(&mut self, line: &str) {
-        let piece = format!("{line}\n");
-        let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
-        self.socket.write_all(chunk.as_bytes()).await.unwrap();
-    }
-
+impl Answers {
     /// Decode what `raw` holds: the head once, then whole chunks.
     fn decode(&mut self) {
         if self.status.is_none() {
@@ -112,16 +96,43 @@ impl Raw {
         }
     }
 
+    /// The next whole answer line decoded so far.
+    fn next_line(&mut self) -> Option<Value> {
+        self.decode();
+        let nl = self.body.iter().position(|&b| b == b'\n')?;
+        let line: Vec<u8> = self.body.drain(..=nl).collect();
+        Some(serde_json::from_slice(&line).unwrap())
+    }
+}
+
+impl Raw {
+    async fn start(s: &TestServer, authorization: &str) -> Self {
+        let mut socket = TcpStream::connect(s.addr).await.unwrap();
+        let head = format!(
+            "POST /api/publish/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: {authorization}\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n",
+            s.addr
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        Raw {
+            socket,
+            answers: Answers::default(),
+        }
+    }
+
+    async fn send(&mut self, line: &str) {
+        let piece = format!("{line}\n");
+        let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+        self.socket.write_all(chunk.as_bytes()).await.unwrap();
+    }
+
     /// The next answer line, within [`PROMPT`]; `None` at the end of the answer.
     async fn answer(&mut self) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + PROMPT;
         loop {
-            self.decode();
-            if let Some(nl) = self.body.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.body.drain(..=nl).collect();
-                return Some(serde_json::from_slice(&line).unwrap());
+            if let Some(v) = self.answers.next_line() {
+                return Some(v);
             }
-            if self.ended {
+            if self.answers.ended {
                 return None;
             }
             let mut buf = [0u8; 8192];
@@ -132,7 +143,7 @@ impl Raw {
             if n == 0 {
                 return None;
             }
-            self.raw.extend_from_slice(&buf[..n]);
+            self.answers.raw.extend_from_slice(&buf[..n]);
         }
     }
 
@@ -339,4 +350,76 @@ async fn curl_streams_ndjson_with_a_bad_line_and_an_oversized_line() {
     let log = count_in_log(&s, "curl", "r").await;
     assert_eq!(log.len(), 301);
     assert!(log.iter().all(|m| m["data"] != "never"));
+}
+
+/// The database writer stalls (another process holds SQLite's write lock) while a producer keeps
+/// streaming 32 KB lines: the server holds at most its in-flight bound and stops reading the
+/// body, so the producer's writes stall and the server's memory stays flat; once the lock
+/// goes, every line is committed and answered in order.
+#[tokio::test]
+async fn a_stalled_writer_stops_the_reading_of_the_body() {
+    const N: usize = 1_000;
+    let s = TestServer::start_with(Options::args(&["--db-busy-timeout-ms", "60000"])).await;
+    let mut raw = Raw::start(&s, &format!("ApiKey {API_KEY}")).await;
+    raw.send(&line("stall", "warm", json!("x".repeat(32 << 10))))
+        .await;
+    assert_eq!(raw.answer().await.unwrap()["sequence_number"], 1);
+    let rss_before = s.rss_bytes();
+
+    let db = rusqlite::Connection::open(s.data_dir.join("seqcast.db")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (mut reader, mut writer) = raw.socket.into_split();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let producer = {
+        let sent = std::sync::Arc::clone(&sent);
+        tokio::spawn(async move {
+            let pad = "y".repeat(32 << 10);
+            for i in 0..N {
+                let piece = format!("{}\n", line("stall", "r", json!({"i": i, "pad": pad})));
+                let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+                writer.write_all(chunk.as_bytes()).await.unwrap();
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            writer.write_all(b"0\r\n\r\n").await.unwrap();
+            writer
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let stalled_at = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let grown = s.rss_bytes().saturating_sub(rss_before);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        stalled_at,
+        "the producer's writes are stalled (the server stopped reading the body)"
+    );
+    println!(
+        "writer stalled: producer got {stalled_at} of {N} lines out; server RSS grew {} MiB",
+        grown >> 20
+    );
+    assert!(stalled_at < N / 2, "{stalled_at} lines sent");
+    assert!(grown < 24 << 20, "server memory grew {} MiB", grown >> 20);
+
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+    let mut rest = raw.answers;
+    let mut answers = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while answers < N {
+        while let Some(v) = rest.next_line() {
+            assert_eq!(v["sequence_number"], 2 + answers as u64, "{v}");
+            answers += 1;
+        }
+        if answers == N {
+            break;
+        }
+        let mut buf = [0u8; 65536];
+        let n = tokio::time::timeout_at(deadline, reader.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "answer ended after {answers}");
+        rest.raw.extend_from_slice(&buf[..n]);
+    }
+    let _writer = producer.await.unwrap();
 }
