@@ -10,6 +10,14 @@
 //! catch-up pages are therefore never refused. A subscription whose live delivery paused (queue
 //! full) catches up from the log page by page as the socket drains, and joins live again at the
 //! exact seam.
+//!
+//! Publishing: `publish` frames (a token with `publish: true`) go through the publish path every
+//! door shares ([`crate::publish`]) into the connection's [`Pipeline`]: what was read in one go
+//! is committed as one `Store::commit` once the socket has nothing more ready (or while the
+//! previous commit is out, for the next), and the answers (`publish_ack`, or `error` with the
+//! frame's `ref`) are queued in arrival order and written in one round. With
+//! [`crate::publish::MAX_IN_FLIGHT`] publishes read and unanswered the socket is not read until
+//! answers drain.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

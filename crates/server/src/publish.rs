@@ -1,6 +1,6 @@
 //! The publish path every door shares — `POST /api/publish`, `/api/publish/batch`,
 //! `/api/publish/stream` and the WebSocket `publish` frame: who may publish, the rate limit, the
-//! key check and the server-made message id ([`prepare`]), and the commit ([`commit`], which
+//! key check and the server-made message id ([`check_may_publish`], [`admit`], [`new_event`]), and the commit ([`commit`], which
 //! calls [`crate::storage::Store::commit`], the only code path that numbers events).
 //!
 //! Streaming doors (a WebSocket connection, an NDJSON request) publish through a [`Pipeline`]:
