@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use seqcast_client::{Outgoing, PublishError, Publisher, fixed_token};
-use seqcast_e2e::{Options, TestServer, token, token_with};
+use seqcast_e2e::{Options, PROMPT, TestServer, token, token_with};
 use serde_json::{Value, json};
 
 async fn log_of(s: &TestServer, channel: &str, request_id: &str) -> Vec<Value> {
@@ -70,9 +70,13 @@ async fn a_kill_9_mid_stream_loses_nothing_and_duplicates_nothing() {
         }
         answers
     });
-    for _ in 0..500 {
-        answered_rx.recv().await.unwrap();
-    }
+    tokio::time::timeout(PROMPT, async {
+        for _ in 0..500 {
+            answered_rx.recv().await.unwrap();
+        }
+    })
+    .await
+    .expect("500 answers before the kill");
     s.kill9().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = TestServer::start_with(Options {
@@ -146,10 +150,11 @@ async fn a_refused_message_fails_alone() {
         .send(Outgoing::json("mine", "r", &"c").unwrap())
         .await
         .unwrap();
-    assert_eq!(a.await.unwrap().sequence_number, 1);
-    match b.await {
+    let in_time = |ack| async move { tokio::time::timeout(PROMPT, ack).await.expect("an answer") };
+    assert_eq!(in_time(a).await.unwrap().sequence_number, 1);
+    match in_time(b).await {
         Err(PublishError::Refused(e)) => assert_eq!(e.code, seqcast_client::ErrorCode::Forbidden),
         other => panic!("{other:?}"),
     }
-    assert_eq!(c.await.unwrap().sequence_number, 2);
+    assert_eq!(in_time(c).await.unwrap().sequence_number, 2);
 }
