@@ -153,6 +153,19 @@ export interface RecoveryResult {
   complete: boolean;
 }
 
+export interface PublishOptions {
+  /** The idempotency key within the stream (default: one made by the client). A repeat with the
+   * same data is answered with the numbers first committed; with other data it is an upsert. */
+  messageId?: string;
+}
+
+/** The server's `publish_ack`: the numbers the message was committed with. */
+export interface PublishAck {
+  sequenceNumber: number;
+  streamSequence: number;
+  messageId: string;
+}
+
 export interface SubscriptionInfo {
   channel: string;
   requestId: string;
@@ -215,6 +228,15 @@ export declare class SeqcastClient {
   ): () => void;
   unsubscribe(channel: string, requestId: string): boolean;
   clearAllSubscriptions(): void;
+  /**
+   * Publish over this connection (the token needs `publish: true`): resolves once committed,
+   * rejects with a SeqcastError when refused (`forbidden`, `rate_limited`, …) or `closed`.
+   * Pipelined and in order; unanswered publishes are sent again after a reconnect with their
+   * message id, so nothing is published twice.
+   */
+  publish(channel: string, requestId: string, data: Json, options?: PublishOptions): Promise<PublishAck>;
+  /** Publishes sent (or waiting for the connection) and not answered yet. */
+  readonly pendingPublishes: number;
   close(): void;
   dropConnection(options?: { downMs?: number }): boolean;
   recover(since: number, options?: RecoverOptions): Promise<RecoveryResult>;

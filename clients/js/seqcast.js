@@ -178,6 +178,11 @@ export class SeqcastClient {
   #listeners = new Map();
   /** key → subscription state; the only subscriptions the client re-sends after a reconnect. */
   #subs = new Map();
+  /** ref → publish not answered yet, in the order sent (Map keeps insertion order). */
+  #publishes = new Map();
+  #nextRef = 1;
+  #idPrefix = `js${Math.floor(Math.random() * 2 ** 48).toString(16).padStart(12, '0')}`;
+  #nextId = 1;
   #stats = { delivered: 0, duplicatesDropped: 0, gaps: 0, reconnects: 0 };
 
   constructor(options = {}) {
@@ -328,6 +333,36 @@ export class SeqcastClient {
     return true;
   }
 
+  /**
+   * Publish `data` (any JSON value) to `channel:requestId` over this connection; the token must
+   * carry `publish: true`. Resolves with `{ sequenceNumber, streamSequence, messageId }` once the
+   * server committed it; rejects with a SeqcastError (`forbidden`, `bad_request`,
+   * `rate_limited`, `unavailable`, …) when the server refused it, or `closed` after `close()`.
+   * Many may be in flight; they are committed in the order called. Every publish carries a
+   * `messageId` (`options.messageId`, else one made here), and one not answered when the
+   * connection drops is sent again after the reconnect: the server answers a message it had
+   * already committed with its first numbers, so nothing is published twice.
+   */
+  publish(channel, requestId, data, options = {}) {
+    checkNames(channel, requestId);
+    const messageId = options.messageId ?? `${this.#idPrefix}-${this.#nextId++}`;
+    if (typeof messageId !== 'string' || !REQUEST_ID_PATTERN.test(messageId)) {
+      return Promise.reject(new TypeError(`invalid message id ${JSON.stringify(messageId)}: expected [A-Za-z0-9_.:-]{1,128}`));
+    }
+    const ref = this.#nextRef++;
+    // Encoded once: a re-send after a reconnect is byte for byte the same message.
+    const text = JSON.stringify({ type: 'publish', ref, channel, request_id: requestId, data, message_id: messageId });
+    return new Promise((resolve, reject) => {
+      this.#publishes.set(ref, { text, resolve, reject });
+      if (this.#state === 'open') this.#sendText(text);
+    });
+  }
+
+  /** Publishes sent (or waiting for the connection) and not answered yet. */
+  get pendingPublishes() {
+    return this.#publishes.size;
+  }
+
   /** Unsubscribe everything: before a new search, so old results can never reach the new view. */
   clearAllSubscriptions() {
     for (const sub of [...this.#subs.values()]) this.unsubscribe(sub.channel, sub.requestId);
@@ -343,6 +378,9 @@ export class SeqcastClient {
     for (const sub of this.#subs.values()) this.#resetForReconnect(sub);
     const waiters = this.#waiters.splice(0);
     for (const w of waiters) w.reject(new SeqcastError('closed', 'client closed before it connected'));
+    const publishes = [...this.#publishes.values()];
+    this.#publishes.clear();
+    for (const p of publishes) p.reject(new SeqcastError('closed', 'client closed before the server answered the publish'));
     this.#setState('closed');
   }
 
@@ -565,9 +603,13 @@ export class SeqcastClient {
   }
 
   #send(frame) {
+    return this.#sendText(JSON.stringify(frame));
+  }
+
+  #sendText(text) {
     const ws = this.#ws;
     if (!ws || ws.readyState !== 1) return false;
-    ws.send(JSON.stringify(frame));
+    ws.send(text);
     return true;
   }
 
@@ -606,8 +648,18 @@ export class SeqcastClient {
         return this.#onSubAck(frame);
       case 'message':
         return this.#onMessage(frame);
-      case 'error':
-        return this.#emit('error', new SeqcastError(frame.code ?? 'internal', frame.message ?? 'server error'));
+      case 'publish_ack':
+        return this.#onPublishAnswer(frame.ref, (p) => p.resolve({
+          sequenceNumber: frame.sequence_number,
+          streamSequence: frame.stream_sequence,
+          messageId: frame.message_id,
+        }));
+      case 'error': {
+        const err = new SeqcastError(frame.code ?? 'internal', frame.message ?? 'server error');
+        // An error with the `ref` of a publish answers that publish (its promise rejects).
+        if (frame.ref != null && this.#onPublishAnswer(frame.ref, (p) => p.reject(err))) return undefined;
+        return this.#emit('error', err);
+      }
       case 'pong':
         return undefined;
       case 'auth_ok':
@@ -638,6 +690,17 @@ export class SeqcastClient {
     this.#emit('connected', this.#info);
     // The server never subscribes on its own: re-send what we still follow, each from where it stopped.
     for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
+    // Publishes not answered on the last connection (or made while offline) go now, in order.
+    for (const p of this.#publishes.values()) this.#sendText(p.text);
+  }
+
+  /** Settle the publish `ref` with `settle`; false when none waits for that ref. */
+  #onPublishAnswer(ref, settle) {
+    const p = this.#publishes.get(ref);
+    if (!p) return false;
+    this.#publishes.delete(ref);
+    settle(p);
+    return true;
   }
 
   #sendSubscribe(sub) {

@@ -604,3 +604,100 @@ describe('against a misbehaving fake server', () => {
     }
   });
 });
+
+describe('publish() against a real server', () => {
+  let server;
+  before(async () => {
+    server = await startServer();
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  /** Every message of one key from the log, over HTTP. */
+  async function logOf(client, channel, requestId) {
+    return (await client.recover(0, { channel, requestId, limit: 10_000 })).messages;
+  }
+
+  test('pipelined publishes resolve in order with dense numbers; the same connection follows the key', async () => {
+    const client = newClient(server, { token: () => server.token({ sub: 'pub', publish: true }) });
+    try {
+      await within(10_000, 'connected', client.connect());
+      const seen = follow(client, 'jspub', 'r1');
+      await until(client, () => client.subscriptions[0]?.active, 'sub_ack');
+      const acks = await within(20_000, '500 acks', Promise.all(Array.from({ length: 500 }, (_, i) => client.publish('jspub', 'r1', { i }))));
+      const first = acks[0].sequenceNumber;
+      acks.forEach((a, i) => {
+        assert.equal(a.sequenceNumber, first + i, 'committed in the order called');
+        assert.equal(a.streamSequence, i + 1);
+        assert.match(a.messageId, /^[A-Za-z0-9_.:-]+$/);
+      });
+      await until(client, () => seen.length === 500, 'the key\'s 500 messages');
+      assert.deepEqual(seen.map((m) => m.seq), acks.map((a) => a.sequenceNumber));
+      const log = await logOf(client, 'jspub', 'r1');
+      assert.deepEqual(log.map((m) => [m.sequence_number, m.message_id]), acks.map((a) => [a.sequenceNumber, a.messageId]));
+      assert.equal(client.pendingPublishes, 0);
+    } finally {
+      client.close();
+    }
+  });
+
+  test('a token without publish: true is refused with forbidden; the connection stays open', async () => {
+    const client = newClient(server, { token: () => server.token({ sub: 'reader' }) });
+    try {
+      await within(10_000, 'connected', client.connect());
+      await assert.rejects(within(10_000, 'the refusal', client.publish('jspub', 'nope', 'x')), (err) => {
+        assert.equal(err.code, 'forbidden');
+        return true;
+      });
+      assert.equal(client.state, 'open');
+      const seen = follow(client, 'jspub', 'nope');
+      await until(client, () => client.subscriptions.find((s) => s.requestId === 'nope')?.active, 'sub_ack');
+      assert.equal(seen.length, 0, 'nothing was published');
+    } finally {
+      client.close();
+    }
+  });
+
+  test('a refused publish rejects alone; the ones around it resolve', async () => {
+    const client = newClient(server, { token: () => server.token({ sub: 'narrow', publish: true, channels: ['mine:*'] }) });
+    try {
+      await within(10_000, 'connected', client.connect());
+      const [a, b, c] = await within(10_000, 'three answers', Promise.allSettled([
+        client.publish('mine', 'r', 'a'),
+        client.publish('theirs', 'r', 'b'),
+        client.publish('mine', 'r', 'c'),
+      ]));
+      assert.equal(a.status, 'fulfilled');
+      assert.equal(b.status, 'rejected');
+      assert.equal(b.reason.code, 'forbidden');
+      assert.equal(c.status, 'fulfilled');
+      assert.equal(c.value.sequenceNumber, a.value.sequenceNumber + 1);
+    } finally {
+      client.close();
+    }
+  });
+
+  test('publishes in flight when the connection drops are sent again and committed once', async () => {
+    const client = newClient(server, { token: () => server.token({ sub: 'dropper', publish: true }) });
+    try {
+      await within(10_000, 'connected', client.connect());
+      const n = 400;
+      const answers = Array.from({ length: n }, (_, i) => client.publish('jsdrop', 'r', { i }));
+      // Drop mid-stream: some are committed and unanswered, some not yet sent.
+      await answers[50];
+      assert.ok(client.pendingPublishes > 0, 'publishes still in flight at the drop');
+      client.dropConnection({ downMs: 50 });
+      const acks = await within(20_000, 'every answer after the reconnect', Promise.all(answers));
+      assert.ok(client.stats.reconnects >= 1);
+      const log = await logOf(client, 'jsdrop', 'r');
+      assert.equal(log.length, n, 'each publish once');
+      assert.equal(new Set(log.map((m) => m.message_id)).size, n);
+      log.forEach((m, i) => assert.equal(m.data.i, i, 'in the order called'));
+      const bySeq = new Map(log.map((m) => [m.message_id, m.sequence_number]));
+      for (const a of acks) assert.equal(bySeq.get(a.messageId), a.sequenceNumber, 'an answer is the log\'s number');
+    } finally {
+      client.close();
+    }
+  });
+});

@@ -128,7 +128,7 @@ impl ClientBuilder {
     }
 }
 
-fn check_url(url: &str) -> Result<(), Error> {
+pub(crate) fn check_url(url: &str) -> Result<(), Error> {
     let invalid = |reason: &str| Error::InvalidUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),

@@ -28,7 +28,7 @@ use crate::event::{ConnectionInfo, ConnectionState, Event};
 use crate::token::SharedTokens;
 use crate::tracker::{KeyTracker, Resume, backoff_delay};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Close code sent when the client drops a connection on purpose in order to reconnect (the same
 /// as the browser client's).
@@ -477,7 +477,12 @@ impl Driver {
                 // Nobody listening is fine: the error is logged above.
                 let _ = self.shared.errors.send(e);
             }
-            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::AuthOk(_)) => {}
+            Ok(
+                ServerFrame::Connected(_)
+                | ServerFrame::Pong
+                | ServerFrame::AuthOk(_)
+                | ServerFrame::PublishAck(_),
+            ) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");
@@ -491,7 +496,7 @@ impl Driver {
 }
 
 /// One connection attempt: token, WebSocket handshake, `hello`, `connected`.
-async fn open(
+pub(crate) async fn open(
     config: Config,
     tokens: SharedTokens,
     shared: Arc<Shared>,
@@ -578,7 +583,7 @@ async fn close(mut ws: Ws, code: CloseCode, reason: &'static str) -> Flow {
     Flow::Exit
 }
 
-fn client_frame(frame: &ClientFrame) -> WsMessage {
+pub(crate) fn client_frame(frame: &ClientFrame) -> WsMessage {
     // Serializing these plain structs cannot fail (string keys, infallible field impls).
     let text = serde_json::to_string(frame).unwrap_or_else(|_| r#"{"type":"ping"}"#.to_owned());
     WsMessage::text(text)

@@ -29,6 +29,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A [`Publisher`] publishes over its own WebSocket (a token with `publish: true`): pipelined,
+//! in order, and across reconnects without publishing anything twice — every message carries a
+//! `message_id` (made by the publisher when the caller gives none) and unanswered ones are sent
+//! again after a reconnect, which the server answers as retries with their first numbers.
+//!
 //! Boundary: speaks seqcast's WebSocket protocol (docs/protocol.md) through the frame types,
 //! encoders and decoders of `seqcast-protocol`; it does no HTTP (recovery over
 //! `GET /websocket/messages` is left to the caller).
@@ -43,14 +48,17 @@ mod client;
 mod driver;
 mod error;
 mod event;
+mod publisher;
 mod token;
 mod tracker;
 
 pub use client::{Client, ClientBuilder, Subscription};
 pub use error::{BoxError, Error};
 pub use event::{ConnectionInfo, ConnectionState, Event, Gap, GapReason, Message, Subscribed};
+pub use publisher::{Outgoing, PendingAck, PublishError, Publisher, PublisherBuilder};
 pub use seqcast_protocol::{
-    Channel, ErrorCode, ErrorFrame, MessageId, RequestId, SessionId, SubscriptionKey,
+    Channel, ErrorCode, ErrorFrame, MessageId, PublishResponse, RawValue, RequestId, SessionId,
+    SubscriptionKey,
 };
 pub use token::{TokenProvider, fixed_token};
 pub use tracker::Resume;

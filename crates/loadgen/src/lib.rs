@@ -39,10 +39,23 @@ pub struct Target {
 
 /// Mint an HS256 client token valid for `ttl_secs` with claims `sub` and `exp`.
 pub fn mint_token(secret: &str, sub: &str, ttl_secs: u64) -> anyhow::Result<String> {
+    mint_token_with(secret, sub, ttl_secs, false)
+}
+
+/// [`mint_token`], with `publish: true` when `publish` (a token that may publish over the
+/// WebSocket).
+pub fn mint_token_with(
+    secret: &str,
+    sub: &str,
+    ttl_secs: u64,
+    publish: bool,
+) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Claims<'a> {
         sub: &'a str,
         exp: u64,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        publish: bool,
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -50,6 +63,7 @@ pub fn mint_token(secret: &str, sub: &str, ttl_secs: u64) -> anyhow::Result<Stri
     let claims = Claims {
         sub,
         exp: now + ttl_secs,
+        publish,
     };
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     Ok(jsonwebtoken::encode(

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use seqcast_loadgen::scenarios::{
-    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm,
+    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm, wspublish,
 };
-use seqcast_loadgen::{Target, mint_token};
+use seqcast_loadgen::{Target, mint_token, mint_token_with};
 use seqcast_persistence::Synchronous;
 
 #[derive(Debug, Parser)]
@@ -93,6 +93,20 @@ enum Scenario {
         publishers: usize,
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        #[arg(long, default_value_t = 3.0)]
+        duration_secs: f64,
+        #[arg(long, default_value_t = 0.5)]
+        warmup_secs: f64,
+    },
+    /// Closed-loop publishing over the WebSocket (`publish` → `publish_ack`).
+    WsPublish {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 64)]
+        publishers: usize,
+        /// `publish` frames each publisher keeps unanswered.
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
         #[arg(long, default_value_t = 3.0)]
         duration_secs: f64,
         #[arg(long, default_value_t = 0.5)]
@@ -266,6 +280,30 @@ fn main() -> anyhow::Result<()> {
                     warmup: secs(warmup_secs),
                 };
                 publish::run(&server.target()?, &args).await
+            }
+            Scenario::WsPublish {
+                server,
+                publishers,
+                in_flight,
+                duration_secs,
+                warmup_secs,
+            } => {
+                let args = wspublish::WsPublishArgs {
+                    publishers,
+                    in_flight,
+                    duration: secs(duration_secs),
+                    warmup: secs(warmup_secs),
+                };
+                let target = Target {
+                    token: mint_token_with(
+                        &server.jwt_secret,
+                        "loadgen-publisher",
+                        24 * 3600,
+                        true,
+                    )?,
+                    ..server.target()?
+                };
+                wspublish::run(&target, &args).await
             }
             Scenario::Recovery {
                 server,

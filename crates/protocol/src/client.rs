@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::names::{Channel, NameError, RequestId, SessionId, SubscriptionKey};
+use crate::publish::{Publish, PublishRef, decode_publish_frame};
 use crate::server::ErrorCode;
 
 /// A frame sent by a client.
@@ -25,6 +26,9 @@ pub enum ClientFrame {
     Ping,
     /// A fresh token for this connection before the current one expires; answered `auth_ok`.
     Auth(Auth),
+    /// Publish one message (a token with `publish: true`); answered `publish_ack` or `error`
+    /// with the same `ref`, in the order sent.
+    Publish(Publish),
 }
 
 /// `auth`: replace the connection's token (same `sub`), keeping its subscriptions and cursors.
@@ -96,11 +100,13 @@ pub enum FrameError {
     #[error("frame has no \"type\" field")]
     MissingType,
     /// A client frame `type` this server does not know.
-    #[error("unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe, ping or auth")]
+    #[error(
+        "unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe, ping, auth or publish"
+    )]
     UnknownType(String),
     /// A server frame `type` a client does not know (only from [`crate::decode_server_frame`]).
     #[error(
-        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error, pong or auth_ok"
+        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error, pong, auth_ok or publish_ack"
     )]
     UnknownServerType(String),
     /// A field has the wrong type or value, or a required field is missing.
@@ -114,12 +120,28 @@ pub enum FrameError {
     /// A channel, request id or session id breaks its grammar.
     #[error(transparent)]
     BadName(#[from] NameError),
+    /// A `publish` frame with a valid `ref` is invalid otherwise: the error answers that `ref`.
+    #[error("{error}")]
+    Publish {
+        /// The frame's `ref`.
+        r#ref: PublishRef,
+        /// What is wrong with it.
+        error: Box<FrameError>,
+    },
 }
 
 impl FrameError {
     /// The error code sent back in the `error` frame.
     pub fn code(&self) -> ErrorCode {
         ErrorCode::BadRequest
+    }
+
+    /// The `ref` of the `publish` frame this error refuses, when it had a valid one.
+    pub fn publish_ref(&self) -> Option<&PublishRef> {
+        match self {
+            FrameError::Publish { r#ref, .. } => Some(r#ref),
+            _ => None,
+        }
     }
 }
 
@@ -146,6 +168,10 @@ pub(crate) fn json_type_name(v: &Value) -> &'static str {
 
 /// Decodes one client text frame. Unknown extra fields are ignored.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    // `publish` keeps `data` as raw text (verbatim, as over HTTP): its own decoder.
+    if let Some(publish) = decode_publish_frame(text) {
+        return publish.map(ClientFrame::Publish);
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError::Malformed(format!("frame is not valid JSON: {e}")))?;
     decode_client_value(value)
@@ -202,6 +228,12 @@ fn decode_client_value(value: Value) -> Result<ClientFrame, FrameError> {
             Ok(ClientFrame::Auth(Auth {
                 token: f.required_str("token")?.to_owned(),
             }))
+        }
+        "publish" => {
+            let text = Value::Object(obj).to_string();
+            decode_publish_frame(&text)
+                .unwrap_or(Err(FrameError::MissingType))
+                .map(ClientFrame::Publish)
         }
         other => Err(FrameError::UnknownType(truncate_for_echo(other))),
     }

@@ -15,6 +15,7 @@ pub mod fuzz_checks;
 mod http;
 mod names;
 mod pattern;
+mod publish;
 mod schema;
 mod server;
 
@@ -32,6 +33,7 @@ pub use names::{
     SessionId, SubscriptionKey,
 };
 pub use pattern::KeyPattern;
+pub use publish::{Publish, PublishAck, PublishRef, REF_MAX_LEN, encode_publish_ack, ref_for_log};
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{

@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 
 use crate::client::{FrameError, truncate_for_echo};
 use crate::names::{Channel, MessageId, MessageIdRef, RequestId, SessionId, SubscriptionKey};
+use crate::publish::{PublishAck, PublishRef, encode_publish_ack};
 
 /// Error codes in `error` frames and HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -91,6 +92,8 @@ pub enum ServerFrame {
     Pong,
     /// `auth_ok`: the answer to `auth`; the fresh token is in force.
     AuthOk(AuthOk),
+    /// `publish_ack`: a `publish` frame was committed.
+    PublishAck(PublishAck),
 }
 
 /// `auth_ok`: the expiry of the token now in force.
@@ -223,6 +226,9 @@ pub struct ErrorFrame {
     pub code: ErrorCode,
     /// What went wrong, for a person.
     pub message: String,
+    /// The `ref` of the `publish` frame this error refuses; absent for other errors.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub r#ref: Option<PublishRef>,
 }
 
 impl ErrorFrame {
@@ -231,13 +237,20 @@ impl ErrorFrame {
         Self {
             code,
             message: message.into(),
+            r#ref: None,
         }
+    }
+
+    /// The same error, answering the `publish` frame tagged `r`.
+    pub fn with_ref(mut self, r: Option<PublishRef>) -> Self {
+        self.r#ref = r;
+        self
     }
 }
 
 impl From<&FrameError> for ErrorFrame {
     fn from(err: &FrameError) -> Self {
-        Self::new(err.code(), err.to_string())
+        Self::new(err.code(), err.to_string()).with_ref(err.publish_ref().cloned())
     }
 }
 
@@ -250,6 +263,7 @@ enum TaggedRef<'a> {
     Error(&'a ErrorFrame),
     Pong,
     AuthOk(&'a AuthOk),
+    PublishAck(&'a PublishAck),
 }
 
 impl Serialize for ServerFrame {
@@ -261,6 +275,7 @@ impl Serialize for ServerFrame {
             ServerFrame::Error(f) => TaggedRef::Error(f).serialize(serializer),
             ServerFrame::Pong => TaggedRef::Pong.serialize(serializer),
             ServerFrame::AuthOk(f) => TaggedRef::AuthOk(f).serialize(serializer),
+            ServerFrame::PublishAck(f) => TaggedRef::PublishAck(f).serialize(serializer),
         }
     }
 }
@@ -269,6 +284,9 @@ impl Serialize for ServerFrame {
 pub fn encode_server_frame(frame: &ServerFrame) -> String {
     if let ServerFrame::Message(message) = frame {
         return encode_message(message);
+    }
+    if let ServerFrame::PublishAck(ack) = frame {
+        return encode_publish_ack(ack);
     }
     match serde_json::to_string(frame) {
         Ok(text) => text,
@@ -416,6 +434,7 @@ pub fn decode_server_frame(text: &str) -> Result<ServerFrame, FrameError> {
         "error" => ServerFrame::Error(serde_json::from_str(text).map_err(invalid)?),
         "pong" => ServerFrame::Pong,
         "auth_ok" => ServerFrame::AuthOk(serde_json::from_str(text).map_err(invalid)?),
+        "publish_ack" => ServerFrame::PublishAck(serde_json::from_str(text).map_err(invalid)?),
         other => return Err(FrameError::UnknownServerType(truncate_for_echo(other))),
     })
 }

@@ -254,7 +254,7 @@ fn frame_error_messages_read_well() {
     );
     assert_eq!(
         FrameError::UnknownType("foo".into()).to_string(),
-        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe, ping or auth"
+        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe, ping, auth or publish"
     );
     assert_eq!(
         decode_client_frame(

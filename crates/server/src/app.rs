@@ -689,6 +689,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/websocket/messages", get(http::recover))
         .route("/api/publish", post(http::publish))
         .route("/api/publish/batch", post(http::publish_batch))
+        .route("/api/publish/stream", post(http::publish_stream))
         .route(
             "/api/streams/{channel}/{request_id}/messages",
             get(http::stream_page),

@@ -340,13 +340,8 @@ impl Authority {
         }
         if let Some(token) = credentials(v, "Bearer") {
             let grant = self.verify(token)?;
-            return if grant.publish {
-                Ok(grant)
-            } else {
-                Err(ApiError::Forbidden(
-                    "token may not publish (no `publish: true` claim)".into(),
-                ))
-            };
+            crate::publish::check_may_publish(&grant)?;
+            return Ok(grant);
         }
         Err(ApiError::Unauthorized(
             "Authorization must be `ApiKey <key>` or `Bearer <token>`".into(),

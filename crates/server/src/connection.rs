@@ -10,6 +10,14 @@
 //! catch-up pages are therefore never refused. A subscription whose live delivery paused (queue
 //! full) catches up from the log page by page as the socket drains, and joins live again at the
 //! exact seam.
+//!
+//! Publishing: `publish` frames (a token with `publish: true`) go through the publish path every
+//! door shares ([`crate::publish`]) into the connection's [`Pipeline`]: what was read in one go
+//! is committed as one `Store::commit` once the socket has nothing more ready (or while the
+//! previous commit is out, for the next), and the answers (`publish_ack`, or `error` with the
+//! frame's `ref`) are queued in arrival order and written in one round. With
+//! [`crate::publish::MAX_IN_FLIGHT`] publishes read and unanswered the socket is not read until
+//! answers drain.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -20,8 +28,8 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use seqcast_protocol::{
-    AuthOk, ClientFrame, Connected, ErrorFrame, ServerFrame, SessionId, SubscriptionKey,
-    decode_client_frame, encode_server_frame,
+    AuthOk, ClientFrame, Connected, ErrorFrame, PublishAck, PublishRef, ServerFrame, SessionId,
+    SubscriptionKey, decode_client_frame, encode_publish_ack, encode_server_frame,
 };
 
 use seqcast_sequencing::{Cursor, Phase, Step};
@@ -34,6 +42,7 @@ use crate::hub::{Frame, Join, Subscriber};
 use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
 use crate::pages::SharedPage;
+use crate::publish::{self, Outcome, Pipeline};
 
 /// What we know of a connection for its log lines.
 struct ConnInfo {
@@ -366,8 +375,9 @@ const READS_UNDER_PRESSURE: u32 = 64;
 /// A client frame, read and decoded.
 enum Incoming {
     Frame(ClientFrame),
-    /// Not JSON text, or not a frame we know: answered with an error.
-    Refused(ApiError),
+    /// Not JSON text, or not a frame we know: answered with an error (carrying the `ref` of a
+    /// `publish` frame that had a valid one, answered in its turn among the publishes).
+    Refused(ApiError, Option<PublishRef>),
 }
 
 /// Frames read under back-pressure that the connection acts on later, in order.
@@ -387,10 +397,10 @@ impl Deferred {
         self.frames.push_back((frame, len));
     }
 
-    fn pop(&mut self) -> Option<Incoming> {
+    fn pop(&mut self) -> Option<(Incoming, usize)> {
         let (frame, len) = self.frames.pop_front()?;
         self.bytes -= len;
-        Some(frame)
+        Some((frame, len))
     }
 }
 
@@ -398,8 +408,19 @@ impl Deferred {
 /// expiry keeps running); `ping` and `unsubscribe` when nothing read before them waits, so
 /// their effect keeps its place in the order (a `pong` never overtakes the `sub_ack` of a
 /// subscribe being planned; an `unsubscribe` of the key being subscribed waits for it).
-fn acts_under_pressure(frame: &Incoming, subs: &Subscriptions, nothing_deferred: bool) -> bool {
+///
+/// A `publish` (or a refused one with its `ref`) waits only for the send queue, not for a log
+/// read in flight: it needs no job, and its answers are bounded by the pipeline.
+fn acts_under_pressure(
+    frame: &Incoming,
+    subs: &Subscriptions,
+    nothing_deferred: bool,
+    above_high_water: bool,
+) -> bool {
     match frame {
+        Incoming::Frame(ClientFrame::Publish(_)) | Incoming::Refused(_, Some(_)) => {
+            nothing_deferred && !above_high_water
+        }
         Incoming::Frame(ClientFrame::Auth(_)) => true,
         Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting.is_none(),
         Incoming::Frame(ClientFrame::Unsubscribe(u)) => {
@@ -454,6 +475,7 @@ async fn run(
     let mut job: Option<Job> = None;
     let mut deferred = Deferred::default();
     let mut reads_under_pressure = 0u32;
+    let mut pipeline: Pipeline<PublishRef> = Pipeline::new(Arc::clone(app));
     // Made once: a close request or shutdown wakes the connection through these.
     let closed = sub.closed();
     tokio::pin!(closed);
@@ -465,10 +487,20 @@ async fn run(
         }
         // Frames kept under back-pressure go first, in order, once the connection can act.
         while job.is_none() && !sub.is_above_high_water() && !sub.is_closing() {
-            let Some(frame) = deferred.pop() else {
+            let Some((frame, len)) = deferred.pop() else {
                 break;
             };
-            on_frame(app, frame, sub, grant, info, subs, &mut job);
+            on_frame(
+                app,
+                frame,
+                len,
+                sub,
+                grant,
+                info,
+                subs,
+                &mut job,
+                &mut pipeline,
+            );
         }
         if job.is_none() {
             job = advance(app, sub, info, subs);
@@ -477,9 +509,13 @@ async fn run(
         if !pressured {
             reads_under_pressure = 0;
         }
-        // Under back-pressure the socket is still read for control frames, up to a bound.
-        let reading =
-            !pressured || (reads_under_pressure < READS_UNDER_PRESSURE && deferred.has_room());
+        // Under back-pressure the socket is still read for control frames, up to a bound; with
+        // as many publishes in flight as allowed it is not read until answers drain.
+        let reading = pipeline.has_room()
+            && (!pressured || (reads_under_pressure < READS_UNDER_PRESSURE && deferred.has_room()));
+        // Everything read in one go (recv stays ready while frames are buffered) goes to the
+        // writer together once the socket has nothing more, or no room is left.
+        let to_commit = !pipeline.is_committing() && !pipeline.is_empty();
         tokio::select! {
             biased;
             reason = &mut closed => {
@@ -499,10 +535,10 @@ async fn run(
                         if pressured {
                             reads_under_pressure += 1;
                         }
-                        if pressured && !acts_under_pressure(&frame, subs, deferred.frames.is_empty()) {
+                        if pressured && !acts_under_pressure(&frame, subs, deferred.frames.is_empty(), sub.is_above_high_water()) {
                             deferred.push(frame, len);
                         } else {
-                            on_frame(app, frame, sub, grant, info, subs, &mut job);
+                            on_frame(app, frame, len, sub, grant, info, subs, &mut job, &mut pipeline);
                         }
                         Read::Continue
                     }
@@ -531,11 +567,20 @@ async fn run(
                     expire(info, grant, &mut deadlines, sub);
                 }
             }
+            () = std::future::ready(()), if to_commit => {
+                let answered = pipeline.start();
+                answer_publishes(app, sub, answered);
+            }
+            answered = pipeline.finished(), if pipeline.is_committing() => {
+                answer_publishes(app, sub, answered);
+            }
             () = sleep_opt(&mut deadlines.expiry), if !sub.is_closing() => {
                 expire(info, grant, &mut deadlines, sub);
             }
             () = sleep_opt(&mut deadlines.answer), if !sub.is_closing() => {
-                if sent > deadlines.sent_at_ping && pressured {
+                if (sent > deadlines.sent_at_ping && pressured) || !pipeline.has_room() {
+                    // (With its publishes in flight at the bound the socket is not read on
+                    // purpose until the writer answers.)
                     // Under back-pressure its frames may wait unread, but it takes ours: alive.
                     deadlines.sent_at_ping = sent;
                     deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
@@ -764,9 +809,10 @@ fn receive(
         Some(Ok(Message::Text(t))) => t,
         Some(Ok(Message::Binary(b))) => {
             return Ok((
-                Incoming::Refused(ApiError::BadRequest(
-                    "binary frames are not supported; send JSON text".into(),
-                )),
+                Incoming::Refused(
+                    ApiError::BadRequest("binary frames are not supported; send JSON text".into()),
+                    None,
+                ),
                 b.len(),
             ));
         }
@@ -787,26 +833,44 @@ fn receive(
     };
     let frame = match decode_client_frame(text.as_str()) {
         Ok(f) => Incoming::Frame(f),
-        Err(e) => Incoming::Refused(ApiError::from(e)),
+        Err(e) => {
+            let r = e.publish_ref().cloned();
+            Incoming::Refused(ApiError::from(e), r)
+        }
     };
     Ok((frame, text.len()))
 }
 
-/// Act on one client frame.
+/// Act on one client frame (`len` bytes on the wire).
+#[allow(clippy::too_many_arguments)]
 fn on_frame(
     app: &Arc<AppState>,
     frame: Incoming,
+    len: usize,
     sub: &Arc<Subscriber>,
     grant: &mut Grant,
     info: &ConnInfo,
     subs: &mut Subscriptions,
     job: &mut Option<Job>,
+    pipeline: &mut Pipeline<PublishRef>,
 ) {
     let frame = match frame {
         Incoming::Frame(f) => f,
-        Incoming::Refused(e) => return reply_error(app, sub, &e),
+        Incoming::Refused(e, Some(r)) => return pipeline.push_refused(r, e),
+        Incoming::Refused(e, None) => return reply_error(app, sub, &e),
     };
     match frame {
+        ClientFrame::Publish(p) => {
+            // The checks of `POST /api/publish`, in its order, through the same functions.
+            let (r, req) = p.into_request();
+            let event = publish::check_may_publish(grant)
+                .and_then(|()| publish::admit(app, grant, 1))
+                .and_then(|()| publish::new_event(req, grant, &app.message_ids));
+            match event {
+                Ok(ev) => pipeline.push_event(r, ev, len),
+                Err(e) => pipeline.push_refused(r, e),
+            }
+        }
         ClientFrame::Subscribe(s) => {
             let key = s.key();
             if subs.cursors.contains_key(&key) {
@@ -1042,10 +1106,46 @@ fn reply_error(app: &AppState, sub: &Subscriber, e: &ApiError) {
 }
 
 fn error_frame(e: &ApiError) -> Utf8Bytes {
-    Utf8Bytes::from(encode_server_frame(&ServerFrame::Error(ErrorFrame {
-        code: e.code(),
-        message: e.message().to_owned(),
-    })))
+    error_frame_for(e, None)
+}
+
+fn error_frame_for(e: &ApiError, r: Option<PublishRef>) -> Utf8Bytes {
+    Utf8Bytes::from(encode_server_frame(&ServerFrame::Error(
+        ErrorFrame::new(e.code(), e.message()).with_ref(r),
+    )))
+}
+
+/// Queue the answers to publishes, in order, together (they go out in one write round).
+fn answer_publishes(app: &AppState, sub: &Subscriber, answered: Vec<Outcome<PublishRef>>) {
+    if answered.is_empty() {
+        return;
+    }
+    let frames: Vec<Frame> = answered
+        .into_iter()
+        .map(|outcome| match outcome {
+            Outcome::Committed(r, a) => Utf8Bytes::from(encode_publish_ack(&PublishAck {
+                r#ref: r,
+                sequence_number: a.sequence_number,
+                stream_sequence: a.stream_sequence,
+                message_id: a.message_id,
+            })),
+            Outcome::Refused(r, e) => {
+                app.hub.metrics.error(
+                    e.code(),
+                    Transport::ws,
+                    0,
+                    format!(
+                        "client {} publish {}",
+                        sub.client_id,
+                        seqcast_protocol::ref_for_log(&r)
+                    ),
+                    e.message(),
+                );
+                error_frame_for(&e, Some(r))
+            }
+        })
+        .collect();
+    sub.push(frames);
 }
 
 async fn send_error(sink: &mut WebSocket, e: &ApiError) -> Result<(), axum::Error> {

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use seqcast_persistence::{CommittedEvent, EventFilter, EventReader, NewEvent};
+use seqcast_persistence::{CommittedEvent, EventFilter, EventReader};
 use seqcast_protocol::{
     BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoverParams,
     RecoveryMeta, RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish,
@@ -20,6 +20,7 @@ use crate::catchup;
 use crate::error::ApiError;
 use crate::hub::{Frame, Hub};
 use crate::metrics::PublishEndpoint;
+use crate::publish;
 use crate::{now_ms, read_log};
 use seqcast_protocol::{BatchPublishRequest, ErrorBody};
 
@@ -300,33 +301,6 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
         .map_err(|e| ApiError::from_body_error(&e, limit))
 }
 
-fn new_event(req: PublishRequest, grant: &Grant, ids: &MessageIds) -> Result<NewEvent, ApiError> {
-    let key = req.key();
-    if !grant.allows(&key) {
-        return Err(ApiError::Forbidden(format!(
-            "token may not publish to {key}"
-        )));
-    }
-    let message_id = match req.message_id {
-        Some(id) => id,
-        None => ids.next()?,
-    };
-    let data: Box<str> = req.data.into();
-    Ok(NewEvent {
-        key,
-        message_id,
-        data: String::from(data),
-    })
-}
-
-fn answer(ev: &CommittedEvent) -> PublishResponse {
-    PublishResponse {
-        sequence_number: ev.sequence_number,
-        stream_sequence: ev.stream_sequence,
-        message_id: ev.message_id.clone(),
-    }
-}
-
 /// Server-made message ids: increasing (a time-based start plus a counter) so that the
 /// database's per-stream index takes them at its end instead of on random pages — fewer dirty
 /// pages per group commit — with a random suffix so ids stay unique across restarts.
@@ -354,18 +328,6 @@ impl MessageIds {
         MessageId::new(format!("{n:016x}{:08x}", rand::random::<u32>()))
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
-}
-
-/// Commit unless the database is known to be lost; a failed write looks at the file again.
-async fn commit(app: &AppState, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, ApiError> {
-    if let Some(why) = app.write_fault() {
-        return Err(ApiError::Unavailable(why));
-    }
-    let result = app.store.commit(&app.hub, events).await;
-    if result.is_err() {
-        app.check_database_file();
-    }
-    result
 }
 
 #[utoipa::path(
@@ -407,15 +369,15 @@ async fn publish_one(
 ) -> Result<Response, ApiError> {
     check_length(&headers, app.settings.max_message_bytes)?;
     let grant = app.auth.publisher(authorization(&headers))?;
-    app.limiter.admit_publish(&grant.rate_key(), 1)?;
+    publish::admit(app, &grant, 1)?;
     let bytes = read_body(body, app.settings.max_message_bytes).await?;
     let req = decode_publish(&bytes)?;
-    let ev = new_event(req, &grant, &app.message_ids)?;
-    let committed = commit(app, vec![ev]).await?;
+    let ev = publish::new_event(req, &grant, &app.message_ids)?;
+    let committed = publish::commit(app, vec![ev]).await?;
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
-    Ok(axum::Json(answer(first)).into_response())
+    Ok(axum::Json(publish::answer(first)).into_response())
 }
 
 #[utoipa::path(
@@ -459,18 +421,193 @@ async fn publish_many(
     let grant = app.auth.publisher(authorization(&headers))?;
     let bytes = read_body(body, limit).await?;
     let req = decode_batch(&bytes)?;
-    app.limiter
-        .admit_publish(&grant.rate_key(), req.messages.len())?;
+    publish::admit(app, &grant, req.messages.len())?;
     let events = req
         .messages
         .into_iter()
-        .map(|m| new_event(m, &grant, &app.message_ids))
+        .map(|m| publish::new_event(m, &grant, &app.message_ids))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = commit(app, events).await?;
+    let committed = publish::commit(app, events).await?;
     Ok(axum::Json(BatchPublishResponse {
-        results: committed.iter().map(answer).collect(),
+        results: committed.iter().map(publish::answer).collect(),
     })
     .into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/publish/stream",
+    summary = "Publish a stream of messages: NDJSON in, NDJSON answers out as each commits",
+    description = "The body is NDJSON (`application/x-ndjson`): one publish object per line, as for `POST /api/publish`, sent as they are produced (chunked). The answer streams back one line per publish, in order, as soon as it commits: the publish answer, or `{\"error\":{\"code\",\"message\"}}` for a line refused alone (bad JSON or name, forbidden key, `rate_limited`), after which the stream goes on. Lines that arrive while a commit is out are committed together. A line longer than `--max-message-bytes` ends the stream with a `too_large` error line; so does a pause between body pieces longer than `--http-body-timeout-secs` (`timeout`); blank lines are skipped and keep the stream alive. Errors of the request itself (credentials) are answered with a status before any line.",
+    request_body(content = String, content_type = "application/x-ndjson", description = "One `PublishRequest` JSON object per line"),
+    security(("apiKey" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "NDJSON: one `PublishResponse` or `ErrorBody` per line of the request, in order", content_type = "application/x-ndjson", body = String),
+        (status = 401, description = "No valid token or key (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "A token without `publish: true` (`forbidden`)", body = ErrorBody),
+    )
+)]
+/// `POST /api/publish/stream`: NDJSON publishes in, NDJSON answers out, one per line, in order.
+pub async fn publish_stream(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let grant = app.auth.publisher(authorization(&headers))?;
+    let stream = NdjsonPublishes::new(app, grant, body);
+    let lines = futures_util::stream::unfold(stream, |mut s| async move {
+        let chunk = s.next_chunk().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), s))
+    });
+    let mut r = Response::new(Body::from_stream(lines));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(r)
+}
+
+/// One `POST /api/publish/stream`: reads lines from the body while the pipeline has room,
+/// commits what arrived together, and hands out the answers' lines as each commit returns. The
+/// response body drives it, so a client that stops reading answers stops the reading of its
+/// body (after [`publish::MAX_IN_FLIGHT`] publishes), and one that goes away ends it.
+struct NdjsonPublishes {
+    app: Arc<AppState>,
+    grant: Grant,
+    body: Option<axum::body::BodyDataStream>,
+    /// The start of a line whose end has not arrived.
+    partial: Vec<u8>,
+    pipeline: publish::Pipeline<()>,
+    /// No more lines are taken (the body ended, failed, or a line was too long).
+    ending: bool,
+}
+
+impl NdjsonPublishes {
+    fn new(app: Arc<AppState>, grant: Grant, body: Body) -> Self {
+        NdjsonPublishes {
+            pipeline: publish::Pipeline::new(Arc::clone(&app)),
+            app,
+            grant,
+            body: Some(body.into_data_stream()),
+            partial: Vec::new(),
+            ending: false,
+        }
+    }
+
+    /// The next answers, as NDJSON text; `None` once every line is answered.
+    ///
+    /// Every line of a piece of the body is taken before the pipeline starts a commit, and
+    /// pieces that arrive while a commit is out wait for the next: what arrived together is
+    /// committed together.
+    async fn next_chunk(&mut self) -> Option<axum::body::Bytes> {
+        use futures_util::StreamExt as _;
+        loop {
+            let answered = self.pipeline.start();
+            if !answered.is_empty() {
+                return Some(Self::lines(answered));
+            }
+            let reading = !self.ending && self.pipeline.has_room();
+            if !reading && !self.pipeline.is_committing() {
+                // Ending with everything answered (a full pipeline always has a commit out).
+                return None;
+            }
+            tokio::select! {
+                biased;
+                answered = self.pipeline.finished(), if self.pipeline.is_committing() => {
+                    return Some(Self::lines(answered));
+                }
+                piece = async { self.body.as_mut()?.next().await }, if reading => match piece {
+                    Some(Ok(bytes)) => self.take(&bytes),
+                    Some(Err(e)) => {
+                        let limit = self.app.settings.max_message_bytes;
+                        self.end_with(ApiError::from_body_error(&e, limit));
+                    }
+                    None => {
+                        let rest = std::mem::take(&mut self.partial);
+                        self.line(&rest);
+                        self.ending = true;
+                        self.body = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// A piece of the body: complete lines are taken; the rest waits for its end.
+    fn take(&mut self, bytes: &[u8]) {
+        let limit = self.app.settings.max_message_bytes;
+        let mut rest = bytes;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let (head, tail) = (&rest[..i], &rest[i + 1..]);
+            rest = tail;
+            if self.partial.is_empty() {
+                self.line(head);
+            } else {
+                let mut line = std::mem::take(&mut self.partial);
+                line.extend_from_slice(head);
+                self.line(&line);
+            }
+            if self.ending {
+                return;
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > limit {
+            self.partial = Vec::new();
+            self.end_with(ApiError::TooLarge(format!(
+                "a line of the stream exceeds the limit of {limit} bytes"
+            )));
+        }
+    }
+
+    /// One line: published in its turn, or refused in its turn. Blank lines are skipped.
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let limit = self.app.settings.max_message_bytes;
+        if line.len() > limit {
+            return self.end_with(ApiError::TooLarge(format!(
+                "a line of {} bytes exceeds the limit of {limit} bytes",
+                line.len()
+            )));
+        }
+        let event = decode_publish(line)
+            .map_err(ApiError::from)
+            .and_then(|req| {
+                publish::admit(&self.app, &self.grant, 1)?;
+                publish::new_event(req, &self.grant, &self.app.message_ids)
+            });
+        match event {
+            Ok(ev) => self.pipeline.push_event((), ev, line.len()),
+            Err(e) => self.pipeline.push_refused((), e),
+        }
+    }
+
+    /// Take no more lines; `e` is the last answer.
+    fn end_with(&mut self, e: ApiError) {
+        self.pipeline.push_refused((), e);
+        self.ending = true;
+        self.body = None;
+    }
+
+    fn lines(answered: Vec<publish::Outcome<()>>) -> axum::body::Bytes {
+        let mut out = String::new();
+        for outcome in answered {
+            let line = match outcome {
+                publish::Outcome::Committed((), a) => serde_json::to_string(&a),
+                publish::Outcome::Refused((), e) => {
+                    serde_json::to_string(&ErrorBody::new(e.code(), e.message()))
+                }
+            };
+            out.push_str(&line.unwrap_or_else(|_| {
+                r#"{"error":{"code":"internal","message":"failed to encode an answer"}}"#.to_owned()
+            }));
+            out.push('\n');
+        }
+        axum::body::Bytes::from(out)
+    }
 }
 
 #[utoipa::path(

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod observe;
 pub mod openapi;
 pub mod pages;
+pub mod publish;
 pub mod storage;
 
 pub use app::{ServerHandle, run, start};

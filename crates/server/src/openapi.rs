@@ -18,6 +18,7 @@ use crate::{admin, app, http};
     paths(
         http::publish,
         http::publish_batch,
+        http::publish_stream,
         http::recover,
         http::stream_page,
         app::ws_upgrade,
