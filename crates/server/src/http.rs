@@ -439,7 +439,9 @@ async fn publish_many(
     path = "/api/publish/stream",
     summary = "Publish a stream of messages: NDJSON in, NDJSON answers out as each commits",
     description = "The body is NDJSON (`application/x-ndjson`): one publish object per line, as for `POST /api/publish`, sent as they are produced (chunked). The answer streams back one line per publish, in order, as soon as it commits: the publish answer, or `{\"error\":{\"code\",\"message\"}}` for a line refused alone (bad JSON or name, forbidden key, `rate_limited`), after which the stream goes on. Lines that arrive while a commit is out are committed together. A line longer than `--max-message-bytes` ends the stream with a `too_large` error line; so does a pause between body pieces longer than `--http-body-timeout-secs` (`timeout`); blank lines are skipped and keep the stream alive. Errors of the request itself (credentials) are answered with a status before any line.",
-    request_body(content = String, content_type = "application/x-ndjson", description = "One `PublishRequest` JSON object per line"),
+    // Not required: an empty body is a stream of no lines (a producer that had nothing to
+    // publish), answered 200 with no lines.
+    request_body(content = Option<String>, content_type = "application/x-ndjson", description = "One `PublishRequest` JSON object per line; an empty body is a stream of no lines (200, no answer lines)"),
     security(("apiKey" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "NDJSON: one `PublishResponse` or `ErrorBody` per line of the request, in order", content_type = "application/x-ndjson", body = String),
