@@ -218,7 +218,12 @@ fn ci_steps() -> Result<Vec<String>> {
 const CI_FUZZ_SECONDS: u64 = 20;
 
 /// Crates that must stay free of runtimes, sockets and databases.
-const CORE_CRATES: &[&str] = &["seqcast-protocol", "seqcast-sequencing", "seqcast-backlog"];
+const CORE_CRATES: &[&str] = &[
+    "seqcast-protocol",
+    "seqcast-sequencing",
+    "seqcast-delivery",
+    "seqcast-backlog",
+];
 /// What the core must never pull in.
 const FORBIDDEN: &[&str] = &[
     "tokio",

@@ -65,7 +65,7 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
     let hub_floor = app.hub.retention_floor();
     let (floor, first) = read_log!(&app.store, |r| {
         Ok::<_, seqcast_persistence::StoreError>((
-            r.retention_floor()?,
+            floor_of(r, hub_floor)?,
             r.first_at_or_after(min_ts)?,
         ))
     })?;
@@ -73,10 +73,17 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
         limits,
         LogFacts {
             head,
-            retention_floor: floor.max(hub_floor),
+            retention_floor: floor,
             first_within_age: first.filter(|&s| s <= head),
         },
     ))
+}
+
+/// The log's retention floor as a read sees it: the reader's, raised to the hub's (retention
+/// raises the hub's floor before it deletes, so a read that began just before still sees the
+/// rows but must not serve them as complete). The one floor rule.
+fn floor_of<R: EventReader>(r: &R, hub_floor: u64) -> Result<u64, seqcast_persistence::StoreError> {
+    Ok(r.retention_floor()?.max(hub_floor))
 }
 
 /// How long a resume waits for this node to apply a number the log already committed.
@@ -91,11 +98,7 @@ async fn wait_for_applied(app: &AppState, since: u64) -> Result<u64, ApiError> {
     if since > committed {
         return Ok(app.hub.head()); // never issued: the resume rule says `recovered: false`
     }
-    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-    while app.hub.head() < since && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-    Ok(app.hub.head())
+    Ok(app.hub.applied(since, APPLY_WAIT).await)
 }
 
 /// Decide where a `subscribe` to `key` starts.
@@ -109,7 +112,7 @@ pub async fn plan_start(
     let mut head = app.hub.head();
     let mut told = None;
     if let Some(since) = since {
-        let epoch_matches = epoch.is_none_or(|e| e == app.hub.epoch());
+        let epoch_matches = app.hub.epoch_matches(epoch);
         if epoch_matches && since > head {
             head = wait_for_applied(app, since).await?;
         }
@@ -149,7 +152,7 @@ pub async fn plan_start(
     let key = key.clone();
     let min_ts = now_ms.saturating_sub(limits.ttl_ms);
     let (plan, drained, expired, overflow) = read_log!(&app.store, |r| {
-        let floor = r.retention_floor()?.max(hub_floor);
+        let floor = floor_of(r, hub_floor)?;
         let history = KeyHistory {
             head,
             retention_floor: floor,

@@ -19,7 +19,7 @@
 //! [`crate::publish::MAX_IN_FLIGHT`] publishes read and unanswered the socket is not read until
 //! answers drain.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use seqcast_protocol::{
     SubscriptionKey, decode_client_frame, encode_publish_ack, encode_server_frame,
 };
 
-use seqcast_sequencing::{Cursor, Phase, Step};
+use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
 
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
@@ -179,15 +179,12 @@ pub async fn serve(
     });
     sub.push_one(Utf8Bytes::from(encode_server_frame(&connected)));
 
-    let mut subs = Subscriptions::default();
+    let mut subs = Subscriptions::new(app.settings.max_subscriptions);
     let mut grant = grant;
     let ended = run(&app, &mut socket, &sub, &mut grant, &info, &mut subs).await;
     sub.finish();
-    app.hub.disconnect(&sub, subs.cursors.keys());
-    app.hub
-        .metrics
-        .subscriptions
-        .dec_by(subs.cursors.len() as i64);
+    app.hub.disconnect(&sub, subs.keys());
+    app.hub.metrics.subscriptions.dec_by(subs.len() as i64);
     let (sent, server_code, client_code) = (ended.sent, ended.server_code, ended.client_code);
     let ended_reason = ended.reason.clone();
     let close_code = server_code.or(client_code).unwrap_or(1006);
@@ -352,14 +349,13 @@ fn page_size(app: &AppState) -> usize {
     (app.settings.send_queue / 2).clamp(16, 1024)
 }
 
-/// The connection's subscriptions: a cursor per key, and the keys that are catching up, served
-/// round-robin one page at a time.
-#[derive(Default)]
-struct Subscriptions {
-    cursors: HashMap<SubscriptionKey, Cursor>,
-    catching_up: VecDeque<SubscriptionKey>,
-    /// The key whose `subscribe` is being planned (a [`JobDone::Started`] in flight).
-    starting: Option<SubscriptionKey>,
+/// The send queue's level as [`Subscriptions`] takes it.
+fn queue_level(sub: &Subscriber) -> QueueLevel {
+    QueueLevel {
+        below_low_water: sub.is_below_low_water(),
+        above_high_water: sub.is_above_high_water(),
+        closing: sub.is_closing(),
+    }
 }
 
 /// Frames the connection keeps for later while it is under back-pressure (at most this many,
@@ -422,9 +418,9 @@ fn acts_under_pressure(
             nothing_deferred && !above_high_water
         }
         Incoming::Frame(ClientFrame::Auth(_)) => true,
-        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting.is_none(),
+        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting().is_none(),
         Incoming::Frame(ClientFrame::Unsubscribe(u)) => {
-            nothing_deferred && subs.starting.as_ref() != Some(&u.key())
+            nothing_deferred && subs.starting() != Some(&u.key())
         }
         _ => false,
     }
@@ -605,10 +601,7 @@ async fn run(
             }
             n = sub.wait_ready(&mut buf, &mut oldest_live) => {
                 for (key, sequence_number) in sub.lagged() {
-                    if let Some(cursor) = subs.cursors.get_mut(&key) {
-                        cursor.on_lagged(sequence_number);
-                        subs.catching_up.push_back(key);
-                    }
+                    subs.on_lagged(&key, sequence_number);
                 }
                 if n == 0 {
                     continue;
@@ -642,8 +635,8 @@ fn expire(info: &ConnInfo, grant: &Grant, deadlines: &mut Deadlines, sub: &Subsc
     sub.close(CloseReason::TokenExpired);
 }
 
-/// Move catching-up cursors forward while the send queue has room: join live from the cache
-/// where it holds the rest, else start one log read. Returns the read, if one was started.
+/// Perform what [`Subscriptions`] asks while the send queue has room: joins from the cache at
+/// once, a log read as the returned job, a close. Returns the read, if one was started.
 fn advance(
     app: &Arc<AppState>,
     sub: &Arc<Subscriber>,
@@ -651,40 +644,46 @@ fn advance(
     subs: &mut Subscriptions,
 ) -> Option<Job> {
     let page = page_size(app);
-    while !sub.is_closing() && sub.is_below_low_water() {
-        let key = subs.catching_up.pop_front()?;
-        let Some(cursor) = subs.cursors.get_mut(&key) else {
-            continue; // unsubscribed meanwhile
-        };
+    loop {
         let view = app.hub.view();
-        app.hub
-            .metrics
-            .catchup_lag
-            .observe(view.head.saturating_sub(cursor.position()) as f64);
-        match cursor.next_step(view) {
-            Step::Idle => {}
-            Step::Behind { position, floor } => {
+        match subs.next_action(view, queue_level(sub))? {
+            Action::Close(Close::Behind {
+                key,
+                position,
+                floor,
+            }) => {
                 close_behind(app, sub, info, &key, position, floor);
                 return None;
             }
-            Step::JoinFromCache { after } => {
-                match app
+            Action::Join { key, after } => {
+                app.hub
+                    .metrics
+                    .catchup_lag
+                    .observe(view.head.saturating_sub(after) as f64);
+                let result = match app
                     .hub
                     .join_from_cache(sub, &key, after, page, info.history)
                 {
-                    Join::Joined { head, .. } => cursor.on_joined(head),
-                    Join::Page { through, .. } => {
-                        cursor.on_cache_page(through);
-                        subs.catching_up.push_back(key);
-                    }
-                    Join::NotCached => subs.catching_up.push_back(key),
-                    Join::Gone => {
-                        history_changed(app, sub, info);
-                        return None;
-                    }
+                    Join::Joined { head, .. } => JoinResult::Joined { head },
+                    Join::Page { through, .. } => JoinResult::Page { through },
+                    Join::NotCached => JoinResult::NotCached,
+                    Join::Gone => JoinResult::Gone,
+                };
+                subs.on_join(&key, result);
+                if result == JoinResult::Gone {
+                    history_changed(app, sub, info);
+                    return None;
                 }
             }
-            Step::ReadLog { after, through } => {
+            Action::ReadLog {
+                key,
+                after,
+                through,
+            } => {
+                app.hub
+                    .metrics
+                    .catchup_lag
+                    .observe(view.head.saturating_sub(after) as f64);
                 let app = Arc::clone(app);
                 return Some(Box::pin(async move {
                     let result =
@@ -694,7 +693,6 @@ fn advance(
             }
         }
     }
-    None
 }
 
 fn close_behind(
@@ -728,12 +726,18 @@ fn on_job_done(
 ) {
     // A start or a page planned under the old history: its epoch and numbers mean nothing now.
     if history_changed(app, sub, info) {
+        match done {
+            JobDone::Started { .. } => subs.start_failed(),
+            JobDone::Page { key, .. } => {
+                subs.on_read_failed(&key);
+            }
+        }
         return;
     }
     match done {
         JobDone::Started { key, .. } if !grant.allows(&key) => {
             // An `auth` read while the start was planned narrowed the token.
-            subs.starting = None;
+            subs.start_failed();
             reply_error(
                 app,
                 sub,
@@ -742,7 +746,6 @@ fn on_job_done(
         }
         JobDone::Started { key, result } => match result {
             Ok(start) => {
-                subs.starting = None;
                 let ack = app.hub.sub_ack(
                     &key,
                     start.drained,
@@ -753,47 +756,48 @@ fn on_job_done(
                 );
                 let ok = sub.push_one(ack);
                 log_subscribe(app, info, &key, &start, ok);
-                if ok {
-                    if subs
-                        .cursors
-                        .insert(key.clone(), Cursor::catching_up(start.after))
-                        .is_none()
-                    {
-                        app.hub.metrics.subscriptions.inc();
-                    }
-                    subs.catching_up.push_back(key);
+                if !ok {
+                    subs.start_failed();
+                } else if subs.started(key, start.after) {
+                    app.hub.metrics.subscriptions.inc();
                 }
             }
             Err(e) => {
-                subs.starting = None;
+                subs.start_failed();
                 tracing::warn!(event = "subscribe_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read where the subscription starts");
                 reply_error(app, sub, &e);
             }
         },
-        JobDone::Page { key, result } => {
-            let Some(cursor) = subs.cursors.get_mut(&key) else {
-                return; // unsubscribed while the page was read
-            };
-            match result {
-                Ok(page) => {
+        JobDone::Page { key, result } => match result {
+            Ok(page) => {
+                let verdict = subs.on_page(&key, page.covered_through, page.floor);
+                if verdict != PageVerdict::Drop {
                     Metrics::inc(&app.hub.metrics.catchup_pages);
-                    let position = cursor.position();
-                    if cursor.on_log_page(page.covered_through, page.floor) == Phase::Behind {
-                        close_behind(app, sub, info, &key, position, page.floor);
-                        return;
-                    }
-                    let n = page.frames.len() as u64;
-                    if sub.push(page.frames.iter().cloned()) {
-                        Metrics::add(&app.hub.metrics.deliveries, n);
-                    }
-                    subs.catching_up.push_back(key);
                 }
-                Err(e) => {
+                match verdict {
+                    // Unsubscribed while the page was read.
+                    PageVerdict::Drop => {}
+                    PageVerdict::Close(Close::Behind {
+                        key,
+                        position,
+                        floor,
+                    }) => close_behind(app, sub, info, &key, position, floor),
+                    PageVerdict::Deliver => {
+                        let n = page.frames.len() as u64;
+                        if sub.push(page.frames.iter().cloned()) {
+                            Metrics::add(&app.hub.metrics.deliveries, n);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // Unsubscribed while the page was read: nothing to catch up, nothing to close.
+                if subs.on_read_failed(&key) {
                     tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read the log to catch a subscriber up");
                     sub.close(CloseReason::LogUnavailable);
                 }
             }
-        }
+        },
     }
 }
 
@@ -873,23 +877,10 @@ fn on_frame(
         }
         ClientFrame::Subscribe(s) => {
             let key = s.key();
-            if subs.cursors.contains_key(&key) {
-                // Already subscribed: acknowledged again, nothing replayed.
-                sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None, (0, 0)));
-                return;
-            }
-            if subs.cursors.len() >= app.settings.max_subscriptions {
-                reply_error(
-                    app,
-                    sub,
-                    &ApiError::BadRequest(format!(
-                        "too many subscriptions on this connection (limit {}); unsubscribe first",
-                        app.settings.max_subscriptions
-                    )),
-                );
-                return;
-            }
-            if !grant.allows(&key) {
+            // The token is looked at after the repeat and the limit, as it always was.
+            let admissible =
+                subs.cursor(&key).is_none() && subs.len() < app.settings.max_subscriptions;
+            if admissible && !grant.allows(&key) {
                 reply_error(
                     app,
                     sub,
@@ -897,7 +888,24 @@ fn on_frame(
                 );
                 return;
             }
-            subs.starting = Some(key.clone());
+            match subs.admit(&key) {
+                Admit::Again => {
+                    // Already subscribed: acknowledged again, nothing replayed.
+                    sub.push_one(app.hub.sub_ack(&key, 0, app.hub.head(), None, None, (0, 0)));
+                    return;
+                }
+                Admit::TooMany { limit } => {
+                    reply_error(
+                        app,
+                        sub,
+                        &ApiError::BadRequest(format!(
+                            "too many subscriptions on this connection (limit {limit}); unsubscribe first"
+                        )),
+                    );
+                    return;
+                }
+                Admit::Plan => {}
+            }
             let app = Arc::clone(app);
             *job = Some(Box::pin(async move {
                 let result =
@@ -908,10 +916,9 @@ fn on_frame(
         ClientFrame::Unsubscribe(u) => {
             let key = u.key();
             app.hub.unsubscribe(sub, &key);
-            if subs.cursors.remove(&key).is_some() {
+            if subs.unsubscribe(&key) {
                 app.hub.metrics.subscriptions.dec();
             }
-            subs.catching_up.retain(|k| k != &key);
             tracing::debug!(event = "unsubscribed", client_id = %info.client_id, subscription_key = %key, "unsubscribed");
         }
         ClientFrame::Ping => {
@@ -955,18 +962,13 @@ fn refresh_token(
         sub.close(CloseReason::AuthRejected);
         return;
     }
-    let narrowed: Vec<SubscriptionKey> = subs
-        .cursors
-        .keys()
-        .filter(|k| !fresh.allows(k))
-        .cloned()
-        .collect();
+    let narrowed: Vec<SubscriptionKey> =
+        subs.keys().filter(|k| !fresh.allows(k)).cloned().collect();
     for key in narrowed {
         app.hub.unsubscribe(sub, &key);
-        if subs.cursors.remove(&key).is_some() {
+        if subs.unsubscribe(&key) {
             app.hub.metrics.subscriptions.dec();
         }
-        subs.catching_up.retain(|k| k != &key);
         reply_error(
             app,
             sub,

@@ -116,7 +116,7 @@ async fn recover_page(
         (None, Some(r)) => Filter::RequestId(r),
         (None, None) => Filter::All,
     };
-    let epoch_ok = q.epoch.as_deref().is_none_or(|e| e == app.hub.epoch());
+    let epoch_ok = app.hub.epoch_matches(q.epoch.as_deref());
     let head = app.hub.head();
     let window_start = catchup::resume_window_start(app, head, now_ms()).await?;
     let oldest_sequence = (window_start <= head).then_some(window_start);

@@ -311,8 +311,10 @@ pub struct Hub {
     /// How many times this node moved to another history; a connection that started under an
     /// older one ends (1012) instead of acting on anything it planned there.
     history: AtomicU64,
-    /// The newest number applied (readable without the lock).
-    head: AtomicU64,
+    /// The newest number applied: readable without the hub lock, and waited on by whoever
+    /// needs a number applied ([`Hub::applied`]) — nobody polls. The one head: it moves only
+    /// under the hub lock, together with the cache's.
+    head: tokio::sync::watch::Sender<u64>,
     /// Process counters.
     pub metrics: Metrics,
 }
@@ -371,7 +373,7 @@ impl Hub {
             }),
             epoch: std::sync::RwLock::new(epoch),
             history: AtomicU64::new(0),
-            head: AtomicU64::new(head),
+            head: tokio::sync::watch::Sender::new(head),
             metrics: Metrics::default(),
         })
     }
@@ -402,7 +404,7 @@ impl Hub {
         let budget = state.cache.budget_bytes();
         state.cache = TailCache::new(budget, head);
         state.retention_floor = floor;
-        self.head.store(head, Ordering::Release);
+        self.head.send_replace(head);
         let live = std::mem::take(&mut state.live);
         drop(state);
         let mut closed = 0u64;
@@ -437,7 +439,21 @@ impl Hub {
 
     /// The newest number applied to live delivery.
     pub fn head(&self) -> u64 {
-        self.head.load(Ordering::Acquire)
+        *self.head.borrow()
+    }
+
+    /// Whether a client's `epoch` names this node's history (an absent one does): the one
+    /// epoch check, for WebSocket resumes and HTTP recovery alike.
+    pub fn epoch_matches(&self, epoch: Option<&str>) -> bool {
+        epoch.is_none_or(|e| *self.epoch.read().unwrap_or_else(|p| p.into_inner()) == e)
+    }
+
+    /// Wait until this node applied `sequence_number`, at most `wait`; returns the head then.
+    /// Woken by the apply itself (a `watch` channel), never by polling.
+    pub async fn applied(&self, sequence_number: u64, wait: std::time::Duration) -> u64 {
+        let mut rx = self.head.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|&h| h >= sequence_number)).await;
+        self.head()
     }
 
     /// What a cursor needs to pick its next step.
@@ -482,7 +498,7 @@ impl Hub {
         state.retention_floor = state.retention_floor.max(next);
         let budget = state.cache.budget_bytes();
         state.cache = TailCache::new(budget, next - 1);
-        self.head.store(next - 1, Ordering::Release);
+        self.head.send_replace(next - 1);
         let live = std::mem::take(&mut state.live);
         drop(state);
         let mut told = 0u64;
@@ -531,14 +547,19 @@ impl Hub {
         let mut created = Vec::new();
         let mut state = self.lock();
         for (ev, frame) in events.iter().zip(frames) {
-            state.cache.push(CachedMessage {
+            let pushed = state.cache.push(CachedMessage {
                 sequence_number: ev.sequence_number,
                 key: ev.key.clone(),
                 timestamp_ms: ev.timestamp_ms,
                 bytes: cost(ev, &frame),
                 frame: frame.clone(),
-            })?;
-            self.head.store(ev.sequence_number, Ordering::Release);
+            });
+            if let Err(gap) = pushed {
+                // What was applied before the hole stays applied.
+                let head = state.cache.head();
+                self.head.send_replace(head);
+                return Err(gap.into());
+            }
             Metrics::inc(&self.metrics.published);
             if !self.deliver_live(&mut state, ev, frame, committed_at)
                 && ev.stream_sequence == 1
@@ -546,6 +567,11 @@ impl Hub {
             {
                 created.push(&ev.key);
             }
+        }
+        // Once per group, still under the lock: a reader of the head never sees a number the
+        // cache does not hold yet (a lower head only means more of it arrives live).
+        if let Some(last) = events.last() {
+            self.head.send_replace(last.sequence_number);
         }
         drop(state);
         // Seed 003's story at the default level, one line per new key (like an access-log
@@ -842,6 +868,44 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// A resume that names a number not applied here yet is woken by the apply itself (the
+    /// head is a `watch`): with tokio's clock paused, a poll loop would have to advance time;
+    /// this wait ends at the apply without any time passing, and a wait for a number never
+    /// applied ends at its bound with the head as it is. A group moves the head once, to its last
+    /// number; a refused hole leaves it at the last number applied.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_an_applied_number_is_woken_by_the_apply() {
+        let hub = Arc::new(Hub::new("e".into(), 0, 1, 1 << 20, Vec::new()).unwrap());
+        let waiter = {
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let head = hub.applied(2, std::time::Duration::from_secs(5)).await;
+                (head, start.elapsed())
+            })
+        };
+        tokio::task::yield_now().await;
+        hub.apply_committed(&[event(1, "c:a"), event(2, "c:a")])
+            .unwrap();
+        let (head, waited) = waiter.await.unwrap();
+        assert_eq!(head, 2);
+        assert_eq!(waited, std::time::Duration::ZERO, "woken, not polled");
+        let start = tokio::time::Instant::now();
+        assert_eq!(hub.applied(9, std::time::Duration::from_secs(5)).await, 2);
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(5));
+        assert!(
+            hub.apply_committed(&[event(3, "c:a"), event(5, "c:a")])
+                .is_err()
+        );
+        assert_eq!(
+            hub.head(),
+            3,
+            "what was applied before the hole stays applied"
+        );
+        assert!(hub.epoch_matches(None) && hub.epoch_matches(Some("e")));
+        assert!(!hub.epoch_matches(Some("other")));
     }
 
     /// After a move to another history, a cursor of the old one never joins the new one — even
