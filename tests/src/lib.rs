@@ -284,6 +284,30 @@ impl TestServer {
         )
     }
 
+    /// Every row of the stream `channel:request_id`, paging `GET /api/streams/…/messages` with
+    /// `after=` (`limit` rows a page) until no `next_after`; asserts each page is a 200.
+    pub async fn stream_rows(&self, channel: &str, request_id: &str, limit: usize) -> Vec<Value> {
+        let t = token("reader", None);
+        let mut after = 0;
+        let mut rows = Vec::new();
+        loop {
+            let (status, body) = self
+                .get(
+                    &format!(
+                        "/api/streams/{channel}/{request_id}/messages?after={after}&limit={limit}"
+                    ),
+                    Some(&t),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            rows.extend(body["messages"].as_array().unwrap().iter().cloned());
+            match body["next_after"].as_u64() {
+                Some(next) => after = next,
+                None => return rows,
+            }
+        }
+    }
+
     /// GET with an optional bearer token; returns (status, json body).
     pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> (u16, Value) {
         let mut req = self.http.get(self.url(path_and_query));

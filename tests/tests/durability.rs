@@ -128,28 +128,17 @@ async fn a_publish_right_after_the_database_file_was_replaced_is_answered_503() 
 
 /// Every row of a stream as (message_id, stream_sequence), paging with `after=`.
 async fn stream_positions(s: &TestServer, request_id: &str) -> Vec<(String, u64)> {
-    let t = token("reader", None);
-    let mut after = 0;
-    let mut rows = Vec::new();
-    loop {
-        let (status, body) = s
-            .get(
-                &format!("/api/streams/c/{request_id}/messages?after={after}&limit=2"),
-                Some(&t),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        for r in body["messages"].as_array().unwrap() {
-            rows.push((
+    // Two rows a page: the repair must keep every `after=` page boundary right.
+    s.stream_rows("c", request_id, 2)
+        .await
+        .iter()
+        .map(|r| {
+            (
                 r["message_id"].as_str().unwrap().to_owned(),
                 r["stream_sequence"].as_u64().unwrap(),
-            ));
-        }
-        match body["next_after"].as_u64() {
-            Some(next) => after = next,
-            None => return rows,
-        }
-    }
+            )
+        })
+        .collect()
 }
 
 /// 20 messages m1..m20 on stream c:r, then m3 again with new data (an upsert: the row keeps

@@ -16,23 +16,7 @@ fn sqlite(dir: &Path, extra: &[&str]) -> Options {
 }
 
 async fn page_all(s: &TestServer, channel: &str, request_id: &str) -> Vec<Value> {
-    let t = token("reader", None);
-    let mut after = 0;
-    let mut rows = Vec::new();
-    loop {
-        let (status, body) = s
-            .get(
-                &format!("/api/streams/{channel}/{request_id}/messages?after={after}&limit=50"),
-                Some(&t),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        rows.extend(body["messages"].as_array().unwrap().iter().cloned());
-        match body["next_after"].as_u64() {
-            Some(n) => after = n,
-            None => return rows,
-        }
-    }
+    s.stream_rows(channel, request_id, 50).await
 }
 
 #[tokio::test]

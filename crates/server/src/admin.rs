@@ -159,7 +159,7 @@ pub async fn overview(
         storage: app.store.name(),
         now_ms: crate::now_ms(),
         head: hub.head(),
-        epoch: hub.epoch().to_owned(),
+        epoch: hub.epoch(),
         retention_floor: hub.retention_floor(),
         cache_floor: gauge("seqcast_cache_floor"),
         cache_bytes: gauge("seqcast_cache_bytes"),

@@ -175,7 +175,7 @@ pub async fn serve(
         session_id: info.session_id.clone(),
         connection_sequence: info.connection_sequence,
         head: app.hub.head(),
-        epoch: app.hub.epoch().to_owned(),
+        epoch: app.hub.epoch(),
     });
     sub.push_one(Utf8Bytes::from(encode_server_frame(&connected)));
 

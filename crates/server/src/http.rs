@@ -128,7 +128,7 @@ async fn recover_page(
             let meta = RecoveryMeta {
                 head,
                 oldest_sequence,
-                epoch: app.hub.epoch().to_owned(),
+                epoch: app.hub.epoch(),
                 complete: false,
                 next_since: None,
             };
@@ -141,7 +141,7 @@ async fn recover_page(
     let meta = RecoveryMeta {
         head,
         oldest_sequence,
-        epoch: app.hub.epoch().to_owned(),
+        epoch: app.hub.epoch(),
         complete,
         next_since: page.next_since,
     };

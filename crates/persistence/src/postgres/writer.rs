@@ -716,27 +716,27 @@ impl WriterTask {
         }
     }
 
+    /// Answers every append of a group that was not attempted with `e`, counted as one failed
+    /// transaction.
+    fn refuse_group(&self, appends: Vec<PendingAppend>, e: StoreError) {
+        self.shared
+            .transactions_failed
+            .fetch_add(1, Ordering::Relaxed);
+        for a in appends {
+            let _ = a.reply.send(Err(e.clone()));
+        }
+    }
+
     async fn write_group(&mut self, mut appends: Vec<PendingAppend>) {
         if let Some(why) = &self.unconfirmed_since {
             // Commits are not being confirmed: answer at once instead of letting every group
             // wait out the commit deadline; the probe (every second) lifts this.
-            let e = StoreError::Unavailable(why.clone());
-            self.shared
-                .transactions_failed
-                .fetch_add(1, Ordering::Relaxed);
-            for a in appends {
-                let _ = a.reply.send(Err(e.clone()));
-            }
+            self.refuse_group(appends, StoreError::Unavailable(why.clone()));
             return;
         }
         if let Err(e) = self.ensure_connection().await {
             self.set_available(Err(&e));
-            self.shared
-                .transactions_failed
-                .fetch_add(1, Ordering::Relaxed);
-            for a in appends {
-                let _ = a.reply.send(Err(e.clone()));
-            }
+            self.refuse_group(appends, e);
             return;
         }
         let mut own: Vec<Option<StoreError>> = vec![None; appends.len()];
