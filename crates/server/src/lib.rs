@@ -6,7 +6,6 @@
 //! same function on `127.0.0.1:0`.
 
 pub mod admin;
-pub mod app;
 pub mod auth;
 pub mod catchup;
 pub mod config;
@@ -15,6 +14,7 @@ pub mod deadline;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod lifetime;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -22,9 +22,12 @@ pub mod observe;
 pub mod openapi;
 pub mod pages;
 pub mod publish;
+pub mod routes;
+pub mod state;
 pub mod storage;
+pub mod upgrade;
 
-pub use app::{ServerHandle, run, start};
+pub use lifetime::{ServerHandle, bind, run, start, stop_signal};
 
 /// Milliseconds since the Unix epoch: the shell reads the clock and passes it into the core.
 pub fn now_ms() -> u64 {
