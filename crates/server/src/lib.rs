@@ -3,7 +3,13 @@
 //! (the store does, through [`storage::Store::commit`]).
 //!
 //! Embedding: build [`config::Settings`], bind a listener, and call [`run`] — tests start the
-//! same function on `127.0.0.1:0`.
+//! same function on `127.0.0.1:0`, or call [`routes::service`] in-process.
+//!
+//! The modules stack without a cycle (`tests/module_graph.rs` checks it): at the bottom the
+//! parts (`config`, `error`, `metrics`, `hub`, `storage`, `pages`, `auth`, `limits`); then
+//! [`state::AppState`], made of them; then what serves from the state (`http`, `connection`
+//! with `catchup` and `publish`, `upgrade`, `admin`, `observe`); then [`routes`], which names
+//! them all; and [`lifetime`] on top, which opens the state and serves the routes.
 
 pub mod admin;
 pub mod auth;
