@@ -260,7 +260,7 @@ pub fn open(
         auth,
         store,
         settings,
-        shutdown: shutdown.clone(),
+        shutdown,
         connections: TaskTracker::new(),
         dev_mode,
         message_ids: MessageIds::default(),
