@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use subtle::ConstantTimeEq as _;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics::{RecentError, WriterSummary};
+use crate::state::AppState;
 
 const PAGE: &str = include_str!("../assets/admin.html");
 /// Keys listed on the page.

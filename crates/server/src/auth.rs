@@ -90,6 +90,17 @@ impl Grant {
     }
 }
 
+/// The grant may publish: a token needs the `publish: true` claim (an API key always may).
+pub fn check_may_publish(grant: &Grant) -> Result<(), ApiError> {
+    if grant.publish {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "token may not publish (no `publish: true` claim)".into(),
+        ))
+    }
+}
+
 /// Verifies and mints tokens; checks API keys.
 pub struct Authority {
     /// The HS256 secret (to mint and to verify); `None` when only public keys are configured.
@@ -340,7 +351,7 @@ impl Authority {
         }
         if let Some(token) = credentials(v, "Bearer") {
             let grant = self.verify(token)?;
-            crate::publish::check_may_publish(&grant)?;
+            check_may_publish(&grant)?;
             return Ok(grant);
         }
         Err(ApiError::Unauthorized(

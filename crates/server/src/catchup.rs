@@ -10,11 +10,11 @@ use seqcast_persistence::EventReader;
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::hub::{Hub, PAGE_BYTES};
 use crate::pages::SharedPage;
 use crate::read_log;
+use crate::state::AppState;
 
 /// Where a new subscription's cursor starts, and what its `sub_ack` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,7 +34,6 @@ use seqcast_protocol::{
 
 use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
 
-use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
@@ -43,6 +42,7 @@ use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
 use crate::pages::SharedPage;
 use crate::publish::{self, Outcome, Pipeline};
+use crate::state::AppState;
 
 /// What we know of a connection for its log lines.
 struct ConnInfo {

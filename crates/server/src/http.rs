@@ -8,19 +8,19 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use seqcast_persistence::{CommittedEvent, EventFilter, EventReader};
 use seqcast_protocol::{
-    BatchPublishResponse, Channel, MessageId, PublishRequest, PublishResponse, RecoverParams,
-    RecoveryMeta, RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish,
-    decode_query, encode_recovery_response, encode_stream_page, page_limit,
+    BatchPublishResponse, Channel, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
+    RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish, decode_query,
+    encode_recovery_response, encode_stream_page, page_limit,
 };
 use seqcast_sequencing::{Resume, resume};
 
-use crate::app::AppState;
 use crate::auth::Grant;
 use crate::catchup;
 use crate::error::ApiError;
 use crate::hub::{Frame, Hub};
 use crate::metrics::PublishEndpoint;
 use crate::publish;
+use crate::state::AppState;
 use crate::{now_ms, read_log};
 use seqcast_protocol::{BatchPublishRequest, ErrorBody};
 
@@ -299,35 +299,6 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
     axum::body::to_bytes(body, limit)
         .await
         .map_err(|e| ApiError::from_body_error(&e, limit))
-}
-
-/// Server-made message ids: increasing (a time-based start plus a counter) so that the
-/// database's per-stream index takes them at its end instead of on random pages — fewer dirty
-/// pages per group commit — with a random suffix so ids stay unique across restarts.
-#[derive(Debug)]
-pub struct MessageIds {
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl Default for MessageIds {
-    fn default() -> Self {
-        let micros = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        MessageIds {
-            next: std::sync::atomic::AtomicU64::new(micros),
-        }
-    }
-}
-
-impl MessageIds {
-    /// A new id: 16 hex digits of the counter, then 8 random hex digits.
-    pub fn next(&self) -> Result<MessageId, ApiError> {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        MessageId::new(format!("{n:016x}{:08x}", rand::random::<u32>()))
-            .map_err(|e| ApiError::Internal(e.to_string()))
-    }
 }
 
 #[utoipa::path(
@@ -811,16 +782,8 @@ pub mod assets {
     const CLIENT_JS: &str = include_str!("../../../clients/js/seqcast.js");
     const CLIENT_DTS: &str = include_str!("../../../clients/js/seqcast.d.ts");
     const DEMO_HTML: &str = include_str!("../../../clients/js/demo.html");
-    /// `GET /openapi.json`: generated from the code (see `crate::openapi`), once.
-    pub async fn openapi() -> Response {
-        static OPENAPI: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        asset(
-            "application/json",
-            OPENAPI.get_or_init(crate::openapi::json).as_str(),
-        )
-    }
-
-    fn asset(content_type: &'static str, body: &'static str) -> Response {
+    /// An embedded file as the answer, revalidated by the browser each time.
+    pub fn asset(content_type: &'static str, body: &'static str) -> Response {
         let mut r = body.into_response();
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

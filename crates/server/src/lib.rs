@@ -3,10 +3,15 @@
 //! (the store does, through [`storage::Store::commit`]).
 //!
 //! Embedding: build [`config::Settings`], bind a listener, and call [`run`] — tests start the
-//! same function on `127.0.0.1:0`.
+//! same function on `127.0.0.1:0`, or call [`routes::service`] in-process.
+//!
+//! The modules stack without a cycle (`tests/module_graph.rs` checks it): at the bottom the
+//! parts (`config`, `error`, `metrics`, `hub`, `storage`, `pages`, `auth`, `limits`); then
+//! [`state::AppState`], made of them; then what serves from the state (`http`, `connection`
+//! with `catchup` and `publish`, `upgrade`, `admin`, `observe`); then [`routes`], which names
+//! them all; and [`lifetime`] on top, which opens the state and serves the routes.
 
 pub mod admin;
-pub mod app;
 pub mod auth;
 pub mod catchup;
 pub mod config;
@@ -15,6 +20,7 @@ pub mod deadline;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod lifetime;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -22,9 +28,12 @@ pub mod observe;
 pub mod openapi;
 pub mod pages;
 pub mod publish;
+pub mod routes;
+pub mod state;
 pub mod storage;
+pub mod upgrade;
 
-pub use app::{ServerHandle, run, start};
+pub use lifetime::{ServerHandle, bind, run, start, stop_signal};
 
 /// Milliseconds since the Unix epoch: the shell reads the clock and passes it into the core.
 pub fn now_ms() -> u64 {

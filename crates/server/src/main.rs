@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use seqcast_server::config::{Cli, Command, DbCommand, LogFormat, ServeArgs, Settings};
-use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -52,42 +51,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        seqcast_server::run(settings, shutdown).await
+        let listener = seqcast_server::bind(&settings).await?;
+        seqcast_server::run(listener, settings, seqcast_server::stop_signal()).await
     })
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
-        let name = tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        };
-        // Cancel first: logging can fail (a closed pipe) and must not keep us from stopping.
-        shutdown.cancel();
-        tracing::info!(event = "signal", signal = name, "shutting down");
-        // A second signal means "now".
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        std::process::exit(130);
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        shutdown.cancel();
-    }
 }
 
 fn token(t: &seqcast_server::config::TokenArgs) -> anyhow::Result<()> {
@@ -207,7 +173,7 @@ fn db_backup(args: &seqcast_server::config::BackupArgs) -> anyhow::Result<()> {
 fn db_restore(args: &seqcast_server::config::BackupArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&args.settings)?;
     // The same lock a running server holds: never swap the file under a server.
-    let _lock = seqcast_server::app::lock_data_dir(&settings)?;
+    let _lock = seqcast_server::lifetime::lock_data_dir(&settings)?;
     let path = settings.data_dir.join("seqcast.db");
     let report = seqcast_persistence::restore(&args.file, &path)?;
     println!(

@@ -19,9 +19,9 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::response::Response;
 use tracing::Instrument as _;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics::Transport;
+use crate::state::AppState;
 
 /// The request id header.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -5,7 +5,9 @@
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, app, http};
+use axum::response::Response;
+
+use crate::{admin, http, upgrade};
 
 /// See the module docs.
 #[derive(Debug, OpenApi)]
@@ -21,7 +23,7 @@ use crate::{admin, app, http};
         http::publish_stream,
         http::recover,
         http::stream_page,
-        app::ws_upgrade,
+        upgrade::ws_upgrade,
         http::healthz,
         http::readyz,
         http::metrics,
@@ -59,6 +61,12 @@ impl Modify for Security {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// `GET /openapi.json`: the description, generated from the code once.
+pub async fn serve() -> Response {
+    static OPENAPI: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    http::assets::asset("application/json", OPENAPI.get_or_init(json).as_str())
 }
 
 /// The description as pretty JSON with a final newline (the form kept in docs/openapi.json).

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use seqcast_persistence::{CommittedEvent, NewEvent};
 use seqcast_protocol::{PublishRequest, PublishResponse};
 
-use crate::app::AppState;
 use crate::auth::Grant;
+pub use crate::auth::check_may_publish;
 use crate::error::ApiError;
-use crate::http::MessageIds;
+use crate::state::AppState;
+use crate::state::MessageIds;
 
 /// Publishes one streaming door lets in before it waits for answers (frames read and not yet
 /// answered).
@@ -30,17 +31,6 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// Bytes of publishes one streaming door lets in before it waits for answers (one publish
 /// larger than this is let in alone).
 pub const MAX_IN_FLIGHT_BYTES: usize = 4 << 20;
-
-/// The grant may publish: a token needs the `publish: true` claim (an API key always may).
-pub fn check_may_publish(grant: &Grant) -> Result<(), ApiError> {
-    if grant.publish {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "token may not publish (no `publish: true` claim)".into(),
-        ))
-    }
-}
 
 /// Count `n` publishes of `grant` against `--publish-rate`.
 pub fn admit(app: &AppState, grant: &Grant, n: usize) -> Result<(), ApiError> {

@@ -1,18 +1,12 @@
-//! Wiring: secrets, the store, the hub, the router, and the server's lifetime (start, serve,
-//! graceful shutdown).
+//! The server's lifetime: open what it serves from (secrets, the data directory, the store, the
+//! hub), serve a listener the caller bound, keep the log within retention and watch the
+//! database file while it runs, and stop gracefully when told — by a signal, in the binary.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::Extension;
-use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use seqcast_persistence::{
     DbReader, DbWriter, EventReader, MemoryStore, PgConfig, PgStore, StoreConfig,
 };
@@ -25,137 +19,10 @@ use crate::config::{AuthMode, Settings, StorageKind, auth_mode};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::limits::Limiter;
+use crate::routes::service;
+use crate::state::{AppState, MessageIds, PROBE_DEADLINE, file_identity};
 use crate::storage::Store;
-use crate::{connection, http, listener, now_ms};
-
-/// Everything a request handler needs.
-#[derive(Debug)]
-pub struct AppState {
-    /// Fan-out: live subscriptions over the log's cached tail.
-    pub hub: Arc<Hub>,
-    /// Tokens and keys.
-    pub auth: Authority,
-    /// The sequence authority.
-    pub store: Store,
-    /// Resolved settings.
-    pub settings: Settings,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Tracks WebSocket connection tasks, so shutdown can wait for them.
-    pub connections: TaskTracker,
-    /// Development mode ([`crate::config::AuthMode::Development`]): no token verifier is
-    /// configured and the listen address is loopback; a generated secret is in use.
-    pub dev_mode: bool,
-    /// Makes message ids for publishes that bring none.
-    pub message_ids: http::MessageIds,
-    /// Held while the server runs: one process per data directory.
-    pub data_dir_lock: Option<std::fs::File>,
-    /// Log pages shared by cursors catching up over the same range.
-    pub pages: crate::pages::PageCache,
-    /// Connection caps and rate limits.
-    pub limiter: Arc<Limiter>,
-    /// The database file as opened (device, inode); `None` for memory storage.
-    pub db_identity: Option<(PathBuf, (u64, u64))>,
-    /// Why the database cannot take writes, when the server noticed (file removed or replaced).
-    pub db_fault: std::sync::Mutex<Option<String>>,
-}
-
-impl AppState {
-    /// Why publishes would fail right now, if they would: the writer stopped, or the database
-    /// file is not the one that was opened. `/readyz` and the publish endpoints both ask.
-    pub fn write_fault(&self) -> Option<String> {
-        if !self.store.writer_running() {
-            return Some("the database writer has stopped".into());
-        }
-        self.db_fault
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Why the server is not ready for publishes: [`AppState::write_fault`], or the last write
-    /// failed for a reason of the database's (read-only, full, locked past the busy timeout).
-    /// A failing database is probed first (a write that changes nothing, at most
-    /// [`PROBE_DEADLINE`]), so a condition that cleared is seen without waiting for a publish.
-    pub async fn readiness_fault(&self) -> Option<String> {
-        self.check_database_file();
-        if let Some(why) = self.write_fault() {
-            return Some(why);
-        }
-        if let Some(why) = self.disk_full() {
-            return Some(why);
-        }
-        if self.store.write_health().is_some() {
-            let _ = tokio::time::timeout(PROBE_DEADLINE, self.store.probe()).await;
-        }
-        self.store.write_health()
-    }
-
-    /// The disk under the database cannot take one more message of the largest size
-    /// (`max_message_bytes` plus a MiB of WAL and index pages): publishes could fail.
-    fn disk_full(&self) -> Option<String> {
-        let (path, _) = self.db_identity.as_ref()?;
-        let dir = path.parent()?;
-        let stat = rustix::fs::statvfs(dir).ok()?;
-        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-        let need = (self.settings.max_message_bytes as u64).saturating_add(1 << 20);
-        (free < need).then(|| {
-            format!(
-                "the disk holding {} is full: {free} bytes free, below the {need} one message of the largest size may need",
-                dir.display()
-            )
-        })
-    }
-
-    /// Look at the database file again; record (and log once) when it was removed or replaced.
-    pub fn check_database_file(&self) {
-        let Some((path, opened)) = &self.db_identity else {
-            return;
-        };
-        let now = match file_identity(path) {
-            Ok(id) if id == *opened => None,
-            Ok(_) => Some(format!(
-                "the database file {} was replaced while the server ran; restart to open the new one",
-                path.display()
-            )),
-            Err(e) => Some(format!(
-                "the database file {} is gone ({e}); writes would be lost",
-                path.display()
-            )),
-        };
-        let mut fault = self
-            .db_fault
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match (&*fault, &now) {
-            (None, Some(why)) => {
-                tracing::error!(event = "database_lost", error = %why, "publishes are refused with 503 until the database file is back");
-            }
-            (Some(_), None) => {
-                // Publishes resume only if the writer wrote nothing into it meanwhile: a group
-                // it withheld keeps it refusing until a restart (its own `database_writable`
-                // says when writes work again).
-                tracing::info!(
-                    event = "database_back",
-                    "the database file is back at its path"
-                );
-            }
-            _ => {}
-        }
-        *fault = now;
-    }
-}
-
-/// The longest `/readyz` waits for a write probe of a failing database (a lock may hold it
-/// for the whole busy timeout); past it, the last failure stands.
-pub const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// (device, inode) of a file.
-fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
-}
+use crate::{listener, now_ms};
 
 /// A running server.
 #[derive(Debug)]
@@ -184,28 +51,131 @@ impl ServerHandle {
     }
 }
 
-/// Start a server with `settings` and return once it is listening.
-pub async fn start(
-    settings: Settings,
-    shutdown: CancellationToken,
-) -> anyhow::Result<ServerHandle> {
-    // Decided before anything is bound or generated: with no verifier, only loopback.
+/// Bind `settings.listen` for [`run`], with a listen backlog large enough for a reconnect
+/// storm. With no token verifier configured, an address that is not loopback is refused first,
+/// before anything is bound or generated.
+pub async fn bind(settings: &Settings) -> anyhow::Result<TcpListener> {
     let listen_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?
         .map(|a| a.ip())
         .collect();
-    let mode = auth_mode(
+    auth_mode(
         settings.jwt_secret.is_some(),
         settings.jwt_public_key.is_some(),
         &settings.listen,
         &listen_ips,
     )?;
-    let listener = bind(&settings.listen)
+    bind_with_backlog(&settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let addr = listener.local_addr()?;
+        .with_context(|| format!("cannot listen on {}", settings.listen))
+}
 
+/// Serve `settings` on `listener` until `shutdown` completes, then stop gracefully (no new
+/// connections, WebSocket clients closed with 1001, requests in flight finished, the store
+/// closed) and return. The caller binds the listener ([`bind`]; tests bind `127.0.0.1:0`) and
+/// says what stops the server ([`stop_signal`] in the binary).
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    // Watched from the start: a signal while the store opens stops the server as it begins.
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    let result = match start(listener, settings, token).await {
+        Ok(server) => server.wait().await,
+        Err(e) => Err(e),
+    };
+    watcher.abort();
+    result
+}
+
+/// Start serving `settings` on `listener` and return once it serves; cancel `shutdown` (or
+/// call [`ServerHandle::stop`]) to stop it. With no token verifier configured, the listener
+/// must be on loopback (development mode).
+pub async fn start(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    // With no verifier, only loopback: checked on the address actually bound.
+    let mode = auth_mode(
+        settings.jwt_secret.is_some(),
+        settings.jwt_public_key.is_some(),
+        &settings.listen,
+        &[addr.ip()],
+    )?;
+    let (app, api_key) = open(settings, mode, shutdown.clone())?;
+    let dev_token = if app.dev_mode {
+        let token = app
+            .auth
+            .mint("dev", None, 24 * 3600, true)
+            .map_err(|e| anyhow::anyhow!("cannot mint the development token: {e}"))?;
+        print_dev_banner(addr, &token, &api_key);
+        Some(token)
+    } else {
+        None
+    };
+    let service = service(Arc::clone(&app));
+    tracing::info!(event = "listening", addr = %addr, "listening");
+
+    let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
+    let watch = tokio::spawn(watch_database(Arc::clone(&app)));
+    let task = tokio::spawn(async move {
+        listener::serve(
+            listener,
+            service,
+            app.settings.http_timeouts.header,
+            app.shutdown.clone(),
+            app.settings.shutdown_grace,
+        )
+        .await;
+        tracing::info!(
+            event = "shutting_down",
+            open_connections = app.connections.len(),
+            "no longer accepting connections"
+        );
+        app.connections.close();
+        if tokio::time::timeout(app.settings.shutdown_grace, app.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                event = "shutdown_deadline",
+                open_connections = app.connections.len(),
+                "connections still open at the deadline"
+            );
+        }
+        retention.abort();
+        watch.abort();
+        app.store.close().await;
+        tracing::info!(event = "stopped", "server stopped");
+        Ok(())
+    });
+    Ok(ServerHandle {
+        addr,
+        shutdown,
+        dev_token,
+        api_key,
+        task,
+    })
+}
+
+/// Open what the server serves from: the secrets resolved, the data directory held (SQLite),
+/// the store open and the hub filled from the log's tail. No socket and no task yet: [`start`]
+/// adds those, and tests hand the state to [`crate::routes::service`] to call it in-process.
+/// Returns the state and the API key in use.
+pub fn open(
+    settings: Settings,
+    mode: AuthMode,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Arc<AppState>, String)> {
     let dev_mode = mode == AuthMode::Development;
     let jwt_secret = match &settings.jwt_secret {
         Some(s) => Some(s.clone()),
@@ -274,16 +244,6 @@ pub async fn start(
         );
     }
 
-    let dev_token = if dev_mode {
-        let token = auth
-            .mint("dev", None, 24 * 3600, true)
-            .map_err(|e| anyhow::anyhow!("cannot mint the development token: {e}"))?;
-        print_dev_banner(addr, &token, &api_key);
-        Some(token)
-    } else {
-        None
-    };
-
     let pages = crate::pages::PageCache::new(settings.cache_bytes / PAGE_CACHE_SHARE);
     let settings_limits = settings.limits.clone();
     let db_identity = match settings.storage {
@@ -300,64 +260,22 @@ pub async fn start(
         auth,
         store,
         settings,
-        shutdown: shutdown.clone(),
+        shutdown,
         connections: TaskTracker::new(),
         dev_mode,
-        message_ids: http::MessageIds::default(),
+        message_ids: MessageIds::default(),
         data_dir_lock,
         pages,
         limiter: Arc::new(Limiter::new(settings_limits)),
         db_identity,
         db_fault: std::sync::Mutex::new(None),
     });
-    let service = service(Arc::clone(&app));
-    tracing::info!(event = "listening", addr = %addr, "listening");
-
-    let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
-    let watch = tokio::spawn(watch_database(Arc::clone(&app)));
-    let task = tokio::spawn(async move {
-        listener::serve(
-            listener,
-            service,
-            app.settings.http_timeouts.header,
-            app.shutdown.clone(),
-            app.settings.shutdown_grace,
-        )
-        .await;
-        tracing::info!(
-            event = "shutting_down",
-            open_connections = app.connections.len(),
-            "no longer accepting connections"
-        );
-        app.connections.close();
-        if tokio::time::timeout(app.settings.shutdown_grace, app.connections.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                event = "shutdown_deadline",
-                open_connections = app.connections.len(),
-                "connections still open at the deadline"
-            );
-        }
-        retention.abort();
-        watch.abort();
-        app.store.close().await;
-        tracing::info!(event = "stopped", "server stopped");
-        Ok(())
-    });
-    Ok(ServerHandle {
-        addr,
-        shutdown,
-        dev_token,
-        api_key,
-        task,
-    })
+    Ok((app, api_key))
 }
 
 /// Bind with a listen backlog large enough for a reconnect storm (the kernel caps it at
 /// `net.core.somaxconn`).
-async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+async fn bind_with_backlog(listen: &str) -> std::io::Result<TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(listen).await? {
         let socket = if addr.is_ipv4() {
@@ -377,11 +295,6 @@ async fn bind(listen: &str) -> std::io::Result<TcpListener> {
             "address resolves to nothing",
         )
     }))
-}
-
-/// Run until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    start(settings, shutdown).await?.wait().await
 }
 
 /// The shared log pages get this fraction (1/n) of `--cache-bytes`; the tail cache the rest.
@@ -680,199 +593,37 @@ fn print_dev_banner(addr: SocketAddr, token: &str, api_key: &str) {
     );
 }
 
-/// The routes (CORS on the HTTP API), without the layers every request passes: [`service`]
-/// puts those around the whole router once.
-pub fn router(app: Arc<AppState>) -> Router {
-    // The HTTP API answers browsers of the allowed origins (CORS, preflight included); the
-    // WebSocket checks `Origin` itself, at the upgrade.
-    let api = Router::new()
-        .route("/websocket/messages", get(http::recover))
-        .route("/api/publish", post(http::publish))
-        .route("/api/publish/batch", post(http::publish_batch))
-        .route("/api/publish/stream", post(http::publish_stream))
-        .route(
-            "/api/streams/{channel}/{request_id}/messages",
-            get(http::stream_page),
-        );
-    let api = match cors(app.settings.allowed_origins.as_deref()) {
-        Some(layer) => api.layer(layer),
-        None => api,
-    };
-    Router::new()
-        .route("/ws", get(ws_upgrade))
-        .merge(api)
-        .route("/healthz", get(http::healthz))
-        .route("/readyz", get(http::readyz))
-        .route("/metrics", get(http::metrics))
-        .route("/openapi.json", get(http::assets::openapi))
-        .route("/admin", get(crate::admin::page))
-        .route("/admin/api/overview", get(crate::admin::overview))
-        .route("/", get(http::assets::demo_page))
-        .route("/favicon.ico", get(http::assets::favicon))
-        .route("/client/seqcast.js", get(http::assets::client_js))
-        .route("/client/seqcast.d.ts", get(http::assets::client_dts))
-        .route("/dev/token", get(http::assets::dev_token))
-        .fallback(http::not_found)
-        .with_state(app)
-}
-
-/// The HTTP service: [`router`] inside, from the outside in, request ids with the access log and
-/// the error counter ([`crate::observe`]), JSON bodies on every error status, a cap on requests
-/// handled at once, a deadline on each request's handling and on its body
-/// ([`crate::deadline`]: timers only while something is waited for).
-///
-/// The layers wrap the router once, not each route (`Router::layer` would): a route's layers
-/// cost a boxed service clone and a boxed future each per request, about 5 % of a publish
-/// (measured).
-pub fn service(
-    app: Arc<AppState>,
-) -> impl tower::Service<
-    axum::extract::Request,
-    Response = Response,
-    Error = std::convert::Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    let timeouts = app.settings.http_timeouts;
-    let concurrency = app.settings.http_concurrency;
-    tower::ServiceBuilder::new()
-        .layer(crate::observe::ObserveLayer::new(Arc::clone(&app)))
-        .map_response(crate::error::json_error_bodies)
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(concurrency))
-        .layer(crate::deadline::DeadlinesLayer {
-            request: timeouts.request,
-            body: timeouts.body,
-        })
-        .service(router(app))
-}
-
-/// CORS for the HTTP API from `--allowed-origins`: those origins (or any, for `*`) may call it
-/// from a browser with `Authorization` and `Content-Type` headers; a preflight is answered
-/// here. Without the setting, no CORS headers are sent (same origin only).
-fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
-    use axum::http::{HeaderValue, Method};
-    use tower_http::cors::{AllowOrigin, CorsLayer};
-    let allowed = allowed?;
-    let origin = if allowed.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(
-            allowed
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok())
-                .collect::<Vec<_>>(),
-        )
-    };
-    Some(
-        CorsLayer::new()
-            .allow_origin(origin)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .expose_headers([header::RETRY_AFTER])
-            .max_age(std::time::Duration::from_secs(600)),
-    )
-}
-
-/// `GET /ws`
-#[utoipa::path(
-    get,
-    path = "/ws",
-    summary = "WebSocket upgrade (the protocol is in docs/protocol.md)",
-    description = "Authenticate with a `hello` frame, or with `Authorization: Bearer` on the upgrade.",
-    responses(
-        (status = 101, description = "Switching protocols"),
-        (status = 400, description = "Not a WebSocket upgrade request (`bad_request`)", body = seqcast_protocol::ErrorBody),
-        (status = 401, description = "Bad bearer token on the upgrade (`unauthorized`)", body = seqcast_protocol::ErrorBody),
-        (status = 403, description = "Origin not allowed (`forbidden`)", body = seqcast_protocol::ErrorBody),
-        (status = 429, description = "Over a per-IP connection limit (`rate_limited`), with `Retry-After`", body = seqcast_protocol::ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
-        (status = 503, description = "At the connection cap, or shutting down (`unavailable`)", body = seqcast_protocol::ErrorBody),
-    )
-)]
-pub async fn ws_upgrade(
-    State(app): State<Arc<AppState>>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e) => {
-            return ApiError::BadRequest(format!("not a WebSocket upgrade request: {e}"))
-                .into_response();
-        }
-    };
-    if let Err(e) = check_origin(&app, &headers) {
-        return e.into_response();
-    }
-    if app.shutdown.is_cancelled() {
-        return ApiError::Unavailable("server is shutting down".into()).into_response();
-    }
-    let ip = app
-        .limiter
-        .client_ip(peer.map(|Extension(ConnectInfo(a))| a), &headers);
-    let slot = match app.limiter.admit_connection(ip) {
-        Ok(slot) => slot,
-        Err(e) => {
-            tracing::info!(event = "connection_refused", client_ip = ip.map(|i| i.to_string()), code = %e.code(), reason = e.message(), "WebSocket upgrade refused by a limit");
-            return e.into_response();
-        }
-    };
-    let pre_auth = match headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+/// Completes at the first SIGINT or SIGTERM: the binary's `shutdown` for [`run`]. A second
+/// signal ends the process at once (exit status 130).
+pub async fn stop_signal() {
+    #[cfg(unix)]
     {
-        Some(v) => match app.auth.reader(Some(v)) {
-            Ok(g) => Some(g),
-            Err(e) => return e.into_response(),
-        },
-        None => None,
-    };
-    let max = app.settings.max_message_bytes;
-    let tracker = app.connections.clone();
-    let http_request_id: Option<Arc<str>> = crate::observe::request_id_of(&headers).map(Arc::from);
-    // Client frames are small; a 1 KiB read buffer keeps idle connections cheap (tungstenite
-    // allocates and zero-fills it on the first read).
-    ws.read_buffer_size(1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                connection::serve(socket, app, pre_auth, http_request_id).await;
-                drop(slot);
-            })
-        })
-}
-
-/// Browsers send `Origin`; other clients don't, and are let through. Absent an allow-list, only
-/// the server's own host is allowed.
-fn check_origin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
-    };
-    let origin = origin.trim_end_matches('/');
-    let allowed = match &app.settings.allowed_origins {
-        Some(list) => list.iter().any(|o| o == "*" || o == origin),
-        None => {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            origin.split_once("://").is_some_and(|(_, h)| h == host)
-        }
-    };
-    if allowed {
-        Ok(())
-    } else {
-        tracing::info!(
-            event = "origin_rejected",
-            origin,
-            "WebSocket upgrade from a disallowed origin"
-        );
-        Err(ApiError::Forbidden(format!(
-            "origin {origin} is not allowed"
-        )))
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return std::future::pending().await;
+            }
+        };
+        let name = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        // Shutdown starts as this returns: logging can fail (a closed pipe) and must not keep
+        // us from stopping, so the log line and the wait for a second signal go on beside it.
+        tokio::spawn(async move {
+            tracing::info!(event = "signal", signal = name, "shutting down");
+            // A second signal means "now".
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
