@@ -55,6 +55,10 @@ fn pick(addrs: &Addrs, rng: &mut StdRng) -> Option<std::net::SocketAddr> {
 struct KeyHistory {
     seen: Vec<(u64, String)>,
     announced: Vec<usize>,
+    /// The epoch of this key's last `sub_ack`: what a resume of this key sends, as the real
+    /// clients do (one epoch per key — a connection cut between two keys' acks leaves the keys
+    /// on different epochs).
+    epoch: Option<String>,
 }
 
 async fn hop_subscriber(
@@ -66,7 +70,6 @@ async fn hop_subscriber(
     let mut rng = StdRng::seed_from_u64(seed);
     let t = token(&format!("sub{id}"), None);
     let mut history: HashMap<String, KeyHistory> = HashMap::new();
-    let mut epoch: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         let Some(addr) = pick(&addrs, &mut rng) else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -87,12 +90,10 @@ async fn hop_subscriber(
         }
         for key in KEYS {
             let mut frame = json!({"type": "subscribe", "channel": "nemesis", "request_id": key});
-            let last = history
-                .get(key)
-                .and_then(|h| h.seen.last())
-                .map(|(s, _)| *s);
+            let h = history.get(key);
+            let last = h.and_then(|h| h.seen.last()).map(|(s, _)| *s);
             frame["since"] = json!(last.unwrap_or(0));
-            if let Some(e) = &epoch {
+            if let Some(e) = h.and_then(|h| h.epoch.as_ref()) {
                 frame["epoch"] = json!(e);
             }
             if ws
@@ -126,7 +127,7 @@ async fn hop_subscriber(
                         h.announced.push(at);
                     }
                     conn_epoch = Some(a.epoch.clone());
-                    epoch = Some(a.epoch);
+                    h.epoch = Some(a.epoch);
                 }
                 Ok(ServerFrame::Message(m)) => {
                     let e = conn_epoch.clone().unwrap_or_default();
