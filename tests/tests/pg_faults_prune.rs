@@ -32,6 +32,7 @@ fn open(url: &str, seen: &Arc<Seen>) -> PgWriter {
         numbers.extend(events.iter().map(|e| e.sequence_number));
         seen.last
             .store(events[events.len() - 1].sequence_number, Ordering::SeqCst);
+        Ok(())
     });
     let mut config = PgConfig::new(url);
     config.pool_size = 2;
@@ -76,7 +77,7 @@ async fn pruning_every_few_milliseconds_never_loses_an_upserts_row() {
                     let i = counter.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = node.append(vec![upsert((i % HOT_KEYS) as usize, i)]).await {
                         failures.lock().unwrap().push(e.to_string());
-                        if node.is_closed() {
+                        if node.health().stopped.is_some() {
                             return;
                         }
                     }
@@ -136,7 +137,7 @@ async fn pruning_every_few_milliseconds_never_loses_an_upserts_row() {
         "the pruner deleted nothing: the test proves nothing"
     );
     for (i, node) in nodes.iter().enumerate() {
-        assert!(!node.is_closed(), "node {i}'s writer died");
+        assert!(node.health().stopped.is_none(), "node {i}'s writer died");
     }
     // Both tails are alive: a last append on each reaches both hooks.
     let mut last = 0;
@@ -154,7 +155,7 @@ async fn pruning_every_few_milliseconds_never_loses_an_upserts_row() {
                 Instant::now() < deadline,
                 "node {i}'s tail stopped at {} (head {last}); its status: {:?}",
                 s.last.load(Ordering::SeqCst),
-                nodes[i].status()
+                nodes[i].health()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -160,6 +160,7 @@ async fn run(scenario: Scenario, duration: Duration, memory: bool) -> Outcome {
     let hook_count = Arc::clone(&hooked);
     let hook = Box::new(move |events: &[_]| {
         hook_count.fetch_add(events.len() as u64, Ordering::Relaxed);
+        Ok(())
     });
     if memory {
         let (writer, _, _) = MemoryStore::open(hook);
@@ -176,7 +177,7 @@ async fn run(scenario: Scenario, duration: Duration, memory: bool) -> Outcome {
 }
 
 async fn run_with(
-    writer: impl EventWriter,
+    writer: impl EventWriter + Clone,
     scenario: Scenario,
     duration: Duration,
     hooked: Arc<AtomicU64>,
@@ -224,7 +225,7 @@ async fn run_with(
     let process_cpu = thread_cpu(None)
         .zip(process_cpu_before)
         .map(|(after, before)| after.saturating_sub(before));
-    let stats = writer.stats();
+    let stats = writer.health().stats;
     writer.close().await;
     assert_eq!(hooked.load(Ordering::Relaxed), events);
     Outcome {

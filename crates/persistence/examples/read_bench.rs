@@ -43,7 +43,8 @@ async fn main() {
     let passes = arg("--passes", 7);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("read-bench.db");
-    let (writer, _info) = DbWriter::open(StoreConfig::new(&path), Box::new(|_: &[_]| {})).unwrap();
+    let (writer, _info) =
+        DbWriter::open(StoreConfig::new(&path), Box::new(|_: &[_]| Ok(()))).unwrap();
     let key: SubscriptionKey = "bench:read".parse().unwrap();
     let other: SubscriptionKey = "bench:other".parse().unwrap();
     let mut n = 0u64;

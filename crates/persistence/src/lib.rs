@@ -32,38 +32,35 @@
 //! transaction leaves nothing behind. Numbers are dense: a retry takes its AUTOINCREMENT step
 //! back inside the transaction, and a failed transaction never used one.
 
-mod backup;
-mod checkpoint;
-mod config;
+mod actor;
+mod clock;
 mod error;
 mod event;
+mod health;
+mod hook;
+mod maintenance;
 mod memory;
 mod postgres;
-mod reader;
-mod repair;
-mod schema;
+mod sqlite;
 mod store;
-mod writer;
 
-pub use backup::{BackupReport, RestoreReport, backup, restore};
-pub use config::{
-    DEFAULT_BUSY_TIMEOUT, DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY, FaultInjector,
-    ParseSynchronousError, StoreConfig, Synchronous,
-};
+pub use actor::{DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY};
 pub use error::StoreError;
 pub use event::{
     CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
     read_bytes,
 };
+pub use health::{TailHealth, WriterHealth, WriterStats};
+pub use hook::{CommitHook, CommitObserver, HookError};
+pub use maintenance::{AppliedMigration, MigrationReport, RepairReport};
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{
     DEFAULT_PG_POOL_SIZE, DEFAULT_PG_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgConfig, PgReader,
-    PgStatus, PgStore, PgWriter, pg_migrate, pg_repair_sequences,
+    PgStore, PgWriter, pg_migrate, pg_repair_sequences,
 };
-pub use reader::DbReader;
-pub use repair::{RepairReport, repair_sequences};
-pub use schema::{
-    AppliedMigration, MigrationReport, NEW_DATABASE_PAGE_SIZE, SCHEMA_VERSION, migrate,
+pub use sqlite::{
+    BackupReport, DEFAULT_BUSY_TIMEOUT, DbReader, DbWriter, FaultInjector, NEW_DATABASE_PAGE_SIZE,
+    ParseSynchronousError, RestoreReport, SCHEMA_VERSION, StoreConfig, Synchronous, backup,
+    migrate, repair_sequences, restore,
 };
-pub use store::{EventReader, EventWriter};
-pub use writer::{CommitHook, CommitObserver, DbWriter, WriterStats};
+pub use store::{BoxFuture, EventReader, EventWriter};

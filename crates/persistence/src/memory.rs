@@ -13,18 +13,18 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
+use crate::clock::now_ms;
 use crate::error::StoreError;
 use crate::event::{
     CommittedEvent, EventFilter, LogPage, NewEvent, PruneReport, ReadBudget, StoreInfo,
 };
-use crate::schema::now_ms;
-use crate::store::{EventReader, EventWriter};
-use crate::writer::{CommitHook, WriterStats};
+use crate::health::{WriterHealth, WriterStats};
+use crate::hook::{self, CommitHook};
+use crate::store::{BoxFuture, EventReader, EventWriter};
 
 /// The in-memory store. [`MemoryStore::open`] makes one.
 ///
@@ -43,6 +43,7 @@ impl MemoryStore {
             epoch: epoch.clone(),
             log: Mutex::new(Log {
                 closed: false,
+                stopped: None,
                 head: 0,
                 floor: 1,
                 first_seq: 1,
@@ -64,24 +65,10 @@ impl MemoryStore {
     }
 }
 
-/// 16 random bytes as hex, from SQLite's CSPRNG (the same source as a SQLite store's epoch).
+/// 16 random bytes as hex (the same shape as a SQLite store's epoch).
 fn random_epoch() -> String {
-    let from_sqlite = rusqlite::Connection::open_in_memory().and_then(|conn| {
-        conn.query_row("SELECT lower(hex(randomblob(16)))", [], |row| {
-            row.get::<_, String>(0)
-        })
-    });
-    match from_sqlite {
-        Ok(epoch) => epoch,
-        Err(err) => {
-            // Not expected; fall back to the standard library's randomly seeded hasher.
-            tracing::warn!(error = %err, "no random epoch from SQLite; using a hasher seed");
-            use std::hash::{BuildHasher, RandomState};
-            let a = RandomState::new().hash_one(now_ms());
-            let b = RandomState::new().hash_one(a);
-            format!("{a:016x}{b:016x}")
-        }
-    }
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct Shared {
@@ -124,6 +111,8 @@ struct Stream {
 
 struct Log {
     closed: bool,
+    /// Set when the commit hook failed: every later append is refused with it.
+    stopped: Option<StoreError>,
     /// The highest number ever assigned.
     head: u64,
     floor: u64,
@@ -348,7 +337,7 @@ pub struct MemoryWriter {
 impl std::fmt::Debug for MemoryWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryWriter")
-            .field("stats", &self.stats())
+            .field("health", &self.health())
             .finish_non_exhaustive()
     }
 }
@@ -358,6 +347,9 @@ impl MemoryWriter {
         let mut log = self.shared.lock();
         if log.closed {
             return Err(StoreError::Closed);
+        }
+        if let Some(stopped) = &log.stopped {
+            return Err(stopped.clone());
         }
         log.stats.commands_received += 1;
         if events.is_empty() {
@@ -414,12 +406,13 @@ impl MemoryWriter {
             log.last_timestamp_ms = timestamp_ms;
             log.stats.transactions_committed += 1;
             log.stats.events_committed += new_events.len() as u64;
-            let hook = &mut log.hook;
-            if catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {
-                tracing::error!(
-                    events = new_events.len(),
-                    "commit hook panicked; events are committed but fan-out may have missed them"
-                );
+            if let Err(failure) = hook::deliver(&mut log.hook, new_events) {
+                // Committed but not delivered: the caller is not acknowledged, and the store
+                // takes no more writes.
+                hook::log_failure(&failure, new_events.len());
+                let error = hook::stopped(&failure);
+                log.stopped = Some(error.clone());
+                return Err(error);
             }
         }
         Ok(answers)
@@ -429,6 +422,9 @@ impl MemoryWriter {
         let mut log = self.shared.lock();
         if log.closed {
             return Err(StoreError::Closed);
+        }
+        if let Some(stopped) = &log.stopped {
+            return Err(stopped.clone());
         }
         log.floor = log.floor.max(below.min(log.head.saturating_add(1)));
         let mut deleted = 0u64;
@@ -447,24 +443,41 @@ impl MemoryWriter {
 }
 
 impl EventWriter for MemoryWriter {
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
-        self.append_now(events)
+    fn append(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'_, Result<Vec<CommittedEvent>, StoreError>> {
+        Box::pin(async move { self.append_now(events) })
     }
 
-    async fn close(&self) {
-        self.shared.lock().closed = true;
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.shared.lock().closed = true })
     }
 
-    fn is_closed(&self) -> bool {
-        self.shared.lock().closed
+    /// No queue (an append runs on the caller's task) and nothing that can fail for a reason
+    /// of a database's.
+    fn health(&self) -> WriterHealth {
+        let log = self.shared.lock();
+        let stopped = match (&log.stopped, log.closed) {
+            (Some(stopped), _) => Some(stopped.to_string()),
+            (None, true) => Some(StoreError::Closed.to_string()),
+            (None, false) => None,
+        };
+        WriterHealth {
+            stopped,
+            unwritable: None,
+            stats: log.stats,
+            queued_commands: None,
+            tail: None,
+        }
     }
 
-    fn stats(&self) -> WriterStats {
-        self.shared.lock().stats
-    }
-
-    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
-        self.prune_now(below, max_events)
+    fn prune(
+        &self,
+        below: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
+        Box::pin(async move { self.prune_now(below, max_events) })
     }
 }
 
@@ -482,25 +495,17 @@ impl std::fmt::Debug for MemoryReader {
 }
 
 impl EventReader for MemoryReader {
+    /// Every read is one short critical section on memory: async callers may read inline.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn head(&self) -> Result<u64, StoreError> {
         Ok(self.shared.lock().head)
     }
 
     fn epoch(&self) -> Result<String, StoreError> {
         Ok(self.shared.epoch.clone())
-    }
-
-    fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-        filter: EventFilter,
-        max_bytes: usize,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let mut budget = ReadBudget::new(limit, max_bytes);
-        self.shared
-            .lock()
-            .collect(&filter, since, u64::MAX, &mut budget)
     }
 
     fn latest_events(

@@ -15,6 +15,7 @@
 //! floor ([`EventReader::retention_floor`]) that only rises.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use seqcast_protocol::SubscriptionKey;
 
@@ -22,7 +23,11 @@ use crate::error::StoreError;
 use crate::event::{
     CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport,
 };
-use crate::writer::WriterStats;
+use crate::health::WriterHealth;
+
+/// The future a writer method returns: boxed, so the traits are `dyn`-compatible and the server
+/// holds a store as `Arc<dyn EventWriter>` / `Arc<dyn EventReader>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The write side: one writer per store, owning the write connection.
 ///
@@ -46,7 +51,7 @@ use crate::writer::WriterStats;
 ///   byte-identical `data` (the JSON text compared verbatim) to the row's current data is a
 ///   retry: nothing is written, no number is used, it is not handed to the commit hook, and it
 ///   is answered with what is already committed (see [`EventWriter::append`]).
-pub trait EventWriter: Clone + Send + Sync + 'static {
+pub trait EventWriter: Send + Sync + std::fmt::Debug + 'static {
     /// Persists `events` as one all-or-nothing unit (a single publish is a Vec of one, a batch
     /// publish one call) and returns them with their numbers, in order, once committed and
     /// durable. An empty Vec returns at once.
@@ -67,20 +72,32 @@ pub trait EventWriter: Clone + Send + Sync + 'static {
     /// consecutive numbers in call order. The hook sees only the new events.
     /// If the caller stops waiting after the command was queued, the write still happens; only
     /// the answer is lost.
+    ///
+    /// When the commit hook fails, the events are committed but not delivered: their callers
+    /// (and every later append) get [`StoreError::Stopped`] (see [`crate::CommitHook`]).
     fn append(
         &self,
         events: Vec<NewEvent>,
-    ) -> impl Future<Output = Result<Vec<CommittedEvent>, StoreError>> + Send;
+    ) -> BoxFuture<'_, Result<Vec<CommittedEvent>, StoreError>>;
 
     /// Finishes every append already queued, closes the database and returns; later appends
     /// get [`StoreError::Closed`]. Safe to call more than once, from any clone.
-    fn close(&self) -> impl Future<Output = ()> + Send;
+    fn close(&self) -> BoxFuture<'_, ()>;
 
-    /// True once the writer has stopped taking appends.
-    fn is_closed(&self) -> bool;
+    /// The writer's state: whether it runs, why writes fail if they do, its counters and queue
+    /// (and, on PostgreSQL, the node's tail). Cheap: reads what the writer recorded.
+    fn health(&self) -> WriterHealth;
 
-    /// Counters since the writer was opened.
-    fn stats(&self) -> WriterStats;
+    /// Tries a write that changes nothing (reopening a connection first when an earlier error
+    /// asked for it) and records the result in [`EventWriter::health`]: how a caller learns
+    /// that a failing database takes writes again without waiting for a publish. Costs one
+    /// small transaction with its fsync: call it while unhealthy, not on every health check.
+    /// The default answers from [`WriterHealth::unwritable`], for a backend that has nothing
+    /// to probe (memory) or probes on its own schedule (PostgreSQL, every second).
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        let unwritable = self.health().unwritable;
+        Box::pin(async move { unwritable.map_or(Ok(()), |why| Err(StoreError::Unavailable(why))) })
+    }
 
     /// Raises the retention floor to `min(below, head + 1)` (never lowers it) and deletes up to
     /// `max_events` of the oldest events below the floor, with the stream rows whose last event
@@ -97,12 +114,12 @@ pub trait EventWriter: Clone + Send + Sync + 'static {
         &self,
         below: u64,
         max_events: usize,
-    ) -> impl Future<Output = Result<PruneReport, StoreError>> + Send;
+    ) -> BoxFuture<'_, Result<PruneReport, StoreError>>;
 }
 
 /// The read side: any number of readers, never queued behind the writer, each call one
 /// consistent snapshot of committed data. Calls may block on the database; async callers run
-/// them in `spawn_blocking`.
+/// them in `spawn_blocking` unless [`EventReader::may_block`] says they need not.
 ///
 /// **Every read of events is bounded in bytes as well as in count.** The methods that return
 /// events take a `limit` (events) and a `max_bytes` budget, and read the matching events in
@@ -111,23 +128,19 @@ pub trait EventWriter: Clone + Send + Sync + 'static {
 /// rest is never read, not read and dropped. The event that reaches or crosses the budget is
 /// included, so one event larger than the budget is still read (alone) and a caller paging
 /// through the log always makes progress. `usize::MAX` means no byte budget.
-pub trait EventReader: Clone + Send + Sync + 'static {
+pub trait EventReader: Send + Sync + std::fmt::Debug + 'static {
+    /// False when every read is a short operation on memory (no disk, no network) that an
+    /// async task may run inline; true (the default) when a read may wait on a disk or a
+    /// database and belongs on a blocking thread.
+    fn may_block(&self) -> bool {
+        true
+    }
+
     /// The highest sequence number ever assigned (0 for an empty store); never goes back.
     fn head(&self) -> Result<u64, StoreError>;
 
     /// The store's epoch: a random id made when the store was created.
     fn epoch(&self) -> Result<String, StoreError>;
-
-    /// Events with `sequence_number > since`, ascending, at most `limit` and stopped at
-    /// `max_bytes` (see the trait docs), optionally only of one stream or one channel. Each
-    /// carries its row's current `stream_sequence`.
-    fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-        filter: EventFilter,
-        max_bytes: usize,
-    ) -> Result<Vec<CommittedEvent>, StoreError>;
 
     /// The newest events, read newest first until `limit` events or `max_bytes` are read (see
     /// the trait docs), of which those with `timestamp_ms >= min_timestamp_ms`, returned

@@ -15,17 +15,17 @@ use std::time::Duration;
 
 mod common;
 
-use common::{event, key};
+use common::{event, key, log_after};
 use seqcast_persistence::{
     CommitHook, CommittedEvent, DbReader, DbWriter, EventFilter, EventReader, EventWriter,
-    MemoryReader, MemoryStore, MemoryWriter, PgConfig, PgReader, PgStore, PgWriter, PruneReport,
-    StoreConfig, StoreError, StoreInfo,
+    HookError, MemoryReader, MemoryStore, MemoryWriter, PgConfig, PgReader, PgStore, PgWriter,
+    PruneReport, StoreConfig, StoreError, StoreInfo,
 };
 use seqcast_protocol::Channel;
 
 /// One store of one backend, which can be opened, closed and opened again.
 trait Backend {
-    type Writer: EventWriter;
+    type Writer: EventWriter + Clone;
     type Reader: EventReader;
     /// Opens the store (creating it the first time) with `hook` as its commit hook.
     fn open(&self, hook: CommitHook) -> (Self::Writer, Self::Reader, StoreInfo);
@@ -178,6 +178,7 @@ impl Seen {
             if let Some(last) = events.last() {
                 seen.highest.store(last.sequence_number, Ordering::SeqCst);
             }
+            Ok(())
         })
     }
     fn numbers(&self) -> Vec<u64> {
@@ -234,17 +235,15 @@ async fn concurrent_appends_are_numbered_by_the_store(backend: impl Backend) {
         assert_eq!(positions, (1..=40).collect::<Vec<_>>(), "stream {stream}");
     }
     assert_eq!(reader.head().unwrap(), 120);
-    let log = reader
-        .events_after(0, 1000, EventFilter::All, usize::MAX)
-        .unwrap();
+    let log = log_after(&reader, 0, 1000, EventFilter::All, usize::MAX).unwrap();
     assert_eq!(log, *seen.events.lock().unwrap());
     writer.close().await;
-    assert!(writer.is_closed());
+    assert!(writer.health().stopped.is_some());
 }
 
 /// A repeated message id updates the row: same position, new number, data replaced.
 async fn a_repeated_message_id_is_an_upsert(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     writer.append(vec![event("c:a", "x", "1")]).await.unwrap();
     writer.append(vec![event("c:a", "y", "2")]).await.unwrap();
     let again = writer.append(vec![event("c:a", "x", "3")]).await.unwrap();
@@ -319,7 +318,7 @@ async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
     if !backend.persists() {
         return;
     }
-    let (writer, _, first) = backend.open(Box::new(|_| {}));
+    let (writer, _, first) = backend.open(Box::new(|_| Ok(())));
     for n in 1..=5 {
         let k = if n % 2 == 0 { "c:b" } else { "c:a" };
         writer
@@ -333,7 +332,7 @@ async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
         Err(StoreError::Closed)
     ));
 
-    let (writer, reader, second) = backend.open(Box::new(|_| {}));
+    let (writer, reader, second) = backend.open(Box::new(|_| Ok(())));
     assert_eq!(second.epoch, first.epoch);
     assert_eq!(second.head, 5);
     assert_eq!(reader.epoch().unwrap(), first.epoch);
@@ -347,21 +346,19 @@ async fn a_reopened_store_continues_its_numbers(backend: impl Backend) {
         .collect();
     assert_eq!(numbers, vec![(6, 4), (7, 1)]);
 
-    let of_a = reader
-        .events_after(1, 10, EventFilter::Key(key("c:a")), usize::MAX)
-        .unwrap();
+    let of_a = log_after(&reader, 1, 10, EventFilter::Key(key("c:a")), usize::MAX).unwrap();
     assert_eq!(
         of_a.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
         vec![3, 5, 6]
     );
-    let of_c = reader
-        .events_after(
-            0,
-            10,
-            EventFilter::Channel(Channel::new("c").unwrap()),
-            usize::MAX,
-        )
-        .unwrap();
+    let of_c = log_after(
+        &reader,
+        0,
+        10,
+        EventFilter::Channel(Channel::new("c").unwrap()),
+        usize::MAX,
+    )
+    .unwrap();
     assert_eq!(
         of_c.iter().map(|e| e.sequence_number).collect::<Vec<_>>(),
         vec![1, 2, 3, 4, 5, 6]
@@ -413,7 +410,7 @@ const TEN: [(&str, &str, &str); 10] = [
 /// `page` reads one range of the log per call, by key, channel or all, says how far it
 /// accounted for, and carries the floor.
 async fn page_reads_the_log_in_ranges(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     let empty = reader
         .page(&EventFilter::All, 0, 0, 10, usize::MAX)
         .unwrap();
@@ -500,12 +497,6 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
         (numbers(&page.events), page.covered_through),
         (vec![4, 5], 5)
     );
-    assert_eq!(
-        page.events,
-        reader
-            .events_after(3, 2, EventFilter::All, usize::MAX)
-            .unwrap()
-    );
 
     // After a prune the page says where the log starts now.
     writer.prune(5, 100).await.unwrap();
@@ -523,7 +514,7 @@ async fn page_reads_the_log_in_ranges(backend: impl Backend) {
 /// a new row gets one past the highest position the stream ever gave (a client paging the stream
 /// by `after` would otherwise never see it).
 async fn positions_never_go_back_after_pruning(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     let positions = |events: &[CommittedEvent]| -> Vec<u64> {
         events.iter().map(|e| e.stream_sequence).collect()
     };
@@ -576,7 +567,7 @@ async fn positions_never_go_back_after_pruning(backend: impl Backend) {
 /// reaches or crosses it included (one event larger than the budget is read alone), and a page
 /// cut by its bytes accounts only for what it read, so paging on reads the rest.
 async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     // Ten events of key c:a, each 1,002 bytes: data of 1,000 (a JSON string), id of 2.
     let data = format!("\"{}\"", "x".repeat(998));
     let ids: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
@@ -594,13 +585,8 @@ async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
     ];
     for filter in &filters {
         // 2,500 is crossed by the third event: three are read, whatever the count allows.
-        let read = |max_bytes| {
-            numbers(
-                &reader
-                    .events_after(0, 100, filter.clone(), max_bytes)
-                    .unwrap(),
-            )
-        };
+        let read =
+            |max_bytes| numbers(&log_after(&reader, 0, 100, filter.clone(), max_bytes).unwrap());
         assert_eq!(read(2_500), vec![1, 2, 3], "{filter:?}");
         assert_eq!(
             read(3_006),
@@ -617,7 +603,7 @@ async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
         assert_eq!(read(usize::MAX).len(), 10, "{filter:?}");
         // The count still bounds it.
         assert_eq!(
-            numbers(&reader.events_after(0, 2, filter.clone(), 100_000).unwrap()),
+            numbers(&log_after(&reader, 0, 2, filter.clone(), 100_000).unwrap()),
             vec![1, 2]
         );
 
@@ -687,11 +673,7 @@ async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
     let big = format!("\"{}\"", "y".repeat(9_998));
     append_each(&writer, &[("c:a", "big", big.as_str()), ("c:a", "s", "1")]).await;
     assert_eq!(
-        numbers(
-            &reader
-                .events_after(9, 100, EventFilter::All, 2_500)
-                .unwrap()
-        ),
+        numbers(&log_after(&reader, 9, 100, EventFilter::All, 2_500).unwrap()),
         vec![10, 11]
     );
     assert_eq!(numbers(&reader.latest_events(100, 0, 2).unwrap()), vec![12]);
@@ -705,7 +687,7 @@ async fn every_read_stops_at_its_byte_budget(backend: impl Backend) {
 /// `visit_key_page` hands out exactly what `page` returns for the key (fields, bounds, floor),
 /// whether the limit cuts the page or not, for an unknown key, and after a prune.
 async fn visiting_a_key_page_matches_page(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     append_each(&writer, &TEN).await;
     let head = reader.head().unwrap();
     let check = |k: &str, after: u64, through: u64, limit: usize| {
@@ -744,7 +726,7 @@ async fn visiting_a_key_page_matches_page(backend: impl Backend) {
 
 /// `count_key` and `nth_newest_of_key` answer from one key's events only.
 async fn key_counts_and_nth_newest(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     let a = key("c:a");
     assert_eq!(reader.count_key(&a, 0, 100).unwrap(), 0);
     assert_eq!(reader.nth_newest_of_key(&a, 100, 1).unwrap(), None);
@@ -779,7 +761,7 @@ async fn key_counts_and_nth_newest(backend: impl Backend) {
 
 /// `first_at_or_after` finds where the log reaches a time.
 async fn first_at_or_after_finds_a_time(backend: impl Backend) {
-    let (writer, reader, _) = backend.open(Box::new(|_| {}));
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
     assert_eq!(reader.first_at_or_after(0).unwrap(), None);
     let mut times = Vec::new();
     for n in 1..=9u64 {
@@ -791,9 +773,7 @@ async fn first_at_or_after_finds_a_time(backend: impl Backend) {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     let head = reader.head().unwrap();
-    let all = reader
-        .events_after(0, 1000, EventFilter::All, usize::MAX)
-        .unwrap();
+    let all = log_after(&reader, 0, 1000, EventFilter::All, usize::MAX).unwrap();
     assert_eq!(all.len() as u64, head);
     assert!(
         all.windows(2)
@@ -876,19 +856,11 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
     assert_eq!(reader.retention_floor().unwrap(), 5);
 
     assert_eq!(
-        numbers(
-            &reader
-                .events_after(0, 100, EventFilter::All, usize::MAX)
-                .unwrap()
-        ),
+        numbers(&log_after(&reader, 0, 100, EventFilter::All, usize::MAX).unwrap()),
         (5..=10).collect::<Vec<_>>()
     );
     assert_eq!(
-        numbers(
-            &reader
-                .events_after(0, 100, EventFilter::Key(key("c:a")), usize::MAX)
-                .unwrap()
-        ),
+        numbers(&log_after(&reader, 0, 100, EventFilter::Key(key("c:a")), usize::MAX).unwrap()),
         vec![5, 8, 10]
     );
     assert_eq!(reader.head().unwrap(), 10);
@@ -928,8 +900,7 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
     assert_eq!(reader.retention_floor().unwrap(), 11);
     assert_eq!(reader.head().unwrap(), 10);
     assert!(
-        reader
-            .events_after(0, 100, EventFilter::All, usize::MAX)
+        log_after(&reader, 0, 100, EventFilter::All, usize::MAX)
             .unwrap()
             .is_empty()
     );
@@ -971,12 +942,11 @@ async fn prune_trims_the_log_behind_a_rising_floor(backend: impl Backend) {
 
     if backend.persists() {
         // Reopened: the high-water mark and the floor survive.
-        let (writer, reader, again) = backend.open(Box::new(|_| {}));
+        let (writer, reader, again) = backend.open(Box::new(|_| Ok(())));
         assert_eq!((again.epoch, again.head), (info.epoch, 11));
         assert_eq!(reader.retention_floor().unwrap(), 12);
         assert!(
-            reader
-                .events_after(0, 100, EventFilter::All, usize::MAX)
+            log_after(&reader, 0, 100, EventFilter::All, usize::MAX)
                 .unwrap()
                 .is_empty()
         );
@@ -1079,9 +1049,7 @@ async fn a_retry_uses_no_number(backend: impl Backend) {
     let next = writer.append(vec![event("d:a", "n", "9")]).await.unwrap();
     assert_eq!(next[0].sequence_number, 9);
     // Dense: the log holds exactly 1..=head.
-    let log = reader
-        .events_after(0, 100, EventFilter::All, usize::MAX)
-        .unwrap();
+    let log = log_after(&reader, 0, 100, EventFilter::All, usize::MAX).unwrap();
     assert_eq!(numbers(&log), (1..=9).collect::<Vec<_>>());
     assert_eq!(log, *seen.events.lock().unwrap());
     // A batch of nothing but retries reaches nobody.
@@ -1091,11 +1059,11 @@ async fn a_retry_uses_no_number(backend: impl Backend) {
         .unwrap();
     assert_eq!(numbers(&only_retries), vec![9, 2]);
     assert_eq!(seen.numbers().len(), 9);
-    assert_eq!(writer.stats().events_committed, 9);
+    assert_eq!(writer.health().stats.events_committed, 9);
     writer.close().await;
 
     if backend.persists() {
-        let (writer, reader, again) = backend.open(Box::new(|_| {}));
+        let (writer, reader, again) = backend.open(Box::new(|_| Ok(())));
         assert_eq!((again.epoch, again.head), (info.epoch, 9));
         let retry = writer
             .append(vec![event("c:a", "x", r#"{"v":1}"#)])
@@ -1142,6 +1110,58 @@ async fn a_refused_command_fails_alone(backend: impl Backend) {
     assert_eq!(numbers, (1..=36).collect::<Vec<_>>());
     assert_eq!(reader.head().unwrap(), 36);
     assert_eq!(seen.numbers(), (1..=36).collect::<Vec<_>>());
+    writer.close().await;
+}
+
+/// One failure policy for the commit hook: when it refuses committed events (`Err`, or a panic,
+/// which counts as one), the events stay committed but their publisher is answered
+/// [`StoreError::Stopped`], the writer's health says it stopped, and every later append (and
+/// prune) is refused without writing anything or calling the hook again.
+async fn a_failing_hook_stops_the_writer(backend: impl Backend, panics: bool) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let hook: CommitHook = Box::new(move |_events: &[CommittedEvent]| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        assert!(!panics, "the hook panics on its second call");
+        Err(HookError::new("a hole in what the hook delivers"))
+    });
+    let (writer, reader, _) = backend.open(hook);
+    let first = writer.append(vec![event("c:a", "m1", "1")]).await.unwrap();
+    assert_eq!(first[0].sequence_number, 1);
+    assert_eq!(writer.health().stopped, None);
+
+    let refused = writer.append(vec![event("c:a", "m2", "2")]).await;
+    assert!(
+        matches!(refused, Err(StoreError::Stopped(_))),
+        "the publisher of events the hook refused is not acknowledged: {refused:?}"
+    );
+    let stopped = writer
+        .health()
+        .stopped
+        .expect("the health says the writer stopped");
+    assert!(
+        stopped.contains(if panics { "panicked" } else { "a hole" }),
+        "{stopped}"
+    );
+    // Committed all the same: the log is the truth, and holds it.
+    assert_eq!(reader.head().unwrap(), 2);
+
+    let later = writer.append(vec![event("c:b", "m3", "3")]).await;
+    assert!(matches!(later, Err(StoreError::Stopped(_))), "{later:?}");
+    let prune = writer.prune(2, 10).await;
+    assert!(matches!(prune, Err(StoreError::Stopped(_))), "{prune:?}");
+    assert_eq!(
+        reader.head().unwrap(),
+        2,
+        "nothing is written after the stop"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the hook is not called again"
+    );
     writer.close().await;
 }
 
@@ -1232,6 +1252,18 @@ macro_rules! contract_tests {
             async fn a_retry_uses_no_number() {
                 let Some(backend) = $backend else { return };
                 super::a_retry_uses_no_number(backend).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failing_hook_stops_the_writer() {
+                let Some(backend) = $backend else { return };
+                super::a_failing_hook_stops_the_writer(backend, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_panicking_hook_stops_the_writer() {
+                let Some(backend) = $backend else { return };
+                super::a_failing_hook_stops_the_writer(backend, true).await;
             }
         }
     };

@@ -42,7 +42,7 @@ async fn an_injected_commit_failure_changes_nothing() {
     let next = writer.append(vec![event("f:1", "c", "4")]).await.unwrap();
     assert_eq!((next[0].sequence_number, next[0].stream_sequence), (2, 2));
     assert_eq!(log.call_count(), 2);
-    let stats = writer.stats();
+    let stats = writer.health().stats;
     assert_eq!(
         (stats.transactions_committed, stats.transactions_failed),
         (2, 1)
@@ -107,7 +107,7 @@ async fn a_locked_database_is_unavailable_until_released() {
     let next = writer.append(vec![event("l:1", "c", "3")]).await.unwrap();
     assert_eq!((next[0].sequence_number, next[0].stream_sequence), (2, 2));
     assert_eq!(log.call_count(), 2);
-    assert_eq!(writer.stats().transactions_failed, 1);
+    assert_eq!(writer.health().stats.transactions_failed, 1);
     writer.close().await;
 }
 
@@ -134,8 +134,7 @@ async fn a_file_made_read_only_while_running_is_unavailable_until_writable() {
     let next = writer.append(vec![event("ro:1", "c", "3")]).await.unwrap();
     assert_eq!((next[0].sequence_number, next[0].stream_sequence), (2, 2));
     let reader = DbReader::open(&path).unwrap();
-    let ids: Vec<String> = reader
-        .events_after(0, 10, EventFilter::All, usize::MAX)
+    let ids: Vec<String> = log_after(&reader, 0, 10, EventFilter::All, usize::MAX)
         .unwrap()
         .iter()
         .map(|e| e.message_id.to_string())
@@ -221,7 +220,7 @@ async fn a_group_written_into_a_removed_file_is_neither_delivered_nor_acknowledg
         }
     }
     assert_eq!(log.call_count(), 1, "the lost group reached the hook");
-    assert!(writer.health().is_some());
+    assert!(writer.health().unwritable.is_some());
     assert!(writer.probe().await.is_err());
     assert!(
         !path.exists(),
@@ -246,7 +245,7 @@ async fn a_file_moved_away_and_back_is_continued_only_if_nothing_was_withheld() 
     std::fs::rename(&aside, &path).unwrap();
     let next = writer.append(vec![event("m:1", "b", "2")]).await.unwrap();
     assert_eq!(next[0].sequence_number, 2);
-    assert!(writer.health().is_none());
+    assert!(writer.health().unwritable.is_none());
 
     // A group committed while it was away: withheld, and refused for good.
     std::fs::rename(&path, &aside).unwrap();

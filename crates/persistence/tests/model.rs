@@ -176,7 +176,8 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Commands { gated, commands } => {
                 let gate = gated.then(|| LockGate::hold(&db_path(&dir)));
-                let base = writer.stats().commands_received + writer.queued_commands() as u64;
+                let base = writer.health().stats.commands_received
+                    + writer.health().queued_commands.unwrap() as u64;
                 let mut tasks = Vec::new();
                 let mut inputs = Vec::new();
                 for (i, specs) in commands.iter().enumerate() {
@@ -227,9 +228,7 @@ async fn run(ops: Vec<Op>) {
 
     // The hook saw the model's log, in order; the database holds it.
     let reader = DbReader::open(&db_path(&dir)).unwrap();
-    let stored = reader
-        .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
-        .unwrap();
+    let stored = log_after(&reader, 0, usize::MAX, EventFilter::All, usize::MAX).unwrap();
     let as_tuples = |events: &[CommittedEvent]| -> Vec<(u64, String, String, bool)> {
         events
             .iter()
@@ -249,12 +248,27 @@ async fn run(ops: Vec<Op>) {
         .map(|(seq, _, k, m, _, replaced)| (*seq, KEYS[*k].to_owned(), format!("m{m}"), *replaced))
         .collect();
     assert_eq!(as_tuples(&hooked), expected);
-    let retained: Vec<_> = expected
+    // Readers see what is at or above the floor; the file holds what was not deleted yet.
+    let visible: Vec<_> = expected
         .iter()
-        .filter(|e| e.0 > model.deleted_through)
+        .filter(|e| e.0 >= model.floor)
         .cloned()
         .collect();
-    assert_eq!(as_tuples(&stored), retained);
+    assert_eq!(as_tuples(&stored), visible);
+    let kept: Vec<u64> = rusqlite::Connection::open(db_path(&dir))
+        .unwrap()
+        .prepare("SELECT sequence_number FROM events ORDER BY sequence_number")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let retained: Vec<u64> = expected
+        .iter()
+        .map(|e| e.0)
+        .filter(|&seq| seq > model.deleted_through)
+        .collect();
+    assert_eq!(kept, retained);
     assert_eq!(reader.head().unwrap(), model.head);
     assert_eq!(reader.retention_floor().unwrap(), model.floor);
     for (k, name) in KEYS.iter().enumerate() {

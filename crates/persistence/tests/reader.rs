@@ -32,64 +32,61 @@ async fn store_with_30_events(dir: &tempfile::TempDir) -> Vec<CommittedEvent> {
 }
 
 #[tokio::test]
-async fn events_after_pages_through_the_log_with_filters() {
+async fn pages_read_the_log_with_filters() {
     let dir = tempfile::tempdir().unwrap();
     let written = store_with_30_events(&dir).await;
     let reader = DbReader::open(&db_path(&dir)).unwrap();
+    let head = reader.head().unwrap();
+    assert_eq!(head, 30);
 
-    // Paging the whole log 7 at a time, continuing from the last number seen.
+    // Paging the whole log 7 at a time, each page continuing where the last one's cover ends.
     let mut paged = Vec::new();
-    let mut since = 0;
-    loop {
+    let mut after = 0;
+    while after < head {
         let page = reader
-            .events_after(since, 7, EventFilter::All, usize::MAX)
+            .page(&EventFilter::All, after, head, 7, usize::MAX)
             .unwrap();
-        assert!(page.len() <= 7);
-        let Some(last) = page.last() else { break };
-        since = last.sequence_number;
-        paged.extend(page);
+        assert!(page.events.len() <= 7);
+        after = page.covered_through;
+        paged.extend(page.events);
     }
     assert_eq!(paged, written);
 
     let key_only = reader
-        .events_after(10, 100, EventFilter::Key(key("chat:b")), usize::MAX)
+        .page(&EventFilter::Key(key("chat:b")), 10, head, 100, usize::MAX)
         .unwrap();
-    assert_eq!(numbers(&key_only), vec![13, 16, 19, 22, 25, 28]);
+    assert_eq!(numbers(&key_only.events), vec![13, 16, 19, 22, 25, 28]);
+    assert_eq!(key_only.covered_through, head);
     assert_eq!(
         key_only
+            .events
             .iter()
             .map(|e| e.stream_sequence)
             .collect::<Vec<_>>(),
         vec![5, 6, 7, 8, 9, 10]
     );
     let channel = reader
-        .events_after(
+        .page(
+            &EventFilter::Channel(Channel::new("chat").unwrap()),
             20,
+            head,
             4,
-            EventFilter::Channel(Channel::new("chat").unwrap()),
             usize::MAX,
         )
         .unwrap();
-    assert_eq!(numbers(&channel), vec![21, 22, 24, 25]);
+    assert_eq!(numbers(&channel.events), vec![21, 22, 24, 25]);
+    assert_eq!(channel.covered_through, 25);
+    let past_head = reader
+        .page(&EventFilter::All, 30, head, 10, usize::MAX)
+        .unwrap();
+    assert!(past_head.events.is_empty());
     assert!(
         reader
-            .events_after(30, 10, EventFilter::All, usize::MAX)
+            .page(&EventFilter::All, u64::MAX, head, 10, usize::MAX)
             .unwrap()
+            .events
             .is_empty()
     );
-    assert!(
-        reader
-            .events_after(u64::MAX, 10, EventFilter::All, usize::MAX)
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        reader
-            .events_after(0, 0, EventFilter::All, usize::MAX)
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(reader.head().unwrap(), 30);
 }
 
 #[tokio::test]
@@ -292,9 +289,7 @@ async fn a_version_1_database_migrates_with_its_rows_and_numbers() {
         ]
     );
     let reader = DbReader::open(&path).unwrap();
-    let log = reader
-        .events_after(0, 10, EventFilter::All, usize::MAX)
-        .unwrap();
+    let log = log_after(&reader, 0, 10, EventFilter::All, usize::MAX).unwrap();
     let summary: Vec<(u64, String, u64, bool)> = log
         .iter()
         .map(|e| {
@@ -445,9 +440,14 @@ async fn repair_renumbers_a_buggy_stream_by_insertion_order() {
         6
     );
     // The events carry their positions and are repaired with the rows.
-    let log = reader
-        .events_after(0, 1000, EventFilter::Key(broken.clone()), usize::MAX)
-        .unwrap();
+    let log = log_after(
+        &reader,
+        0,
+        1000,
+        EventFilter::Key(broken.clone()),
+        usize::MAX,
+    )
+    .unwrap();
     assert_eq!(
         log.iter().map(|e| e.stream_sequence).collect::<Vec<_>>(),
         (1..=86).collect::<Vec<_>>()
@@ -488,9 +488,7 @@ async fn repair_leaves_a_healthy_database_alone() {
     );
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(
-        reader
-            .events_after(0, 100, EventFilter::All, usize::MAX)
-            .unwrap(),
+        log_after(&reader, 0, 100, EventFilter::All, usize::MAX).unwrap(),
         written
     );
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use seqcast_persistence::{
-    DbReader, DbWriter, EventFilter, EventReader, EventWriter, StoreConfig, StoreError,
+    DbReader, EventFilter, EventReader, EventWriter, StoreConfig, StoreError,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -72,7 +72,7 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
     for reply in &replies {
         assert_eq!(&hooked[(reply.sequence_number - 1) as usize], reply);
     }
-    let stats = writer.stats();
+    let stats = writer.health().stats;
     assert_eq!(stats.events_committed, 400);
     assert_eq!(stats.commands_received, 400);
     assert_eq!(stats.transactions_committed, log.call_count() as u64);
@@ -82,9 +82,7 @@ async fn concurrent_appends_get_consecutive_numbers_in_commit_order() {
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(reader.head().unwrap(), 400);
     assert_eq!(
-        reader
-            .events_after(0, 1000, EventFilter::All, usize::MAX)
-            .unwrap(),
+        log_after(&reader, 0, 1000, EventFilter::All, usize::MAX).unwrap(),
         hooked
     );
     writer.close().await;
@@ -119,7 +117,10 @@ async fn group_commit_takes_every_queued_command_into_one_transaction() {
     assert!(sizes.len() <= 2, "group sizes {sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 100);
     assert!(sizes.iter().any(|&n| n >= 50), "group sizes {sizes:?}");
-    assert_eq!(writer.stats().transactions_committed, sizes.len() as u64);
+    assert_eq!(
+        writer.health().stats.transactions_committed,
+        sizes.len() as u64
+    );
     writer.close().await;
 }
 
@@ -149,7 +150,7 @@ async fn without_group_commit_every_command_is_its_own_transaction() {
     }
     assert_eq!(log.call_count(), 20);
     assert!(log.calls().iter().all(|c| c.len() == 1));
-    assert_eq!(writer.stats().transactions_committed, 20);
+    assert_eq!(writer.health().stats.transactions_committed, 20);
     writer.close().await;
 }
 
@@ -211,9 +212,7 @@ async fn repeating_a_message_id_updates_the_row_in_place() {
         ]
     );
     // The log keeps both versions of "a", each with the row's position.
-    let events = reader
-        .events_after(0, 10, EventFilter::All, usize::MAX)
-        .unwrap();
+    let events = log_after(&reader, 0, 10, EventFilter::All, usize::MAX).unwrap();
     let log: Vec<(u64, u64, &str, bool)> = events
         .iter()
         .map(|e| {
@@ -345,13 +344,12 @@ async fn a_failing_batch_commits_nothing_while_its_group_commits() {
     assert_eq!(numbers, vec![(1, 1), (2, 2), (3, 3)]);
     // The bad batch shared a transaction with `after` (the writer took all queued commands
     // once unblocked), so at most two transactions, none failed.
-    let stats = writer.stats();
+    let stats = writer.health().stats;
     assert!(stats.transactions_committed <= 2, "{stats:?}");
     assert_eq!(stats.transactions_failed, 0);
     assert_eq!(log.events().len(), 3);
     let reader = DbReader::open(&db_path(&dir)).unwrap();
-    let ids: Vec<String> = reader
-        .events_after(0, 100, EventFilter::All, usize::MAX)
+    let ids: Vec<String> = log_after(&reader, 0, 100, EventFilter::All, usize::MAX)
         .unwrap()
         .iter()
         .map(|e| e.message_id.to_string())
@@ -399,7 +397,7 @@ async fn a_restart_continues_numbers_and_positions_under_the_same_epoch() {
         .await
         .unwrap();
     writer.close().await;
-    assert!(writer.is_closed());
+    assert!(writer.health().stopped.is_some());
 
     let (writer, info, _) = open(config(&dir));
     assert_eq!(info.epoch, first_info.epoch);
@@ -460,7 +458,7 @@ async fn close_finishes_queued_work_then_refuses_new_appends() {
     // join! polls the append first, so it is queued before the shutdown command.
     let (queued, ()) = tokio::join!(writer.append(vec![event("c:1", "a", "1")]), writer.close());
     assert_eq!(queued.unwrap()[0].sequence_number, 1);
-    assert!(writer.is_closed());
+    assert!(writer.health().stopped.is_some());
     let late = writer.append(vec![event("c:1", "b", "2")]).await;
     assert_eq!(late, Err(StoreError::Closed));
     writer.close().await; // a second close is harmless
@@ -480,30 +478,12 @@ fn blocking_shutdown_joins_the_writer_thread() {
         .unwrap();
     assert_eq!(committed[0].sequence_number, 1);
     writer.shutdown();
-    assert!(writer.is_closed());
+    assert!(writer.health().stopped.is_some());
     assert_eq!(log.call_count(), 1);
     // The file is closed cleanly: the WAL was checkpointed into the database and removed.
     assert!(!wal_path(&db_path(&dir)).exists());
     let reader = DbReader::open(&db_path(&dir)).unwrap();
     assert_eq!(reader.head().unwrap(), 1);
-}
-
-#[tokio::test]
-async fn a_panicking_hook_does_not_lose_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut calls = 0;
-    let (writer, _) = DbWriter::open(
-        config(&dir),
-        Box::new(move |_: &[seqcast_persistence::CommittedEvent]| {
-            calls += 1;
-            assert!(calls != 1, "hook fails once");
-        }),
-    )
-    .unwrap();
-    let a = writer.append(vec![event("p:1", "a", "1")]).await.unwrap();
-    let b = writer.append(vec![event("p:1", "b", "1")]).await.unwrap();
-    assert_eq!((a[0].sequence_number, b[0].sequence_number), (1, 2));
-    writer.close().await;
 }
 
 #[test]
@@ -529,9 +509,8 @@ async fn readers_see_whole_transactions_only() {
         let (reader, stop, reads) = (reader.clone(), stop.clone(), reads.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let events = reader
-                    .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
-                    .unwrap();
+                let events =
+                    log_after(&reader, 0, usize::MAX, EventFilter::All, usize::MAX).unwrap();
                 // Batches of 5: a reader never sees part of one.
                 assert_eq!(events.len() % 5, 0, "saw a partial batch");
                 assert!(reader.head().unwrap() >= events.len() as u64);
@@ -553,8 +532,7 @@ async fn readers_see_whole_transactions_only() {
     watcher.join().unwrap();
     assert!(reads.load(Ordering::SeqCst) >= 9);
     assert_eq!(
-        reader
-            .events_after(0, usize::MAX, EventFilter::All, usize::MAX)
+        log_after(&reader, 0, usize::MAX, EventFilter::All, usize::MAX)
             .unwrap()
             .len(),
         200

@@ -148,11 +148,12 @@ pub async fn overview(
     let hub = &app.hub;
     let gauges = hub.gauges();
     let gauge = |name: &str| gauges.iter().find(|g| g.0 == name).map_or(0, |g| g.2);
-    let writer = app.store.writer_stats().map(|(stats, queued)| WriterView {
+    let health = app.store.health();
+    let writer = health.queued_commands.map(|queued| WriterView {
         groups: hub.metrics.writer_summary(),
         queued_commands: queued as u64,
-        transactions_failed: stats.transactions_failed,
-        running: app.store.writer_running(),
+        transactions_failed: health.stats.transactions_failed,
+        running: health.stopped.is_none(),
     });
     Ok(axum::Json(Overview {
         version: env!("CARGO_PKG_VERSION"),

@@ -13,7 +13,6 @@ use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
 use crate::error::ApiError;
 use crate::hub::{Hub, PAGE_BYTES};
 use crate::pages::SharedPage;
-use crate::read_log;
 use crate::state::AppState;
 
 /// Where a new subscription's cursor starts, and what its `sub_ack` says.
@@ -63,12 +62,10 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
         return Ok(start);
     }
     let hub_floor = app.hub.retention_floor();
-    let (floor, first) = read_log!(&app.store, |r| {
-        Ok::<_, seqcast_persistence::StoreError>((
-            floor_of(r, hub_floor)?,
-            r.first_at_or_after(min_ts)?,
-        ))
-    })?;
+    let (floor, first) = app
+        .store
+        .read(move |r| Ok((floor_of(r, hub_floor)?, r.first_at_or_after(min_ts)?)))
+        .await?;
     Ok(window_start(
         limits,
         LogFacts {
@@ -82,7 +79,7 @@ pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Resu
 /// The log's retention floor as a read sees it: the reader's, raised to the hub's (retention
 /// raises the hub's floor before it deletes, so a read that began just before still sees the
 /// rows but must not serve them as complete). The one floor rule.
-fn floor_of<R: EventReader>(r: &R, hub_floor: u64) -> Result<u64, seqcast_persistence::StoreError> {
+fn floor_of(r: &dyn EventReader, hub_floor: u64) -> Result<u64, seqcast_persistence::StoreError> {
     Ok(r.retention_floor()?.max(hub_floor))
 }
 
@@ -94,7 +91,7 @@ const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// until this node's hub applied it, so the seam is never below what the client already has.
 /// Returns the hub's head then.
 async fn wait_for_applied(app: &AppState, since: u64) -> Result<u64, ApiError> {
-    let committed = read_log!(&app.store, |r| r.head())?;
+    let committed = app.store.read(|r| r.head()).await?;
     if since > committed {
         return Ok(app.hub.head()); // never issued: the resume rule says `recovered: false`
     }
@@ -151,24 +148,27 @@ pub async fn plan_start(
     let hub_floor = app.hub.retention_floor();
     let key = key.clone();
     let min_ts = now_ms.saturating_sub(limits.ttl_ms);
-    let (plan, drained, expired, overflow) = read_log!(&app.store, |r| {
-        let floor = floor_of(r, hub_floor)?;
-        let history = KeyHistory {
-            head,
-            retention_floor: floor,
-            ttl_start: r.first_at_or_after(min_ts)?.filter(|&s| s <= head),
-            nth_newest: r.nth_newest_of_key(&key, head, limits.per_key)?,
-        };
-        let plan = plan_drain(limits, history);
-        let count = |range: Option<(u64, u64)>| match range {
-            Some((a, b)) => r.count_key(&key, a, b),
-            None => Ok(0),
-        };
-        let drained = r.count_key(&key, plan.after, head)?;
-        let expired = count(plan.expired)?;
-        let overflow = count(plan.overflow)?;
-        Ok::<_, seqcast_persistence::StoreError>((plan, drained, expired, overflow))
-    })?;
+    let (plan, drained, expired, overflow) = app
+        .store
+        .read(move |r| {
+            let floor = floor_of(r, hub_floor)?;
+            let history = KeyHistory {
+                head,
+                retention_floor: floor,
+                ttl_start: r.first_at_or_after(min_ts)?.filter(|&s| s <= head),
+                nth_newest: r.nth_newest_of_key(&key, head, limits.per_key)?,
+            };
+            let plan = plan_drain(limits, history);
+            let count = |range: Option<(u64, u64)>| match range {
+                Some((a, b)) => r.count_key(&key, a, b),
+                None => Ok(0),
+            };
+            let drained = r.count_key(&key, plan.after, head)?;
+            let expired = count(plan.expired)?;
+            let overflow = count(plan.overflow)?;
+            Ok((plan, drained, expired, overflow))
+        })
+        .await?;
     Ok(Start {
         after: plan.after,
         head,
@@ -195,18 +195,20 @@ pub async fn read_key_page(
             let key = key.clone();
             async move {
                 // Frames are encoded from the rows as they are read (no event is built).
-                read_log!(&app.store, |r| {
-                    let mut frames = Vec::new();
-                    let bounds =
-                        r.visit_key_page(&key, after, through, limit, PAGE_BYTES, &mut |ev| {
-                            frames.push(Hub::frame_of_row(&key, &ev));
-                        })?;
-                    Ok::<_, seqcast_persistence::StoreError>(SharedPage {
-                        frames,
-                        covered_through: bounds.covered_through,
-                        floor: bounds.floor,
+                app.store
+                    .read(move |r| {
+                        let mut frames = Vec::new();
+                        let bounds =
+                            r.visit_key_page(&key, after, through, limit, PAGE_BYTES, &mut |ev| {
+                                frames.push(Hub::frame_of_row(&key, &ev));
+                            })?;
+                        Ok(SharedPage {
+                            frames,
+                            covered_through: bounds.covered_through,
+                            floor: bounds.floor,
+                        })
                     })
-                })
+                    .await
             }
         })
         .await

@@ -219,6 +219,7 @@ impl From<seqcast_persistence::StoreError> for ApiError {
                 ApiError::Unavailable(format!("the database cannot take writes: {m}"))
             }
             StoreError::Closed => ApiError::Unavailable("the database writer has stopped".into()),
+            StoreError::Stopped(m) => ApiError::Unavailable(m),
             StoreError::Rejected(m) => {
                 ApiError::BadRequest(format!("the database rejected the write: {m}"))
             }

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use seqcast_persistence::{CommittedEvent, EventFilter, EventReader};
+use seqcast_persistence::{CommittedEvent, EventFilter};
 use seqcast_protocol::{
     BatchPublishResponse, Channel, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
     RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish, decode_query,
@@ -16,12 +16,13 @@ use seqcast_sequencing::{Resume, resume};
 
 use crate::auth::Grant;
 use crate::catchup;
+use crate::config::StorageKind;
 use crate::error::ApiError;
 use crate::hub::{Frame, Hub};
 use crate::metrics::PublishEndpoint;
+use crate::now_ms;
 use crate::publish;
 use crate::state::AppState;
-use crate::{now_ms, read_log};
 use seqcast_protocol::{BatchPublishRequest, ErrorBody};
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
@@ -231,8 +232,10 @@ async fn read_recovery(
         let db_filter = filter.to_event_filter();
         // Read no more than what is left of the response's byte budget (at least one message).
         let room = page.max_bytes.saturating_sub(page.bytes);
-        let log_page = read_log!(&app.store, |r| r
-            .page(&db_filter, cursor, head, chunk, room))?;
+        let log_page = app
+            .store
+            .read(move |r| r.page(&db_filter, cursor, head, chunk, room))
+            .await?;
         if log_page.floor > cursor + 1 {
             complete = false; // pruned while we read: what lay below the floor is gone
         }
@@ -619,7 +622,10 @@ pub async fn stream_page(
     let max_bytes = app.settings.max_response_bytes;
     // The store stops reading at the count or the bytes; the page is cut where its frames
     // reach `--max-response-bytes` (at least one row), like a recovery page.
-    let rows = read_log!(&app.store, |r| r.stream_rows(&key, after, limit, max_bytes))?;
+    let rows = app
+        .store
+        .read(move |r| r.stream_rows(&key, after, limit, max_bytes))
+        .await?;
     let read_bytes: usize = rows.iter().map(CommittedEvent::read_bytes).sum();
     let mut next_after = (rows.len() == limit || read_bytes >= max_bytes)
         .then(|| rows.last().map(|r| r.stream_sequence))
@@ -663,10 +669,13 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             r#"{"status":"shutting_down"}"#.into(),
         )
-    } else if let Some(status) = app.store.postgres_status().filter(|s| !s.writable) {
-        let reason = status
-            .last_error
-            .unwrap_or_else(|| "the database cannot take writes".to_owned());
+    } else if let Some(reason) = app
+        .store
+        .health()
+        .unwritable
+        .filter(|_| app.settings.storage == StorageKind::Postgres)
+    {
+        // A PostgreSQL node probes its database itself, and says so in its own words.
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "database_unavailable", "reason": reason}).to_string(),
@@ -709,7 +718,9 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         "Bytes of log pages shared by cursors catching up over the same range",
         app.pages.bytes() as u64,
     ));
-    if let Some((stats, queued)) = app.store.writer_stats() {
+    let health = app.store.health();
+    if let Some(queued) = health.queued_commands {
+        let stats = health.stats;
         snapshot.counters.extend([
             (
                 "seqcast_db_transactions",
@@ -733,32 +744,32 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
             queued as u64,
         ));
     }
-    if let Some(status) = app.store.postgres_status() {
+    if let Some(tail) = health.tail {
         snapshot.gauges.extend([
             (
                 "seqcast_pg_tail_lag_events",
                 "Committed events (on any node) this node's tail has not applied yet",
-                status.seen_head.saturating_sub(status.applied),
+                tail.seen_head.saturating_sub(tail.applied),
             ),
             (
                 "seqcast_pg_tail_applied",
                 "The highest sequence number this node's tail has applied",
-                status.applied,
+                tail.applied,
             ),
             (
                 "seqcast_pg_tail_read_age_ms",
                 "Milliseconds since this node's tail last read the log",
-                status.since_tail_read_ms.unwrap_or(u64::MAX),
+                tail.since_read_ms.unwrap_or(u64::MAX),
             ),
             (
                 "seqcast_pg_tail_connected",
                 "1 while the tail's LISTEN connection is up",
-                u64::from(status.tail_connected),
+                u64::from(tail.connected),
             ),
             (
                 "seqcast_pg_writable",
                 "1 while the database takes this node's writes",
-                u64::from(status.writable),
+                u64::from(health.unwritable.is_none()),
             ),
         ]);
     }

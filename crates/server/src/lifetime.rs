@@ -8,9 +8,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use seqcast_persistence::{
-    DbReader, DbWriter, EventReader, MemoryStore, PgConfig, PgStore, StoreConfig,
+    DbReader, DbWriter, EventReader, HookError, MemoryStore, PgConfig, PgStore, StoreConfig,
 };
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -125,6 +126,7 @@ pub async fn start(
     let service = service(Arc::clone(&app));
     tracing::info!(event = "listening", addr = %addr, "listening");
 
+    let delivery = tokio::spawn(stop_on_delivery_failure(Arc::clone(&app)));
     let retention = tokio::spawn(retain_periodically(Arc::clone(&app)));
     let watch = tokio::spawn(watch_database(Arc::clone(&app)));
     let task = tokio::spawn(async move {
@@ -154,6 +156,7 @@ pub async fn start(
         }
         retention.abort();
         watch.abort();
+        delivery.abort();
         app.store.close().await;
         tracing::info!(event = "stopped", "server stopped");
         Ok(())
@@ -309,21 +312,28 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
     // The hub is made once the log's head is known; the commit hook reaches it through here.
     let slot: Arc<std::sync::OnceLock<Arc<Hub>>> = Arc::new(std::sync::OnceLock::new());
     let hook_slot = Arc::clone(&slot);
+    let (failed, failures) = watch::channel(None);
+    // A refusal stops the backend (its publishers get 503) and is told to the store's owner
+    // (`Store::delivery_failure`); the process is stopped in one place,
+    // `stop_on_delivery_failure`.
     let hook: seqcast_persistence::CommitHook = Box::new(move |events| {
-        let Some(hub) = hook_slot.get() else {
-            fail_stop("events committed before the hub was ready");
+        let delivered = match hook_slot.get() {
+            Some(hub) => hub.apply_committed(events).map_err(|e| e.to_string()),
+            None => Err("events committed before the hub was ready".to_owned()),
         };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hub.apply_committed(events)))
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => fail_stop(&e.to_string()),
-            Err(_) => fail_stop("the commit hook panicked"),
-        }
+        delivered.map_err(|why| {
+            failed.send_replace(Some(why.clone()));
+            HookError::new(why)
+        })
     });
-    let store = match settings.storage {
+    // Each backend is opened (and, once the hub exists, started) by its own type; from then on
+    // the server sees only the traits.
+    type Start = Box<dyn FnOnce(&Arc<Hub>, u64)>;
+    let (store, start): (Store, Start) = match settings.storage {
         StorageKind::Memory => {
             let (writer, reader, _info) = MemoryStore::open(hook);
-            Store::Memory { writer, reader }
+            let store = Store::new("memory", Arc::new(writer), Arc::new(reader), failures);
+            (store, Box::new(|_, _| {}))
         }
         StorageKind::Postgres => {
             let url = settings
@@ -339,7 +349,28 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             // through it, this node's commits included.
             let (writer, reader, _info) =
                 PgStore::open_paused(config, hook).context("cannot open the PostgreSQL store")?;
-            Store::Postgres { writer, reader }
+            let store = Store::new(
+                "postgres",
+                Arc::new(writer.clone()),
+                Arc::new(reader),
+                failures,
+            );
+            let start: Start = Box::new(move |hub, head| {
+                // A node that was paused or slow while another pruned past it skips to the
+                // shared retention floor instead of stopping; its subscribers that needed the
+                // pruned part are closed with 1013 (resume: `recovered: false`).
+                let skipping = Arc::clone(hub);
+                writer.on_pruned_gap(Box::new(move |_applied, next| skipping.skip_to(next)));
+                // A failover to another timeline or a restore: the node moves to the new epoch
+                // without a restart; its live connections are closed so their clients resume
+                // (and are told `recovered: false`).
+                let moving = Arc::clone(hub);
+                writer.on_new_history(Box::new(move |epoch, head, floor| {
+                    moving.move_to_history(epoch.to_owned(), head, floor);
+                }));
+                writer.start_delivery(head);
+            });
+            (store, start)
         }
         StorageKind::Sqlite => {
             let path = settings.data_dir.join("seqcast.db");
@@ -355,42 +386,30 @@ fn open_store(settings: &Settings) -> anyhow::Result<(Arc<Hub>, Store)> {
             let (writer, _info) = DbWriter::open(config, hook).with_context(|| {
                 format!("cannot open the database writer on {}", path.display())
             })?;
-            Store::Sqlite { writer, reader }
+            let store = Store::new(
+                "sqlite",
+                Arc::new(writer.clone()),
+                Arc::new(reader),
+                failures,
+            );
+            let start: Start = Box::new(move |hub, _head| {
+                let observed = Arc::clone(hub);
+                writer.observe_commits(Box::new(move |events, took| {
+                    observed.metrics.group_committed(events, took);
+                }));
+            });
+            (store, start)
         }
     };
     // One budget: the tail cache gets most of it, the shared log pages the rest.
     let tail_bytes = settings.cache_bytes - settings.cache_bytes / PAGE_CACHE_SHARE;
     // Nothing is published before the server listens, so the log is still at this head.
-    let (epoch, head, floor, recent) = match &store {
-        Store::Memory { reader, .. } => log_state(reader, tail_bytes)?,
-        Store::Sqlite { reader, .. } => log_state(reader, tail_bytes)?,
-        Store::Postgres { reader, .. } => log_state(reader, tail_bytes)?,
-    };
+    let (epoch, head, floor, recent) = log_state(store.blocking_reader(), tail_bytes)?;
     let hub = Hub::new(epoch, head, floor, tail_bytes, recent)
         .context("the log's newest events are not a dense run")?;
     let hub = Arc::new(hub);
     let _ = slot.set(Arc::clone(&hub));
-    if let Store::Postgres { writer, .. } = &store {
-        // A node that was paused or slow while another pruned past it skips to the shared
-        // retention floor instead of stopping; its subscribers that needed the pruned part
-        // are closed with 1013 (resume: `recovered: false`).
-        let skipping = Arc::clone(&hub);
-        writer.on_pruned_gap(Box::new(move |_applied, next| skipping.skip_to(next)));
-        // A failover to another timeline or a restore: the node moves to the new epoch
-        // without a restart; its live connections are closed so their clients resume (and
-        // are told `recovered: false`).
-        let moving = Arc::clone(&hub);
-        writer.on_new_history(Box::new(move |epoch, head, floor| {
-            moving.move_to_history(epoch.to_owned(), head, floor);
-        }));
-        writer.start_delivery(head);
-    }
-    if let Store::Sqlite { writer, .. } = &store {
-        let observed = Arc::clone(&hub);
-        writer.observe_commits(Box::new(move |events, took| {
-            observed.metrics.group_committed(events, took);
-        }));
-    }
+    start(&hub, head);
     Ok((hub, store))
 }
 
@@ -418,7 +437,7 @@ fn test_faults() -> Option<seqcast_persistence::FaultInjector> {
 /// The log's epoch, head, retention floor and newest events, as many as `cache_bytes` holds (to
 /// refill the cache).
 fn log_state(
-    reader: &impl EventReader,
+    reader: &dyn EventReader,
     cache_bytes: usize,
 ) -> anyhow::Result<(String, u64, u64, Vec<seqcast_persistence::CommittedEvent>)> {
     let head = reader.head()?;
@@ -427,6 +446,14 @@ fn log_state(
     // With PostgreSQL other nodes keep committing: the cache ends where the hub starts.
     recent.retain(|e| e.sequence_number <= head);
     Ok((reader.epoch()?, head, floor, recent))
+}
+
+/// The one place that decides what the process does when committed events could not be
+/// delivered (the commit hook refused them, and the store stopped taking writes): it stops.
+async fn stop_on_delivery_failure(app: Arc<AppState>) {
+    if let Some(why) = app.store.delivery_failure().await {
+        fail_stop(&why);
+    }
 }
 
 /// Stop the process: serving on would hand out a window with a hole under `complete: true`.
@@ -501,10 +528,10 @@ async fn watch_database(app: Arc<AppState>) {
         app.check_database_file();
         // A database that failed a write is probed every second, so its recovery is noticed
         // (and logged) without waiting for a publish.
-        if app.store.write_health().is_some() && app.write_fault().is_none() {
+        if app.store.health().unwritable.is_some() && app.write_fault().is_none() {
             let _ = tokio::time::timeout(PROBE_DEADLINE, app.store.probe()).await;
         }
-        let running = app.store.writer_running();
+        let running = app.store.health().stopped.is_none();
         if writer_was_running && !running && !app.shutdown.is_cancelled() {
             tracing::error!(
                 event = "writer_stopped",
@@ -547,7 +574,7 @@ async fn retain_periodically(app: Arc<AppState>) {
 async fn apply_retention(app: &AppState) -> Result<(), ApiError> {
     let head = app.hub.head();
     let min_ts = now_ms().saturating_sub(app.settings.retention_ms);
-    let first_young = crate::read_log!(&app.store, |r| r.first_at_or_after(min_ts))?;
+    let first_young = app.store.read(move |r| r.first_at_or_after(min_ts)).await?;
     let by_age = first_young.map_or(head + 1, |s| s.min(head + 1));
     let by_count = app
         .settings

@@ -53,8 +53,8 @@ impl AppState {
     /// Why publishes would fail right now, if they would: the writer stopped, or the database
     /// file is not the one that was opened. `/readyz` and the publish endpoints both ask.
     pub fn write_fault(&self) -> Option<String> {
-        if !self.store.writer_running() {
-            return Some("the database writer has stopped".into());
+        if let Some(why) = self.store.health().stopped {
+            return Some(why);
         }
         self.db_fault
             .lock()
@@ -74,10 +74,10 @@ impl AppState {
         if let Some(why) = self.disk_full() {
             return Some(why);
         }
-        if self.store.write_health().is_some() {
+        if self.store.health().unwritable.is_some() {
             let _ = tokio::time::timeout(PROBE_DEADLINE, self.store.probe()).await;
         }
-        self.store.write_health()
+        self.store.health().unwritable
     }
 
     /// The disk under the database cannot take one more message of the largest size

@@ -37,7 +37,8 @@ pub async fn run(args: &StoreArgs) -> anyhow::Result<Value> {
     let mut config = StoreConfig::new(&path);
     config.group_commit = args.group_commit;
     config.synchronous = args.synchronous;
-    let (writer, _) = DbWriter::open(config, Box::new(|_| {})).context("cannot open the store")?;
+    let (writer, _) =
+        DbWriter::open(config, Box::new(|_| Ok(()))).context("cannot open the store")?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -84,7 +85,7 @@ pub async fn run(args: &StoreArgs) -> anyhow::Result<Value> {
     for t in tasks {
         hist.add(&t.await.context("appender panicked")??).ok();
     }
-    let stats = writer.stats();
+    let stats = writer.health().stats;
     writer.close().await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

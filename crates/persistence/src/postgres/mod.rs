@@ -29,7 +29,7 @@ use crate::error::StoreError;
 
 pub use reader::PgReader;
 pub use schema::{PG_SCHEMA_VERSION, pg_migrate, pg_repair_sequences};
-pub use writer::{PgStatus, PgStore, PgWriter};
+pub use writer::{PgStore, PgWriter};
 
 /// Runs `fut` with a client-side deadline; past it, `Unavailable` saying what did not answer.
 pub(crate) async fn within<T>(
@@ -101,8 +101,8 @@ impl PgConfig {
             url: url.into(),
             pool_size: DEFAULT_PG_POOL_SIZE,
             statement_timeout: DEFAULT_PG_STATEMENT_TIMEOUT,
-            queue_capacity: crate::DEFAULT_QUEUE_CAPACITY,
-            max_group_events: crate::DEFAULT_MAX_GROUP_EVENTS,
+            queue_capacity: crate::actor::DEFAULT_QUEUE_CAPACITY,
+            max_group_events: crate::actor::DEFAULT_MAX_GROUP_EVENTS,
             tail_interval: Duration::from_secs(1),
             commit_timeout: DEFAULT_PG_COMMIT_TIMEOUT,
             tail_stale_after: DEFAULT_PG_TAIL_STALE_AFTER,

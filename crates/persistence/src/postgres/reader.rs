@@ -211,48 +211,6 @@ impl EventReader for PgReader {
         self.run(|client| async move { schema::read_epoch(&client).await })
     }
 
-    fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-        filter: EventFilter,
-        max_bytes: usize,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let budget = ReadBudget::new(limit, max_bytes);
-        let (since, limit) = (pg_int(since), limit_of(limit));
-        let base = format!(
-            "SELECT {EVENT_COLUMNS}, {} FROM seqcast.events e {EVENT_JOIN}",
-            read_estimate("e.message_id")
-        );
-        let order = "ORDER BY e.sequence_number LIMIT $2";
-        let (inner, mut params) = match filter {
-            EventFilter::All => (
-                format!("{base} WHERE e.sequence_number > $1 {order}"),
-                params![since, limit],
-            ),
-            EventFilter::Key(key) => (
-                format!(
-                    "{base} WHERE e.sequence_number > $1 AND $3::int IS NULL \
-                     AND e.stream_id = {KEY_STREAM} {order}"
-                ),
-                params![
-                    since,
-                    limit,
-                    None::<i32>,
-                    key.channel().as_str().to_owned(),
-                    key.request_id().as_str().to_owned()
-                ],
-            ),
-            EventFilter::Channel(channel) => (
-                format!("{base} WHERE e.sequence_number > $1 AND s.channel = $3 {order}"),
-                params![since, limit, channel.as_str().to_owned()],
-            ),
-        };
-        let max = params.push(limit_of(max_bytes.max(1)));
-        let sql = within_budget(&inner, "sequence_number", &max);
-        self.events(sql, params, 0, budget, None)
-    }
-
     // Newest first, stopping at the first event older than `min_timestamp_ms` (timestamps never
     // decrease along the log) or when a budget is spent.
     fn latest_events(

@@ -5,8 +5,7 @@ use tokio_postgres::Client;
 
 use super::{PgConfig, PgRuntime, connect, pg_error};
 use crate::error::StoreError;
-use crate::repair::{Renumbering, RepairReport};
-use crate::schema::{AppliedMigration, MigrationReport};
+use crate::maintenance::{AppliedMigration, MigrationReport, Renumbering, RepairReport};
 
 struct PgMigration {
     version: u32,

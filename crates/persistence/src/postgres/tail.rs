@@ -8,7 +8,6 @@
 //! wakes it; it also re-reads after every (re)connect and at least every `interval`, so a lost
 //! connection or a missed notification delays nothing for longer than that.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use super::reader::{EVENT_COLUMNS, EVENT_JOIN, event_from_row};
 use super::writer::Shared;
 use super::{connect, pg_error, pg_int, within};
 use crate::error::StoreError;
-use crate::writer::CommitHook;
+use crate::hook::{self, CommitHook};
 
 /// Events read per tail query.
 const TAIL_PAGE: i64 = 2_000;
@@ -90,6 +89,10 @@ impl Tail {
             // Re-read on every (re)connect; then on each wake-up, and at least every interval.
             loop {
                 if let Err(e) = self.read_all(&client, &statement).await {
+                    if let StoreError::Stopped(_) = &e {
+                        // The hook refused events: nothing more is delivered on this node.
+                        return;
+                    }
                     if let StoreError::Corrupt(why) = &e {
                         self.report_bad_event(why);
                         // Not a connection problem: read again after an interval (a repaired
@@ -340,13 +343,15 @@ impl Tail {
                 .hook
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if catch_unwind(AssertUnwindSafe(|| (*hook)(&events))).is_err() {
-                tracing::error!(
-                    events = events.len(),
-                    "commit hook panicked; events are committed but fan-out may have missed them"
-                );
-            }
+            let delivered = hook::deliver(&mut hook, &events);
             drop(hook);
+            if let Err(failure) = delivered {
+                // The node takes no more writes; the publishers waiting for these numbers are
+                // woken to be answered with the error.
+                let error = self.shared.writer.stop(&failure, events.len());
+                self.shared.applied.send_modify(|_| {});
+                return Err(error);
+            }
             let last = events[events.len() - 1].sequence_number;
             self.applied = last;
             self.shared.seen_head.fetch_max(last, Ordering::AcqRel);

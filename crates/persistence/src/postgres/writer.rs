@@ -5,10 +5,13 @@
 //! `seqcast.append_events` call for the whole group (which also sends the NOTIFY) and `COMMIT`,
 //! pipelined: one round trip per group, so the counter row is held for no network wait. When the
 //! database refuses something, the group is written again with one call per command, and the
-//! refused command is dropped alone. After COMMIT the publishers are answered once this
-//! node's tail has applied their numbers (so the hub has them: read-your-writes on the
+//! refused command is dropped alone. The queue, the grouping and the answering in order are the
+//! shared writer shell's ([`crate::actor`]). After COMMIT the publishers are answered only once
+//! this node's tail has applied their numbers (so the hub has them: read-your-writes on the
 //! publishing node, and the same order of "hook, then answer" as SQLite); the tail is woken
-//! directly, so that costs one read, not a poll interval.
+//! directly, so that costs one read, not a poll interval. A tail that has not applied them
+//! within the answer timeout (or whose hook failed) gets the publishers an error, never an
+//! acknowledgement their node cannot back.
 //!
 //! The same task numbers messages staged by `seqcast.publish()` (the outbox), woken by
 //! `NOTIFY seqcast_outbox` and at least once a second; that check doubles as the writer's health
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
@@ -29,27 +32,14 @@ use super::reader::PgReader;
 use super::schema;
 use super::tail::Tail;
 use super::{NoticeSink, PgConfig, PgRuntime, connect_observed, pg_error, pg_int, pg_u64, within};
+use crate::actor::{
+    AfterGroup, Command, CommandQueue, Outcome, Replies, WriterHandle, WriterShared,
+};
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
-use crate::store::EventWriter;
-use crate::writer::{CommitHook, WriterStats};
-
-type AppendReply = oneshot::Sender<Result<Vec<CommittedEvent>, StoreError>>;
-
-enum Command {
-    Append {
-        events: Vec<NewEvent>,
-        reply: AppendReply,
-    },
-    Prune {
-        below: u64,
-        max_events: usize,
-        reply: oneshot::Sender<Result<PruneReport, StoreError>>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
-}
+use crate::health::{TailHealth, WriterHealth};
+use crate::hook::CommitHook;
+use crate::store::{BoxFuture, EventWriter};
 
 /// See [`PgWriter::on_new_history`]: `(epoch, head, retention floor)` of the new history.
 pub type NewHistoryHook = Box<dyn FnMut(&str, u64, u64) + Send>;
@@ -58,11 +48,8 @@ pub type PrunedGapHook = Box<dyn FnMut(u64, u64) + Send>;
 
 /// State shared by the writer task, the tail task and the handles.
 pub(crate) struct Shared {
-    commands_queued: AtomicU64,
-    commands_received: AtomicU64,
-    transactions_committed: AtomicU64,
-    transactions_failed: AtomicU64,
-    events_committed: AtomicU64,
+    /// The shell's counters and stop state (the tail stops the writer when the hook fails).
+    pub(crate) writer: Arc<WriterShared>,
     /// The writer can reach the database (last statement or probe succeeded).
     available: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -92,30 +79,10 @@ pub(crate) struct Shared {
     pending_tail: Mutex<Option<Tail>>,
 }
 
-/// What `/readyz` and `/metrics` show about a node's database connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgStatus {
-    /// Publishes are taken and answered: the writer's last statement or probe succeeded (and
-    /// was confirmed by a synchronous standby where one is configured), and this node's tail
-    /// has read the log within `tail_stale_after` (a publish is answered once the tail has
-    /// applied it, and live delivery depends on it).
-    pub writable: bool,
-    /// Why not, when not.
-    pub last_error: Option<String>,
-    /// The highest number this node's tail applied.
-    pub applied: u64,
-    /// The highest number this node knows was committed (on any node).
-    pub seen_head: u64,
-    /// The tail's LISTEN connection is up.
-    pub tail_connected: bool,
-    /// Milliseconds since the tail last read the log successfully.
-    pub since_tail_read_ms: Option<u64>,
-}
-
 /// Handle to a node's writer. Cheap to clone.
 #[derive(Clone)]
 pub struct PgWriter {
-    commands: mpsc::Sender<Command>,
+    handle: WriterHandle,
     shared: Arc<Shared>,
     runtime: Arc<PgRuntime>,
 }
@@ -123,7 +90,7 @@ pub struct PgWriter {
 impl std::fmt::Debug for PgWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgWriter")
-            .field("status", &self.status())
+            .field("health", &self.health())
             .finish_non_exhaustive()
     }
 }
@@ -187,12 +154,9 @@ impl PgStore {
         let (client, statements, epoch, head) = opened;
         let (applied, _) = watch::channel(head);
         let (stop, stop_rx) = watch::channel(false);
+        let (handle, queue) = WriterHandle::new(config.queue_capacity, config.max_group_events);
         let shared = Arc::new(Shared {
-            commands_queued: AtomicU64::new(0),
-            commands_received: AtomicU64::new(0),
-            transactions_committed: AtomicU64::new(0),
-            transactions_failed: AtomicU64::new(0),
-            events_committed: AtomicU64::new(0),
+            writer: Arc::clone(handle.shared()),
             available: AtomicBool::new(true),
             last_error: Mutex::new(None),
             applied,
@@ -224,7 +188,6 @@ impl PgStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(tail);
         let reader = PgReader::new(&config, Arc::clone(&runtime))?;
-        let (commands, receiver) = mpsc::channel(config.queue_capacity.max(1));
         let task = WriterTask {
             config: writer_config,
             client: Some((client, statements)),
@@ -240,11 +203,11 @@ impl PgStore {
             max_message_bytes: config.max_message_bytes,
             last_committed: head,
         };
-        runtime.handle().spawn(task.run(receiver, stop_rx));
+        runtime.handle().spawn(task.run(queue, stop_rx));
         tracing::info!(epoch = %epoch, head, "PostgreSQL writer started");
         Ok((
             PgWriter {
-                commands,
+                handle,
                 shared,
                 runtime,
             },
@@ -301,9 +264,23 @@ impl PgWriter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(moved);
     }
+}
 
-    /// The database connections' state, for `/readyz` and `/metrics`.
-    pub fn status(&self) -> PgStatus {
+impl EventWriter for PgWriter {
+    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Outcome> {
+        Box::pin(self.handle.append(events))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.handle.close())
+    }
+
+    /// `unwritable` while the writer's last statement or probe failed (or was not confirmed by
+    /// a synchronous standby where one is configured), or this node's tail cannot apply the
+    /// log or has not read it within `tail_stale_after` (a publish is answered once the tail
+    /// has applied it, and live delivery depends on it). The writer probes on its own, once a
+    /// second, so [`EventWriter::probe`] answers from this.
+    fn health(&self) -> WriterHealth {
         let s = &self.shared;
         let since_tail_read = s
             .last_tail_read
@@ -334,76 +311,29 @@ impl PgWriter {
                 ));
             }
         }
-        PgStatus {
-            writable,
-            last_error,
-            applied: *s.applied.borrow(),
-            seen_head: s.seen_head.load(Ordering::Acquire),
-            tail_connected: s.tail_connected.load(Ordering::Acquire),
-            since_tail_read_ms: since_tail_read
-                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        WriterHealth {
+            stopped: self.handle.stopped(),
+            unwritable: (!writable).then(|| {
+                last_error.unwrap_or_else(|| "the database cannot take writes".to_owned())
+            }),
+            stats: s.writer.stats(),
+            queued_commands: Some(self.handle.queued_commands()),
+            tail: Some(TailHealth {
+                applied: *s.applied.borrow(),
+                seen_head: s.seen_head.load(Ordering::Acquire),
+                connected: s.tail_connected.load(Ordering::Acquire),
+                since_read_ms: since_tail_read
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            }),
         }
     }
 
-    /// Commands waiting in the queue.
-    pub fn queued_commands(&self) -> usize {
-        let queued = self.shared.commands_queued.load(Ordering::Acquire);
-        let received = self.shared.commands_received.load(Ordering::Acquire);
-        usize::try_from(queued.saturating_sub(received)).unwrap_or(usize::MAX)
-    }
-}
-
-impl EventWriter for PgWriter {
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Append { events, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        self.shared.commands_queued.fetch_add(1, Ordering::Release);
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    async fn close(&self) {
-        let (reply, done) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Shutdown { reply })
-            .await
-            .is_ok()
-        {
-            let _ = done.await;
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.commands.is_closed()
-    }
-
-    fn stats(&self) -> WriterStats {
-        let s = &self.shared;
-        WriterStats {
-            commands_received: s.commands_received.load(Ordering::Relaxed),
-            transactions_committed: s.transactions_committed.load(Ordering::Relaxed),
-            transactions_failed: s.transactions_failed.load(Ordering::Relaxed),
-            events_committed: s.events_committed.load(Ordering::Relaxed),
-        }
-    }
-
-    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Prune {
-                below,
-                max_events,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+    fn prune(
+        &self,
+        below: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
+        Box::pin(self.handle.prune(below, max_events))
     }
 }
 
@@ -432,11 +362,6 @@ impl Statements {
                 .map_err(pg_error)?,
         })
     }
-}
-
-struct PendingAppend {
-    events: Vec<NewEvent>,
-    reply: AppendReply,
 }
 
 /// How one attempt at a group transaction ended.
@@ -513,22 +438,21 @@ fn unconfirmed_sink(flag: &Arc<AtomicBool>) -> NoticeSink {
 }
 
 impl WriterTask {
-    async fn run(mut self, mut receiver: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut queue: CommandQueue, mut stop: watch::Receiver<bool>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The outbox poll: seqcast.publish() sends no NOTIFY (schema 4).
         let mut poll = tokio::time::interval(self.outbox_poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut shutdown = None;
-        while shutdown.is_none() {
+        loop {
             // Not biased: under a constant stream of publishes the outbox still gets its turn.
             let first = tokio::select! {
-                command = receiver.recv() => match command {
+                command = queue.recv() => match command {
                     Some(c) => c,
                     None => break,
                 },
                 _ = self.shared.outbox_wake.notified() => {
-                    match self.queued_while_refusing(&mut receiver) {
+                    match self.queued_while_refusing(&mut queue) {
                         Some(c) => c,
                         None => {
                             self.sweep_outbox().await;
@@ -543,7 +467,7 @@ impl WriterTask {
                     continue;
                 }
                 _ = sweep.tick() => {
-                    match self.queued_while_refusing(&mut receiver) {
+                    match self.queued_while_refusing(&mut queue) {
                         Some(c) => c,
                         None => {
                             self.sweep_outbox().await;
@@ -553,51 +477,54 @@ impl WriterTask {
                 }
                 _ = stop.changed() => break,
             };
-            let mut appends = Vec::new();
-            let mut prunes = Vec::new();
-            let mut events = 0usize;
-            let mut next = Some(first);
-            while let Some(command) = next.take() {
+            let mut group = queue.group(first);
+            queue.fill(&mut group);
+            if !group.appends.is_empty() {
+                self.write_group(group.appends, group.replies).await;
+            }
+            for command in group.after {
                 match command {
-                    Command::Append { events: e, reply } => {
-                        self.shared
-                            .commands_received
-                            .fetch_add(1, Ordering::Release);
-                        events += e.len();
-                        appends.push(PendingAppend { events: e, reply });
-                    }
-                    Command::Prune {
+                    AfterGroup::Prune {
                         below,
                         max_events,
                         reply,
-                    } => prunes.push((below, max_events, reply)),
-                    Command::Shutdown { reply } => {
-                        shutdown = Some(reply);
-                        break;
+                    } => {
+                        let result = self.prune(below, max_events).await;
+                        let _ = reply.send(result);
+                    }
+                    // The sweep probes once a second; a probe is answered with its last result.
+                    AfterGroup::Probe(reply) => {
+                        let available = self.shared.available.load(Ordering::Acquire);
+                        let why = self
+                            .shared
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .clone();
+                        let _ = reply.send(match (available, why) {
+                            (true, _) => Ok(()),
+                            (false, why) => {
+                                Err(StoreError::Unavailable(why.unwrap_or_else(|| {
+                                    "the database cannot take writes".to_owned()
+                                })))
+                            }
+                        });
                     }
                 }
-                if events < self.max_group_events {
-                    next = receiver.try_recv().ok();
-                }
-            }
-            if !appends.is_empty() {
-                self.write_group(appends).await;
-            }
-            for (below, max_events, reply) in prunes {
-                let result = self.prune(below, max_events).await;
-                let _ = reply.send(result);
             }
         }
-        receiver.close();
-        // Let the tail apply what this node committed, then stop it.
+        // Let the tail apply what this node committed (unless its hook failed), then stop it.
         let mut applied = self.shared.applied.subscribe();
         let last = self.last_committed;
-        let _ = tokio::time::timeout(self.answer_timeout, applied.wait_for(|a| *a >= last)).await;
+        let writer = &self.shared.writer;
+        let _ = tokio::time::timeout(
+            self.answer_timeout,
+            applied.wait_for(|a| *a >= last || writer.stopped().is_some()),
+        )
+        .await;
         self.shared.stop.send_replace(true);
         self.client = None;
-        if let Some(reply) = shutdown {
-            let _ = reply.send(());
-        }
+        queue.finish();
     }
 
     /// Gives up the connection after a client-side deadline: its statement is canceled (a
@@ -620,9 +547,9 @@ impl WriterTask {
 
     /// While publishes are refused (commits not confirmed), a queued command goes before the
     /// probe: it is answered at once, instead of waiting for a probe that may take seconds.
-    fn queued_while_refusing(&self, receiver: &mut mpsc::Receiver<Command>) -> Option<Command> {
+    fn queued_while_refusing(&self, queue: &mut CommandQueue) -> Option<Command> {
         if self.unconfirmed_since.is_some() {
-            receiver.try_recv().ok()
+            queue.try_recv()
         } else {
             None
         }
@@ -718,25 +645,21 @@ impl WriterTask {
 
     /// Answers every append of a group that was not attempted with `e`, counted as one failed
     /// transaction.
-    fn refuse_group(&self, appends: Vec<PendingAppend>, e: StoreError) {
-        self.shared
-            .transactions_failed
-            .fetch_add(1, Ordering::Relaxed);
-        for a in appends {
-            let _ = a.reply.send(Err(e.clone()));
-        }
+    fn refuse_group(&self, replies: Replies, e: &StoreError) {
+        self.shared.writer.count_failed();
+        replies.refuse(e);
     }
 
-    async fn write_group(&mut self, mut appends: Vec<PendingAppend>) {
+    async fn write_group(&mut self, appends: Vec<Vec<NewEvent>>, replies: Replies) {
         if let Some(why) = &self.unconfirmed_since {
             // Commits are not being confirmed: answer at once instead of letting every group
             // wait out the commit deadline; the probe (every second) lifts this.
-            self.refuse_group(appends, StoreError::Unavailable(why.clone()));
+            self.refuse_group(replies, &StoreError::Unavailable(why.clone()));
             return;
         }
         if let Err(e) = self.ensure_connection().await {
             self.set_available(Err(&e));
-            self.refuse_group(appends, e);
+            self.refuse_group(replies, &e);
             return;
         }
         let mut own: Vec<Option<StoreError>> = vec![None; appends.len()];
@@ -797,29 +720,29 @@ impl WriterTask {
                 Attempt::Split => combined = false,
                 Attempt::CommandFailed(i, e) => own[i] = Some(e),
                 Attempt::Lost(e) => {
-                    self.shared
-                        .transactions_failed
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.writer.count_failed();
                     self.after_error(&e);
                     if matches!(e, StoreError::Unavailable(_)) {
                         self.set_available(Err(&e));
                     }
-                    for (a, own) in appends.drain(..).zip(own) {
-                        let _ = a.reply.send(Err(own.unwrap_or_else(|| e.clone())));
-                    }
+                    replies.answer(
+                        own.into_iter()
+                            .map(|own| Err(own.unwrap_or_else(|| e.clone()))),
+                    );
                     return;
                 }
                 Attempt::Committed(results, new_events) => {
                     self.set_available(Ok(()));
-                    self.answer(appends, own, results, new_events);
+                    self.answer(replies, own, results, new_events);
                     return;
                 }
             }
         }
         // Every command was refused.
-        for (a, own) in appends.drain(..).zip(own) {
-            let _ = a.reply.send(Err(own.unwrap_or(StoreError::Closed)));
-        }
+        replies.answer(
+            own.into_iter()
+                .map(|own| Err(own.unwrap_or(StoreError::Closed))),
+        );
     }
 
     /// One attempt at the group, pipelined: BEGIN, the appends, then NOTIFY and COMMIT (or
@@ -828,7 +751,7 @@ impl WriterTask {
     /// else one call per command, to find which one the database refuses.
     async fn attempt(
         &mut self,
-        appends: &[PendingAppend],
+        appends: &[Vec<NewEvent>],
         own: &[Option<StoreError>],
         combined: bool,
     ) -> Attempt {
@@ -844,7 +767,7 @@ impl WriterTask {
         let arrays: Vec<[Vec<&str>; 4]> = groups
             .iter()
             .map(|group| {
-                let events = || group.iter().flat_map(|&i| appends[i].events.iter());
+                let events = || group.iter().flat_map(|&i| appends[i].iter());
                 [
                     events().map(|e| e.key.channel().as_str()).collect(),
                     events().map(|e| e.key.request_id().as_str()).collect(),
@@ -885,10 +808,10 @@ impl WriterTask {
             };
             let mut rows = rows.as_slice();
             for &i in group {
-                let n = appends[i].events.len().min(rows.len());
+                let n = appends[i].len().min(rows.len());
                 let (mine, rest) = rows.split_at(n);
                 rows = rest;
-                match decode(&appends[i].events, mine) {
+                match decode(&appends[i], mine) {
                     Ok(events) => {
                         for (_, retry) in &events {
                             new_events += u64::from(!retry);
@@ -916,11 +839,13 @@ impl WriterTask {
     }
 
     /// Counts the committed group, wakes the tail, and answers each publisher once the tail
-    /// has applied the group's numbers (bounded by the answer timeout: the events are
-    /// committed either way).
+    /// has applied the group's numbers. A tail that has not applied them within the answer
+    /// timeout (or whose hook failed) gets them an error instead: the events are committed, but
+    /// this node cannot back an acknowledgement (its hub does not have them; the publisher may
+    /// retry with the same message ids, which is answered with the committed numbers).
     fn answer(
         &mut self,
-        appends: Vec<PendingAppend>,
+        replies: Replies,
         own: Vec<Option<StoreError>>,
         results: Vec<Option<Vec<CommittedEvent>>>,
         new_events: u64,
@@ -934,35 +859,48 @@ impl WriterTask {
             .unwrap_or(0);
         if new_events > 0 {
             self.shared
-                .transactions_committed
-                .fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .events_committed
-                .fetch_add(new_events, Ordering::Relaxed);
+                .writer
+                .count_commit(usize::try_from(new_events).unwrap_or(usize::MAX));
             self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
         }
         self.last_committed = self.last_committed.max(newest);
         self.shared.tail_wake.notify_one();
         let mut applied = self.shared.applied.subscribe();
+        let writer = Arc::clone(&self.shared.writer);
         let timeout = self.answer_timeout;
         tokio::spawn(async move {
-            if tokio::time::timeout(timeout, applied.wait_for(|a| *a >= newest))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    event = "tail_slow",
-                    sequence_number = newest,
-                    "answering publishers before this node's tail applied their commit"
-                );
-            }
-            for ((a, own), events) in appends.into_iter().zip(own).zip(results) {
-                let answer = match (events, own) {
-                    (Some(events), _) => Ok(events),
-                    (None, own) => Err(own.unwrap_or(StoreError::Closed)),
-                };
-                let _ = a.reply.send(answer);
-            }
+            // Woken by every number the tail applies, and by a hook failure.
+            let waited = tokio::time::timeout(
+                timeout,
+                applied.wait_for(|a| *a >= newest || writer.stopped().is_some()),
+            )
+            .await
+            .map(|a| a.is_ok_and(|a| *a >= newest));
+            let failure = match waited {
+                Ok(true) => None,
+                Ok(false) => Some(writer.stopped().unwrap_or(StoreError::Closed)),
+                Err(_) => {
+                    tracing::warn!(
+                        event = "tail_slow",
+                        sequence_number = newest,
+                        timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                        "this node's tail has not applied a commit in time: its publishers are answered 503"
+                    );
+                    Some(StoreError::Unavailable(format!(
+                        "committed (up to sequence number {newest}), but this node has not \
+                         applied it within {} ms (its tail of the log is stalled or behind): not \
+                         acknowledged; retry with the same message_id",
+                        timeout.as_millis()
+                    )))
+                }
+            };
+            replies.answer(own.into_iter().zip(results).map(|(own, events)| {
+                match (events, own, &failure) {
+                    (Some(events), _, None) => Ok(events),
+                    (Some(_), _, Some(failure)) => Err(failure.clone()),
+                    (None, own, _) => Err(own.unwrap_or(StoreError::Closed)),
+                }
+            }));
         });
     }
 
@@ -1279,11 +1217,8 @@ impl WriterTask {
         tx.commit().await.map_err(pg_error)?;
         if numbered > 0 {
             self.shared
-                .transactions_committed
-                .fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .events_committed
-                .fetch_add(numbered, Ordering::Relaxed);
+                .writer
+                .count_commit(usize::try_from(numbered).unwrap_or(usize::MAX));
             let newest = u64::try_from(newest).unwrap_or(0);
             self.shared.seen_head.fetch_max(newest, Ordering::AcqRel);
             self.last_committed = self.last_committed.max(newest);

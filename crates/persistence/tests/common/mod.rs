@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use seqcast_persistence::{
-    CommitHook, CommittedEvent, DbWriter, EventWriter, NewEvent, StoreConfig, StoreInfo,
-    Synchronous,
+    CommitHook, CommittedEvent, DbWriter, EventFilter, EventReader, EventWriter, NewEvent,
+    StoreConfig, StoreError, StoreInfo, Synchronous,
 };
 use seqcast_protocol::{MessageId, SubscriptionKey};
 
@@ -26,6 +26,19 @@ pub fn event(key_str: &str, message_id: &str, data: &str) -> NewEvent {
     }
 }
 
+/// The events of `filter` after `since`, up to the head the reader sees: one page of the log
+/// (at least one event, at most `limit` and about `max_bytes`).
+pub fn log_after(
+    reader: &(impl EventReader + ?Sized),
+    since: u64,
+    limit: usize,
+    filter: EventFilter,
+    max_bytes: usize,
+) -> Result<Vec<CommittedEvent>, StoreError> {
+    let head = reader.head()?;
+    Ok(reader.page(&filter, since, head, limit, max_bytes)?.events)
+}
+
 /// Every hook call, in order: one `Vec` per committed transaction.
 #[derive(Clone, Default)]
 pub struct HookLog(Arc<Mutex<Vec<Vec<CommittedEvent>>>>);
@@ -33,7 +46,10 @@ pub struct HookLog(Arc<Mutex<Vec<Vec<CommittedEvent>>>>);
 impl HookLog {
     pub fn hook(&self) -> CommitHook {
         let calls = Arc::clone(&self.0);
-        Box::new(move |events: &[CommittedEvent]| calls.lock().unwrap().push(events.to_vec()))
+        Box::new(move |events: &[CommittedEvent]| {
+            calls.lock().unwrap().push(events.to_vec());
+            Ok(())
+        })
     }
 
     pub fn calls(&self) -> Vec<Vec<CommittedEvent>> {
@@ -86,7 +102,10 @@ impl LockGate {
 /// Waits (without sleeping) until the writer has `n` append commands taken or queued.
 pub async fn until_commands_arrived(writer: &DbWriter, n: u64) {
     loop {
-        let arrived = writer.stats().commands_received + writer.queued_commands() as u64;
+        let arrived = {
+            let health = writer.health();
+            health.stats.commands_received + health.queued_commands.unwrap_or(0) as u64
+        };
         if arrived >= n {
             return;
         }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::actor::{DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY};
+
 /// SQLite's `PRAGMA synchronous` for the write connection (the journal is always WAL).
 ///
 /// * `Full` (default): the WAL is fsynced at every COMMIT. A publish that was answered
@@ -63,10 +65,6 @@ impl FromStr for Synchronous {
     }
 }
 
-/// Default bound of the writer's command queue.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
-/// Default cap on the events one group-commit transaction takes.
-pub const DEFAULT_MAX_GROUP_EVENTS: usize = 4096;
 /// Default time SQLite waits for a lock held by another connection.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -142,7 +140,7 @@ impl FaultInjector {
 
     /// The writer thread dies (panics, as a bug would make it) when it takes its next group
     /// after `commits` more committed transactions (`0`: at its next group). Publishes then
-    /// get [`crate::StoreError::Closed`] and [`crate::DbWriter::is_running`] turns false.
+    /// get [`crate::StoreError::Closed`] and the writer's health says it stopped.
     pub fn kill_writer_after(&self, commits: u64) {
         self.writer_death.store(commits + 1, Ordering::SeqCst);
     }

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
+use super::schema::{self, ConnectionOptions};
 use crate::error::StoreError;
-use crate::schema::{self, ConnectionOptions};
 
 /// The thread is nudged when any of these is reached since the last nudge. Events, not commits,
 /// are the main measure: the WAL grows with the pages a commit dirties, which is about one leaf

@@ -7,10 +7,11 @@ use std::time::Duration;
 use rusqlite::{Connection, Row, params};
 use seqcast_protocol::{Channel, MessageId, MessageIdRef, RequestId, SubscriptionKey};
 
-use crate::config::DEFAULT_BUSY_TIMEOUT;
-use crate::error::{StoreError, sql_int, sql_limit, stored_u64};
+use super::config::DEFAULT_BUSY_TIMEOUT;
+use super::error::{sql_int, sql_limit, stored_u64};
+use super::schema::{self, ConnectionOptions};
+use crate::error::StoreError;
 use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget};
-use crate::schema::{self, ConnectionOptions};
 use crate::store::EventReader;
 
 /// Idle connections kept for reuse; more are opened on demand when readers overlap.
@@ -129,60 +130,6 @@ impl EventReader for DbReader {
 
     fn epoch(&self) -> Result<String, StoreError> {
         self.with_connection(schema::read_epoch)
-    }
-
-    fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-        filter: EventFilter,
-        max_bytes: usize,
-    ) -> Result<Vec<CommittedEvent>, StoreError> {
-        let since = sql_int(since);
-        let mut budget = ReadBudget::new(limit, max_bytes);
-        let limit = sql_limit(limit);
-        let budget = &mut budget;
-        self.with_connection(|conn| match &filter {
-            EventFilter::All => {
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.sequence_number > ?1 ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(conn, &sql, params![since, limit], budget)
-            }
-            EventFilter::Key(key) => {
-                // Reads the stream's events through `events_by_stream` (migration 3).
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOIN} \
-                     WHERE e.stream_id = (SELECT stream_id FROM streams \
-                                          WHERE channel = ?3 AND request_id = ?4) \
-                       AND e.sequence_number > ?1 \
-                     ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(
-                    conn,
-                    &sql,
-                    params![
-                        since,
-                        limit,
-                        key.channel().as_str(),
-                        key.request_id().as_str()
-                    ],
-                    budget,
-                )
-            }
-            EventFilter::Channel(channel) => {
-                // Walks the log from `since` (the usual recovery case is near the head) and
-                // keeps the channel's events, stopping at `limit`, rather than merging and
-                // sorting every stream of the channel. CROSS JOIN fixes that loop order.
-                let sql = format!(
-                    "SELECT {EVENT_COLUMNS} FROM events e CROSS {EVENT_JOIN} \
-                     WHERE s.channel = ?3 AND e.sequence_number > ?1 \
-                     ORDER BY e.sequence_number LIMIT ?2"
-                );
-                collect_events(conn, &sql, params![since, limit, channel.as_str()], budget)
-            }
-        })
     }
 
     // Walks the log backwards from the head and stops at the first event older than
@@ -524,8 +471,9 @@ impl DbReader {
                     )?;
                     out
                 }
-                // Walks the log from `after`, keeping the channel's events (CROSS JOIN fixes
-                // that loop order, as in `events_after`).
+                // Walks the log from `after` (the usual recovery case is near the head) and
+                // keeps the channel's events, stopping at `limit`, rather than merging and
+                // sorting every stream of the channel. CROSS JOIN fixes that loop order.
                 EventFilter::Channel(channel) => collect_events(
                     conn,
                     &format!(
@@ -729,7 +677,7 @@ mod tests {
         use crate::{DbWriter, EventWriter, NewEvent, StoreConfig};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("budget.db");
-        let (writer, _) = DbWriter::open(StoreConfig::new(&path), Box::new(|_| {})).unwrap();
+        let (writer, _) = DbWriter::open(StoreConfig::new(&path), Box::new(|_| Ok(()))).unwrap();
         let key = SubscriptionKey::parse("c:a").unwrap();
         let data = format!("\"{}\"", "x".repeat(998)); // 1,002 bytes with its id
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -757,17 +705,8 @@ mod tests {
         let corrupt =
             |r: Result<Vec<CommittedEvent>, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
         // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
-        let ok = reader
-            .events_after(1, 100, EventFilter::All, 3_000)
-            .unwrap();
-        assert_eq!(ok.len(), 3);
-        assert!(corrupt(reader.events_after(
-            1,
-            100,
-            EventFilter::All,
-            usize::MAX
-        )));
         let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
+        assert_eq!(page.events.len(), 3);
         assert_eq!(page.covered_through, 4);
         let mut seen = 0;
         reader

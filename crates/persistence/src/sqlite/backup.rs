@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::backup::Backup;
 use rusqlite::{Connection, OpenFlags};
 
+use super::schema;
 use crate::error::StoreError;
-use crate::schema;
 
 /// What [`backup`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub fn backup(db: &Path, dest: &Path) -> Result<BackupReport, StoreError> {
         db,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    src.busy_timeout(crate::config::DEFAULT_BUSY_TIMEOUT)?;
+    src.busy_timeout(super::config::DEFAULT_BUSY_TIMEOUT)?;
     schema::require_current_schema(&src)?;
     let partial = partial_path(dest);
     let _ = std::fs::remove_file(&partial);
@@ -133,7 +133,7 @@ pub fn restore(from: &Path, db: &Path) -> Result<RestoreReport, StoreError> {
         let aside = PathBuf::from(format!(
             "{}.before-restore-{}",
             db.display(),
-            schema::now_ms()
+            crate::clock::now_ms()
         ));
         std::fs::rename(db, &aside).map_err(|e| io_error("move the old database aside", &e))?;
         Some(aside)

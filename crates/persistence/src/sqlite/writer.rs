@@ -1,9 +1,9 @@
 //! The single database writer: one thread, one connection, group commit.
 //!
-//! Publishers send [`Command`]s over a bounded queue, each with its own oneshot reply. The
-//! thread takes every command already queued (up to a cap) into one `BEGIN IMMEDIATE`
-//! transaction, commits once, hands the committed events to the [`CommitHook`] in sequence
-//! order, and only then answers each publisher. A failing command is undone alone (the group is
+//! The thread runs the shared writer shell's loop ([`crate::actor`]): every command already
+//! queued (up to a cap) goes into one `BEGIN IMMEDIATE` transaction, committed once; the
+//! committed events go to the [`CommitHook`] in sequence order, and only then is each
+//! publisher answered. A failing command is undone alone (the group is
 //! retried with a SAVEPOINT per command, see `Writer::write_group`). It never waits on a
 //! timer for more work: the group is whatever queued up while the previous commit was syncing.
 //! Between COMMIT and the hook it checks that the database file is still the one at its path
@@ -15,107 +15,39 @@
 //! commands run after the group they arrived with, each in its own short transaction.
 
 use std::collections::HashMap;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, ErrorCode, MAIN_DB, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
 
 use seqcast_protocol::SubscriptionKey;
 
-use crate::checkpoint::{self, Checkpointer};
-use crate::config::{FaultInjector, StoreConfig};
-use crate::error::{StoreError, is_database_condition, sqlite_code, stored_u64};
+use super::checkpoint::{self, Checkpointer};
+use super::config::{FaultInjector, StoreConfig};
+use super::error::{is_database_condition, sqlite_code, stored_u64};
+use super::schema::{self, ConnectionOptions};
+use crate::actor::{AfterGroup, CommandQueue, Outcome, WriterHandle, WriterShared};
+use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
-use crate::schema::{self, ConnectionOptions};
-use crate::store::EventWriter;
+use crate::health::WriterHealth;
+use crate::hook::{self, CommitHook, CommitObserver};
+use crate::store::{BoxFuture, EventWriter};
 
-/// Called on the writer thread after each successful COMMIT with every event of that
-/// transaction in sequence order, before any publisher of the transaction is answered. The
-/// server fans out from here, which keeps live delivery in commit (= number) order. Not called
-/// for a group that committed into a database file removed or replaced meanwhile: that group
-/// is answered [`StoreError::Unavailable`] (see `FileWatch`).
-///
-/// It must not block: the next transaction waits for it. A panic in the hook is caught and
-/// logged; the publishers are still answered (their events are committed).
-pub type CommitHook = Box<dyn FnMut(&[CommittedEvent]) + Send + 'static>;
-
-type AppendReply = oneshot::Sender<Result<Vec<CommittedEvent>, StoreError>>;
-type PruneReply = oneshot::Sender<Result<PruneReport, StoreError>>;
-
-/// What the writer thread is asked to do.
-enum Command {
-    /// Persist `events` as one all-or-nothing unit.
-    Append {
-        events: Vec<NewEvent>,
-        reply: AppendReply,
-    },
-    /// Raise the retention floor and delete a step of events below it, in its own short
-    /// transaction after the group it arrived with.
-    Prune {
-        below: u64,
-        max_events: usize,
-        reply: PruneReply,
-    },
-    /// Try a write that changes nothing (after a failure, to learn whether the condition
-    /// cleared without waiting for a publish); answers with the health afterwards.
-    Probe {
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    /// Finish what is queued, close the database, then answer.
-    Shutdown { reply: oneshot::Sender<()> },
-}
-
-/// Counters of the writer, for metrics and tests.
-#[derive(Debug, Default)]
-struct Counters {
-    /// Append commands pushed into the queue (counted once the push is done, so a sender that
-    /// holds a slot but has not yet pushed is not counted).
-    commands_queued: AtomicU64,
-    commands_received: AtomicU64,
-    transactions_committed: AtomicU64,
-    transactions_failed: AtomicU64,
-    events_committed: AtomicU64,
-}
-
-/// A snapshot of the writer's counters since [`DbWriter::open`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WriterStats {
-    /// Append commands the writer thread has taken off the queue.
-    pub commands_received: u64,
-    /// Transactions committed (each one group; each one hook call).
-    pub transactions_committed: u64,
-    /// Transactions that failed at BEGIN or COMMIT, or were lost to an I/O error (every
-    /// command in them got an error).
-    pub transactions_failed: u64,
-    /// Events committed.
-    pub events_committed: u64,
-}
-
+/// What the SQLite writer keeps beside the shell's counters.
 struct Shared {
-    counters: Counters,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Why the last write transaction (or probe) failed for a reason of the database's —
     /// read-only, full, locked past the busy timeout, I/O, replaced, corrupt; `None` once one
     /// succeeds again. A command rejected on its own does not count.
     health: Mutex<Option<StoreError>>,
-    /// A command's reply was dropped unanswered: the thread died (or is dying) under it.
-    lost: std::sync::atomic::AtomicBool,
     /// Told about every committed group (see [`DbWriter::observe_commits`]).
-    observer: std::sync::OnceLock<CommitObserver>,
+    observer: OnceLock<CommitObserver>,
 }
-
-/// Called on the writer thread after each committed group with the number of new events in it
-/// and how long its transaction took, BEGIN to COMMIT (the fsync included). Must be quick.
-pub type CommitObserver = Box<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("counters", &self.counters)
             .field("observed", &self.observer.get().is_some())
             .finish_non_exhaustive()
     }
@@ -146,15 +78,14 @@ impl Shared {
 /// every handle also stops the thread once the queue is drained, without waiting for it.
 #[derive(Clone)]
 pub struct DbWriter {
-    commands: mpsc::Sender<Command>,
+    handle: WriterHandle,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for DbWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DbWriter")
-            .field("queued_commands", &self.queued_commands())
-            .field("stats", &self.stats())
+            .field("handle", &self.handle)
             .finish_non_exhaustive()
     }
 }
@@ -199,14 +130,11 @@ impl DbWriter {
         }
         let last_timestamp_ms = read_last_timestamp(&conn)?;
 
-        let queue_capacity = config.queue_capacity.max(1);
-        let (commands, receiver) = mpsc::channel(queue_capacity);
+        let (handle, queue) = WriterHandle::new(config.queue_capacity, config.max_group_events);
         let shared = Arc::new(Shared {
-            counters: Counters::default(),
             thread: Mutex::new(None),
             health: Mutex::new(None),
-            lost: std::sync::atomic::AtomicBool::new(false),
-            observer: std::sync::OnceLock::new(),
+            observer: OnceLock::new(),
         });
         let writer = Writer {
             conn: Some(conn),
@@ -214,7 +142,6 @@ impl DbWriter {
             options,
             epoch: info.epoch.clone(),
             group_commit: config.group_commit,
-            max_group_events: config.max_group_events.max(1),
             last_group_commands: 0,
             fault: config.fault,
             hook,
@@ -222,15 +149,16 @@ impl DbWriter {
             stream_ids: StreamIds::default(),
             checkpointer,
             shared: Arc::clone(&shared),
+            writer: Arc::clone(handle.shared()),
             file,
         };
         let thread = std::thread::Builder::new()
             .name("seqcast-db-writer".to_owned())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || writer.run(queue))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         *shared.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
         tracing::info!(epoch = %info.epoch, head = info.head, "database writer started");
-        Ok((DbWriter { commands, shared }, info))
+        Ok((DbWriter { handle, shared }, info))
     }
 
     /// Have `observer` told the size and transaction time of every group committed from now on
@@ -242,14 +170,7 @@ impl DbWriter {
     /// Like [`EventWriter::close`], but blocking, and it also joins the thread. Must not be called
     /// from inside an async runtime (tokio panics); use `close().await` there.
     pub fn shutdown(&self) {
-        let (reply, done) = oneshot::channel();
-        if self
-            .commands
-            .blocking_send(Command::Shutdown { reply })
-            .is_ok()
-        {
-            let _ = done.blocking_recv();
-        }
+        self.handle.blocking_close();
         let thread = self
             .shared
             .thread
@@ -263,117 +184,60 @@ impl DbWriter {
         }
     }
 
-    /// False once the writer thread has stopped (shut down, or died): appends can only fail.
-    pub fn is_running(&self) -> bool {
-        if self.commands.is_closed() || self.shared.lost.load(Ordering::Acquire) {
-            return false;
-        }
+    /// The writer thread has ended (shut down, or died).
+    fn thread_finished(&self) -> bool {
         self.shared
             .thread
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_none_or(|t| !t.is_finished())
-    }
-
-    /// Why the last write transaction failed, when the database itself was the reason
-    /// (read-only, full, locked past the busy timeout, I/O error, file replaced, corrupt);
-    /// `None` when the last one committed. See [`DbWriter::probe`] to learn whether a
-    /// condition cleared without waiting for the next publish.
-    pub fn health(&self) -> Option<StoreError> {
-        self.shared
-            .health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Tries a write that changes nothing, in the writer's queue like any command (reopening
-    /// the connection first when an earlier error asked for it), and records the result in
-    /// [`DbWriter::health`]. Costs one small transaction with its fsync: call it while
-    /// unhealthy, not on every health check.
-    pub async fn probe(&self) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Probe { reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Commands waiting in the queue (pushed, not yet taken by the writer thread).
-    ///
-    /// Counted from completed pushes rather than from the channel's free slots: a sender can
-    /// hold a slot before its push lands, and counting that one would let a caller believe a
-    /// command is queued (and queue the next one) before it really is.
-    pub fn queued_commands(&self) -> usize {
-        let c = &self.shared.counters;
-        let received = c.commands_received.load(Ordering::Acquire);
-        let queued = c.commands_queued.load(Ordering::Acquire);
-        usize::try_from(queued.saturating_sub(received)).unwrap_or(usize::MAX)
+            .is_some_and(JoinHandle::is_finished)
     }
 }
 
 impl EventWriter for DbWriter {
-    // Waits while the bounded queue is full: that is the back-pressure on publishers.
-    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<CommittedEvent>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Append { events, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        self.shared
-            .counters
-            .commands_queued
-            .fetch_add(1, Ordering::Release);
-        answer.await.map_err(|_| {
-            // Only a thread that died drops a reply unanswered (shutdown drains the queue).
-            self.shared.lost.store(true, Ordering::Release);
-            StoreError::Closed
-        })?
+    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Outcome> {
+        Box::pin(self.handle.append(events))
     }
 
-    async fn close(&self) {
-        let (reply, done) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Shutdown { reply })
-            .await
-            .is_ok()
-        {
-            // An error means the thread is already gone, which is what we want.
-            let _ = done.await;
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.handle.close())
+    }
+
+    /// `unwritable`: why the last write transaction failed, when the database itself was the
+    /// reason (read-only, full, locked past the busy timeout, I/O error, file replaced,
+    /// corrupt); `None` when the last one committed.
+    fn health(&self) -> WriterHealth {
+        let stopped = self.handle.stopped().or_else(|| {
+            self.thread_finished()
+                .then(|| "the database writer has stopped".to_owned())
+        });
+        WriterHealth {
+            stopped,
+            unwritable: self
+                .shared
+                .health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(ToString::to_string),
+            stats: self.handle.shared().stats(),
+            queued_commands: Some(self.handle.queued_commands()),
+            tail: None,
         }
     }
 
-    fn is_closed(&self) -> bool {
-        self.commands.is_closed()
+    /// In the writer's queue like any command.
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.handle.probe())
     }
 
-    async fn prune(&self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Prune {
-                below,
-                max_events,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
-    }
-
-    fn stats(&self) -> WriterStats {
-        let c = &self.shared.counters;
-        WriterStats {
-            commands_received: c.commands_received.load(Ordering::Relaxed),
-            transactions_committed: c.transactions_committed.load(Ordering::Relaxed),
-            transactions_failed: c.transactions_failed.load(Ordering::Relaxed),
-            events_committed: c.events_committed.load(Ordering::Relaxed),
-        }
+    fn prune(
+        &self,
+        below: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
+        Box::pin(self.handle.prune(below, max_events))
     }
 }
 
@@ -536,22 +400,6 @@ fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-/// A queued append taken into the current group.
-struct PendingAppend {
-    events: Vec<NewEvent>,
-    reply: AppendReply,
-}
-
-/// A command run after the group it arrived with, in its own transaction.
-enum AfterGroup {
-    Prune {
-        below: u64,
-        max_events: usize,
-        reply: PruneReply,
-    },
-    Probe(oneshot::Sender<Result<(), StoreError>>),
-}
-
 /// State owned by the writer thread.
 struct Writer {
     /// `None` after an error that calls for a fresh connection (read-only, cannot open, I/O);
@@ -562,7 +410,6 @@ struct Writer {
     /// The store's epoch at open: a reopened file must be the same store.
     epoch: String,
     group_commit: bool,
-    max_group_events: usize,
     /// Commands in the last group: more than one means publishers are queueing concurrently.
     last_group_commands: usize,
     fault: Option<FaultInjector>,
@@ -571,20 +418,15 @@ struct Writer {
     stream_ids: StreamIds,
     checkpointer: Option<Checkpointer>,
     shared: Arc<Shared>,
+    /// The shell's counters and stop state.
+    writer: Arc<WriterShared>,
     /// The database file as opened, and whether it is still the one at `path`.
     file: FileWatch,
 }
 
-/// How one group transaction ended for each of its commands.
-type Outcome = Result<Vec<CommittedEvent>, StoreError>;
-
 impl Writer {
-    fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
-        let mut shutdown_replies = Vec::new();
-        while let Some(first) = receiver.blocking_recv() {
-            let mut group = Vec::new();
-            let mut group_events = 0;
-            let mut after = Vec::new();
+    fn run(mut self, mut queue: CommandQueue) {
+        while let Some(first) = queue.blocking_recv() {
             if self
                 .fault
                 .as_ref()
@@ -593,42 +435,26 @@ impl Writer {
                 // Test fault: die as a bug would, with commands in the queue.
                 panic!("injected writer death (test fault)");
             }
-            self.take(
-                first,
-                &mut group,
-                &mut group_events,
-                &mut after,
-                &mut shutdown_replies,
-                &mut receiver,
-            );
-            // Group commit: whatever is already queued joins this transaction; never wait.
-            // One yield first when publishers are concurrent (the last group had several):
-            // where their threads share this CPU, the command that woke the writer preempted
-            // them as they were queueing more, and letting them finish turns a group of one
-            // into a group of many. With a CPU to spare it returns at once; a lone publisher
-            // (groups of one) skips it, as it would only switch to a thread about to sleep.
-            if self.group_commit && self.last_group_commands > 1 && receiver.is_empty() {
-                std::thread::yield_now();
-            }
-            while self.group_commit && group_events < self.max_group_events {
-                match receiver.try_recv() {
-                    Ok(command) => self.take(
-                        command,
-                        &mut group,
-                        &mut group_events,
-                        &mut after,
-                        &mut shutdown_replies,
-                        &mut receiver,
-                    ),
-                    Err(_) => break,
+            let mut group = queue.group(first);
+            if self.group_commit {
+                // Group commit: whatever is already queued joins this transaction; never wait.
+                // One yield first when publishers are concurrent (the last group had several):
+                // where their threads share this CPU, the command that woke the writer preempted
+                // them as they were queueing more, and letting them finish turns a group of one
+                // into a group of many. With a CPU to spare it returns at once; a lone publisher
+                // (groups of one) skips it, as it would only switch to a thread about to sleep.
+                if self.last_group_commands > 1 && queue.is_empty() {
+                    std::thread::yield_now();
                 }
+                queue.fill(&mut group);
             }
-            self.last_group_commands = group.len();
-            if !group.is_empty() {
-                self.commit_group(group);
+            self.last_group_commands = group.appends.len();
+            if !group.appends.is_empty() {
+                let outcomes = self.write_group(group.appends);
+                group.replies.answer(outcomes);
             }
             // Between groups: each prune step (and probe) is its own short transaction.
-            for command in after {
+            for command in group.after {
                 match command {
                     AfterGroup::Prune {
                         below,
@@ -654,60 +480,7 @@ impl Writer {
             tracing::warn!(error = %err, "closing the database failed");
         }
         tracing::info!("database writer stopped");
-        for reply in shutdown_replies {
-            let _ = reply.send(());
-        }
-    }
-
-    fn take(
-        &self,
-        command: Command,
-        group: &mut Vec<PendingAppend>,
-        group_events: &mut usize,
-        after: &mut Vec<AfterGroup>,
-        shutdown_replies: &mut Vec<oneshot::Sender<()>>,
-        receiver: &mut mpsc::Receiver<Command>,
-    ) {
-        match command {
-            Command::Append { events, reply } => {
-                self.shared
-                    .counters
-                    .commands_received
-                    .fetch_add(1, Ordering::Relaxed);
-                if events.is_empty() {
-                    let _ = reply.send(Ok(Vec::new()));
-                    return;
-                }
-                *group_events += events.len();
-                group.push(PendingAppend { events, reply });
-            }
-            Command::Prune {
-                below,
-                max_events,
-                reply,
-            } => after.push(AfterGroup::Prune {
-                below,
-                max_events,
-                reply,
-            }),
-            Command::Probe { reply } => after.push(AfterGroup::Probe(reply)),
-            Command::Shutdown { reply } => {
-                // No new commands; the ones already queued are still drained and written.
-                receiver.close();
-                shutdown_replies.push(reply);
-            }
-        }
-    }
-
-    /// Writes one group and answers its publishers (after the hook).
-    fn commit_group(&mut self, group: Vec<PendingAppend>) {
-        let (commands, replies): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|p| (p.events, p.reply)).unzip();
-        let outcomes = self.write_group(commands);
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            // A publisher that stopped waiting is not an error: its write stands.
-            let _ = reply.send(outcome);
-        }
+        queue.finish();
     }
 
     /// Writes `commands` in one transaction; one outcome per command, in order. Calls the hook
@@ -731,7 +504,7 @@ impl Writer {
         };
         // One clock reading per transaction, never behind the previous one, so timestamps
         // follow the log order and the recovery window is a suffix of it.
-        let timestamp_ms = schema::now_ms().max(self.last_timestamp_ms);
+        let timestamp_ms = crate::clock::now_ms().max(self.last_timestamp_ms);
         let fault = self.fault.as_ref();
         let mut own_errors: Vec<Option<StoreError>> = vec![None; count];
         let started = std::time::Instant::now();
@@ -859,23 +632,20 @@ impl Writer {
         if let Some(fault) = &self.fault {
             fault.committed();
         }
-        let counters = &self.shared.counters;
-        counters
-            .transactions_committed
-            .fetch_add(1, Ordering::Relaxed);
-        counters
-            .events_committed
-            .fetch_add(new_events.len() as u64, Ordering::Relaxed);
+        self.writer.count_commit(new_events.len());
         if let Some(observe) = self.shared.observer.get() {
             observe(new_events.len(), started.elapsed());
         }
 
-        let hook = &mut self.hook;
-        if !new_events.is_empty() && catch_unwind(AssertUnwindSafe(|| hook(new_events))).is_err() {
-            tracing::error!(
-                events = new_events.len(),
-                "commit hook panicked; events are committed but fan-out may have missed them"
-            );
+        if !new_events.is_empty()
+            && let Err(failure) = hook::deliver(&mut self.hook, new_events)
+        {
+            // Committed but not delivered: nobody is acknowledged, and nothing more is taken.
+            let error = self.writer.stop(&failure, new_events.len());
+            return own_errors
+                .into_iter()
+                .map(|own| Err(own.unwrap_or_else(|| error.clone())))
+                .collect();
         }
 
         // Hand each command its own events, moving them out of the one committed list.
@@ -981,10 +751,7 @@ impl Writer {
     }
 
     fn count_failed(&self) {
-        self.shared
-            .counters
-            .transactions_failed
-            .fetch_add(1, Ordering::Relaxed);
+        self.writer.count_failed();
     }
 }
 
@@ -1294,7 +1061,7 @@ fn prune_step(conn: &Connection, below: u64, max_events: usize) -> Result<PruneR
         conn.prepare_cached("UPDATE store_meta SET value = ?1 WHERE key = 'retention_floor'")?
             .execute(params![floor.to_string()])?;
     }
-    let floor_i = crate::error::sql_int(floor);
+    let floor_i = super::error::sql_int(floor);
     // The newest event this step deletes: the `max_events`-th oldest below the floor.
     let step_end: Option<i64> = if max_events == 0 {
         None
@@ -1304,7 +1071,7 @@ fn prune_step(conn: &Connection, below: u64, max_events: usize) -> Result<PruneR
              WHERE sequence_number < ?1 ORDER BY sequence_number LIMIT ?2)",
         )?
         .query_row(
-            params![floor_i, crate::error::sql_limit(max_events)],
+            params![floor_i, super::error::sql_limit(max_events)],
             |row| row.get(0),
         )?
     };

@@ -1,12 +1,14 @@
 //! Connections, PRAGMAs and the embedded migrations.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use crate::config::{DEFAULT_BUSY_TIMEOUT, Synchronous};
-use crate::error::{StoreError, stored_u64};
+use super::config::{DEFAULT_BUSY_TIMEOUT, Synchronous};
+use super::error::stored_u64;
+use crate::error::StoreError;
+use crate::maintenance::{AppliedMigration, MigrationReport};
 
 /// One schema change, applied once, in version order, inside its own transaction.
 #[derive(Debug, Clone, Copy)]
@@ -22,50 +24,32 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "initial",
-        sql: include_str!("../migrations/0001_initial.sql"),
+        sql: include_str!("../../migrations/0001_initial.sql"),
     },
     Migration {
         version: 2,
         name: "stream_rows_by_position",
-        sql: include_str!("../migrations/0002_stream_rows_by_position.sql"),
+        sql: include_str!("../../migrations/0002_stream_rows_by_position.sql"),
     },
     Migration {
         version: 3,
         name: "log_retention",
-        sql: include_str!("../migrations/0003_log_retention.sql"),
+        sql: include_str!("../../migrations/0003_log_retention.sql"),
     },
     Migration {
         version: 4,
         name: "event_positions",
-        sql: include_str!("../migrations/0004_event_positions.sql"),
+        sql: include_str!("../../migrations/0004_event_positions.sql"),
     },
     Migration {
         version: 5,
         name: "pruned_positions",
-        sql: include_str!("../migrations/0005_pruned_positions.sql"),
+        sql: include_str!("../../migrations/0005_pruned_positions.sql"),
     },
 ];
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 5;
-
-/// One migration that [`migrate`] applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedMigration {
-    /// Its version number (1, 2, …).
-    pub version: u32,
-    /// Its short name, e.g. `"initial"`.
-    pub name: &'static str,
-}
-
-/// What [`migrate`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationReport {
-    /// The migrations applied by this call, in order; empty when the schema was current.
-    pub applied: Vec<AppliedMigration>,
-    /// The schema version after the call.
-    pub schema_version: u32,
-}
 
 /// Options for one connection.
 #[derive(Debug, Clone, Copy)]
@@ -272,16 +256,8 @@ pub(crate) fn read_epoch(conn: &Connection) -> Result<String, StoreError> {
     .ok_or_else(|| StoreError::Corrupt("store_meta has no epoch".to_owned()))
 }
 
-/// Milliseconds since the Unix epoch by the system clock (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn now_ms_i64() -> i64 {
-    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// Creates the database at `path` if needed and applies every pending migration; safe to run
