@@ -411,6 +411,79 @@ async fn a_database_outage_is_503_then_recovers_without_a_restart() {
     assert_eq!((down, up), (1, 1), "{:#?}", a.raw_logs());
 }
 
+/// A publish is acknowledged only once its node has applied it. A node whose tail cannot apply
+/// the log (here: an event whose stream name was broken behind seqcast's back stops every tail
+/// before it) answers its publishes 503 `unavailable` — committed, not acknowledged — instead
+/// of 200 after a timeout; once the row is repaired the tail goes on, and a retry with the same
+/// message_id is answered with the number committed the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_its_node_has_not_applied_is_503_not_acknowledged() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    let mut options = db.node_options();
+    options
+        .args
+        .extend(["--pg-statement-timeout-ms".to_owned(), "1000".to_owned()]);
+    let a = TestServer::start_with(options).await;
+    assert_eq!(seq(&a.publish("chat", "r", json!(1)).await), 1);
+
+    let app = db.connect().await;
+    app.batch_execute(
+        "SELECT * FROM seqcast.append_events(ARRAY['hole'], ARRAY['x'], ARRAY['m-hole'], ARRAY['2']); \
+         UPDATE seqcast.streams SET channel = 'not a channel' WHERE channel = 'hole'",
+    )
+    .await
+    .unwrap();
+    let body = json!({"channel": "chat", "request_id": "r", "message_id": "m3", "data": 3});
+    let started = std::time::Instant::now();
+    let (status, answer) = a.publish_raw(&body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has not applied")),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    app.batch_execute(
+        "UPDATE seqcast.streams SET channel = 'hole' WHERE channel = 'not a channel'",
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let retried = loop {
+        let (status, answer) = a.publish_raw(&body).await;
+        if status == 200 {
+            break answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never applied the repaired log: {status} {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        seq(&retried),
+        3,
+        "the retry is answered with the committed number"
+    );
+    let mut c = a.client(&token("u", None)).await;
+    c.send(json!({"type": "subscribe", "channel": "chat", "request_id": "r", "since": 0}))
+        .await;
+    let got = messages(&mut c, 2).await;
+    assert_eq!(
+        got.iter().map(|m| m.sequence_number).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+}
+
 /// `--storage postgres` refuses to start without an explicit JWT secret.
 #[tokio::test]
 async fn postgres_storage_needs_an_explicit_jwt_secret() {

@@ -3,8 +3,9 @@
 
 /// Why a store operation failed.
 ///
-/// The variants are sorted by what the caller should do, not by what SQLite said: the server
-/// maps `Unavailable` to HTTP 503, and the others to the status that fits its request.
+/// The variants are sorted by what the caller should do, not by what the database said: the
+/// server maps `Unavailable`, `Closed` and `Stopped` to HTTP 503, and the others to the status
+/// that fits its request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot take writes (or reads) right now: read-only file, disk full,

@@ -91,7 +91,7 @@ pub struct StoreInfo {
     pub head: u64,
 }
 
-/// Which events [`crate::EventReader::events_after`] and [`crate::EventReader::page`] return.
+/// Which events [`crate::EventReader::page`] returns.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum EventFilter {
     /// Every event.

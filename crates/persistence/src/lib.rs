@@ -1,12 +1,18 @@
-//! seqcast persistence: the single database writer and the readers of the SQLite store.
+//! seqcast persistence: the stores behind one interface — SQLite (the default), memory and
+//! PostgreSQL — with their database writers and readers.
 //!
 //! Job: persist published messages and hand back the numbers the database gave them.
-//! [`DbWriter`] owns the only write connection on a dedicated thread (`seqcast-db-writer`);
-//! publishers send it commands over a bounded queue and each waits on its own oneshot reply.
-//! The thread groups every queued command into one transaction (group commit), calls the
-//! [`CommitHook`] with the committed events in sequence order, and only then answers — so the
-//! server broadcasts only what is durable (persist-first), in number order. [`DbReader`] reads
-//! on its own WAL connections; [`migrate`] and [`repair_sequences`] are the `seqcast db` tools.
+//! [`EventWriter`] and [`EventReader`] are the interface; both are `dyn`-compatible, so a caller
+//! holds whichever backend it opened as `Arc<dyn EventWriter>` / `Arc<dyn EventReader>`.
+//! [`DbWriter`] owns SQLite's only write connection on a dedicated thread
+//! (`seqcast-db-writer`), [`PgWriter`] a node's PostgreSQL connection on a task; both run the
+//! same writer actor (`actor.rs`): publishers send commands over a bounded queue, each waits on
+//! its own oneshot reply, every queued command goes into one transaction (group commit), and
+//! the answers go out in order. Each backend calls its [`CommitHook`] with the committed events
+//! in sequence order and only then answers — so the server broadcasts only what is durable
+//! (persist-first), in number order; a hook that fails stops the writer (see [`HookError`]).
+//! [`EventWriter::health`] is the writer's one health report. [`DbReader`] reads on its own
+//! WAL connections; [`migrate`] and [`repair_sequences`] are the `seqcast db` tools.
 //! [`MemoryStore`] is the in-memory backend (`--storage memory`) with the same contract, and
 //! [`PgStore`] the PostgreSQL one (`--storage postgres`: several nodes, one sequence space; its
 //! ordered tail, not its writer, calls the hook — see the `postgres` module).
@@ -44,7 +50,7 @@ mod postgres;
 mod sqlite;
 mod store;
 
-pub use actor::{DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY};
+// The interface every backend implements, and the types it speaks in.
 pub use error::StoreError;
 pub use event::{
     CommittedEvent, EventFilter, EventRef, LogPage, NewEvent, PageBounds, PruneReport, StoreInfo,
@@ -52,7 +58,10 @@ pub use event::{
 };
 pub use health::{TailHealth, WriterHealth, WriterStats};
 pub use hook::{CommitHook, CommitObserver, HookError};
-pub use maintenance::{AppliedMigration, MigrationReport, RepairReport};
+pub use store::{BoxFuture, EventReader, EventWriter};
+
+// The backends: SQLite (the default), memory, PostgreSQL.
+pub use actor::{DEFAULT_MAX_GROUP_EVENTS, DEFAULT_QUEUE_CAPACITY};
 pub use memory::{MemoryReader, MemoryStore, MemoryWriter};
 pub use postgres::{
     DEFAULT_PG_POOL_SIZE, DEFAULT_PG_STATEMENT_TIMEOUT, PG_SCHEMA_VERSION, PgConfig, PgReader,
@@ -63,4 +72,6 @@ pub use sqlite::{
     ParseSynchronousError, RestoreReport, SCHEMA_VERSION, StoreConfig, Synchronous, backup,
     migrate, repair_sequences, restore,
 };
-pub use store::{BoxFuture, EventReader, EventWriter};
+
+// What the `seqcast db` tools report, for both databases.
+pub use maintenance::{AppliedMigration, MigrationReport, RepairReport};

@@ -358,7 +358,7 @@ impl MemoryWriter {
         // All or nothing: everything that can refuse an event is checked before anything is
         // applied (SQLite's `CHECK (json_valid(data))`).
         for event in &events {
-            if serde_json::from_str::<serde::de::IgnoredAny>(&event.data).is_err() {
+            if serde_json::from_str::<&serde_json::value::RawValue>(&event.data).is_err() {
                 return Err(StoreError::Rejected(format!(
                     "data of message {} is not JSON",
                     event.message_id

@@ -4,9 +4,11 @@
 //! [`crate::MemoryStore`] the in-memory one (`--storage memory`) and [`crate::PgStore`] the
 //! PostgreSQL one (`--storage postgres`). Each implements these two traits with the same
 //! contract, has its own constructor, and runs the same contract tests (`tests/contract.rs`);
-//! the server picks a backend at start and never looks behind the traits. (On PostgreSQL the
-//! commit hook is called by the node's ordered tail of the log, so it also sees other nodes'
-//! commits; a caller is answered once the hook has seen its events, as everywhere.)
+//! the server picks a backend at start and from then on holds it as `Arc<dyn EventWriter>` and
+//! `Arc<dyn EventReader>`, never looking behind the traits (the writer's futures are boxed for
+//! that: [`BoxFuture`]). (On PostgreSQL the commit hook is called by the node's ordered tail of
+//! the log, so it also sees other nodes' commits; a caller is answered once the hook has seen
+//! its events, as everywhere, and with an error when that does not happen in time.)
 //!
 //! The committed log is the truth; the server's memory is only a cache of its recent tail.
 //! Subscribers catch up from the log with [`EventReader::page`], backlogs are views of it

@@ -1272,3 +1272,35 @@ macro_rules! contract_tests {
 contract_tests!(sqlite, Sqlite::new());
 contract_tests!(memory, Memory);
 contract_tests!(postgres, optional Postgres::new());
+
+/// PostgreSQL answers a publisher only once the publishing node's tail has applied the event
+/// (its hub has it): a node whose tail does not apply it in time (here: never started) answers
+/// `Unavailable` — committed, not acknowledged — instead of acknowledging after the timeout;
+/// once the tail runs, a retry with the same message id gets the committed number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_acknowledges_only_what_its_node_applied() {
+    let Some(db) = Postgres::new() else { return };
+    let seen = Seen::default();
+    let mut config = PgConfig::new(&db.url);
+    config.statement_timeout = Duration::from_secs(1);
+    let (writer, reader, info) = PgStore::open_paused(config, seen.hook()).unwrap();
+    let started = std::time::Instant::now();
+    let answer = writer.append(vec![event("c:a", "m1", "1")]).await;
+    let Err(StoreError::Unavailable(why)) = &answer else {
+        panic!("acknowledged before this node applied it: {answer:?}");
+    };
+    assert!(why.contains("has not applied"), "{why}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(reader.head().unwrap(), 1, "committed all the same");
+    assert!(seen.numbers().is_empty());
+
+    writer.start_delivery(info.head);
+    let retried = writer.append(vec![event("c:a", "m1", "1")]).await.unwrap();
+    assert_eq!(retried[0].sequence_number, 1);
+    assert_eq!(seen.numbers(), vec![1]);
+    writer.close().await;
+}

@@ -9,7 +9,7 @@ use super::schema::{self, ConnectionOptions};
 use crate::error::StoreError;
 use crate::maintenance::{Renumbering, RepairReport};
 
-/// Repairs stream positions (see [`Renumbering`] for the rule) in one transaction. Fixes
+/// Repairs stream positions (see `Renumbering` in `maintenance.rs` for the rule) in one transaction. Fixes
 /// databases written by a buggy version, e.g. seed 004's 82 of 86 rows at position 0. Changes
 /// nothing on a healthy database — pruned or not — and is idempotent.
 ///
