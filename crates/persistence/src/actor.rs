@@ -9,17 +9,19 @@
 //! it ([`AfterGroup`]). A shutdown closes the queue; what was queued before it is still
 //! written, and the shutdown is answered once the backend has closed its database
 //! ([`CommandQueue::finish`]). Once the commit hook failed ([`WriterShared::stop`]), every
-//! append still queued or sent later is answered [`StoreError::Stopped`], by the shell.
+//! append still queued and every command sent later is answered [`StoreError::Stopped`], by the
+//! shell.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport};
-use crate::health::WriterStats;
+use crate::health::{TailHealth, WriterHealth, WriterStats};
 use crate::hook::{self, HookError};
+use crate::store::{BoxFuture, EventWriter};
 
 /// Default bound of the writer's command queue.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
@@ -28,6 +30,68 @@ pub const DEFAULT_MAX_GROUP_EVENTS: usize = 4096;
 
 /// How one append ended.
 pub(crate) type Outcome = Result<Vec<CommittedEvent>, StoreError>;
+
+/// A backend whose writer runs on this shell: its handle, and what only the backend knows about
+/// its health. The shell implements [`EventWriter`] for it.
+pub(crate) trait ActorWriter: std::fmt::Debug + Send + Sync + 'static {
+    /// The handle every clone of the writer feeds.
+    fn handle(&self) -> &WriterHandle;
+
+    /// Why the writer stopped, beyond what the shell sees (SQLite: its thread ended).
+    fn stopped(&self) -> Option<String> {
+        None
+    }
+
+    /// Why writes fail right now for a reason of the database's ([`WriterHealth::unwritable`]).
+    fn unwritable(&self) -> Option<String>;
+
+    /// PostgreSQL: the node's tail.
+    fn tail(&self) -> Option<TailHealth> {
+        None
+    }
+}
+
+impl<W: ActorWriter> EventWriter for W {
+    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Outcome> {
+        Box::pin(self.handle().append(events))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.handle().close())
+    }
+
+    fn health(&self) -> WriterHealth {
+        let handle = self.handle();
+        WriterHealth {
+            stopped: handle.stopped().or_else(|| ActorWriter::stopped(self)),
+            unwritable: self.unwritable(),
+            stats: handle.shared.stats(),
+            queued_commands: Some(handle.queued_commands()),
+            tail: self.tail(),
+        }
+    }
+
+    /// In the writer's queue like any command.
+    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.handle().probe())
+    }
+
+    fn prune(
+        &self,
+        below: u64,
+        max_events: usize,
+    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
+        Box::pin(self.handle().prune(below, max_events))
+    }
+}
+
+/// One outcome per append of a group that failed as a whole: the append's own error where it had
+/// one, else `cause`.
+pub(crate) fn failed(own: Vec<Option<StoreError>>, cause: &StoreError) -> Vec<Outcome> {
+    own.into_iter()
+        .map(|own| Err(own.unwrap_or_else(|| cause.clone())))
+        .collect()
+}
 
 /// What the writer is asked to do.
 pub(crate) enum Command {
@@ -64,7 +128,7 @@ pub(crate) struct WriterShared {
     /// A reply was dropped unanswered: the loop died (or is dying) under it.
     lost: AtomicBool,
     /// Set when the commit hook failed: the writer takes no more writes.
-    stopped: Mutex<Option<StoreError>>,
+    stopped: OnceLock<StoreError>,
 }
 
 impl WriterShared {
@@ -83,17 +147,12 @@ impl WriterShared {
     /// returned error (which the caller also answers the group's publishers with).
     pub(crate) fn stop(&self, failure: &HookError, events: usize) -> StoreError {
         hook::log_failure(failure, events);
-        let error = hook::stopped(failure);
-        let mut stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
-        stopped.get_or_insert(error).clone()
+        self.stopped.get_or_init(|| hook::stopped(failure)).clone()
     }
 
-    /// The error every append gets once the hook failed.
+    /// The error every command gets once the hook failed.
     pub(crate) fn stopped(&self) -> Option<StoreError> {
-        self.stopped
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.stopped.get().cloned()
     }
 
     pub(crate) fn stats(&self) -> WriterStats {
@@ -158,22 +217,29 @@ impl WriterHandle {
         below: u64,
         max_events: usize,
     ) -> Result<PruneReport, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Prune {
-                below,
-                max_events,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.request(|reply| Command::Prune {
+            below,
+            max_events,
+            reply,
+        })
+        .await
     }
 
     pub(crate) async fn probe(&self) -> Result<(), StoreError> {
+        self.request(|reply| Command::Probe { reply }).await
+    }
+
+    /// Sends the command `make` builds around a reply, unless the writer stopped, and waits.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        if let Some(stopped) = self.shared.stopped() {
+            return Err(stopped);
+        }
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Probe { reply })
+            .send(make(reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -272,12 +338,21 @@ impl Replies {
 
 /// A command run after the group it arrived with, each in its own transaction.
 pub(crate) enum AfterGroup {
-    Prune {
-        below: u64,
-        max_events: usize,
-        reply: oneshot::Sender<Result<PruneReport, StoreError>>,
-    },
+    Prune(PruneStep),
     Probe(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A prune step asked for: raise the floor to `below`, delete up to `max_events`.
+pub(crate) struct PruneStep {
+    pub(crate) below: u64,
+    pub(crate) max_events: usize,
+    reply: oneshot::Sender<Result<PruneReport, StoreError>>,
+}
+
+impl PruneStep {
+    pub(crate) fn answer(self, result: Result<PruneReport, StoreError>) {
+        let _ = self.reply.send(result);
+    }
 }
 
 impl CommandQueue {
@@ -333,26 +408,17 @@ impl CommandQueue {
                     group.replies.0.push(reply);
                 }
             }
+            // Refused at the handle once the writer stopped; one queued before still runs.
             Command::Prune {
                 below,
                 max_events,
                 reply,
-            } => match self.shared.stopped() {
-                Some(stopped) => {
-                    let _ = reply.send(Err(stopped));
-                }
-                None => group.after.push(AfterGroup::Prune {
-                    below,
-                    max_events,
-                    reply,
-                }),
-            },
-            Command::Probe { reply } => match self.shared.stopped() {
-                Some(stopped) => {
-                    let _ = reply.send(Err(stopped));
-                }
-                None => group.after.push(AfterGroup::Probe(reply)),
-            },
+            } => group.after.push(AfterGroup::Prune(PruneStep {
+                below,
+                max_events,
+                reply,
+            })),
+            Command::Probe { reply } => group.after.push(AfterGroup::Probe(reply)),
             Command::Shutdown { reply } => {
                 // No new commands; the ones already queued are still drained and written.
                 self.receiver.close();

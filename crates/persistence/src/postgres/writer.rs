@@ -33,13 +33,13 @@ use super::schema;
 use super::tail::Tail;
 use super::{NoticeSink, PgConfig, PgRuntime, connect_observed, pg_error, pg_int, pg_u64, within};
 use crate::actor::{
-    AfterGroup, Command, CommandQueue, Outcome, Replies, WriterHandle, WriterShared,
+    ActorWriter, AfterGroup, Command, CommandQueue, Replies, WriterHandle, WriterShared, failed,
 };
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
-use crate::health::{TailHealth, WriterHealth};
+use crate::health::TailHealth;
 use crate::hook::CommitHook;
-use crate::store::{BoxFuture, EventWriter};
+use crate::store::EventWriter;
 
 /// See [`PgWriter::on_new_history`]: `(epoch, head, retention floor)` of the new history.
 pub type NewHistoryHook = Box<dyn FnMut(&str, u64, u64) + Send>;
@@ -77,6 +77,21 @@ pub(crate) struct Shared {
     stop: watch::Sender<bool>,
     /// The tail, until delivery starts.
     pending_tail: Mutex<Option<Tail>>,
+}
+
+impl Shared {
+    /// Why the writer's last statement or probe failed, while it does.
+    fn write_error(&self) -> Option<String> {
+        if self.available.load(Ordering::Acquire) {
+            return None;
+        }
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Some(last.unwrap_or_else(|| "the database cannot take writes".to_owned()))
+    }
 }
 
 /// Handle to a node's writer. Cheap to clone.
@@ -266,74 +281,54 @@ impl PgWriter {
     }
 }
 
-impl EventWriter for PgWriter {
-    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Outcome> {
-        Box::pin(self.handle.append(events))
+impl ActorWriter for PgWriter {
+    fn handle(&self) -> &WriterHandle {
+        &self.handle
     }
 
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.handle.close())
-    }
-
-    /// `unwritable` while the writer's last statement or probe failed (or was not confirmed by
-    /// a synchronous standby where one is configured), or this node's tail cannot apply the
-    /// log or has not read it within `tail_stale_after` (a publish is answered once the tail
-    /// has applied it, and live delivery depends on it). The writer probes on its own, once a
-    /// second, so [`EventWriter::probe`] answers from this.
-    fn health(&self) -> WriterHealth {
+    /// While the writer's last statement or probe failed (or was not confirmed by a synchronous
+    /// standby where one is configured), or this node's tail cannot apply the log or has not
+    /// read it within `tail_stale_after` (a publish is answered once the tail has applied it,
+    /// and live delivery depends on it). The writer probes on its own, once a second; a probe
+    /// asked for is answered with its last result.
+    fn unwritable(&self) -> Option<String> {
         let s = &self.shared;
+        let tail_fault = s
+            .tail_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let since_tail_read = s
             .last_tail_read
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .map(|t| t.elapsed());
-        let mut writable = s.available.load(Ordering::Acquire);
-        let mut last_error = s
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(fault) = s
-            .tail_fault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            writable = false;
-            last_error = Some(fault);
-        } else if let Some(age) = since_tail_read.filter(|age| *age > s.tail_stale_after) {
-            writable = false;
-            if last_error.is_none() {
-                last_error = Some(format!(
-                    "this node's tail has not read the log for {} ms (its database connection \
-                     is lost or hangs): live delivery is stalled",
-                    age.as_millis()
-                ));
-            }
-        }
-        WriterHealth {
-            stopped: self.handle.stopped(),
-            unwritable: (!writable).then(|| {
-                last_error.unwrap_or_else(|| "the database cannot take writes".to_owned())
-            }),
-            stats: s.writer.stats(),
-            queued_commands: Some(self.handle.queued_commands()),
-            tail: Some(TailHealth {
-                applied: *s.applied.borrow(),
-                seen_head: s.seen_head.load(Ordering::Acquire),
-                connected: s.tail_connected.load(Ordering::Acquire),
-                since_read_ms: since_tail_read
-                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            }),
-        }
+        tail_fault.or_else(|| s.write_error()).or_else(|| {
+            since_tail_read
+                .filter(|age| *age > s.tail_stale_after)
+                .map(|age| {
+                    format!(
+                        "this node's tail has not read the log for {} ms (its database \
+                         connection is lost or hangs): live delivery is stalled",
+                        age.as_millis()
+                    )
+                })
+        })
     }
 
-    fn prune(
-        &self,
-        below: u64,
-        max_events: usize,
-    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
-        Box::pin(self.handle.prune(below, max_events))
+    fn tail(&self) -> Option<TailHealth> {
+        let s = &self.shared;
+        let since_read = s
+            .last_tail_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX));
+        Some(TailHealth {
+            applied: *s.applied.borrow(),
+            seen_head: s.seen_head.load(Ordering::Acquire),
+            connected: s.tail_connected.load(Ordering::Acquire),
+            since_read_ms: since_read,
+        })
     }
 }
 
@@ -484,31 +479,15 @@ impl WriterTask {
             }
             for command in group.after {
                 match command {
-                    AfterGroup::Prune {
-                        below,
-                        max_events,
-                        reply,
-                    } => {
-                        let result = self.prune(below, max_events).await;
-                        let _ = reply.send(result);
+                    AfterGroup::Prune(step) => {
+                        let pruned = self.prune(step.below, step.max_events).await;
+                        step.answer(pruned);
                     }
                     // The sweep probes once a second; a probe is answered with its last result.
                     AfterGroup::Probe(reply) => {
-                        let available = self.shared.available.load(Ordering::Acquire);
-                        let why = self
-                            .shared
-                            .last_error
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .clone();
-                        let _ = reply.send(match (available, why) {
-                            (true, _) => Ok(()),
-                            (false, why) => {
-                                Err(StoreError::Unavailable(why.unwrap_or_else(|| {
-                                    "the database cannot take writes".to_owned()
-                                })))
-                            }
-                        });
+                        let last = self.shared.write_error();
+                        let _ = reply
+                            .send(last.map_or(Ok(()), |why| Err(StoreError::Unavailable(why))));
                     }
                 }
             }
@@ -725,10 +704,7 @@ impl WriterTask {
                     if matches!(e, StoreError::Unavailable(_)) {
                         self.set_available(Err(&e));
                     }
-                    replies.answer(
-                        own.into_iter()
-                            .map(|own| Err(own.unwrap_or_else(|| e.clone()))),
-                    );
+                    replies.answer(failed(own, &e));
                     return;
                 }
                 Attempt::Committed(results, new_events) => {
@@ -739,10 +715,7 @@ impl WriterTask {
             }
         }
         // Every command was refused.
-        replies.answer(
-            own.into_iter()
-                .map(|own| Err(own.unwrap_or(StoreError::Closed))),
-        );
+        replies.answer(failed(own, &StoreError::Closed));
     }
 
     /// One attempt at the group, pipelined: BEGIN, the appends, then NOTIFY and COMMIT (or

@@ -27,12 +27,12 @@ use super::checkpoint::{self, Checkpointer};
 use super::config::{FaultInjector, StoreConfig};
 use super::error::{is_database_condition, sqlite_code, stored_u64};
 use super::schema::{self, ConnectionOptions};
-use crate::actor::{AfterGroup, CommandQueue, Outcome, WriterHandle, WriterShared};
+use crate::actor::{
+    ActorWriter, AfterGroup, CommandQueue, Outcome, WriterHandle, WriterShared, failed,
+};
 use crate::error::StoreError;
 use crate::event::{CommittedEvent, NewEvent, PruneReport, StoreInfo};
-use crate::health::WriterHealth;
 use crate::hook::{self, CommitHook, CommitObserver};
-use crate::store::{BoxFuture, EventWriter};
 
 /// What the SQLite writer keeps beside the shell's counters.
 struct Shared {
@@ -74,7 +74,7 @@ impl Shared {
 
 /// Handle to the writer thread. Cheap to clone; all clones feed the same thread.
 ///
-/// Stop it with [`EventWriter::close`] (async) or [`DbWriter::shutdown`] (blocking). Dropping
+/// Stop it with [`crate::EventWriter::close`] (async) or [`DbWriter::shutdown`] (blocking). Dropping
 /// every handle also stops the thread once the queue is drained, without waiting for it.
 #[derive(Clone)]
 pub struct DbWriter {
@@ -167,7 +167,7 @@ impl DbWriter {
         let _ = self.shared.observer.set(observer);
     }
 
-    /// Like [`EventWriter::close`], but blocking, and it also joins the thread. Must not be called
+    /// Like [`crate::EventWriter::close`], but blocking, and it also joins the thread. Must not be called
     /// from inside an async runtime (tokio panics); use `close().await` there.
     pub fn shutdown(&self) {
         self.handle.blocking_close();
@@ -183,61 +183,34 @@ impl DbWriter {
             tracing::error!("database writer thread panicked");
         }
     }
+}
 
-    /// The writer thread has ended (shut down, or died).
-    fn thread_finished(&self) -> bool {
-        self.shared
+impl ActorWriter for DbWriter {
+    fn handle(&self) -> &WriterHandle {
+        &self.handle
+    }
+
+    fn stopped(&self) -> Option<String> {
+        let finished = self
+            .shared
             .thread
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(JoinHandle::is_finished)
-    }
-}
-
-impl EventWriter for DbWriter {
-    fn append(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Outcome> {
-        Box::pin(self.handle.append(events))
+            .is_some_and(JoinHandle::is_finished);
+        finished.then(|| "the database writer has stopped".to_owned())
     }
 
-    fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.handle.close())
-    }
-
-    /// `unwritable`: why the last write transaction failed, when the database itself was the
-    /// reason (read-only, full, locked past the busy timeout, I/O error, file replaced,
-    /// corrupt); `None` when the last one committed.
-    fn health(&self) -> WriterHealth {
-        let stopped = self.handle.stopped().or_else(|| {
-            self.thread_finished()
-                .then(|| "the database writer has stopped".to_owned())
-        });
-        WriterHealth {
-            stopped,
-            unwritable: self
-                .shared
-                .health
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .map(ToString::to_string),
-            stats: self.handle.shared().stats(),
-            queued_commands: Some(self.handle.queued_commands()),
-            tail: None,
-        }
-    }
-
-    /// In the writer's queue like any command.
-    fn probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.handle.probe())
-    }
-
-    fn prune(
-        &self,
-        below: u64,
-        max_events: usize,
-    ) -> BoxFuture<'_, Result<PruneReport, StoreError>> {
-        Box::pin(self.handle.prune(below, max_events))
+    /// Why the last write transaction failed, when the database itself was the reason
+    /// (read-only, full, locked past the busy timeout, I/O error, file replaced, corrupt);
+    /// `None` when the last one committed.
+    fn unwritable(&self) -> Option<String> {
+        self.shared
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(ToString::to_string)
     }
 }
 
@@ -456,12 +429,9 @@ impl Writer {
             // Between groups: each prune step (and probe) is its own short transaction.
             for command in group.after {
                 match command {
-                    AfterGroup::Prune {
-                        below,
-                        max_events,
-                        reply,
-                    } => {
-                        let _ = reply.send(self.prune(below, max_events));
+                    AfterGroup::Prune(step) => {
+                        let pruned = self.prune(step.below, step.max_events);
+                        step.answer(pruned);
                     }
                     AfterGroup::Probe(reply) => {
                         let _ = reply.send(self.probe());
@@ -495,7 +465,7 @@ impl Writer {
     fn write_group(&mut self, commands: Vec<Vec<NewEvent>>) -> Vec<Outcome> {
         let count = commands.len();
         if let Err(err) = self.ensure_connection() {
-            self.count_failed();
+            self.writer.count_failed();
             self.shared.set_health(Some(err.clone()));
             return vec![Err(err); count];
         }
@@ -540,24 +510,18 @@ impl Writer {
             Attempt::Lost { error, reopen } => {
                 tracing::warn!(error = %error, commands = count, "write transaction failed; nothing was written");
                 self.after_error(reopen);
-                self.count_failed();
+                self.writer.count_failed();
                 if matches!(error, StoreError::Unavailable(_) | StoreError::Corrupt(_)) {
                     self.shared.set_health(Some(error.clone()));
                 }
                 // Commands that failed on their own keep their error; the rest share the cause.
-                return own_errors
-                    .into_iter()
-                    .map(|own| Err(own.unwrap_or_else(|| error.clone())))
-                    .collect();
+                return failed(own_errors, &error);
             }
         };
         if assigned.is_empty() {
             // Every command failed on its own; nothing was committed. (A command without an
             // own error always has events, so `Closed` is never actually handed out.)
-            return own_errors
-                .into_iter()
-                .map(|own| Err(own.unwrap_or(StoreError::Closed)))
-                .collect();
+            return failed(own_errors, &StoreError::Closed);
         }
         // Committed — but into the file the path still names? Looked at before the hook and
         // the answers: a group that went into a removed or replaced file is neither delivered
@@ -569,12 +533,9 @@ impl Writer {
             } else {
                 lost
             };
-            self.count_failed();
+            self.writer.count_failed();
             self.shared.set_health(Some(error.clone()));
-            return own_errors
-                .into_iter()
-                .map(|own| Err(own.unwrap_or_else(|| error.clone())))
-                .collect();
+            return failed(own_errors, &error);
         }
 
         // Committed: pair each event with the numbers the database gave it (moving, not
@@ -642,10 +603,7 @@ impl Writer {
         {
             // Committed but not delivered: nobody is acknowledged, and nothing more is taken.
             let error = self.writer.stop(&failure, new_events.len());
-            return own_errors
-                .into_iter()
-                .map(|own| Err(own.unwrap_or_else(|| error.clone())))
-                .collect();
+            return failed(own_errors, &error);
         }
 
         // Hand each command its own events, moving them out of the one committed list.
@@ -660,7 +618,7 @@ impl Writer {
             .collect()
     }
 
-    /// One prune step (see [`EventWriter::prune`]) in one `BEGIN IMMEDIATE` transaction: the
+    /// One prune step (see [`crate::EventWriter::prune`]) in one `BEGIN IMMEDIATE` transaction: the
     /// floor row first, then the stream rows whose last event goes, then the events.
     fn prune(&mut self, below: u64, max_events: usize) -> Result<PruneReport, StoreError> {
         self.ensure_connection()?;
@@ -748,10 +706,6 @@ impl Writer {
             // writable again — a connection opened read-only stays read-only).
             self.conn = None;
         }
-    }
-
-    fn count_failed(&self) {
-        self.writer.count_failed();
     }
 }
 
