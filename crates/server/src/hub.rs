@@ -73,8 +73,6 @@ struct SendQueue {
     bytes: usize,
     /// The connection has stopped: nothing more is queued.
     finished: bool,
-    /// Frames ever queued.
-    queued: u64,
     /// When the oldest live frame now queued was committed (for the commit → written metric).
     oldest_live: Option<Instant>,
 }
@@ -126,7 +124,6 @@ impl Subscriber {
             }
             q.bytes += frame.len();
             q.items.push(frame);
-            q.queued += 1;
             q.oldest_live.get_or_insert(committed_at);
         }
         self.ready.wake();
@@ -148,7 +145,6 @@ impl Subscriber {
             for f in frames {
                 q.bytes += f.len();
                 q.items.push(f);
-                q.queued += 1;
             }
         }
         self.ready.wake();
@@ -233,11 +229,6 @@ impl Subscriber {
         q.finished = true;
         q.items = Vec::new();
         q.bytes = 0;
-    }
-
-    /// Frames queued to this connection so far.
-    pub fn queued(&self) -> u64 {
-        self.lock_queue().queued
     }
 
     /// Ask the connection to close with `reason` (the first reason wins).
