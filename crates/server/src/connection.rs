@@ -33,13 +33,14 @@ use seqcast_protocol::{
 };
 
 use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
+use seqcast_sequencing::ReadBudget;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
-use crate::hub::{Frame, Join, Subscriber};
+use crate::hub::{Frame, Join, PAGE_BYTES, Subscriber};
 use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
 use crate::pages::SharedPage;
@@ -345,9 +346,13 @@ async fn sleep_opt(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-/// Frames one catch-up step queues at most (a log page, or a page of the cached tail).
-fn page_size(app: &AppState) -> usize {
-    (app.settings.send_queue / 2).clamp(16, 1024)
+/// What one catch-up step queues at most (a log page, or a page of the cached tail): half the
+/// send queue's frames (16 to 1,024) and [`PAGE_BYTES`].
+fn page_budget(app: &AppState) -> ReadBudget {
+    ReadBudget {
+        max_events: (app.settings.send_queue / 2).clamp(16, 1024),
+        max_bytes: PAGE_BYTES,
+    }
 }
 
 /// The send queue's level as [`Subscriptions`] takes it.
@@ -644,7 +649,7 @@ fn advance(
     info: &ConnInfo,
     subs: &mut Subscriptions,
 ) -> Option<Job> {
-    let page = page_size(app);
+    let page = page_budget(app);
     loop {
         let view = app.hub.view();
         match subs.next_action(view, queue_level(sub))? {
