@@ -18,8 +18,7 @@ use proptest::prelude::*;
 use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{
-    CachedMessage, LogFacts, Phase, ReadBudget, TailCache, View, WindowLimits, resume,
-    window_start,
+    CachedMessage, LogFacts, Phase, ReadBudget, TailCache, View, WindowLimits, resume, window_start,
 };
 
 const KEYS: [&str; 3] = ["c:a", "c:b", "d:a"];

@@ -44,6 +44,8 @@ pub struct Fill {
 pub struct Page<T> {
     /// The messages taken, in order.
     pub items: Vec<T>,
+    /// The number of the last message taken (`None` when none was).
+    pub last: Option<u64>,
     /// Every message of the source numbered up to this was handed out: the source's own bound
     /// when the budget took all it offered, else the last message taken.
     pub covered_through: u64,
@@ -107,20 +109,22 @@ impl Fill {
         bytes_of: impl Fn(&T) -> usize,
     ) -> Page<T> {
         let mut items = Vec::new();
-        let mut last = after;
+        let mut last = None;
         for (sequence_number, item) in messages {
             if !self.take(bytes_of(&item)) {
                 return Page {
                     items,
-                    covered_through: last,
+                    covered_through: last.unwrap_or(after),
+                    last,
                 };
             }
-            last = sequence_number;
+            last = Some(sequence_number);
             items.push(item);
         }
         Page {
             items,
             covered_through: source_through,
+            last,
         }
     }
 }
@@ -149,7 +153,11 @@ mod tests {
         assert_eq!(page(b, &[10, 10, 10, 10]), (vec![11, 12, 13], 13, true));
         assert_eq!(page(b, &[60, 40, 1]), (vec![11, 12], 12, true));
         assert_eq!(page(b, &[60, 41]), (vec![11], 11, true));
-        assert_eq!(page(b, &[500, 1]), (vec![11], 11, true), "alone when larger");
+        assert_eq!(
+            page(b, &[500, 1]),
+            (vec![11], 11, true),
+            "alone when larger"
+        );
         let zero = ReadBudget {
             max_events: 0,
             max_bytes: 0,
@@ -168,6 +176,7 @@ mod tests {
         .fill();
         let first = fill.page(0, 5, [(3, 70usize)], |&s| s);
         assert_eq!((first.items.len(), first.covered_through), (1, 5));
+        assert_eq!(first.last, Some(3));
         assert_eq!(
             fill.rest(),
             ReadBudget {
@@ -176,8 +185,11 @@ mod tests {
             }
         );
         let second = fill.page(5, 9, [(7, 40usize), (8, 1)], |&s| s);
-        assert!(second.items.is_empty());
-        assert_eq!(second.covered_through, 5, "nothing taken: covers nothing new");
+        assert!(second.items.is_empty() && second.last.is_none());
+        assert_eq!(
+            second.covered_through, 5,
+            "nothing taken: covers nothing new"
+        );
         assert!(fill.is_cut() && !fill.take(1));
         assert_eq!((fill.events(), fill.bytes()), (1, 70));
     }

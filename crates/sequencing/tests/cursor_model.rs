@@ -532,7 +532,10 @@ fn the_cache_is_dense_bounded_in_bytes_and_indexed_by_key() {
     cache.evict_below(14);
     assert_eq!((cache.floor(), cache.len()), (14, 1));
     assert_eq!(cache.key_after(&b, 0).count(), 0);
-    assert!(cache.view(1).cache_covers(20), "nothing after the head is missing");
+    assert!(
+        cache.view(1).cache_covers(20),
+        "nothing after the head is missing"
+    );
 }
 
 /// By default the window is time-only: a resume reaches back to the oldest message younger than

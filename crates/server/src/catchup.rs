@@ -12,8 +12,7 @@ use std::sync::Arc;
 use seqcast_persistence::{EventFilter, EventReader};
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{
-    Cursor, LogFacts, Phase, ReadBudget, Resume, Step, View, cached_window_start, resume,
-    window_start,
+    LogFacts, ReadBudget, Replay, ReplayStep, Resume, cached_window_start, resume, window_start,
 };
 
 use crate::app::AppState;
@@ -241,7 +240,8 @@ pub async fn read_key_page(
 pub struct Recovered {
     /// The messages, in order.
     pub frames: Vec<Frame>,
-    /// The last number handed out, when the budget cut the answer (more may follow).
+    /// The number of the last message handed out, when the budget cut the answer (more may
+    /// follow).
     pub next_since: Option<u64>,
     /// The retention floor passed the cursor while the log was read: what lay below it is gone,
     /// and the answer went on from the floor.
@@ -249,10 +249,8 @@ pub struct Recovered {
 }
 
 /// The messages numbered in `(after, head]` that `admit` lets through (of those `filter` reads
-/// from the log): one [`Cursor`] run to `budget` — log pages, then the cached tail — the cursor
-/// a WebSocket subscriber catches up with. Where the cursor falls behind the retention floor
-/// (terminal for a subscriber: closed with 1013, it resumes with `recovered: false`) the read says
-/// so and goes on from the floor, as that resume would.
+/// from the log): a [`Replay`] — the cursor a WebSocket subscriber catches up with, run to
+/// `budget` — performed over log pages and the cached tail.
 pub async fn read_recovery(
     app: &AppState,
     filter: &EventFilter,
@@ -261,64 +259,54 @@ pub async fn read_recovery(
     head: u64,
     budget: ReadBudget,
 ) -> Result<Recovered, ApiError> {
-    let mut cursor = Cursor::catching_up(after);
-    let mut fill = budget.fill();
+    let mut replay = Replay::new(after, head, budget);
     let mut frames = Vec::new();
-    let mut behind = false;
-    while !fill.is_cut() {
-        // The answer ends at the head it was judged at; the cache and the floor are as they are now.
-        let view = View {
-            head,
-            ..app.hub.view()
-        };
-        match cursor.next_step(view) {
-            Step::Idle => break,
-            Step::Behind { floor, .. } => {
-                behind = true;
-                cursor = Cursor::catching_up(floor - 1);
-            }
-            Step::JoinFromCache { after } if after >= head => break,
-            Step::JoinFromCache { after } => {
+    loop {
+        match replay.next_step(app.hub.view()) {
+            ReplayStep::Done => break,
+            ReplayStep::FromCache { after } => {
                 // None: the cache lost the position since the view; the next step reads the log.
-                if let Some(page) = app.hub.cached_page(after, head, &mut fill, admit) {
-                    frames.extend(page.items);
-                    cursor.on_cache_page(page.covered_through);
-                }
+                let taken = app.hub.read_cached(after, |cached| {
+                    replay.on_cached(
+                        cached
+                            .filter(|m| admit(&m.key))
+                            .map(|m| (m.sequence_number, m.frame.clone())),
+                        frame_bytes,
+                    )
+                });
+                frames.extend(taken.into_iter().flatten());
             }
-            Step::ReadLog { after, through } => {
-                // Reads of the log go in chunks of 64 to 1,000 events (the filter may drop many),
-                // bytes no more than the answer has left.
-                let rest = fill.rest();
-                let (filter, events) = (filter.clone(), rest.max_events.clamp(64, 1_000));
-                let log_page = read_log!(&app.store, |r| r.page(
+            ReplayStep::ReadLog {
+                after,
+                through,
+                budget,
+            } => {
+                // Reads of the log go in chunks of 64 to 1,000 events (the filter may drop many).
+                let (filter, events) = (filter.clone(), budget.max_events.clamp(64, 1_000));
+                let page = read_log!(&app.store, |r| r.page(
                     &filter,
                     after,
                     through,
                     events,
-                    rest.max_bytes
+                    budget.max_bytes
                 ))?;
-                // Filled on a copy: a page read while the floor passed the cursor is dropped.
-                let mut taken = fill;
-                let page = taken.page(
-                    after,
-                    log_page.covered_through,
-                    log_page
-                        .events
-                        .iter()
-                        .filter(|e| admit(&e.key))
-                        .map(|e| (e.sequence_number, Hub::frame_of(e))),
-                    frame_bytes,
+                frames.extend(
+                    replay.on_log_page(
+                        page.events
+                            .iter()
+                            .filter(|e| admit(&e.key))
+                            .map(|e| (e.sequence_number, Hub::frame_of(e))),
+                        frame_bytes,
+                        page.covered_through,
+                        page.floor,
+                    ),
                 );
-                if cursor.on_log_page(page.covered_through, log_page.floor) != Phase::Behind {
-                    fill = taken;
-                    frames.extend(page.items);
-                }
             }
         }
     }
     Ok(Recovered {
         frames,
-        next_since: fill.is_cut().then(|| cursor.position()),
-        behind,
+        next_since: replay.next_since(),
+        behind: replay.behind(),
     })
 }

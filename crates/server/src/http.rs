@@ -136,15 +136,8 @@ async fn recover_page(
         max_bytes: app.settings.max_response_bytes,
     };
     let admit = |key: &SubscriptionKey| filter.admits(key, &grant);
-    let read = catchup::read_recovery(
-        app,
-        &filter.to_event_filter(),
-        &admit,
-        after,
-        head,
-        budget,
-    )
-    .await?;
+    let read =
+        catchup::read_recovery(app, &filter.to_event_filter(), &admit, after, head, budget).await?;
     // The cursor fell behind the retention floor while the log was read: `complete: false`.
     meta.complete &= !read.behind;
     meta.next_since = read.next_since;
@@ -570,7 +563,8 @@ pub async fn stream_page(
     let page = budget.fill().page(
         after,
         read_through,
-        rows.iter().map(|row| (row.stream_sequence, Hub::frame_of(row))),
+        rows.iter()
+            .map(|row| (row.stream_sequence, Hub::frame_of(row))),
         frame_bytes,
     );
     let next_after = (page.covered_through != u64::MAX).then_some(page.covered_through);

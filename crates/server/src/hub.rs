@@ -23,7 +23,7 @@ use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{CachedMessage, Fill, GapError, Page, ReadBudget, TailCache, View};
+use seqcast_sequencing::{CachedMessage, GapError, ReadBudget, TailCache, View};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -749,27 +749,19 @@ impl Hub {
         f(&state.cache, state.retention_floor)
     }
 
-    /// Under the hub lock: the cached messages numbered in `(after, through]` whose key `admit`
-    /// lets through, as much of them as `fill` takes — or `None` when the cache no longer holds
-    /// everything after `after` (read the log). What HTTP recovery takes from memory.
-    pub fn cached_page(
+    /// Under the hub lock: `take` gets the cached messages after `after`, ascending — or `None`
+    /// when the cache no longer holds everything after `after` (read the log). What HTTP
+    /// recovery takes from memory ([`seqcast_sequencing::Replay::on_cached`]).
+    pub fn read_cached<T>(
         &self,
         after: u64,
-        through: u64,
-        fill: &mut Fill,
-        mut admit: impl FnMut(&SubscriptionKey) -> bool,
-    ) -> Option<Page<Frame>> {
+        take: impl FnOnce(&mut dyn Iterator<Item = &CachedMessage<Frame>>) -> T,
+    ) -> Option<T> {
         let state = self.lock();
-        if !state.view().cache_covers(after) {
-            return None;
-        }
-        let messages = state
-            .cache
-            .after(after)
-            .take_while(|m| m.sequence_number <= through)
-            .filter(|m| admit(&m.key))
-            .map(|m| (m.sequence_number, m.frame.clone()));
-        Some(fill.page(after, through, messages, frame_bytes))
+        state
+            .view()
+            .cache_covers(after)
+            .then(|| take(&mut state.cache.after(after)))
     }
 
     /// The `n` keys with the most live subscribers on this node: (key, subscribers, the
@@ -946,7 +938,10 @@ mod tests {
         assert_ne!(hub.history(), before);
         assert_eq!(hub.epoch(), "new");
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
-        assert_eq!(hub.join_from_cache(&sub, &key, 4, pages(16), before), Join::Gone);
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 4, pages(16), before),
+            Join::Gone
+        );
         // A connection that started under the new history joins as usual.
         assert_eq!(
             hub.join_from_cache(&sub, &key, 3, pages(16), hub.history()),
@@ -1038,7 +1033,10 @@ mod tests {
         );
         // The log is pruned below 6: the cache drops 1..=5 with it.
         hub.raise_retention_floor(6);
-        assert_eq!(hub.join_from_cache(&sub, &key, 4, pages(4), 0), Join::NotCached);
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 4, pages(4), 0),
+            Join::NotCached
+        );
         let view = hub.view();
         assert_eq!(
             (view.cache_floor, view.retention_floor, view.head),
