@@ -270,15 +270,11 @@ async fn round(r: Round) {
     );
 }
 
-#[tokio::test]
-async fn http_recovery_and_websocket_replay_agree_from_memory() {
-    tokio::time::timeout(Duration::from_secs(120), async {
-        for seed in [1, 2, 5, 6] {
-            round(Round {
-                seed,
-                ..Round::BASE
-            })
-            .await;
+/// Run `rounds` one after another, bounded in time.
+async fn run(secs: u64, rounds: impl IntoIterator<Item = Round>) {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        for r in rounds {
+            round(r).await;
         }
     })
     .await
@@ -286,21 +282,31 @@ async fn http_recovery_and_websocket_replay_agree_from_memory() {
 }
 
 #[tokio::test]
+async fn http_recovery_and_websocket_replay_agree_from_memory() {
+    run(
+        120,
+        [1, 2, 5, 6].map(|seed| Round {
+            seed,
+            ..Round::BASE
+        }),
+    )
+    .await;
+}
+
+/// A cache too small for the log and a small send queue: both read the log, the WebSocket page
+/// by page under its water marks.
+#[tokio::test]
 async fn http_recovery_and_websocket_replay_agree_from_log_pages() {
-    // A cache too small for the log and a small send queue: both read the log, the WebSocket
-    // page by page under its water marks.
-    tokio::time::timeout(Duration::from_secs(120), async {
-        for seed in [3, 4, 7, 8] {
-            round(Round {
-                seed,
-                args: &["--cache-bytes", "2048", "--send-queue", "4"],
-                ..Round::BASE
-            })
-            .await;
-        }
-    })
-    .await
-    .expect("bounded in time");
+    let args = &["--cache-bytes", "2048", "--send-queue", "4"];
+    run(
+        120,
+        [3, 4, 7, 8].map(|seed| Round {
+            seed,
+            args,
+            ..Round::BASE
+        }),
+    )
+    .await;
 }
 
 /// Retention keeps fewer numbers than the count window: the window starts at the retention
@@ -308,24 +314,18 @@ async fn http_recovery_and_websocket_replay_agree_from_log_pages() {
 /// and served from the floor, the same way by both doors — from memory and from log pages.
 #[tokio::test]
 async fn http_recovery_and_websocket_replay_agree_behind_the_retention_floor() {
-    tokio::time::timeout(Duration::from_secs(120), async {
-        for (seed, args) in [
-            (11, &[][..]),
-            (12, &["--cache-bytes", "2048", "--send-queue", "4"][..]),
-            (13, &[][..]),
-        ] {
-            round(Round {
-                seed,
-                args,
-                messages: 40..80,
-                retention: Some(5..WINDOW),
-                ..Round::BASE
-            })
-            .await;
-        }
-    })
-    .await
-    .expect("bounded in time");
+    let small_cache: &[&str] = &["--cache-bytes", "2048", "--send-queue", "4"];
+    run(
+        120,
+        [(11, &[][..]), (12, small_cache), (13, &[][..])].map(|(seed, args)| Round {
+            seed,
+            args,
+            messages: 40..80,
+            retention: Some(5..WINDOW),
+            ..Round::BASE
+        }),
+    )
+    .await;
 }
 
 /// The byte budget cuts pages: HTTP answers at a small `--max-response-bytes` (pages end before
@@ -333,31 +333,24 @@ async fn http_recovery_and_websocket_replay_agree_behind_the_retention_floor() {
 /// the page's bytes) — the same messages and verdicts either way.
 #[tokio::test]
 async fn http_recovery_and_websocket_replay_agree_when_bytes_cut_the_pages() {
-    tokio::time::timeout(Duration::from_secs(180), async {
-        for seed in [21, 22] {
-            round(Round {
-                seed,
-                args: &["--max-response-bytes", "1024", "--cache-bytes", "4096"],
-                data_len: 50..600,
-                limit: 2..30,
-                http_byte_cuts: true,
-                ..Round::BASE
-            })
-            .await;
-        }
-        round(Round {
-            seed: 23,
-            args: &["--cache-bytes", "4096"],
-            messages: 8..14,
-            data_len: 150_000..300_000,
-            keys: (1, 1),
-            limit: 1..4,
-            cases: 8,
-            ws_byte_cuts: true,
-            ..Round::BASE
-        })
-        .await;
-    })
-    .await
-    .expect("bounded in time");
+    let small_answers = [21, 22].map(|seed| Round {
+        seed,
+        args: &["--max-response-bytes", "1024", "--cache-bytes", "4096"],
+        data_len: 50..600,
+        limit: 2..30,
+        http_byte_cuts: true,
+        ..Round::BASE
+    });
+    let large_messages = Round {
+        seed: 23,
+        args: &["--cache-bytes", "4096"],
+        messages: 8..14,
+        data_len: 150_000..300_000,
+        keys: (1, 1),
+        limit: 1..4,
+        cases: 8,
+        ws_byte_cuts: true,
+        ..Round::BASE
+    };
+    run(180, small_answers.into_iter().chain([large_messages])).await;
 }

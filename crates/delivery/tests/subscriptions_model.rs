@@ -322,22 +322,16 @@ impl World {
         }
         let key = &self.keys[k];
         let head = self.cache.head();
-        let budget = ReadBudget {
+        // A catch-up page: `page` messages (no byte bound in this model).
+        let pages = ReadBudget {
             max_events: self.page,
             max_bytes: usize::MAX,
         };
-        let page = budget.fill().page(
-            after,
-            head,
-            self.cache
-                .key_after(key, after)
-                .map(|m| (m.sequence_number, m.frame)),
-            |_| MSG_BYTES,
-        );
+        let page = self.cache.key_page(key, after, pages, |_| MSG_BYTES);
         let conn = &mut self.conns[c];
         let generation = conn.records[k].as_ref().unwrap().generation;
         conn.queue
-            .extend(page.items.iter().map(|&s| (k, generation, s)));
+            .extend(page.items.iter().map(|m| (k, generation, m.frame)));
         if page.covered_through < head {
             return JoinResult::Page {
                 through: page.covered_through,

@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 
 use seqcast_protocol::SubscriptionKey;
 
+use crate::budget::{Page, ReadBudget};
 use crate::cursor::View;
 
 /// One committed message as the cache keeps it. `F` is whatever the server sends (the encoded
@@ -191,6 +192,20 @@ impl<F> TailCache<F> {
         seqs.into_iter()
             .flat_map(move |s| s.range(start..))
             .filter_map(|&s| self.get(s))
+    }
+
+    /// A page of `key`'s cached messages numbered above `after` under `budget` (`bytes_of`
+    /// weighs each): it covers up to the head unless the budget cut it. What a cursor takes
+    /// from the cache when it joins live delivery.
+    pub fn key_page(
+        &self,
+        key: &SubscriptionKey,
+        after: u64,
+        budget: ReadBudget,
+        bytes_of: impl Fn(&&CachedMessage<F>) -> usize,
+    ) -> Page<&CachedMessage<F>> {
+        let messages = self.key_after(key, after).map(|m| (m.sequence_number, m));
+        budget.fill().page(after, self.head, messages, bytes_of)
     }
 
     /// Every cached message numbered above `after`, ascending.

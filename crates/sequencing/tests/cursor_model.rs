@@ -94,6 +94,14 @@ impl World {
         self.cache.view(self.floor)
     }
 
+    /// A catch-up page: `page` messages (no byte bound in this model).
+    fn budget(&self) -> ReadBudget {
+        ReadBudget {
+            max_events: self.page,
+            max_bytes: usize::MAX,
+        }
+    }
+
     fn publish(&mut self, k: usize) {
         self.log.push(k);
         let seq = self.head();
@@ -217,21 +225,12 @@ impl World {
                     return;
                 }
                 let head = self.cache.head();
-                let budget = ReadBudget {
-                    max_events: self.page,
-                    max_bytes: usize::MAX,
-                };
-                let page = budget.fill().page(
-                    after,
-                    head,
-                    self.cache
-                        .key_after(&key, after)
-                        .map(|m| (m.sequence_number, m.frame)),
-                    |_| MSG_BYTES,
-                );
+                let page = self
+                    .cache
+                    .key_page(&key, after, self.budget(), |_| MSG_BYTES);
                 let s = &mut self.subs[i];
                 let c = s.cursor.as_mut().unwrap();
-                s.queue.extend(&page.items);
+                s.queue.extend(page.items.iter().map(|m| m.frame));
                 if page.covered_through < head {
                     c.on_cache_page(page.covered_through);
                 } else {

@@ -36,7 +36,7 @@ struct Log {
     /// (key index, size) of message n at `messages[n - 1]`.
     messages: Vec<(usize, usize)>,
     floor: u64,
-    cache: TailCache<u64>,
+    cache: TailCache<()>,
     keys: Vec<SubscriptionKey>,
 }
 
@@ -59,15 +59,15 @@ impl Log {
             Race::Publish(k, size) => {
                 self.messages.push((k, size));
                 let seq = self.head();
-                self.cache
-                    .push(CachedMessage {
-                        sequence_number: seq,
-                        key: self.keys[k].clone(),
-                        timestamp_ms: 0,
-                        frame: seq,
-                        bytes: size,
-                    })
-                    .unwrap();
+                let key = self.keys[k].clone();
+                let cached = CachedMessage {
+                    frame: (),
+                    bytes: size,
+                    key,
+                    sequence_number: seq,
+                    timestamp_ms: seq,
+                };
+                self.cache.push(cached).unwrap();
             }
             Race::Prune(n) => {
                 self.floor = (self.floor + n).min(self.head() + 1);
@@ -163,7 +163,7 @@ proptest! {
                                 .cache
                                 .after(after)
                                 .filter(|m| m.key == w.keys[key])
-                                .map(|m| (m.sequence_number, m.frame))
+                                .map(|m| (m.sequence_number, m.sequence_number))
                                 .collect();
                             page.extend(replay.on_cached(cached, |&s| w.size(s)));
                         }

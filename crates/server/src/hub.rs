@@ -653,17 +653,11 @@ impl Hub {
             return Join::NotCached;
         }
         let head = state.cache.head();
-        let page = budget.fill().page(
-            after,
-            head,
-            state
-                .cache
-                .key_after(key, after)
-                .map(|m| (m.sequence_number, m.frame.clone())),
-            frame_bytes,
-        );
+        let page = state
+            .cache
+            .key_page(key, after, budget, |m| frame_bytes(&m.frame));
         let sent = page.items.len();
-        if !sub.push(page.items) {
+        if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
             return Join::Gone;
         }
         Metrics::add(&self.metrics.deliveries, sent as u64);
