@@ -248,6 +248,12 @@ pub enum Step {
     },
 }
 
+/// Whether the retention floor `floor` passed a cursor at `position`: the log may no longer hold
+/// the next message it needs. The one behind-the-floor rule.
+fn floor_passed(floor: u64, position: u64) -> bool {
+    floor > position + 1
+}
+
 /// One subscription's position and phase. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
@@ -285,7 +291,7 @@ impl Cursor {
                 floor: view.retention_floor,
             },
             Phase::CatchingUp => {
-                if self.position + 1 < view.retention_floor {
+                if floor_passed(view.retention_floor, self.position) {
                     self.phase = Phase::Behind;
                     Step::Behind {
                         position: self.position,
@@ -312,7 +318,7 @@ impl Cursor {
         if self.phase != Phase::CatchingUp {
             return self.phase;
         }
-        if floor > self.position + 1 {
+        if floor_passed(floor, self.position) {
             self.phase = Phase::Behind;
         } else {
             self.position = self.position.max(covered_through);
