@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{
-    CachedMessage, LogFacts, Phase, Resume, TailCache, View, WindowLimits, resume, window_start,
+    CachedMessage, LogFacts, Phase, ReadBudget, TailCache, View, WindowLimits, resume, window_start,
 };
 
 const KEYS: [&str; 3] = ["c:a", "c:b", "d:a"];
@@ -118,11 +118,7 @@ impl World {
     }
 
     fn view(&self) -> View {
-        View {
-            head: self.cache.head(),
-            cache_floor: self.cache.floor(),
-            retention_floor: self.floor,
-        }
+        self.cache.view(self.floor)
     }
 
     fn level(&self, c: usize) -> QueueLevel {
@@ -172,15 +168,13 @@ impl World {
                     retention_floor: self.floor,
                     first_within_age: (self.floor <= head).then_some(self.floor),
                 };
-                match resume(since, true, head, window_start(self.window, facts)) {
-                    Resume::Complete { after } => after,
-                    Resume::Incomplete { after, .. } => {
-                        let r = self.conns[c].records[k].as_mut().unwrap();
-                        r.told_gaps.push((since, after));
-                        after
-                    }
-                    Resume::OtherEpoch => unreachable!("one epoch in this model"),
+                let verdict = resume(since, true, head, window_start(self.window, facts));
+                let after = verdict.start().expect("one epoch in this model");
+                if !verdict.recovered() {
+                    let r = self.conns[c].records[k].as_mut().unwrap();
+                    r.told_gaps.push((since, after));
                 }
+                after
             }
         }
     }
@@ -323,26 +317,26 @@ impl World {
 
     /// Under "the hub lock": the cached rest (or a page of it) and the live registration.
     fn join(&mut self, c: usize, k: usize, after: u64) -> JoinResult {
-        if !self.cache.covers_after(after) {
+        if !self.view().cache_covers(after) {
             return JoinResult::NotCached;
         }
         let key = &self.keys[k];
-        let msgs: Vec<u64> = self
-            .cache
-            .key_after(key, after, self.page + 1)
-            .iter()
-            .map(|m| m.frame)
-            .collect();
+        let head = self.cache.head();
+        // A catch-up page: `page` messages (no byte bound in this model).
+        let pages = ReadBudget {
+            max_events: self.page,
+            max_bytes: usize::MAX,
+        };
+        let page = self.cache.key_page(key, after, pages, |_| MSG_BYTES);
         let conn = &mut self.conns[c];
         let generation = conn.records[k].as_ref().unwrap().generation;
-        if msgs.len() > self.page {
-            let page = &msgs[..self.page];
-            conn.queue.extend(page.iter().map(|&s| (k, generation, s)));
+        conn.queue
+            .extend(page.items.iter().map(|m| (k, generation, m.frame)));
+        if page.covered_through < head {
             return JoinResult::Page {
-                through: *page.last().unwrap(),
+                through: page.covered_through,
             };
         }
-        conn.queue.extend(msgs.iter().map(|&s| (k, generation, s)));
         conn.lags.retain(|&(j, _)| j != k);
         if !conn.live.contains(&k) {
             conn.live.push(k);

@@ -13,6 +13,8 @@
 //! the client is told `recovered: true`. Nothing here reads a clock, a socket or a disk: the
 //! shell passes in what it knows ([`View`]) and performs the step.
 
+use crate::tail::TailCache;
+
 /// How far back a resume (`since`) may reach: none older than `max_age_ms`, at most
 /// `max_messages` of the newest numbers where a count bound is set, and never past the log's
 /// retention floor.
@@ -37,11 +39,17 @@ impl Default for WindowLimits {
 
 impl WindowLimits {
     /// The oldest number the count bound lets a resume reach at `head` (1 without a bound).
-    pub fn count_start(&self, head: u64) -> u64 {
+    fn count_start(&self, head: u64) -> u64 {
         match self.max_messages {
             Some(n) => head.saturating_sub(n).saturating_add(1),
             None => 1,
         }
+    }
+
+    /// The oldest timestamp (ms) a resume may reach at `now_ms`: what
+    /// [`LogFacts::first_within_age`] is looked up with.
+    pub fn age_boundary_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.max_age_ms)
     }
 }
 
@@ -68,6 +76,32 @@ pub fn window_start(limits: WindowLimits, facts: LogFacts) -> u64 {
         .min(facts.head + 1)
 }
 
+/// [`window_start`] from the cached tail alone, when it is enough to know it exactly: the cache
+/// reaches back past the age boundary, holds everything retained, or the count bound lies
+/// inside it. `None`: ask the log ([`LogFacts::first_within_age`]).
+pub fn cached_window_start<F>(
+    limits: WindowLimits,
+    head: u64,
+    retention_floor: u64,
+    now_ms: u64,
+    cache: &TailCache<F>,
+) -> Option<u64> {
+    let min_ts = limits.age_boundary_ms(now_ms);
+    let exact = cache.oldest_timestamp_ms().is_some_and(|t| t < min_ts)
+        || cache.floor() <= retention_floor
+        || limits.count_start(head) >= cache.floor();
+    exact.then(|| {
+        window_start(
+            limits,
+            LogFacts {
+                head,
+                retention_floor,
+                first_within_age: cache.first_at_or_after(min_ts),
+            },
+        )
+    })
+}
+
 /// Where a subscription with `since` starts, and what the client is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
@@ -84,6 +118,16 @@ pub enum Resume {
         /// The oldest number the window holds (told to the client).
         oldest_sequence: u64,
     },
+    /// `since` is beyond the head: a number this node has not applied — never issued by this
+    /// history, or committed by another node and not applied here yet. The shell may wait for
+    /// it to be applied and judge again; as it stands, nothing is replayed (the start is the
+    /// head) and the client is told `recovered: false` with `oldest_sequence`.
+    Ahead {
+        /// The head (the cursor's start).
+        head: u64,
+        /// The oldest number the window holds (told to the client).
+        oldest_sequence: u64,
+    },
     /// `since` was numbered in another history (another epoch): it means nothing here. The
     /// subscription starts like one without `since`, and the client is told `recovered: false`.
     OtherEpoch,
@@ -94,6 +138,28 @@ impl Resume {
     pub fn recovered(self) -> bool {
         matches!(self, Resume::Complete { .. })
     }
+
+    /// Where the cursor starts (`None` for another epoch's number: no replay).
+    pub fn start(self) -> Option<u64> {
+        match self {
+            Resume::Complete { after } | Resume::Incomplete { after, .. } => Some(after),
+            Resume::Ahead { head, .. } => Some(head),
+            Resume::OtherEpoch => None,
+        }
+    }
+
+    /// The oldest number the window holds, told with `recovered: false` (`None` otherwise).
+    pub fn oldest_sequence(self) -> Option<u64> {
+        match self {
+            Resume::Incomplete {
+                oldest_sequence, ..
+            }
+            | Resume::Ahead {
+                oldest_sequence, ..
+            } => Some(oldest_sequence),
+            Resume::Complete { .. } | Resume::OtherEpoch => None,
+        }
+    }
 }
 
 /// Decide a resume: `since` and whether its epoch is this store's, against the window
@@ -103,9 +169,8 @@ pub fn resume(since: u64, epoch_matches: bool, head: u64, window_start: u64) -> 
         return Resume::OtherEpoch;
     }
     if since > head {
-        // A number beyond the head was never issued by this history: nothing to replay.
-        return Resume::Incomplete {
-            after: head,
+        return Resume::Ahead {
+            head,
             oldest_sequence: window_start,
         };
     }
@@ -129,6 +194,15 @@ pub struct View {
     pub cache_floor: u64,
     /// The oldest number the log still holds.
     pub retention_floor: u64,
+}
+
+impl View {
+    /// Whether the in-memory tail holds every message after `after` up to the head (nothing is
+    /// left to read from the log). The one cache-coverage rule: a cursor's next step, and the
+    /// hub's check under its lock before it serves from the cache, both ask it.
+    pub fn cache_covers(&self, after: u64) -> bool {
+        after >= self.head || after + 1 >= self.cache_floor
+    }
 }
 
 /// A cursor's phase.
@@ -174,6 +248,12 @@ pub enum Step {
     },
 }
 
+/// Whether the retention floor `floor` passed a cursor at `position`: the log may no longer hold
+/// the next message it needs. The one behind-the-floor rule.
+fn floor_passed(floor: u64, position: u64) -> bool {
+    floor > position + 1
+}
+
 /// One subscription's position and phase. See the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
@@ -211,13 +291,13 @@ impl Cursor {
                 floor: view.retention_floor,
             },
             Phase::CatchingUp => {
-                if self.position + 1 < view.retention_floor {
+                if floor_passed(view.retention_floor, self.position) {
                     self.phase = Phase::Behind;
                     Step::Behind {
                         position: self.position,
                         floor: view.retention_floor,
                     }
-                } else if self.position + 1 >= view.cache_floor || self.position >= view.head {
+                } else if view.cache_covers(self.position) {
                     Step::JoinFromCache {
                         after: self.position,
                     }
@@ -238,7 +318,7 @@ impl Cursor {
         if self.phase != Phase::CatchingUp {
             return self.phase;
         }
-        if floor > self.position + 1 {
+        if floor_passed(floor, self.position) {
             self.phase = Phase::Behind;
         } else {
             self.position = self.position.max(covered_through);

@@ -5,6 +5,9 @@
 //! seam; leave live delivery when the send queue is full and catch up again; give up only when
 //! the log's retention floor has passed it. [`resume`] and [`window_start`] decide where a
 //! subscription with `since` starts and whether the client is told `recovered: true`.
+//! [`ReadBudget`] is what one read hands out at most (messages and bytes): every read of the log
+//! — a catch-up step, a recovery answer, a stream page — is a page filled under one; a
+//! [`Replay`] is a one-shot answer (HTTP recovery) as a cursor run to such a budget.
 //! [`TailCache`] is the log's newest messages in memory, a dense run bounded in bytes, with a
 //! per-key index.
 //!
@@ -34,8 +37,15 @@
 //! assert_eq!(cursor.position(), 129);
 //! ```
 
+mod budget;
 mod cursor;
+mod replay;
 mod tail;
 
-pub use cursor::{Cursor, LogFacts, Phase, Resume, Step, View, WindowLimits, resume, window_start};
+pub use budget::{Fill, Page, ReadBudget};
+pub use cursor::{
+    Cursor, LogFacts, Phase, Resume, Step, View, WindowLimits, cached_window_start, resume,
+    window_start,
+};
+pub use replay::{Replay, ReplayStep};
 pub use tail::{CachedMessage, ENTRY_OVERHEAD_BYTES, GapError, KEY_OVERHEAD_BYTES, TailCache};

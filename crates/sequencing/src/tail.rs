@@ -5,6 +5,9 @@ use std::collections::{HashMap, VecDeque};
 
 use seqcast_protocol::SubscriptionKey;
 
+use crate::budget::{Page, ReadBudget};
+use crate::cursor::View;
+
 /// One committed message as the cache keeps it. `F` is whatever the server sends (the encoded
 /// frame); it is stored once and handed out by reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,9 +142,14 @@ impl<F> TailCache<F> {
             .map_or(self.head + 1, |m| m.sequence_number)
     }
 
-    /// Whether the cache holds every message after `after` (up to the head).
-    pub fn covers_after(&self, after: u64) -> bool {
-        after + 1 >= self.floor()
+    /// What a cursor needs to know of the cache and the log to pick its next step, with the
+    /// log's `retention_floor` (see [`View::cache_covers`]).
+    pub fn view(&self, retention_floor: u64) -> View {
+        View {
+            head: self.head,
+            cache_floor: self.floor(),
+            retention_floor,
+        }
     }
 
     /// Messages held.
@@ -173,70 +181,39 @@ impl<F> TailCache<F> {
         self.messages.get(index)
     }
 
-    /// `key`'s cached messages numbered above `after`, ascending, at most `limit`.
-    pub fn key_after(
+    /// `key`'s cached messages numbered above `after`, ascending (found through the key index).
+    pub fn key_after<'a>(
+        &'a self,
+        key: &SubscriptionKey,
+        after: u64,
+    ) -> impl Iterator<Item = &'a CachedMessage<F>> + 'a {
+        let seqs = self.by_key.get(key);
+        let start = seqs.map_or(0, |s| s.partition_point(|&s| s <= after));
+        seqs.into_iter()
+            .flat_map(move |s| s.range(start..))
+            .filter_map(|&s| self.get(s))
+    }
+
+    /// A page of `key`'s cached messages numbered above `after` under `budget` (`bytes_of`
+    /// weighs each): it covers up to the head unless the budget cut it. What a cursor takes
+    /// from the cache when it joins live delivery.
+    pub fn key_page(
         &self,
         key: &SubscriptionKey,
         after: u64,
-        limit: usize,
-    ) -> Vec<&CachedMessage<F>> {
-        let Some(seqs) = self.by_key.get(key) else {
-            return Vec::new();
-        };
-        let start = seqs.partition_point(|&s| s <= after);
-        seqs.range(start..)
-            .take(limit)
-            .filter_map(|&s| self.get(s))
-            .collect()
+        budget: ReadBudget,
+        bytes_of: impl Fn(&&CachedMessage<F>) -> usize,
+    ) -> Page<&CachedMessage<F>> {
+        let messages = self.key_after(key, after).map(|m| (m.sequence_number, m));
+        budget.fill().page(after, self.head, messages, bytes_of)
     }
 
-    /// Cached messages numbered above `after` that pass `filter`, ascending, at most `limit`,
-    /// and the highest number the answer accounts for (the last message's number when `limit`
-    /// cut it, else the head).
-    pub fn after(
-        &self,
-        after: u64,
-        limit: usize,
-        mut filter: impl FnMut(&CachedMessage<F>) -> bool,
-    ) -> (Vec<&CachedMessage<F>>, u64) {
+    /// Every cached message numbered above `after`, ascending.
+    pub fn after(&self, after: u64) -> impl Iterator<Item = &CachedMessage<F>> {
         let start = self
             .messages
             .partition_point(|m| m.sequence_number <= after);
-        let mut out = Vec::new();
-        for m in self.messages.range(start..) {
-            if !filter(m) {
-                continue;
-            }
-            if out.len() == limit {
-                let through = out
-                    .last()
-                    .map_or(after, |m: &&CachedMessage<F>| m.sequence_number);
-                return (out, through);
-            }
-            out.push(m);
-        }
-        (out, self.head)
-    }
-
-    /// The number of the newest cached message of `key` that is the `n`-th newest (1 = newest)
-    /// among its cached messages, or None when fewer than `n` are cached.
-    pub fn nth_newest_of_key(&self, key: &SubscriptionKey, n: usize) -> Option<u64> {
-        let seqs = self.by_key.get(key)?;
-        let len = seqs.len();
-        if n == 0 || n > len {
-            return None;
-        }
-        seqs.get(len - n).copied()
-    }
-
-    /// How many cached messages of `key` are numbered in `(after, through]`.
-    pub fn count_key(&self, key: &SubscriptionKey, after: u64, through: u64) -> u64 {
-        let Some(seqs) = self.by_key.get(key) else {
-            return 0;
-        };
-        let lo = seqs.partition_point(|&s| s <= after);
-        let hi = seqs.partition_point(|&s| s <= through);
-        hi.saturating_sub(lo) as u64
+        self.messages.range(start..)
     }
 
     /// The smallest cached number whose timestamp is at least `min_timestamp_ms`, or None when
@@ -249,12 +226,13 @@ impl<F> TailCache<F> {
     }
 
     /// The timestamp of the oldest cached message.
-    pub fn oldest_timestamp_ms(&self) -> Option<u64> {
+    pub(crate) fn oldest_timestamp_ms(&self) -> Option<u64> {
         self.messages.front().map(|m| m.timestamp_ms)
     }
 
     /// Keys with at least one cached message.
-    pub fn key_count(&self) -> usize {
+    #[cfg(test)]
+    fn key_count(&self) -> usize {
         self.by_key.len()
     }
 }

@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use proptest::prelude::*;
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{
-    CachedMessage, Cursor, LogFacts, Phase, Resume, Step, TailCache, View, WindowLimits, resume,
-    window_start,
+    CachedMessage, Cursor, LogFacts, Phase, ReadBudget, Resume, Step, TailCache, View,
+    WindowLimits, resume, window_start,
 };
 
 const KEYS: [&str; 3] = ["c:a", "c:b", "d:a"];
@@ -91,10 +91,14 @@ impl World {
     }
 
     fn view(&self) -> View {
-        View {
-            head: self.cache.head(),
-            cache_floor: self.cache.floor(),
-            retention_floor: self.floor,
+        self.cache.view(self.floor)
+    }
+
+    /// A catch-up page: `page` messages (no byte bound in this model).
+    fn budget(&self) -> ReadBudget {
+        ReadBudget {
+            max_events: self.page,
+            max_bytes: usize::MAX,
         }
     }
 
@@ -138,14 +142,12 @@ impl World {
                     retention_floor: self.floor,
                     first_within_age: (self.floor <= head).then_some(self.floor),
                 };
-                match resume(since, true, head, window_start(self.window, facts)) {
-                    Resume::Complete { after } => after,
-                    Resume::Incomplete { after, .. } => {
-                        self.subs[i].told_gaps.push((since, after));
-                        after
-                    }
-                    Resume::OtherEpoch => unreachable!("one epoch in this model"),
+                let verdict = resume(since, true, head, window_start(self.window, facts));
+                let after = verdict.start().expect("one epoch in this model");
+                if !verdict.recovered() {
+                    self.subs[i].told_gaps.push((since, after));
                 }
+                after
             }
         };
         let s = &mut self.subs[i];
@@ -219,24 +221,19 @@ impl World {
             }
             Step::JoinFromCache { after } => {
                 // Under the hub lock: re-check that the cache still covers the position.
-                if !self.cache.covers_after(after) {
+                if !self.view().cache_covers(after) {
                     return;
                 }
-                let msgs: Vec<u64> = self
-                    .cache
-                    .key_after(&key, after, self.page + 1)
-                    .iter()
-                    .map(|m| m.frame)
-                    .collect();
                 let head = self.cache.head();
+                let page = self
+                    .cache
+                    .key_page(&key, after, self.budget(), |_| MSG_BYTES);
                 let s = &mut self.subs[i];
                 let c = s.cursor.as_mut().unwrap();
-                if msgs.len() > self.page {
-                    let page = &msgs[..self.page];
-                    s.queue.extend(page);
-                    c.on_cache_page(*page.last().unwrap());
+                s.queue.extend(page.items.iter().map(|m| m.frame));
+                if page.covered_through < head {
+                    c.on_cache_page(page.covered_through);
                 } else {
-                    s.queue.extend(&msgs);
                     c.on_joined(head);
                     self.live.push(i);
                 }
@@ -465,8 +462,19 @@ fn resume_rules() {
         resume(501, true, 501, start),
         Resume::Complete { after: 501 }
     );
-    // A number this history never reached.
-    assert!(!resume(502, true, 501, start).recovered());
+    // A number beyond the head: never issued here (or not applied yet): nothing replayed.
+    let ahead = resume(502, true, 501, start);
+    assert_eq!(
+        ahead,
+        Resume::Ahead {
+            head: 501,
+            oldest_sequence: 2
+        }
+    );
+    assert_eq!(
+        (ahead.recovered(), ahead.start(), ahead.oldest_sequence()),
+        (false, Some(501), Some(2))
+    );
     assert_eq!(resume(5, false, 501, start), Resume::OtherEpoch);
     // Age: nothing young enough → the window is empty; only since = head is complete.
     let old = LogFacts {
@@ -513,18 +521,20 @@ fn the_cache_is_dense_bounded_in_bytes_and_indexed_by_key() {
     }
     assert_eq!((cache.floor(), cache.head(), cache.len()), (12, 14, 3));
     assert!(cache.bytes() <= cache.budget_bytes());
-    let got: Vec<u64> = cache.key_after(&a, 0, 10).iter().map(|m| m.frame).collect();
+    let got: Vec<u64> = cache.key_after(&a, 0).map(|m| m.frame).collect();
     assert_eq!(got, [13, 14]);
-    assert_eq!(cache.count_key(&a, 12, 14), 2);
-    assert_eq!(cache.nth_newest_of_key(&a, 2), Some(13));
+    let got: Vec<u64> = cache.after(12).map(|m| m.frame).collect();
+    assert_eq!(got, [13, 14]);
     assert_eq!(cache.first_at_or_after(125), Some(13));
-    assert!(cache.covers_after(11));
-    assert!(!cache.covers_after(10));
+    assert!(cache.view(1).cache_covers(11));
+    assert!(!cache.view(1).cache_covers(10));
     cache.evict_below(14);
     assert_eq!((cache.floor(), cache.len()), (14, 1));
-    let (page, through) = cache.after(0, 10, |m| m.key == b);
-    assert!(page.is_empty());
-    assert_eq!(through, 14);
+    assert_eq!(cache.key_after(&b, 0).count(), 0);
+    assert!(
+        cache.view(1).cache_covers(20),
+        "nothing after the head is missing"
+    );
 }
 
 /// By default the window is time-only: a resume reaches back to the oldest message younger than

@@ -1,17 +1,22 @@
 //! Where a subscription starts and how a cursor reads the log: the shell's side of
 //! [`seqcast_sequencing::Cursor`] and [`seqcast_backlog::plan_drain`]. Every answer is read at
 //! or below the hub's applied head, so what the log has and live delivery has not applied yet
-//! arrives live, never twice.
+//! arrives live, never twice. The one recovery engine: a resume is judged once
+//! ([`plan_resume`]) for WebSocket subscribes and HTTP recovery alike, and every read is a
+//! cursor run to a [`ReadBudget`] — a WebSocket catch-up step ([`read_key_page`], or the hub's
+//! join from the cache) and an HTTP recovery answer ([`read_recovery`]).
 
 use seqcast_backlog::{KeyHistory, plan_drain};
 use std::sync::Arc;
 
-use seqcast_persistence::EventReader;
+use seqcast_persistence::{EventFilter, EventReader};
 use seqcast_protocol::SubscriptionKey;
-use seqcast_sequencing::{LogFacts, Resume, resume, window_start};
+use seqcast_sequencing::{
+    LogFacts, ReadBudget, Replay, ReplayStep, Resume, cached_window_start, resume, window_start,
+};
 
 use crate::error::ApiError;
-use crate::hub::{Hub, PAGE_BYTES};
+use crate::hub::{Frame, Hub, frame_bytes};
 use crate::pages::SharedPage;
 use crate::state::AppState;
 
@@ -37,31 +42,16 @@ pub struct Start {
 /// The oldest number a resume can be served from at `head` (see
 /// [`seqcast_sequencing::window_start`]), from memory when the cached tail is enough to know
 /// it, else from the log.
-pub async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Result<u64, ApiError> {
+async fn resume_window_start(app: &AppState, head: u64, now_ms: u64) -> Result<u64, ApiError> {
     let limits = app.settings.recovery;
-    let min_ts = now_ms.saturating_sub(limits.max_age_ms);
-    let from_memory = app.hub.with_cache(|cache, floor| {
-        let by_count = limits.count_start(head);
-        // The cache answers "the oldest message young enough" exactly when it reaches back past
-        // the age boundary, holds everything retained, or the count bound lies inside it.
-        let exact = cache.oldest_timestamp_ms().is_some_and(|t| t < min_ts)
-            || cache.floor() <= floor
-            || by_count >= cache.floor();
-        exact.then(|| {
-            window_start(
-                limits,
-                LogFacts {
-                    head,
-                    retention_floor: floor,
-                    first_within_age: cache.first_at_or_after(min_ts),
-                },
-            )
-        })
-    });
+    let from_memory = app
+        .hub
+        .with_cache(|cache, floor| cached_window_start(limits, head, floor, now_ms, cache));
     if let Some(start) = from_memory {
         return Ok(start);
     }
     let hub_floor = app.hub.retention_floor();
+    let min_ts = limits.age_boundary_ms(now_ms);
     let (floor, first) = app
         .store
         .read(move |r| Ok((floor_of(r, hub_floor)?, r.first_at_or_after(min_ts)?)))
@@ -86,16 +76,61 @@ fn floor_of(r: &dyn EventReader, hub_floor: u64) -> Result<u64, seqcast_persiste
 /// How long a resume waits for this node to apply a number the log already committed.
 const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A resume names a number this node has not applied yet: with several nodes, a client may have
-/// seen it on another node whose tail was ahead. If the log has committed it, wait (bounded)
-/// until this node's hub applied it, so the seam is never below what the client already has.
-/// Returns the hub's head then.
+/// A resume names a number this node has not applied yet ([`Resume::Ahead`]): with several
+/// nodes, a client may have seen it on another node whose tail was ahead. Wait (bounded) until
+/// this node's hub applied it — or, for a number the log never committed, the log's head — so
+/// the seam is never below what the client already has. Returns the hub's head then.
 async fn wait_for_applied(app: &AppState, since: u64) -> Result<u64, ApiError> {
     let committed = app.store.read(|r| r.head()).await?;
-    if since > committed {
-        return Ok(app.hub.head()); // never issued: the resume rule says `recovered: false`
+    Ok(app.hub.applied(since.min(committed), APPLY_WAIT).await)
+}
+
+/// The verdict on a resume (`since` with the client's `epoch`), the one both ways to recover
+/// act on: a WebSocket `subscribe` with `since` and `GET /websocket/messages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// Where the cursor starts and what the client is told.
+    pub verdict: Resume,
+    /// The head it was judged at: the seam of a subscription, the end of a recovery answer.
+    pub head: u64,
+    /// The window's oldest number at that head (`head + 1` when it is empty).
+    pub window_start: u64,
+}
+
+/// Judge a resume against the window at `head`.
+async fn judge(
+    app: &AppState,
+    since: u64,
+    epoch_matches: bool,
+    head: u64,
+    now_ms: u64,
+) -> Result<Resumed, ApiError> {
+    let window_start = resume_window_start(app, head, now_ms).await?;
+    Ok(Resumed {
+        verdict: resume(since, epoch_matches, head, window_start),
+        head,
+        window_start,
+    })
+}
+
+/// Decide a resume: judged at the hub's head; a `since` ahead of it is judged again once this
+/// node applied it (see [`wait_for_applied`]).
+pub async fn plan_resume(
+    app: &AppState,
+    since: u64,
+    epoch: Option<&str>,
+    now_ms: u64,
+) -> Result<Resumed, ApiError> {
+    let epoch_matches = app.hub.epoch_matches(epoch);
+    let resumed = judge(app, since, epoch_matches, app.hub.head(), now_ms).await?;
+    if !matches!(resumed.verdict, Resume::Ahead { .. }) {
+        return Ok(resumed);
     }
-    Ok(app.hub.applied(since, APPLY_WAIT).await)
+    let head = wait_for_applied(app, since).await?;
+    if head == resumed.head {
+        return Ok(resumed);
+    }
+    judge(app, since, epoch_matches, head, now_ms).await
 }
 
 /// Decide where a `subscribe` to `key` starts.
@@ -109,40 +144,21 @@ pub async fn plan_start(
     let mut head = app.hub.head();
     let mut told = None;
     if let Some(since) = since {
-        let epoch_matches = app.hub.epoch_matches(epoch);
-        if epoch_matches && since > head {
-            head = wait_for_applied(app, since).await?;
-        }
-        let ws = resume_window_start(app, head, now_ms).await?;
-        match resume(since, epoch_matches, head, ws) {
-            Resume::Complete { after } => {
-                return Ok(Start {
-                    after,
-                    head,
-                    recovered: Some(true),
-                    oldest_sequence: None,
-                    drained: 0,
-                    expired: 0,
-                    overflow: 0,
-                });
-            }
-            Resume::Incomplete {
+        let resumed = plan_resume(app, since, epoch, now_ms).await?;
+        head = resumed.head;
+        if let Some(after) = resumed.verdict.start() {
+            return Ok(Start {
                 after,
-                oldest_sequence,
-            } => {
-                return Ok(Start {
-                    after,
-                    head,
-                    recovered: Some(false),
-                    oldest_sequence: Some(oldest_sequence),
-                    drained: 0,
-                    expired: 0,
-                    overflow: 0,
-                });
-            }
-            // Another history's number means nothing here: start like a late subscriber.
-            Resume::OtherEpoch => told = Some(ws.min(head + 1)),
+                head,
+                recovered: Some(resumed.verdict.recovered()),
+                oldest_sequence: resumed.verdict.oldest_sequence(),
+                drained: 0,
+                expired: 0,
+                overflow: 0,
+            });
         }
+        // Another history's number means nothing here: start like a late subscriber.
+        told = Some(resumed.window_start.min(head + 1));
     }
     let limits = app.settings.backlog;
     let hub_floor = app.hub.retention_floor();
@@ -180,31 +196,39 @@ pub async fn plan_start(
     })
 }
 
-/// One page of `key`'s log in `(after, through]`, at most `limit` messages and
-/// [`PAGE_BYTES`] ([`seqcast_persistence::read_bytes`]), read with the retention floor in one read transaction — or the same page
-/// another cursor read a moment ago (see [`crate::pages`]).
+/// One page of `key`'s log in `(after, through]` under `budget`, read with the retention floor
+/// in one read transaction — or the same page another cursor read a moment ago (see
+/// [`crate::pages`]).
 pub async fn read_key_page(
     app: &AppState,
     key: SubscriptionKey,
     after: u64,
     through: u64,
-    limit: usize,
+    budget: ReadBudget,
 ) -> Result<Arc<SharedPage>, ApiError> {
     app.pages
-        .get(&key, after, through, limit, || {
+        .get(&key, after, through, budget, || {
             let key = key.clone();
             async move {
                 // Frames are encoded from the rows as they are read (no event is built).
                 app.store
                     .read(move |r| {
-                        let mut frames = Vec::new();
-                        let bounds =
-                            r.visit_key_page(&key, after, through, limit, PAGE_BYTES, &mut |ev| {
-                                frames.push(Hub::frame_of_row(&key, &ev));
-                            })?;
+                        let mut read = Vec::new();
+                        let bounds = r.visit_key_page(
+                            &key,
+                            after,
+                            through,
+                            budget.max_events,
+                            budget.max_bytes,
+                            &mut |ev| read.push((ev.sequence_number, Hub::frame_of_row(&key, &ev))),
+                        )?;
+                        let page =
+                            budget
+                                .fill()
+                                .page(after, bounds.covered_through, read, frame_bytes);
                         Ok(SharedPage {
-                            frames,
-                            covered_through: bounds.covered_through,
+                            frames: page.items,
+                            covered_through: page.covered_through,
                             floor: bounds.floor,
                         })
                     })
@@ -212,4 +236,77 @@ pub async fn read_key_page(
             }
         })
         .await
+}
+
+/// What a recovery read handed out.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The messages, in order.
+    pub frames: Vec<Frame>,
+    /// The number of the last message handed out, when the budget cut the answer (more may
+    /// follow).
+    pub next_since: Option<u64>,
+    /// The retention floor passed the cursor while the log was read: what lay below it is gone,
+    /// and the answer went on from the floor.
+    pub behind: bool,
+}
+
+/// The messages numbered in `(after, head]` that `admit` lets through (of those `filter` reads
+/// from the log): a [`Replay`] — the cursor a WebSocket subscriber catches up with, run to
+/// `budget` — performed over log pages and the cached tail.
+pub async fn read_recovery(
+    app: &AppState,
+    filter: &EventFilter,
+    admit: &(dyn Fn(&SubscriptionKey) -> bool + Sync),
+    after: u64,
+    head: u64,
+    budget: ReadBudget,
+) -> Result<Recovered, ApiError> {
+    let mut replay = Replay::new(after, head, budget);
+    let mut frames = Vec::new();
+    loop {
+        match replay.next_step(app.hub.view()) {
+            ReplayStep::Done => break,
+            ReplayStep::FromCache { after } => {
+                // None: the cache lost the position since the view; the next step reads the log.
+                let taken = app.hub.read_cached(after, |cached| {
+                    replay.on_cached(
+                        cached
+                            .filter(|m| admit(&m.key))
+                            .map(|m| (m.sequence_number, m.frame.clone())),
+                        frame_bytes,
+                    )
+                });
+                frames.extend(taken.into_iter().flatten());
+            }
+            ReplayStep::ReadLog {
+                after,
+                through,
+                budget,
+            } => {
+                // Reads of the log go in chunks of 64 to 1,000 events (the filter may drop many).
+                let (filter, events) = (filter.clone(), budget.max_events.clamp(64, 1_000));
+                let page = app
+                    .store
+                    .read(move |r| r.page(&filter, after, through, events, budget.max_bytes))
+                    .await?;
+                frames.extend(
+                    replay.on_log_page(
+                        page.events
+                            .iter()
+                            .filter(|e| admit(&e.key))
+                            .map(|e| (e.sequence_number, Hub::frame_of(e))),
+                        frame_bytes,
+                        page.covered_through,
+                        page.floor,
+                    ),
+                );
+            }
+        }
+    }
+    Ok(Recovered {
+        frames,
+        next_since: replay.next_since(),
+        behind: replay.behind(),
+    })
 }

@@ -33,11 +33,13 @@ use seqcast_protocol::{
 };
 
 use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
+use seqcast_sequencing::ReadBudget;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::error::{ApiError, CloseReason};
-use crate::hub::{Frame, Join, Subscriber};
+use crate::hub::{Frame, Join, PAGE_BYTES, Subscriber};
 use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
 use crate::pages::SharedPage;
@@ -344,9 +346,13 @@ async fn sleep_opt(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-/// Frames one catch-up step queues at most (a log page, or a page of the cached tail).
-fn page_size(app: &AppState) -> usize {
-    (app.settings.send_queue / 2).clamp(16, 1024)
+/// What one catch-up step queues at most (a log page, or a page of the cached tail): half the
+/// send queue's frames (16 to 1,024) and [`PAGE_BYTES`].
+fn page_budget(app: &AppState) -> ReadBudget {
+    ReadBudget {
+        max_events: (app.settings.send_queue / 2).clamp(16, 1024),
+        max_bytes: PAGE_BYTES,
+    }
 }
 
 /// The send queue's level as [`Subscriptions`] takes it.
@@ -643,7 +649,7 @@ fn advance(
     info: &ConnInfo,
     subs: &mut Subscriptions,
 ) -> Option<Job> {
-    let page = page_size(app);
+    let page = page_budget(app);
     loop {
         let view = app.hub.view();
         match subs.next_action(view, queue_level(sub))? {
@@ -988,27 +994,29 @@ fn refresh_token(
 /// A read error that is the peer's protocol violation: its close code (1007 for invalid UTF-8,
 /// 1002 otherwise) and reason.
 fn violation(e: &axum::Error) -> Option<(u16, String)> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
+    match ws_error(e)? {
+        WsError::Utf8(_) => Some((
+            CloseReason::InvalidPayload.code(),
+            CloseReason::InvalidPayload.text().to_owned(),
+        )),
+        // The TCP connection ended without a close frame: a broken connection (1006), not a
+        // frame that breaks the protocol.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(p) => {
+            let mut text = format!("protocol error: {p}");
+            truncate_reason(&mut text);
+            Some((CloseReason::ProtocolError.code(), text))
+        }
+        _ => None,
+    }
+}
+
+/// The tungstenite error that axum wraps, found by its type in the source chain.
+fn ws_error(e: &axum::Error) -> Option<&WsError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
-        match s.downcast_ref::<WsError>() {
-            Some(WsError::Utf8(_)) => {
-                return Some((
-                    CloseReason::InvalidPayload.code(),
-                    CloseReason::InvalidPayload.text().to_owned(),
-                ));
-            }
-            // The TCP connection ended without a close frame: a broken connection (1006), not
-            // a frame that breaks the protocol.
-            Some(WsError::Protocol(
-                tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            )) => return None,
-            Some(WsError::Protocol(p)) => {
-                let mut text = format!("protocol error: {p}");
-                truncate_reason(&mut text);
-                return Some((CloseReason::ProtocolError.code(), text));
-            }
-            _ => {}
+        if let Some(ws) = s.downcast_ref::<WsError>() {
+            return Some(ws);
         }
         source = s.source();
     }
@@ -1203,17 +1211,12 @@ async fn close_in_time(app: &AppState, sink: &mut WebSocket, reason: CloseReason
     reason.code()
 }
 
+/// A frame over `--max-message-bytes`: tungstenite refused it as too long.
 fn is_too_large(e: &axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(WsError::Capacity(_)) = s.downcast_ref::<WsError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    // axum::Error wraps the tungstenite error as its inner error; its Display says so too.
-    e.to_string().contains("Space limit exceeded") || e.to_string().contains("too long")
+    matches!(
+        ws_error(e),
+        Some(WsError::Capacity(CapacityError::MessageTooLong { .. }))
+    )
 }
 
 fn log_rejected(
@@ -1237,4 +1240,39 @@ fn log_rejected(
         reason = why,
         "connection closed before it was authenticated"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Socket errors are told apart by their type, not their text: a frame over the size limit
+    /// closes with 1009, invalid UTF-8 with 1007, another protocol violation with 1002, a reset
+    /// connection is no violation — and an error whose message merely reads like a capacity
+    /// error is none.
+    #[test]
+    fn socket_errors_are_told_apart_by_their_type() {
+        let too_long = axum::Error::new(WsError::Capacity(CapacityError::MessageTooLong {
+            size: 2048,
+            max_size: 1024,
+        }));
+        assert!(is_too_large(&too_long));
+        assert_eq!(CloseReason::TooLarge.code(), 1009);
+        assert_eq!(violation(&too_long), None);
+        let lookalike = axum::Error::new(std::io::Error::other(
+            "Space limit exceeded: Message too long: 2048 > 1024",
+        ));
+        assert!(!is_too_large(&lookalike));
+        assert!(!is_too_large(&axum::Error::new(WsError::Capacity(
+            CapacityError::TooManyHeaders
+        ))));
+        let utf8 = axum::Error::new(WsError::Utf8("bad".into()));
+        assert_eq!(violation(&utf8).map(|(code, _)| code), Some(1007));
+        let bad = axum::Error::new(WsError::Protocol(ProtocolError::NonZeroReservedBits));
+        assert_eq!(violation(&bad).map(|(code, _)| code), Some(1002));
+        let reset = axum::Error::new(WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake,
+        ));
+        assert_eq!(violation(&reset), None);
+    }
 }

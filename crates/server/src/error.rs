@@ -154,7 +154,7 @@ impl ApiError {
             if s.is::<crate::deadline::BodyTimeout>() {
                 return ApiError::Timeout("the request body did not arrive in time".into());
             }
-            if s.to_string().contains("length limit") {
+            if s.is::<http_body_util::LengthLimitError>() {
                 return ApiError::TooLarge(format!(
                     "request body exceeds the limit of {limit} bytes"
                 ));
@@ -290,5 +290,27 @@ impl CloseReason {
             CloseReason::AuthRejected => "auth refresh rejected",
             CloseReason::Peer(_, text) => text,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A body over its limit is told by the body limit's own error type (answered 400
+    /// `too_large`, as the contract wants), not by its message: another error that reads the
+    /// same is a plain `bad_request`.
+    #[tokio::test]
+    async fn a_body_over_its_limit_is_told_by_its_error_type() {
+        let body = axum::body::Body::from(vec![b'x'; 2048]);
+        let e = axum::body::to_bytes(body, 1024).await.unwrap_err();
+        let err = ApiError::from_body_error(&e, 1024);
+        assert!(matches!(err, ApiError::TooLarge(_)), "{err:?}");
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.code(), ErrorCode::TooLarge);
+        let broken = axum::Error::new(std::io::Error::other("length limit exceeded"));
+        let err = ApiError::from_body_error(&broken, 1024);
+        assert!(matches!(err, ApiError::BadRequest(_)), "{err:?}");
     }
 }

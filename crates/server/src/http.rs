@@ -12,13 +12,13 @@ use seqcast_protocol::{
     RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish, decode_query,
     encode_recovery_response, encode_stream_page, page_limit,
 };
-use seqcast_sequencing::{Resume, resume};
+use seqcast_sequencing::ReadBudget;
 
 use crate::auth::Grant;
 use crate::catchup;
 use crate::config::StorageKind;
 use crate::error::ApiError;
-use crate::hub::{Frame, Hub};
+use crate::hub::{Hub, frame_bytes};
 use crate::metrics::PublishEndpoint;
 use crate::now_ms;
 use crate::publish;
@@ -117,144 +117,38 @@ async fn recover_page(
         (None, Some(r)) => Filter::RequestId(r),
         (None, None) => Filter::All,
     };
-    let epoch_ok = app.hub.epoch_matches(q.epoch.as_deref());
-    let head = app.hub.head();
-    let window_start = catchup::resume_window_start(app, head, now_ms()).await?;
-    let oldest_sequence = (window_start <= head).then_some(window_start);
-    let (mut complete, after) = match resume(since, epoch_ok, head, window_start) {
-        Resume::Complete { after } => (true, after),
-        Resume::Incomplete { after, .. } => (false, after),
-        // Messages numbered in another epoch's history would be unrelated: send none.
-        Resume::OtherEpoch => {
-            let meta = RecoveryMeta {
-                head,
-                oldest_sequence,
-                epoch: app.hub.epoch(),
-                complete: false,
-                next_since: None,
-            };
-            let body = encode_recovery_response(std::iter::empty(), &meta);
-            return Ok((json_response(StatusCode::OK, body), 0, 0));
-        }
-    };
-    let page = read_recovery(app, &filter, &grant, after, head, limit).await?;
-    complete &= page.complete;
-    let meta = RecoveryMeta {
+    let resumed = catchup::plan_resume(app, since, q.epoch.as_deref(), now_ms()).await?;
+    let head = resumed.head;
+    let oldest_sequence = (resumed.window_start <= head).then_some(resumed.window_start);
+    let mut meta = RecoveryMeta {
         head,
         oldest_sequence,
         epoch: app.hub.epoch(),
-        complete,
-        next_since: page.next_since,
-    };
-    let bytes = page.frames.iter().map(|f| f.len()).sum();
-    let body = encode_recovery_response(page.frames.iter().map(|f| f.as_str()), &meta);
-    Ok((
-        json_response(StatusCode::OK, body),
-        page.frames.len(),
-        bytes,
-    ))
-}
-
-/// A recovery answer's messages.
-struct RecoveryPage {
-    frames: Vec<Frame>,
-    /// Where to continue when `limit` or `--max-response-bytes` cut the answer.
-    next_since: Option<u64>,
-    /// False when pruning passed the start while the answer was read.
-    complete: bool,
-}
-
-/// Collects a page: stops at `limit` messages or the byte bound (at least one message).
-struct PageBuilder {
-    frames: Vec<Frame>,
-    bytes: usize,
-    last: u64,
-    limit: usize,
-    max_bytes: usize,
-    next_since: Option<u64>,
-}
-
-impl PageBuilder {
-    /// Adds a message; false when the page is full (then `next_since` is set).
-    fn add(&mut self, sequence_number: u64, frame: Frame) -> bool {
-        let over_bytes = !self.frames.is_empty() && self.bytes + frame.len() > self.max_bytes;
-        if self.frames.len() == self.limit || over_bytes {
-            self.next_since = Some(self.last);
-            return false;
-        }
-        self.bytes += frame.len();
-        self.last = sequence_number;
-        self.frames.push(frame);
-        true
-    }
-}
-
-/// Messages after `after` up to `head` that pass `filter`: from the cached tail where it holds
-/// them, else from the log, page by page.
-async fn read_recovery(
-    app: &Arc<AppState>,
-    filter: &Filter,
-    grant: &Grant,
-    after: u64,
-    head: u64,
-    limit: usize,
-) -> Result<RecoveryPage, ApiError> {
-    let mut page = PageBuilder {
-        frames: Vec::new(),
-        bytes: 0,
-        last: after,
-        limit,
-        max_bytes: app.settings.max_response_bytes,
+        complete: resumed.verdict.recovered(),
         next_since: None,
     };
-    let mut complete = true;
-    let mut cursor = after;
-    let chunk = (limit + 1).clamp(64, 1_000);
-    while cursor < head {
-        let cached = app.hub.with_cache(|cache, _| {
-            cache.covers_after(cursor).then(|| {
-                let (msgs, _) = cache.after(cursor, limit + 1, |m| {
-                    m.sequence_number <= head && filter.admits(&m.key, grant)
-                });
-                msgs.iter()
-                    .map(|m| (m.sequence_number, m.frame.clone()))
-                    .collect::<Vec<_>>()
-            })
-        });
-        if let Some(msgs) = cached {
-            for (seq, frame) in msgs {
-                if !page.add(seq, frame) {
-                    break;
-                }
-            }
-            break;
-        }
-        let db_filter = filter.to_event_filter();
-        // Read no more than what is left of the response's byte budget (at least one message).
-        let room = page.max_bytes.saturating_sub(page.bytes);
-        let log_page = app
-            .store
-            .read(move |r| r.page(&db_filter, cursor, head, chunk, room))
-            .await?;
-        if log_page.floor > cursor + 1 {
-            complete = false; // pruned while we read: what lay below the floor is gone
-        }
-        for ev in &log_page.events {
-            if filter.admits(&ev.key, grant) && !page.add(ev.sequence_number, Hub::frame_of(ev)) {
-                return Ok(RecoveryPage {
-                    frames: page.frames,
-                    next_since: page.next_since,
-                    complete,
-                });
-            }
-        }
-        cursor = log_page.covered_through.max(cursor + 1);
-    }
-    Ok(RecoveryPage {
-        frames: page.frames,
-        next_since: page.next_since,
-        complete,
-    })
+    // Messages numbered in another epoch's history would be unrelated: send none.
+    let Some(after) = resumed.verdict.start() else {
+        let body = encode_recovery_response(std::iter::empty(), &meta);
+        return Ok((json_response(StatusCode::OK, body), 0, 0));
+    };
+    let budget = ReadBudget {
+        max_events: limit,
+        max_bytes: app.settings.max_response_bytes,
+    };
+    let admit = |key: &SubscriptionKey| filter.admits(key, &grant);
+    let read =
+        catchup::read_recovery(app, &filter.to_event_filter(), &admit, after, head, budget).await?;
+    // The cursor fell behind the retention floor while the log was read: `complete: false`.
+    meta.complete &= !read.behind;
+    meta.next_since = read.next_since;
+    let bytes = read.frames.iter().map(frame_bytes).sum();
+    let body = encode_recovery_response(read.frames.iter().map(|f| f.as_str()), &meta);
+    Ok((
+        json_response(StatusCode::OK, body),
+        read.frames.len(),
+        bytes,
+    ))
 }
 
 #[derive(Clone)]
@@ -619,28 +513,32 @@ pub async fn stream_page(
     let ApiQuery(q) = query?;
     let after = q.after.unwrap_or(0);
     let limit = page_limit(q.limit)?;
-    let max_bytes = app.settings.max_response_bytes;
-    // The store stops reading at the count or the bytes; the page is cut where its frames
-    // reach `--max-response-bytes` (at least one row), like a recovery page.
+    let budget = ReadBudget {
+        max_events: limit,
+        max_bytes: app.settings.max_response_bytes,
+    };
+    // The store stops reading at the budget's count or bytes (the rows read then account for
+    // the stream up to the last of them, else for all of it); the page is filled under the same
+    // budget (at least one row), like a recovery page.
     let rows = app
         .store
-        .read(move |r| r.stream_rows(&key, after, limit, max_bytes))
+        .read(move |r| r.stream_rows(&key, after, budget.max_events, budget.max_bytes))
         .await?;
     let read_bytes: usize = rows.iter().map(CommittedEvent::read_bytes).sum();
-    let mut next_after = (rows.len() == limit || read_bytes >= max_bytes)
-        .then(|| rows.last().map(|r| r.stream_sequence))
-        .flatten();
-    let mut frames = Vec::with_capacity(rows.len());
-    let mut bytes = 0;
-    for (i, row) in rows.iter().enumerate() {
-        let frame = Hub::frame_of(row);
-        if i > 0 && bytes + frame.len() > max_bytes {
-            next_after = Some(rows[i - 1].stream_sequence);
-            break;
-        }
-        bytes += frame.len();
-        frames.push(frame);
-    }
+    let stopped = rows.len() >= budget.max_events || read_bytes >= budget.max_bytes;
+    let read_through = match rows.last() {
+        Some(last) if stopped => last.stream_sequence,
+        _ => u64::MAX,
+    };
+    let page = budget.fill().page(
+        after,
+        read_through,
+        rows.iter()
+            .map(|row| (row.stream_sequence, Hub::frame_of(row))),
+        frame_bytes,
+    );
+    let next_after = (page.covered_through != u64::MAX).then_some(page.covered_through);
+    let frames = page.items;
     Ok(json_response(
         StatusCode::OK,
         encode_stream_page(frames.iter().map(|f| f.as_str()), next_after),

@@ -23,7 +23,7 @@ use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{CachedMessage, GapError, TailCache, View};
+use seqcast_sequencing::{CachedMessage, GapError, ReadBudget, TailCache, View};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -37,9 +37,9 @@ pub type Frame = Utf8Bytes;
 pub const SEND_QUEUE_BYTES: usize = 4 << 20;
 
 /// Most bytes of messages one catch-up step queues, from the log or from the cache, whatever
-/// its frame count (the message that crosses it is included: a larger message is a step of its
-/// own). A step is taken only while the send queue is below its low-water mark, so a connection
-/// holds about a queue and a page even when messages are large.
+/// its frame count (the byte side of its [`ReadBudget`]: a larger message is a step of its own).
+/// A step is taken only while the send queue is below its low-water mark, so a connection holds
+/// about a queue and a page even when messages are large.
 pub const PAGE_BYTES: usize = SEND_QUEUE_BYTES / 4;
 
 /// The hub's side of one WebSocket connection: its send queue, the keys that lagged out of live
@@ -73,8 +73,6 @@ struct SendQueue {
     bytes: usize,
     /// The connection has stopped: nothing more is queued.
     finished: bool,
-    /// Frames ever queued.
-    queued: u64,
     /// When the oldest live frame now queued was committed (for the commit → written metric).
     oldest_live: Option<Instant>,
 }
@@ -126,7 +124,6 @@ impl Subscriber {
             }
             q.bytes += frame.len();
             q.items.push(frame);
-            q.queued += 1;
             q.oldest_live.get_or_insert(committed_at);
         }
         self.ready.wake();
@@ -148,7 +145,6 @@ impl Subscriber {
             for f in frames {
                 q.bytes += f.len();
                 q.items.push(f);
-                q.queued += 1;
             }
         }
         self.ready.wake();
@@ -235,11 +231,6 @@ impl Subscriber {
         q.bytes = 0;
     }
 
-    /// Frames queued to this connection so far.
-    pub fn queued(&self) -> u64 {
-        self.lock_queue().queued
-    }
-
     /// Ask the connection to close with `reason` (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
         let mut r = self.close_reason.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,6 +294,12 @@ struct HubState {
     retention_floor: u64,
 }
 
+impl HubState {
+    fn view(&self) -> View {
+        self.cache.view(self.retention_floor)
+    }
+}
+
 /// See the module docs.
 pub struct Hub {
     state: Mutex<HubState>,
@@ -326,6 +323,11 @@ impl std::fmt::Debug for Hub {
             .field("head", &self.head())
             .finish_non_exhaustive()
     }
+}
+
+/// What a frame weighs against a page's [`ReadBudget`].
+pub fn frame_bytes(frame: &Frame) -> usize {
+    frame.len()
 }
 
 /// Bytes charged for one cached frame.
@@ -458,12 +460,7 @@ impl Hub {
 
     /// What a cursor needs to pick its next step.
     pub fn view(&self) -> View {
-        let state = self.lock();
-        View {
-            head: state.cache.head(),
-            cache_floor: state.cache.floor(),
-            retention_floor: state.retention_floor,
-        }
+        self.lock().view()
     }
 
     /// The log's retention floor as the hub knows it.
@@ -635,53 +632,41 @@ impl Hub {
     }
 
     /// Under the hub lock: if the cache holds everything of `key` after `after`, queue it to
-    /// `sub` and register `sub` for live delivery of `key` — unless it is more than `page`
-    /// frames, then queue a page and stay out of live delivery.
+    /// `sub` and register `sub` for live delivery of `key` — unless it is more than one page
+    /// under `budget`, then queue a page and stay out of live delivery.
     pub fn join_from_cache(
         &self,
         sub: &Arc<Subscriber>,
         key: &SubscriptionKey,
         after: u64,
-        page: usize,
+        budget: ReadBudget,
         history: u64,
     ) -> Join {
-        let page = page.max(1);
         let mut state = self.lock();
         // Under the lock that `move_to_history` holds: a cursor of an older history never joins
         // (or takes the cached rest of) this one.
         if self.history.load(Ordering::Acquire) != history {
             return Join::Gone;
         }
-        if !state.cache.covers_after(after) {
+        // The view was taken before the lock: the cache may have lost the position since.
+        if !state.view().cache_covers(after) {
             return Join::NotCached;
         }
-        let cached = state.cache.key_after(key, after, page + 1);
-        // A page ends at `page` frames or once its frames reach PAGE_BYTES.
-        let mut bytes = 0;
-        let page = cached
-            .iter()
-            .position(|m| {
-                bytes += m.frame.len();
-                bytes >= PAGE_BYTES
-            })
-            .map_or(page, |last| page.min(last + 1));
-        if cached.len() > page {
-            let through = cached[page - 1].sequence_number;
-            let frames: Vec<Frame> = cached[..page].iter().map(|m| m.frame.clone()).collect();
-            let sent = frames.len();
-            if !sub.push(frames) {
-                return Join::Gone;
-            }
-            Metrics::add(&self.metrics.deliveries, sent as u64);
-            return Join::Page { through, sent };
-        }
-        let frames: Vec<Frame> = cached.iter().map(|m| m.frame.clone()).collect();
-        let sent = frames.len();
-        if !sub.push(frames) {
+        let head = state.cache.head();
+        let page = state
+            .cache
+            .key_page(key, after, budget, |m| frame_bytes(&m.frame));
+        let sent = page.items.len();
+        if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
             return Join::Gone;
         }
         Metrics::add(&self.metrics.deliveries, sent as u64);
-        let head = state.cache.head();
+        if page.covered_through < head {
+            return Join::Page {
+                through: page.covered_through,
+                sent,
+            };
+        }
         // A lag of this key still waiting to be read belongs to an earlier subscription of it
         // (lags are recorded under this lock, and only for live subscribers): drop it.
         sub.lagged
@@ -756,6 +741,21 @@ impl Hub {
     pub fn with_cache<T>(&self, f: impl FnOnce(&TailCache<Frame>, u64) -> T) -> T {
         let state = self.lock();
         f(&state.cache, state.retention_floor)
+    }
+
+    /// Under the hub lock: `take` gets the cached messages after `after`, ascending — or `None`
+    /// when the cache no longer holds everything after `after` (read the log). What HTTP
+    /// recovery takes from memory ([`seqcast_sequencing::Replay::on_cached`]).
+    pub fn read_cached<T>(
+        &self,
+        after: u64,
+        take: impl FnOnce(&mut dyn Iterator<Item = &CachedMessage<Frame>>) -> T,
+    ) -> Option<T> {
+        let state = self.lock();
+        state
+            .view()
+            .cache_covers(after)
+            .then(|| take(&mut state.cache.after(after)))
     }
 
     /// The `n` keys with the most live subscribers on this node: (key, subscribers, the
@@ -834,6 +834,14 @@ mod tests {
             timestamp_ms: 1_000 + seq,
             data: seq.to_string(),
             replaced: false,
+        }
+    }
+
+    /// A catch-up page of `n` frames and [`PAGE_BYTES`].
+    fn pages(n: usize) -> ReadBudget {
+        ReadBudget {
+            max_events: n,
+            max_bytes: PAGE_BYTES,
         }
     }
 
@@ -924,17 +932,20 @@ mod tests {
         assert_ne!(hub.history(), before);
         assert_eq!(hub.epoch(), "new");
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
-        assert_eq!(hub.join_from_cache(&sub, &key, 4, 16, before), Join::Gone);
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 4, pages(16), before),
+            Join::Gone
+        );
         // A connection that started under the new history joins as usual.
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 3, 16, hub.history()),
+            hub.join_from_cache(&sub, &key, 3, pages(16), hub.history()),
             Join::Joined { head: 3, sent: 0 }
         );
     }
 
-    /// A page from the cache stops at PAGE_BYTES of frames (the crossing one included), whatever
-    /// the page's frame count, so a connection never queues the whole cached rest of a key of
-    /// large messages at once.
+    /// A page from the cache stops before its frames pass PAGE_BYTES, whatever the page's frame
+    /// count, so a connection never queues the whole cached rest of a key of large messages at
+    /// once.
     #[test]
     fn a_page_from_the_cache_stops_at_its_bytes() {
         let hub = Hub::new("e".into(), 0, 1, 16 << 20, Vec::new()).unwrap();
@@ -945,19 +956,18 @@ mod tests {
             ev.data = big.clone();
             hub.apply_committed(&[ev]).unwrap();
         }
-        // Two frames are just under PAGE_BYTES; the third crosses it and ends the page.
+        // Two frames are just under PAGE_BYTES; the third would pass it and starts the next page.
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 1024));
-        assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 512, 0),
-            Join::Page {
-                through: 3,
-                sent: 3
-            }
-        );
+        for through in [2, 4] {
+            assert_eq!(
+                hub.join_from_cache(&sub, &key, through - 2, pages(512), 0),
+                Join::Page { through, sent: 2 }
+            );
+        }
         // The rest is a page of its own too, and the last: joined.
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 3, 512, 0),
-            Join::Joined { head: 6, sent: 3 }
+            hub.join_from_cache(&sub, &key, 4, pages(512), 0),
+            Join::Joined { head: 6, sent: 2 }
         );
         let mut buf = Vec::new();
         sub.take_now(&mut buf, &mut None);
@@ -970,7 +980,7 @@ mod tests {
         let key = SubscriptionKey::parse("c:a").unwrap();
         let sub = Arc::new(Subscriber::new(Arc::from("x"), 2));
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 10, 0),
+            hub.join_from_cache(&sub, &key, 0, pages(10), 0),
             Join::Joined { head: 0, sent: 0 }
         );
         for seq in 1..=5 {
@@ -987,7 +997,7 @@ mod tests {
         assert!(sub.take_now(&mut rest, &mut None).is_none());
         // Joining from position 2 queues 3..=6 from the cache, then live again.
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 2, 10, 0),
+            hub.join_from_cache(&sub, &key, 2, pages(10), 0),
             Join::Joined { head: 6, sent: 4 }
         );
         sub.take_now(&mut rest, &mut None);
@@ -1009,7 +1019,7 @@ mod tests {
             hub.apply_committed(&[event(seq, "c:a")]).unwrap();
         }
         assert_eq!(
-            hub.join_from_cache(&sub, &key, 0, 4, 0),
+            hub.join_from_cache(&sub, &key, 0, pages(4), 0),
             Join::Page {
                 through: 4,
                 sent: 4
@@ -1017,7 +1027,10 @@ mod tests {
         );
         // The log is pruned below 6: the cache drops 1..=5 with it.
         hub.raise_retention_floor(6);
-        assert_eq!(hub.join_from_cache(&sub, &key, 4, 4, 0), Join::NotCached);
+        assert_eq!(
+            hub.join_from_cache(&sub, &key, 4, pages(4), 0),
+            Join::NotCached
+        );
         let view = hub.view();
         assert_eq!(
             (view.cache_floor, view.retention_floor, view.head),

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use seqcast_protocol::SubscriptionKey;
+use seqcast_sequencing::ReadBudget;
 use tokio::sync::OnceCell;
 
 use crate::error::ApiError;
@@ -28,8 +29,8 @@ pub struct SharedPage {
     pub floor: u64,
 }
 
-/// Which page: the key, the range asked for and the page size.
-type PageId = (SubscriptionKey, u64, u64, usize);
+/// Which page: the key, the range asked for and the budget it was read to.
+type PageId = (SubscriptionKey, u64, u64, ReadBudget);
 type Slot = Arc<OnceCell<Arc<SharedPage>>>;
 
 #[derive(Debug, Default)]
@@ -96,21 +97,21 @@ impl PageCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The page of `key` in `(after, through]` (at most `limit` messages): cached, being read by
-    /// another cursor (then it waits for that read), or read (and encoded) now with `read`.
+    /// The page of `key` in `(after, through]` under `budget`: cached, being read by another
+    /// cursor (then it waits for that read), or read (and encoded) now with `read`.
     pub async fn get<F, Fut>(
         &self,
         key: &SubscriptionKey,
         after: u64,
         through: u64,
-        limit: usize,
+        budget: ReadBudget,
         read: F,
     ) -> Result<Arc<SharedPage>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<SharedPage, ApiError>>,
     {
-        let id: PageId = (key.clone(), after, through, limit);
+        let id: PageId = (key.clone(), after, through, budget);
         let slot = Arc::clone(self.lock().slots.entry(id.clone()).or_default());
         // Removes the slot when its last waiter goes away without a page in it: a read that
         // failed, or every waiter cancelled with its connection. Runs on every exit.
@@ -162,6 +163,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    const PAGE: ReadBudget = ReadBudget {
+        max_events: 16,
+        max_bytes: 1 << 20,
+    };
+
     fn page(n: u64) -> SharedPage {
         SharedPage {
             frames: vec![Frame::from(format!("{{\"n\":{n}}}"))],
@@ -180,10 +186,10 @@ mod tests {
             // Three waiters on one page and one on another, all cancelled mid-read.
             let never = || std::future::pending::<Result<SharedPage, ApiError>>();
             let reads = futures_util::future::join4(
-                cache.get(&key, round, round + 10, 16, never),
-                cache.get(&key, round, round + 10, 16, never),
-                cache.get(&key, round, round + 10, 16, never),
-                cache.get(&key, round + 1000, round + 1010, 16, never),
+                cache.get(&key, round, round + 10, PAGE, never),
+                cache.get(&key, round, round + 10, PAGE, never),
+                cache.get(&key, round, round + 10, PAGE, never),
+                cache.get(&key, round + 1000, round + 1010, PAGE, never),
             );
             assert!(
                 tokio::time::timeout(Duration::from_millis(5), reads)
@@ -205,11 +211,11 @@ mod tests {
         let cache = PageCache::new(1 << 20);
         let key = SubscriptionKey::parse("c:r").unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let reader = cache.get(&key, 0, 10, 16, || async move {
+        let reader = cache.get(&key, 0, 10, PAGE, || async move {
             rx.await.unwrap();
             Ok(page(10))
         });
-        let mut waiter = Box::pin(cache.get(&key, 0, 10, 16, || async { Ok(page(99)) }));
+        let mut waiter = Box::pin(cache.get(&key, 0, 10, PAGE, || async { Ok(page(99)) }));
         tokio::pin!(reader);
         // Both wait (the first holds the read); then the second is cancelled.
         assert!(futures_util::poll!(reader.as_mut()).is_pending());
@@ -221,13 +227,13 @@ mod tests {
         assert_eq!(got.covered_through, 10);
         assert_eq!(cache.slots(), 1, "the filled page is cached");
         let again = cache
-            .get(&key, 0, 10, 16, || async { Ok(page(77)) })
+            .get(&key, 0, 10, PAGE, || async { Ok(page(77)) })
             .await
             .unwrap();
         assert_eq!(again.covered_through, 10, "served from the cache");
         // A failed read leaves nothing either.
         let failed = cache
-            .get(&key, 5, 6, 16, || async {
+            .get(&key, 5, 6, PAGE, || async {
                 Err(ApiError::Internal("disk".into()))
             })
             .await;
