@@ -92,23 +92,26 @@ async fn the_proxy_passes_delays_black_holes_resets_and_switches_a_real_connecti
     assert!(in_recovery, "the switched proxy did not reach the standby");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promoted() {
-    let Some(primary) = PgCluster::primary() else {
-        return;
-    };
+/// A primary with a streaming synchronous standby `s1`, and a client of the primary that made
+/// table `t` with one row (1); None without the PostgreSQL binaries.
+async fn synchronous_pair_with_one_row() -> Option<(PgCluster, PgCluster, tokio_postgres::Client)> {
+    let primary = PgCluster::primary()?;
     let standby = primary.standby("s1");
     primary.set_synchronous_standby_names("s1");
     primary.wait_for_sync_standby("s1", Duration::from_secs(20));
     let client = connect(&primary.url("postgres")).await;
     client
-        .batch_execute("CREATE TABLE t (n int)")
+        .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    client
-        .batch_execute("INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
+    Some((primary, standby, client))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promoted() {
+    let Some((primary, standby, client)) = synchronous_pair_with_one_row().await else {
+        return;
+    };
 
     // The standby is gone: a commit waits (for ever, by PostgreSQL's default).
     standby.stop();
@@ -166,17 +169,9 @@ async fn a_synchronous_standby_holds_commits_until_it_confirms_and_can_be_promot
 /// success: the nemesis run's "acknowledged … is not in the log" after a failover.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_reports_no_commit_the_cut_off_synchronous_standby_lacks() {
-    let Some(primary) = PgCluster::primary() else {
+    let Some((primary, standby, client)) = synchronous_pair_with_one_row().await else {
         return;
     };
-    let standby = primary.standby("s1");
-    primary.set_synchronous_standby_names("s1");
-    primary.wait_for_sync_standby("s1", Duration::from_secs(20));
-    let client = connect(&primary.url("postgres")).await;
-    client
-        .batch_execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
 
     // The standby is cut off: it streams from a port nobody listens on.
     let nowhere = seqcast_e2e::pg_cluster::free_port();
