@@ -260,6 +260,34 @@ impl PgCluster {
         self.run_ok("pg_ctl", &["-D", &self.data_str(), "-w", "promote"]);
     }
 
+    /// Fails this primary over to `standby` (its synchronous standby), as an operator must to
+    /// lose no acknowledged commit: this primary stops (`-m fast`) with
+    /// `synchronous_standby_names` unchanged, then the standby is promoted.
+    ///
+    /// Clearing `synchronous_standby_names` first (or any other way of making this primary
+    /// asynchronous before it is gone) would be wrong: PostgreSQL then releases every COMMIT
+    /// waiting for the standby as a success, and if the standby is not streaming at that
+    /// moment (it reconnects only every `wal_retrieve_retry_interval`, 5 s, after a restart of
+    /// the primary) those commits are acknowledged and missing from the promoted standby. With
+    /// the names kept, a waiting COMMIT ends with the session (never reported committed), and a
+    /// connected standby receives all WAL before the primary's shutdown completes.
+    ///
+    /// Returns the standby's replication state just before (`streaming/sync`, or `not
+    /// connected`), for the test's fault log.
+    pub fn fail_over_to(&self, standby: &PgCluster) -> String {
+        let state = self.sql(&format!(
+            "SELECT state || '/' || sync_state FROM pg_stat_replication WHERE application_name = '{}'",
+            standby.name
+        ));
+        self.stop();
+        standby.promote();
+        if state.is_empty() {
+            "not connected".to_owned()
+        } else {
+            state
+        }
+    }
+
     /// Waits until the primary reports `name` as a streaming synchronous standby.
     pub fn wait_for_sync_standby(&self, name: &str, within: Duration) {
         let deadline = Instant::now() + within;
@@ -276,6 +304,32 @@ impl PgCluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The lines of the server log about replication, restarts, promotion and warnings (for
+    /// failure messages: when the synchronous standby was connected, when commits stopped
+    /// waiting for it).
+    pub fn replication_log(&self) -> String {
+        const NOTABLE: [&str; 13] = [
+            "synchronous",
+            "WARNING",
+            "DETAIL:  The transaction",
+            "shutdown request",
+            "ready to accept",
+            "promote",
+            "redo done",
+            "last completed transaction",
+            "started streaming",
+            "replication terminated",
+            "could not connect to the primary",
+            "End of WAL",
+            "new timeline",
+        ];
+        self.log()
+            .lines()
+            .filter(|l| NOTABLE.iter().any(|n| l.contains(n)))
+            .map(|l| format!("{}: {l}\n", self.name))
+            .collect()
     }
 
     /// The server log so far (for failure messages).

@@ -40,13 +40,49 @@ const RETENTION: [&str; 2] = ["--retention-max-events", "1500"];
 /// The nodes as the clients see them: slot → HTTP address (None while being replaced).
 type Addrs = Arc<Mutex<Vec<Option<std::net::SocketAddr>>>>;
 
-fn pick(addrs: &Addrs, rng: &mut StdRng) -> Option<std::net::SocketAddr> {
-    let live: Vec<_> = addrs.lock().unwrap().iter().flatten().copied().collect();
+/// A live node at random: (slot, address).
+fn pick(addrs: &Addrs, rng: &mut StdRng) -> Option<(usize, std::net::SocketAddr)> {
+    let live: Vec<_> = addrs
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, a)| a.map(|a| (slot, a)))
+        .collect();
     if live.is_empty() {
         None
     } else {
         Some(live[rng.random_range(0..live.len())])
     }
+}
+
+/// One 200 answer of `/api/publish`: what, from which node, when.
+struct Acked {
+    answer: Value,
+    slot: usize,
+    node: std::net::SocketAddr,
+    at: Instant,
+}
+
+/// The last warnings (and outbox and history events) of every live node, for failure messages.
+fn node_warnings(nodes: &[Option<TestServer>]) -> String {
+    let mut out = String::new();
+    for (slot, n) in nodes.iter().enumerate() {
+        let Some(n) = n else { continue };
+        let lines: Vec<String> = n
+            .raw_logs()
+            .into_iter()
+            .filter(|l| {
+                ["\"WARN\"", "\"ERROR\"", "stderr:"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .collect();
+        for l in &lines[lines.len().saturating_sub(25)..] {
+            out.push_str(&format!("node {slot}: {l}\n"));
+        }
+    }
+    out
 }
 
 /// What one subscriber saw of one key: (sequence number, epoch) in arrival order, and the
@@ -71,7 +107,7 @@ async fn hop_subscriber(
     let t = token(&format!("sub{id}"), None);
     let mut history: HashMap<String, KeyHistory> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
-        let Some(addr) = pick(&addrs, &mut rng) else {
+        let Some((_, addr)) = pick(&addrs, &mut rng) else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -153,7 +189,7 @@ async fn http_publisher(
     stop: Arc<AtomicBool>,
     seed: u64,
     counter: Arc<AtomicU64>,
-) -> Vec<Value> {
+) -> Vec<Acked> {
     let mut rng = StdRng::seed_from_u64(seed);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(8))
@@ -166,7 +202,7 @@ async fn http_publisher(
         let body = json!({"channel": "nemesis", "request_id": key,
                           "message_id": format!("h{id}-{n}"), "data": {"n": n}});
         for _ in 0..12 {
-            let Some(addr) = pick(&addrs, &mut rng) else {
+            let Some((slot, addr)) = pick(&addrs, &mut rng) else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
@@ -181,7 +217,12 @@ async fn http_publisher(
                 && r.status().as_u16() == 200
                 && let Ok(v) = r.json::<Value>().await
             {
-                acked.push(v);
+                acked.push(Acked {
+                    answer: v,
+                    slot,
+                    node: addr,
+                    at: Instant::now(),
+                });
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -284,11 +325,14 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
 
     // The faults, one at a time.
     let mut current = &primary;
-    let mut failed_over = false;
+    let mut failed_over: Option<Instant> = None;
     let mut log = Vec::new();
+    let started = Instant::now();
     let faults_until = Instant::now() + Duration::from_secs(secs);
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() < faults_until {
+        let at = started.elapsed();
+        let log_len = log.len();
         let slot = rng.random_range(0..nodes.len());
         let fault = rng.random_range(0..5);
         let hold = Duration::from_millis(rng.random_range(1_500..5_000));
@@ -327,17 +371,23 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
                 log.push("restart PostgreSQL (fast)".to_owned());
                 current.restart();
             }
-            _ if !failed_over && Instant::now() + Duration::from_secs(15) < faults_until => {
-                log.push("fail over to the standby".to_owned());
-                primary.set_synchronous_standby_names("");
-                primary.stop();
-                standby.promote();
+            _ if failed_over.is_none()
+                && Instant::now() + Duration::from_secs(15) < faults_until =>
+            {
+                // A correct failover: the synchronous standby has every acknowledged commit.
+                let began = Instant::now();
+                let was = primary.fail_over_to(&standby);
+                failed_over = Some(began);
+                log.push(format!(
+                    "fail over to the standby (it was {was}; primary stopped and standby \
+                     promoted in {:.1?})",
+                    began.elapsed()
+                ));
                 for p in proxies.iter().chain([&app_proxy]) {
                     p.set_upstream(standby.addr());
                     p.reset_all();
                 }
                 current = &standby;
-                failed_over = true;
             }
             _ => {
                 log.push(format!("latency 50 ms on node {slot} for {hold:?}"));
@@ -346,9 +396,12 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
                 proxies[slot].set_latency(Duration::ZERO);
             }
         }
+        if let Some(entry) = log.get_mut(log_len) {
+            *entry = format!("{at:>8.1?}: {entry}");
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
     }
-    eprintln!("faults: {log:#?}");
+    eprintln!("faults (time into the run): {log:#?}");
     // Calm: let everyone catch up, then stop.
     tokio::time::sleep(Duration::from_secs(8)).await;
     stop.store(true, Ordering::Relaxed);
@@ -386,9 +439,28 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
         if staged == 0 {
             break;
         }
+        if std::time::Instant::now() >= drain_deadline {
+            // Who holds what (a session left in a transaction holds the counter's lock).
+            let sessions: Vec<String> = client
+                .query(
+                    "SELECT application_name || ' ' || coalesce(client_addr::text, '') || ' ' || \
+                     coalesce(state, '') || ' xact ' || coalesce((now() - xact_start)::text, '-') || \
+                     ' wait ' || coalesce(wait_event_type || '/' || wait_event, '-') || ': ' || \
+                     left(query, 120) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            eprintln!("sessions of the database:\n{}", sessions.join("\n"));
+        }
         assert!(
             std::time::Instant::now() < drain_deadline,
-            "{staged} application messages are still staged in seqcast.outbox 30 s after the faults ended (seed {seed})"
+            "{staged} application messages are still staged in seqcast.outbox 30 s after the faults ended (seed {seed}); faults: {log:#?}\nnodes:\n{}PostgreSQL:\n{}{}",
+            node_warnings(&nodes),
+            primary.replication_log(),
+            standby.replication_log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -430,21 +502,51 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
 
     // 1. Every acknowledged publish is in the log with its number; no id got two numbers.
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
-    for a in &acked {
+    // What a failure needs: the answer, its node, when (against the failover), the faults,
+    // and what PostgreSQL said about the synchronous standby.
+    let context = |a: &Acked| {
+        let when = match failed_over {
+            Some(f) if a.at < f => format!("{:.1?} before the failover began", f - a.at),
+            Some(f) => format!("{:.1?} after the failover began", a.at - f),
+            None => "no failover in this run".to_owned(),
+        };
+        format!(
+            "answered {} by node {} ({}) {:.1?} into the run, {when}; faults: {log:#?}; \
+             seed {seed}\nnodes:\n{}PostgreSQL:\n{}{}",
+            a.answer,
+            a.slot,
+            a.node,
+            a.at - started,
+            node_warnings(&nodes),
+            primary.replication_log(),
+            standby.replication_log()
+        )
+    };
+    for acked in &acked {
+        let a = &acked.answer;
         let id = a["message_id"].as_str().unwrap().to_owned();
         let n = a["sequence_number"].as_u64().unwrap();
         if let Some(before) = by_id.insert(id.clone(), n) {
-            assert_eq!(before, n, "message {id} was answered {before} and {n}");
+            assert_eq!(
+                before,
+                n,
+                "message {id} was answered {before} and {n}; {}",
+                context(acked)
+            );
         }
         if n < floor {
             continue; // pruned by retention
         }
-        let entries = final_log
-            .get(&id)
-            .unwrap_or_else(|| panic!("acknowledged {id} (number {n}) is not in the log"));
+        let entries = final_log.get(&id).unwrap_or_else(|| {
+            panic!(
+                "acknowledged {id} (number {n}) is not in the log: {}",
+                context(acked)
+            )
+        });
         assert!(
             entries.iter().any(|(s, _)| *s == n),
-            "acknowledged {id} was answered {n}; the log has {entries:?}"
+            "acknowledged {id} was answered {n}; the log has {entries:?}; {}",
+            context(acked)
         );
         assert_eq!(entries.len(), 1, "{id} is in the log twice: {entries:?}");
     }

@@ -138,8 +138,16 @@ impl PgConfig {
         config.keepalives_interval(Duration::from_secs(1));
         config.keepalives_retries(3);
         config.tcp_user_timeout(self.query_deadline() * 2);
+        // A session of this node that goes silent inside a transaction (its node gone behind
+        // a partition, a black hole or a stop, while PostgreSQL's side of the connection stays
+        // up) is ended after the same time: it may hold the counter row's lock, which every
+        // node's writes and outbox numbering need. The node never idles inside a transaction
+        // on purpose, and has given such a connection up by then (its client-side deadline).
         let ms = self.statement_timeout.as_millis().max(1);
-        config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
+        config.options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} \
+             -c idle_in_transaction_session_timeout={ms}"
+        ));
         Ok(config)
     }
 }
@@ -304,4 +312,69 @@ pub(crate) fn pg_int(value: u64) -> i64 {
 /// A stored number that must not be negative.
 pub(crate) fn pg_u64(value: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::PgConfig;
+
+    /// A node's session that goes silent inside a transaction releases its locks after the
+    /// statement timeout: PostgreSQL ends it (before, a black-holed writer connection held the
+    /// counter row's lock until TCP noticed, hours later, and no node could write).
+    #[tokio::test]
+    async fn a_session_silent_inside_a_transaction_is_ended_and_its_locks_released() {
+        let url = std::env::var("SEQCAST_TEST_PG_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let config = PgConfig {
+            statement_timeout: Duration::from_millis(500),
+            ..PgConfig::new(url.clone())
+        };
+        let connected = config
+            .connection("seqcast-idle-test")
+            .unwrap()
+            .connect(tokio_postgres::NoTls)
+            .await;
+        let (held, connection) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+                assert!(
+                    !ci,
+                    "PostgreSQL is not reachable at {url} under CI=true: {e}"
+                );
+                eprintln!("\n!!!! SKIPPED: no PostgreSQL at {url}: {e}\n");
+                return;
+            }
+        };
+        tokio::spawn(connection);
+        let key = i64::from(std::process::id()) << 20 | 0x5ca5;
+        held.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({key})"))
+            .await
+            .unwrap();
+        // Silent from here on, the connection open: another session waits for the lock.
+        let (other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let asked = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            other.batch_execute(&format!("SELECT pg_advisory_xact_lock({key})")),
+        )
+        .await
+        .expect("the silent session still holds its lock after 10 s")
+        .unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the lock came only after {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            held.batch_execute("SELECT 1").await.is_err(),
+            "the silent session was not ended"
+        );
+    }
 }
