@@ -1,6 +1,6 @@
 //! A connection's write path, the parts that decide rather than do: when queued frames go out
 //! ([`WritePacer`], a pure rule with time passed in), and which of the connection task's
-//! branches are worth polling after a wake-up ([`Gate`]).
+//! branches are worth polling after a wake-up ([`Gates`]).
 //!
 //! Each write is a system call that also runs the peer's receive path and wakes it, so a
 //! connection that takes one live message per write pays that per message. The pacer lets a
@@ -8,7 +8,7 @@
 //! at once, and so does anything the connection queued itself (replies, catch-up pages).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -16,8 +16,8 @@ use futures_util::task::AtomicWaker;
 
 /// When a connection writes what was taken from its send queue.
 ///
-/// The rule: a take that holds a live message, on a connection that wrote less than `busy`
-/// ago, waits until `delay` after that write; everything else is written at once — the first
+/// The rule: a take that holds a live message, on a connection that wrote live messages less
+/// than `busy` ago, waits until `delay` after that write; everything else is written at once — the first
 /// message after a quiet spell, replies and catch-up pages (no live message among them), and a
 /// take of at least `flush_bytes`. So a connection writes at most once per `delay` while live
 /// messages arrive closer than `busy` to its last write, and a message waits at most `delay`.
@@ -70,79 +70,99 @@ impl WritePacer {
         }
     }
 
-    /// A write round ended at `now`.
-    pub fn wrote(&mut self, now: Instant) {
-        self.last_write = Some(now);
+    /// A write round ended at `now`; `live` when it carried a live message. Only those count:
+    /// a connection that was just sent a reply (its `sub_ack`, a `pong`) is not busy.
+    pub fn wrote(&mut self, now: Instant, live: bool) {
+        if live {
+            self.last_write = Some(now);
+        }
     }
 }
 
-/// A gate in front of one of the connection task's branches: the branch is polled only after
+/// Gates in front of `N` of the connection task's branches: a gated branch is polled only after
 /// its own waker fired (or after it last returned a value, since it may have more).
 ///
 /// The connection task waits on many things at once and is woken by any of them — mostly by
 /// live messages. Without gates every wake-up polls every branch again: the socket read (a
 /// buffer cleared and a read attempted through several layers), the close and shutdown
-/// tokens (two mutexes each). A gated branch costs a flag check instead.
+/// tokens (two mutexes each), the timers. A gated branch costs a bit test instead, on one
+/// cache line for all `N`.
 #[derive(Debug)]
-pub struct Gate {
-    inner: Arc<GateState>,
-    waker: Waker,
+pub struct Gates<const N: usize> {
+    shared: Arc<GateShared>,
+    /// Branch `i` is polled with `wakers[i]`, which opens gate `i` and wakes the task.
+    wakers: [Waker; N],
 }
 
 #[derive(Debug)]
-struct GateState {
-    /// The branch's waker fired since it last returned `Pending` (or it never was polled).
-    woken: AtomicBool,
+struct GateShared {
+    /// Bit `i`: branch `i`'s waker fired since it last returned `Pending` (or it never was
+    /// polled).
+    open: AtomicU32,
     /// The task to wake.
     task: AtomicWaker,
 }
 
-impl Wake for GateState {
+#[derive(Debug)]
+struct GateWaker {
+    shared: Arc<GateShared>,
+    bit: u32,
+}
+
+impl Wake for GateWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        self.shared.open.fetch_or(self.bit, Ordering::AcqRel);
+        self.shared.task.wake();
     }
 }
 
-impl Default for Gate {
+impl<const N: usize> Default for Gates<N> {
     fn default() -> Self {
-        let inner = Arc::new(GateState {
-            woken: AtomicBool::new(true),
+        const { assert!(N <= 32, "at most 32 gates") };
+        let shared = Arc::new(GateShared {
+            open: AtomicU32::new(u32::MAX),
             task: AtomicWaker::new(),
         });
-        Gate {
-            waker: Waker::from(Arc::clone(&inner)),
-            inner,
-        }
+        let wakers = std::array::from_fn(|i| {
+            Waker::from(Arc::new(GateWaker {
+                shared: Arc::clone(&shared),
+                bit: 1 << i,
+            }))
+        });
+        Gates { shared, wakers }
     }
 }
 
-impl Gate {
-    /// Poll the branch at its next turn whatever woke the task: after the branch's future was
-    /// polled outside the gate (with another waker), or replaced.
-    pub fn open(&self) {
-        self.inner.woken.store(true, Ordering::Release);
+impl<const N: usize> Gates<N> {
+    /// Poll branch `i` at its next turn whatever woke the task: after its future was polled
+    /// outside the gate (with another waker), or changed.
+    pub fn open(&self, i: usize) {
+        self.shared.open.fetch_or(1 << i, Ordering::AcqRel);
     }
 
-    /// Poll the branch (`poll`, given a context whose waker opens the gate) if the gate is open;
+    /// Poll branch `i` (`poll`, given a context whose waker opens its gate) if its gate is open;
     /// `Pending` without polling it otherwise. The caller's task is woken when the gate opens.
     pub fn poll<T>(
         &self,
+        i: usize,
         cx: &mut Context<'_>,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        self.inner.task.register(cx.waker());
-        if !self.inner.woken.swap(false, Ordering::AcqRel) {
+        self.shared.task.register(cx.waker());
+        let bit = 1 << i;
+        if self.shared.open.load(Ordering::Acquire) & bit == 0
+            || self.shared.open.fetch_and(!bit, Ordering::AcqRel) & bit == 0
+        {
             return Poll::Pending;
         }
-        match poll(&mut Context::from_waker(&self.waker)) {
+        match poll(&mut Context::from_waker(&self.wakers[i])) {
             Poll::Ready(v) => {
                 // It may be ready again at once (frames already buffered): poll it next time.
-                self.inner.woken.store(true, Ordering::Release);
+                self.open(i);
                 Poll::Ready(v)
             }
             Poll::Pending => Poll::Pending,
@@ -170,7 +190,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = pacer();
         assert_eq!(p.on_taken(t0, 100, true), WriteAt::Now, "never wrote");
-        p.wrote(t0);
+        p.wrote(t0, true);
         assert_eq!(
             p.on_taken(t0 + BUSY, 100, true),
             WriteAt::Now,
@@ -183,7 +203,7 @@ mod tests {
     fn a_busy_connection_waits_until_delay_after_its_last_write() {
         let t0 = Instant::now();
         let mut p = pacer();
-        p.wrote(t0);
+        p.wrote(t0, true);
         assert_eq!(
             p.on_taken(t0 + us(100), 100, true),
             WriteAt::Later(t0 + DELAY)
@@ -193,7 +213,7 @@ mod tests {
             WriteAt::Later(t0 + DELAY)
         );
         // The held frames go out at t0 + DELAY; what follows within `busy` waits for the next.
-        p.wrote(t0 + DELAY);
+        p.wrote(t0 + DELAY, true);
         assert_eq!(
             p.on_taken(t0 + DELAY + us(200), 100, true),
             WriteAt::Later(t0 + DELAY * 2)
@@ -201,10 +221,29 @@ mod tests {
     }
 
     #[test]
+    fn a_write_without_live_messages_does_not_make_a_connection_busy() {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        p.wrote(t0, false);
+        assert_eq!(
+            p.on_taken(t0 + us(10), 100, true),
+            WriteAt::Now,
+            "after its sub_ack"
+        );
+        p.wrote(t0 + us(10), true);
+        p.wrote(t0 + us(20), false);
+        assert_eq!(
+            p.on_taken(t0 + us(30), 100, true),
+            WriteAt::Later(t0 + us(10) + DELAY),
+            "a reply in between changes nothing"
+        );
+    }
+
+    #[test]
     fn replies_pages_and_big_takes_are_never_held() {
         let t0 = Instant::now();
         let mut p = pacer();
-        p.wrote(t0);
+        p.wrote(t0, true);
         assert_eq!(
             p.on_taken(t0 + us(10), 100, false),
             WriteAt::Now,
@@ -221,7 +260,7 @@ mod tests {
     fn no_message_waits_longer_than_delay_and_a_zero_delay_never_holds() {
         let t0 = Instant::now();
         let mut p = pacer();
-        p.wrote(t0);
+        p.wrote(t0, true);
         for step in 0..600 {
             let now = t0 + us(step);
             if let WriteAt::Later(at) = p.on_taken(now, 1, true) {
@@ -232,7 +271,7 @@ mod tests {
             }
         }
         let mut never = WritePacer::new(BUSY, Duration::ZERO, 16 << 10);
-        never.wrote(t0);
+        never.wrote(t0, true);
         assert_eq!(never.on_taken(t0, 1, true), WriteAt::Now);
         assert_eq!(never.on_taken(t0 + us(1), 1, true), WriteAt::Now);
     }
@@ -252,7 +291,7 @@ mod tests {
                 writes += 1;
                 worst = worst.max(waiting.iter().map(|w| at - *w).max().unwrap_or_default());
                 waiting.clear();
-                p.wrote(at);
+                p.wrote(at, true);
                 held = None;
             }
             messages += 1;
@@ -264,7 +303,7 @@ mod tests {
                 WriteAt::Now => {
                     writes += 1;
                     waiting.clear();
-                    p.wrote(now);
+                    p.wrote(now, true);
                 }
                 WriteAt::Later(at) => held = Some(at),
             }
@@ -283,7 +322,7 @@ mod tests {
         for i in 0..100u64 {
             let now = t0 + us(600 * i);
             assert_eq!(p.on_taken(now, 100, true), WriteAt::Now, "message {i}");
-            p.wrote(now);
+            p.wrote(now, true);
         }
     }
 
@@ -298,16 +337,17 @@ mod tests {
 
     #[test]
     fn a_gate_polls_its_branch_only_after_the_branch_woke_it() {
-        let gate = Gate::default();
+        use std::cell::{Cell, RefCell};
+        let gates = Gates::<2>::default();
         let task = Arc::new(Count::default());
         let waker = Waker::from(Arc::clone(&task));
         let mut cx = Context::from_waker(&waker);
-        let mut polls = 0;
-        let mut branch_waker: Option<Waker> = None;
-        let mut poll = |gate: &Gate, cx: &mut Context<'_>, ready: bool| {
-            gate.poll(cx, |inner| {
-                polls += 1;
-                branch_waker = Some(inner.waker().clone());
+        let polls = [Cell::new(0), Cell::new(0)];
+        let branch_waker: RefCell<Option<Waker>> = RefCell::new(None);
+        let mut poll = |i: usize, ready: bool| {
+            gates.poll(i, &mut cx, |inner| {
+                polls[i].set(polls[i].get() + 1);
+                *branch_waker.borrow_mut() = Some(inner.waker().clone());
                 if ready {
                     Poll::Ready(())
                 } else {
@@ -315,38 +355,30 @@ mod tests {
                 }
             })
         };
-        assert!(
-            poll(&gate, &mut cx, false).is_pending(),
-            "first poll goes through"
-        );
-        assert!(
-            poll(&gate, &mut cx, true).is_pending(),
-            "not woken: not polled"
-        );
-        assert!(poll(&gate, &mut cx, true).is_pending());
-        drop(poll);
-        assert_eq!(polls, 1);
-        branch_waker.take().map(Waker::wake);
+        let counts = || [polls[0].get(), polls[1].get()];
+        assert!(poll(0, false).is_pending(), "first poll goes through");
+        assert!(poll(1, false).is_pending(), "for every gate");
+        assert!(poll(0, true).is_pending(), "not woken: not polled");
+        assert!(poll(1, true).is_pending());
+        assert_eq!(counts(), [1, 1]);
+        // The last waker handed out is branch 1's.
+        if let Some(w) = branch_waker.borrow_mut().take() {
+            w.wake();
+        }
         assert_eq!(
             task.0.load(Ordering::SeqCst),
             1,
             "the task is woken through the gate"
         );
-        let mut polls = 0;
-        let mut poll = |ready: bool| {
-            gate.poll(&mut cx, |_| {
-                polls += 1;
-                if ready {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })
-        };
-        assert!(poll(true).is_ready(), "woken: polled");
-        assert!(poll(false).is_pending(), "after a value it is polled again");
-        assert!(poll(true).is_pending(), "then not until woken");
-        drop(poll);
-        assert_eq!(polls, 2);
+        assert!(poll(0, true).is_pending(), "branch 0 was not woken");
+        assert!(poll(1, true).is_ready(), "branch 1 was: polled");
+        assert!(
+            poll(1, false).is_pending(),
+            "after a value it is polled again"
+        );
+        assert!(poll(1, true).is_pending(), "then not until woken");
+        assert_eq!(counts(), [1, 3]);
+        gates.open(0);
+        assert!(poll(0, true).is_ready(), "opened by hand");
     }
 }

@@ -38,7 +38,7 @@ use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel
 use crate::app::AppState;
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
-use crate::coalesce::{Gate, WriteAt, WritePacer};
+use crate::coalesce::{Gates, WriteAt, WritePacer};
 use crate::error::{ApiError, CloseReason};
 use crate::hub::{Frame, Join, Subscriber};
 use crate::metrics::{Metrics, Transport};
@@ -397,14 +397,14 @@ const DEFERRED_BYTES: usize = 64 << 10;
 /// replies to control frames (`pong`, `auth_ok`) can add to a queue that is already full.
 const READS_UNDER_PRESSURE: u32 = 64;
 
-/// Live messages that arrive less than this after the connection's last write wait for the
-/// next write round ([`WritePacer`]): a connection writes at most once per [`WRITE_DELAY`]
-/// while its messages come at least twice that often. An idle connection writes at once.
-const WRITE_BUSY: std::time::Duration = std::time::Duration::from_micros(500);
-/// The longest a live message waits to share a write with the ones that follow it.
-const WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 /// A take of at least this many bytes is written at once (a flooded connection never waits).
 const WRITE_AT_ONCE_BYTES: usize = 16 << 10;
+
+/// The connection task's gated branches ([`Gates`]).
+const CLOSED: usize = 0;
+const SHUTDOWN: usize = 1;
+const READ: usize = 2;
+const TIMERS: usize = 3;
 
 /// A client frame, read and decoded.
 enum Incoming {
@@ -508,17 +508,18 @@ async fn run(
     let mut oldest_live: Option<Instant> = None;
     // Frames taken while a write is held (appended to `buf` when the hold ends).
     let mut more: Vec<Frame> = Vec::new();
-    let mut pacer = WritePacer::new(WRITE_BUSY, WRITE_DELAY, WRITE_AT_ONCE_BYTES);
+    // Live messages that arrive less than half of `--write-delay-ms` after the last write wait
+    // until that delay after it: a connection writes at most once per delay while its
+    // messages come at least twice that often. An idle connection writes at once.
+    let delay = app.settings.write_delay;
+    let mut pacer = WritePacer::new(delay / 2, delay, WRITE_AT_ONCE_BYTES);
     // Set while taken frames wait for the next write round; made on the first hold.
     let mut hold: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut holding = false;
-    // The socket read and the two close signals are polled only after they woke the task:
-    // most wake-ups are live messages.
-    let (read_gate, closed_gate, shutdown_gate) =
-        (Gate::default(), Gate::default(), Gate::default());
-    // The deadlines, likewise; they change only in turns that were not about live frames, and
-    // every such turn opens their gate.
-    let timer_gate = Gate::default();
+    // The socket read, the close and shutdown signals and the deadlines are polled only after
+    // they woke the task: most wake-ups are live messages. The deadlines change only in turns
+    // that were not about live frames, and every such turn opens their gate.
+    let gates = Gates::<4>::default();
     let mut job: Option<Job> = None;
     let mut deferred = Deferred::default();
     let mut reads_under_pressure = 0u32;
@@ -533,7 +534,7 @@ async fn run(
     let mut acted = false;
     loop {
         if acted {
-            timer_gate.open();
+            gates.open(TIMERS);
             if holding && let Some(h) = hold.as_mut() {
                 h.as_mut().reset(tokio::time::Instant::now());
             }
@@ -575,17 +576,17 @@ async fn run(
         let to_commit = !pipeline.is_committing() && !pipeline.is_empty();
         tokio::select! {
             biased;
-            reason = std::future::poll_fn(|cx| closed_gate.poll(cx, |cx| closed.as_mut().poll(cx))) => {
+            reason = std::future::poll_fn(|cx| gates.poll(CLOSED, cx, |cx| closed.as_mut().poll(cx))) => {
                 close_in_time(app, socket, reason).await;
                 return Ended::by_server(sent, reason);
             }
             // Asks for a close; the next turn sends it.
-            _ = std::future::poll_fn(|cx| shutdown_gate.poll(cx, |cx| shutdown.as_mut().poll(cx))), if !sub.is_closing() => {
+            _ = std::future::poll_fn(|cx| gates.poll(SHUTDOWN, cx, |cx| shutdown.as_mut().poll(cx))), if !sub.is_closing() => {
                 sub.close(CloseReason::GoingAway);
             }
             // Before the expiry: an `auth` that arrived while the connection was writing (a slow
             // reader blocks the writes) is read before its old token's deadline is looked at.
-            msg = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| socket.poll_next_unpin(cx))), if reading => {
+            msg = std::future::poll_fn(|cx| gates.poll(READ, cx, |cx| socket.poll_next_unpin(cx))), if reading => {
                 // Any frame, a pong included, shows the peer is alive.
                 deadlines.answer = None;
                 let read = match receive(app, msg, sub, info) {
@@ -633,7 +634,7 @@ async fn run(
             answered = pipeline.finished(), if pipeline.is_committing() => {
                 answer_publishes(app, sub, answered);
             }
-            passed = std::future::poll_fn(|cx| timer_gate.poll(cx, |cx| deadlines.poll_passed(cx, sub.is_closing()))) => match passed {
+            passed = std::future::poll_fn(|cx| gates.poll(TIMERS, cx, |cx| deadlines.poll_passed(cx, sub.is_closing()))) => match passed {
                 Deadline::Expiry => expire(info, grant, &mut deadlines, sub),
                 Deadline::Answer => {
                     if (sent > deadlines.sent_at_ping && pressured) || !pipeline.has_room() {
@@ -682,15 +683,12 @@ async fn run(
                     holding = true;
                     continue;
                 }
-                if let Some(ended) = write_taken(app, socket, &mut buf, &mut sent, closed.as_mut(), &closed_gate).await {
+                let round = Round { buf: &mut buf, oldest_live: &mut oldest_live, pacer: &mut pacer };
+                if let Some(ended) = write_taken(app, socket, round, &mut sent, closed.as_mut(), &gates).await {
                     return ended;
                 }
-                pacer.wrote(Instant::now());
                 // The peer took frames: replies to what it sends under pressure can go out.
                 reads_under_pressure = 0;
-                if let Some(at) = oldest_live.take() {
-                    app.hub.metrics.commit_to_written.observe(at.elapsed());
-                }
             }
             () = sleep_opt(&mut hold), if holding => {
                 acted = false;
@@ -704,48 +702,60 @@ async fn run(
                 for (key, sequence_number) in sub.lagged() {
                     subs.on_lagged(&key, sequence_number);
                 }
-                if let Some(ended) = write_taken(app, socket, &mut buf, &mut sent, closed.as_mut(), &closed_gate).await {
+                let round = Round { buf: &mut buf, oldest_live: &mut oldest_live, pacer: &mut pacer };
+                if let Some(ended) = write_taken(app, socket, round, &mut sent, closed.as_mut(), &gates).await {
                     return ended;
                 }
-                pacer.wrote(Instant::now());
                 reads_under_pressure = 0;
-                if let Some(at) = oldest_live.take() {
-                    app.hub.metrics.commit_to_written.observe(at.elapsed());
-                }
             }
         }
     }
 }
 
-/// Write the frames taken from the send queue, unless a close is asked for meanwhile: a write
-/// blocked by a client that does not read must not keep the connection from closing. Returns
-/// how the connection ended when it did.
+/// One write round: the frames taken from the send queue, when the oldest live one among them
+/// was committed, and the pacer that hears of the write.
+struct Round<'a> {
+    buf: &'a mut Vec<Frame>,
+    oldest_live: &'a mut Option<Instant>,
+    pacer: &'a mut WritePacer,
+}
+
+/// Write a round, unless a close is asked for meanwhile: a write blocked by a client that does
+/// not read must not keep the connection from closing. Returns how the connection ended when
+/// it did.
 ///
-/// The close signal is looked at only while the write waits for the socket (then `closed_gate`
+/// The close signal is looked at only while the write waits for the socket (then its gate
 /// is opened: the signal was polled with another waker); a write the socket takes at once, the
 /// usual case, costs no look at it.
 async fn write_taken(
     app: &AppState,
     socket: &mut WebSocket,
-    buf: &mut Vec<Frame>,
+    round: Round<'_>,
     sent: &mut u64,
     mut closed: Pin<&mut impl Future<Output = CloseReason>>,
-    closed_gate: &Gate,
+    gates: &Gates<4>,
 ) -> Option<Ended> {
     let written = {
-        let write = write_round(socket, buf, sent);
+        let write = write_round(socket, round.buf, sent);
         tokio::pin!(write);
         std::future::poll_fn(|cx| {
             if let std::task::Poll::Ready(r) = write.as_mut().poll(cx) {
                 return std::task::Poll::Ready(Ok(r));
             }
-            closed_gate.open();
+            gates.open(CLOSED);
             closed.as_mut().poll(cx).map(Err)
         })
         .await
     };
     match written {
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => {
+            let live = round.oldest_live.take();
+            round.pacer.wrote(Instant::now(), live.is_some());
+            if let Some(at) = live {
+                app.hub.metrics.commit_to_written.observe(at.elapsed());
+            }
+            None
+        }
         Ok(Err(_)) => Some(Ended {
             sent: *sent,
             server_code: None,
