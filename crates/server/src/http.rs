@@ -22,7 +22,7 @@ use crate::hub::{Frame, Hub};
 use crate::metrics::PublishEndpoint;
 use crate::publish;
 use crate::{now_ms, read_log};
-use seqcast_protocol::{BatchPublishRequest, ErrorBody};
+use seqcast_protocol::{BatchPublishRequest, ErrorBody, encode_publish_response};
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -31,7 +31,8 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
-    let mut r = (status, body).into_response();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -322,11 +323,25 @@ impl Default for MessageIds {
 }
 
 impl MessageIds {
-    /// A new id: 16 hex digits of the counter, then 8 random hex digits.
+    /// A new id: 16 hex digits of the counter, then 8 random hex digits (written by hand on
+    /// the stack: one per publish, and `format!` cost more than the rest of the id).
     pub fn next(&self) -> Result<MessageId, ApiError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        MessageId::new(format!("{n:016x}{:08x}", rand::random::<u32>()))
+        let mut text = [0u8; 24];
+        hex_into(&mut text[..16], n);
+        hex_into(&mut text[16..], u64::from(rand::random::<u32>()));
+        std::str::from_utf8(&text)
             .map_err(|e| ApiError::Internal(e.to_string()))
+            .and_then(|t| MessageId::parse(t).map_err(|e| ApiError::Internal(e.to_string())))
+    }
+}
+
+/// The low `out.len()` hex digits of `n` (lowercase, zero-padded) into `out`.
+fn hex_into(out: &mut [u8], mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
 }
 
@@ -377,7 +392,7 @@ async fn publish_one(
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
-    Ok(axum::Json(publish::answer(first)).into_response())
+    Ok(json_response(StatusCode::OK, publish::answer_json(first)))
 }
 
 #[utoipa::path(
@@ -598,7 +613,7 @@ impl NdjsonPublishes {
         let mut out = String::new();
         for outcome in answered {
             let line = match outcome {
-                publish::Outcome::Committed((), a) => serde_json::to_string(&a),
+                publish::Outcome::Committed((), a) => Ok(encode_publish_response(&a)),
                 publish::Outcome::Refused((), e) => {
                     serde_json::to_string(&ErrorBody::new(e.code(), e.message()))
                 }

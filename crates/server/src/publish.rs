@@ -81,6 +81,12 @@ pub fn answer(ev: &CommittedEvent) -> PublishResponse {
     }
 }
 
+/// A committed event as its publisher's answer, encoded: the body of `POST /api/publish`, a
+/// line of `/api/publish/stream`.
+pub fn answer_json(ev: &CommittedEvent) -> String {
+    seqcast_protocol::encode_publish_response(&answer(ev))
+}
+
 /// Commit unless the database is known to be lost; a failed write looks at the file again.
 pub async fn commit(
     app: &AppState,
@@ -243,5 +249,37 @@ impl<T> Pipeline<T> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn server_made_ids_are_24_hex_digits_that_increase() {
+        let ids = MessageIds::default();
+        let (a, b) = (ids.next().unwrap(), ids.next().unwrap());
+        for id in [&a, &b] {
+            let s = id.as_str();
+            assert_eq!(s.len(), 24, "{s}");
+            assert!(
+                s.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{s}"
+            );
+        }
+        let counter =
+            |id: &seqcast_protocol::MessageId| u64::from_str_radix(&id.as_str()[..16], 16).unwrap();
+        assert_eq!(counter(&b), counter(&a) + 1);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        assert!(
+            counter(&a) <= micros && micros - counter(&a) < 60_000_000,
+            "starts at the clock"
+        );
     }
 }
