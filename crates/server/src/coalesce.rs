@@ -80,43 +80,37 @@ impl WritePacer {
 }
 
 /// Gates in front of `N` of the connection task's branches: a gated branch is polled only after
-/// its own waker fired (or after it last returned a value, since it may have more).
+/// a gated branch's waker fired, or after it last returned a value (it may have more).
 ///
 /// The connection task waits on many things at once and is woken by any of them — mostly by
-/// live messages. Without gates every wake-up polls every branch again: the socket read (a
-/// buffer cleared and a read attempted through several layers), the close and shutdown
-/// tokens (two mutexes each), the timers. A gated branch costs a bit test instead, on one
-/// cache line for all `N`.
+/// live messages, whose branch is not gated. Without gates every wake-up polls every branch
+/// again: the socket read (a buffer cleared and a read attempted through several layers), the
+/// close and shutdown tokens (two mutexes each), the timers. A gated branch costs a bit test
+/// instead. The gates share one waker, one allocation per connection: the rare wake-up of any
+/// gated branch opens them all.
 #[derive(Debug)]
 pub struct Gates<const N: usize> {
     shared: Arc<GateShared>,
-    /// Branch `i` is polled with `wakers[i]`, which opens gate `i` and wakes the task.
-    wakers: [Waker; N],
+    /// Opens every gate and wakes the task.
+    waker: Waker,
 }
 
 #[derive(Debug)]
 struct GateShared {
-    /// Bit `i`: branch `i`'s waker fired since it last returned `Pending` (or it never was
-    /// polled).
+    /// Bit `i`: branch `i` is to be polled at its next turn.
     open: AtomicU32,
     /// The task to wake.
     task: AtomicWaker,
 }
 
-#[derive(Debug)]
-struct GateWaker {
-    shared: Arc<GateShared>,
-    bit: u32,
-}
-
-impl Wake for GateWaker {
+impl Wake for GateShared {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.shared.open.fetch_or(self.bit, Ordering::AcqRel);
-        self.shared.task.wake();
+        self.open.store(u32::MAX, Ordering::Release);
+        self.task.wake();
     }
 }
 
@@ -127,13 +121,10 @@ impl<const N: usize> Default for Gates<N> {
             open: AtomicU32::new(u32::MAX),
             task: AtomicWaker::new(),
         });
-        let wakers = std::array::from_fn(|i| {
-            Waker::from(Arc::new(GateWaker {
-                shared: Arc::clone(&shared),
-                bit: 1 << i,
-            }))
-        });
-        Gates { shared, wakers }
+        Gates {
+            waker: Waker::from(Arc::clone(&shared)),
+            shared,
+        }
     }
 }
 
@@ -144,14 +135,16 @@ impl<const N: usize> Gates<N> {
         self.shared.open.fetch_or(1 << i, Ordering::AcqRel);
     }
 
-    /// Poll branch `i` (`poll`, given a context whose waker opens its gate) if its gate is open;
-    /// `Pending` without polling it otherwise. The caller's task is woken when the gate opens.
+    /// Poll branch `i` (`poll`, given a context whose waker opens the gates) if its gate is
+    /// open; `Pending` without polling it otherwise. The caller's task is woken when the gates
+    /// open.
     pub fn poll<T>(
         &self,
         i: usize,
         cx: &mut Context<'_>,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
+        debug_assert!(i < N, "gate {i} of {N}");
         self.shared.task.register(cx.waker());
         let bit = 1 << i;
         if self.shared.open.load(Ordering::Acquire) & bit == 0
@@ -159,7 +152,7 @@ impl<const N: usize> Gates<N> {
         {
             return Poll::Pending;
         }
-        match poll(&mut Context::from_waker(&self.wakers[i])) {
+        match poll(&mut Context::from_waker(&self.waker)) {
             Poll::Ready(v) => {
                 // It may be ready again at once (frames already buffered): poll it next time.
                 self.open(i);
@@ -336,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gate_polls_its_branch_only_after_the_branch_woke_it() {
+    fn a_gated_branch_is_polled_only_after_a_gated_waker_fired() {
         use std::cell::{Cell, RefCell};
         let gates = Gates::<2>::default();
         let task = Arc::new(Count::default());
@@ -360,8 +353,11 @@ mod tests {
         assert!(poll(1, false).is_pending(), "for every gate");
         assert!(poll(0, true).is_pending(), "not woken: not polled");
         assert!(poll(1, true).is_pending());
-        assert_eq!(counts(), [1, 1]);
-        // The last waker handed out is branch 1's.
+        assert_eq!(
+            counts(),
+            [1, 1],
+            "a wake-up for anything else polls no gated branch"
+        );
         if let Some(w) = branch_waker.borrow_mut().take() {
             w.wake();
         }
@@ -370,14 +366,15 @@ mod tests {
             1,
             "the task is woken through the gate"
         );
-        assert!(poll(0, true).is_pending(), "branch 0 was not woken");
-        assert!(poll(1, true).is_ready(), "branch 1 was: polled");
+        assert!(poll(1, true).is_ready(), "woken: polled");
         assert!(
             poll(1, false).is_pending(),
             "after a value it is polled again"
         );
         assert!(poll(1, true).is_pending(), "then not until woken");
-        assert_eq!(counts(), [1, 3]);
+        assert!(poll(0, false).is_pending(), "the wake-up opened every gate");
+        assert!(poll(0, true).is_pending());
+        assert_eq!(counts(), [2, 3]);
         gates.open(0);
         assert!(poll(0, true).is_ready(), "opened by hand");
     }
