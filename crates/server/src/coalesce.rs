@@ -16,19 +16,23 @@ use futures_util::task::AtomicWaker;
 
 /// When a connection writes what was taken from its send queue.
 ///
-/// The rule: a take that holds a live message, on a connection that wrote live messages less
-/// than `busy` ago, waits until `delay` after that write; everything else is written at once — the first
-/// message after a quiet spell, replies and catch-up pages (no live message among them), and a
-/// take of at least `flush_bytes`. So a connection writes at most once per `delay` while live
-/// messages arrive closer than `busy` to its last write, and a message waits at most `delay`.
-/// With `busy` at most half of `delay`, a connection holds only when its messages come at least
-/// twice as often as it may write, so a hold gathers two or more of them.
+/// The rule: a connection whose live messages have been coming faster than one per `busy` on
+/// average (over its last write rounds) keeps a take that holds a fresh live message until
+/// `delay` after its last write (or after that message's commit, if earlier), gathering what
+/// follows into the same write. Everything else is written at once: a connection whose
+/// messages come slower (an occasional pair close together does not make it busy), replies and
+/// catch-up pages (no live message among them), a take of at least `flush_bytes`, and messages
+/// that are late already (committed `busy` or more ago: the server was behind, and a hold would
+/// add to the tail). So no message waits more than `delay` after its commit, and a busy
+/// connection writes about once per `delay` with `delay / per-message time` messages a write.
 #[derive(Debug, Clone)]
 pub struct WritePacer {
     busy: Duration,
     delay: Duration,
     flush_bytes: usize,
     last_write: Option<Instant>,
+    /// Time between live messages, averaged over write rounds (each round weighs 1/8).
+    per_message: Duration,
 }
 
 /// What the pacer decided.
@@ -44,38 +48,54 @@ impl WritePacer {
     /// A pacer that holds a busy connection's live messages (`busy`, `delay` above) unless
     /// `flush_bytes` are taken. A zero `delay` never holds.
     pub fn new(busy: Duration, delay: Duration, flush_bytes: usize) -> Self {
+        let busy = busy.min(delay);
         WritePacer {
-            busy: busy.min(delay),
+            busy,
             delay,
             flush_bytes,
             last_write: None,
+            per_message: Self::quiet(busy),
         }
     }
 
-    /// Frames were taken at `now`: `bytes` in all, `live` when a live message is among them.
-    pub fn on_taken(&self, now: Instant, bytes: usize, live: bool) -> WriteAt {
-        if !live || bytes >= self.flush_bytes {
+    /// The per-message time a quiet spell counts as (and the most one round weighs in).
+    fn quiet(busy: Duration) -> Duration {
+        busy * 8
+    }
+
+    /// Frames were taken at `now`: `bytes` in all; `oldest_live` is when the oldest live
+    /// message among them was committed (none: no live message).
+    pub fn on_taken(&self, now: Instant, bytes: usize, oldest_live: Option<Instant>) -> WriteAt {
+        let (Some(oldest), Some(last)) = (oldest_live, self.last_write) else {
+            return WriteAt::Now;
+        };
+        if bytes >= self.flush_bytes
+            || self.per_message >= self.busy
+            || now.saturating_duration_since(oldest) >= self.busy
+        {
             return WriteAt::Now;
         }
-        match self.last_write {
-            Some(last) if now.saturating_duration_since(last) < self.busy => {
-                let at = last + self.delay;
-                if at > now {
-                    WriteAt::Later(at)
-                } else {
-                    WriteAt::Now
-                }
-            }
-            _ => WriteAt::Now,
+        let at = last.min(oldest) + self.delay;
+        if at > now {
+            WriteAt::Later(at)
+        } else {
+            WriteAt::Now
         }
     }
 
-    /// A write round ended at `now`; `live` when it carried a live message. Only those count:
-    /// a connection that was just sent a reply (its `sub_ack`, a `pong`) is not busy.
-    pub fn wrote(&mut self, now: Instant, live: bool) {
-        if live {
-            self.last_write = Some(now);
+    /// A write round ended at `now`, carrying `live` live messages. Only those count: a
+    /// connection that was just sent a reply (its `sub_ack`, a `pong`) is not busy.
+    pub fn wrote(&mut self, now: Instant, live: usize) {
+        if live == 0 {
+            return;
         }
+        if let Some(last) = self.last_write {
+            let gap = now.saturating_duration_since(last);
+            let sample =
+                (gap / u32::try_from(live).unwrap_or(u32::MAX)).min(Self::quiet(self.busy));
+            self.per_message = self.per_message - self.per_message / 8 + sample / 8;
+        }
+        self.last_write = Some(now);
     }
 }
 
@@ -178,145 +198,138 @@ mod tests {
         Duration::from_micros(n)
     }
 
-    #[test]
-    fn an_idle_connection_writes_at_once() {
+    /// What a connection does with live messages committed at `arrivals` (µs from the start,
+    /// ascending), each taken at once unless a hold is on: (writes, the longest any message
+    /// waited, messages per write).
+    fn drive(arrivals: &[u64]) -> (usize, Duration, f64) {
         let t0 = Instant::now();
         let mut p = pacer();
-        assert_eq!(p.on_taken(t0, 100, true), WriteAt::Now, "never wrote");
-        p.wrote(t0, true);
-        assert_eq!(
-            p.on_taken(t0 + BUSY, 100, true),
-            WriteAt::Now,
-            "quiet for `busy`"
-        );
-        assert_eq!(p.on_taken(t0 + us(5000), 100, true), WriteAt::Now);
-    }
-
-    #[test]
-    fn a_busy_connection_waits_until_delay_after_its_last_write() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        p.wrote(t0, true);
-        assert_eq!(
-            p.on_taken(t0 + us(100), 100, true),
-            WriteAt::Later(t0 + DELAY)
-        );
-        assert_eq!(
-            p.on_taken(t0 + us(499), 100, true),
-            WriteAt::Later(t0 + DELAY)
-        );
-        // The held frames go out at t0 + DELAY; what follows within `busy` waits for the next.
-        p.wrote(t0 + DELAY, true);
-        assert_eq!(
-            p.on_taken(t0 + DELAY + us(200), 100, true),
-            WriteAt::Later(t0 + DELAY * 2)
-        );
-    }
-
-    #[test]
-    fn a_write_without_live_messages_does_not_make_a_connection_busy() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        p.wrote(t0, false);
-        assert_eq!(
-            p.on_taken(t0 + us(10), 100, true),
-            WriteAt::Now,
-            "after its sub_ack"
-        );
-        p.wrote(t0 + us(10), true);
-        p.wrote(t0 + us(20), false);
-        assert_eq!(
-            p.on_taken(t0 + us(30), 100, true),
-            WriteAt::Later(t0 + us(10) + DELAY),
-            "a reply in between changes nothing"
-        );
-    }
-
-    #[test]
-    fn replies_pages_and_big_takes_are_never_held() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        p.wrote(t0, true);
-        assert_eq!(
-            p.on_taken(t0 + us(10), 100, false),
-            WriteAt::Now,
-            "no live message"
-        );
-        assert_eq!(
-            p.on_taken(t0 + us(10), 16 << 10, true),
-            WriteAt::Now,
-            "flush_bytes"
-        );
-    }
-
-    #[test]
-    fn no_message_waits_longer_than_delay_and_a_zero_delay_never_holds() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        p.wrote(t0, true);
-        for step in 0..600 {
-            let now = t0 + us(step);
-            if let WriteAt::Later(at) = p.on_taken(now, 1, true) {
-                assert!(
-                    at > now && at - now <= DELAY,
-                    "held from {step} µs until {at:?}"
-                );
+        let mut held: Option<(Instant, Vec<Instant>)> = None;
+        let (mut writes, mut worst) = (0, Duration::ZERO);
+        let mut write = |p: &mut WritePacer, at: Instant, msgs: &[Instant]| {
+            writes += 1;
+            worst = worst.max(msgs.iter().map(|m| at - *m).max().unwrap_or_default());
+            p.wrote(at, msgs.len());
+        };
+        for &a in arrivals {
+            let now = t0 + us(a);
+            if let Some((at, msgs)) = held.take_if(|(at, _)| *at <= now) {
+                write(&mut p, at, &msgs);
+            }
+            match &mut held {
+                // Not taken while a hold is on: it goes out with the held ones.
+                Some((_, msgs)) => msgs.push(now),
+                None => match p.on_taken(now, 100, Some(now)) {
+                    WriteAt::Now => write(&mut p, now, &[now]),
+                    WriteAt::Later(at) => held = Some((at, vec![now])),
+                },
             }
         }
-        let mut never = WritePacer::new(BUSY, Duration::ZERO, 16 << 10);
-        never.wrote(t0, true);
-        assert_eq!(never.on_taken(t0, 1, true), WriteAt::Now);
-        assert_eq!(never.on_taken(t0 + us(1), 1, true), WriteAt::Now);
+        if let Some((at, msgs)) = held {
+            write(&mut p, at, &msgs);
+        }
+        (writes, worst, arrivals.len() as f64 / writes as f64)
     }
 
     #[test]
-    fn paced_messages_are_gathered_two_or_more_per_write_when_they_come_fast() {
-        // Messages every 200 µs for 100 ms: the rule writes at most once per DELAY, and each
-        // write after the first carries about DELAY / 200 µs messages.
-        let t0 = Instant::now();
-        let mut p = pacer();
-        let mut held: Option<Instant> = None;
-        let (mut writes, mut messages, mut worst) = (0u32, 0u32, Duration::ZERO);
-        let mut waiting: Vec<Instant> = Vec::new();
-        for i in 0..500u64 {
-            let now = t0 + us(200 * i);
-            if let Some(at) = held.filter(|at| *at <= now) {
-                writes += 1;
-                worst = worst.max(waiting.iter().map(|w| at - *w).max().unwrap_or_default());
-                waiting.clear();
-                p.wrote(at, true);
-                held = None;
-            }
-            messages += 1;
-            waiting.push(now);
-            if held.is_some() {
-                continue;
-            }
-            match p.on_taken(now, 100, true) {
-                WriteAt::Now => {
-                    writes += 1;
-                    waiting.clear();
-                    p.wrote(now, true);
-                }
-                WriteAt::Later(at) => held = Some(at),
-            }
-        }
+    fn a_fast_stream_is_gathered_into_one_write_per_delay() {
+        // Every 200 µs for 100 ms: after a few rounds about DELAY / 200 µs messages a write.
+        let arrivals: Vec<u64> = (0..500).map(|i| i * 200).collect();
+        let (writes, worst, per_write) = drive(&arrivals);
         assert!(
-            messages >= 4 * writes,
-            "{messages} messages in {writes} writes"
+            per_write >= 4.0,
+            "{per_write} messages a write ({writes} writes)"
         );
         assert!(worst <= DELAY, "a message waited {worst:?}");
     }
 
     #[test]
-    fn messages_slower_than_busy_are_each_written_at_once() {
+    fn a_slower_stream_is_never_held_even_when_two_messages_bunch_up() {
+        // 500 a second, every tenth pair 100 µs apart (publishers' jitter): each at once.
+        let mut arrivals = Vec::new();
+        for i in 0..1000u64 {
+            arrivals.push(i * 2000);
+            if i % 10 == 0 {
+                arrivals.push(i * 2000 + 100);
+            }
+        }
+        let (writes, worst, _) = drive(&arrivals);
+        assert_eq!(writes, arrivals.len());
+        assert_eq!(worst, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_connection_is_quiet_again_after_one_gap() {
         let t0 = Instant::now();
         let mut p = pacer();
-        for i in 0..100u64 {
-            let now = t0 + us(600 * i);
-            assert_eq!(p.on_taken(now, 100, true), WriteAt::Now, "message {i}");
-            p.wrote(now, true);
+        for i in 0..40 {
+            p.wrote(t0 + us(100 * i), 1);
         }
+        let now = t0 + us(3950);
+        assert!(
+            matches!(p.on_taken(now, 100, Some(now)), WriteAt::Later(_)),
+            "busy"
+        );
+        p.wrote(t0 + us(20_000), 1);
+        let now = t0 + us(20_100);
+        assert_eq!(
+            p.on_taken(now, 100, Some(now)),
+            WriteAt::Now,
+            "one quiet round"
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_and_replies_pages_and_big_takes_go_at_once() {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        assert_eq!(p.on_taken(t0, 100, Some(t0)), WriteAt::Now, "never wrote");
+        for i in 0..40 {
+            p.wrote(t0 + us(100 * i), 1);
+        }
+        let now = t0 + us(3950);
+        assert_eq!(p.on_taken(now, 100, None), WriteAt::Now, "no live message");
+        assert_eq!(
+            p.on_taken(now, 16 << 10, Some(now)),
+            WriteAt::Now,
+            "flush_bytes"
+        );
+        p.wrote(now, 0);
+        assert_eq!(
+            p.on_taken(now, 100, Some(now)),
+            WriteAt::Later(t0 + us(3900) + DELAY),
+            "a write of replies only changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_late_message_is_not_held_and_none_waits_past_delay_after_its_commit() {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        for i in 0..40 {
+            p.wrote(t0 + us(100 * i), 1);
+        }
+        let now = t0 + us(3950);
+        assert_eq!(
+            p.on_taken(now, 100, Some(now - BUSY)),
+            WriteAt::Now,
+            "committed `busy` ago: the server was behind"
+        );
+        let committed = now - us(400);
+        assert_eq!(
+            p.on_taken(now, 100, Some(committed)),
+            WriteAt::Later(committed + DELAY),
+            "held at most DELAY after its commit"
+        );
+        let mut never = WritePacer::new(BUSY, Duration::ZERO, 16 << 10);
+        for i in 0..40 {
+            never.wrote(t0 + us(10 * i), 1);
+        }
+        assert_eq!(
+            never.on_taken(now, 1, Some(now)),
+            WriteAt::Now,
+            "a zero delay"
+        );
     }
 
     /// A waker that counts its wakes.

@@ -672,7 +672,7 @@ async fn run(
                     continue;
                 }
                 let bytes = buf.iter().map(|f| f.len()).sum();
-                if let WriteAt::Later(at) = pacer.on_taken(Instant::now(), bytes, oldest_live.is_some()) {
+                if let WriteAt::Later(at) = pacer.on_taken(Instant::now(), bytes, oldest_live) {
                     // Not polled meanwhile: what is queued now wakes nobody, it waits for the
                     // round (held frames and the queue stay bounded by the hold's length).
                     let at = tokio::time::Instant::from_std(at);
@@ -735,6 +735,8 @@ async fn write_taken(
     mut closed: Pin<&mut impl Future<Output = CloseReason>>,
     gates: &Gates<4>,
 ) -> Option<Ended> {
+    // (Replies among them are counted as live: rare, and only a rate estimate.)
+    let frames = round.buf.len();
     let written = {
         let write = write_round(socket, round.buf, sent);
         tokio::pin!(write);
@@ -750,7 +752,9 @@ async fn write_taken(
     match written {
         Ok(Ok(())) => {
             let live = round.oldest_live.take();
-            round.pacer.wrote(Instant::now(), live.is_some());
+            round
+                .pacer
+                .wrote(Instant::now(), if live.is_some() { frames } else { 0 });
             if let Some(at) = live {
                 app.hub.metrics.commit_to_written.observe(at.elapsed());
             }
