@@ -203,6 +203,20 @@ struct Tokens {
     secs: f64,
 }
 
+impl Tokens {
+    /// The goal's shape: 1,000 sessions × 20 messages/s of ~60 bytes over 8 publisher
+    /// connections, measured for `secs`.
+    fn goal_shape(secs: f64) -> Self {
+        Tokens {
+            sessions: 1000,
+            rate: 20.0,
+            bytes: 60,
+            connections: 8,
+            secs,
+        }
+    }
+}
+
 /// The slow-consumer run: a fixed-rate fan-out with one subscriber that stops reading.
 struct Slow {
     subscribers: usize,
@@ -233,13 +247,7 @@ impl Bench {
                 publishers: vec![1, 64, 256],
                 batch: (4, 1000),
                 ws_publish: (64, 32),
-                tokens: Tokens {
-                    sessions: 1000,
-                    rate: 20.0,
-                    bytes: 60,
-                    connections: 8,
-                    secs: 10.0,
-                },
+                tokens: Tokens::goal_shape(10.0),
                 missed: vec![1000, 10_000],
                 repeats: 100,
                 storm: (1000, 100),
@@ -265,13 +273,7 @@ impl Bench {
                 publishers: vec![1, 64, 256],
                 batch: (4, 1000),
                 ws_publish: (64, 32),
-                tokens: Tokens {
-                    sessions: 1000,
-                    rate: 20.0,
-                    bytes: 60,
-                    connections: 8,
-                    secs: 4.0,
-                },
+                tokens: Tokens::goal_shape(4.0),
                 missed: vec![1000, 10_000],
                 repeats: 30,
                 storm: (1000, 100),
@@ -717,26 +719,20 @@ impl Bench {
                 &format!("tokens-{transport}"),
                 &["--storage", "sqlite", "--synchronous", "full"],
             )?;
-            let v = self.loadgen(
-                &server,
-                "tokens",
-                &[
-                    "--sessions",
-                    &t.sessions.to_string(),
-                    "--rate",
-                    &t.rate.to_string(),
-                    "--bytes",
-                    &t.bytes.to_string(),
-                    "--connections",
-                    &t.connections.to_string(),
-                    "--transport",
-                    transport,
-                    "--duration-secs",
-                    &t.secs.to_string(),
-                    "--warmup-secs",
-                    &s.warmup.to_string(),
-                ],
-            )?;
+            let args = [
+                ("--sessions", t.sessions.to_string()),
+                ("--rate", t.rate.to_string()),
+                ("--bytes", t.bytes.to_string()),
+                ("--connections", t.connections.to_string()),
+                ("--transport", transport.to_owned()),
+                ("--duration-secs", t.secs.to_string()),
+                ("--warmup-secs", s.warmup.to_string()),
+            ];
+            let args: Vec<&str> = args
+                .iter()
+                .flat_map(|(flag, value)| [*flag, value.as_str()])
+                .collect();
+            let v = self.loadgen(&server, "tokens", &args)?;
             drop(server);
             let problems = self.problems(&format!("token streams ({transport})"), &v);
             let per_cpu = v["durable_msgs_per_server_cpu_s"].as_f64().unwrap_or(0.0);

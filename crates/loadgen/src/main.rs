@@ -46,6 +46,14 @@ struct Server {
 }
 
 impl Server {
+    /// [`Server::target`] with a token that may publish over the WebSocket.
+    fn publisher_target(&self) -> anyhow::Result<Target> {
+        Ok(Target {
+            token: mint_token_with(&self.jwt_secret, "loadgen-publisher", 24 * 3600, true)?,
+            ..self.target()?
+        })
+    }
+
     fn target(&self) -> anyhow::Result<Target> {
         Ok(Target {
             addr: self.addr,
@@ -320,16 +328,7 @@ fn main() -> anyhow::Result<()> {
                     duration: secs(duration_secs),
                     warmup: secs(warmup_secs),
                 };
-                let target = Target {
-                    token: mint_token_with(
-                        &server.jwt_secret,
-                        "loadgen-publisher",
-                        24 * 3600,
-                        true,
-                    )?,
-                    ..server.target()?
-                };
-                wspublish::run(&target, &args).await
+                wspublish::run(&server.publisher_target()?, &args).await
             }
             Scenario::Tokens {
                 server,
@@ -352,16 +351,7 @@ fn main() -> anyhow::Result<()> {
                     warmup: secs(warmup_secs),
                     connect_concurrency,
                 };
-                let target = Target {
-                    token: mint_token_with(
-                        &server.jwt_secret,
-                        "loadgen-publisher",
-                        24 * 3600,
-                        true,
-                    )?,
-                    ..server.target()?
-                };
-                tokens::run(&target, &args).await
+                tokens::run(&server.publisher_target()?, &args).await
             }
             Scenario::Recovery {
                 server,

@@ -13,7 +13,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::client::{FrameError, json_type_name, truncate_for_echo};
-use crate::http::PublishRequest;
+use crate::http::{PublishRequest, push_publish_numbers};
 use crate::names::{Channel, MessageId, RequestId, SubscriptionKey};
 use crate::server::{push_json_str, push_u64};
 
@@ -260,13 +260,13 @@ pub fn encode_publish_ack(ack: &PublishAck) -> String {
     let mut out = String::with_capacity(120 + ack.message_id.as_str().len());
     out.push_str(r#"{"type":"publish_ack","ref":"#);
     ack.r#ref.push_json(&mut out);
-    out.push_str(r#","sequence_number":"#);
-    push_u64(&mut out, ack.sequence_number);
-    out.push_str(r#","stream_sequence":"#);
-    push_u64(&mut out, ack.stream_sequence);
-    out.push_str(r#","message_id":""#);
-    out.push_str(ack.message_id.as_str());
-    out.push_str("\"}");
+    out.push(',');
+    push_publish_numbers(
+        &mut out,
+        ack.sequence_number,
+        ack.stream_sequence,
+        &ack.message_id,
+    );
     out
 }
 

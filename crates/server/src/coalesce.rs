@@ -198,6 +198,16 @@ mod tests {
         Duration::from_micros(n)
     }
 
+    /// A pacer that wrote a live message every 100 µs for 4 ms, from the instant returned.
+    fn busy() -> (Instant, WritePacer) {
+        let t0 = Instant::now();
+        let mut p = pacer();
+        for i in 0..40 {
+            p.wrote(t0 + us(100 * i), 1);
+        }
+        (t0, p)
+    }
+
     /// What a connection does with live messages committed at `arrivals` (µs from the start,
     /// ascending), each taken at once unless a hold is on: (writes, the longest any message
     /// waited, messages per write).
@@ -260,11 +270,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_quiet_again_after_one_gap() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        for i in 0..40 {
-            p.wrote(t0 + us(100 * i), 1);
-        }
+        let (t0, mut p) = busy();
         let now = t0 + us(3950);
         assert!(
             matches!(p.on_taken(now, 100, Some(now)), WriteAt::Later(_)),
@@ -282,11 +288,12 @@ mod tests {
     #[test]
     fn an_idle_connection_and_replies_pages_and_big_takes_go_at_once() {
         let t0 = Instant::now();
-        let mut p = pacer();
-        assert_eq!(p.on_taken(t0, 100, Some(t0)), WriteAt::Now, "never wrote");
-        for i in 0..40 {
-            p.wrote(t0 + us(100 * i), 1);
-        }
+        assert_eq!(
+            pacer().on_taken(t0, 100, Some(t0)),
+            WriteAt::Now,
+            "never wrote"
+        );
+        let (t0, mut p) = busy();
         let now = t0 + us(3950);
         assert_eq!(p.on_taken(now, 100, None), WriteAt::Now, "no live message");
         assert_eq!(
@@ -304,11 +311,7 @@ mod tests {
 
     #[test]
     fn a_late_message_is_not_held_and_none_waits_past_delay_after_its_commit() {
-        let t0 = Instant::now();
-        let mut p = pacer();
-        for i in 0..40 {
-            p.wrote(t0 + us(100 * i), 1);
-        }
+        let (t0, p) = busy();
         let now = t0 + us(3950);
         assert_eq!(
             p.on_taken(now, 100, Some(now - BUSY)),
@@ -322,9 +325,8 @@ mod tests {
             "held at most DELAY after its commit"
         );
         let mut never = WritePacer::new(BUSY, Duration::ZERO, 16 << 10);
-        for i in 0..40 {
-            never.wrote(t0 + us(10 * i), 1);
-        }
+        never.wrote(now - us(10), 1);
+        never.wrote(now - us(5), 1);
         assert_eq!(
             never.on_taken(now, 1, Some(now)),
             WriteAt::Now,

@@ -190,15 +190,16 @@ pub async fn run(target: &Target, args: &TokensArgs) -> anyhow::Result<Value> {
             end_ns: total.as_nanos() as u64,
             bytes: args.bytes,
         };
-        let (shared, published, measuring) = (
-            Arc::clone(&shared),
-            Arc::clone(&published),
-            Arc::clone(&measuring),
-        );
+        let answers = Answers {
+            sent: Arc::default(),
+            shared: Arc::clone(&shared),
+            published: Arc::clone(&published),
+            measuring: Arc::clone(&measuring),
+        };
         let handle = match args.transport {
             Transport::Ws => {
                 let ws = ws::open(target, args.sessions + c, 64 << 10).await?;
-                tokio::spawn(publish_ws(ws, plan, shared, published, measuring))
+                tokio::spawn(publish_ws(ws, plan, answers))
             }
             Transport::Ndjson => {
                 let stream = TcpStream::connect(target.publish_addr.unwrap_or(target.addr))
@@ -206,9 +207,7 @@ pub async fn run(target: &Target, args: &TokensArgs) -> anyhow::Result<Value> {
                     .context("cannot connect a stream publisher")?;
                 stream.set_nodelay(true)?;
                 let auth = format!("ApiKey {}", target.api_key);
-                tokio::spawn(publish_ndjson(
-                    stream, auth, plan, shared, published, measuring,
-                ))
+                tokio::spawn(publish_ndjson(stream, auth, plan, answers))
             }
         };
         publishers.push(handle);
@@ -328,56 +327,93 @@ fn spawn_checked_readers(
         .collect()
 }
 
-/// Sleep until message `m` is due; returns the time it counts as sent: its due time when the
-/// connection is late (it could not write), else the time it really goes out.
-async fn due(shared: &Shared, due_ns: u64) -> u64 {
-    if shared.now_ns() >= due_ns {
-        return due_ns;
-    }
-    sleep_until(shared.start, Duration::from_nanos(due_ns)).await;
-    shared.now_ns()
+/// One publisher connection's answers: when each unanswered message counts as sent (answers
+/// come in order), and what the run counts.
+#[derive(Clone)]
+struct Answers {
+    sent: Arc<Mutex<VecDeque<u64>>>,
+    shared: Arc<Shared>,
+    published: Arc<Published>,
+    measuring: Arc<AtomicBool>,
 }
 
-/// Answers of one connection, in order: when each unanswered message was sent.
-type SentTimes = Arc<Mutex<VecDeque<u64>>>;
-
-/// Account for one answer: committed (`ok`) or refused.
-fn on_answer(
-    ok: bool,
-    sent: &SentTimes,
-    shared: &Shared,
-    published: &Published,
-    measuring: &AtomicBool,
-    hist: &mut Histogram<u64>,
-) {
-    let at = sent.lock().ok().and_then(|mut s| s.pop_front());
-    if !ok {
-        published.errors.fetch_add(1, Ordering::Relaxed);
-        return;
+impl Answers {
+    /// Message sent, counting as sent at `at` (ns into the run).
+    fn sent(&self, at: u64) {
+        if let Ok(mut s) = self.sent.lock() {
+            s.push_back(at);
+        }
     }
-    published.acked.fetch_add(1, Ordering::Relaxed);
-    if measuring.load(Ordering::Relaxed) {
-        published.acked_in_window.fetch_add(1, Ordering::Relaxed);
-        if let Some(at) = at {
-            record_nanos(hist, shared.now_ns().saturating_sub(at));
+
+    /// Whether every message sent was answered.
+    fn all_answered(&self) -> bool {
+        self.sent.lock().is_ok_and(|s| s.is_empty())
+    }
+
+    /// A broken connection, or a refused message.
+    fn failed(&self) {
+        self.published.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The next answer arrived: committed (`ok`) or refused.
+    fn on(&self, ok: bool, hist: &mut Histogram<u64>) {
+        let at = self.sent.lock().ok().and_then(|mut s| s.pop_front());
+        if !ok {
+            return self.failed();
+        }
+        self.published.acked.fetch_add(1, Ordering::Relaxed);
+        if self.measuring.load(Ordering::Relaxed) {
+            self.published
+                .acked_in_window
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(at) = at {
+                record_nanos(hist, self.shared.now_ns().saturating_sub(at));
+            }
         }
     }
 }
 
-async fn publish_ws(
-    ws: ws::Ws,
-    plan: Plan,
-    shared: Arc<Shared>,
-    published: Arc<Published>,
-    measuring: Arc<AtomicBool>,
-) {
+impl Plan {
+    /// Wait until message `*m` is due, then every message due by now from `*m` on, each with
+    /// the time it counts as sent: its due time when the connection is late (it could not
+    /// write), else the time it really goes out (timer slack is the load generator's); moves
+    /// `*m` past them and counts them sent. Empty once the run is over.
+    async fn next_batch(&self, m: &mut u64, answers: &Answers) -> Vec<(u64, &str, u64)> {
+        let batch = self.due_from(*m, &answers.shared).await;
+        *m += batch.len() as u64;
+        answers
+            .published
+            .sent
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch
+    }
+
+    async fn due_from(&self, m: u64, shared: &Shared) -> Vec<(u64, &str, u64)> {
+        let (index, key, due_ns) = self.message(m);
+        if due_ns >= self.end_ns {
+            return Vec::new();
+        }
+        let first_at = if shared.now_ns() >= due_ns {
+            due_ns
+        } else {
+            sleep_until(shared.start, Duration::from_nanos(due_ns)).await;
+            shared.now_ns()
+        };
+        let mut batch = vec![(index, key, first_at)];
+        for next in m + 1.. {
+            let (index, key, due_ns) = self.message(next);
+            if due_ns > shared.now_ns() || due_ns >= self.end_ns {
+                break;
+            }
+            batch.push((index, key, due_ns));
+        }
+        batch
+    }
+}
+
+async fn publish_ws(ws: ws::Ws, plan: Plan, answers: Answers) {
     let (mut sink, mut stream) = ws.split();
-    let sent: SentTimes = Arc::default();
-    let (s2, shared2, published2) = (
-        Arc::clone(&sent),
-        Arc::clone(&shared),
-        Arc::clone(&published),
-    );
+    let reading = answers.clone();
     let reader = tokio::spawn(async move {
         let mut hist = latency_histogram();
         // Ends with the connection: the writer closes it once everything was answered.
@@ -385,57 +421,38 @@ async fn publish_ws(
             let Message::Text(t) = msg else { continue };
             let ok = t.as_str().starts_with(r#"{"type":"publish_ack""#);
             if ok || t.as_str().starts_with(r#"{"type":"error""#) {
-                on_answer(ok, &s2, &shared2, &published2, &measuring, &mut hist);
+                reading.on(ok, &mut hist);
             }
         }
-        published2.merge(&hist);
+        reading.published.merge(&hist);
     });
     let mut m = 0u64;
     loop {
-        let (index, key, due_ns) = plan.message(m);
-        if due_ns >= plan.end_ns {
+        let batch = plan.next_batch(&mut m, &answers).await;
+        if batch.is_empty() {
             break;
         }
-        let sent_ns = due(&shared, due_ns).await;
-        // Everything due by now goes out in one flush.
-        let mut batch = 0;
-        let mut next = m;
-        loop {
-            let (index, key, due_ns) = if next == m {
-                (index, key, due_ns)
-            } else {
-                plan.message(next)
-            };
-            if next != m && (due_ns > shared.now_ns() || due_ns >= plan.end_ns) {
-                break;
-            }
-            let at = if next == m { sent_ns } else { due_ns };
+        for (index, key, at) in batch {
             let frame = format!(
                 r#"{{"type":"publish","ref":{index},"channel":"bench","request_id":"{key}","data":{}}}"#,
                 token_data(index, at, plan.bytes)
             );
-            if let Ok(mut s) = sent.lock() {
-                s.push_back(at);
-            }
+            answers.sent(at);
             if sink.feed(Message::text(frame)).await.is_err() {
-                published.errors.fetch_add(1, Ordering::Relaxed);
+                answers.failed();
                 reader.abort();
                 return;
             }
-            batch += 1;
-            next += 1;
         }
-        published.sent.fetch_add(batch, Ordering::Relaxed);
         if sink.flush().await.is_err() {
-            published.errors.fetch_add(1, Ordering::Relaxed);
+            answers.failed();
             reader.abort();
             return;
         }
-        m = next;
     }
     // Wait (bounded) for the last answers, then close: the reader ends with the connection.
     let answered = async {
-        while sent.lock().is_ok_and(|s| !s.is_empty()) {
+        while !answers.all_answered() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
@@ -444,53 +461,33 @@ async fn publish_ws(
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
 }
 
-async fn publish_ndjson(
-    stream: TcpStream,
-    auth: String,
-    plan: Plan,
-    shared: Arc<Shared>,
-    published: Arc<Published>,
-    measuring: Arc<AtomicBool>,
-) {
+async fn publish_ndjson(stream: TcpStream, auth: String, plan: Plan, answers: Answers) {
     let (mut rd, mut wr) = stream.into_split();
-    let sent: SentTimes = Arc::default();
-    let (s2, shared2, published2) = (
-        Arc::clone(&sent),
-        Arc::clone(&shared),
-        Arc::clone(&published),
-    );
+    let reading = answers.clone();
     let reader = tokio::spawn(async move {
         let mut hist = latency_histogram();
-        let mut answers = NdjsonAnswers::default();
+        let mut lines = NdjsonAnswers::default();
         let mut buf = vec![0u8; 64 << 10];
-        loop {
+        while !lines.ended {
             let n = match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            match answers.take(&buf[..n]) {
-                Ok(lines) => {
-                    for ok in lines {
-                        on_answer(ok, &s2, &shared2, &published2, &measuring, &mut hist);
-                    }
-                }
-                Err(_) => {
-                    published2.errors.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
-            if answers.ended {
+            let Ok(taken) = lines.take(&buf[..n]) else {
+                reading.failed();
                 break;
+            };
+            for ok in taken {
+                reading.on(ok, &mut hist);
             }
         }
-        published2.merge(&hist);
+        reading.published.merge(&hist);
     });
-    let host = "127.0.0.1";
     let head = format!(
-        "POST /api/publish/stream HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "POST /api/publish/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth}\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
     if wr.write_all(head.as_bytes()).await.is_err() {
-        published.errors.fetch_add(1, Ordering::Relaxed);
+        answers.failed();
         reader.abort();
         return;
     }
@@ -498,37 +495,25 @@ async fn publish_ndjson(
     let mut lines = String::new();
     let mut m = 0u64;
     loop {
-        let (_, _, due_ns) = plan.message(m);
-        if due_ns >= plan.end_ns {
+        let batch = plan.next_batch(&mut m, &answers).await;
+        if batch.is_empty() {
             break;
         }
-        let sent_ns = due(&shared, due_ns).await;
         lines.clear();
-        let mut batch = 0;
-        loop {
-            let (index, key, due_ns) = plan.message(m);
-            if batch > 0 && (due_ns > shared.now_ns() || due_ns >= plan.end_ns) {
-                break;
-            }
-            let at = if batch == 0 { sent_ns } else { due_ns };
+        for (index, key, at) in batch {
             lines.push_str(&format!(
                 r#"{{"channel":"bench","request_id":"{key}","data":{}}}"#,
                 token_data(index, at, plan.bytes)
             ));
             lines.push('\n');
-            if let Ok(mut s) = sent.lock() {
-                s.push_back(at);
-            }
-            batch += 1;
-            m += 1;
+            answers.sent(at);
         }
         chunk.clear();
         chunk.extend_from_slice(format!("{:x}\r\n", lines.len()).as_bytes());
         chunk.extend_from_slice(lines.as_bytes());
         chunk.extend_from_slice(b"\r\n");
-        published.sent.fetch_add(batch, Ordering::Relaxed);
         if wr.write_all(&chunk).await.is_err() {
-            published.errors.fetch_add(1, Ordering::Relaxed);
+            answers.failed();
             reader.abort();
             return;
         }
