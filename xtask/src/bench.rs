@@ -150,6 +150,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
     if !only_postgres {
         b.fanout().context("fan-out scenario")?;
         b.publish().context("publish scenario")?;
+        b.tokens().context("token-stream scenario")?;
         b.recovery().context("recovery scenario")?;
         b.connections().context("connections scenario")?;
         b.catchup().context("catch-up scenario")?;
@@ -176,6 +177,11 @@ struct Sizes {
     publishers: Vec<usize>,
     /// (publishers, messages per batch) for the batch publish runs.
     batch: (usize, usize),
+    /// (publishers, publish frames in flight each) for the closed-loop WebSocket publish runs.
+    ws_publish: (usize, usize),
+    /// Token streams: sessions (a key and a subscriber each), messages per second per
+    /// session, bytes of data per message, publisher connections, measured seconds.
+    tokens: Tokens,
     missed: Vec<usize>,
     repeats: usize,
     storm: (usize, usize),
@@ -185,6 +191,30 @@ struct Sizes {
     /// (clients, missed messages) of the reconnect storm from the log.
     log_storm: (usize, usize),
     slow: Slow,
+}
+
+/// The token-stream runs: many sessions, each a key with its own subscriber, publishing small
+/// messages at a steady rate through a few streaming publisher connections.
+struct Tokens {
+    sessions: usize,
+    rate: f64,
+    bytes: usize,
+    connections: usize,
+    secs: f64,
+}
+
+impl Tokens {
+    /// The goal's shape: 1,000 sessions × 20 messages/s of ~60 bytes over 8 publisher
+    /// connections, measured for `secs`.
+    fn goal_shape(secs: f64) -> Self {
+        Tokens {
+            sessions: 1000,
+            rate: 20.0,
+            bytes: 60,
+            connections: 8,
+            secs,
+        }
+    }
 }
 
 /// The slow-consumer run: a fixed-rate fan-out with one subscriber that stops reading.
@@ -205,12 +235,19 @@ impl Bench {
     fn sizes(&self) -> Sizes {
         match self.profile {
             Profile::Full => Sizes {
-                fanout_rate: vec![(100, 500.0, 10.0), (1000, 25.0, 10.0), (10_000, 10.0, 10.0)],
+                fanout_rate: vec![
+                    (100, 500.0, 10.0),
+                    (1000, 25.0, 10.0),
+                    (1000, 50.0, 10.0),
+                    (10_000, 10.0, 10.0),
+                ],
                 fanout_burst: vec![(100, 5.0), (1000, 5.0), (10_000, 5.0)],
                 warmup: 1.0,
                 publish_secs: 4.0,
                 publishers: vec![1, 64, 256],
                 batch: (4, 1000),
+                ws_publish: (64, 32),
+                tokens: Tokens::goal_shape(10.0),
                 missed: vec![1000, 10_000],
                 repeats: 100,
                 storm: (1000, 100),
@@ -229,12 +266,14 @@ impl Bench {
                 },
             },
             Profile::Quick => Sizes {
-                fanout_rate: vec![(100, 500.0, 4.0), (1000, 25.0, 4.0)],
+                fanout_rate: vec![(100, 500.0, 4.0), (1000, 25.0, 4.0), (1000, 50.0, 4.0)],
                 fanout_burst: vec![(1000, 3.0), (10_000, 3.0)],
                 warmup: 0.5,
                 publish_secs: 1.5,
                 publishers: vec![1, 64, 256],
                 batch: (4, 1000),
+                ws_publish: (64, 32),
+                tokens: Tokens::goal_shape(4.0),
                 missed: vec![1000, 10_000],
                 repeats: 30,
                 storm: (1000, 100),
@@ -259,6 +298,14 @@ impl Bench {
                 publish_secs: 0.3,
                 publishers: vec![4],
                 batch: (4, 10),
+                ws_publish: (4, 4),
+                tokens: Tokens {
+                    sessions: 20,
+                    rate: 5.0,
+                    bytes: 60,
+                    connections: 2,
+                    secs: 0.5,
+                },
                 missed: vec![100],
                 repeats: 3,
                 storm: (10, 10),
@@ -306,6 +353,9 @@ impl Bench {
 
     fn fanout(&mut self) -> Result<()> {
         let s = self.sizes();
+        // (subscribers, server µs of CPU per delivery, p99 ms) of the durable rows paced at
+        // 50,000 deliveries/s.
+        let mut paced: Vec<(usize, f64, f64)> = Vec::new();
         for (storage, flags) in [
             (
                 "SQLite FULL",
@@ -339,9 +389,11 @@ impl Bench {
                 )?;
                 let lat = &v["latency"];
                 let last = &v["last_subscriber"];
+                let per_delivery = cpu_us_per(&v, "deliveries_per_s");
                 let result = format!(
-                    "{} deliveries/s; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
+                    "{} deliveries/s, {} µs server CPU per delivery; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
                     num(&v["deliveries_per_s"]),
+                    us(per_delivery),
                     ms(&lat["p50_ms"]),
                     ms(&lat["p99_ms"]),
                     ms(&lat["p999_ms"]),
@@ -359,6 +411,9 @@ impl Bench {
                     lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
                 );
                 let lost = v["lost_deliveries"].as_u64().unwrap_or(1);
+                if durable && (rate * subs as f64 - 50_000.0).abs() < 1e-6 {
+                    paced.push((subs, per_delivery.unwrap_or(f64::MAX), p99));
+                }
                 if durable && subs == 100 && (rate - 500.0).abs() < 1e-9 {
                     self.goal("p99 publish → deliver, 100 subscribers, 50,000 deliveries/s", "≤ 10 ms (p50 ≤ 1 ms)",
                         format!("p99 {p99:.2} ms, p50 {p50:.3} ms (SQLite FULL; memory storage in the table below)"), p99 <= 10.0 && p50 <= 1.0 && lost == 0);
@@ -375,6 +430,22 @@ impl Bench {
             }
             if !durable {
                 break;
+            }
+            if !paced.is_empty() {
+                let measured = paced
+                    .iter()
+                    .map(|(subs, us_each, p99)| {
+                        format!("{subs} subscribers: {us_each:.2} µs (p99 {p99:.2} ms)")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let met = paced.iter().all(|(_, us_each, _)| *us_each <= 1.2);
+                self.goal(
+                    "server CPU per delivery, paced fan-out at 50,000 deliveries/s",
+                    "≤ 1.2 µs",
+                    format!("{measured} (SQLite FULL)"),
+                    met,
+                );
             }
             for &(subs, secs) in &s.fanout_burst {
                 let v = self.loadgen(
@@ -440,6 +511,8 @@ impl Bench {
         let mut memory_64 = None;
         let mut batch_full = None;
         let mut per_message_64 = None;
+        // Closed-loop WebSocket publishing: (SQLite FULL, memory) messages/s.
+        let mut ws_rates = (None, None);
         for (label, flags) in [
             (
                 "SQLite FULL",
@@ -484,6 +557,59 @@ impl Bench {
                 &v,
             );
             self.raw.push(v);
+            if label != "SQLite NORMAL" {
+                let (wp, window) = s.ws_publish;
+                let v = self.loadgen(
+                    &server,
+                    "ws-publish",
+                    &[
+                        "--publishers",
+                        &wp.to_string(),
+                        "--in-flight",
+                        &window.to_string(),
+                        "--duration-secs",
+                        &secs,
+                        "--warmup-secs",
+                        &warm,
+                    ],
+                )?;
+                let rate = v["publishes_per_s"].as_f64();
+                if label == "memory" {
+                    ws_rates.1 = rate;
+                } else {
+                    ws_rates.0 = rate;
+                }
+                let result = format!(
+                    "**{} messages/s**, {} µs server CPU per message; publish→publish_ack p50 {} / p99 {} ms; errors {}",
+                    num(&v["publishes_per_s"]),
+                    us(cpu_us_per(&v, "publishes_per_s")),
+                    ms(&v["publish_latency"]["p50_ms"]),
+                    ms(&v["publish_latency"]["p99_ms"]),
+                    v["errors"]
+                );
+                self.row(
+                    "publish over WebSocket (closed loop)",
+                    format!("{wp} connections × {window} `publish` frames in flight, {label}"),
+                    result,
+                    &v,
+                );
+                self.raw.push(v);
+            }
+        }
+        if let (Some(full), Some(memory)) = ws_rates {
+            let ratio = full / memory.max(1e-9);
+            let (wp, window) = s.ws_publish;
+            self.goal(
+                "WebSocket publish, closed loop: SQLite FULL against memory storage",
+                "≥ 70 % of memory's rate",
+                format!(
+                    "{:.0} % ({} against {} messages/s; {wp} connections × {window} in flight)",
+                    ratio * 100.0,
+                    num(&json!(full)),
+                    num(&json!(memory))
+                ),
+                ratio >= 0.7,
+            );
         }
         if self.group_commit_flag {
             let server = self.start(
@@ -576,6 +702,96 @@ impl Bench {
             "≥ 20×",
             format!("{ratio:.1}× ({basis}){ceiling}"),
             ratio >= 20.0,
+        );
+        Ok(())
+    }
+
+    /// Token streams over both streaming doors (WebSocket `publish`, NDJSON stream): durable
+    /// messages per server CPU-second and publish → deliver latency at a steady rate.
+    fn tokens(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let t = &s.tokens;
+        let target = t.rate * t.sessions as f64;
+        // (transport, durable messages per server CPU-second, p99 ms)
+        let mut judged: Vec<(&str, f64, f64)> = Vec::new();
+        for transport in ["ws", "ndjson"] {
+            let server = self.start(
+                &format!("tokens-{transport}"),
+                &["--storage", "sqlite", "--synchronous", "full"],
+            )?;
+            let args = [
+                ("--sessions", t.sessions.to_string()),
+                ("--rate", t.rate.to_string()),
+                ("--bytes", t.bytes.to_string()),
+                ("--connections", t.connections.to_string()),
+                ("--transport", transport.to_owned()),
+                ("--duration-secs", t.secs.to_string()),
+                ("--warmup-secs", s.warmup.to_string()),
+            ];
+            let args: Vec<&str> = args
+                .iter()
+                .flat_map(|(flag, value)| [*flag, value.as_str()])
+                .collect();
+            let v = self.loadgen(&server, "tokens", &args)?;
+            drop(server);
+            let problems = self.problems(&format!("token streams ({transport})"), &v);
+            let per_cpu = v["durable_msgs_per_server_cpu_s"].as_f64().unwrap_or(0.0);
+            let lat = &v["latency"];
+            let mut result = format!(
+                "**{} durable messages/s**, **{} per server CPU-second**; publish→deliver p50 {} / p99 {} / p999 {} ms; publish→answer p50 {} / p99 {} ms; errors {}",
+                num(&v["durable_msgs_per_s"]),
+                num(&json!(per_cpu)),
+                ms(&lat["p50_ms"]),
+                ms(&lat["p99_ms"]),
+                ms(&lat["p999_ms"]),
+                ms(&v["ack_latency"]["p50_ms"]),
+                ms(&v["ack_latency"]["p99_ms"]),
+                v["errors"]
+            );
+            if let Some(p) = &problems {
+                result = format!("**FAILED**: {p}. {result}");
+            }
+            let door = if transport == "ws" {
+                "WebSocket `publish`"
+            } else {
+                "NDJSON `POST /api/publish/stream`"
+            };
+            self.row(
+                "token streams",
+                format!(
+                    "{} sessions × {} msgs/s of ~{} B = {} msgs/s over {} {door} connections, a subscriber per key, SQLite FULL",
+                    num(&json!(t.sessions)),
+                    t.rate,
+                    t.bytes,
+                    num(&json!(target)),
+                    t.connections
+                ),
+                result,
+                &v,
+            );
+            if problems.is_none() {
+                judged.push((
+                    transport,
+                    per_cpu,
+                    lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
+                ));
+            }
+            self.raw.push(v);
+        }
+        let list = |f: &dyn Fn(&(&str, f64, f64)) -> String| {
+            judged.iter().map(f).collect::<Vec<_>>().join("; ")
+        };
+        self.goal(
+            "token streams: durable messages per server CPU-second (SQLite FULL)",
+            "≥ 150,000",
+            list(&|(tr, per_cpu, _)| format!("{tr}: {}", num(&json!(per_cpu)))),
+            judged.len() == 2 && judged.iter().all(|(_, c, _)| *c >= 150_000.0),
+        );
+        self.goal(
+            "token streams: p99 publish → deliver at 20,000 messages/s",
+            "≤ 10 ms",
+            list(&|(tr, _, p99)| format!("{tr}: {p99:.2} ms")),
+            judged.len() == 2 && judged.iter().all(|(_, _, p)| *p <= 10.0),
         );
         Ok(())
     }
@@ -1657,6 +1873,19 @@ fn num(v: &Value) -> String {
         out.push(c);
     }
     out
+}
+
+/// Microseconds of server CPU per unit of `rate_field` (deliveries/s, messages/s) over the
+/// measured interval: server cores / rate.
+fn cpu_us_per(v: &Value, rate_field: &str) -> Option<f64> {
+    let cores = v["cpu"]["server_cores"].as_f64()?;
+    let rate = v[rate_field].as_f64().filter(|r| *r > 0.0)?;
+    Some(cores / rate * 1e6)
+}
+
+/// Microseconds with two decimals, or a dash.
+fn us(v: Option<f64>) -> String {
+    v.map_or("–".to_owned(), |x| format!("{x:.2}"))
 }
 
 /// Milliseconds with sensible precision.

@@ -139,6 +139,16 @@ pub struct Head {
 
 /// The head of the response at the start of `buf`, None while it is incomplete.
 pub fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
+    parse_head_with(buf, false)
+}
+
+/// [`parse_head`] for a response whose body may be chunked (a stream the caller decodes
+/// itself; `content_length` is 0 then).
+pub fn parse_head_of_stream(buf: &[u8]) -> anyhow::Result<Option<Head>> {
+    parse_head_with(buf, true)
+}
+
+fn parse_head_with(buf: &[u8], chunked_ok: bool) -> anyhow::Result<Option<Head>> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Ok(None);
     };
@@ -162,7 +172,7 @@ pub fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
                     .parse::<usize>()
                     .context("bad Content-Length")?,
             );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if name.eq_ignore_ascii_case("transfer-encoding") && !chunked_ok {
             bail!("chunked responses are not supported by the load generator");
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use seqcast_loadgen::scenarios::{
-    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm, wspublish,
+    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm, tokens, wspublish,
 };
 use seqcast_loadgen::{Target, mint_token, mint_token_with};
 use seqcast_persistence::Synchronous;
@@ -46,6 +46,14 @@ struct Server {
 }
 
 impl Server {
+    /// [`Server::target`] with a token that may publish over the WebSocket.
+    fn publisher_target(&self) -> anyhow::Result<Target> {
+        Ok(Target {
+            token: mint_token_with(&self.jwt_secret, "loadgen-publisher", 24 * 3600, true)?,
+            ..self.target()?
+        })
+    }
+
     fn target(&self) -> anyhow::Result<Target> {
         Ok(Target {
             addr: self.addr,
@@ -111,6 +119,32 @@ enum Scenario {
         duration_secs: f64,
         #[arg(long, default_value_t = 0.5)]
         warmup_secs: f64,
+    },
+    /// Token streams: S sessions (a key and a subscriber each) publishing R small messages a
+    /// second through a few streaming publisher connections, on a fixed schedule.
+    Tokens {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Messages per second per session.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// About how many bytes of `data` per message.
+        #[arg(long, default_value_t = 60)]
+        bytes: usize,
+        /// Publisher connections the sessions are spread over.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// `ws` (publish frames) or `ndjson` (POST /api/publish/stream).
+        #[arg(long, default_value = "ws")]
+        transport: String,
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        #[arg(long, default_value_t = 256)]
+        connect_concurrency: usize,
     },
     /// `since` answers and a reconnect storm.
     Recovery {
@@ -294,16 +328,30 @@ fn main() -> anyhow::Result<()> {
                     duration: secs(duration_secs),
                     warmup: secs(warmup_secs),
                 };
-                let target = Target {
-                    token: mint_token_with(
-                        &server.jwt_secret,
-                        "loadgen-publisher",
-                        24 * 3600,
-                        true,
-                    )?,
-                    ..server.target()?
+                wspublish::run(&server.publisher_target()?, &args).await
+            }
+            Scenario::Tokens {
+                server,
+                sessions,
+                rate,
+                bytes,
+                connections,
+                transport,
+                duration_secs,
+                warmup_secs,
+                connect_concurrency,
+            } => {
+                let args = tokens::TokensArgs {
+                    sessions,
+                    rate,
+                    bytes,
+                    connections,
+                    transport: transport.parse()?,
+                    duration: secs(duration_secs),
+                    warmup: secs(warmup_secs),
+                    connect_concurrency,
                 };
-                wspublish::run(&target, &args).await
+                tokens::run(&server.publisher_target()?, &args).await
             }
             Scenario::Recovery {
                 server,

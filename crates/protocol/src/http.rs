@@ -53,6 +53,39 @@ pub struct PublishResponse {
     pub message_id: MessageId,
 }
 
+/// Encodes a publish answer — the body of `POST /api/publish` and one line of
+/// `/api/publish/stream` — by hand (once per published message, like `publish_ack`):
+/// `{"sequence_number":…,"stream_sequence":…,"message_id":"…"}`, as its `Serialize` does.
+pub fn encode_publish_response(r: &PublishResponse) -> String {
+    let mut out = String::with_capacity(80 + r.message_id.as_str().len());
+    out.push('{');
+    push_publish_numbers(
+        &mut out,
+        r.sequence_number,
+        r.stream_sequence,
+        &r.message_id,
+    );
+    out
+}
+
+/// `"sequence_number":…,"stream_sequence":…,"message_id":"…"}`: the end of every publish
+/// answer (HTTP body, NDJSON line, `publish_ack`).
+pub(crate) fn push_publish_numbers(
+    out: &mut String,
+    sequence_number: u64,
+    stream_sequence: u64,
+    message_id: &MessageId,
+) {
+    out.push_str(r#""sequence_number":"#);
+    push_u64(out, sequence_number);
+    out.push_str(r#","stream_sequence":"#);
+    push_u64(out, stream_sequence);
+    // A message id's grammar (letters, digits, `-_.:`) needs no escape.
+    out.push_str(r#","message_id":""#);
+    out.push_str(message_id.as_str());
+    out.push_str("\"}");
+}
+
 /// `POST /api/publish/batch` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchPublishRequest {

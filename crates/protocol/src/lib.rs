@@ -26,7 +26,8 @@ pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, DEFAULT_PAGE, ErrorBody, ErrorDetail,
     MAX_PAGE, ParamError, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
     RecoveryResponse, StreamPage, StreamParams, decode_batch, decode_publish, decode_query,
-    encode_recovery_response, encode_stream_page, page_limit, parse_u64_param,
+    encode_publish_response, encode_recovery_response, encode_stream_page, page_limit,
+    parse_u64_param,
 };
 pub use names::{
     CHANNEL_MAX_LEN, Channel, ID_MAX_LEN, MessageId, MessageIdRef, NameError, NameKind, RequestId,

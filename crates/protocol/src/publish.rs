@@ -13,7 +13,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::client::{FrameError, json_type_name, truncate_for_echo};
-use crate::http::PublishRequest;
+use crate::http::{PublishRequest, push_publish_numbers};
 use crate::names::{Channel, MessageId, RequestId, SubscriptionKey};
 use crate::server::{push_json_str, push_u64};
 
@@ -139,8 +139,11 @@ fn present_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>,
 }
 
 /// A `publish` frame with every field still unchecked, so each rejection can carry the `ref`.
+/// Any JSON object reads as one (other frames' fields are ignored); `type` tells.
 #[derive(Deserialize)]
 struct WirePublishFrame<'a> {
+    #[serde(rename = "type", borrow, default)]
+    ty: Option<Cow<'a, str>>,
     #[serde(rename = "ref", default)]
     reference: Option<Value>,
     #[serde(default, borrow)]
@@ -153,7 +156,7 @@ struct WirePublishFrame<'a> {
     message_id: Option<&'a RawValue>,
 }
 
-/// Just the `type`, to pick the decoder.
+/// Just the `type` of a frame that does not read as a [`WirePublishFrame`].
 #[derive(Deserialize)]
 struct TypeOnly<'a> {
     #[serde(rename = "type", borrow, default)]
@@ -190,19 +193,25 @@ fn str_field<'a>(
 /// Decodes `text` as a `publish` frame when its `type` is `"publish"`; `None` for any other
 /// frame (or text that is not a JSON object), which the general decoder then handles.
 pub(crate) fn decode_publish_frame(text: &str) -> Option<Result<Publish, FrameError>> {
-    let head: TypeOnly<'_> = serde_json::from_str(text).ok()?;
-    if head.ty.as_deref() != Some("publish") {
-        return None;
-    }
+    // One pass over the frame for the common case (a readable object): its `type` comes with
+    // the publish fields. Only text that does not read as one is looked at again, for its
+    // `type` alone, to tell a broken `publish` from any other frame.
     let wire: WirePublishFrame<'_> = match serde_json::from_str(text) {
         Ok(w) => w,
         Err(e) => {
+            let head: TypeOnly<'_> = serde_json::from_str(text).ok()?;
+            if head.ty.as_deref() != Some("publish") {
+                return None;
+            }
             return Some(Err(FrameError::InvalidField {
                 frame: "publish".to_owned(),
                 message: e.to_string(),
             }));
         }
     };
+    if wire.ty.as_deref() != Some("publish") {
+        return None;
+    }
     let reference = match PublishRef::from_value(wire.reference.as_ref()) {
         Ok(r) => r,
         Err(e) => return Some(Err(e)),
@@ -251,13 +260,13 @@ pub fn encode_publish_ack(ack: &PublishAck) -> String {
     let mut out = String::with_capacity(120 + ack.message_id.as_str().len());
     out.push_str(r#"{"type":"publish_ack","ref":"#);
     ack.r#ref.push_json(&mut out);
-    out.push_str(r#","sequence_number":"#);
-    push_u64(&mut out, ack.sequence_number);
-    out.push_str(r#","stream_sequence":"#);
-    push_u64(&mut out, ack.stream_sequence);
-    out.push_str(r#","message_id":""#);
-    out.push_str(ack.message_id.as_str());
-    out.push_str("\"}");
+    out.push(',');
+    push_publish_numbers(
+        &mut out,
+        ack.sequence_number,
+        ack.stream_sequence,
+        &ack.message_id,
+    );
     out
 }
 

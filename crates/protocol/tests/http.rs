@@ -5,7 +5,7 @@ use seqcast_protocol::{
     BatchPublishResponse, BodyError, Channel, ErrorBody, ErrorCode, MessageFrame, MessageId,
     NameError, NameKind, ParamError, PublishResponse, RawValue, RecoveryMeta, RecoveryResponse,
     RequestId, StreamPage, SubscriptionKey, decode_batch, decode_publish, encode_message,
-    encode_recovery_response, encode_stream_page, parse_u64_param,
+    encode_publish_response, encode_recovery_response, encode_stream_page, parse_u64_param,
 };
 
 fn message(seq: u64, data: &str) -> MessageFrame {
@@ -364,4 +364,23 @@ fn parse_u64_param_table() {
     );
     let long = "a".repeat(5_000);
     assert!(parse_u64_param("after", &long).unwrap_err().message.len() < 200);
+}
+
+#[test]
+fn the_hand_written_publish_answer_is_what_serde_writes() {
+    for (seq, stream, id) in [
+        (1, 1, "m-1"),
+        (u64::MAX, 0, "0197a3f2c4d5e6f7a1b2c3d4"),
+        (42, 7, "a.b:c_d-e"),
+    ] {
+        let r = PublishResponse {
+            sequence_number: seq,
+            stream_sequence: stream,
+            message_id: MessageId::parse(id).unwrap(),
+        };
+        assert_eq!(
+            encode_publish_response(&r),
+            serde_json::to_string(&r).unwrap()
+        );
+    }
 }

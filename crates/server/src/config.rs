@@ -268,6 +268,10 @@ pub struct ServeArgs {
     /// Frames queued per connection before live delivery to it pauses and it catches up from the log (1024).
     #[arg(long, env = "SEQCAST_SEND_QUEUE")]
     pub send_queue: Option<usize>,
+    /// Milliseconds a busy connection's live messages may wait to go out together in one write
+    /// (1); a connection that wrote less than half of it ago waits. 0: every message at once.
+    #[arg(long, env = "SEQCAST_WRITE_DELAY_MS")]
+    pub write_delay_ms: Option<u64>,
     /// Largest accepted WebSocket frame / HTTP body in bytes (1 MiB).
     #[arg(long, env = "SEQCAST_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -475,6 +479,8 @@ pub struct Settings {
     pub group_commit: bool,
     /// Most keys one connection may be subscribed to.
     pub max_subscriptions: usize,
+    /// Longest a busy connection's live message waits to share a write (zero: never).
+    pub write_delay: Duration,
 }
 
 impl Settings {
@@ -688,6 +694,7 @@ impl Settings {
             db_busy_timeout: Duration::from_millis(pick!(db_busy_timeout_ms, 5_000)),
             group_commit: pick!(group_commit, true),
             max_subscriptions: pick!(max_subscriptions, 1_000),
+            write_delay: Duration::from_millis(pick!(write_delay_ms, 1)),
         })
     }
 }
@@ -767,6 +774,13 @@ mod tests {
         assert!(s.retired.is_empty());
         assert_eq!(s.cache_bytes, 64 << 20);
         assert_eq!(s.retention_ms, 7 * 24 * 3600 * 1000);
+        assert_eq!(s.write_delay, Duration::from_millis(1));
+        let s = Settings::resolve(&ServeArgs {
+            write_delay_ms: Some(0),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.write_delay, Duration::ZERO, "0 turns coalescing off");
     }
 
     #[test]

@@ -23,10 +23,11 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{FutureExt as _, SinkExt, StreamExt as _};
 use seqcast_protocol::{
     AuthOk, ClientFrame, Connected, ErrorFrame, PublishAck, PublishRef, ServerFrame, SessionId,
     SubscriptionKey, decode_client_frame, encode_publish_ack, encode_server_frame,
@@ -38,6 +39,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
+use crate::coalesce::{Gates, WriteAt, WritePacer};
 use crate::error::{ApiError, CloseReason};
 use crate::hub::{Frame, Join, PAGE_BYTES, Subscriber};
 use crate::metrics::{Metrics, Transport};
@@ -339,6 +341,33 @@ fn expiry_instant(exp: Option<u64>) -> Option<tokio::time::Instant> {
     Some(tokio::time::Instant::now() + std::time::Duration::from_millis(left))
 }
 
+/// Which deadline passed.
+enum Deadline {
+    Expiry,
+    Answer,
+    Ping,
+}
+
+impl Deadlines {
+    /// The first deadline that passed, in the order they are acted on: the token's expiry and
+    /// the ping's answer (not while closing), then the next ping.
+    fn poll_passed(&mut self, cx: &mut Context<'_>, closing: bool) -> Poll<Deadline> {
+        fn passed(s: &mut Option<Pin<Box<tokio::time::Sleep>>>, cx: &mut Context<'_>) -> bool {
+            s.as_mut().is_some_and(|s| s.as_mut().poll(cx).is_ready())
+        }
+        if !closing && passed(&mut self.expiry, cx) {
+            return Poll::Ready(Deadline::Expiry);
+        }
+        if !closing && passed(&mut self.answer, cx) {
+            return Poll::Ready(Deadline::Answer);
+        }
+        match self.ping.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Deadline::Ping),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 async fn sleep_opt(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     match s {
         Some(s) => s.as_mut().await,
@@ -373,6 +402,15 @@ const DEFERRED_BYTES: usize = 64 << 10;
 /// Frames read while under back-pressure and not yet followed by a write round: bounds what
 /// replies to control frames (`pong`, `auth_ok`) can add to a queue that is already full.
 const READS_UNDER_PRESSURE: u32 = 64;
+
+/// A take of at least this many bytes is written at once (a flooded connection never waits).
+const WRITE_AT_ONCE_BYTES: usize = 16 << 10;
+
+/// The connection task's gated branches ([`Gates`]).
+const CLOSED: usize = 0;
+const SHUTDOWN: usize = 1;
+const READ: usize = 2;
+const TIMERS: usize = 3;
 
 /// A client frame, read and decoded.
 enum Incoming {
@@ -474,6 +512,20 @@ async fn run(
     };
     let mut buf: Vec<Frame> = Vec::new();
     let mut oldest_live: Option<Instant> = None;
+    // Frames taken while a write is held (appended to `buf` when the hold ends).
+    let mut more: Vec<Frame> = Vec::new();
+    // Live messages that arrive less than half of `--write-delay-ms` after the last write wait
+    // until that delay after it: a connection writes at most once per delay while its
+    // messages come at least twice that often. An idle connection writes at once.
+    let delay = app.settings.write_delay;
+    let mut pacer = WritePacer::new(delay / 2, delay, WRITE_AT_ONCE_BYTES);
+    // Set while taken frames wait for the next write round; made on the first hold.
+    let mut hold: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut holding = false;
+    // The socket read, the close and shutdown signals and the deadlines are polled only after
+    // they woke the task: most wake-ups are live messages. The deadlines change only in turns
+    // that were not about live frames, and every such turn opens their gate.
+    let gates = Gates::<4>::default();
     let mut job: Option<Job> = None;
     let mut deferred = Deferred::default();
     let mut reads_under_pressure = 0u32;
@@ -483,7 +535,17 @@ async fn run(
     tokio::pin!(closed);
     let shutdown = app.shutdown.cancelled();
     tokio::pin!(shutdown);
+    // Whether the last turn was spent on anything but live frames and the hold: the
+    // connection may have queued replies, which are not held.
+    let mut acted = false;
     loop {
+        if acted {
+            gates.open(TIMERS);
+            if holding && let Some(h) = hold.as_mut() {
+                h.as_mut().reset(tokio::time::Instant::now());
+            }
+        }
+        acted = true;
         if !sub.is_closing() {
             history_changed(app, sub, info);
         }
@@ -520,15 +582,17 @@ async fn run(
         let to_commit = !pipeline.is_committing() && !pipeline.is_empty();
         tokio::select! {
             biased;
-            reason = &mut closed => {
+            reason = std::future::poll_fn(|cx| gates.poll(CLOSED, cx, |cx| closed.as_mut().poll(cx))) => {
                 close_in_time(app, socket, reason).await;
                 return Ended::by_server(sent, reason);
             }
             // Asks for a close; the next turn sends it.
-            _ = &mut shutdown, if !sub.is_closing() => sub.close(CloseReason::GoingAway),
+            _ = std::future::poll_fn(|cx| gates.poll(SHUTDOWN, cx, |cx| shutdown.as_mut().poll(cx))), if !sub.is_closing() => {
+                sub.close(CloseReason::GoingAway);
+            }
             // Before the expiry: an `auth` that arrived while the connection was writing (a slow
             // reader blocks the writes) is read before its old token's deadline is looked at.
-            msg = socket.recv(), if reading => {
+            msg = std::future::poll_fn(|cx| gates.poll(READ, cx, |cx| socket.poll_next_unpin(cx))), if reading => {
                 // Any frame, a pong included, shows the peer is alive.
                 deadlines.answer = None;
                 let read = match receive(app, msg, sub, info) {
@@ -576,60 +640,141 @@ async fn run(
             answered = pipeline.finished(), if pipeline.is_committing() => {
                 answer_publishes(app, sub, answered);
             }
-            () = sleep_opt(&mut deadlines.expiry), if !sub.is_closing() => {
-                expire(info, grant, &mut deadlines, sub);
-            }
-            () = sleep_opt(&mut deadlines.answer), if !sub.is_closing() => {
-                if (sent > deadlines.sent_at_ping && pressured) || !pipeline.has_room() {
-                    // (With its publishes in flight at the bound the socket is not read on
-                    // purpose until the writer answers.)
-                    // Under back-pressure its frames may wait unread, but it takes ours: alive.
-                    deadlines.sent_at_ping = sent;
-                    deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
-                } else {
-                    tracing::info!(event = "ping_timeout", client_id = %info.client_id, timeout_secs = app.settings.ping_timeout.as_secs(), "no frame from the peer since the last ping: closing");
-                    deadlines.answer = None;
-                    sub.close(CloseReason::PingTimeout);
+            passed = std::future::poll_fn(|cx| gates.poll(TIMERS, cx, |cx| deadlines.poll_passed(cx, sub.is_closing()))) => match passed {
+                Deadline::Expiry => expire(info, grant, &mut deadlines, sub),
+                Deadline::Answer => {
+                    if (sent > deadlines.sent_at_ping && pressured) || !pipeline.has_room() {
+                        // (With its publishes in flight at the bound the socket is not read on
+                        // purpose until the writer answers.)
+                        // Under back-pressure its frames may wait unread, but it takes ours: alive.
+                        deadlines.sent_at_ping = sent;
+                        deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
+                    } else {
+                        tracing::info!(event = "ping_timeout", client_id = %info.client_id, timeout_secs = app.settings.ping_timeout.as_secs(), "no frame from the peer since the last ping: closing");
+                        deadlines.answer = None;
+                        sub.close(CloseReason::PingTimeout);
+                    }
                 }
-            }
-            () = deadlines.ping.as_mut() => {
-                deadlines.ping.as_mut().reset(tokio::time::Instant::now() + ping_interval);
-                // Queued behind whatever tungstenite holds; a blocked socket keeps it there.
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Ping(bytes::Bytes::new()))).await;
-                if deadlines.answer.is_none() {
-                    deadlines.sent_at_ping = sent;
-                    deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
+                Deadline::Ping => {
+                    deadlines.ping.as_mut().reset(tokio::time::Instant::now() + ping_interval);
+                    // Queued behind whatever tungstenite holds; a blocked socket keeps it there.
+                    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(Message::Ping(bytes::Bytes::new()))).await;
+                    if deadlines.answer.is_none() {
+                        deadlines.sent_at_ping = sent;
+                        deadlines.answer = Some(Box::pin(tokio::time::sleep(app.settings.ping_timeout)));
+                    }
                 }
-            }
+            },
             done = poll_job(&mut job) => {
                 job = None;
                 on_job_done(app, sub, grant, info, subs, done);
             }
-            n = sub.wait_ready(&mut buf, &mut oldest_live) => {
+            n = sub.wait_ready(&mut buf, &mut oldest_live), if !holding => {
+                acted = false;
                 for (key, sequence_number) in sub.lagged() {
                     subs.on_lagged(&key, sequence_number);
                 }
                 if n == 0 {
                     continue;
                 }
-                // A write blocked by a client that does not read must not keep us from closing it.
-                let written = tokio::select! {
-                    biased;
-                    reason = &mut closed => {
-                        close_in_time(app, socket, reason).await;
-                        return Ended::by_server(sent, reason);
+                let bytes = buf.iter().map(|f| f.len()).sum();
+                if let WriteAt::Later(at) = pacer.on_taken(Instant::now(), bytes, oldest_live) {
+                    // Not polled meanwhile: what is queued now wakes nobody, it waits for the
+                    // round (held frames and the queue stay bounded by the hold's length).
+                    let at = tokio::time::Instant::from_std(at);
+                    match hold.as_mut() {
+                        Some(h) => h.as_mut().reset(at),
+                        None => hold = Some(Box::pin(tokio::time::sleep_until(at))),
                     }
-                    r = write_round(socket, &mut buf, &mut sent) => r,
-                };
-                if written.is_err() {
-                    return Ended { sent, server_code: None, client_code: None, reason: None };
+                    holding = true;
+                    continue;
+                }
+                let round = Round { buf: &mut buf, oldest_live: &mut oldest_live, pacer: &mut pacer };
+                if let Some(ended) = write_taken(app, socket, round, &mut sent, closed.as_mut(), &gates).await {
+                    return ended;
                 }
                 // The peer took frames: replies to what it sends under pressure can go out.
                 reads_under_pressure = 0;
-                if let Some(at) = oldest_live.take() {
-                    app.hub.metrics.commit_to_written.observe(at.elapsed());
-                }
             }
+            () = sleep_opt(&mut hold), if holding => {
+                acted = false;
+                holding = false;
+                // What arrived during the hold goes out with what was held.
+                let mut later = None;
+                if sub.wait_ready(&mut more, &mut later).now_or_never().is_some() {
+                    buf.append(&mut more);
+                    oldest_live = oldest_live.or(later);
+                }
+                for (key, sequence_number) in sub.lagged() {
+                    subs.on_lagged(&key, sequence_number);
+                }
+                let round = Round { buf: &mut buf, oldest_live: &mut oldest_live, pacer: &mut pacer };
+                if let Some(ended) = write_taken(app, socket, round, &mut sent, closed.as_mut(), &gates).await {
+                    return ended;
+                }
+                reads_under_pressure = 0;
+            }
+        }
+    }
+}
+
+/// One write round: the frames taken from the send queue, when the oldest live one among them
+/// was committed, and the pacer that hears of the write.
+struct Round<'a> {
+    buf: &'a mut Vec<Frame>,
+    oldest_live: &'a mut Option<Instant>,
+    pacer: &'a mut WritePacer,
+}
+
+/// Write a round, unless a close is asked for meanwhile: a write blocked by a client that does
+/// not read must not keep the connection from closing. Returns how the connection ended when
+/// it did.
+///
+/// The close signal is looked at only while the write waits for the socket (then its gate
+/// is opened: the signal was polled with another waker); a write the socket takes at once, the
+/// usual case, costs no look at it.
+async fn write_taken(
+    app: &AppState,
+    socket: &mut WebSocket,
+    round: Round<'_>,
+    sent: &mut u64,
+    mut closed: Pin<&mut impl Future<Output = CloseReason>>,
+    gates: &Gates<4>,
+) -> Option<Ended> {
+    // (Replies among them are counted as live: rare, and only a rate estimate.)
+    let frames = round.buf.len();
+    let written = {
+        let write = write_round(socket, round.buf, sent);
+        tokio::pin!(write);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(r) = write.as_mut().poll(cx) {
+                return std::task::Poll::Ready(Ok(r));
+            }
+            gates.open(CLOSED);
+            closed.as_mut().poll(cx).map(Err)
+        })
+        .await
+    };
+    match written {
+        Ok(Ok(())) => {
+            let live = round.oldest_live.take();
+            round
+                .pacer
+                .wrote(Instant::now(), if live.is_some() { frames } else { 0 });
+            if let Some(at) = live {
+                app.hub.metrics.commit_to_written.observe(at.elapsed());
+            }
+            None
+        }
+        Ok(Err(_)) => Some(Ended {
+            sent: *sent,
+            server_code: None,
+            client_code: None,
+            reason: None,
+        }),
+        Err(reason) => {
+            close_in_time(app, socket, reason).await;
+            Some(Ended::by_server(*sent, reason))
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::metrics::PublishEndpoint;
 use crate::now_ms;
 use crate::publish;
 use crate::state::AppState;
-use seqcast_protocol::{BatchPublishRequest, ErrorBody};
+use seqcast_protocol::{BatchPublishRequest, ErrorBody, encode_publish_response};
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -32,7 +32,8 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
-    let mut r = (status, body).into_response();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -245,7 +246,7 @@ async fn publish_one(
     let first = committed
         .first()
         .ok_or_else(|| ApiError::Internal("store returned no event".into()))?;
-    Ok(axum::Json(publish::answer(first)).into_response())
+    Ok(json_response(StatusCode::OK, publish::answer_json(first)))
 }
 
 #[utoipa::path(
@@ -466,7 +467,7 @@ impl NdjsonPublishes {
         let mut out = String::new();
         for outcome in answered {
             let line = match outcome {
-                publish::Outcome::Committed((), a) => serde_json::to_string(&a),
+                publish::Outcome::Committed((), a) => Ok(encode_publish_response(&a)),
                 publish::Outcome::Refused((), e) => {
                     serde_json::to_string(&ErrorBody::new(e.code(), e.message()))
                 }

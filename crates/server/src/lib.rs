@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod auth;
 pub mod catchup;
+pub mod coalesce;
 pub mod config;
 pub mod connection;
 pub mod deadline;

@@ -32,8 +32,12 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// larger than this is let in alone).
 pub const MAX_IN_FLIGHT_BYTES: usize = 4 << 20;
 
-/// Count `n` publishes of `grant` against `--publish-rate`.
+/// Count `n` publishes of `grant` against `--publish-rate`. Without one nothing is counted
+/// (and the grant's key is not even formatted: this runs for every publish).
 pub fn admit(app: &AppState, grant: &Grant, n: usize) -> Result<(), ApiError> {
+    if app.settings.limits.publish_rate.is_none() {
+        return Ok(());
+    }
     app.limiter.admit_publish(&grant.rate_key(), n)
 }
 
@@ -69,6 +73,12 @@ pub fn answer(ev: &CommittedEvent) -> PublishResponse {
         stream_sequence: ev.stream_sequence,
         message_id: ev.message_id.clone(),
     }
+}
+
+/// A committed event as its publisher's answer, encoded: the body of `POST /api/publish`, a
+/// line of `/api/publish/stream`.
+pub fn answer_json(ev: &CommittedEvent) -> String {
+    seqcast_protocol::encode_publish_response(&answer(ev))
 }
 
 /// Commit unless the database is known to be lost; a failed write looks at the file again.
@@ -233,5 +243,37 @@ impl<T> Pipeline<T> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn server_made_ids_are_24_hex_digits_that_increase() {
+        let ids = MessageIds::default();
+        let (a, b) = (ids.next().unwrap(), ids.next().unwrap());
+        for id in [&a, &b] {
+            let s = id.as_str();
+            assert_eq!(s.len(), 24, "{s}");
+            assert!(
+                s.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{s}"
+            );
+        }
+        let counter =
+            |id: &seqcast_protocol::MessageId| u64::from_str_radix(&id.as_str()[..16], 16).unwrap();
+        assert_eq!(counter(&b), counter(&a) + 1);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        assert!(
+            counter(&a) <= micros && micros - counter(&a) < 60_000_000,
+            "starts at the clock"
+        );
     }
 }

@@ -167,10 +167,24 @@ impl Default for MessageIds {
 }
 
 impl MessageIds {
-    /// A new id: 16 hex digits of the counter, then 8 random hex digits.
+    /// A new id: 16 hex digits of the counter, then 8 random hex digits (written by hand on
+    /// the stack: one per publish, and `format!` cost more than the rest of the id).
     pub fn next(&self) -> Result<MessageId, ApiError> {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        MessageId::new(format!("{n:016x}{:08x}", rand::random::<u32>()))
+        let mut text = [0u8; 24];
+        hex_into(&mut text[..16], n);
+        hex_into(&mut text[16..], u64::from(rand::random::<u32>()));
+        std::str::from_utf8(&text)
             .map_err(|e| ApiError::Internal(e.to_string()))
+            .and_then(|t| MessageId::parse(t).map_err(|e| ApiError::Internal(e.to_string())))
+    }
+}
+
+/// The low `out.len()` hex digits of `n` (lowercase, zero-padded) into `out`.
+fn hex_into(out: &mut [u8], mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
 }

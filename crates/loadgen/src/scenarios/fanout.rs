@@ -98,7 +98,15 @@ impl Shared {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn on_frame(&self, text: &str, shard: usize) {
+    /// Whether the run told its readers to stop.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Account for a frame received by subscriber number `shard` (any number: it picks a
+    /// histogram shard).
+    pub(crate) fn on_frame(&self, text: &str, shard: usize) {
+        let shard = shard % SHARDS;
         let Some((index, sent_ns)) = scan_probe(text) else {
             return;
         };

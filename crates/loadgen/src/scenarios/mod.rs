@@ -9,6 +9,7 @@ pub mod recovery;
 pub mod slowconsumer;
 pub mod store;
 pub mod storm;
+pub mod tokens;
 pub mod wspublish;
 
 use std::time::{Duration, Instant};
