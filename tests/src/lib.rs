@@ -308,6 +308,28 @@ impl TestServer {
         }
     }
 
+    /// Every message of the key `channel:request_id` from `GET /websocket/messages` (HTTP
+    /// recovery from 0), paging with `next_since`; asserts each page is a 200.
+    pub async fn recover_key(&self, channel: &str, request_id: &str) -> Vec<Value> {
+        let t = token("reader", None);
+        let mut out = Vec::new();
+        let mut since = 0;
+        loop {
+            let (status, body) = self
+                .get(
+                    &format!("/websocket/messages?since={since}&channel={channel}&request_id={request_id}&limit=10000"),
+                    Some(&t),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            out.extend(body["messages"].as_array().unwrap().iter().cloned());
+            match body["next_since"].as_u64() {
+                Some(n) => since = n,
+                None => return out,
+            }
+        }
+    }
+
     /// GET with an optional bearer token; returns (status, json body).
     pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> (u16, Value) {
         let mut req = self.http.get(self.url(path_and_query));

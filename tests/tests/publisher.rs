@@ -8,27 +8,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use seqcast_client::{Outgoing, PublishError, Publisher, fixed_token};
-use seqcast_e2e::{Options, PROMPT, TestServer, token, token_with};
+use seqcast_e2e::{Options, PROMPT, TestServer, token_with};
 use serde_json::{Value, json};
-
-async fn log_of(s: &TestServer, channel: &str, request_id: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut since = 0;
-    loop {
-        let (status, body) = s
-            .get(
-                &format!("/websocket/messages?since={since}&channel={channel}&request_id={request_id}&limit=10000"),
-                Some(&token("reader", None)),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        out.extend(body["messages"].as_array().unwrap().iter().cloned());
-        match body["next_since"].as_u64() {
-            Some(n) => since = n,
-            None => return out,
-        }
-    }
-}
 
 #[tokio::test]
 async fn a_kill_9_mid_stream_loses_nothing_and_duplicates_nothing() {
@@ -95,7 +76,7 @@ async fn a_kill_9_mid_stream_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert_eq!(answers.len(), N as usize);
 
-    let log = log_of(&s, "pk", "r").await;
+    let log = s.recover_key("pk", "r").await;
     let by_id: HashMap<&str, &Value> = log
         .iter()
         .map(|m| (m["message_id"].as_str().unwrap(), m))

@@ -30,26 +30,6 @@ fn publish_with_id(r: u64, channel: &str, request_id: &str, data: Value, id: &st
     )
 }
 
-/// Every message of one key from `GET /websocket/messages` (HTTP recovery), in order.
-async fn log_of(s: &TestServer, channel: &str, request_id: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut since = 0;
-    loop {
-        let (status, body) = s
-            .get(
-                &format!("/websocket/messages?since={since}&channel={channel}&request_id={request_id}&limit=10000"),
-                Some(&token("reader", None)),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        out.extend(body["messages"].as_array().unwrap().iter().cloned());
-        match body["next_since"].as_u64() {
-            Some(n) => since = n,
-            None => return out,
-        }
-    }
-}
-
 fn ack_of(f: &ServerFrame) -> Option<&PublishAck> {
     match f {
         ServerFrame::PublishAck(a) => Some(a),
@@ -129,7 +109,7 @@ async fn pipelined_publishes_are_acked_in_order_with_the_logs_numbers() {
         delivered, acked,
         "the subscription saw each message once, in order"
     );
-    let log = log_of(&s, "tok", "r1").await;
+    let log = s.recover_key("tok", "r1").await;
     assert_eq!(log.len(), N as usize);
     for (m, a) in log.iter().zip(&acks) {
         assert_eq!(m["sequence_number"], a.sequence_number);
@@ -200,7 +180,7 @@ async fn a_bad_frame_mid_stream_is_refused_with_its_ref_and_the_stream_goes_on()
     assert_eq!(without_ref.len(), 1, "{without_ref:?}");
     assert_eq!(without_ref[0].code, ErrorCode::BadRequest);
     c.expect_nothing_more().await;
-    let log = log_of(&s, "ok", "r").await;
+    let log = s.recover_key("ok", "r").await;
     assert_eq!(log.len(), 2);
     assert_eq!(log[1]["data"], "last");
 }
@@ -275,7 +255,7 @@ async fn the_publish_rate_applies_to_websocket_publishes() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 429, "one limiter for both doors");
-    assert_eq!(log_of(&s, "rate", "r").await.len(), acked);
+    assert_eq!(s.recover_key("rate", "r").await.len(), acked);
 }
 
 /// The database writer stalls (another process holds SQLite's write lock) while a client
@@ -422,7 +402,7 @@ async fn acked_publishes_survive_a_kill_9_and_resending_by_message_id_duplicates
     assert!((acked.len() as u64) < N, "the kill came mid-stream");
 
     let s = TestServer::start_with(opts(None)).await;
-    let log = log_of(&s, "crash", "r").await;
+    let log = s.recover_key("crash", "r").await;
     let in_log: HashMap<String, (u64, u64)> = log
         .iter()
         .map(|m| {
@@ -478,7 +458,7 @@ async fn acked_publishes_survive_a_kill_9_and_resending_by_message_id_duplicates
             );
         }
     }
-    let log = log_of(&s, "crash", "r").await;
+    let log = s.recover_key("crash", "r").await;
     assert_eq!(log.len(), N as usize, "every publish once");
     for (i, m) in log.iter().enumerate() {
         assert_eq!(m["stream_sequence"], i as u64 + 1, "no hole, no duplicate");

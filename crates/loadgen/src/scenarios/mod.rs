@@ -20,6 +20,33 @@ use serde_json::Value;
 use crate::http::HttpConn;
 
 /// Sleep until `deadline` measured from `start`.
+/// The closed-loop publishers' measured window: wait `warmup`, raise `measuring` for
+/// `duration` while the server's CPU is metered, then raise `stop` and merge the publishers'
+/// latency histograms. Returns the CPU use of the window and the merged histogram.
+pub(crate) async fn measure_closed_loop(
+    warmup: Duration,
+    duration: Duration,
+    server_pid: Option<u32>,
+    measuring: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<hdrhistogram::Histogram<u64>>>,
+) -> anyhow::Result<(crate::stats::CpuUse, hdrhistogram::Histogram<u64>)> {
+    use std::sync::atomic::Ordering;
+    tokio::time::sleep(warmup).await;
+    measuring.store(true, Ordering::Release);
+    let cpu = crate::stats::CpuMeter::start(server_pid);
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Release);
+    let cpu_use = cpu.stop();
+    stop.store(true, Ordering::Release);
+    let mut hist = crate::stats::latency_histogram();
+    for t in tasks {
+        let h = t.await.context("publisher panicked")?;
+        hist.add(&h).ok();
+    }
+    Ok((cpu_use, hist))
+}
+
 pub(crate) async fn sleep_until(start: Instant, at: Duration) {
     tokio::time::sleep_until((start + at).into()).await;
 }

@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::run_id;
 use crate::Target;
 use crate::http::HttpConn;
-use crate::stats::{CpuMeter, Summary, latency_histogram, record_nanos};
+use crate::stats::{Summary, latency_histogram, record_nanos};
 
 /// Publish parameters.
 #[derive(Debug, Clone)]
@@ -85,18 +84,15 @@ pub async fn run(target: &Target, args: &PublishArgs) -> anyhow::Result<Value> {
             hist
         }));
     }
-    tokio::time::sleep(args.warmup).await;
-    measuring.store(true, Ordering::Release);
-    let cpu = CpuMeter::start(target.server_pid);
-    tokio::time::sleep(args.duration).await;
-    measuring.store(false, Ordering::Release);
-    let cpu_use = cpu.stop();
-    stop.store(true, Ordering::Release);
-    let mut hist = latency_histogram();
-    for t in tasks {
-        let h = t.await.context("publisher panicked")?;
-        hist.add(&h).ok();
-    }
+    let (cpu_use, hist) = super::measure_closed_loop(
+        args.warmup,
+        args.duration,
+        target.server_pid,
+        &measuring,
+        &stop,
+        tasks,
+    )
+    .await?;
     let n = messages.load(Ordering::Acquire);
     Ok(json!({
         "scenario": "publish",

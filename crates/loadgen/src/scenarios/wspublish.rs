@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use futures_util::{FutureExt as _, SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::run_id;
 use crate::Target;
-use crate::stats::{CpuMeter, Summary, latency_histogram, record_nanos};
+use crate::stats::{Summary, latency_histogram, record_nanos};
 
 /// WebSocket publish parameters.
 #[derive(Debug, Clone)]
@@ -110,18 +109,15 @@ pub async fn run(target: &Target, args: &WsPublishArgs) -> anyhow::Result<Value>
             }
         }));
     }
-    tokio::time::sleep(args.warmup).await;
-    measuring.store(true, Ordering::Release);
-    let cpu = CpuMeter::start(target.server_pid);
-    tokio::time::sleep(args.duration).await;
-    measuring.store(false, Ordering::Release);
-    let cpu_use = cpu.stop();
-    stop.store(true, Ordering::Release);
-    let mut hist = latency_histogram();
-    for t in tasks {
-        let h = t.await.context("publisher panicked")?;
-        hist.add(&h).ok();
-    }
+    let (cpu_use, hist) = super::measure_closed_loop(
+        args.warmup,
+        args.duration,
+        target.server_pid,
+        &measuring,
+        &stop,
+        tasks,
+    )
+    .await?;
     let n = messages.load(Ordering::Acquire);
     Ok(json!({
         "scenario": "ws_publish",
