@@ -584,7 +584,7 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(db_command("migrate").contains("schema_version: 4"));
+    assert!(db_command("migrate").contains("schema_version: 5"));
     assert!(db_command("migrate").contains("applied: []"));
     let app = db.connect().await;
     app.batch_execute(
