@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use seqcast_protocol::{
-    ClientFrame, Connected, ErrorFrame, Hello, ServerFrame, SessionId, Subscribe, SubscriptionKey,
-    Unsubscribe, decode_server_frame,
+    Auth, ClientFrame, Connected, ErrorCode, ErrorFrame, Hello, ServerFrame, SessionId, Subscribe,
+    SubscriptionKey, Unsubscribe, decode_server_frame,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -25,7 +25,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::Error;
 use crate::event::{ConnectionInfo, ConnectionState, Event};
-use crate::token::SharedTokens;
+use crate::token::{Refresh, SharedTokens, jwt_exp};
 use crate::tracker::{KeyTracker, Resume, backoff_delay};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -110,6 +110,8 @@ pub(crate) struct Driver {
     /// answer a subscription the application has since dropped.
     unacked: HashMap<SubscriptionKey, u32>,
     close_reply: Option<oneshot::Sender<()>>,
+    /// The current connection's token refresh.
+    refresh: Option<Refresh>,
 }
 
 impl Driver {
@@ -127,6 +129,7 @@ impl Driver {
             subs: HashMap::new(),
             unacked: HashMap::new(),
             close_reply: None,
+            refresh: None,
         }
     }
 
@@ -155,12 +158,20 @@ impl Driver {
             };
             let reason = match opened {
                 None => return self.finish(),
-                Some(Ok((ws, info))) => {
-                    attempt = 0;
+                Some(Ok((ws, info, exp))) => {
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
                     }
-                    match self.serve(ws, info).await {
+                    let opened_at = Instant::now();
+                    self.refresh = Some(Refresh::new(self.tokens.clone(), exp));
+                    let flow = self.serve(ws, info).await;
+                    self.refresh = None;
+                    // Only a connection that stayed up resets the backoff: a server (or proxy)
+                    // that accepts and drops at once is not hammered at the first step's rate.
+                    if stayed_up(opened_at.elapsed(), self.config.backoff_max) {
+                        attempt = 0;
+                    }
+                    match flow {
                         Flow::Exit => return self.finish(),
                         Flow::Lost(reason) => reason,
                     }
@@ -415,6 +426,11 @@ impl Driver {
                         return Flow::Lost(format!("sending failed: {e}"));
                     }
                 }
+                token = next_token(&mut self.refresh) => {
+                    if let Err(e) = ws.send(client_frame(&ClientFrame::Auth(Auth { token }))).await {
+                        return Flow::Lost(format!("sending auth failed: {e}"));
+                    }
+                }
                 _ = heartbeat.tick(), if ping_every.is_some() => {
                     let every = ping_every.unwrap_or_default();
                     if last_frame.elapsed() > every * 2 {
@@ -474,15 +490,20 @@ impl Driver {
                     message = %e.message,
                     "error frame from the server"
                 );
+                if e.code == ErrorCode::Unauthorized
+                    && let Some(refresh) = self.refresh.as_mut()
+                {
+                    refresh.on_unauthorized(&e.message);
+                }
                 // Nobody listening is fine: the error is logged above.
                 let _ = self.shared.errors.send(e);
             }
-            Ok(
-                ServerFrame::Connected(_)
-                | ServerFrame::Pong
-                | ServerFrame::AuthOk(_)
-                | ServerFrame::PublishAck(_),
-            ) => {}
+            Ok(ServerFrame::AuthOk(ok)) => {
+                if let Some(refresh) = self.refresh.as_mut() {
+                    refresh.on_auth_ok(ok.exp);
+                }
+            }
+            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::PublishAck(_)) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");
@@ -495,13 +516,29 @@ impl Driver {
     }
 }
 
-/// One connection attempt: token, WebSocket handshake, `hello`, `connected`.
+/// Whether a connection that lasted `lived` counts as a success for the backoff (which then
+/// starts over): it stayed up at least as long as the longest backoff.
+pub(crate) fn stayed_up(lived: Duration, backoff_max: Duration) -> bool {
+    lived >= backoff_max
+}
+
+/// The next fresh token of the connection's refresh (never, without one).
+pub(crate) async fn next_token(refresh: &mut Option<Refresh>) -> String {
+    match refresh {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One connection attempt: token, WebSocket handshake, `hello`, `connected`. Also returns the
+/// token's `exp` (read, not verified), for the refresh.
 pub(crate) async fn open(
     config: Config,
     tokens: SharedTokens,
     shared: Arc<Shared>,
-) -> Result<(Ws, ConnectionInfo), Error> {
+) -> Result<(Ws, ConnectionInfo, Option<u64>), Error> {
     let token = tokens.0.token().await.map_err(Error::Token)?;
+    let exp = jwt_exp(&token);
     let (mut ws, _response) = tokio::time::timeout(
         config.connect_timeout,
         tokio_tungstenite::connect_async(config.url.as_str()),
@@ -528,6 +565,7 @@ pub(crate) async fn open(
             head: connected.head,
             epoch: connected.epoch,
         },
+        exp,
     ))
 }
 

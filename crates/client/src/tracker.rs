@@ -312,6 +312,28 @@ mod tests {
     }
 
     #[test]
+    fn backoff_draws_are_uniform_below_a_cap_that_doubles_up_to_the_maximum() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut random = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(3));
+        for attempt in 0..12u32 {
+            let cap = (initial * 2u32.pow(attempt)).min(max);
+            let mut quarters = [0u32; 4];
+            for _ in 0..4000 {
+                let d = backoff_delay(attempt, initial, max, random.random::<f64>());
+                assert!(d < cap, "attempt {attempt}: {d:?} not below {cap:?}");
+                let q = (d.as_secs_f64() / cap.as_secs_f64() * 4.0) as usize;
+                quarters[q.min(3)] += 1;
+            }
+            // Full jitter: every quarter of [0, cap) gets about a quarter of the draws.
+            assert!(
+                quarters.iter().all(|&n| (850..=1150).contains(&n)),
+                "attempt {attempt}: {quarters:?}"
+            );
+        }
+    }
+
+    #[test]
     fn backoff_is_capped_and_jittered() {
         let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
         assert_eq!(backoff_delay(0, i, m, 0.5), Duration::from_millis(50));
