@@ -503,7 +503,13 @@ impl Driver {
                     refresh.on_auth_ok(ok.exp);
                 }
             }
-            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::PublishAck(_)) => {}
+            Ok(
+                ServerFrame::Connected(_)
+                | ServerFrame::Pong
+                | ServerFrame::PublishAck(_)
+                // The client resumes with `subscribe` frames; it sends no `resume`.
+                | ServerFrame::ResumeAck(_),
+            ) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");

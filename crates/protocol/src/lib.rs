@@ -20,7 +20,8 @@ mod schema;
 mod server;
 
 pub use client::{
-    Auth, ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame,
+    Auth, ClientFrame, FrameError, Hello, InvalidEntry, Resume, ResumeEntry, ResumeKey, Subscribe,
+    Unsubscribe, decode_client_frame,
 };
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, DEFAULT_PAGE, ErrorBody, ErrorDetail,
@@ -38,8 +39,9 @@ pub use publish::{Publish, PublishAck, PublishRef, REF_MAX_LEN, encode_publish_a
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{
-    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
-    decode_server_frame, encode_message, encode_message_ref, encode_server_frame,
+    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ResumeAck, ResumeResult,
+    ServerFrame, SubAck, decode_server_frame, encode_message, encode_message_ref,
+    encode_server_frame,
 };
 
 /// Runs the README's example as a doctest, so it cannot drift from the API.
