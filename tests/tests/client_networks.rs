@@ -222,6 +222,7 @@ async fn through_random_cuts(s: &TestServer, seed: u64) -> (BTreeMap<&'static st
                 Ok(Some(Event::Message(m))) => messages.push(m),
                 Ok(Some(Event::Gap(g))) => gaps.push(g),
                 Ok(Some(Event::Subscribed(_))) => {}
+                Ok(Some(Event::Refused(r))) => panic!("seed {seed}: {r:?}"),
                 Ok(None) => panic!("{key} ended"),
                 Err(_) => panic!(
                     "seed {seed}: {key} got {} messages, last {:?}, gaps {gaps:?}",

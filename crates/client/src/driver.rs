@@ -5,15 +5,16 @@
 //! [`ClientBuilder::start`](crate::ClientBuilder::start) and running inside the `seqcast_client`
 //! tracing span. It ends when the client is closed or every `Client` handle is dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use seqcast_protocol::{
-    Auth, ClientFrame, Connected, ErrorCode, ErrorFrame, Hello, ServerFrame, SessionId, Subscribe,
-    SubscriptionKey, Unsubscribe, decode_server_frame,
+    Auth, ClientFrame, Connected, ErrorCode, ErrorFrame, Hello, Resume as ResumeFrame, ResumeAck,
+    ResumeEntry, ResumeKey, ServerFrame, SessionId, Subscribe, SubscriptionKey, Unsubscribe,
+    decode_server_frame,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -24,9 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::Error;
-use crate::event::{ConnectionInfo, ConnectionState, Event};
+use crate::event::{ConnectionInfo, ConnectionState, Event, Refused};
 use crate::token::{Refresh, SharedTokens, jwt_exp};
-use crate::tracker::{KeyTracker, Resume, backoff_delay};
+use crate::tracker::{KeyTracker, Resume, backoff_delay, resume_verdict};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -112,6 +113,12 @@ pub(crate) struct Driver {
     close_reply: Option<oneshot::Sender<()>>,
     /// The current connection's token refresh.
     refresh: Option<Refresh>,
+    /// The keys of each `resume` frame sent on the current connection and not answered yet, in
+    /// the order sent (answers come in that order).
+    resuming: VecDeque<Vec<SubscriptionKey>>,
+    /// Whether to resume with `resume` frames; cleared for good when a server refuses one (it
+    /// predates them), and keys are then re-subscribed one `subscribe` each.
+    resume_frames: bool,
 }
 
 impl Driver {
@@ -130,6 +137,8 @@ impl Driver {
             unacked: HashMap::new(),
             close_reply: None,
             refresh: None,
+            resuming: VecDeque::new(),
+            resume_frames: true,
         }
     }
 
@@ -314,20 +323,12 @@ impl Driver {
             "connected"
         );
         self.set_state(ConnectionState::Connected(info));
-        // The server never subscribes on its own: re-send every key, each from where it stopped.
-        self.unacked.clear();
-        let frames: Vec<WsMessage> = self
-            .subs
-            .iter()
-            .map(|(key, sub)| {
-                let (since, epoch) = sub.tracker.subscribe_position();
-                subscribe_frame(key, since, epoch)
-            })
-            .collect();
-        self.unacked = self.subs.keys().map(|k| (k.clone(), 1)).collect();
-        for frame in frames {
+        // The server never subscribes on its own: every key goes again, each from where it
+        // stopped — the ones with a position in one `resume` frame (one per epoch they were
+        // counted in; almost always one), fresh ones with `subscribe`.
+        for frame in self.opening_frames() {
             if let Err(e) = ws.feed(frame).await {
-                return Flow::Lost(format!("sending subscribe failed: {e}"));
+                return Flow::Lost(format!("sending resume/subscribe failed: {e}"));
             }
         }
         if let Err(e) = ws.flush().await {
@@ -346,10 +347,10 @@ impl Driver {
                     last_frame = Instant::now();
                     match msg {
                         Some(Ok(WsMessage::Text(text))) => {
-                            let dead = self.on_text(text.as_str(), connection_sequence);
-                            for key in dead {
-                                if let Err(e) = ws.send(unsubscribe_frame(&key)).await {
-                                    return Flow::Lost(format!("sending unsubscribe failed: {e}"));
+                            let replies = self.on_text(text.as_str(), connection_sequence);
+                            for frame in replies {
+                                if let Err(e) = ws.send(frame).await {
+                                    return Flow::Lost(format!("sending failed: {e}"));
                                 }
                             }
                         }
@@ -447,10 +448,126 @@ impl Driver {
         }
     }
 
-    /// Routes one server frame; returns the keys whose subscription was dropped by the
-    /// application (to unsubscribe from the server).
-    fn on_text(&mut self, text: &str, connection_sequence: u64) -> Vec<SubscriptionKey> {
+    /// The frames that follow a reconnect: `resume` for the keys with a position (grouped by
+    /// epoch), `subscribe` for the rest (and for every key when the server does not take
+    /// `resume`). Resets the connection's bookkeeping of unanswered frames.
+    fn opening_frames(&mut self) -> Vec<WsMessage> {
+        self.unacked.clear();
+        self.resuming.clear();
+        let mut groups: BTreeMap<Option<String>, Vec<ResumeEntry>> = BTreeMap::new();
+        let mut frames = Vec::new();
+        let mut subscribes = Vec::new();
+        for (key, sub) in &self.subs {
+            match sub.tracker.subscribe_position() {
+                (Some(since), epoch) if self.resume_frames => {
+                    groups
+                        .entry(epoch)
+                        .or_default()
+                        .push(ResumeEntry::Key(ResumeKey {
+                            channel: key.channel().clone(),
+                            request_id: key.request_id().clone(),
+                            since,
+                        }));
+                }
+                (since, epoch) => {
+                    subscribes.push(subscribe_frame(key, since, epoch));
+                    self.unacked.insert(key.clone(), 1);
+                }
+            }
+        }
+        for (epoch, subscriptions) in groups {
+            self.resuming
+                .push_back(subscriptions.iter().filter_map(ResumeEntry::key).collect());
+            frames.push(client_frame(&ClientFrame::Resume(ResumeFrame {
+                subscriptions,
+                epoch,
+            })));
+        }
+        // `resume` first: the first `bad_request` while one is unanswered is its refusal.
+        frames.extend(subscribes);
+        frames
+    }
+
+    /// A `resume_ack`: each key's verdict acts as its `sub_ack`; a refused key gets
+    /// [`Event::Refused`] and is dropped.
+    fn on_resume_ack(
+        &mut self,
+        ack: &ResumeAck,
+        connection_sequence: u64,
+        dead: &mut Vec<SubscriptionKey>,
+    ) {
+        let Some(keys) = self.resuming.pop_front() else {
+            tracing::warn!(target: "seqcast_client", "resume_ack for no resume; ignored");
+            return;
+        };
+        for (i, result) in ack.results.iter().enumerate() {
+            let Some(key) = result
+                .subscription_key()
+                .cloned()
+                .or_else(|| keys.get(i).cloned())
+            else {
+                continue;
+            };
+            if self.unacked.contains_key(&key) {
+                // Re-subscribed since the resume was sent: that `subscribe`'s answer counts.
+                continue;
+            }
+            let Some(sub) = self.subs.get_mut(&key) else {
+                if matches!(result, seqcast_protocol::ResumeResult::Resumed { .. }) {
+                    dead.push(key);
+                }
+                continue;
+            };
+            match resume_verdict(&key, result, ack) {
+                Ok(sub_ack) => {
+                    let events = sub.tracker.on_sub_ack(&sub_ack, connection_sequence);
+                    if events.into_iter().any(|ev| sub.events.send(ev).is_err()) {
+                        dead.push(key);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(target: "seqcast_client", key = %key, code = %error.code, message = %error.message, "the server refused a key on resume; its subscription ends");
+                    let _ = sub.events.send(Event::Refused(Refused {
+                        key: key.clone(),
+                        code: error.code,
+                        message: error.message,
+                    }));
+                    // Not followed by the server: nothing to unsubscribe.
+                    self.subs.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// A `bad_request` while a `resume` is unanswered: the server does not take `resume`. Its
+    /// keys are subscribed one by one, as every later reconnect will do.
+    fn resume_refused(&mut self, e: &ErrorFrame) -> Vec<WsMessage> {
+        let Some(keys) = self.resuming.pop_front() else {
+            return Vec::new();
+        };
+        if self.resume_frames {
+            tracing::info!(target: "seqcast_client", message = %e.message, "the server does not take resume frames; resuming key by key");
+        }
+        self.resume_frames = false;
+        let mut frames = Vec::new();
+        for key in keys {
+            if self.unacked.contains_key(&key) {
+                continue;
+            }
+            if let Some(sub) = self.subs.get(&key) {
+                let (since, epoch) = sub.tracker.subscribe_position();
+                frames.push(subscribe_frame(&key, since, epoch));
+                self.unacked.insert(key, 1);
+            }
+        }
+        frames
+    }
+
+    /// Routes one server frame; returns the frames to send in reply (`unsubscribe` for keys
+    /// the application dropped, `subscribe` where a `resume` was refused).
+    fn on_text(&mut self, text: &str, connection_sequence: u64) -> Vec<WsMessage> {
         let mut dead = Vec::new();
+        let mut replies = Vec::new();
         match decode_server_frame(text) {
             Ok(ServerFrame::SubAck(ack)) => {
                 let stale = match self.unacked.get_mut(&ack.subscription_key) {
@@ -465,7 +582,7 @@ impl Driver {
                     None => false,
                 };
                 if stale {
-                    return dead;
+                    return replies;
                 }
                 if let Some(sub) = self.subs.get_mut(&ack.subscription_key) {
                     let events = sub.tracker.on_sub_ack(&ack, connection_sequence);
@@ -482,6 +599,16 @@ impl Driver {
                 {
                     dead.push(key);
                 }
+            }
+            Ok(ServerFrame::Error(e))
+                if e.code == ErrorCode::BadRequest
+                    && e.r#ref.is_none()
+                    && !self.resuming.is_empty() =>
+            {
+                replies = self.resume_refused(&e);
+            }
+            Ok(ServerFrame::ResumeAck(ack)) => {
+                self.on_resume_ack(&ack, connection_sequence, &mut dead);
             }
             Ok(ServerFrame::Error(e)) => {
                 tracing::warn!(
@@ -503,22 +630,17 @@ impl Driver {
                     refresh.on_auth_ok(ok.exp);
                 }
             }
-            Ok(
-                ServerFrame::Connected(_)
-                | ServerFrame::Pong
-                | ServerFrame::PublishAck(_)
-                // The client resumes with `subscribe` frames; it sends no `resume`.
-                | ServerFrame::ResumeAck(_),
-            ) => {}
+            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::PublishAck(_)) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");
             }
         }
-        for key in &dead {
-            self.subs.remove(key);
+        for key in dead {
+            self.subs.remove(&key);
+            replies.push(unsubscribe_frame(&key));
         }
-        dead
+        replies
     }
 }
 

@@ -114,41 +114,6 @@ fn time_left(exp: u64, now: std::time::SystemTime) -> std::time::Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
-    use super::*;
-
-    #[test]
-    fn exp_is_read_from_the_payload_without_verifying() {
-        // {"alg":"HS256","typ":"JWT"} . {"sub":"u","exp":1700000000} . (any signature)
-        let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1IiwiZXhwIjoxNzAwMDAwMDAwfQ.sig";
-        assert_eq!(jwt_exp(t), Some(1_700_000_000));
-        // Padded, and a float exp.
-        let padded = "x.eyJleHAiOjEyLjV9.y";
-        assert_eq!(jwt_exp(padded), Some(12));
-        for bad in [
-            "",
-            "abc",
-            "a.!!!.c",
-            "a.eyJzdWIiOiJ1In0.c",
-            "a.bm90IGpzb24.c",
-        ] {
-            assert_eq!(jwt_exp(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_refresh_comes_a_third_of_the_lifetime_early_at_most_a_minute() {
-        let now = UNIX_EPOCH + Duration::from_secs(1000);
-        assert_eq!(refresh_delay(1003, now), Duration::from_secs(2));
-        assert_eq!(refresh_delay(1000 + 3600, now), Duration::from_secs(3540));
-        assert_eq!(refresh_delay(999, now), Duration::ZERO, "already expired");
-    }
-}
-
 /// Keeps one connection's token fresh: before the token in force expires, asks the provider for
 /// the next one and yields the `auth` frame to send; the server's `auth_ok` (with the new `exp`)
 /// arms the next round. When the provider fails, it asks again halfway to `exp`; when it still
@@ -238,5 +203,40 @@ impl Refresh {
         if std::mem::take(&mut self.pending) {
             tracing::warn!(target: "seqcast_client", exp = self.exp, message, "the server refused the fresh token; the connection ends at exp (4001) and the client reconnects with a new one");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn exp_is_read_from_the_payload_without_verifying() {
+        // {"alg":"HS256","typ":"JWT"} . {"sub":"u","exp":1700000000} . (any signature)
+        let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1IiwiZXhwIjoxNzAwMDAwMDAwfQ.sig";
+        assert_eq!(jwt_exp(t), Some(1_700_000_000));
+        // Padded, and a float exp.
+        let padded = "x.eyJleHAiOjEyLjV9.y";
+        assert_eq!(jwt_exp(padded), Some(12));
+        for bad in [
+            "",
+            "abc",
+            "a.!!!.c",
+            "a.eyJzdWIiOiJ1In0.c",
+            "a.bm90IGpzb24.c",
+        ] {
+            assert_eq!(jwt_exp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_refresh_comes_a_third_of_the_lifetime_early_at_most_a_minute() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(refresh_delay(1003, now), Duration::from_secs(2));
+        assert_eq!(refresh_delay(1000 + 3600, now), Duration::from_secs(3540));
+        assert_eq!(refresh_delay(999, now), Duration::ZERO, "already expired");
     }
 }
