@@ -184,16 +184,19 @@ pub struct ConnectionInfo {
 /// [`Client::watch_state`](crate::Client::watch_state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Opening a connection (`attempt` 0 is the first try after a success or at start).
+    /// Opening a connection (`attempt` 0 is the first try at start or after a connection
+    /// that stayed up).
     Connecting {
-        /// Failed attempts since the last successful connection.
+        /// Failed attempts (and connections that did not stay up) since the last connection
+        /// that stayed up for the backoff's maximum.
         attempt: u32,
     },
     /// Connected and past `hello`; subscriptions are (re)sent.
     Connected(ConnectionInfo),
     /// The connection was lost or an attempt failed; the next attempt starts after `delay`.
     Reconnecting {
-        /// Failed attempts since the last successful connection (≥ 1).
+        /// Failed attempts (and connections that did not stay up) since the last connection
+        /// that stayed up (≥ 1).
         attempt: u32,
         /// The backoff before the next attempt.
         delay: Duration,
