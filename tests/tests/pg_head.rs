@@ -36,7 +36,7 @@ enum Head {
 impl Head {
     fn sql(self, round: usize) -> &'static str {
         match self {
-            Head::Real if round % 2 == 0 => "SELECT seqcast.head()",
+            Head::Real if round.is_multiple_of(2) => "SELECT seqcast.head()",
             Head::Real => "SELECT seqcast.head('room', 'r1')",
             Head::CounterOnly => "SELECT head FROM seqcast.counter WHERE id = 1",
             Head::PlusOne => "SELECT seqcast.head() + 1",
