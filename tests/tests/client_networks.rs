@@ -161,6 +161,42 @@ async fn a_refused_refresh_ends_at_exp_and_the_client_comes_back_with_a_fresh_to
     client.close().await;
 }
 
+/// The publisher refreshes the same way: 3-second publishing tokens, ~7 s of publishing over one
+/// connection, every publish answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_outlives_its_tokens_too() {
+    let s = TestServer::start_with(Options::default()).await;
+    let publisher = seqcast_client::Publisher::builder(format!("ws://{}/ws", s.addr))
+        .backoff(BACKOFF.0, BACKOFF.1)
+        .connect(|| async { Ok::<_, std::io::Error>(token_with("pub", None, 3, true)) })
+        .await
+        .unwrap();
+    let mut last = 0;
+    for i in 0..70u64 {
+        let ack = publisher
+            .publish(seqcast_client::Outgoing::json("tok", "p", &json!({"i": i})).unwrap())
+            .await
+            .unwrap();
+        assert!(ack.sequence_number > last);
+        last = ack.sequence_number;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened = s
+        .logs()
+        .iter()
+        .filter(|l| l["event"] == "connection_opened")
+        .count();
+    assert_eq!(opened, 1, "one connection for the whole run");
+    assert!(!s.logs().iter().any(|l| l["event"] == "token_expired"));
+    assert!(
+        s.logs()
+            .iter()
+            .filter(|l| l["event"] == "auth_refreshed")
+            .count()
+            >= 3
+    );
+}
+
 const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 const PER_KEY: u64 = 120;
 
