@@ -475,13 +475,15 @@ impl Driver {
                 }
             }
         }
-        for (epoch, subscriptions) in groups {
-            self.resuming
-                .push_back(subscriptions.iter().filter_map(ResumeEntry::key).collect());
-            frames.push(client_frame(&ClientFrame::Resume(ResumeFrame {
-                subscriptions,
-                epoch,
-            })));
+        for (epoch, entries) in groups {
+            for subscriptions in resume_chunks(entries) {
+                self.resuming
+                    .push_back(subscriptions.iter().filter_map(ResumeEntry::key).collect());
+                frames.push(client_frame(&ClientFrame::Resume(ResumeFrame {
+                    subscriptions,
+                    epoch: epoch.clone(),
+                })));
+            }
         }
         // `resume` first: the first `bad_request` while one is unanswered is its refusal.
         frames.extend(subscribes);
@@ -644,6 +646,33 @@ impl Driver {
     }
 }
 
+/// Most bytes of keys in one `resume` frame: a client that follows many keys sends several
+/// frames rather than one the server's frame limit (`--max-message-bytes`) would close with 1009
+/// on every reconnect.
+const RESUME_FRAME_BUDGET: usize = 8 * 1024;
+
+/// `entries` cut into runs whose frames stay within [`RESUME_FRAME_BUDGET`] (at least one entry
+/// each).
+fn resume_chunks(entries: Vec<ResumeEntry>) -> Vec<Vec<ResumeEntry>> {
+    let mut chunks: Vec<Vec<ResumeEntry>> = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        // `{"channel":"…","request_id":"…","since":…},` is about 60 bytes beside the names.
+        let size = entry.key().map_or(0, |k| {
+            k.channel().as_str().len() + k.request_id().as_str().len()
+        }) + 60;
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= RESUME_FRAME_BUDGET => chunk.push(entry),
+            _ => {
+                chunks.push(vec![entry]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    chunks
+}
+
 /// Whether a connection that lasted `lived` counts as a success for the backoff (which then
 /// starts over): it stayed up at least as long as the longest backoff.
 pub(crate) fn stayed_up(lived: Duration, backoff_max: Duration) -> bool {
@@ -769,4 +798,43 @@ fn unsubscribe_frame(key: &SubscriptionKey) -> WsMessage {
         channel: key.channel().clone(),
         request_id: key.request_id().clone(),
     }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use seqcast_protocol::{Channel, RequestId};
+
+    use super::*;
+
+    fn entry(i: usize) -> ResumeEntry {
+        ResumeEntry::Key(ResumeKey {
+            channel: Channel::new("c".repeat(64)).unwrap(),
+            request_id: RequestId::new(format!("{i:0>128}")).unwrap(),
+            since: u64::MAX,
+        })
+    }
+
+    #[test]
+    fn resume_frames_stay_within_the_budget_and_keep_every_key_in_order() {
+        assert_eq!(resume_chunks(vec![entry(0), entry(1)]).len(), 1);
+        let chunks = resume_chunks((0..1000).map(entry).collect());
+        assert!(chunks.len() > 1);
+        let mut next = 0;
+        for chunk in &chunks {
+            let bytes = match client_frame(&ClientFrame::Resume(ResumeFrame {
+                subscriptions: chunk.clone(),
+                epoch: Some("e".repeat(64)),
+            })) {
+                WsMessage::Text(t) => t.len(),
+                _ => 0,
+            };
+            assert!(bytes <= RESUME_FRAME_BUDGET + 100, "{bytes} bytes");
+            for e in chunk {
+                assert_eq!(e, &entry(next));
+                next += 1;
+            }
+        }
+        assert_eq!(next, 1000);
+    }
 }
