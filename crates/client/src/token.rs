@@ -166,8 +166,15 @@ impl Refresh {
                 self.fetching = None;
                 match result {
                     Ok(token) => {
+                        let new_exp = jwt_exp(&token);
+                        if new_exp.is_some_and(|new| self.exp.is_some_and(|old| new <= old)) {
+                            // The same token again (a fixed one): sending it would only bring
+                            // the same exp back, sooner and sooner.
+                            tracing::warn!(target: "seqcast_client", exp = self.exp, "the token provider gave no token that outlives the one in force; the connection ends at exp and reconnects");
+                            continue;
+                        }
                         self.pending = true;
-                        tracing::debug!(target: "seqcast_client", old_exp = self.exp, new_exp = jwt_exp(&token), "sending a fresh token (auth)");
+                        tracing::debug!(target: "seqcast_client", old_exp = self.exp, new_exp, "sending a fresh token (auth)");
                         return token;
                     }
                     Err(e) => {
@@ -230,6 +237,60 @@ mod tests {
         ] {
             assert_eq!(jwt_exp(bad), None, "{bad}");
         }
+    }
+
+    /// An unsigned JWT-shaped token with this `exp`.
+    fn token_expiring_at(exp: u64) -> String {
+        let payload: String = format!("{{\"exp\":{exp}}}")
+            .bytes()
+            .collect::<Vec<u8>>()
+            .chunks(3)
+            .flat_map(|c| {
+                const A: &[u8; 64] =
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+                let n = c.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - c.len()));
+                (0..=c.len()).map(move |i| A[(n >> (18 - 6 * i)) as usize & 63] as char)
+            })
+            .collect();
+        format!("e30.{payload}.sig")
+    }
+
+    fn provider(token: String, calls: &Arc<std::sync::atomic::AtomicUsize>) -> SharedTokens {
+        let calls = Arc::clone(calls);
+        SharedTokens(Arc::new(move || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let token = token.clone();
+            async move { Ok::<_, std::convert::Infallible>(token) }
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_token_goes_out_before_exp_and_the_same_one_never_does() {
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let exp = now + 30;
+        assert_eq!(jwt_exp(&token_expiring_at(exp)), Some(exp));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let later = token_expiring_at(exp + 60);
+        let mut r = Refresh::new(provider(later.clone(), &calls), Some(exp));
+        let started = tokio::time::Instant::now();
+        let sent = tokio::time::timeout(Duration::from_secs(60), r.next()).await;
+        assert_eq!(sent.ok(), Some(later));
+        let waited = started.elapsed();
+        assert!(
+            waited > Duration::from_secs(18) && waited <= Duration::from_secs(20),
+            "{waited:?}"
+        );
+        r.on_auth_ok(exp + 60);
+
+        // A provider that hands out the token in force again: asked once, nothing sent.
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut r = Refresh::new(provider(token_expiring_at(exp), &calls), Some(exp));
+        let sent = tokio::time::timeout(Duration::from_secs(120), r.next()).await;
+        assert!(sent.is_err(), "{sent:?}");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
