@@ -23,7 +23,7 @@ use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{CachedMessage, GapError, ReadBudget, TailCache, View};
+use seqcast_sequencing::{CachedMessage, GapError, KeyPositions, ReadBudget, TailCache, View};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -278,6 +278,20 @@ pub enum Join {
     NotCached,
     /// The connection is closing, or its cursor belongs to an older history.
     Gone,
+}
+
+/// Under the hub lock: register `sub` for live delivery of `key` (a join's last step).
+fn register_live(state: &mut HubState, sub: &Arc<Subscriber>, key: &SubscriptionKey) {
+    // A lag of this key still waiting to be read belongs to an earlier subscription of it
+    // (lags are recorded under this lock, and only for live subscribers): drop it.
+    sub.lagged
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(k, _)| k != key);
+    let subs = state.live.entry(key.clone()).or_default();
+    if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
+        subs.push(Arc::clone(sub));
+    }
 }
 
 /// A failure that must stop the process: serving on would hide a hole.
@@ -667,15 +681,45 @@ impl Hub {
                 sent,
             };
         }
-        // A lag of this key still waiting to be read belongs to an earlier subscription of it
-        // (lags are recorded under this lock, and only for live subscribers): drop it.
-        sub.lagged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(k, _)| k != key);
-        let subs = state.live.entry(key.clone()).or_default();
-        if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
-            subs.push(Arc::clone(sub));
+        register_live(&mut state, sub, key);
+        Join::Joined { head, sent }
+    }
+
+    /// [`Hub::join_from_cache`] for keys resumed together, under one hub lock: if the cache
+    /// holds everything of every key after its own position, queue their cached rest merged in
+    /// global order and register `sub` for live delivery of all of them in the same step —
+    /// unless it is more than one page under `budget`, then queue a page and stay out.
+    pub fn join_merged_from_cache(
+        &self,
+        sub: &Arc<Subscriber>,
+        keys: &KeyPositions,
+        budget: ReadBudget,
+        history: u64,
+    ) -> Join {
+        let mut state = self.lock();
+        if self.history.load(Ordering::Acquire) != history {
+            return Join::Gone;
+        }
+        if !state.view().cache_covers(keys.min_after()) {
+            return Join::NotCached;
+        }
+        let head = state.cache.head();
+        let page = state
+            .cache
+            .merged_page(keys, budget, |m| frame_bytes(&m.frame));
+        let sent = page.items.len();
+        if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
+            return Join::Gone;
+        }
+        Metrics::add(&self.metrics.deliveries, sent as u64);
+        if page.covered_through < head {
+            return Join::Page {
+                through: page.covered_through,
+                sent,
+            };
+        }
+        for (key, _) in keys.iter() {
+            register_live(&mut state, sub, key);
         }
         Join::Joined { head, sent }
     }
