@@ -234,8 +234,8 @@ pub trait EventReader: Send + Sync + std::fmt::Debug + 'static {
     /// `max_bytes` cut the page, else `through`; every wanted event up to it was visited.
     ///
     /// This default walks the log from the smallest position in chunks, keeping the keys'
-    /// events (in-memory logs); SQLite overrides it with one statement per page over the
-    /// per-stream index.
+    /// events (the in-memory log); SQLite and PostgreSQL override it with one statement per
+    /// page over the per-stream index.
     fn visit_keys_page(
         &self,
         keys: &[(SubscriptionKey, u64)],
