@@ -36,7 +36,7 @@
 //! assert_eq!(subs.next_action(view, room), None); // live
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{Cursor, Phase, Step, View};
@@ -285,10 +285,11 @@ impl Subscriptions {
     /// together: call [`Subscriptions::started_many`] (or [`Subscriptions::start_failed`]).
     pub fn admit_many(&mut self, keys: &[SubscriptionKey]) -> Vec<Admit> {
         let mut planned: Vec<SubscriptionKey> = Vec::new();
+        let mut seen: HashSet<&SubscriptionKey> = HashSet::with_capacity(keys.len());
         let answers = keys
             .iter()
             .map(|key| {
-                if self.cursors.contains_key(key) || planned.contains(key) {
+                if self.cursors.contains_key(key) || !seen.insert(key) {
                     Admit::Again
                 } else if self.cursors.len() + planned.len() >= self.max {
                     Admit::TooMany { limit: self.max }
@@ -312,6 +313,7 @@ impl Subscriptions {
             self.pending = None;
         }
         let mut new = 0;
+        let mut members: HashSet<SubscriptionKey> = self.merged.iter().cloned().collect();
         for (key, after) in starts {
             if self
                 .cursors
@@ -320,11 +322,12 @@ impl Subscriptions {
             {
                 new += 1;
             }
-            self.catching_up.retain(|k| k != &key);
-            if !self.merged.contains(&key) {
+            if members.insert(key.clone()) {
                 self.merged.push(key);
             }
         }
+        // A key starts here once: none of them is in the single keys' queue.
+        self.catching_up.retain(|k| !members.contains(k));
         new
     }
 
@@ -488,9 +491,10 @@ impl Subscriptions {
                 return MergedVerdict::Deliver(Vec::new());
             }
         };
+        let members: HashSet<&SubscriptionKey> = self.merged.iter().collect();
         let mut kept = Vec::with_capacity(keys.len());
         for key in keys {
-            if !self.merged.contains(&key) {
+            if !members.contains(&key) {
                 continue;
             }
             let Some(cursor) = self.cursors.get_mut(&key) else {

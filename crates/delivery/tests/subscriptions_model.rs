@@ -92,6 +92,9 @@ struct Record {
     after: u64,
 }
 
+/// A merged read in flight: the keys with their positions, after, through.
+type MergedRead = (Vec<(usize, u64)>, u64, u64);
+
 #[derive(Debug)]
 struct Conn {
     /// None while disconnected.
@@ -112,7 +115,7 @@ struct Conn {
     /// The starts of keys resumed together (key, its start).
     starts_in_flight: Option<Vec<(usize, u64)>>,
     /// A merged read: the keys with their positions, after, through.
-    merged_read_in_flight: Option<(Vec<(usize, u64)>, u64, u64)>,
+    merged_read_in_flight: Option<MergedRead>,
     /// The last number a merged catch-up queued since the last merged start: global order.
     merged_last: u64,
 }

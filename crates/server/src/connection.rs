@@ -833,15 +833,11 @@ fn advance(
                     .metrics
                     .catchup_lag
                     .observe(view.head.saturating_sub(after) as f64);
-                let result = match app
-                    .hub
-                    .join_from_cache(sub, &key, after, page, info.history)
-                {
-                    Join::Joined { head, .. } => JoinResult::Joined { head },
-                    Join::Page { through, .. } => JoinResult::Page { through },
-                    Join::NotCached => JoinResult::NotCached,
-                    Join::Gone => JoinResult::Gone,
-                };
+                let result =
+                    join_result(
+                        app.hub
+                            .join_from_cache(sub, &key, after, page, info.history),
+                    );
                 subs.on_join(&key, result);
                 if result == JoinResult::Gone {
                     history_changed(app, sub, info);
@@ -854,16 +850,12 @@ fn advance(
                     .metrics
                     .catchup_lag
                     .observe(view.head.saturating_sub(positions.min_after()) as f64);
-                let result =
-                    match app
-                        .hub
-                        .join_merged_from_cache(sub, &positions, page, info.history)
-                    {
-                        Join::Joined { head, .. } => JoinResult::Joined { head },
-                        Join::Page { through, .. } => JoinResult::Page { through },
-                        Join::NotCached => JoinResult::NotCached,
-                        Join::Gone => JoinResult::Gone,
-                    };
+                let result = join_result(app.hub.join_merged_from_cache(
+                    sub,
+                    &positions,
+                    page,
+                    info.history,
+                ));
                 subs.on_merged_join(result);
                 if result == JoinResult::Gone {
                     history_changed(app, sub, info);
@@ -902,6 +894,16 @@ fn advance(
                 }));
             }
         }
+    }
+}
+
+/// The hub's join as [`Subscriptions`] takes it.
+fn join_result(join: Join) -> JoinResult {
+    match join {
+        Join::Joined { head, .. } => JoinResult::Joined { head },
+        Join::Page { through, .. } => JoinResult::Page { through },
+        Join::NotCached => JoinResult::NotCached,
+        Join::Gone => JoinResult::Gone,
     }
 }
 
@@ -1042,10 +1044,12 @@ fn on_job_done(
                 MergedVerdict::Deliver(kept) => {
                     Metrics::inc(&app.hub.metrics.catchup_pages);
                     // Keys unsubscribed while the page was read are left out.
+                    let kept: std::collections::HashSet<&SubscriptionKey> = kept.iter().collect();
+                    let wanted: Vec<bool> = keys.iter().map(|(k, _)| kept.contains(k)).collect();
                     let frames: Vec<Frame> = page
                         .frames
                         .into_iter()
-                        .filter(|(i, _)| kept.contains(&keys[*i].0))
+                        .filter(|(i, _)| wanted[*i])
                         .map(|(_, f)| f)
                         .collect();
                     let n = frames.len() as u64;

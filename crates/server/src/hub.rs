@@ -23,7 +23,9 @@ use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{CachedMessage, GapError, KeyPositions, ReadBudget, TailCache, View};
+use seqcast_sequencing::{
+    CachedMessage, GapError, KeyPositions, Page, ReadBudget, TailCache, View,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -656,33 +658,9 @@ impl Hub {
         budget: ReadBudget,
         history: u64,
     ) -> Join {
-        let mut state = self.lock();
-        // Under the lock that `move_to_history` holds: a cursor of an older history never joins
-        // (or takes the cached rest of) this one.
-        if self.history.load(Ordering::Acquire) != history {
-            return Join::Gone;
-        }
-        // The view was taken before the lock: the cache may have lost the position since.
-        if !state.view().cache_covers(after) {
-            return Join::NotCached;
-        }
-        let head = state.cache.head();
-        let page = state
-            .cache
-            .key_page(key, after, budget, |m| frame_bytes(&m.frame));
-        let sent = page.items.len();
-        if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
-            return Join::Gone;
-        }
-        Metrics::add(&self.metrics.deliveries, sent as u64);
-        if page.covered_through < head {
-            return Join::Page {
-                through: page.covered_through,
-                sent,
-            };
-        }
-        register_live(&mut state, sub, key);
-        Join::Joined { head, sent }
+        self.join_under_lock(sub, after, history, std::iter::once(key), |cache| {
+            cache.key_page(key, after, budget, |m| frame_bytes(&m.frame))
+        })
     }
 
     /// [`Hub::join_from_cache`] for keys resumed together, under one hub lock: if the cache
@@ -696,17 +674,35 @@ impl Hub {
         budget: ReadBudget,
         history: u64,
     ) -> Join {
+        let registered = keys.iter().map(|(k, _)| k);
+        self.join_under_lock(sub, keys.min_after(), history, registered, |cache| {
+            cache.merged_page(keys, budget, |m| frame_bytes(&m.frame))
+        })
+    }
+
+    /// A join's one step under the hub lock: unless the history moved or the cache no longer
+    /// covers `after`, queue the page `take` gives and, when it reached the head, register `sub`
+    /// for live delivery of `keys`.
+    fn join_under_lock<'k>(
+        &self,
+        sub: &Arc<Subscriber>,
+        after: u64,
+        history: u64,
+        keys: impl Iterator<Item = &'k SubscriptionKey>,
+        take: impl FnOnce(&TailCache<Frame>) -> Page<&CachedMessage<Frame>>,
+    ) -> Join {
         let mut state = self.lock();
+        // Under the lock that `move_to_history` holds: a cursor of an older history never joins
+        // (or takes the cached rest of) this one.
         if self.history.load(Ordering::Acquire) != history {
             return Join::Gone;
         }
-        if !state.view().cache_covers(keys.min_after()) {
+        // The view was taken before the lock: the cache may have lost the position since.
+        if !state.view().cache_covers(after) {
             return Join::NotCached;
         }
         let head = state.cache.head();
-        let page = state
-            .cache
-            .merged_page(keys, budget, |m| frame_bytes(&m.frame));
+        let page = take(&state.cache);
         let sent = page.items.len();
         if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
             return Join::Gone;
@@ -718,7 +714,7 @@ impl Hub {
                 sent,
             };
         }
-        for (key, _) in keys.iter() {
+        for key in keys {
             register_live(&mut state, sub, key);
         }
         Join::Joined { head, sent }
