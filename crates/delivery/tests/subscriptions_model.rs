@@ -81,7 +81,8 @@ fn op() -> impl Strategy<Value = Op> {
 /// What the client of one connection knows of one key's subscription.
 #[derive(Debug, Clone)]
 struct Record {
-    /// Bumped at each fresh subscribe, so frames of an earlier one are told apart.
+    /// New at each fresh subscribe (per connection, never reused, also after an unsubscribe),
+    /// so frames of an earlier subscription still queued are told apart.
     generation: u64,
     received: Vec<u64>,
     /// The first start position.
@@ -118,6 +119,15 @@ struct Conn {
     merged_read_in_flight: Option<MergedRead>,
     /// The last number a merged catch-up queued since the last merged start: global order.
     merged_last: u64,
+    /// The last generation handed out (see [`Record::generation`]).
+    generations: u64,
+}
+
+impl Conn {
+    fn new_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
+    }
 }
 
 struct World {
@@ -218,9 +228,7 @@ impl World {
         }
         // A fresh subscribe replaces a resume of the key not yet sent.
         self.conns[c].resumes.retain(|&(j, _)| j != k);
-        let generation = self.conns[c].records[k]
-            .as_ref()
-            .map_or(0, |r| r.generation + 1);
+        let generation = self.conns[c].new_generation();
         self.conns[c].records[k] = Some(Record {
             generation,
             received: Vec::new(),
@@ -286,9 +294,7 @@ impl World {
             }
             self.conns[c].resumes.retain(|&(j, _)| j != k);
             if fresh {
-                let generation = self.conns[c].records[k]
-                    .as_ref()
-                    .map_or(0, |r| r.generation + 1);
+                let generation = self.conns[c].new_generation();
                 self.conns[c].records[k] = Some(Record {
                     generation,
                     received: Vec::new(),
@@ -672,6 +678,7 @@ proptest! {
                     starts_in_flight: None,
                     merged_read_in_flight: None,
                     merged_last: 0,
+                    generations: 0,
                 })
                 .collect(),
             capacity,
