@@ -326,6 +326,12 @@ impl Tail {
                 let r = json_response(StatusCode::OK, body);
                 return Ok(self.with_position_headers(r));
             }
+            tracing::debug!(
+                event = "long_poll_held",
+                sub = %self.grant.sub,
+                position = self.position,
+                "long-poll waiting for a message"
+            );
             if !self.wait_for_more(until).await {
                 return Ok(self.with_position_headers(StatusCode::NO_CONTENT.into_response()));
             }
