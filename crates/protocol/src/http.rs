@@ -440,7 +440,7 @@ pub const MAX_LONG_POLL_SECS: u64 = 30;
 #[into_params(parameter_in = Query)]
 pub struct EventsParams {
     /// Deliver the messages after this sequence number (a `Last-Event-ID` header overrides it).
-    /// Absent: a stream starts live from the head; a long-poll from 0.
+    /// Absent: from the head (what follows it).
     #[serde(default, deserialize_with = "since_param")]
     #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
     pub since: Option<u64>,
