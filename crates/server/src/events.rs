@@ -142,14 +142,20 @@ pub async fn events(
         None => None,
     };
     let mode = q.live.unwrap_or_default();
-    let (timeout, limit) = match mode {
+    let max_bytes = app.settings.max_response_bytes;
+    let (timeout, budget) = match mode {
         LiveMode::Sse => {
             if q.timeout.is_some() || q.limit.is_some() {
                 return Err(ApiError::BadRequest(
                     "`timeout` and `limit` are for `live=long-poll`".into(),
                 ));
             }
-            (Duration::ZERO, PAGE_EVENTS)
+            // A stream's page: what one write of the body holds at most.
+            let page = ReadBudget {
+                max_events: PAGE_EVENTS,
+                max_bytes: PAGE_BYTES.min(max_bytes),
+            };
+            (Duration::ZERO, page)
         }
         LiveMode::LongPoll => {
             let secs = q.timeout.unwrap_or(MAX_LONG_POLL_SECS);
@@ -158,7 +164,12 @@ pub async fn events(
                     "timeout must be at most {MAX_LONG_POLL_SECS} seconds, got {secs}"
                 )));
             }
-            (Duration::from_secs(secs), page_limit(q.limit)?)
+            // An answer like a recovery page.
+            let page = ReadBudget {
+                max_events: page_limit(q.limit)?,
+                max_bytes,
+            };
+            (Duration::from_secs(secs), page)
         }
     };
     if app.shutdown.is_cancelled() {
@@ -174,7 +185,7 @@ pub async fn events(
         selection,
         last_event_id.or(q.since),
         q.epoch.as_deref(),
-        limit,
+        budget,
     )
     .await?;
     match mode {
@@ -219,7 +230,7 @@ impl Tail {
         selection: Selection,
         since: Option<u64>,
         epoch: Option<&str>,
-        limit: usize,
+        budget: ReadBudget,
     ) -> Result<Self, ApiError> {
         // Read before the epoch is told: a stream acts only while its history is unchanged.
         let history = app.hub.history();
@@ -236,10 +247,7 @@ impl Tail {
         let filter = selection.to_event_filter();
         Ok(Tail {
             epoch: app.hub.epoch(),
-            budget: ReadBudget {
-                max_events: limit,
-                max_bytes: PAGE_BYTES.min(app.settings.max_response_bytes),
-            },
+            budget,
             app,
             grant,
             selection,
