@@ -266,6 +266,22 @@ async fn a_resume_the_window_no_longer_reaches_is_told_with_a_reset_first() {
     .await;
 }
 
+/// A stream ends when its token's `exp` passes (the reconnect then needs a fresh token).
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires() {
+    bounded(60, async {
+        let s = TestServer::start().await;
+        let tok = seqcast_e2e::token_with("brief", None, 2, false);
+        let opened = Instant::now();
+        let mut r = open(&s, "channel=c", Some(&tok), None).await;
+        while r.next_within(PROMPT).await.is_some() {}
+        assert!(opened.elapsed() < PROMPT, "ended by the server");
+        let closed = s.wait_for_log(|v| v["event"] == "sse_closed").await;
+        assert_eq!(closed["reason"], "token_expired", "{closed}");
+    })
+    .await;
+}
+
 async fn ticket_for(s: &TestServer, tok: Option<&str>) -> (u16, Value) {
     let mut req = s.http.post(s.url("/api/stream-ticket"));
     if let Some(t) = tok {

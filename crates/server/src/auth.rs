@@ -582,6 +582,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A ticket is taken once; an expired one is refused and forgotten; expired tickets are
+    /// dropped as new ones are issued, so the book holds only the live ones.
+    #[test]
+    fn stream_tickets_are_single_use_expire_and_stay_bounded() {
+        let a = Authority::new("secret", "key");
+        let grant = a
+            .verify(&a.mint("alice", Some(vec!["search:*".into()]), 60, false).unwrap())
+            .unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        let t = a.issue_ticket(grant.clone(), minute).unwrap();
+        assert_eq!(t.len(), 32, "128 bits in hex");
+        let g = a.redeem_ticket(&t, minute).unwrap();
+        assert!(g.allows(&SubscriptionKey::parse("search:1").unwrap()));
+        assert!(!g.allows(&SubscriptionKey::parse("orders:1").unwrap()));
+        assert!(matches!(
+            a.redeem_ticket(&t, minute),
+            Err(ApiError::Unauthorized(_))
+        ));
+        let expired = a.issue_ticket(grant.clone(), minute).unwrap();
+        let err = a.redeem_ticket(&expired, std::time::Duration::ZERO);
+        assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("expired")));
+        for _ in 0..100 {
+            a.issue_ticket(grant.clone(), std::time::Duration::ZERO).unwrap();
+        }
+        let book = a.tickets.book.lock().unwrap();
+        assert_eq!((book.by_id.len(), book.order.len()), (1, 1), "expired ones pruned");
+    }
+
     #[test]
     fn minted_tokens_verify_and_carry_patterns() {
         let a = Authority::new("secret", "key");
