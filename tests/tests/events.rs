@@ -79,7 +79,8 @@ async fn curl_reads_the_stream_in_order_with_the_live_frames_and_heartbeats() {
         let mut ws = s.client(&tok).await;
         ws.subscribe("c", "r").await;
         for i in 0..3 {
-            s.publish("c", "r", json!({"i": i, "text": "line\nbreak"})).await;
+            s.publish("c", "r", json!({"i": i, "text": "line\nbreak"}))
+                .await;
             s.publish("other", "r", json!(i)).await;
         }
         let mut frames = std::collections::BTreeMap::new();
@@ -109,7 +110,11 @@ async fn curl_reads_the_stream_in_order_with_the_live_frames_and_heartbeats() {
             let b = r.next_event(PROMPT).await;
             assert_eq!(b.event, "message");
             let id = b.id_number().unwrap();
-            assert_eq!(b.data.as_deref(), Some(frames[&id].as_str()), "the live frame");
+            assert_eq!(
+                b.data.as_deref(),
+                Some(frames[&id].as_str()),
+                "the live frame"
+            );
             got.push(id);
         }
         assert_eq!(got, frames.keys().copied().collect::<Vec<_>>());
@@ -182,7 +187,8 @@ async fn an_event_source_resumes_across_the_servers_cuts_and_loses_nothing() {
             .spawn()
             .unwrap();
         let mut lines = tokio::io::BufReader::new(node.stdout.take().unwrap()).lines();
-        let first: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let first: Value =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
         assert_eq!(first["open"], true, "{first}");
         // Publish for three cuts and more, while the reader reads.
         const N: u64 = 40;
@@ -209,7 +215,10 @@ async fn an_event_source_resumes_across_the_servers_cuts_and_loses_nothing() {
                 assert_ne!(v["event"], "reset", "{v}");
                 if v["event"] == "message" {
                     let frame: Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
-                    assert_eq!(frame["sequence_number"].to_string(), v["id"].as_str().unwrap());
+                    assert_eq!(
+                        frame["sequence_number"].to_string(),
+                        v["id"].as_str().unwrap()
+                    );
                     ids.push(frame["sequence_number"].as_u64().unwrap());
                 }
             }
@@ -244,7 +253,7 @@ async fn a_resume_the_window_no_longer_reaches_is_told_with_a_reset_first() {
         assert_eq!(oldest, 6);
         for query in [
             "since=1&channel=c".to_owned(),
-            format!("since=9&epoch=another-history&channel=c"),
+            "since=9&epoch=another-history&channel=c".to_owned(),
         ] {
             let mut r = open(&s, &query, Some(&tok), None).await;
             assert!(r.next().await.unwrap().retry.is_some());
@@ -297,7 +306,10 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
     bounded(60, async {
         let s = TestServer::start_with(Options::args(&["--stream-ticket-ttl-secs", "1"])).await;
         let (status, body) = ticket_for(&s, None).await;
-        assert_eq!((status, &body["error"]["code"]), (401, &json!("unauthorized")));
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (401, &json!("unauthorized"))
+        );
 
         let (status, body) = ticket_for(&s, Some(&token("alice", None))).await;
         assert_eq!(status, 200, "{body}");
@@ -318,11 +330,23 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
         let limited = token("bob", Some(&["search:*"]));
         let (_, body) = ticket_for(&s, Some(&limited)).await;
         let t = body["ticket"].as_str().unwrap();
-        let r = get_events(&s, &format!("ticket={t}&channel=orders&request_id=1"), None, None).await;
+        let r = get_events(
+            &s,
+            &format!("ticket={t}&channel=orders&request_id=1"),
+            None,
+            None,
+        )
+        .await;
         assert_eq!(r.status(), 403);
         let (_, body) = ticket_for(&s, Some(&limited)).await;
         let t = body["ticket"].as_str().unwrap();
-        open(&s, &format!("ticket={t}&channel=search&request_id=1"), None, None).await;
+        open(
+            &s,
+            &format!("ticket={t}&channel=search&request_id=1"),
+            None,
+            None,
+        )
+        .await;
 
         // Expired: past its second of validity.
         let (_, body) = ticket_for(&s, Some(&token("carol", None))).await;
@@ -332,7 +356,13 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
         let r = get_events(&s, &format!("ticket={t}"), None, None).await;
         assert_eq!(r.status(), 401);
         let body: Value = r.json().await.unwrap();
-        assert!(body["error"]["message"].as_str().unwrap().contains("expired"), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expired"),
+            "{body}"
+        );
         // No credentials at all.
         assert_eq!(get_events(&s, "since=0", None, None).await.status(), 401);
     })
@@ -341,14 +371,24 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
 
 /// `GET /events?live=long-poll` with a bearer token: (status, `X-Seqcast-Next-Since`, body).
 async fn poll(s: &TestServer, query: &str) -> (u16, Option<u64>, Value) {
-    let r = get_events(s, &format!("live=long-poll&{query}"), Some(&token("p", None)), None).await;
+    let r = get_events(
+        s,
+        &format!("live=long-poll&{query}"),
+        Some(&token("p", None)),
+        None,
+    )
+    .await;
     let status = r.status().as_u16();
     let next = r
         .headers()
         .get("x-seqcast-next-since")
         .map(|v| v.to_str().unwrap().parse().unwrap());
     let text = r.text().await.unwrap();
-    (status, next, serde_json::from_str(&text).unwrap_or(Value::Null))
+    (
+        status,
+        next,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
 }
 
 fn seqs(body: &Value) -> Vec<u64> {
@@ -372,7 +412,10 @@ async fn a_long_poll_answers_at_once_or_when_a_message_arrives_or_at_its_timeout
         let (status, next, body) = poll(&s, "since=1&channel=c&timeout=5").await;
         assert_eq!((status, next), (200, Some(3)));
         assert_eq!(seqs(&body), [2, 3]);
-        assert_eq!((body["complete"].clone(), body["next_since"].clone()), (json!(true), json!(3)));
+        assert_eq!(
+            (body["complete"].clone(), body["next_since"].clone()),
+            (json!(true), json!(3))
+        );
 
         // Held: answered when a publish arrives during the wait.
         let held = tokio::spawn({
@@ -380,7 +423,9 @@ async fn a_long_poll_answers_at_once_or_when_a_message_arrives_or_at_its_timeout
             async move {
                 let s2 = reqwest::Client::new();
                 let r = s2
-                    .get(format!("{url}/events?live=long-poll&since=3&channel=c&timeout=20"))
+                    .get(format!(
+                        "{url}/events?live=long-poll&since=3&channel=c&timeout=20"
+                    ))
                     .header("Authorization", format!("Bearer {}", token("p", None)))
                     .send()
                     .await
@@ -404,7 +449,10 @@ async fn a_long_poll_answers_at_once_or_when_a_message_arrives_or_at_its_timeout
         assert!(started.elapsed() >= Duration::from_millis(900));
 
         let (status, _, body) = poll(&s, "since=0&timeout=31").await;
-        assert_eq!((status, &body["error"]["code"]), (400, &json!("bad_request")));
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("bad_request"))
+        );
     })
     .await;
 }

@@ -168,7 +168,10 @@ async fn over_sse(
         };
         match b.event.as_str() {
             "reset" => {
-                assert!(recovered && seqs.is_empty(), "a reset comes first, once: {b:?}");
+                assert!(
+                    recovered && seqs.is_empty(),
+                    "a reset comes first, once: {b:?}"
+                );
                 let v: Value = serde_json::from_str(b.data.as_deref().unwrap()).unwrap();
                 recovered = false;
                 oldest_sequence = v["oldest_sequence"].as_u64();
@@ -184,7 +187,10 @@ async fn over_sse(
         }
     }
     if let Some(w) = want {
-        assert!(seqs.len() >= w, "the stream of {key:?} since {since} stopped after {seqs:?}");
+        assert!(
+            seqs.len() >= w,
+            "the stream of {key:?} since {since} stopped after {seqs:?}"
+        );
     }
     Answer {
         seqs,

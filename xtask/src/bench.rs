@@ -525,7 +525,12 @@ impl Bench {
             "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
             num(&json!(rate * subs as f64))
         );
-        self.row("fan-out over SSE (fixed rate)", settings, paced_result(&v), &v);
+        self.row(
+            "fan-out over SSE (fixed rate)",
+            settings,
+            paced_result(&v),
+            &v,
+        );
         self.raw.push(v);
         Ok(())
     }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use seqcast_loadgen::scenarios::{
-    catchup, connections, fanout, publish, recovery, slowconsumer, sse, store, storm, tokens, wspublish,
+    catchup, connections, fanout, publish, recovery, slowconsumer, sse, store, storm, tokens,
+    wspublish,
 };
 use seqcast_loadgen::{Target, mint_token, mint_token_with};
 use seqcast_persistence::Synchronous;

@@ -413,19 +413,11 @@ impl TicketBook {
 
 impl Authority {
     /// Issue a stream ticket for `grant` (a verified token's), valid once within `ttl`.
-    pub fn issue_ticket(
-        &self,
-        grant: Grant,
-        ttl: std::time::Duration,
-    ) -> Result<String, ApiError> {
+    pub fn issue_ticket(&self, grant: Grant, ttl: std::time::Duration) -> Result<String, ApiError> {
         let now = std::time::Instant::now();
         // 128 random bits from the thread's CSPRNG, as 32 hex digits.
         let id = format!("{:032x}", rand::random::<u128>());
-        let mut book = self
-            .tickets
-            .book
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut book = self.tickets.book.lock().unwrap_or_else(|p| p.into_inner());
         book.prune(now, ttl);
         if book.by_id.len() >= MAX_TICKETS {
             return Err(ApiError::Unavailable(format!(
@@ -588,7 +580,10 @@ mod tests {
     fn stream_tickets_are_single_use_expire_and_stay_bounded() {
         let a = Authority::new("secret", "key");
         let grant = a
-            .verify(&a.mint("alice", Some(vec!["search:*".into()]), 60, false).unwrap())
+            .verify(
+                &a.mint("alice", Some(vec!["search:*".into()]), 60, false)
+                    .unwrap(),
+            )
             .unwrap();
         let minute = std::time::Duration::from_secs(60);
         let t = a.issue_ticket(grant.clone(), minute).unwrap();
@@ -604,10 +599,15 @@ mod tests {
         let err = a.redeem_ticket(&expired, std::time::Duration::ZERO);
         assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("expired")));
         for _ in 0..100 {
-            a.issue_ticket(grant.clone(), std::time::Duration::ZERO).unwrap();
+            a.issue_ticket(grant.clone(), std::time::Duration::ZERO)
+                .unwrap();
         }
         let book = a.tickets.book.lock().unwrap();
-        assert_eq!((book.by_id.len(), book.order.len()), (1, 1), "expired ones pruned");
+        assert_eq!(
+            (book.by_id.len(), book.order.len()),
+            (1, 1),
+            "expired ones pruned"
+        );
     }
 
     #[test]

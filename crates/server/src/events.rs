@@ -28,8 +28,8 @@ use seqcast_sequencing::ReadBudget;
 use crate::auth::Grant;
 use crate::catchup;
 use crate::error::ApiError;
-use crate::hub::{Frame, PAGE_BYTES};
 use crate::http::{authorization, json_response};
+use crate::hub::{Frame, PAGE_BYTES};
 use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -110,9 +110,12 @@ pub async fn events(
     // is itself a parameter.
     let grant = match (authorization(&headers), &query) {
         (Some(h), _) => app.auth.reader(Some(h))?,
-        (None, Ok(EventsParams {
-            ticket: Some(t), ..
-        })) => app.auth.redeem_ticket(t, app.settings.sse.ticket_ttl)?,
+        (
+            None,
+            Ok(EventsParams {
+                ticket: Some(t), ..
+            }),
+        ) => app.auth.redeem_ticket(t, app.settings.sse.ticket_ttl)?,
         (None, _) => {
             return Err(ApiError::Unauthorized(
                 "missing credentials: expected `Authorization: Bearer <token>` or `ticket=` from POST /api/stream-ticket".into(),
@@ -281,6 +284,14 @@ impl Tail {
             self.budget,
         )
         .await?;
+        if self.history_changed() {
+            // What was read may be the new history's: hand out none of it (the stream ends; a
+            // long-poll says where it was).
+            return Ok(Page {
+                frames: Vec::new(),
+                behind: false,
+            });
+        }
         self.position = read.next_since.unwrap_or(head);
         Metrics::add(&self.app.hub.metrics.deliveries, read.frames.len() as u64);
         Ok(Page {
@@ -330,7 +341,8 @@ impl Tail {
                     complete,
                     next_since: Some(self.position),
                 };
-                let body = encode_recovery_response(page.frames.iter().map(|(_, f)| f.as_str()), &meta);
+                let body =
+                    encode_recovery_response(page.frames.iter().map(|(_, f)| f.as_str()), &meta);
                 let r = json_response(StatusCode::OK, body);
                 return Ok(self.with_position_headers(r));
             }
@@ -366,12 +378,13 @@ impl Tail {
         if self.reset {
             self.write_reset(&mut opening, self.oldest_sequence);
         }
+        let started_at = self.position;
         let first = self.read().await?;
         let mut stream = SseStream {
             opened: Instant::now(),
             ends: tokio::time::Instant::now() + self.app.settings.sse.max_duration,
             end_reason: "max_duration",
-            told: self.position,
+            told: started_at,
             sent: 0,
             ended: None,
             ip,

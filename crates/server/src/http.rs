@@ -131,9 +131,15 @@ async fn recover_page(
         max_bytes: app.settings.max_response_bytes,
     };
     let admit = |key: &SubscriptionKey| selection.admits(key, &grant);
-    let read =
-        catchup::read_recovery(app, &selection.to_event_filter(), &admit, after, head, budget)
-            .await?;
+    let read = catchup::read_recovery(
+        app,
+        &selection.to_event_filter(),
+        &admit,
+        after,
+        head,
+        budget,
+    )
+    .await?;
     // The cursor fell behind the retention floor while the log was read: `complete: false`.
     meta.complete &= !read.behind;
     meta.next_since = read.next_since;

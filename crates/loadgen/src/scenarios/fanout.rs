@@ -308,9 +308,14 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     )
     .await?;
     let connect_seconds = connect_started.elapsed().as_secs_f64();
-    measure(target, args, "fanout", &request_id, connect_seconds, |shared| {
-        spawn_readers(shared, subs)
-    })
+    measure(
+        target,
+        args,
+        "fanout",
+        &request_id,
+        connect_seconds,
+        |shared| spawn_readers(shared, subs),
+    )
     .await
 }
 

@@ -31,18 +31,27 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
         .collect::<anyhow::Result<_>>()?;
     let connect_seconds = connect_started.elapsed().as_secs_f64();
     let target_for_readers = target.clone();
-    measure(target, args, "sse", &request_id, connect_seconds, |shared| {
-        streams
-            .into_iter()
-            .enumerate()
-            .map(|(n, stream)| {
-                let shared = Arc::clone(shared);
-                let target = target_for_readers.clone();
-                let request_id = request_id.clone();
-                tokio::spawn(async move { read(stream, &shared, n, &target, &request_id).await })
-            })
-            .collect()
-    })
+    measure(
+        target,
+        args,
+        "sse",
+        &request_id,
+        connect_seconds,
+        |shared| {
+            streams
+                .into_iter()
+                .enumerate()
+                .map(|(n, stream)| {
+                    let shared = Arc::clone(shared);
+                    let target = target_for_readers.clone();
+                    let request_id = request_id.clone();
+                    tokio::spawn(
+                        async move { read(stream, &shared, n, &target, &request_id).await },
+                    )
+                })
+                .collect()
+        },
+    )
     .await
 }
 
