@@ -488,6 +488,23 @@ pub fn decode_events_query(raw: &str) -> Result<EventsParams, ParamError> {
     Ok(params)
 }
 
+/// One event of a `GET /events` stream (`text/event-stream`), as a client's parser sees it:
+/// heartbeats (comments) and blocks without `data` are not events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SseEvent {
+    /// `message` (a message) or `reset` (what was asked for is not all there; what the window
+    /// holds follows).
+    #[schema(pattern = "^(message|reset)$")]
+    pub event: Option<String>,
+    /// `message`: the live WebSocket `message` frame's JSON; `reset`:
+    /// `{"recovered":false,"oldest_sequence","epoch"}`.
+    pub data: String,
+    /// `message`: its `sequence_number` (the client's `Last-Event-ID`).
+    pub id: Option<String>,
+    /// Milliseconds an `EventSource` waits before it reconnects.
+    pub retry: Option<u64>,
+}
+
 /// `POST /api/stream-ticket` answer: a single-use credential for one `GET /events?ticket=…`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamTicket {

@@ -86,7 +86,7 @@ pub async fn stream_ticket(
     security(("bearer" = []), ()),
     responses(
         (status = 200, description = "An event stream; or, for a long-poll, the messages (`next_since` always)",
-            content((String = "text/event-stream"), (seqcast_protocol::RecoveryResponse = "application/json")),
+            content((seqcast_protocol::SseEvent = "text/event-stream"), (seqcast_protocol::RecoveryResponse = "application/json")),
             headers(("X-Seqcast-Next-Since" = u64, description = "Long-poll: poll again with this `since`"))),
         (status = 204, description = "Long-poll: nothing arrived within `timeout`",
             headers(("X-Seqcast-Next-Since" = u64, description = "Poll again with this `since`"))),
