@@ -107,7 +107,11 @@ fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
             ])
-            .expose_headers([header::RETRY_AFTER])
+            .expose_headers([
+                header::RETRY_AFTER,
+                crate::events::NEXT_SINCE_HEADER,
+                crate::events::EPOCH_HEADER,
+            ])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
