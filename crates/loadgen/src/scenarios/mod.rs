@@ -8,6 +8,7 @@ pub mod publish;
 pub mod recovery;
 pub mod resume;
 pub mod slowconsumer;
+pub mod sse;
 pub mod store;
 pub mod storm;
 pub mod tokens;
