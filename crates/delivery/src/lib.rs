@@ -184,8 +184,8 @@ enum Pending {
     StartMany(Vec<SubscriptionKey>),
     Read(SubscriptionKey),
     Join(SubscriptionKey),
-    /// A merged read of these keys.
-    ReadMerged(Vec<SubscriptionKey>),
+    /// A merged read of these keys over `(after, through]`.
+    ReadMerged(Vec<SubscriptionKey>, u64, u64),
     /// A merged join of these keys.
     JoinMerged(Vec<SubscriptionKey>),
 }
@@ -200,6 +200,9 @@ pub struct Subscriptions {
     merged: Vec<SubscriptionKey>,
     /// Whether the merged catch-up moves before the single keys next time (they take turns).
     merged_turn: bool,
+    /// How far (in numbers) the last merged page reached before its budget cut it (0: no
+    /// page cut yet): the next merged read asks for at most twice that.
+    merged_span: u64,
     pending: Option<Pending>,
     max: usize,
     closed: bool,
@@ -213,6 +216,7 @@ impl Subscriptions {
             catching_up: VecDeque::new(),
             merged: Vec::new(),
             merged_turn: true,
+            merged_span: 0,
             pending: None,
             max,
             closed: false,
@@ -313,6 +317,7 @@ impl Subscriptions {
             self.pending = None;
         }
         let mut new = 0;
+        self.merged_span = 0;
         let mut members: HashSet<SubscriptionKey> = self.merged.iter().cloned().collect();
         for (key, after) in starts {
             if self
@@ -471,8 +476,15 @@ impl Subscriptions {
             return Some(Action::JoinMerged { keys: joins });
         }
         let after = reads.iter().map(|&(_, a)| a).min().unwrap_or(0);
+        // A page ends at its budget: reading much further than the last page reached only
+        // makes the database look at (and order) numbers the page cannot take.
+        if self.merged_span > 0 {
+            through = through.min(after.saturating_add(self.merged_span.saturating_mul(2)));
+        }
         self.pending = Some(Pending::ReadMerged(
             reads.iter().map(|(k, _)| k.clone()).collect(),
+            after,
+            through,
         ));
         Some(Action::ReadLogMerged {
             keys: reads,
@@ -485,7 +497,15 @@ impl Subscriptions {
     /// keys up to `covered_through` and was read with retention floor `floor`.
     pub fn on_merged_page(&mut self, covered_through: u64, floor: u64) -> MergedVerdict {
         let keys = match self.pending.take() {
-            Some(Pending::ReadMerged(keys)) => keys,
+            Some(Pending::ReadMerged(keys, after, through)) => {
+                // The span the budget allowed, or (not cut) room to read further next time.
+                self.merged_span = if covered_through < through {
+                    covered_through.saturating_sub(after).max(1)
+                } else {
+                    self.merged_span.saturating_mul(2)
+                };
+                keys
+            }
             other => {
                 self.pending = other;
                 return MergedVerdict::Deliver(Vec::new());
@@ -518,7 +538,7 @@ impl Subscriptions {
     /// is still subscribed). Then nothing more is planned.
     pub fn on_merged_read_failed(&mut self) -> bool {
         let keys = match self.pending.take() {
-            Some(Pending::ReadMerged(keys)) => keys,
+            Some(Pending::ReadMerged(keys, ..)) => keys,
             other => {
                 self.pending = other;
                 return self.closed;
@@ -758,6 +778,30 @@ mod tests {
             subs.admit_many(&[b.clone(), key("c:d")]),
             [Admit::Plan, Admit::TooMany { limit: 3 }]
         );
+    }
+
+    /// After a merged page that its budget cut, the next merged read asks only about twice as
+    /// far as that page reached (the database orders no numbers the page cannot take); a page
+    /// the budget did not cut lets the next read go twice as far again.
+    #[test]
+    fn a_merged_read_asks_about_as_far_as_a_page_reaches() {
+        let (a, b) = (key("c:a"), key("c:b"));
+        let mut subs = Subscriptions::new(4);
+        subs.admit_many(&[a.clone(), b.clone()]);
+        subs.started_many(vec![(a.clone(), 0), (b.clone(), 5)]);
+        let read = |subs: &mut Subscriptions| match subs.next_action(VIEW, QueueLevel::EMPTY) {
+            Some(Action::ReadLogMerged { after, through, .. }) => (after, through),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            read(&mut subs),
+            (0, 90),
+            "no page yet: up to what the cache lacks"
+        );
+        subs.on_merged_page(10, 1); // cut by the budget at 10
+        assert_eq!(read(&mut subs), (10, 30));
+        subs.on_merged_page(30, 1); // not cut: the whole range
+        assert_eq!(read(&mut subs), (30, 70));
     }
 
     #[test]
