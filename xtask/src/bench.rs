@@ -92,6 +92,8 @@ struct Bench {
     /// The server reads subscriptions from the log (`--cache-bytes`): the catch-up, storm and
     /// slow-consumer scenarios are judged, and a broken guarantee fails the run.
     log_cursor_flag: bool,
+    /// The server serves `GET /events` (`--sse-max-secs`): the SSE fan-out row runs.
+    sse_flag: bool,
     /// Scenarios whose guarantees a log-cursor server broke (fatal after the report).
     failures: Vec<String>,
     /// fdatasync latency on the disk the servers write to, p50 in µs.
@@ -130,6 +132,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
     let group_commit_flag = help.contains("--group-commit");
     let db_recovery_flag = help.contains("--recovery-buffer-messages");
     let log_cursor_flag = help.contains("--cache-bytes");
+    let sse_flag = help.contains("--sse-max-secs");
     let fsync_p50_us = fsync_probe(&out).context("measuring fdatasync")?;
     let started = Instant::now();
 
@@ -144,6 +147,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
         group_commit_flag,
         db_recovery_flag,
         log_cursor_flag,
+        sse_flag,
         failures: Vec::new(),
         fsync_p50_us,
     };
@@ -154,6 +158,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
         b.recovery().context("recovery scenario")?;
         b.connections().context("connections scenario")?;
         b.catchup().context("catch-up scenario")?;
+        b.resume().context("resume scenario")?;
         b.storm().context("storm scenario")?;
         b.slow_consumer().context("slow-consumer scenario")?;
     }
@@ -190,6 +195,8 @@ struct Sizes {
     catchup: usize,
     /// (clients, missed messages) of the reconnect storm from the log.
     log_storm: (usize, usize),
+    /// (keys, missed messages over all of them) of the many-key resume.
+    resume: (usize, usize),
     slow: Slow,
 }
 
@@ -254,6 +261,7 @@ impl Bench {
                 connections: 10_000,
                 catchup: 100_000,
                 log_storm: (1000, 2000),
+                resume: (500, 10_000),
                 slow: Slow {
                     subscribers: 50,
                     rate: 1000.0,
@@ -280,6 +288,7 @@ impl Bench {
                 connections: 10_000,
                 catchup: 100_000,
                 log_storm: (1000, 2000),
+                resume: (500, 10_000),
                 slow: Slow {
                     subscribers: 50,
                     rate: 1000.0,
@@ -312,6 +321,7 @@ impl Bench {
                 connections: 50,
                 catchup: 2000,
                 log_storm: (20, 200),
+                resume: (20, 200),
                 slow: Slow {
                     subscribers: 5,
                     rate: 100.0,
@@ -388,24 +398,12 @@ impl Bench {
                     ],
                 )?;
                 let lat = &v["latency"];
-                let last = &v["last_subscriber"];
                 let per_delivery = cpu_us_per(&v, "deliveries_per_s");
-                let result = format!(
-                    "{} deliveries/s, {} µs server CPU per delivery; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
-                    num(&v["deliveries_per_s"]),
-                    us(per_delivery),
-                    ms(&lat["p50_ms"]),
-                    ms(&lat["p99_ms"]),
-                    ms(&lat["p999_ms"]),
-                    ms(&last["p50_ms"]),
-                    ms(&last["p99_ms"]),
-                    v["lost_deliveries"]
-                );
                 let settings = format!(
                     "{subs} subscribers, {rate} msgs/s = {} deliveries/s, {storage}",
                     num(&json!(rate * subs as f64))
                 );
-                self.row("fan-out (fixed rate)", settings, result, &v);
+                self.row("fan-out (fixed rate)", settings, paced_result(&v), &v);
                 let (p50, p99) = (
                     lat["p50_ms"].as_f64().unwrap_or(f64::MAX),
                     lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
@@ -430,6 +428,11 @@ impl Bench {
             }
             if !durable {
                 break;
+            }
+            // The same fan-out over Server-Sent Events, beside the WebSocket's row at 1,000
+            // subscribers and 25,000 deliveries/s (the smoke run's only size elsewhere).
+            if self.sse_flag {
+                self.sse_fanout(&server, &s, storage)?;
             }
             if !paced.is_empty() {
                 let measured = paced
@@ -500,6 +503,41 @@ impl Bench {
             }
             drop(server);
         }
+        Ok(())
+    }
+
+    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
+    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
+        let &(subs, rate, secs) = s
+            .fanout_rate
+            .iter()
+            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
+            .unwrap_or(&s.fanout_rate[0]);
+        let v = self.loadgen(
+            server,
+            "sse",
+            &[
+                "--subscribers",
+                &subs.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--duration-secs",
+                &secs.to_string(),
+                "--warmup-secs",
+                &s.warmup.to_string(),
+            ],
+        )?;
+        let settings = format!(
+            "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
+            num(&json!(rate * subs as f64))
+        );
+        self.row(
+            "fan-out over SSE (fixed rate)",
+            settings,
+            paced_result(&v),
+            &v,
+        );
+        self.raw.push(v);
         Ok(())
     }
 
@@ -980,6 +1018,55 @@ impl Bench {
             self.failures.push(format!("{scenario}: {text}"));
         }
         Some(text)
+    }
+
+    /// K keys miss M messages; one `resume` of all K against K `subscribe` frames with `since`.
+    fn resume(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let (keys, messages) = s.resume;
+        let flags = self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            "1048576",
+        );
+        let server = self.start("resume", &flags)?;
+        let v = self.loadgen(
+            &server,
+            "resume",
+            &[
+                "--keys",
+                &keys.to_string(),
+                "--messages",
+                &messages.to_string(),
+            ],
+        )?;
+        drop(server);
+        let problems = self.problems("resume", &v);
+        let cpu = |k: &str| v[k].as_f64().map_or("–".to_owned(), |c| format!("{c:.3}"));
+        let mut result = format!(
+            "one `resume`: **{:.3} s**, {} server CPU-s; {} `subscribe` frames: {:.3} s, {} server CPU-s ({:.1}× the time)",
+            v["resume_s"].as_f64().unwrap_or(0.0),
+            cpu("resume_server_cpu_s"),
+            num(&json!(keys)),
+            v["subscribes_s"].as_f64().unwrap_or(0.0),
+            cpu("subscribes_server_cpu_s"),
+            v["speedup"].as_f64().unwrap_or(0.0),
+        );
+        if let Some(p) = &problems {
+            result = format!("**FAILED**: {p}. {result}");
+        }
+        self.row(
+            "resume many keys",
+            format!(
+                "{} keys miss {} messages (round-robin); time until every key's messages arrived, one `resume` frame against one `subscribe` with `since` per key; SQLite, --cache-bytes 1 MiB{}",
+                num(&json!(keys)),
+                num(&json!(messages)),
+                self.old_server_note()
+            ),
+            result,
+            &v,
+        );
+        self.raw.push(v);
+        Ok(())
     }
 
     fn catchup(&mut self) -> Result<()> {
@@ -1702,6 +1789,22 @@ fn pgbench(database: &str, clients: usize, secs: &str) -> Result<f64> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no tps in pgbench's output: {text}"))
+}
+
+/// A paced fan-out's result: deliveries/s, server CPU per delivery, latencies, losses.
+fn paced_result(v: &Value) -> String {
+    let (lat, last) = (&v["latency"], &v["last_subscriber"]);
+    format!(
+        "{} deliveries/s, {} µs server CPU per delivery; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
+        num(&v["deliveries_per_s"]),
+        us(cpu_us_per(v, "deliveries_per_s")),
+        ms(&lat["p50_ms"]),
+        ms(&lat["p99_ms"]),
+        ms(&lat["p999_ms"]),
+        ms(&last["p50_ms"]),
+        ms(&last["p99_ms"]),
+        v["lost_deliveries"]
+    )
 }
 
 fn publish_result(v: &Value) -> String {

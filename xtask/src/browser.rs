@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 /// Where the browser test expects Debian's Chromium (never a downloaded one).
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// npm packages the suites import; if one is missing, `npm ci` restores them from the lockfile.
-const NODE_PACKAGES: &[&str] = &["playwright-core", "ws", "@seqcast/client"];
+const NODE_PACKAGES: &[&str] = &["playwright-core", "ws", "@seqcast/client", "eventsource"];
 /// Upper bounds for each suite, far above their normal run times (about 2 s and 7 s).
 const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
 const BROWSER_DEADLINE: Duration = Duration::from_secs(240);

@@ -25,8 +25,9 @@ pub use client::{
 };
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, DEFAULT_PAGE, ErrorBody, ErrorDetail,
-    MAX_PAGE, ParamError, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
-    RecoveryResponse, StreamPage, StreamParams, decode_batch, decode_publish, decode_query,
+    EventsParams, LiveMode, MAX_LONG_POLL_SECS, MAX_PAGE, ParamError, PublishRequest,
+    PublishResponse, RecoverParams, RecoveryMeta, RecoveryResponse, SseEvent, StreamPage,
+    StreamParams, StreamTicket, decode_batch, decode_events_query, decode_publish, decode_query,
     encode_publish_response, encode_recovery_response, encode_stream_page, page_limit,
     parse_u64_param,
 };
