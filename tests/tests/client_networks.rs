@@ -197,6 +197,76 @@ async fn a_publisher_outlives_its_tokens_too() {
     );
 }
 
+/// The token of the reconnect no longer allows one of the keys: that key's verdict in the
+/// `resume_ack` refuses it, its stream yields `Event::Refused` and ends; the other key resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_refused_on_resume_ends_its_stream_and_the_others_go_on() {
+    let s = TestServer::start_with(Options::default()).await;
+    let proxy = FaultProxy::start(s.addr).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                Ok::<_, std::io::Error>(if first {
+                    token_with("alice", None, 3600, false)
+                } else {
+                    token_with("alice", Some(&["kept"]), 3600, false)
+                })
+            }
+        }
+    };
+    let client = Client::builder(format!("ws://{}/ws", proxy.addr))
+        .backoff(BACKOFF.0, BACKOFF.1)
+        .connect(provider)
+        .await
+        .unwrap();
+    let mut kept = client.subscribe("kept", "k").await.unwrap();
+    let mut lost = client.subscribe("lost", "k").await.unwrap();
+    for sub in [&mut kept, &mut lost] {
+        assert!(matches!(
+            client_support::next_event(sub).await,
+            Event::Subscribed(_)
+        ));
+    }
+    s.publish("kept", "k", json!({"i": 0})).await;
+    s.publish("lost", "k", json!({"i": 0})).await;
+    assert_eq!(index(&client_support::expect_message(&mut kept).await), 0);
+    assert_eq!(index(&client_support::expect_message(&mut lost).await), 0);
+
+    proxy.reset_all();
+    s.publish("kept", "k", json!({"i": 1})).await;
+    let resumed = client_support::expect_subscribed(&mut kept).await;
+    assert_eq!(resumed.connection_sequence, 2);
+    assert_eq!(resumed.recovered, Some(true));
+    assert_eq!(index(&client_support::expect_message(&mut kept).await), 1);
+    match client_support::next_event(&mut lost).await {
+        Event::Refused(r) => {
+            assert_eq!(r.code, seqcast_client::ErrorCode::Forbidden, "{r:?}");
+            assert_eq!(r.key.to_string(), "lost:k");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), lost.recv())
+            .await
+            .unwrap()
+            .is_none(),
+        "the refused key's stream ends"
+    );
+    let line = s
+        .logs()
+        .into_iter()
+        .find(|l| l["event"] == "resume")
+        .expect("a resume frame");
+    assert_eq!(
+        (line["resumed"].as_u64(), line["refused"].as_u64()),
+        (Some(1), Some(1))
+    );
+    client.close().await;
+}
+
 const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 const PER_KEY: u64 = 120;
 
@@ -280,6 +350,17 @@ async fn through_random_cuts(s: &TestServer, seed: u64) -> (BTreeMap<&'static st
         client.connection_sequence() >= 3,
         "seed {seed}: {cuts} cuts, only {} connections",
         client.connection_sequence()
+    );
+    // The reconnects resumed the keys together, in `resume` frames the server took whole.
+    let resumes: Vec<_> = s
+        .logs()
+        .into_iter()
+        .filter(|l| l["event"] == "resume")
+        .collect();
+    assert!(!resumes.is_empty(), "seed {seed}: no resume frame");
+    assert!(
+        resumes.iter().all(|l| l["refused"] == 0),
+        "seed {seed}: {resumes:?}"
     );
     client.close().await;
     (out, cuts)
