@@ -793,6 +793,7 @@ export class SeqcastClient {
       restartQueued: false,
       quickEnds: 0,
       openedAt: 0,
+      events: 0,
     };
   }
 
@@ -914,8 +915,9 @@ export class SeqcastClient {
     }
     clearTimeout(sse.watchdog);
     // The server ends every stream after `--sse-max-secs`: take it up again at once, from the
-    // last event id. A server that keeps ending streams at once is a failure, not a rhythm.
-    sse.quickEnds = Date.now() - sse.openedAt < 1_000 ? sse.quickEnds + 1 : 0;
+    // last event id. A server that keeps ending empty streams at once is a failure, not a rhythm.
+    const empty = sse.events === 0 && Date.now() - sse.openedAt < 1_000;
+    sse.quickEnds = empty ? sse.quickEnds + 1 : 0;
     if (sse.quickEnds >= 3) {
       this.#sseFailed(sse, new SeqcastError('sse', `GET ${path} keeps ending at once`));
       return;
@@ -926,6 +928,7 @@ export class SeqcastClient {
   /** The stream answered 200: its keys are followed. */
   #sseOpened(sse, subs) {
     sse.openedAt = Date.now();
+    sse.events = 0;
     const fresh = [];
     for (const sub of subs) {
       if (this.#subs.get(sub.key) !== sub) continue;
@@ -980,6 +983,7 @@ export class SeqcastClient {
   }
 
   #onSseEvent(sse, event) {
+    sse.events++;
     if (event.id) sse.lastEventId = event.id;
     if (event.event !== 'message' && event.event !== 'reset') return; // newer servers' events
     let data;
