@@ -1000,7 +1000,7 @@ export class SeqcastClient {
     const sub = this.#subs.get(keyOf(data.channel, data.request_id));
     if (!sub) return; // unsubscribed meanwhile
     if (sub.buffer) sub.buffer.push(data);
-    else this.#deliver(sub, data);
+    else this.#deliver(sub, data, 'sse');
   }
 
   /**
@@ -1382,7 +1382,7 @@ export class SeqcastClient {
     this.#deliver(sub, frame);
   }
 
-  #deliver(sub, message) {
+  #deliver(sub, message, transport = 'websocket') {
     const seq = message.sequence_number;
     if (!(seq > sub.lastSeq)) {
       this.#stats.duplicatesDropped++;
@@ -1392,7 +1392,7 @@ export class SeqcastClient {
     const head = this.#info?.head ?? 0;
     sub.resumeFrom = Math.max(sub.resumeFrom ?? 0, seq);
     this.#stats.delivered++;
-    const meta = { replayed: seq <= head, subscriptionKey: sub.key };
+    const meta = { replayed: seq <= head, subscriptionKey: sub.key, transport };
     for (const h of [...sub.handlers]) {
       try {
         h(message, meta);
