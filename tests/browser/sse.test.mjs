@@ -3,16 +3,18 @@
 // client reading a real HTTP event stream from a small local server (node:http, written here)
 // when WebSocket attempts fail: the token in a header only, Last-Event-ID on the resume after
 // the server ends a stream, `reset` as a gap, a new stream when the key set changes, publishes
-// over HTTP. The real server's `GET /events` is driven by fallback.browser.test.mjs.
-// Run: node --test sse.test.mjs
+// over HTTP. Then the same client against the real server's `GET /events`: blocked, unblocked,
+// and told `reset`.
+// Run: SEQCAST_BIN=target/debug/seqcast node --test sse.test.mjs
 
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
 import { after, before, describe, test } from 'node:test';
 
+import WebSocket from 'ws';
 import { SeqcastClient, SseParser, memoryStorage } from '@seqcast/client';
 
-import { within } from './server.mjs';
+import { startServer, within } from './server.mjs';
 
 /** Feed `chunks` to a fresh parser; the events it completes, in order. */
 function parse(chunks) {
@@ -364,5 +366,115 @@ describe('the client on a real HTTP event stream (local server)', () => {
     } finally {
       client.close();
     }
+  });
+});
+
+describe("the client on the real server's GET /events", () => {
+  /** The `ws` WebSocket behind a switch: while `blocked`, every attempt fails as behind a proxy. */
+  function switchableSocket() {
+    const sw = { blocked: false };
+    sw.WebSocket = class extends WebSocket {
+      constructor(url, protocols) {
+        if (sw.blocked) throw new Error('WebSocket blocked');
+        super(url, protocols);
+      }
+    };
+    return sw;
+  }
+
+  test('blocked → SSE → unblocked → WebSocket: every message once, in order, while a publisher runs through both switches', { timeout: 60_000 }, async (t) => {
+    const server = await startServer({ args: ['--sse-max-secs', '1'] });
+    const sw = switchableSocket();
+    const sent = [];
+    const Recording = class extends sw.WebSocket {
+      send(data) {
+        sent.push(JSON.parse(data));
+        super.send(data);
+      }
+    };
+    const client = new SeqcastClient({
+      url: server.wsUrl, token: () => server.token(), WebSocket: Recording, storage: memoryStorage(),
+      backoff: { initialMs: 20, maxMs: 100 }, fallback: { probeMs: 400 },
+    });
+    const transports = [];
+    const errors = [];
+    client.on('transport', (tr) => transports.push(tr));
+    client.on('error', (e) => e.code !== 'socket' && errors.push(e));
+    const seen = { a: [], b: [] };
+    const published = { a: [], b: [] };
+    let stop = false;
+    const publisher = (async () => {
+      for (let i = 0; !stop; i++) {
+        const k = i % 3 === 0 ? 'b' : 'a';
+        published[k].push((await server.publish('fb', k, { i })).sequence_number);
+        await new Promise((r) => setTimeout(r, 15));
+      }
+    })();
+    t.after(async () => {
+      stop = true;
+      await publisher.catch(() => {});
+      client.close();
+      await server.stop();
+    });
+    await client.connect();
+    for (const k of ['a', 'b']) client.subscribe('fb', k, (m, meta) => seen[k].push([m.sequence_number, meta.transport]));
+    await until(client, () => client.subscriptions.every((s) => s.active), 'both keys acknowledged');
+
+    sw.blocked = true;
+    client.dropConnection();
+    await until(client, () => client.transport === 'sse' && client.state === 'open', 'the switch to SSE');
+    const onSse = seen.a.length;
+    await until(client, () => seen.a.slice(onSse).filter(([, tr]) => tr === 'sse').length >= 20, '20 messages of fb:a over SSE (streams end every second)', 20_000);
+
+    sw.blocked = false;
+    await until(client, () => client.transport === 'websocket', 'the hand-over back to WebSocket', 10_000);
+    const back = seen.a.length;
+    await until(client, () => seen.a.length >= back + 10, '10 more messages over the socket');
+    stop = true;
+    await publisher;
+    const last = published.a.at(-1);
+    await until(client, () => seen.a.at(-1)?.[0] === last && seen.b.at(-1)?.[0] === published.b.at(-1), 'the last messages');
+
+    for (const k of ['a', 'b']) assert.deepEqual(seen[k].map(([s]) => s), published[k], `fb:${k}: every message once, in commit order`);
+    assert.deepEqual(transports, ['sse', 'websocket']);
+    assert.ok(seen.a.some(([, tr]) => tr === 'sse') && seen.a.at(-1)[1] === 'websocket');
+    assert.equal(client.stats.gaps, 0);
+    assert.deepEqual(errors, []);
+    const resumes = sent.filter((f) => f.type === 'resume');
+    t.diagnostic(`fb:a ${published.a.length}, fb:b ${published.b.length} messages; over SSE ${seen.a.filter(([, tr]) => tr === 'sse').length + seen.b.filter(([, tr]) => tr === 'sse').length}; resume frames ${resumes.length}; duplicates dropped ${client.stats.duplicatesDropped}`);
+  });
+
+  test('a window that no longer reaches: event: reset becomes a gap (recovered: false) for that key, then the window, once', { timeout: 30_000 }, async (t) => {
+    const server = await startServer({ args: ['--recovery-max-messages', '5'] });
+    t.after(() => server.stop());
+    const first = await server.publish('win', 'k', { i: 0 });
+    const info = await (async () => {
+      const probe = new SeqcastClient({ url: server.wsUrl, token: () => server.token(), WebSocket, storage: memoryStorage() });
+      try {
+        return await probe.connect();
+      } finally {
+        probe.close();
+      }
+    })();
+    const later = [];
+    for (let i = 1; i <= 10; i++) later.push((await server.publish('win', 'k', { i })).sequence_number);
+    const client = new SeqcastClient({
+      url: server.wsUrl, token: () => server.token(), WebSocket: BlockedWebSocket, storage: memoryStorage(),
+      backoff: { initialMs: 5, maxMs: 20 }, fallback: { probeMs: 3_600_000 },
+    });
+    t.after(() => client.close());
+    const gaps = [];
+    const seen = [];
+    client.on('gap', (g) => gaps.push(g));
+    client.subscribe('win', 'k', (m, meta) => seen.push([m.sequence_number, meta.transport]), { since: first.sequence_number, epoch: info.epoch });
+    await client.connect();
+    await until(client, () => seen.length === 5, 'the 5 messages the window holds');
+    assert.equal(gaps.length, 1);
+    assert.equal(gaps[0].recovered, false);
+    assert.equal(gaps[0].transport, 'sse');
+    assert.equal(gaps[0].reason, 'window');
+    assert.equal(gaps[0].since, first.sequence_number);
+    assert.equal(gaps[0].oldestSequence, later[5]);
+    assert.deepEqual(seen, later.slice(5).map((s) => [s, 'sse']));
   });
 });
