@@ -1224,10 +1224,15 @@ export class SeqcastClient {
     this.#finishHandover();
   }
 
-  /** A server that does not know `resume` refuses it as an unknown frame: subscribe key by key. */
+  /**
+   * A `resume` refused as a whole (`bad_request` naming it): follow its keys with `subscribe`,
+   * each with its `since`. A server that does not know the frame is not asked again; for any other
+   * refusal the error is reported too. False when the error is not about a pending `resume`.
+   */
   #resumeRefused(err) {
     if (this.#pendingResumes.length === 0 || err.code !== 'bad_request' || !/resume/.test(err.message)) return false;
-    this.#useResume = false;
+    if (/unknown frame type|not served/.test(err.message)) this.#useResume = false;
+    else this.#emit('error', err);
     const keys = this.#pendingResumes.flat();
     this.#pendingResumes = [];
     for (const key of keys) {
