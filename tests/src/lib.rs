@@ -746,3 +746,5 @@ fn admin_sql(url: &str, sql: &str) -> Result<(), String> {
     .join()
     .unwrap()
 }
+
+pub mod sse;

@@ -1,7 +1,9 @@
-//! Differential test of the two ways to recover: for random logs and random `since` / key /
-//! `limit` / epoch, `GET /websocket/messages` (paged by `next_since`) and a WebSocket `subscribe`
-//! with `since` carry the same messages and the same verdict (`complete` ⇔ `recovered`, the same
-//! `oldest_sequence`) — and both match what the test published. Against the real server binary
+//! Differential test of the ways to recover: for random logs and random `since` / key /
+//! `limit` / epoch, `GET /websocket/messages` (paged by `next_since`), a WebSocket `subscribe`
+//! with `since`, a Server-Sent Events stream (`GET /events`) and long-polls (`live=long-poll`,
+//! paged by `next_since`) carry the same messages and the same verdict (`complete` ⇔
+//! `recovered` ⇔ no `event: reset`, the same `oldest_sequence`) — and all match what the test
+//! published. Against the real server binary
 //! (SQLite) with a real WebSocket client; the count bound makes windows short, a tiny cache
 //! sends rounds through log pages, retention moves the floor past the window (resumes from behind
 //! it), and a small `--max-response-bytes` or large messages make the byte budget cut pages (the
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use seqcast_e2e::sse::Reader;
 use seqcast_e2e::{Event, Options, TestServer, token};
 use seqcast_protocol::ServerFrame;
 use serde_json::{Value, json};
@@ -122,6 +125,132 @@ async fn over_ws(
         seqs,
         recovered,
         oldest_sequence: if recovered { None } else { ack.oldest_sequence },
+    }
+}
+
+/// The query of one key's resume, for `GET /websocket/messages` and `GET /events` alike.
+fn resume_query(key: (&str, &str), since: u64, epoch: &str) -> String {
+    format!(
+        "since={since}&channel={}&request_id={}&epoch={epoch}",
+        key.0, key.1
+    )
+}
+
+/// A Server-Sent Events stream resuming after `since`: its `reset` (if any, first), then `want`
+/// messages, then nothing more (with `want: None` only the verdict is looked at).
+async fn over_sse(
+    s: &TestServer,
+    key: (&str, &str),
+    since: u64,
+    epoch: &str,
+    want: Option<usize>,
+) -> Answer {
+    let r = s
+        .http
+        .get(s.url(&format!("/events?{}", resume_query(key, since, epoch))))
+        .header("Authorization", format!("Bearer {}", token("alice", None)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut r = Reader::http(r);
+    assert!(r.next().await.unwrap().retry.is_some(), "the opening");
+    let (mut recovered, mut oldest_sequence, mut seqs) = (true, None, Vec::new());
+    let quiet = Duration::from_millis(150);
+    loop {
+        let wait = if want.is_some_and(|w| seqs.len() < w) {
+            Duration::from_secs(5)
+        } else {
+            quiet
+        };
+        let Some(b) = r.next_within(wait).await else {
+            break;
+        };
+        match b.event.as_str() {
+            "reset" => {
+                assert!(
+                    recovered && seqs.is_empty(),
+                    "a reset comes first, once: {b:?}"
+                );
+                let v: Value = serde_json::from_str(b.data.as_deref().unwrap()).unwrap();
+                recovered = false;
+                oldest_sequence = v["oldest_sequence"].as_u64();
+                if want.is_none() {
+                    break;
+                }
+            }
+            "message" => seqs.push(b.id_number().unwrap()),
+            _ => assert!(b.data.is_none(), "{b:?}"),
+        }
+        if want.is_none() && seqs.len() + usize::from(!recovered) > 0 {
+            break;
+        }
+    }
+    if let Some(w) = want {
+        assert!(
+            seqs.len() >= w,
+            "the stream of {key:?} since {since} stopped after {seqs:?}"
+        );
+    }
+    Answer {
+        seqs,
+        recovered,
+        oldest_sequence,
+    }
+}
+
+/// Long-polls from `since` (`timeout=0`), following `next_since` until a 204; the verdict is
+/// the first answer's. With `all: false` only the first answer is taken.
+async fn over_long_poll(
+    s: &TestServer,
+    key: (&str, &str),
+    since: u64,
+    limit: u64,
+    epoch: &str,
+    all: bool,
+) -> Answer {
+    let tok = token("alice", None);
+    let (mut seqs, mut first, mut since) = (Vec::new(), None, since);
+    for _ in 0..1_000 {
+        let r = s
+            .http
+            .get(s.url(&format!(
+                "/events?live=long-poll&timeout=0&limit={limit}&{}",
+                resume_query(key, since, epoch)
+            )))
+            .header("Authorization", format!("Bearer {tok}"))
+            .send()
+            .await
+            .unwrap();
+        let next: u64 = r.headers()["x-seqcast-next-since"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if r.status() == 204 {
+            first.get_or_insert((true, None));
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["next_since"], next, "the header and the body agree");
+        for m in body["messages"].as_array().unwrap() {
+            seqs.push(m["sequence_number"].as_u64().unwrap());
+        }
+        first.get_or_insert((
+            body["complete"].as_bool().unwrap(),
+            body["oldest_sequence"].as_u64(),
+        ));
+        if !all {
+            break;
+        }
+        since = next;
+    }
+    let (recovered, oldest_sequence) = first.unwrap();
+    Answer {
+        seqs,
+        recovered,
+        oldest_sequence: if recovered { None } else { oldest_sequence },
     }
 }
 
@@ -242,8 +371,12 @@ async fn round(r: Round) {
         let want = own_epoch.then_some(http.seqs.len());
         let pages_before = s.metric("seqcast_catchup_log_pages_total").await;
         let ws = over_ws(&s, key, since, e, want).await;
+        let sse = over_sse(&s, key, since, e, want).await;
+        let polled = over_long_poll(&s, key, since, limit, e, own_epoch).await;
         if own_epoch {
             assert_eq!(ws, http, "WebSocket against HTTP, {label}");
+            assert_eq!(sse, http, "Server-Sent Events against HTTP, {label}");
+            assert_eq!(polled, http, "long-poll against HTTP, {label}");
             // Replayed from log pages: the page's byte budget cut the replay into pages
             // whenever its messages are more than a page's bytes.
             let pages = s.metric("seqcast_catchup_log_pages_total").await - pages_before;
@@ -253,11 +386,13 @@ async fn round(r: Round) {
                 ws_cuts += 1;
             }
         } else {
-            assert_eq!(
-                (ws.recovered, ws.oldest_sequence),
-                (http.recovered, http.oldest_sequence),
-                "verdicts, {label}"
-            );
+            for (door, answer) in [("WebSocket", &ws), ("SSE", &sse), ("long-poll", &polled)] {
+                assert_eq!(
+                    (answer.recovered, answer.oldest_sequence),
+                    (http.recovered, http.oldest_sequence),
+                    "{door} verdict, {label}"
+                );
+            }
         }
     }
     assert!(

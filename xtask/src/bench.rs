@@ -92,6 +92,8 @@ struct Bench {
     /// The server reads subscriptions from the log (`--cache-bytes`): the catch-up, storm and
     /// slow-consumer scenarios are judged, and a broken guarantee fails the run.
     log_cursor_flag: bool,
+    /// The server serves `GET /events` (`--sse-max-secs`): the SSE fan-out row runs.
+    sse_flag: bool,
     /// Scenarios whose guarantees a log-cursor server broke (fatal after the report).
     failures: Vec<String>,
     /// fdatasync latency on the disk the servers write to, p50 in µs.
@@ -130,6 +132,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
     let group_commit_flag = help.contains("--group-commit");
     let db_recovery_flag = help.contains("--recovery-buffer-messages");
     let log_cursor_flag = help.contains("--cache-bytes");
+    let sse_flag = help.contains("--sse-max-secs");
     let fsync_p50_us = fsync_probe(&out).context("measuring fdatasync")?;
     let started = Instant::now();
 
@@ -144,6 +147,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
         group_commit_flag,
         db_recovery_flag,
         log_cursor_flag,
+        sse_flag,
         failures: Vec::new(),
         fsync_p50_us,
     };
@@ -388,24 +392,12 @@ impl Bench {
                     ],
                 )?;
                 let lat = &v["latency"];
-                let last = &v["last_subscriber"];
                 let per_delivery = cpu_us_per(&v, "deliveries_per_s");
-                let result = format!(
-                    "{} deliveries/s, {} µs server CPU per delivery; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
-                    num(&v["deliveries_per_s"]),
-                    us(per_delivery),
-                    ms(&lat["p50_ms"]),
-                    ms(&lat["p99_ms"]),
-                    ms(&lat["p999_ms"]),
-                    ms(&last["p50_ms"]),
-                    ms(&last["p99_ms"]),
-                    v["lost_deliveries"]
-                );
                 let settings = format!(
                     "{subs} subscribers, {rate} msgs/s = {} deliveries/s, {storage}",
                     num(&json!(rate * subs as f64))
                 );
-                self.row("fan-out (fixed rate)", settings, result, &v);
+                self.row("fan-out (fixed rate)", settings, paced_result(&v), &v);
                 let (p50, p99) = (
                     lat["p50_ms"].as_f64().unwrap_or(f64::MAX),
                     lat["p99_ms"].as_f64().unwrap_or(f64::MAX),
@@ -430,6 +422,11 @@ impl Bench {
             }
             if !durable {
                 break;
+            }
+            // The same fan-out over Server-Sent Events, beside the WebSocket's row at 1,000
+            // subscribers and 25,000 deliveries/s (the smoke run's only size elsewhere).
+            if self.sse_flag {
+                self.sse_fanout(&server, &s, storage)?;
             }
             if !paced.is_empty() {
                 let measured = paced
@@ -500,6 +497,41 @@ impl Bench {
             }
             drop(server);
         }
+        Ok(())
+    }
+
+    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
+    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
+        let &(subs, rate, secs) = s
+            .fanout_rate
+            .iter()
+            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
+            .unwrap_or(&s.fanout_rate[0]);
+        let v = self.loadgen(
+            server,
+            "sse",
+            &[
+                "--subscribers",
+                &subs.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--duration-secs",
+                &secs.to_string(),
+                "--warmup-secs",
+                &s.warmup.to_string(),
+            ],
+        )?;
+        let settings = format!(
+            "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
+            num(&json!(rate * subs as f64))
+        );
+        self.row(
+            "fan-out over SSE (fixed rate)",
+            settings,
+            paced_result(&v),
+            &v,
+        );
+        self.raw.push(v);
         Ok(())
     }
 
@@ -1702,6 +1734,22 @@ fn pgbench(database: &str, clients: usize, secs: &str) -> Result<f64> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no tps in pgbench's output: {text}"))
+}
+
+/// A paced fan-out's result: deliveries/s, server CPU per delivery, latencies, losses.
+fn paced_result(v: &Value) -> String {
+    let (lat, last) = (&v["latency"], &v["last_subscriber"]);
+    format!(
+        "{} deliveries/s, {} µs server CPU per delivery; publish→receive p50 {} / p99 {} / p999 {} ms; last subscriber p50 {} / p99 {} ms; lost {}",
+        num(&v["deliveries_per_s"]),
+        us(cpu_us_per(v, "deliveries_per_s")),
+        ms(&lat["p50_ms"]),
+        ms(&lat["p99_ms"]),
+        ms(&lat["p999_ms"]),
+        ms(&last["p50_ms"]),
+        ms(&last["p99_ms"]),
+        v["lost_deliveries"]
+    )
 }
 
 fn publish_result(v: &Value) -> String {

@@ -16,7 +16,13 @@ use anyhow::{Context, Result, bail};
 /// Where the browser test expects Debian's Chromium (never a downloaded one).
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// npm packages the suites import; if one is missing, `npm ci` restores them from the lockfile.
-const NODE_PACKAGES: &[&str] = &["playwright-core", "ws", "typescript", "@seqcast/client"];
+const NODE_PACKAGES: &[&str] = &[
+    "playwright-core",
+    "ws",
+    "typescript",
+    "@seqcast/client",
+    "eventsource",
+];
 /// The Node suites that need no browser, in order: the client against the server, its SSE reader,
 /// the npm package as published.
 const NODE_SUITES: &[&str] = &["client.test.mjs", "sse.test.mjs", "npm-package.test.mjs"];

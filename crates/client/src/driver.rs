@@ -481,7 +481,9 @@ impl Driver {
                 ServerFrame::Connected(_)
                 | ServerFrame::Pong
                 | ServerFrame::AuthOk(_)
-                | ServerFrame::PublishAck(_),
+                | ServerFrame::PublishAck(_)
+                // The client resumes with `subscribe` frames; it sends no `resume`.
+                | ServerFrame::ResumeAck(_),
             ) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use seqcast_loadgen::scenarios::{
-    catchup, connections, fanout, publish, recovery, slowconsumer, store, storm, tokens, wspublish,
+    catchup, connections, fanout, publish, recovery, slowconsumer, sse, store, storm, tokens,
+    wspublish,
 };
 use seqcast_loadgen::{Target, mint_token, mint_token_with};
 use seqcast_persistence::Synchronous;
@@ -92,6 +93,24 @@ enum Scenario {
         /// Bytes of padding in each message's data.
         #[arg(long, default_value_t = 0)]
         pad_bytes: usize,
+    },
+    /// One key, N Server-Sent Events streams (`GET /events`) at a fixed publish rate.
+    Sse {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long)]
+        subscribers: usize,
+        /// Messages per second.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 5.0)]
+        duration_secs: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_secs: f64,
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        #[arg(long, default_value_t = 256)]
+        connect_concurrency: usize,
     },
     /// Closed-loop HTTP publishing.
     Publish {
@@ -299,6 +318,28 @@ fn main() -> anyhow::Result<()> {
                     pad: pad_bytes,
                 };
                 fanout::run(&server.target()?, &args).await
+            }
+            Scenario::Sse {
+                server,
+                subscribers,
+                rate,
+                duration_secs,
+                warmup_secs,
+                publishers,
+                connect_concurrency,
+            } => {
+                let args = fanout::FanoutArgs {
+                    subscribers,
+                    rate: Some(rate),
+                    duration: secs(duration_secs),
+                    warmup: secs(warmup_secs),
+                    publishers,
+                    batch: 1,
+                    window: 512,
+                    connect_concurrency,
+                    pad: 0,
+                };
+                sse::run(&server.target()?, &args).await
             }
             Scenario::Publish {
                 server,

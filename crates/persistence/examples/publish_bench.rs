@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p seqcast-persistence --example publish_bench [-- --secs 2] [--only single|batch]
-//!     [--publishers N] [--sync full|normal] [--group-only] [--memory]
+//!     [--publishers N] [--sync full|normal] [--group-only] [--memory] [--streams N]
 //! ```
 //!
 //! Scenarios: 1, 64 and 256 concurrent publishers each appending one event at a time, with
@@ -22,6 +22,7 @@ use seqcast_protocol::{MessageId, SubscriptionKey};
 
 /// A typical small message body (~100 bytes of JSON).
 const DATA: &str = r#"{"type":"token","text":"The quick brown fox jumps over the lazy dog","index":12345,"done":false}"#;
+/// Streams (subscription keys) the publishers spread over unless `--streams N` says otherwise.
 const STREAMS: usize = 16;
 /// The writer thread's name (Linux shows the first 15 bytes).
 const WRITER_THREAD: &str = "seqcast-db-writer";
@@ -182,7 +183,8 @@ async fn run_with(
     duration: Duration,
     hooked: Arc<AtomicU64>,
 ) -> Outcome {
-    let keys: Vec<SubscriptionKey> = (0..STREAMS)
+    let streams = streams();
+    let keys: Vec<SubscriptionKey> = (0..streams)
         .map(|i| SubscriptionKey::parse(&format!("bench:stream-{i}")).unwrap())
         .collect();
 
@@ -202,7 +204,7 @@ async fn run_with(
                         .map(|_| {
                             n += 1;
                             NewEvent {
-                                key: keys[(p + n) % STREAMS].clone(),
+                                key: keys[(p + n) % streams].clone(),
                                 message_id: MessageId::new(format!("p{p}-{n}")).unwrap(),
                                 data: DATA.to_owned(),
                             }
@@ -235,4 +237,13 @@ async fn run_with(
         writer_cpu,
         process_cpu,
     }
+}
+
+/// `--streams N`: how many keys the events spread over (many keys dirty many index pages).
+fn streams() -> usize {
+    std::env::args()
+        .skip_while(|a| a != "--streams")
+        .nth(1)
+        .map(|s| s.parse().expect("--streams takes a number"))
+        .unwrap_or(STREAMS)
 }

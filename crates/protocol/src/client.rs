@@ -29,6 +29,124 @@ pub enum ClientFrame {
     /// Publish one message (a token with `publish: true`); answered `publish_ack` or `error`
     /// with the same `ref`, in the order sent.
     Publish(Publish),
+    /// Follow many keys at once after a reconnect, each from its own `since`; answered by one
+    /// `resume_ack`.
+    Resume(Resume),
+}
+
+/// `resume`: resume many keys at once, each after its own `since`, in one frame.
+///
+/// An entry that is not a valid key with a `since` does not fail the frame: it is kept as
+/// [`ResumeEntry::Invalid`] so the server refuses that key alone in its verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resume {
+    /// The keys, in the order their verdicts are answered.
+    pub subscriptions: Vec<ResumeEntry>,
+    /// The store epoch every `since` was taken from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+}
+
+/// One entry of a `resume` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeEntry {
+    /// A valid key and where to resume it.
+    Key(ResumeKey),
+    /// An entry that breaks the rules: refused alone.
+    Invalid(InvalidEntry),
+}
+
+impl Serialize for ResumeEntry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ResumeEntry::Key(k) => k.serialize(serializer),
+            ResumeEntry::Invalid(i) => i.raw.serialize(serializer),
+        }
+    }
+}
+
+/// A key to resume: every retained message of it numbered above `since` is sent first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResumeKey {
+    /// The key's channel.
+    pub channel: Channel,
+    /// The key's request id.
+    pub request_id: RequestId,
+    /// The last `sequence_number` of this key the client has.
+    pub since: u64,
+}
+
+impl ResumeKey {
+    /// The subscription key this entry names.
+    pub fn key(&self) -> SubscriptionKey {
+        SubscriptionKey::new(self.channel.clone(), self.request_id.clone())
+    }
+}
+
+/// A `resume` entry that is not a valid key with a `since`, kept with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEntry {
+    /// The key, when its channel and request id are valid (only `since` is wrong).
+    pub key: Option<SubscriptionKey>,
+    /// What is wrong with it.
+    pub error: FrameError,
+    /// The entry as sent (encoded back as it was).
+    pub raw: Value,
+}
+
+impl ResumeEntry {
+    /// The key this entry names, when it names a valid one.
+    pub fn key(&self) -> Option<SubscriptionKey> {
+        match self {
+            ResumeEntry::Key(k) => Some(k.key()),
+            ResumeEntry::Invalid(i) => i.key.clone(),
+        }
+    }
+
+    fn decode(index: usize, raw: Value) -> ResumeEntry {
+        let Value::Object(obj) = &raw else {
+            let error = FrameError::InvalidField {
+                frame: "resume".to_owned(),
+                message: format!(
+                    "subscriptions[{index}] must be an object, got {}",
+                    json_type_name(&raw)
+                ),
+            };
+            return ResumeEntry::Invalid(InvalidEntry {
+                key: None,
+                error,
+                raw,
+            });
+        };
+        let f = Fields::new("resume", obj);
+        let names = f
+            .required_str("channel")
+            .and_then(|c| Ok(Channel::parse(c)?))
+            .and_then(|c| {
+                let r = RequestId::parse(f.required_str("request_id")?)?;
+                Ok((c, r))
+            });
+        let since = f
+            .optional_u64("since")
+            .and_then(|s| s.ok_or_else(|| f.invalid("missing field \"since\"".to_owned())));
+        match (names, since) {
+            (Ok((channel, request_id)), Ok(since)) => ResumeEntry::Key(ResumeKey {
+                channel,
+                request_id,
+                since,
+            }),
+            (Ok((channel, request_id)), Err(error)) => ResumeEntry::Invalid(InvalidEntry {
+                key: Some(SubscriptionKey::new(channel, request_id)),
+                error,
+                raw,
+            }),
+            (Err(error), _) => ResumeEntry::Invalid(InvalidEntry {
+                key: None,
+                error,
+                raw,
+            }),
+        }
+    }
 }
 
 /// `auth`: replace the connection's token (same `sub`), keeping its subscriptions and cursors.
@@ -101,12 +219,12 @@ pub enum FrameError {
     MissingType,
     /// A client frame `type` this server does not know.
     #[error(
-        "unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe, ping, auth or publish"
+        "unknown frame type \"{0}\"; expected hello, subscribe, unsubscribe, ping, auth, publish or resume"
     )]
     UnknownType(String),
     /// A server frame `type` a client does not know (only from [`crate::decode_server_frame`]).
     #[error(
-        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error, pong, auth_ok or publish_ack"
+        "unknown server frame type \"{0}\"; expected connected, sub_ack, message, error, pong, auth_ok, publish_ack or resume_ack"
     )]
     UnknownServerType(String),
     /// A field has the wrong type or value, or a required field is missing.
@@ -227,6 +345,27 @@ fn decode_client_value(value: Value) -> Result<ClientFrame, FrameError> {
             let f = Fields::new("auth", &obj);
             Ok(ClientFrame::Auth(Auth {
                 token: f.required_str("token")?.to_owned(),
+            }))
+        }
+        "resume" => {
+            let f = Fields::new("resume", &obj);
+            let entries = match f.get("subscriptions") {
+                None => return Err(f.invalid("missing field \"subscriptions\"".to_owned())),
+                Some(Value::Array(entries)) => entries,
+                Some(other) => {
+                    return Err(f.invalid(format!(
+                        "field \"subscriptions\" must be an array, got {}",
+                        json_type_name(other)
+                    )));
+                }
+            };
+            Ok(ClientFrame::Resume(Resume {
+                epoch: f.optional_str("epoch")?.map(str::to_owned),
+                subscriptions: entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| ResumeEntry::decode(i, e.clone()))
+                    .collect(),
             }))
         }
         "publish" => {

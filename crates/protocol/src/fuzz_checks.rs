@@ -5,7 +5,8 @@
 
 use crate::{
     Channel, ClientFrame, DEFAULT_PAGE, MAX_PAGE, RecoverParams, RequestId, StreamParams,
-    decode_batch, decode_client_frame, decode_publish, decode_query, page_limit, parse_u64_param,
+    SubscriptionKey, decode_batch, decode_client_frame, decode_publish, decode_query, page_limit,
+    parse_u64_param,
 };
 
 /// A client WebSocket frame (text; non-UTF-8 bytes are what the server closes with 1007 before
@@ -14,9 +15,18 @@ pub fn client_frame(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(ClientFrame::Subscribe(sub)) = decode_client_frame(text) {
-        assert!(Channel::new(sub.channel.as_str()).is_ok());
-        assert!(RequestId::new(sub.request_id.as_str()).is_ok());
+    match decode_client_frame(text) {
+        Ok(ClientFrame::Subscribe(sub)) => {
+            assert!(Channel::new(sub.channel.as_str()).is_ok());
+            assert!(RequestId::new(sub.request_id.as_str()).is_ok());
+        }
+        // Every entry is kept, valid or not; a valid one's names are valid.
+        Ok(ClientFrame::Resume(resume)) => {
+            for key in resume.subscriptions.iter().filter_map(|e| e.key()) {
+                assert!(SubscriptionKey::parse(&key.to_string()).is_ok());
+            }
+        }
+        _ => {}
     }
 }
 

@@ -419,6 +419,105 @@ pub struct RecoverParams {
     pub epoch: Option<String>,
 }
 
+/// How `GET /events` answers: a Server-Sent Events stream (the default), or one long-poll answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LiveMode {
+    /// `text/event-stream`: one event per message, for as long as the stream lasts.
+    #[default]
+    Sse,
+    /// One JSON answer: the messages after `since` at once, else the first to arrive, else 204.
+    LongPoll,
+}
+
+/// The longest a long-poll may be held (`timeout`, seconds).
+pub const MAX_LONG_POLL_SECS: u64 = 30;
+
+/// `GET /events` parameters ([`decode_events_query`]): those of `GET /websocket/messages`,
+/// several keys (`key`, repeated), the delivery mode and a stream ticket.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Deliver the messages after this sequence number (a `Last-Event-ID` header overrides it).
+    /// Absent: from the head (what follows it).
+    #[serde(default, deserialize_with = "since_param")]
+    #[param(minimum = 0, maximum = 18446744073709551615_u64, value_type = Option<u64>)]
+    pub since: Option<u64>,
+    /// Only this channel's messages.
+    #[param(value_type = Option<Channel>)]
+    pub channel: Option<String>,
+    /// Only this request id's messages: of one key with `channel`, else in every channel the
+    /// token may read.
+    #[param(value_type = Option<RequestId>)]
+    pub request_id: Option<String>,
+    /// Only these keys (`channel:request_id`), repeated for several; not with `channel` or
+    /// `request_id`.
+    #[serde(default)]
+    #[param(value_type = Option<Vec<String>>, style = Form, explode, max_items = 1000)]
+    pub key: Vec<String>,
+    /// The epoch `since` belongs to; another epoch is told as a reset.
+    pub epoch: Option<String>,
+    /// `sse` (default) or `long-poll`.
+    #[param(inline, value_type = Option<LiveMode>)]
+    pub live: Option<LiveMode>,
+    /// Long-poll only: seconds to hold the request when nothing is there yet (0 to 30, default 30).
+    #[serde(default, deserialize_with = "timeout_param")]
+    #[param(minimum = 0, maximum = 30, value_type = Option<u64>)]
+    pub timeout: Option<u64>,
+    /// Long-poll only: at most this many messages (1 to 10000, default 1000).
+    #[serde(default, deserialize_with = "limit_param")]
+    #[param(minimum = 1, maximum = 10000, value_type = Option<u64>)]
+    pub limit: Option<u64>,
+    /// A stream ticket from `POST /api/stream-ticket`, instead of an `Authorization` header.
+    pub ticket: Option<String>,
+}
+
+/// Decodes a `GET /events` query like [`decode_query`], with `key` taken as often as it is
+/// given (every other parameter at most once).
+pub fn decode_events_query(raw: &str) -> Result<EventsParams, ParamError> {
+    let bad = |e: &dyn std::fmt::Display| ParamError {
+        param: "query".to_owned(),
+        message: format!("invalid query: {e}"),
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw).map_err(|e| bad(&e))?;
+    let (keys, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| k == "key");
+    let rest = serde_urlencoded::to_string(&rest).map_err(|e| bad(&e))?;
+    let mut params: EventsParams = decode_query(&rest)?;
+    params.key = keys.into_iter().map(|(_, v)| v).collect();
+    Ok(params)
+}
+
+/// One event of a `GET /events` stream (`text/event-stream`), as a client's parser sees it:
+/// heartbeats (comments) and blocks without `data` are not events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SseEvent {
+    /// `message` (a message) or `reset` (what was asked for is not all there; what the window
+    /// holds follows).
+    #[schema(pattern = "^(message|reset)$")]
+    pub event: Option<String>,
+    /// `message`: the live WebSocket `message` frame's JSON; `reset`:
+    /// `{"recovered":false,"oldest_sequence","epoch"}`.
+    pub data: String,
+    /// `message`: its `sequence_number` (the client's `Last-Event-ID`).
+    pub id: Option<String>,
+    /// Milliseconds an `EventSource` waits before it reconnects.
+    pub retry: Option<u64>,
+}
+
+/// `POST /api/stream-ticket` answer: a single-use credential for one `GET /events?ticket=…`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamTicket {
+    /// The ticket (random, 128 bits or more): valid once, on the node that issued it.
+    pub ticket: String,
+    /// Seconds it stays valid.
+    pub expires_in: u64,
+}
+
+fn timeout_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64_param("timeout", d)
+}
+
 /// `GET /api/streams/{channel}/{request_id}/messages` parameters ([`decode_query`]).
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

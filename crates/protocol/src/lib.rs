@@ -20,12 +20,14 @@ mod schema;
 mod server;
 
 pub use client::{
-    Auth, ClientFrame, FrameError, Hello, Subscribe, Unsubscribe, decode_client_frame,
+    Auth, ClientFrame, FrameError, Hello, InvalidEntry, Resume, ResumeEntry, ResumeKey, Subscribe,
+    Unsubscribe, decode_client_frame,
 };
 pub use http::{
     BatchPublishRequest, BatchPublishResponse, BodyError, DEFAULT_PAGE, ErrorBody, ErrorDetail,
-    MAX_PAGE, ParamError, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
-    RecoveryResponse, StreamPage, StreamParams, decode_batch, decode_publish, decode_query,
+    EventsParams, LiveMode, MAX_LONG_POLL_SECS, MAX_PAGE, ParamError, PublishRequest,
+    PublishResponse, RecoverParams, RecoveryMeta, RecoveryResponse, SseEvent, StreamPage,
+    StreamParams, StreamTicket, decode_batch, decode_events_query, decode_publish, decode_query,
     encode_publish_response, encode_recovery_response, encode_stream_page, page_limit,
     parse_u64_param,
 };
@@ -38,8 +40,9 @@ pub use publish::{Publish, PublishAck, PublishRef, REF_MAX_LEN, encode_publish_a
 /// Re-exported so users can build [`MessageFrame::data`] and [`PublishRequest::data`].
 pub use serde_json::value::RawValue;
 pub use server::{
-    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ServerFrame, SubAck,
-    decode_server_frame, encode_message, encode_message_ref, encode_server_frame,
+    AuthOk, Connected, ErrorCode, ErrorFrame, MessageFrame, MessageRef, ResumeAck, ResumeResult,
+    ServerFrame, SubAck, decode_server_frame, encode_message, encode_message_ref,
+    encode_server_frame,
 };
 
 /// Runs the README's example as a doctest, so it cannot drift from the API.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::client::{FrameError, truncate_for_echo};
+use crate::http::ErrorDetail;
 use crate::names::{Channel, MessageId, MessageIdRef, RequestId, SessionId, SubscriptionKey};
 use crate::publish::{PublishAck, PublishRef, encode_publish_ack};
 
@@ -94,6 +95,63 @@ pub enum ServerFrame {
     AuthOk(AuthOk),
     /// `publish_ack`: a `publish` frame was committed.
     PublishAck(PublishAck),
+    /// `resume_ack`: the answer to `resume`, one verdict per key; their messages follow.
+    ResumeAck(ResumeAck),
+}
+
+/// `resume_ack`: the answer to `resume`. The messages of every resumed key follow it in global
+/// sequence order, then live ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeAck {
+    /// One verdict per entry of the `resume` frame, in the order asked.
+    pub results: Vec<ResumeResult>,
+    /// The latest sequence number the verdicts were judged at.
+    pub head: u64,
+    /// The store's epoch.
+    pub epoch: String,
+}
+
+/// One key's verdict in a `resume_ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ResumeResult {
+    /// The key was refused alone (bad entry, forbidden, over the subscription limit).
+    Refused {
+        /// The key, when the entry named a valid one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subscription_key: Option<SubscriptionKey>,
+        /// Why.
+        error: ErrorDetail,
+    },
+    /// The key is subscribed: its messages after `since` follow (or, with `recovered: false`,
+    /// those after `oldest_sequence - 1`).
+    Resumed {
+        /// The key.
+        subscription_key: SubscriptionKey,
+        /// Whether history reached back to `since + 1` (and the epoch matched).
+        recovered: bool,
+        /// Where history starts, when `recovered` is false.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oldest_sequence: Option<u64>,
+        /// The key was already subscribed on this connection: nothing is replayed, its
+        /// delivery goes on as it was. Omitted when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        already_subscribed: bool,
+    },
+}
+
+impl ResumeResult {
+    /// The key this verdict is about, when known.
+    pub fn subscription_key(&self) -> Option<&SubscriptionKey> {
+        match self {
+            ResumeResult::Refused {
+                subscription_key, ..
+            } => subscription_key.as_ref(),
+            ResumeResult::Resumed {
+                subscription_key, ..
+            } => Some(subscription_key),
+        }
+    }
 }
 
 /// `auth_ok`: the expiry of the token now in force.
@@ -264,6 +322,7 @@ enum TaggedRef<'a> {
     Pong,
     AuthOk(&'a AuthOk),
     PublishAck(&'a PublishAck),
+    ResumeAck(&'a ResumeAck),
 }
 
 impl Serialize for ServerFrame {
@@ -276,6 +335,7 @@ impl Serialize for ServerFrame {
             ServerFrame::Pong => TaggedRef::Pong.serialize(serializer),
             ServerFrame::AuthOk(f) => TaggedRef::AuthOk(f).serialize(serializer),
             ServerFrame::PublishAck(f) => TaggedRef::PublishAck(f).serialize(serializer),
+            ServerFrame::ResumeAck(f) => TaggedRef::ResumeAck(f).serialize(serializer),
         }
     }
 }
@@ -435,6 +495,7 @@ pub fn decode_server_frame(text: &str) -> Result<ServerFrame, FrameError> {
         "pong" => ServerFrame::Pong,
         "auth_ok" => ServerFrame::AuthOk(serde_json::from_str(text).map_err(invalid)?),
         "publish_ack" => ServerFrame::PublishAck(serde_json::from_str(text).map_err(invalid)?),
+        "resume_ack" => ServerFrame::ResumeAck(serde_json::from_str(text).map_err(invalid)?),
         other => return Err(FrameError::UnknownServerType(truncate_for_echo(other))),
     })
 }

@@ -254,7 +254,7 @@ fn frame_error_messages_read_well() {
     );
     assert_eq!(
         FrameError::UnknownType("foo".into()).to_string(),
-        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe, ping, auth or publish"
+        "unknown frame type \"foo\"; expected hello, subscribe, unsubscribe, ping, auth, publish or resume"
     );
     assert_eq!(
         decode_client_frame(

@@ -384,3 +384,27 @@ fn the_hand_written_publish_answer_is_what_serde_writes() {
         );
     }
 }
+
+/// `GET /events`: `key` is taken as often as it comes, every other parameter once; unknown
+/// parameters and bad values are refused, naming them.
+#[test]
+fn an_events_query_takes_repeated_keys_and_refuses_what_it_does_not_know() {
+    use seqcast_protocol::{LiveMode, decode_events_query};
+    let q = decode_events_query("key=a:1&since=7&key=b%3A2&live=long-poll&timeout=5").unwrap();
+    assert_eq!(q.key, ["a:1", "b:2"]);
+    assert_eq!(
+        (q.since, q.live, q.timeout),
+        (Some(7), Some(LiveMode::LongPoll), Some(5))
+    );
+    assert!(decode_events_query("").unwrap().key.is_empty());
+    for bad in [
+        "since=1&since=2",
+        "nope=1",
+        "since=-1",
+        "live=ws",
+        "timeout=x",
+    ] {
+        let e = decode_events_query(bad).unwrap_err();
+        assert!(!e.message.is_empty(), "{bad}");
+    }
+}

@@ -110,6 +110,7 @@ pub struct Authority {
     issuer: Option<String>,
     audience: Option<String>,
     api_keys: Vec<String>,
+    tickets: Tickets,
 }
 
 struct PublicKey {
@@ -159,6 +160,7 @@ impl Authority {
             issuer: None,
             audience: None,
             api_keys: api_keys.into_iter().filter(|k| !k.is_empty()).collect(),
+            tickets: Tickets::default(),
         }
     }
 
@@ -375,6 +377,89 @@ impl Authority {
     }
 }
 
+/// Most stream tickets held at once (unused and not yet expired); more are refused (503).
+pub const MAX_TICKETS: usize = 100_000;
+
+/// Stream tickets: single-use credentials for one `GET /events?ticket=…` (a browser's
+/// `EventSource` cannot send an `Authorization` header, and a token never goes in a URL). Each
+/// holds the grant of the token it was issued for. Kept in this process's memory, bounded
+/// ([`MAX_TICKETS`]; expired ones are dropped as new ones come), so a ticket is valid on the
+/// node that issued it only.
+#[derive(Debug, Default)]
+struct Tickets {
+    book: std::sync::Mutex<TicketBook>,
+}
+
+#[derive(Debug, Default)]
+struct TicketBook {
+    by_id: std::collections::HashMap<String, (Grant, std::time::Instant)>,
+    /// Issue order (= expiry order: every ticket lives as long), for pruning.
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+}
+
+impl TicketBook {
+    /// Forget the tickets issued more than `ttl` before `now`.
+    fn prune(&mut self, now: std::time::Instant, ttl: std::time::Duration) {
+        while let Some((issued, _)) = self.order.front() {
+            if now.duration_since(*issued) < ttl {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.by_id.remove(&id);
+            }
+        }
+    }
+}
+
+impl Authority {
+    /// Issue a stream ticket for `grant` (a verified token's), valid once within `ttl`.
+    pub fn issue_ticket(&self, grant: Grant, ttl: std::time::Duration) -> Result<String, ApiError> {
+        let now = std::time::Instant::now();
+        // 128 random bits from the thread's CSPRNG, as 32 hex digits.
+        let id = format!("{:032x}", rand::random::<u128>());
+        let mut book = self.tickets.book.lock().unwrap_or_else(|p| p.into_inner());
+        book.prune(now, ttl);
+        if book.by_id.len() >= MAX_TICKETS {
+            return Err(ApiError::Unavailable(format!(
+                "{MAX_TICKETS} stream tickets are outstanding; retry in a few seconds"
+            )));
+        }
+        book.by_id.insert(id.clone(), (grant, now));
+        book.order.push_back((now, id.clone()));
+        Ok(id)
+    }
+
+    /// Use a stream ticket: its grant, once — a second use, an expired or unknown ticket, or
+    /// one whose token expired meanwhile is a 401.
+    pub fn redeem_ticket(&self, ticket: &str, ttl: std::time::Duration) -> Result<Grant, ApiError> {
+        let taken = self
+            .tickets
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .remove(ticket);
+        let Some((grant, issued)) = taken else {
+            return Err(ApiError::Unauthorized(
+                "stream ticket is not valid: unknown, already used, or issued by another node"
+                    .into(),
+            ));
+        };
+        if issued.elapsed() >= ttl {
+            return Err(ApiError::Unauthorized("stream ticket expired".into()));
+        }
+        if grant
+            .exp
+            .is_some_and(|exp| exp <= jsonwebtoken::get_current_timestamp())
+        {
+            return Err(ApiError::Unauthorized(
+                "the token the stream ticket was issued for has expired".into(),
+            ));
+        }
+        Ok(grant)
+    }
+}
+
 const BAD_SIGNATURE: &str = "token signature is invalid";
 
 /// Public keys from a PEM file (one key) or a JWKS document.
@@ -488,6 +573,42 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A ticket is taken once; an expired one is refused and forgotten; expired tickets are
+    /// dropped as new ones are issued, so the book holds only the live ones.
+    #[test]
+    fn stream_tickets_are_single_use_expire_and_stay_bounded() {
+        let a = Authority::new("secret", "key");
+        let grant = a
+            .verify(
+                &a.mint("alice", Some(vec!["search:*".into()]), 60, false)
+                    .unwrap(),
+            )
+            .unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        let t = a.issue_ticket(grant.clone(), minute).unwrap();
+        assert_eq!(t.len(), 32, "128 bits in hex");
+        let g = a.redeem_ticket(&t, minute).unwrap();
+        assert!(g.allows(&SubscriptionKey::parse("search:1").unwrap()));
+        assert!(!g.allows(&SubscriptionKey::parse("orders:1").unwrap()));
+        assert!(matches!(
+            a.redeem_ticket(&t, minute),
+            Err(ApiError::Unauthorized(_))
+        ));
+        let expired = a.issue_ticket(grant.clone(), minute).unwrap();
+        let err = a.redeem_ticket(&expired, std::time::Duration::ZERO);
+        assert!(matches!(err, Err(ApiError::Unauthorized(m)) if m.contains("expired")));
+        for _ in 0..100 {
+            a.issue_ticket(grant.clone(), std::time::Duration::ZERO)
+                .unwrap();
+        }
+        let book = a.tickets.book.lock().unwrap();
+        assert_eq!(
+            (book.by_id.len(), book.order.len()),
+            (1, 1),
+            "expired ones pruned"
+        );
+    }
 
     #[test]
     fn minted_tokens_verify_and_carry_patterns() {

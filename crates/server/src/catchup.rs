@@ -241,8 +241,8 @@ pub async fn read_key_page(
 /// What a recovery read handed out.
 #[derive(Debug)]
 pub struct Recovered {
-    /// The messages, in order.
-    pub frames: Vec<Frame>,
+    /// The messages (sequence number, frame), in order.
+    pub frames: Vec<(u64, Frame)>,
     /// The number of the last message handed out, when the budget cut the answer (more may
     /// follow).
     pub next_since: Option<u64>,
@@ -273,8 +273,8 @@ pub async fn read_recovery(
                     replay.on_cached(
                         cached
                             .filter(|m| admit(&m.key))
-                            .map(|m| (m.sequence_number, m.frame.clone())),
-                        frame_bytes,
+                            .map(|m| (m.sequence_number, (m.sequence_number, m.frame.clone()))),
+                        |(_, f)| frame_bytes(f),
                     )
                 });
                 frames.extend(taken.into_iter().flatten());
@@ -295,8 +295,8 @@ pub async fn read_recovery(
                         page.events
                             .iter()
                             .filter(|e| admit(&e.key))
-                            .map(|e| (e.sequence_number, Hub::frame_of(e))),
-                        frame_bytes,
+                            .map(|e| (e.sequence_number, (e.sequence_number, Hub::frame_of(e)))),
+                        |(_, f)| frame_bytes(f),
                         page.covered_through,
                         page.floor,
                     ),

@@ -275,6 +275,16 @@ pub struct ServeArgs {
     /// Largest accepted WebSocket frame / HTTP body in bytes (1 MiB).
     #[arg(long, env = "SEQCAST_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Seconds one `GET /events` (Server-Sent Events) response lasts before the server ends it,
+    /// so that proxies cycle it; the client resumes with `Last-Event-ID` and loses nothing (60).
+    #[arg(long, env = "SEQCAST_SSE_MAX_SECS")]
+    pub sse_max_secs: Option<u64>,
+    /// Milliseconds between comment heartbeats on an idle SSE stream (15000; for tests).
+    #[arg(long, env = "SEQCAST_SSE_HEARTBEAT_MS", hide = true)]
+    pub sse_heartbeat_ms: Option<u64>,
+    /// Seconds a stream ticket stays valid (30; for tests).
+    #[arg(long, env = "SEQCAST_STREAM_TICKET_TTL_SECS", hide = true)]
+    pub stream_ticket_ttl_secs: Option<u64>,
     /// Milliseconds a new connection has to authenticate (10000).
     #[arg(long, env = "SEQCAST_HELLO_TIMEOUT_MS")]
     pub hello_timeout_ms: Option<u64>,
@@ -481,6 +491,19 @@ pub struct Settings {
     pub max_subscriptions: usize,
     /// Longest a busy connection's live message waits to share a write (zero: never).
     pub write_delay: Duration,
+    /// Server-Sent Events streams (`GET /events`).
+    pub sse: SseSettings,
+}
+
+/// How the server paces a Server-Sent Events stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseSettings {
+    /// How long one response lasts before the server ends it (the client resumes).
+    pub max_duration: Duration,
+    /// The longest an open stream stays silent: a comment is written then.
+    pub heartbeat: Duration,
+    /// How long a stream ticket (`POST /api/stream-ticket`) stays valid.
+    pub ticket_ttl: Duration,
 }
 
 impl Settings {
@@ -695,6 +718,11 @@ impl Settings {
             group_commit: pick!(group_commit, true),
             max_subscriptions: pick!(max_subscriptions, 1_000),
             write_delay: Duration::from_millis(pick!(write_delay_ms, 1)),
+            sse: SseSettings {
+                max_duration: secs("sse_max_secs", pick!(sse_max_secs, 60))?,
+                heartbeat: Duration::from_millis(pick!(sse_heartbeat_ms, 15_000).max(10)),
+                ticket_ttl: secs("stream_ticket_ttl_secs", pick!(stream_ticket_ttl_secs, 30))?,
+            },
         })
     }
 }

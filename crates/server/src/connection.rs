@@ -1081,6 +1081,11 @@ fn on_frame(
             &ApiError::BadRequest("already connected: hello is only the first frame".into()),
         ),
         ClientFrame::Auth(a) => refresh_token(app, sub, grant, info, subs, &a.token),
+        ClientFrame::Resume(_) => reply_error(
+            app,
+            sub,
+            &ApiError::BadRequest("resume is not served yet: subscribe with since".into()),
+        ),
     }
 }
 

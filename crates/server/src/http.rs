@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use seqcast_persistence::{CommittedEvent, EventFilter};
+use seqcast_persistence::CommittedEvent;
 use seqcast_protocol::{
     BatchPublishResponse, Channel, PublishRequest, PublishResponse, RecoverParams, RecoveryMeta,
     RequestId, StreamParams, SubscriptionKey, decode_batch, decode_publish, decode_query,
@@ -22,16 +22,17 @@ use crate::hub::{Hub, frame_bytes};
 use crate::metrics::PublishEndpoint;
 use crate::now_ms;
 use crate::publish;
+use crate::selection::Selection;
 use crate::state::AppState;
 use seqcast_protocol::{BatchPublishRequest, ErrorBody, encode_publish_response};
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
 }
 
-fn json_response(status: StatusCode, body: String) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -103,21 +104,13 @@ async fn recover_page(
     let ApiQuery(q) = query?;
     let since = q.since.unwrap_or(0);
     let limit = page_limit(q.limit)?;
-    let channel = q.channel.map(Channel::new).transpose()?;
-    let request_id = q.request_id.map(RequestId::new).transpose()?;
-    let filter = match (channel, request_id) {
-        (Some(c), Some(r)) => {
-            let key = SubscriptionKey::new(c, r);
-            if !grant.allows(&key) {
-                return Err(ApiError::Forbidden(format!("token may not read {key}")));
-            }
-            Filter::Key(key)
-        }
-        (Some(c), None) => Filter::Channel(c),
-        // A request id in every channel the token may read.
-        (None, Some(r)) => Filter::RequestId(r),
-        (None, None) => Filter::All,
-    };
+    let selection = Selection::parse(
+        q.channel,
+        q.request_id,
+        &[],
+        app.settings.max_subscriptions,
+        &grant,
+    )?;
     let resumed = catchup::plan_resume(app, since, q.epoch.as_deref(), now_ms()).await?;
     let head = resumed.head;
     let oldest_sequence = (resumed.window_start <= head).then_some(resumed.window_start);
@@ -137,46 +130,26 @@ async fn recover_page(
         max_events: limit,
         max_bytes: app.settings.max_response_bytes,
     };
-    let admit = |key: &SubscriptionKey| filter.admits(key, &grant);
-    let read =
-        catchup::read_recovery(app, &filter.to_event_filter(), &admit, after, head, budget).await?;
+    let admit = |key: &SubscriptionKey| selection.admits(key, &grant);
+    let read = catchup::read_recovery(
+        app,
+        &selection.to_event_filter(),
+        &admit,
+        after,
+        head,
+        budget,
+    )
+    .await?;
     // The cursor fell behind the retention floor while the log was read: `complete: false`.
     meta.complete &= !read.behind;
     meta.next_since = read.next_since;
-    let bytes = read.frames.iter().map(frame_bytes).sum();
-    let body = encode_recovery_response(read.frames.iter().map(|f| f.as_str()), &meta);
+    let bytes = read.frames.iter().map(|(_, f)| frame_bytes(f)).sum();
+    let body = encode_recovery_response(read.frames.iter().map(|(_, f)| f.as_str()), &meta);
     Ok((
         json_response(StatusCode::OK, body),
         read.frames.len(),
         bytes,
     ))
-}
-
-#[derive(Clone)]
-enum Filter {
-    All,
-    Channel(Channel),
-    Key(SubscriptionKey),
-    RequestId(RequestId),
-}
-
-impl Filter {
-    fn to_event_filter(&self) -> EventFilter {
-        match self {
-            Filter::Key(k) => EventFilter::Key(k.clone()),
-            Filter::Channel(c) => EventFilter::Channel(c.clone()),
-            Filter::All | Filter::RequestId(_) => EventFilter::All,
-        }
-    }
-
-    fn admits(&self, key: &SubscriptionKey, grant: &Grant) -> bool {
-        match self {
-            Filter::Key(k) => k == key,
-            Filter::Channel(c) => key.channel() == c && grant.allows(key),
-            Filter::RequestId(r) => key.request_id() == r && grant.allows(key),
-            Filter::All => grant.is_unrestricted() || grant.allows(key),
-        }
-    }
 }
 
 /// A declared `Content-Length` over the limit is refused at once, before any of the body is read.

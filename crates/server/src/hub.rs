@@ -458,6 +458,12 @@ impl Hub {
         self.head()
     }
 
+    /// The head as a watch: it changes with every applied group and every move to another
+    /// history. What an HTTP stream waits on for "the head passed my position".
+    pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
     /// What a cursor needs to pick its next step.
     pub fn view(&self) -> View {
         self.lock().view()

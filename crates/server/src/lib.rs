@@ -7,9 +7,10 @@
 //!
 //! The modules stack without a cycle (`tests/module_graph.rs` checks it): at the bottom the
 //! parts (`config`, `error`, `metrics`, `hub`, `storage`, `pages`, `auth`, `limits`); then
-//! [`state::AppState`], made of them; then what serves from the state (`http`, `connection`
-//! with `catchup` and `publish`, `upgrade`, `admin`, `observe`); then [`routes`], which names
-//! them all; and [`lifetime`] on top, which opens the state and serves the routes.
+//! [`state::AppState`], made of them; then what serves from the state (`http` and `selection`,
+//! `events`, `connection` with `catchup` and `publish`, `upgrade`, `admin`, `observe`); then
+//! [`routes`], which names them all; and [`lifetime`] on top, which opens the state and serves
+//! the routes.
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod connection;
 pub mod deadline;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod hub;
 pub mod lifetime;
@@ -30,6 +32,7 @@ pub mod openapi;
 pub mod pages;
 pub mod publish;
 pub mod routes;
+pub mod selection;
 pub mod state;
 pub mod storage;
 pub mod upgrade;

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub publish_failures: Count,
     /// Subscriptions open on this node (catching up or live).
     pub subscriptions: Gauge,
+    /// Server-Sent Events streams open (`GET /events`).
+    pub sse_streams: Gauge,
     publish_single: AtomicHistogram,
     publish_batch: AtomicHistogram,
     /// Time from the group's COMMIT to its frames being in every live subscriber's queue.
@@ -207,6 +209,12 @@ impl Default for Metrics {
             "seqcast_subscriptions",
             "Subscriptions open on this node, catching up or live",
             subscriptions.clone(),
+        );
+        let sse_streams = Gauge::default();
+        registry.register(
+            "seqcast_sse_streams",
+            "Server-Sent Events streams open (GET /events)",
+            sse_streams.clone(),
         );
         let publish_seconds =
             Family::<EndpointLabel, AtomicHistogram>::new_with_constructor(AtomicHistogram::new);
@@ -293,6 +301,7 @@ impl Default for Metrics {
             slow_consumer_closes,
             publish_failures,
             subscriptions,
+            sse_streams,
             publish_single,
             publish_batch,
             commit_to_queued,

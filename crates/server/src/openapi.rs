@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use axum::response::Response;
 
-use crate::{admin, http, upgrade};
+use crate::{admin, events, http, upgrade};
 
 /// See the module docs.
 #[derive(Debug, OpenApi)]
@@ -23,6 +23,8 @@ use crate::{admin, http, upgrade};
         http::publish_stream,
         http::recover,
         http::stream_page,
+        events::events,
+        events::stream_ticket,
         upgrade::ws_upgrade,
         http::healthz,
         http::readyz,

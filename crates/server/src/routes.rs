@@ -9,7 +9,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 
 use crate::state::AppState;
-use crate::{admin, http, openapi, upgrade};
+use crate::{admin, events, http, openapi, upgrade};
 
 /// The routes (CORS on the HTTP API), without the layers every request passes: [`service`]
 /// puts those around the whole router once.
@@ -21,6 +21,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/publish", post(http::publish))
         .route("/api/publish/batch", post(http::publish_batch))
         .route("/api/publish/stream", post(http::publish_stream))
+        .route("/events", get(events::events))
+        .route("/api/stream-ticket", post(events::stream_ticket))
         .route(
             "/api/streams/{channel}/{request_id}/messages",
             get(http::stream_page),
@@ -83,7 +85,7 @@ pub fn service(
 /// from a browser with `Authorization` and `Content-Type` headers; a preflight is answered
 /// here. Without the setting, no CORS headers are sent (same origin only).
 fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
-    use axum::http::{HeaderValue, Method};
+    use axum::http::{HeaderName, HeaderValue, Method};
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let allowed = allowed?;
     let origin = if allowed.iter().any(|o| o == "*") {
@@ -100,8 +102,16 @@ fn cors(allowed: Option<&[String]>) -> Option<tower_http::cors::CorsLayer> {
         CorsLayer::new()
             .allow_origin(origin)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .expose_headers([header::RETRY_AFTER])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                crate::events::NEXT_SINCE_HEADER,
+                crate::events::EPOCH_HEADER,
+            ])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }

@@ -308,12 +308,33 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     )
     .await?;
     let connect_seconds = connect_started.elapsed().as_secs_f64();
+    measure(
+        target,
+        args,
+        "fanout",
+        &request_id,
+        connect_seconds,
+        |shared| spawn_readers(shared, subs),
+    )
+    .await
+}
 
+/// The measured part of a fan-out run whose readers are connected: start the clock and the
+/// readers (`spawn_readers`), publish on schedule, meter the server's CPU over the window after
+/// the warm-up, let what is in flight arrive, and report as `scenario`.
+pub(crate) async fn measure(
+    target: &Target,
+    args: &FanoutArgs,
+    scenario: &str,
+    request_id: &str,
+    connect_seconds: f64,
+    spawn_readers: impl FnOnce(&Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Value> {
     // The clock starts once everyone is subscribed.
     let total = args.warmup + args.duration;
     let shared = Shared::new(args.subscribers, args.warmup..Duration::MAX)?;
-    let readers = spawn_readers(&shared, subs);
-    let publishing = spawn_publishers(target, &shared, args, &request_id, total).await?;
+    let readers = spawn_readers(&shared);
+    let publishing = spawn_publishers(target, &shared, args, request_id, total).await?;
     let errors = Arc::clone(&publishing.errors);
 
     sleep_until(shared.start, args.warmup).await;
@@ -330,7 +351,7 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     let deliveries_total = shared.deliveries.load(Ordering::Acquire);
     let expected = published_total * args.subscribers as u64;
     Ok(json!({
-        "scenario": "fanout",
+        "scenario": scenario,
         "mode": if args.rate.is_some() { "rate" } else { "burst" },
         "subscribers": args.subscribers,
         "target_msgs_per_s": args.rate,

@@ -7,6 +7,7 @@ pub mod fanout;
 pub mod publish;
 pub mod recovery;
 pub mod slowconsumer;
+pub mod sse;
 pub mod store;
 pub mod storm;
 pub mod tokens;

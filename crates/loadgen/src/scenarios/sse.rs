@@ -1,0 +1,175 @@
+//! Fan-out over Server-Sent Events: one key, N `GET /events` streams, published at a fixed rate
+//! — the paced WebSocket fan-out's measurement (publish → receive per delivery, server CPU over
+//! the window) with SSE readers. A reader whose stream the server ends (`--sse-max-secs`)
+//! reconnects with `Last-Event-ID`, as an `EventSource` does.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use super::fanout::{FanoutArgs, Shared, measure};
+use super::run_id;
+use crate::Target;
+
+/// Run the scenario (`args.rate` must be set: SSE has no burst mode here).
+pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
+    if args.subscribers == 0 || args.publishers == 0 || args.rate.is_none() {
+        bail!("need subscribers, publishers and a rate");
+    }
+    let request_id = format!("sse-{}", run_id());
+    let connect_started = std::time::Instant::now();
+    let streams: Vec<Stream> = futures_util::stream::iter(0..args.subscribers)
+        .map(|_| Stream::open(target, &request_id, None))
+        .buffer_unordered(args.connect_concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let target_for_readers = target.clone();
+    measure(
+        target,
+        args,
+        "sse",
+        &request_id,
+        connect_seconds,
+        |shared| {
+            streams
+                .into_iter()
+                .enumerate()
+                .map(|(n, stream)| {
+                    let shared = Arc::clone(shared);
+                    let target = target_for_readers.clone();
+                    let request_id = request_id.clone();
+                    tokio::spawn(
+                        async move { read(stream, &shared, n, &target, &request_id).await },
+                    )
+                })
+                .collect()
+        },
+    )
+    .await
+}
+
+/// One reader: every `data:` line to `shared`; when the server ends the stream, again with
+/// `Last-Event-ID`.
+async fn read(mut stream: Stream, shared: &Shared, n: usize, target: &Target, request_id: &str) {
+    loop {
+        while let Some(line) = stream.next_line().await {
+            if let Some(frame) = line.strip_prefix("data: ") {
+                shared.on_frame(frame, n);
+            } else if let Some(id) = line.strip_prefix("id: ") {
+                stream.last_id = id.parse().ok();
+            }
+            if shared.stopped() {
+                return;
+            }
+        }
+        if shared.stopped() {
+            return;
+        }
+        match Stream::open(target, request_id, stream.last_id).await {
+            Ok(next) => stream = next,
+            Err(_) => {
+                shared
+                    .ended_early
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// An open `GET /events` response: the socket, the chunked body undone into lines.
+struct Stream {
+    socket: TcpStream,
+    /// Bytes read and not yet taken apart (chunk framing included).
+    raw: Vec<u8>,
+    /// Body bytes not yet a whole line.
+    body: Vec<u8>,
+    /// The last `id:` seen (where a reconnect resumes).
+    last_id: Option<u64>,
+    ended: bool,
+}
+
+impl Stream {
+    async fn open(target: &Target, request_id: &str, last_id: Option<u64>) -> anyhow::Result<Self> {
+        let mut socket = TcpStream::connect(target.addr)
+            .await
+            .with_context(|| format!("cannot connect to {}", target.addr))?;
+        socket.set_nodelay(true)?;
+        let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+        let request = format!(
+            "GET /events?channel=bench&request_id={request_id} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {}\r\n{resume}\r\n",
+            target.addr, target.token
+        );
+        socket.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::with_capacity(16 * 1024);
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if socket.read_buf(&mut raw).await? == 0 {
+                bail!("the server closed the stream before its head");
+            }
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET /events: {}", head.lines().next().unwrap_or(""));
+        }
+        raw.drain(..head_end);
+        Ok(Stream {
+            socket,
+            raw,
+            body: Vec::new(),
+            last_id,
+            ended: false,
+        })
+    }
+
+    /// The next line of the body (without its `\n`), `None` at the end of the stream.
+    async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.body.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.body.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            if self.ended {
+                return None;
+            }
+            if !self.dechunk() && self.socket.read_buf(&mut self.raw).await.unwrap_or(0) == 0 {
+                self.ended = true;
+            }
+        }
+    }
+
+    /// Move the complete chunks of `raw` into `body`; whether any was complete.
+    fn dechunk(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&self.raw[..eol])
+                .ok()
+                .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok());
+            let Some(size) = size else {
+                self.ended = true;
+                return true;
+            };
+            if self.raw.len() < eol + 2 + size + 2 {
+                break;
+            }
+            if size == 0 {
+                self.ended = true;
+                return true;
+            }
+            self.body
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.raw.drain(..eol + 2 + size + 2);
+            moved = true;
+        }
+        moved
+    }
+}
