@@ -158,6 +158,7 @@ fn bench(root: &Path, profile: Profile, only_postgres: bool) -> Result<()> {
         b.recovery().context("recovery scenario")?;
         b.connections().context("connections scenario")?;
         b.catchup().context("catch-up scenario")?;
+        b.resume().context("resume scenario")?;
         b.storm().context("storm scenario")?;
         b.slow_consumer().context("slow-consumer scenario")?;
     }
@@ -194,6 +195,8 @@ struct Sizes {
     catchup: usize,
     /// (clients, missed messages) of the reconnect storm from the log.
     log_storm: (usize, usize),
+    /// (keys, missed messages over all of them) of the many-key resume.
+    resume: (usize, usize),
     slow: Slow,
 }
 
@@ -258,6 +261,7 @@ impl Bench {
                 connections: 10_000,
                 catchup: 100_000,
                 log_storm: (1000, 2000),
+                resume: (500, 10_000),
                 slow: Slow {
                     subscribers: 50,
                     rate: 1000.0,
@@ -284,6 +288,7 @@ impl Bench {
                 connections: 10_000,
                 catchup: 100_000,
                 log_storm: (1000, 2000),
+                resume: (500, 10_000),
                 slow: Slow {
                     subscribers: 50,
                     rate: 1000.0,
@@ -316,6 +321,7 @@ impl Bench {
                 connections: 50,
                 catchup: 2000,
                 log_storm: (20, 200),
+                resume: (20, 200),
                 slow: Slow {
                     subscribers: 5,
                     rate: 100.0,
@@ -1012,6 +1018,55 @@ impl Bench {
             self.failures.push(format!("{scenario}: {text}"));
         }
         Some(text)
+    }
+
+    /// K keys miss M messages; one `resume` of all K against K `subscribe` frames with `since`.
+    fn resume(&mut self) -> Result<()> {
+        let s = self.sizes();
+        let (keys, messages) = s.resume;
+        let flags = self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            "1048576",
+        );
+        let server = self.start("resume", &flags)?;
+        let v = self.loadgen(
+            &server,
+            "resume",
+            &[
+                "--keys",
+                &keys.to_string(),
+                "--messages",
+                &messages.to_string(),
+            ],
+        )?;
+        drop(server);
+        let problems = self.problems("resume", &v);
+        let cpu = |k: &str| v[k].as_f64().map_or("–".to_owned(), |c| format!("{c:.3}"));
+        let mut result = format!(
+            "one `resume`: **{:.3} s**, {} server CPU-s; {} `subscribe` frames: {:.3} s, {} server CPU-s ({:.1}× the time)",
+            v["resume_s"].as_f64().unwrap_or(0.0),
+            cpu("resume_server_cpu_s"),
+            num(&json!(keys)),
+            v["subscribes_s"].as_f64().unwrap_or(0.0),
+            cpu("subscribes_server_cpu_s"),
+            v["speedup"].as_f64().unwrap_or(0.0),
+        );
+        if let Some(p) = &problems {
+            result = format!("**FAILED**: {p}. {result}");
+        }
+        self.row(
+            "resume many keys",
+            format!(
+                "{} keys miss {} messages (round-robin); time until every key's messages arrived, one `resume` frame against one `subscribe` with `since` per key; SQLite, --cache-bytes 1 MiB{}",
+                num(&json!(keys)),
+                num(&json!(messages)),
+                self.old_server_note()
+            ),
+            result,
+            &v,
+        );
+        self.raw.push(v);
+        Ok(())
     }
 
     fn catchup(&mut self) -> Result<()> {

@@ -1,7 +1,8 @@
 //! seqcast delivery: one connection's subscriptions as a sans-IO state machine.
 //!
 //! Job: [`Subscriptions`] owns a connection's per-key [`Cursor`]s, decides which catching-up
-//! key moves next (round-robin, one page at a time), applies the water marks (act only while
+//! key moves next (round-robin, one page at a time; keys resumed together catch up as one merged
+//! cursor over their union and join live delivery in one step), applies the water marks (act only while
 //! the send queue is at or below its low-water mark; nothing is planned while a start or a log
 //! read is in flight) and the join rule (join live delivery from the cached tail once it holds
 //! the rest). The shell feeds it inputs — a subscribe whose start was planned, an unsubscribe, a
@@ -35,7 +36,7 @@
 //! assert_eq!(subs.next_action(view, room), None); // live
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{Cursor, Phase, Step, View};
@@ -97,7 +98,37 @@ pub enum Action {
         /// The cursor's position.
         after: u64,
     },
+    /// Read the messages of every key in `keys` numbered in `(after, through]` from the log in
+    /// one merged read, in global order (one page for all of them, in one read transaction
+    /// that also reports the retention floor), handing out a key's message only above that
+    /// key's own position; then call [`Subscriptions::on_merged_page`]. The keys were resumed
+    /// together (see [`Subscriptions::started_many`]).
+    ReadLogMerged {
+        /// The keys read, each with its cursor's position.
+        keys: Vec<(SubscriptionKey, u64)>,
+        /// The smallest of their positions: where the merged read starts.
+        after: u64,
+        /// The highest number worth reading from the log (the rest is cached).
+        through: u64,
+    },
+    /// Atomically with live delivery (one hub lock): hand out the cached messages of every key
+    /// in `keys` above its position, merged in global order, and register all of them for live
+    /// delivery in the same step — or hand out a page of them; then call
+    /// [`Subscriptions::on_merged_join`].
+    JoinMerged {
+        /// The keys, each with its cursor's position.
+        keys: Vec<(SubscriptionKey, u64)>,
+    },
     /// Close the connection (the client resumes with `since`).
+    Close(Close),
+}
+
+/// What to do with a merged log page that was read ([`Action::ReadLogMerged`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergedVerdict {
+    /// Queue the page's messages of these keys (the others were unsubscribed meanwhile).
+    Deliver(Vec<SubscriptionKey>),
+    /// Drop it and close: the floor passed a cursor (see [`Close::Behind`]).
     Close(Close),
 }
 
@@ -149,8 +180,14 @@ pub enum PageVerdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pending {
     Start(SubscriptionKey),
+    /// The starts of keys resumed together.
+    StartMany(Vec<SubscriptionKey>),
     Read(SubscriptionKey),
     Join(SubscriptionKey),
+    /// A merged read of these keys over `(after, through]`.
+    ReadMerged(Vec<SubscriptionKey>, u64, u64),
+    /// A merged join of these keys.
+    JoinMerged(Vec<SubscriptionKey>),
 }
 
 /// One connection's subscriptions. See the crate docs.
@@ -158,6 +195,14 @@ enum Pending {
 pub struct Subscriptions {
     cursors: HashMap<SubscriptionKey, Cursor>,
     catching_up: VecDeque<SubscriptionKey>,
+    /// Keys resumed together that catch up as one: one merged cursor over their union, from the
+    /// smallest position, each key above its own; they join live delivery in one step.
+    merged: Vec<SubscriptionKey>,
+    /// Whether the merged catch-up moves before the single keys next time (they take turns).
+    merged_turn: bool,
+    /// How far (in numbers) the last merged page reached before its budget cut it (0: no
+    /// page cut yet): the next merged read asks for at most twice that.
+    merged_span: u64,
     pending: Option<Pending>,
     max: usize,
     closed: bool,
@@ -169,6 +214,9 @@ impl Subscriptions {
         Subscriptions {
             cursors: HashMap::new(),
             catching_up: VecDeque::new(),
+            merged: Vec::new(),
+            merged_turn: true,
+            merged_span: 0,
             pending: None,
             max,
             closed: false,
@@ -195,12 +243,21 @@ impl Subscriptions {
         self.cursors.get(key).copied()
     }
 
-    /// The key whose start is being planned.
-    pub fn starting(&self) -> Option<&SubscriptionKey> {
+    /// Whether `key`'s start is being planned (alone, or resumed with others).
+    pub fn is_starting(&self, key: &SubscriptionKey) -> bool {
         match &self.pending {
-            Some(Pending::Start(k)) => Some(k),
-            _ => None,
+            Some(Pending::Start(k)) => k == key,
+            Some(Pending::StartMany(keys)) => keys.contains(key),
+            _ => false,
         }
+    }
+
+    /// Whether a start (of one key or of several resumed together) is being planned.
+    pub fn is_starting_any(&self) -> bool {
+        matches!(
+            self.pending,
+            Some(Pending::Start(_) | Pending::StartMany(_))
+        )
     }
 
     /// A start or a log read is in flight: the connection acts only on control frames.
@@ -226,6 +283,59 @@ impl Subscriptions {
         Admit::Plan
     }
 
+    /// A `resume` of `keys` (the shell checked the token allows each): one answer per key, in
+    /// order. A key repeated in the list is [`Admit::Again`] after its first entry; keys past
+    /// the limit are [`Admit::TooMany`]. When any is [`Admit::Plan`], their starts are in flight
+    /// together: call [`Subscriptions::started_many`] (or [`Subscriptions::start_failed`]).
+    pub fn admit_many(&mut self, keys: &[SubscriptionKey]) -> Vec<Admit> {
+        let mut planned: Vec<SubscriptionKey> = Vec::new();
+        let mut seen: HashSet<&SubscriptionKey> = HashSet::with_capacity(keys.len());
+        let answers = keys
+            .iter()
+            .map(|key| {
+                if self.cursors.contains_key(key) || !seen.insert(key) {
+                    Admit::Again
+                } else if self.cursors.len() + planned.len() >= self.max {
+                    Admit::TooMany { limit: self.max }
+                } else {
+                    planned.push(key.clone());
+                    Admit::Plan
+                }
+            })
+            .collect();
+        if !planned.is_empty() {
+            self.pending = Some(Pending::StartMany(planned));
+        }
+        answers
+    }
+
+    /// The starts of keys admitted together were planned and their `resume_ack` queued: each
+    /// key catches up after its own position, all of them in one merged catch-up. Keys of the
+    /// admission missing here were not subscribed. Returns how many are new subscriptions.
+    pub fn started_many(&mut self, starts: Vec<(SubscriptionKey, u64)>) -> usize {
+        if matches!(self.pending, Some(Pending::StartMany(_))) {
+            self.pending = None;
+        }
+        let mut new = 0;
+        self.merged_span = 0;
+        let mut members: HashSet<SubscriptionKey> = self.merged.iter().cloned().collect();
+        for (key, after) in starts {
+            if self
+                .cursors
+                .insert(key.clone(), Cursor::catching_up(after))
+                .is_none()
+            {
+                new += 1;
+            }
+            if members.insert(key.clone()) {
+                self.merged.push(key);
+            }
+        }
+        // A key starts here once: none of them is in the single keys' queue.
+        self.catching_up.retain(|k| !members.contains(k));
+        new
+    }
+
     /// The start was planned and its `sub_ack` queued: `key` catches up after `after`. Returns
     /// whether the key is a new subscription.
     pub fn started(&mut self, key: SubscriptionKey, after: u64) -> bool {
@@ -245,7 +355,7 @@ impl Subscriptions {
     }
 
     fn clear_pending_start(&mut self) {
-        if matches!(self.pending, Some(Pending::Start(_))) {
+        if self.is_starting_any() {
             self.pending = None;
         }
     }
@@ -254,6 +364,7 @@ impl Subscriptions {
     /// was subscribed. A page of it in flight is dropped when it comes in.
     pub fn unsubscribe(&mut self, key: &SubscriptionKey) -> bool {
         self.catching_up.retain(|k| k != key);
+        self.merged.retain(|k| k != key);
         self.cursors.remove(key).is_some()
     }
 
@@ -273,6 +384,23 @@ impl Subscriptions {
         if self.closed || self.pending.is_some() || level.closing || !level.below_low_water {
             return None;
         }
+        // The merged catch-up and the single keys take turns.
+        let merged_first = self.merged_turn;
+        self.merged_turn = !merged_first;
+        if merged_first && let Some(action) = self.next_merged(view) {
+            return Some(action);
+        }
+        if let Some(action) = self.next_single(view) {
+            return Some(action);
+        }
+        if merged_first {
+            None
+        } else {
+            self.next_merged(view)
+        }
+    }
+
+    fn next_single(&mut self, view: View) -> Option<Action> {
         while let Some(key) = self.catching_up.pop_front() {
             let Some(cursor) = self.cursors.get_mut(&key) else {
                 continue;
@@ -302,6 +430,149 @@ impl Subscriptions {
             }
         }
         None
+    }
+
+    /// The merged catch-up's next step: close if a member fell behind the floor, a merged join
+    /// once the cache holds the rest of every member, else a merged log read from the smallest
+    /// position of the members the cache does not cover.
+    fn next_merged(&mut self, view: View) -> Option<Action> {
+        let cursors = &self.cursors;
+        self.merged.retain(|k| {
+            cursors
+                .get(k)
+                .is_some_and(|c| c.phase() == Phase::CatchingUp)
+        });
+        if self.merged.is_empty() {
+            return None;
+        }
+        let mut joins = Vec::with_capacity(self.merged.len());
+        let mut reads = Vec::new();
+        let mut through = 0;
+        for key in &self.merged {
+            let Some(cursor) = self.cursors.get_mut(key) else {
+                continue;
+            };
+            match cursor.next_step(view) {
+                Step::Behind { position, floor } => {
+                    self.closed = true;
+                    return Some(Action::Close(Close::Behind {
+                        key: key.clone(),
+                        position,
+                        floor,
+                    }));
+                }
+                Step::JoinFromCache { after } => joins.push((key.clone(), after)),
+                Step::ReadLog { after, through: t } => {
+                    through = t;
+                    reads.push((key.clone(), after));
+                }
+                Step::Idle => {}
+            }
+        }
+        if reads.is_empty() {
+            self.pending = Some(Pending::JoinMerged(
+                joins.iter().map(|(k, _)| k.clone()).collect(),
+            ));
+            return Some(Action::JoinMerged { keys: joins });
+        }
+        let after = reads.iter().map(|&(_, a)| a).min().unwrap_or(0);
+        // A page ends at its budget: reading much further than the last page reached only
+        // makes the database look at (and order) numbers the page cannot take.
+        if self.merged_span > 0 {
+            through = through.min(after.saturating_add(self.merged_span.saturating_mul(2)));
+        }
+        self.pending = Some(Pending::ReadMerged(
+            reads.iter().map(|(k, _)| k.clone()).collect(),
+            after,
+            through,
+        ));
+        Some(Action::ReadLogMerged {
+            keys: reads,
+            after,
+            through,
+        })
+    }
+
+    /// The answer to [`Action::ReadLogMerged`]: the page accounted for every message of its
+    /// keys up to `covered_through` and was read with retention floor `floor`.
+    pub fn on_merged_page(&mut self, covered_through: u64, floor: u64) -> MergedVerdict {
+        let keys = match self.pending.take() {
+            Some(Pending::ReadMerged(keys, after, through)) => {
+                // The span the budget allowed, or (not cut) room to read further next time.
+                self.merged_span = if covered_through < through {
+                    covered_through.saturating_sub(after).max(1)
+                } else {
+                    self.merged_span.saturating_mul(2)
+                };
+                keys
+            }
+            other => {
+                self.pending = other;
+                return MergedVerdict::Deliver(Vec::new());
+            }
+        };
+        let members: HashSet<&SubscriptionKey> = self.merged.iter().collect();
+        let mut kept = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !members.contains(&key) {
+                continue;
+            }
+            let Some(cursor) = self.cursors.get_mut(&key) else {
+                continue;
+            };
+            let position = cursor.position();
+            if cursor.on_log_page(covered_through, floor) == Phase::Behind {
+                self.closed = true;
+                return MergedVerdict::Close(Close::Behind {
+                    key,
+                    position,
+                    floor,
+                });
+            }
+            kept.push(key);
+        }
+        MergedVerdict::Deliver(kept)
+    }
+
+    /// [`Action::ReadLogMerged`] failed. Returns whether the connection must close (a key of it
+    /// is still subscribed). Then nothing more is planned.
+    pub fn on_merged_read_failed(&mut self) -> bool {
+        let keys = match self.pending.take() {
+            Some(Pending::ReadMerged(keys, ..)) => keys,
+            other => {
+                self.pending = other;
+                return self.closed;
+            }
+        };
+        if keys.iter().any(|k| self.cursors.contains_key(k)) {
+            self.closed = true;
+        }
+        self.closed
+    }
+
+    /// The answer to [`Action::JoinMerged`], for all its keys at once.
+    pub fn on_merged_join(&mut self, result: JoinResult) {
+        let keys = match self.pending.take() {
+            Some(Pending::JoinMerged(keys)) => keys,
+            other => {
+                self.pending = other;
+                return;
+            }
+        };
+        if result == JoinResult::Gone {
+            self.closed = true;
+            return;
+        }
+        for key in keys {
+            let Some(cursor) = self.cursors.get_mut(&key) else {
+                continue;
+            };
+            match result {
+                JoinResult::Joined { head } => cursor.on_joined(head),
+                JoinResult::Page { through } => cursor.on_cache_page(through),
+                JoinResult::NotCached | JoinResult::Gone => {}
+            }
+        }
     }
 
     /// The answer to [`Action::Join`].
@@ -384,7 +655,7 @@ mod tests {
         let (a, b) = (key("c:a"), key("c:b"));
         let mut subs = Subscriptions::new(4);
         assert_eq!(subs.admit(&a), Admit::Plan);
-        assert_eq!(subs.starting(), Some(&a));
+        assert!(subs.is_starting(&a));
         assert_eq!(
             subs.next_action(VIEW, QueueLevel::EMPTY),
             None,
@@ -461,6 +732,76 @@ mod tests {
             })
         );
         assert_eq!(subs.next_action(VIEW, QueueLevel::EMPTY), None);
+    }
+
+    #[test]
+    fn keys_resumed_together_read_one_merged_page_and_join_in_one_step() {
+        let (a, b, c) = (key("c:a"), key("c:b"), key("c:c"));
+        let mut subs = Subscriptions::new(3);
+        let answers = subs.admit_many(&[a.clone(), b.clone(), a.clone(), c.clone()]);
+        assert_eq!(
+            answers,
+            [Admit::Plan, Admit::Plan, Admit::Again, Admit::Plan]
+        );
+        assert!(subs.is_starting(&b) && subs.next_action(VIEW, QueueLevel::EMPTY).is_none());
+        assert_eq!(
+            subs.started_many(vec![(a.clone(), 40), (b.clone(), 10), (c.clone(), 95)]),
+            3
+        );
+        // One read for the keys the cache does not cover, from the smallest position.
+        assert_eq!(
+            subs.next_action(VIEW, QueueLevel::EMPTY),
+            Some(Action::ReadLogMerged {
+                keys: vec![(a.clone(), 40), (b.clone(), 10)],
+                after: 10,
+                through: 90
+            })
+        );
+        assert!(subs.is_busy());
+        subs.unsubscribe(&b);
+        assert_eq!(
+            subs.on_merged_page(90, 1),
+            MergedVerdict::Deliver(vec![a.clone()])
+        );
+        assert_eq!(
+            subs.next_action(VIEW, QueueLevel::EMPTY),
+            Some(Action::JoinMerged {
+                keys: vec![(a.clone(), 90), (c.clone(), 95)]
+            })
+        );
+        subs.on_merged_join(JoinResult::Joined { head: 100 });
+        assert_eq!(subs.cursor(&a).unwrap().phase(), Phase::Live);
+        assert_eq!(subs.cursor(&c).unwrap().phase(), Phase::Live);
+        assert_eq!(subs.next_action(VIEW, QueueLevel::EMPTY), None);
+        // Over the limit.
+        assert_eq!(
+            subs.admit_many(&[b.clone(), key("c:d")]),
+            [Admit::Plan, Admit::TooMany { limit: 3 }]
+        );
+    }
+
+    /// After a merged page that its budget cut, the next merged read asks only about twice as
+    /// far as that page reached (the database orders no numbers the page cannot take); a page
+    /// the budget did not cut lets the next read go twice as far again.
+    #[test]
+    fn a_merged_read_asks_about_as_far_as_a_page_reaches() {
+        let (a, b) = (key("c:a"), key("c:b"));
+        let mut subs = Subscriptions::new(4);
+        subs.admit_many(&[a.clone(), b.clone()]);
+        subs.started_many(vec![(a.clone(), 0), (b.clone(), 5)]);
+        let read = |subs: &mut Subscriptions| match subs.next_action(VIEW, QueueLevel::EMPTY) {
+            Some(Action::ReadLogMerged { after, through, .. }) => (after, through),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            read(&mut subs),
+            (0, 90),
+            "no page yet: up to what the cache lacks"
+        );
+        subs.on_merged_page(10, 1); // cut by the budget at 10
+        assert_eq!(read(&mut subs), (10, 30));
+        subs.on_merged_page(30, 1); // not cut: the whole range
+        assert_eq!(read(&mut subs), (30, 70));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! connections with several keys each, against a reference log, under random interleavings of
 //! publishes, subscribes (with and without `since`, planned while the log moves on), unsubscribes,
 //! live lags, log reads that race with publishes and pruning, socket stalls, disconnects,
-//! multi-key resumes and restarts.
+//! multi-key resumes (one key at a time, or several keys with different `since` in one merged
+//! catch-up) and restarts.
 //!
 //! The shell here is as thin as the server's: it performs the actions the machine returns — a
 //! log page read from the reference log (later, with whatever happened in between), a join from
@@ -15,10 +16,13 @@
 use std::collections::VecDeque;
 
 use proptest::prelude::*;
-use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
+use seqcast_delivery::{
+    Action, Admit, Close, JoinResult, MergedVerdict, PageVerdict, QueueLevel, Subscriptions,
+};
 use seqcast_protocol::SubscriptionKey;
 use seqcast_sequencing::{
-    CachedMessage, LogFacts, Phase, ReadBudget, TailCache, View, WindowLimits, resume, window_start,
+    CachedMessage, KeyPositions, LogFacts, Phase, ReadBudget, TailCache, View, WindowLimits,
+    resume, window_start,
 };
 
 const KEYS: [&str; 3] = ["c:a", "c:b", "d:a"];
@@ -43,6 +47,14 @@ enum Op {
     Read(usize, usize),
     Disconnect(usize),
     Resume(usize),
+    /// Reconnect and resume every held key in one `resume` (one merged catch-up).
+    ResumeMerged(usize),
+    /// A `resume` of the keys in `mask` on an open connection, each `backs[k]` behind the head.
+    ResumeMany {
+        conn: usize,
+        mask: u8,
+        backs: [u64; 3],
+    },
     Restart,
     Prune(u64),
 }
@@ -58,6 +70,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..CONNS, 0usize..6).prop_map(|(c, n)| Op::Read(c, n)),
         1 => (0..CONNS).prop_map(Op::Disconnect),
         1 => (0..CONNS).prop_map(Op::Resume),
+        1 => (0..CONNS).prop_map(Op::ResumeMerged),
+        2 => (0..CONNS, 1u8..8, [0u64..30, 0u64..30, 0u64..30])
+            .prop_map(|(conn, mask, backs)| Op::ResumeMany { conn, mask, backs }),
         1 => Just(Op::Restart),
         1 => (0u64..4).prop_map(Op::Prune),
     ]
@@ -66,7 +81,8 @@ fn op() -> impl Strategy<Value = Op> {
 /// What the client of one connection knows of one key's subscription.
 #[derive(Debug, Clone)]
 struct Record {
-    /// Bumped at each fresh subscribe, so frames of an earlier one are told apart.
+    /// New at each fresh subscribe (per connection, never reused, also after an unsubscribe),
+    /// so frames of an earlier subscription still queued are told apart.
     generation: u64,
     received: Vec<u64>,
     /// The first start position.
@@ -76,6 +92,9 @@ struct Record {
     /// The start position of the current connection (used when nothing was received).
     after: u64,
 }
+
+/// A merged read in flight: the keys with their positions, after, through.
+type MergedRead = (Vec<(usize, u64)>, u64, u64);
 
 #[derive(Debug)]
 struct Conn {
@@ -94,6 +113,21 @@ struct Conn {
     read_in_flight: Option<(usize, u64, u64)>,
     /// Starts planned on resume, queued while the machine is busy with another.
     resumes: VecDeque<(usize, u64)>,
+    /// The starts of keys resumed together (key, its start).
+    starts_in_flight: Option<Vec<(usize, u64)>>,
+    /// A merged read: the keys with their positions, after, through.
+    merged_read_in_flight: Option<MergedRead>,
+    /// The last number a merged catch-up queued since the last merged start: global order.
+    merged_last: u64,
+    /// The last generation handed out (see [`Record::generation`]).
+    generations: u64,
+}
+
+impl Conn {
+    fn new_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
+    }
 }
 
 struct World {
@@ -194,9 +228,7 @@ impl World {
         }
         // A fresh subscribe replaces a resume of the key not yet sent.
         self.conns[c].resumes.retain(|&(j, _)| j != k);
-        let generation = self.conns[c].records[k]
-            .as_ref()
-            .map_or(0, |r| r.generation + 1);
+        let generation = self.conns[c].new_generation();
         self.conns[c].records[k] = Some(Record {
             generation,
             received: Vec::new(),
@@ -221,7 +253,7 @@ impl World {
             return;
         };
         // A subscribe being planned keeps its place: the server defers the unsubscribe.
-        if subs.starting() == Some(&key) {
+        if subs.is_starting(&key) {
             return;
         }
         subs.unsubscribe(&key);
@@ -239,6 +271,150 @@ impl World {
         conn.start_in_flight = None;
         conn.read_in_flight = None;
         conn.resumes.clear();
+        conn.starts_in_flight = None;
+        conn.merged_read_in_flight = None;
+    }
+
+    /// A `resume` of `wanted` (key, since) on connection `c`: admitted together, each start
+    /// planned now; fresh records for keys not subscribed yet when `fresh`.
+    fn resume_keys(&mut self, c: usize, wanted: Vec<(usize, u64)>, fresh: bool) {
+        let Some(subs) = self.conns[c].subs.as_mut() else {
+            return;
+        };
+        if subs.is_busy() {
+            return;
+        }
+        let keys: Vec<SubscriptionKey> =
+            wanted.iter().map(|&(k, _)| self.keys[k].clone()).collect();
+        let answers = subs.admit_many(&keys);
+        let mut starts = Vec::new();
+        for (&(k, since), answer) in wanted.iter().zip(answers) {
+            if answer != Admit::Plan {
+                continue;
+            }
+            self.conns[c].resumes.retain(|&(j, _)| j != k);
+            if fresh {
+                let generation = self.conns[c].new_generation();
+                self.conns[c].records[k] = Some(Record {
+                    generation,
+                    received: Vec::new(),
+                    first_after: 0,
+                    told_gaps: Vec::new(),
+                    after: 0,
+                });
+            }
+            let after = self.plan_start(c, k, Some(since));
+            let r = self.conns[c].records[k].as_mut().unwrap();
+            if fresh {
+                r.told_gaps.clear();
+                r.first_after = after.max(since);
+            }
+            r.after = after;
+            starts.push((k, after));
+        }
+        if !starts.is_empty() {
+            self.conns[c].starts_in_flight = Some(starts);
+        }
+    }
+
+    fn resume_many(&mut self, c: usize, mask: u8, backs: [u64; 3]) {
+        let head = self.head();
+        let wanted = (0..KEYS.len())
+            .filter(|k| mask & (1 << k) != 0)
+            .map(|k| (k, head.saturating_sub(backs[k])))
+            .collect();
+        self.resume_keys(c, wanted, true);
+    }
+
+    /// Reconnect and resume every held key in one merged `resume`.
+    fn resume_merged(&mut self, c: usize) {
+        if self.conns[c].subs.is_some() {
+            return;
+        }
+        self.conns[c].subs = Some(Subscriptions::new(KEYS.len()));
+        let wanted = (0..KEYS.len())
+            .filter_map(|k| {
+                let r = self.conns[c].records[k].as_ref()?;
+                Some((k, r.received.last().copied().unwrap_or(r.after)))
+            })
+            .collect();
+        self.resume_keys(c, wanted, false);
+    }
+
+    /// Queue what a merged catch-up hands out, checking it keeps global order.
+    fn queue_merged(&mut self, c: usize, messages: impl IntoIterator<Item = (usize, u64)>) {
+        let conn = &mut self.conns[c];
+        for (k, seq) in messages {
+            assert!(
+                seq > conn.merged_last,
+                "merged catch-up out of global order: {seq} after {}",
+                conn.merged_last
+            );
+            conn.merged_last = seq;
+            let generation = conn.records[k].as_ref().unwrap().generation;
+            conn.queue.push_back((k, generation, seq));
+        }
+    }
+
+    /// Under "the hub lock": every key's cached rest merged in global order (or a page of it),
+    /// and all of them registered for live delivery in one step.
+    fn join_merged(&mut self, c: usize, keys: &[(SubscriptionKey, u64)]) -> JoinResult {
+        let positions = KeyPositions::new(keys.iter().cloned());
+        if !self.view().cache_covers(positions.min_after()) {
+            return JoinResult::NotCached;
+        }
+        let head = self.cache.head();
+        let pages = ReadBudget {
+            max_events: self.page,
+            max_bytes: usize::MAX,
+        };
+        let page = self.cache.merged_page(&positions, pages, |_| MSG_BYTES);
+        let taken: Vec<(usize, u64)> = page
+            .items
+            .iter()
+            .map(|m| (self.key_index(&m.key), m.frame))
+            .collect();
+        let covered = page.covered_through;
+        self.queue_merged(c, taken);
+        if covered < head {
+            return JoinResult::Page { through: covered };
+        }
+        let ks: Vec<usize> = keys.iter().map(|(key, _)| self.key_index(key)).collect();
+        let conn = &mut self.conns[c];
+        for k in ks {
+            conn.lags.retain(|&(j, _)| j != k);
+            if !conn.live.contains(&k) {
+                conn.live.push(k);
+            }
+        }
+        JoinResult::Joined { head }
+    }
+
+    /// A merged log page read now: the keys' messages above each one's position, in order.
+    fn exec_merged_read(&mut self, c: usize, keys: Vec<(usize, u64)>, after: u64, through: u64) {
+        let floor = self.floor;
+        let mut events = Vec::new();
+        let mut covered = through;
+        for seq in (after + 1).max(floor)..=through {
+            let owner = self.log[seq as usize - 1];
+            if keys.iter().any(|&(k, pos)| k == owner && seq > pos) {
+                if events.len() == self.page {
+                    covered = events.last().map_or(after, |&(_, s)| s);
+                    break;
+                }
+                events.push((owner, seq));
+            }
+        }
+        let subs = self.conns[c].subs.as_mut().unwrap();
+        match subs.on_merged_page(covered, floor) {
+            MergedVerdict::Deliver(kept) => {
+                let kept: Vec<usize> = kept.iter().map(|k| self.key_index(k)).collect();
+                let events = events.into_iter().filter(|(k, _)| kept.contains(k));
+                let events: Vec<_> = events.collect();
+                self.queue_merged(c, events);
+            }
+            MergedVerdict::Close(_) => self.disconnect(c),
+        }
     }
 
     /// Reconnect and resubscribe every key the client holds, each with `since`.
@@ -302,6 +478,19 @@ impl World {
                     self.conns[c].read_in_flight = Some((k, after, through));
                     return;
                 }
+                Action::ReadLogMerged {
+                    keys,
+                    after,
+                    through,
+                } => {
+                    let keys = keys.iter().map(|(k, a)| (self.key_index(k), *a)).collect();
+                    self.conns[c].merged_read_in_flight = Some((keys, after, through));
+                    return;
+                }
+                Action::JoinMerged { keys } => {
+                    let result = self.join_merged(c, &keys);
+                    self.conns[c].subs.as_mut().unwrap().on_merged_join(result);
+                }
                 Action::Join { key, after } => {
                     let k = self.key_index(&key);
                     let result = self.join(c, k, after);
@@ -347,6 +536,20 @@ impl World {
     }
 
     fn exec(&mut self, c: usize) {
+        if let Some(starts) = self.conns[c].starts_in_flight.take() {
+            let starts = starts
+                .into_iter()
+                .map(|(k, after)| (self.keys[k].clone(), after))
+                .collect();
+            self.conns[c].subs.as_mut().unwrap().started_many(starts);
+            self.conns[c].merged_last = 0;
+            self.next_resume(c);
+            return;
+        }
+        if let Some((keys, after, through)) = self.conns[c].merged_read_in_flight.take() {
+            self.exec_merged_read(c, keys, after, through);
+            return;
+        }
         if let Some((k, after)) = self.conns[c].start_in_flight.take() {
             let subs = self.conns[c].subs.as_mut().unwrap();
             subs.started(self.keys[k].clone(), after);
@@ -420,7 +623,11 @@ impl World {
                 self.read(c, usize::MAX);
                 self.step(c);
                 let conn = &self.conns[c];
-                if conn.start_in_flight.is_some() || conn.read_in_flight.is_some() {
+                if conn.start_in_flight.is_some()
+                    || conn.read_in_flight.is_some()
+                    || conn.starts_in_flight.is_some()
+                    || conn.merged_read_in_flight.is_some()
+                {
                     busy = true;
                     self.exec(c);
                 }
@@ -468,6 +675,10 @@ proptest! {
                     start_in_flight: None,
                     read_in_flight: None,
                     resumes: VecDeque::new(),
+                    starts_in_flight: None,
+                    merged_read_in_flight: None,
+                    merged_last: 0,
+                    generations: 0,
                 })
                 .collect(),
             capacity,
@@ -485,6 +696,8 @@ proptest! {
                 Op::Read(c, n) => w.read(c, n),
                 Op::Disconnect(c) => w.disconnect(c),
                 Op::Resume(c) => w.resume_conn(c),
+                Op::ResumeMerged(c) => w.resume_merged(c),
+                Op::ResumeMany { conn, mask, backs } => w.resume_many(conn, mask, backs),
                 Op::Restart => w.restart(),
                 Op::Prune(n) => w.prune(n),
             }

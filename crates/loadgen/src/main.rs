@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use seqcast_loadgen::scenarios::{
-    catchup, connections, fanout, publish, recovery, slowconsumer, sse, store, storm, tokens,
-    wspublish,
+    catchup, connections, fanout, publish, recovery, resume, slowconsumer, sse, store, storm,
+    tokens, wspublish,
 };
 use seqcast_loadgen::{Target, mint_token, mint_token_with};
 use seqcast_persistence::Synchronous;
@@ -191,6 +191,19 @@ enum Scenario {
         live: usize,
         /// Seconds between publishing and subscribing (lets the WAL checkpoint of the burst finish
         /// outside the measured catch-up).
+        #[arg(long, default_value_t = 1.0)]
+        settle_secs: f64,
+        #[arg(long, default_value_t = 60.0)]
+        deadline_secs: f64,
+    },
+    /// K keys miss M messages; one `resume` of all K against K `subscribe` frames with `since`.
+    Resume {
+        #[command(flatten)]
+        server: Server,
+        #[arg(long, default_value_t = 500)]
+        keys: usize,
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
         #[arg(long, default_value_t = 1.0)]
         settle_secs: f64,
         #[arg(long, default_value_t = 60.0)]
@@ -423,6 +436,21 @@ fn main() -> anyhow::Result<()> {
                     deadline: secs(deadline_secs),
                 };
                 catchup::run(&server.target()?, &args).await
+            }
+            Scenario::Resume {
+                server,
+                keys,
+                messages,
+                settle_secs,
+                deadline_secs,
+            } => {
+                let args = resume::ResumeArgs {
+                    keys,
+                    messages,
+                    settle: secs(settle_secs),
+                    deadline: secs(deadline_secs),
+                };
+                resume::run(&server.target()?, &args).await
             }
             Scenario::Storm {
                 server,

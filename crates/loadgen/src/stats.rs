@@ -229,6 +229,23 @@ impl CpuMeter {
     }
 }
 
+/// The server's CPU seconds over a measured interval: its threads' run time (ns precision,
+/// [`thread_cpu_seconds`] read `before` and `after`) where /proc has it, else the process's
+/// 10 ms ticks from `cpu` (None below two ticks: too coarse to divide by). Also returns the
+/// ticks' figure.
+pub fn server_cpu_seconds(
+    before: Option<f64>,
+    after: Option<f64>,
+    cpu: &CpuUse,
+) -> (Option<f64>, Option<f64>) {
+    let ticks_s = cpu.server_cores.map(|c| c * cpu.wall_seconds);
+    let seconds = match (before, after) {
+        (Some(a), Some(b)) if b >= a => Some(b - a),
+        _ => ticks_s.filter(|s| *s >= 0.02),
+    };
+    (seconds, ticks_s)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -27,6 +27,9 @@ use crate::event::{
 };
 use crate::health::WriterHealth;
 
+/// Events per step of the default [`EventReader::visit_keys_page`] walk.
+const MERGED_CHUNK: usize = 1_000;
+
 /// The future a writer method returns: boxed, so the traits are `dyn`-compatible and the server
 /// holds a store as `Arc<dyn EventWriter>` / `Arc<dyn EventReader>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -221,6 +224,58 @@ pub trait EventReader: Send + Sync + std::fmt::Debug + 'static {
             covered_through: page.covered_through,
             floor: page.floor,
         })
+    }
+
+    /// Keys read together (keys resumed in one `resume`): the events of every key `keys[i].0`
+    /// numbered in `(keys[i].1, through]` — each key above its own position — merged in global
+    /// order, starting at the smallest position, handed to `visit` with the key's index in
+    /// `keys`. The same bounds, budgets and floor as [`EventReader::visit_key_page`], relative to
+    /// the smallest position: `covered_through` is the last event's number when `limit` or
+    /// `max_bytes` cut the page, else `through`; every wanted event up to it was visited.
+    ///
+    /// This default walks the log from the smallest position in chunks, keeping the keys'
+    /// events (the in-memory log); SQLite and PostgreSQL override it with one statement per
+    /// page over the per-stream index.
+    fn visit_keys_page(
+        &self,
+        keys: &[(SubscriptionKey, u64)],
+        through: u64,
+        limit: usize,
+        max_bytes: usize,
+        visit: &mut dyn FnMut(usize, EventRef<'_>),
+    ) -> Result<PageBounds, StoreError> {
+        let index: std::collections::HashMap<&SubscriptionKey, usize> =
+            keys.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
+        let mut from = keys.iter().map(|&(_, a)| a).min().unwrap_or(through);
+        let mut budget = crate::event::ReadBudget::new(limit.max(1), max_bytes);
+        let mut floor = 0;
+        loop {
+            let page = self.page(&EventFilter::All, from, through, MERGED_CHUNK, max_bytes)?;
+            floor = floor.max(page.floor);
+            for ev in &page.events {
+                let Some(&i) = index.get(&ev.key) else {
+                    continue;
+                };
+                if ev.sequence_number <= keys[i].1 {
+                    continue;
+                }
+                budget.take(ev.read_bytes());
+                visit(i, ev.into());
+                if budget.is_spent() {
+                    return Ok(PageBounds {
+                        covered_through: ev.sequence_number,
+                        floor,
+                    });
+                }
+            }
+            if page.covered_through >= through {
+                return Ok(PageBounds {
+                    covered_through: through,
+                    floor,
+                });
+            }
+            from = page.covered_through;
+        }
     }
 
     /// The smallest retained sequence number whose timestamp is >= `min_timestamp_ms`, or None

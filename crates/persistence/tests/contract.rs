@@ -724,6 +724,76 @@ async fn visiting_a_key_page_matches_page(backend: impl Backend) {
     writer.close().await;
 }
 
+/// `visit_keys_page` hands out the events of several keys, each above its own position, merged
+/// in global order — exactly what `page(All)` filtered that way holds — with the bounds of a
+/// key page (cut by the limit or the bytes at its last event, else `through`), for unknown keys,
+/// and with the floor after a prune.
+async fn visiting_keys_merges_them_in_global_order(backend: impl Backend) {
+    let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
+    append_each(&writer, &TEN).await;
+    let head = reader.head().unwrap();
+    let check = |keys: &[(&str, u64)], through: u64, limit: usize, max_bytes: usize| {
+        let keys: Vec<_> = keys.iter().map(|&(k, a)| (key(k), a)).collect();
+        let mut seen = Vec::new();
+        let bounds = reader
+            .visit_keys_page(&keys, through, limit, max_bytes, &mut |i, ev| {
+                seen.push(ev.to_committed(&keys[i].0));
+            })
+            .unwrap();
+        let after = keys.iter().map(|&(_, a)| a).min().unwrap();
+        let all = reader
+            .page(&EventFilter::All, after, through, 100, usize::MAX)
+            .unwrap();
+        let wanted: Vec<CommittedEvent> = all
+            .events
+            .into_iter()
+            .filter(|e| {
+                keys.iter()
+                    .any(|(k, a)| *k == e.key && e.sequence_number > *a)
+            })
+            .filter(|e| e.sequence_number <= bounds.covered_through)
+            .collect();
+        assert_eq!(seen, wanted, "{keys:?} through {through} limit {limit}");
+        assert_eq!(bounds.floor, all.floor);
+        (numbers(&seen), bounds.covered_through)
+    };
+    // c:a: 1 3 5 8 10; c:b: 2 6; d:a: 4 7 9.
+    assert_eq!(
+        check(
+            &[("c:a", 4), ("c:b", 0), ("x:none", 0)],
+            head,
+            100,
+            usize::MAX
+        ),
+        (vec![2, 5, 6, 8, 10], head)
+    );
+    assert_eq!(
+        check(&[("c:a", 4), ("c:b", 0), ("d:a", 7)], head, 3, usize::MAX),
+        (vec![2, 5, 6], 6),
+        "the limit cuts at the last event"
+    );
+    assert_eq!(
+        check(&[("c:a", 0), ("d:a", 0)], 7, 100, usize::MAX),
+        (vec![1, 3, 4, 5, 7], 7)
+    );
+    // Each event weighs about its data and id (a few bytes): two fit in 4.
+    assert_eq!(
+        check(&[("c:a", 0), ("d:a", 0)], head, 100, 4),
+        (vec![1, 3], 3),
+        "the bytes cut at the event that reaches them"
+    );
+    assert_eq!(
+        check(&[("c:a", 9), ("c:b", 9)], 9, 10, usize::MAX),
+        (vec![], 9)
+    );
+    writer.prune(5, 100).await.unwrap();
+    assert_eq!(
+        check(&[("c:a", 0), ("d:a", 6)], head, 100, usize::MAX),
+        (vec![5, 7, 8, 9, 10], head)
+    );
+    writer.close().await;
+}
+
 /// `count_key` and `nth_newest_of_key` answer from one key's events only.
 async fn key_counts_and_nth_newest(backend: impl Backend) {
     let (writer, reader, _) = backend.open(Box::new(|_| Ok(())));
@@ -1216,6 +1286,12 @@ macro_rules! contract_tests {
             async fn visiting_a_key_page_matches_page() {
                 let Some(backend) = $backend else { return };
                 super::visiting_a_key_page_matches_page(backend).await;
+            }
+
+            #[tokio::test]
+            async fn visiting_keys_merges_them_in_global_order() {
+                let Some(backend) = $backend else { return };
+                super::visiting_keys_merges_them_in_global_order(backend).await;
             }
 
             #[tokio::test]

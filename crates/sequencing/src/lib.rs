@@ -39,6 +39,7 @@
 
 mod budget;
 mod cursor;
+mod merged;
 mod replay;
 mod tail;
 
@@ -47,5 +48,6 @@ pub use cursor::{
     Cursor, LogFacts, Phase, Resume, Step, View, WindowLimits, cached_window_start, resume,
     window_start,
 };
+pub use merged::KeyPositions;
 pub use replay::{Replay, ReplayStep};
 pub use tail::{CachedMessage, ENTRY_OVERHEAD_BYTES, GapError, KEY_OVERHEAD_BYTES, TailCache};

@@ -141,25 +141,80 @@ pub async fn plan_start(
     epoch: Option<&str>,
     now_ms: u64,
 ) -> Result<Start, ApiError> {
-    let mut head = app.hub.head();
-    let mut told = None;
-    if let Some(since) = since {
-        let resumed = plan_resume(app, since, epoch, now_ms).await?;
-        head = resumed.head;
-        if let Some(after) = resumed.verdict.start() {
-            return Ok(Start {
-                after,
-                head,
-                recovered: Some(resumed.verdict.recovered()),
-                oldest_sequence: resumed.verdict.oldest_sequence(),
-                drained: 0,
-                expired: 0,
-                overflow: 0,
-            });
+    match since {
+        Some(since) => {
+            let resumed = plan_resume(app, since, epoch, now_ms).await?;
+            start_of(app, key, resumed, now_ms).await
         }
-        // Another history's number means nothing here: start like a late subscriber.
-        told = Some(resumed.window_start.min(head + 1));
+        None => backlog_start(app, key, app.hub.head(), None, now_ms).await,
     }
+}
+
+/// Where a resume of `key` starts, given the verdict on its `since`.
+pub async fn start_of(
+    app: &AppState,
+    key: &SubscriptionKey,
+    resumed: Resumed,
+    now_ms: u64,
+) -> Result<Start, ApiError> {
+    let head = resumed.head;
+    if let Some(after) = resumed.verdict.start() {
+        return Ok(Start {
+            after,
+            head,
+            recovered: Some(resumed.verdict.recovered()),
+            oldest_sequence: resumed.verdict.oldest_sequence(),
+            drained: 0,
+            expired: 0,
+            overflow: 0,
+        });
+    }
+    // Another history's number means nothing here: start like a late subscriber.
+    let told = resumed.window_start.min(head + 1);
+    backlog_start(app, key, head, Some(told), now_ms).await
+}
+
+/// Where a key resumed with others starts: its verdict, or why it could not be planned.
+pub type KeyStart = Result<Start, ApiError>;
+
+/// Decide where each of `keys` (with its `since`, all from `epoch`) starts: a `resume` of many
+/// keys. Each distinct `since` is judged once ([`plan_resume`]); the verdicts are in the order
+/// of `keys`, with the head the last judgment was made at (the `resume_ack`'s `head`). A key
+/// whose start could not be read fails alone.
+pub async fn plan_resume_many(
+    app: &AppState,
+    keys: &[(SubscriptionKey, u64)],
+    epoch: Option<&str>,
+    now_ms: u64,
+) -> Result<(Vec<KeyStart>, u64), ApiError> {
+    let mut judged: std::collections::BTreeMap<u64, Resumed> = std::collections::BTreeMap::new();
+    for &(_, since) in keys {
+        if let std::collections::btree_map::Entry::Vacant(slot) = judged.entry(since) {
+            slot.insert(plan_resume(app, since, epoch, now_ms).await?);
+        }
+    }
+    let head = judged
+        .values()
+        .map(|r| r.head)
+        .max()
+        .unwrap_or_else(|| app.hub.head());
+    let mut starts = Vec::with_capacity(keys.len());
+    for (key, since) in keys {
+        let resumed = judged[since];
+        starts.push(start_of(app, key, resumed, now_ms).await);
+    }
+    Ok((starts, head))
+}
+
+/// A late subscriber's start at `head`: the backlog of `key` (`told`: the `oldest_sequence`
+/// told with `recovered: false`, for a `since` of another history).
+async fn backlog_start(
+    app: &AppState,
+    key: &SubscriptionKey,
+    head: u64,
+    told: Option<u64>,
+    now_ms: u64,
+) -> Result<Start, ApiError> {
     let limits = app.settings.backlog;
     let hub_floor = app.hub.retention_floor();
     let key = key.clone();
@@ -194,6 +249,52 @@ pub async fn plan_start(
         expired,
         overflow,
     })
+}
+
+/// A merged page of keys resumed together: their messages above each one's position, in
+/// global order, each with its key's index.
+#[derive(Debug)]
+pub struct MergedPage {
+    /// (index of the key, frame), in order.
+    pub frames: Vec<(usize, Frame)>,
+    /// Every wanted message up to this was handed out.
+    pub covered_through: u64,
+    /// The retention floor the page was read with.
+    pub floor: u64,
+}
+
+/// One merged page of the log for `keys` (each above its own position) in
+/// `(smallest position, through]` under `budget`, read with the retention floor in one read
+/// transaction (one statement on SQLite, see `EventReader::visit_keys_page`).
+pub async fn read_keys_page(
+    app: &AppState,
+    keys: Vec<(SubscriptionKey, u64)>,
+    through: u64,
+    budget: ReadBudget,
+) -> Result<MergedPage, ApiError> {
+    let after = keys.iter().map(|&(_, a)| a).min().unwrap_or(through);
+    app.store
+        .read(move |r| {
+            let mut read = Vec::new();
+            let bounds = r.visit_keys_page(
+                &keys,
+                through,
+                budget.max_events,
+                budget.max_bytes,
+                &mut |i, ev| {
+                    read.push((ev.sequence_number, (i, Hub::frame_of_row(&keys[i].0, &ev))));
+                },
+            )?;
+            let page = budget
+                .fill()
+                .page(after, bounds.covered_through, read, |(_, f)| frame_bytes(f));
+            Ok(MergedPage {
+                frames: page.items,
+                covered_through: page.covered_through,
+                floor: bounds.floor,
+            })
+        })
+        .await
 }
 
 /// One page of `key`'s log in `(after, through]` under `budget`, read with the retention floor

@@ -29,12 +29,15 @@ use std::time::Instant;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{FutureExt as _, SinkExt, StreamExt as _};
 use seqcast_protocol::{
-    AuthOk, ClientFrame, Connected, ErrorFrame, PublishAck, PublishRef, ServerFrame, SessionId,
-    SubscriptionKey, decode_client_frame, encode_publish_ack, encode_server_frame,
+    AuthOk, ClientFrame, Connected, ErrorDetail, ErrorFrame, PublishAck, PublishRef, Resume,
+    ResumeAck, ResumeEntry, ResumeResult, ServerFrame, SessionId, SubscriptionKey,
+    decode_client_frame, encode_publish_ack, encode_server_frame,
 };
 
-use seqcast_delivery::{Action, Admit, Close, JoinResult, PageVerdict, QueueLevel, Subscriptions};
-use seqcast_sequencing::ReadBudget;
+use seqcast_delivery::{
+    Action, Admit, Close, JoinResult, MergedVerdict, PageVerdict, QueueLevel, Subscriptions,
+};
+use seqcast_sequencing::{KeyPositions, ReadBudget};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 
 use crate::auth::{Grant, random_hex};
@@ -462,9 +465,9 @@ fn acts_under_pressure(
             nothing_deferred && !above_high_water
         }
         Incoming::Frame(ClientFrame::Auth(_)) => true,
-        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && subs.starting().is_none(),
+        Incoming::Frame(ClientFrame::Ping) => nothing_deferred && !subs.is_starting_any(),
         Incoming::Frame(ClientFrame::Unsubscribe(u)) => {
-            nothing_deferred && subs.starting() != Some(&u.key())
+            nothing_deferred && !subs.is_starting(&u.key())
         }
         _ => false,
     }
@@ -484,6 +487,25 @@ enum JobDone {
         key: SubscriptionKey,
         result: Result<Arc<SharedPage>, ApiError>,
     },
+    /// Where the keys of a `resume` start was decided (or could not be).
+    Resumed {
+        resume: PlannedResume,
+        result: Result<(Vec<catchup::KeyStart>, u64), ApiError>,
+    },
+    /// A merged page of keys resumed together was read.
+    MergedPage {
+        keys: Vec<(SubscriptionKey, u64)>,
+        result: Result<catchup::MergedPage, ApiError>,
+    },
+}
+
+/// A `resume` whose keys' starts are being planned: the verdicts known already (refusals,
+/// repeats) and, for the rest, which entry each planned key answers.
+struct PlannedResume {
+    /// One slot per entry, in the order asked; `None` until its start is planned.
+    results: Vec<Option<ResumeResult>>,
+    /// The planned keys, each with its entry's index and `since`.
+    planned: Vec<(usize, SubscriptionKey, u64)>,
 }
 
 async fn poll_job(job: &mut Option<Job>) -> JobDone {
@@ -811,20 +833,49 @@ fn advance(
                     .metrics
                     .catchup_lag
                     .observe(view.head.saturating_sub(after) as f64);
-                let result = match app
-                    .hub
-                    .join_from_cache(sub, &key, after, page, info.history)
-                {
-                    Join::Joined { head, .. } => JoinResult::Joined { head },
-                    Join::Page { through, .. } => JoinResult::Page { through },
-                    Join::NotCached => JoinResult::NotCached,
-                    Join::Gone => JoinResult::Gone,
-                };
+                let result =
+                    join_result(
+                        app.hub
+                            .join_from_cache(sub, &key, after, page, info.history),
+                    );
                 subs.on_join(&key, result);
                 if result == JoinResult::Gone {
                     history_changed(app, sub, info);
                     return None;
                 }
+            }
+            Action::JoinMerged { keys } => {
+                let positions = KeyPositions::new(keys);
+                app.hub
+                    .metrics
+                    .catchup_lag
+                    .observe(view.head.saturating_sub(positions.min_after()) as f64);
+                let result = join_result(app.hub.join_merged_from_cache(
+                    sub,
+                    &positions,
+                    page,
+                    info.history,
+                ));
+                subs.on_merged_join(result);
+                if result == JoinResult::Gone {
+                    history_changed(app, sub, info);
+                    return None;
+                }
+            }
+            Action::ReadLogMerged {
+                keys,
+                after,
+                through,
+            } => {
+                app.hub
+                    .metrics
+                    .catchup_lag
+                    .observe(view.head.saturating_sub(after) as f64);
+                let app = Arc::clone(app);
+                return Some(Box::pin(async move {
+                    let result = catchup::read_keys_page(&app, keys.clone(), through, page).await;
+                    JobDone::MergedPage { keys, result }
+                }));
             }
             Action::ReadLog {
                 key,
@@ -843,6 +894,16 @@ fn advance(
                 }));
             }
         }
+    }
+}
+
+/// The hub's join as [`Subscriptions`] takes it.
+fn join_result(join: Join) -> JoinResult {
+    match join {
+        Join::Joined { head, .. } => JoinResult::Joined { head },
+        Join::Page { through, .. } => JoinResult::Page { through },
+        Join::NotCached => JoinResult::NotCached,
+        Join::Gone => JoinResult::Gone,
     }
 }
 
@@ -881,6 +942,10 @@ fn on_job_done(
             JobDone::Started { .. } => subs.start_failed(),
             JobDone::Page { key, .. } => {
                 subs.on_read_failed(&key);
+            }
+            JobDone::Resumed { .. } => subs.start_failed(),
+            JobDone::MergedPage { .. } => {
+                subs.on_merged_read_failed();
             }
         }
         return;
@@ -945,6 +1010,57 @@ fn on_job_done(
                 // Unsubscribed while the page was read: nothing to catch up, nothing to close.
                 if subs.on_read_failed(&key) {
                     tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read the log to catch a subscriber up");
+                    sub.close(CloseReason::LogUnavailable);
+                }
+            }
+        },
+        JobDone::Resumed { mut resume, result } => {
+            // An `auth` read while the starts were planned may have narrowed the token.
+            let mut result = result;
+            let narrowed: Vec<usize> = resume
+                .planned
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, key, _))| !grant.allows(key))
+                .map(|(n, _)| n)
+                .collect();
+            for &n in narrowed.iter().rev() {
+                let (i, key, _) = resume.planned.remove(n);
+                let e = ApiError::Forbidden(format!("the refreshed token may not read {key}"));
+                resume.results[i] = Some(refused(app, sub, Some(key), &e));
+                if let Ok((starts, _)) = result.as_mut() {
+                    let _ = starts.remove(n);
+                }
+            }
+            finish_resume(app, sub, info, subs, resume, result);
+        }
+        JobDone::MergedPage { keys, result } => match result {
+            Ok(page) => match subs.on_merged_page(page.covered_through, page.floor) {
+                MergedVerdict::Close(Close::Behind {
+                    key,
+                    position,
+                    floor,
+                }) => close_behind(app, sub, info, &key, position, floor),
+                MergedVerdict::Deliver(kept) => {
+                    Metrics::inc(&app.hub.metrics.catchup_pages);
+                    // Keys unsubscribed while the page was read are left out.
+                    let kept: std::collections::HashSet<&SubscriptionKey> = kept.iter().collect();
+                    let wanted: Vec<bool> = keys.iter().map(|(k, _)| kept.contains(k)).collect();
+                    let frames: Vec<Frame> = page
+                        .frames
+                        .into_iter()
+                        .filter(|(i, _)| wanted[*i])
+                        .map(|(_, f)| f)
+                        .collect();
+                    let n = frames.len() as u64;
+                    if sub.push(frames) {
+                        Metrics::add(&app.hub.metrics.deliveries, n);
+                    }
+                }
+            },
+            Err(e) => {
+                if subs.on_merged_read_failed() {
+                    tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, keys = keys.len(), error = %e, "could not read the log to catch resumed keys up");
                     sub.close(CloseReason::LogUnavailable);
                 }
             }
@@ -1081,12 +1197,181 @@ fn on_frame(
             &ApiError::BadRequest("already connected: hello is only the first frame".into()),
         ),
         ClientFrame::Auth(a) => refresh_token(app, sub, grant, info, subs, &a.token),
-        ClientFrame::Resume(_) => reply_error(
+        ClientFrame::Resume(r) => start_resume(app, r, sub, grant, info, subs, job),
+    }
+}
+
+/// `resume`: judge every entry alone (a bad entry, a key the token may not read, a key over the
+/// subscription limit are refused in their verdicts; a key already subscribed is acknowledged,
+/// nothing replayed), then plan the rest's starts together as the job: `resume_ack` follows
+/// once they are planned ([`finish_resume`]), and their catch-up is one merged cursor.
+fn start_resume(
+    app: &Arc<AppState>,
+    resume: Resume,
+    sub: &Arc<Subscriber>,
+    grant: &Grant,
+    info: &ConnInfo,
+    subs: &mut Subscriptions,
+    job: &mut Option<Job>,
+) {
+    let mut results: Vec<Option<ResumeResult>> = Vec::with_capacity(resume.subscriptions.len());
+    let mut candidates: Vec<(usize, SubscriptionKey, u64)> = Vec::new();
+    for (i, entry) in resume.subscriptions.into_iter().enumerate() {
+        match entry {
+            ResumeEntry::Invalid(bad) => {
+                let e = ApiError::from(bad.error);
+                results.push(Some(refused(app, sub, bad.key, &e)));
+            }
+            ResumeEntry::Key(k) => {
+                let key = k.key();
+                if grant.allows(&key) {
+                    candidates.push((i, key, k.since));
+                    results.push(None);
+                } else {
+                    let e = ApiError::Forbidden(format!("token may not read {key}"));
+                    results.push(Some(refused(app, sub, Some(key), &e)));
+                }
+            }
+        }
+    }
+    let keys: Vec<SubscriptionKey> = candidates.iter().map(|(_, k, _)| k.clone()).collect();
+    let answers = subs.admit_many(&keys);
+    let mut planned = Vec::new();
+    for ((i, key, since), answer) in candidates.into_iter().zip(answers) {
+        match answer {
+            Admit::Plan => planned.push((i, key, since)),
+            // Already subscribed (or named twice): its delivery goes on, nothing replayed.
+            Admit::Again => {
+                results[i] = Some(ResumeResult::Resumed {
+                    subscription_key: key,
+                    recovered: true,
+                    oldest_sequence: None,
+                    already_subscribed: true,
+                });
+            }
+            Admit::TooMany { limit } => {
+                let e = ApiError::BadRequest(format!(
+                    "too many subscriptions on this connection (limit {limit}); unsubscribe first"
+                ));
+                results[i] = Some(refused(app, sub, Some(key), &e));
+            }
+        }
+    }
+    let resume_plan = PlannedResume { results, planned };
+    if resume_plan.planned.is_empty() {
+        finish_resume(
             app,
             sub,
-            &ApiError::BadRequest("resume is not served yet: subscribe with since".into()),
-        ),
+            info,
+            subs,
+            resume_plan,
+            Ok((Vec::new(), app.hub.head())),
+        );
+        return;
     }
+    let app = Arc::clone(app);
+    let epoch = resume.epoch;
+    *job = Some(Box::pin(async move {
+        let keys: Vec<(SubscriptionKey, u64)> = resume_plan
+            .planned
+            .iter()
+            .map(|(_, k, since)| (k.clone(), *since))
+            .collect();
+        let result = catchup::plan_resume_many(&app, &keys, epoch.as_deref(), now_ms()).await;
+        JobDone::Resumed {
+            resume: resume_plan,
+            result,
+        }
+    }));
+}
+
+/// A key refused alone in a `resume_ack` (counted like any refusal).
+fn refused(
+    app: &AppState,
+    sub: &Subscriber,
+    key: Option<SubscriptionKey>,
+    e: &ApiError,
+) -> ResumeResult {
+    count_error(app, sub, e);
+    ResumeResult::Refused {
+        subscription_key: key,
+        error: ErrorDetail {
+            code: e.code(),
+            message: e.message().to_owned(),
+        },
+    }
+}
+
+/// The starts of a `resume` were planned (`result`): queue its `resume_ack` and subscribe the
+/// keys that start, all in one merged catch-up.
+fn finish_resume(
+    app: &AppState,
+    sub: &Arc<Subscriber>,
+    info: &ConnInfo,
+    subs: &mut Subscriptions,
+    resume: PlannedResume,
+    result: Result<(Vec<catchup::KeyStart>, u64), ApiError>,
+) {
+    let PlannedResume {
+        mut results,
+        planned,
+    } = resume;
+    let (starts, head) = match result {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(event = "resume_failed", client_id = %info.client_id, keys = planned.len(), error = %e, "could not read where the resumed keys start");
+            let failed = planned.iter().map(|_| Err(e.clone())).collect();
+            (failed, app.hub.head())
+        }
+    };
+    let mut started = Vec::new();
+    let mut not_recovered = 0usize;
+    for ((i, key, _), start) in planned.into_iter().zip(starts) {
+        results[i] = Some(match start {
+            Ok(start) => {
+                let recovered = start.recovered.unwrap_or(true);
+                if !recovered {
+                    not_recovered += 1;
+                }
+                started.push((key.clone(), start.after));
+                ResumeResult::Resumed {
+                    subscription_key: key,
+                    recovered,
+                    oldest_sequence: start.oldest_sequence,
+                    already_subscribed: false,
+                }
+            }
+            Err(e) => refused(app, sub, Some(key), &e),
+        });
+    }
+    let results: Vec<ResumeResult> = results.into_iter().flatten().collect();
+    let refused_count = results
+        .iter()
+        .filter(|r| matches!(r, ResumeResult::Refused { .. }))
+        .count();
+    let ack = ServerFrame::ResumeAck(ResumeAck {
+        results,
+        head,
+        epoch: app.hub.epoch(),
+    });
+    let resumed = started.len();
+    if !sub.push_one(Utf8Bytes::from(encode_server_frame(&ack))) {
+        subs.start_failed();
+        return;
+    }
+    let new = subs.started_many(started);
+    app.hub.metrics.subscriptions.inc_by(new as i64);
+    tracing::info!(
+        event = "resume",
+        client_id = %info.client_id,
+        keys = resumed + refused_count,
+        resumed,
+        recovered = resumed - not_recovered,
+        not_recovered,
+        refused = refused_count,
+        head,
+        "resumed keys in one merged catch-up"
+    );
 }
 
 /// `auth`: a fresh token for the same user replaces the connection's; keys it no longer allows
@@ -1255,6 +1540,12 @@ fn log_subscribe(
 }
 
 fn reply_error(app: &AppState, sub: &Subscriber, e: &ApiError) {
+    count_error(app, sub, e);
+    sub.push_one(error_frame(e));
+}
+
+/// Count (and log) an error the connection answers.
+fn count_error(app: &AppState, sub: &Subscriber, e: &ApiError) {
     app.hub.metrics.error(
         e.code(),
         Transport::ws,
@@ -1262,7 +1553,6 @@ fn reply_error(app: &AppState, sub: &Subscriber, e: &ApiError) {
         format!("client {}", sub.client_id),
         e.message(),
     );
-    sub.push_one(error_frame(e));
 }
 
 fn error_frame(e: &ApiError) -> Utf8Bytes {

@@ -23,7 +23,9 @@ use seqcast_persistence::{CommittedEvent, EventRef};
 use seqcast_protocol::{
     MessageRef, ServerFrame, SubAck, SubscriptionKey, encode_message_ref, encode_server_frame,
 };
-use seqcast_sequencing::{CachedMessage, GapError, ReadBudget, TailCache, View};
+use seqcast_sequencing::{
+    CachedMessage, GapError, KeyPositions, Page, ReadBudget, TailCache, View,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
@@ -278,6 +280,20 @@ pub enum Join {
     NotCached,
     /// The connection is closing, or its cursor belongs to an older history.
     Gone,
+}
+
+/// Under the hub lock: register `sub` for live delivery of `key` (a join's last step).
+fn register_live(state: &mut HubState, sub: &Arc<Subscriber>, key: &SubscriptionKey) {
+    // A lag of this key still waiting to be read belongs to an earlier subscription of it
+    // (lags are recorded under this lock, and only for live subscribers): drop it.
+    sub.lagged
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(k, _)| k != key);
+    let subs = state.live.entry(key.clone()).or_default();
+    if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
+        subs.push(Arc::clone(sub));
+    }
 }
 
 /// A failure that must stop the process: serving on would hide a hole.
@@ -648,6 +664,39 @@ impl Hub {
         budget: ReadBudget,
         history: u64,
     ) -> Join {
+        self.join_under_lock(sub, after, history, std::iter::once(key), |cache| {
+            cache.key_page(key, after, budget, |m| frame_bytes(&m.frame))
+        })
+    }
+
+    /// [`Hub::join_from_cache`] for keys resumed together, under one hub lock: if the cache
+    /// holds everything of every key after its own position, queue their cached rest merged in
+    /// global order and register `sub` for live delivery of all of them in the same step —
+    /// unless it is more than one page under `budget`, then queue a page and stay out.
+    pub fn join_merged_from_cache(
+        &self,
+        sub: &Arc<Subscriber>,
+        keys: &KeyPositions,
+        budget: ReadBudget,
+        history: u64,
+    ) -> Join {
+        let registered = keys.iter().map(|(k, _)| k);
+        self.join_under_lock(sub, keys.min_after(), history, registered, |cache| {
+            cache.merged_page(keys, budget, |m| frame_bytes(&m.frame))
+        })
+    }
+
+    /// A join's one step under the hub lock: unless the history moved or the cache no longer
+    /// covers `after`, queue the page `take` gives and, when it reached the head, register `sub`
+    /// for live delivery of `keys`.
+    fn join_under_lock<'k>(
+        &self,
+        sub: &Arc<Subscriber>,
+        after: u64,
+        history: u64,
+        keys: impl Iterator<Item = &'k SubscriptionKey>,
+        take: impl FnOnce(&TailCache<Frame>) -> Page<&CachedMessage<Frame>>,
+    ) -> Join {
         let mut state = self.lock();
         // Under the lock that `move_to_history` holds: a cursor of an older history never joins
         // (or takes the cached rest of) this one.
@@ -659,9 +708,7 @@ impl Hub {
             return Join::NotCached;
         }
         let head = state.cache.head();
-        let page = state
-            .cache
-            .key_page(key, after, budget, |m| frame_bytes(&m.frame));
+        let page = take(&state.cache);
         let sent = page.items.len();
         if !sub.push(page.items.iter().map(|m| m.frame.clone())) {
             return Join::Gone;
@@ -673,15 +720,8 @@ impl Hub {
                 sent,
             };
         }
-        // A lag of this key still waiting to be read belongs to an earlier subscription of it
-        // (lags are recorded under this lock, and only for live subscribers): drop it.
-        sub.lagged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(k, _)| k != key);
-        let subs = state.live.entry(key.clone()).or_default();
-        if !subs.iter().any(|s| Arc::ptr_eq(s, sub)) {
-            subs.push(Arc::clone(sub));
+        for key in keys {
+            register_live(&mut state, sub, key);
         }
         Join::Joined { head, sent }
     }

@@ -15,7 +15,7 @@ use super::{head, publish_many, run_id};
 use crate::Target;
 use crate::check::StreamCheck;
 use crate::http::HttpConn;
-use crate::stats::{CpuMeter, thread_cpu_seconds};
+use crate::stats::{CpuMeter, server_cpu_seconds, thread_cpu_seconds};
 use crate::ws;
 
 /// Catch-up parameters.
@@ -144,13 +144,7 @@ pub async fn run(target: &Target, args: &CatchupArgs) -> anyhow::Result<Value> {
             check.received, check.last_stream, check.violations, check.problems
         ));
     }
-    // The server's CPU over the catch-up: its threads' run time (ns precision) where /proc
-    // has it, else the process's 10 ms ticks (None below two ticks: too coarse to divide by).
-    let ticks_s = cpu_use.server_cores.map(|c| c * cpu_use.wall_seconds);
-    let server_cpu_s = match (threads_before, threads_after) {
-        (Some(a), Some(b)) if b >= a => Some(b - a),
-        _ => ticks_s.filter(|s| *s >= 0.02),
-    };
+    let (server_cpu_s, ticks_s) = server_cpu_seconds(threads_before, threads_after, &cpu_use);
     let caught = check.received.min(n) as f64;
     let _ = c.close(None).await;
     Ok(json!({

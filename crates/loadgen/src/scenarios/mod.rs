@@ -6,6 +6,7 @@ pub mod connections;
 pub mod fanout;
 pub mod publish;
 pub mod recovery;
+pub mod resume;
 pub mod slowconsumer;
 pub mod sse;
 pub mod store;

@@ -395,6 +395,93 @@ impl EventReader for PgReader {
         })
     }
 
+    /// One statement: the keys as arrays (`unnest … WITH ORDINALITY` gives each its index),
+    /// each stream's events above its own position through the per-stream index, the first
+    /// `limit` of all of them in order, cut at the byte budget as `page` is, with the floor.
+    fn visit_keys_page(
+        &self,
+        keys: &[(SubscriptionKey, u64)],
+        through: u64,
+        limit: usize,
+        max_bytes: usize,
+        visit: &mut dyn FnMut(usize, crate::EventRef<'_>),
+    ) -> Result<crate::PageBounds, StoreError> {
+        let limit = limit.max(1);
+        let budget = ReadBudget::new(limit, max_bytes);
+        let mut params = Params(Vec::new());
+        let channels: Vec<String> = keys
+            .iter()
+            .map(|(k, _)| k.channel().as_str().to_owned())
+            .collect();
+        let request_ids: Vec<String> = keys
+            .iter()
+            .map(|(k, _)| k.request_id().as_str().to_owned())
+            .collect();
+        let positions: Vec<i64> = keys.iter().map(|&(_, a)| pg_int(a)).collect();
+        let (c, r, p) = (
+            params.push(channels),
+            params.push(request_ids),
+            params.push(positions),
+        );
+        let (t, l) = (params.push(pg_int(through)), params.push(limit_of(limit)));
+        let max = params.push(limit_of(max_bytes.max(1)));
+        let inner = format!(
+            "SELECT k.idx, {EVENT_COLUMNS}, {} \
+             FROM unnest({c}::text[], {r}::text[], {p}::bigint[]) WITH ORDINALITY \
+                  AS k(channel, request_id, after, idx) \
+             JOIN seqcast.streams ks ON ks.channel = k.channel AND ks.request_id = k.request_id \
+             JOIN seqcast.events e ON e.stream_id = ks.stream_id \
+              AND e.sequence_number > GREATEST(k.after, f.floor - 1) \
+              AND e.sequence_number <= {t} \
+             {EVENT_JOIN} \
+             ORDER BY e.sequence_number LIMIT {l}",
+            read_estimate("e.message_id")
+        );
+        let sql = format!(
+            "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
+                 {}) x ON true \
+             WHERE f.id = 1",
+            within_budget(&inner, "sequence_number", &max)
+        );
+        let rows = self.rows_within(sql, params, budget, |row| {
+            match row.get::<_, Option<i64>>(1) {
+                Some(_) => Take::Event(read_bytes(row.get(8), row.get(6))),
+                None => Take::NotEvent,
+            }
+        })?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Corrupt(
+                "seqcast.retention has no row".to_owned(),
+            ));
+        };
+        let floor = pg_u64(first.get(0), "retention floor")?;
+        let (mut taken, mut bytes, mut last) = (0usize, 0usize, 0u64);
+        for row in &rows {
+            let Some(idx) = row.get::<_, Option<i64>>(1) else {
+                continue;
+            };
+            let index = usize::try_from(idx - 1)
+                .ok()
+                .filter(|&i| i < keys.len())
+                .ok_or_else(|| StoreError::Corrupt(format!("merged read: key index {idx}")))?;
+            let ev = event_from_row(row, 2)?;
+            taken += 1;
+            bytes += ev.read_bytes();
+            last = ev.sequence_number;
+            visit(index, (&ev).into());
+        }
+        // Cut by the count or the bytes (the bytes are counted as in `rows_within`).
+        let covered_through = if taken > 0 && (taken >= limit || bytes >= max_bytes) {
+            last
+        } else {
+            through
+        };
+        Ok(crate::PageBounds {
+            covered_through,
+            floor,
+        })
+    }
+
     fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
         let min = pg_int(min_timestamp_ms);
         self.run(move |client| async move {

@@ -270,6 +270,69 @@ impl EventReader for DbReader {
         })
     }
 
+    fn visit_keys_page(
+        &self,
+        keys: &[(SubscriptionKey, u64)],
+        through: u64,
+        limit: usize,
+        max_bytes: usize,
+        visit: &mut dyn FnMut(usize, EventRef<'_>),
+    ) -> Result<PageBounds, StoreError> {
+        let after = keys.iter().map(|&(_, a)| a).min().unwrap_or(through);
+        // The keys as one JSON parameter: [[channel, request_id, position], …] (names need no
+        // escaping: their grammars hold no character JSON escapes).
+        let mut list = String::with_capacity(keys.len() * 48 + 2);
+        list.push('[');
+        for (i, (key, position)) in keys.iter().enumerate() {
+            if i > 0 {
+                list.push(',');
+            }
+            list.push_str(&format!(
+                "[\"{}\",\"{}\",{}]",
+                key.channel().as_str(),
+                key.request_id().as_str(),
+                sql_int(*position)
+            ));
+        }
+        list.push(']');
+        self.with_connection(|conn| {
+            in_read_transaction(conn, |conn| {
+                let bounds = PageRange::of(conn, after, through, limit)?;
+                let mut budget = ReadBudget::new(bounds.limit, max_bytes);
+                let mut last = 0;
+                if let Some((from_i, through_i, limit_i)) = bounds.sql() {
+                    let mut stmt = conn.prepare_cached(PAGE_OF_STREAMS)?;
+                    let mut rows = stmt.query(params![list, from_i, through_i, limit_i])?;
+                    while budget.has_room() {
+                        let Some(row) = rows.next()? else { break };
+                        let index: i64 = row.get(0)?;
+                        let index = usize::try_from(index)
+                            .ok()
+                            .filter(|&i| i < keys.len())
+                            .ok_or_else(|| {
+                                StoreError::Corrupt(format!("merged read: key index {index}"))
+                            })?;
+                        let sequence_number = stored_u64(row.get(1)?, "sequence_number")?;
+                        let ev = EventRef {
+                            sequence_number,
+                            stream_sequence: stored_u64(row.get(2)?, "stream_sequence")?,
+                            message_id: MessageIdRef::parse(str_at(row, 3)?).map_err(|e| {
+                                StoreError::Corrupt(format!("stored message_id: {e}"))
+                            })?,
+                            timestamp_ms: stored_u64(row.get(4)?, "timestamp_ms")?,
+                            data: str_at(row, 5)?,
+                            replaced: row.get(6)?,
+                        };
+                        budget.take(ev.read_bytes());
+                        visit(index, ev);
+                        last = sequence_number;
+                    }
+                }
+                Ok(bounds.covered(&budget, last))
+            })
+        })
+    }
+
     // Binary search over numbers: `first_from(x)` is one primary-key seek, and its timestamp
     // never decreases as `x` grows, so ~log2(head) seeks find the answer.
     fn first_at_or_after(&self, min_timestamp_ms: u64) -> Result<Option<u64>, StoreError> {
@@ -378,6 +441,25 @@ const PAGE_OF_STREAM: &str = "SELECT e.sequence_number, e.stream_sequence, e.mes
      FROM events e INDEXED BY events_by_stream \
      WHERE e.stream_id = ?1 AND e.sequence_number > ?2 AND e.sequence_number <= ?3 \
      ORDER BY e.sequence_number LIMIT ?4";
+/// One page of several streams, each above its own position (`?1`: a JSON array of
+/// `[channel, request_id, position]`), merged in global order, in one statement: each key's
+/// stream is found by its unique (channel, request_id) index, its numbers in `(position, ?3]`
+/// by the per-stream index (index only: no row data is read to order them), the first `?4` of
+/// all of them are picked in order, and only those rows are read, by primary key, as the
+/// caller steps.
+pub(crate) const PAGE_OF_STREAMS: &str = "WITH k(stream_id, after, idx) AS ( \
+         SELECT s.stream_id, max(j.value ->> 2, ?2), j.key \
+         FROM json_each(?1) j JOIN streams s \
+           ON s.channel = j.value ->> 0 AND s.request_id = j.value ->> 1), \
+     picked(seq, idx) AS ( \
+         SELECT p.sequence_number, k.idx FROM k CROSS JOIN events p INDEXED BY events_by_stream \
+         WHERE p.stream_id = k.stream_id AND p.sequence_number > k.after \
+           AND p.sequence_number <= ?3 \
+         ORDER BY p.sequence_number LIMIT ?4) \
+     SELECT picked.idx, e.sequence_number, e.stream_sequence, e.message_id, e.timestamp_ms, \
+            e.data, e.replaced \
+     FROM picked CROSS JOIN events e ON e.sequence_number = picked.seq \
+     ORDER BY picked.seq";
 const PAGE_CHANNEL: &str = "WHERE s.channel = ?4 \
        AND e.sequence_number > ?1 AND e.sequence_number <= ?2 \
      ORDER BY e.sequence_number LIMIT ?3";
@@ -668,6 +750,69 @@ mod tests {
              WHERE stream_id = ?1 AND sequence_number > ?2 AND sequence_number <= ?3",
         );
         assert!(count.contains("COVERING INDEX events_by_stream"), "{count}");
+    }
+
+    /// A merged read of many keys is one statement: each key found by the streams' unique
+    /// index, its numbers by the per-stream index (index only, to order them), and only the
+    /// picked rows read by primary key — never a walk of the log, never a sort of row data.
+    #[test]
+    fn a_merged_read_uses_the_indexes_in_one_statement() {
+        use crate::{DbWriter, EventWriter, NewEvent, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("merged.db");
+        let (writer, _) = DbWriter::open(StoreConfig::new(&path), Box::new(|_| Ok(()))).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let events: Vec<NewEvent> = (0..2_000)
+            .map(|i| NewEvent {
+                key: SubscriptionKey::parse(&format!("c:k{}", i % 400)).unwrap(),
+                message_id: seqcast_protocol::MessageId::new(format!("m{i}")).unwrap(),
+                data: format!("{i}"),
+            })
+            .collect();
+        rt.block_on(writer.append(events)).unwrap();
+        rt.block_on(writer.close());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("ANALYZE").unwrap();
+        let steps = plan(&conn, PAGE_OF_STREAMS);
+        assert!(
+            steps.contains("INDEX sqlite_autoindex_streams_1"),
+            "{steps}"
+        );
+        assert!(steps.contains("COVERING INDEX events_by_stream"), "{steps}");
+        assert!(
+            steps.contains("SEARCH e USING INTEGER PRIMARY KEY"),
+            "{steps}"
+        );
+        let lines: Vec<&str> = steps.lines().collect();
+        assert!(
+            !lines.iter().any(|l| *l == "SCAN p" || *l == "SCAN e"),
+            "{steps}"
+        );
+        // The one sort orders (number, key) pairs inside `picked`, before any row data is read.
+        let sort = lines.iter().position(|l| l.contains("TEMP B-TREE"));
+        let outer = lines.iter().position(|l| *l == "SCAN picked");
+        assert!(
+            sort < outer && lines.iter().filter(|l| l.contains("TEMP B-TREE")).count() == 1,
+            "{steps}"
+        );
+        // 300 keys, one statement: every key's events after its own position, in order.
+        let reader = DbReader::open(&path).unwrap();
+        let keys: Vec<_> = (0..300)
+            .map(|i| (SubscriptionKey::parse(&format!("c:k{i}")).unwrap(), i))
+            .collect();
+        let mut seen = Vec::new();
+        let bounds = reader
+            .visit_keys_page(&keys, 2_000, 5_000, usize::MAX, &mut |i, ev| {
+                assert!(ev.sequence_number > keys[i].1);
+                seen.push(ev.sequence_number);
+            })
+            .unwrap();
+        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        // Key k{i} has events i+1, i+401, …: 5 each, minus those at or below its position i.
+        assert_eq!(seen.len(), 300 * 5);
+        assert_eq!(bounds.covered_through, 2_000);
     }
     /// The byte budget stops the SQL cursor; it does not read on and drop: a row past the budget
     /// that cannot be decoded (a negative timestamp written behind the store's back) is never
