@@ -37,20 +37,13 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
 const BROWSER_DEADLINE: Duration = Duration::from_secs(240);
 const NPM_DEADLINE: Duration = Duration::from_secs(600);
 
-/// Run the client tests, then the real-browser test. Returns the parts that could not run
-/// (`part: why`); an empty list means everything ran and passed.
-pub fn run(root: &Path) -> Result<Vec<String>> {
+/// Restore the npm packages the suites import from the lockfile (`npm ci`) when one is missing.
+/// `cargo xtask ci` runs this before the Rust tests too: an e2e test reads SSE with Node's
+/// `eventsource`. Without Node it does nothing (the parts that need it say so themselves).
+pub fn restore_node_packages(root: &Path) -> Result<()> {
     let dir = root.join("tests").join("browser");
-    let bin = server_binary(root)?;
-
     if !command_works("node", &["--version"]) {
-        warn(
-            "SKIPPED: the JavaScript client and real-browser tests need Node.js 20+ (`node` not found)",
-        );
-        return Ok(vec![
-            "js client: node not installed".into(),
-            "browser: node not installed".into(),
-        ]);
+        return Ok(());
     }
     let missing: Vec<&str> = NODE_PACKAGES
         .iter()
@@ -70,6 +63,25 @@ pub fn run(root: &Path) -> Result<Vec<String>> {
             NPM_DEADLINE,
         )?;
     }
+    Ok(())
+}
+
+/// Run the client tests, then the real-browser test. Returns the parts that could not run
+/// (`part: why`); an empty list means everything ran and passed.
+pub fn run(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("tests").join("browser");
+    let bin = server_binary(root)?;
+
+    if !command_works("node", &["--version"]) {
+        warn(
+            "SKIPPED: the JavaScript client and real-browser tests need Node.js 20+ (`node` not found)",
+        );
+        return Ok(vec![
+            "js client: node not installed".into(),
+            "browser: node not installed".into(),
+        ]);
+    }
+    restore_node_packages(root)?;
 
     for suite in NODE_SUITES {
         eprintln!("browser: {suite} against {}", bin.display());
