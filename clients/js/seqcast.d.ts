@@ -29,11 +29,13 @@ export interface MessageMeta {
   /** Published before the current connection opened: a backlog drain or a resume replay. */
   replayed: boolean;
   subscriptionKey: string;
+  /** The transport that carried it. */
+  transport: Transport;
 }
 
-/** The server's `connected` frame. */
+/** The server's `connected` frame (over SSE, before any socket: `clientId` null, `head` 0). */
 export interface ConnectionInfo {
-  clientId: string;
+  clientId: string | null;
   sessionId: string;
   connectionSequence: number;
   /** Latest sequence number when the connection opened. */
@@ -41,10 +43,16 @@ export interface ConnectionInfo {
   epoch: string | null;
 }
 
+/**
+ * The `recovered: false` event: the server could not replay everything of this key after the
+ * position the client had. Emitted once per key and incident, over either transport; re-fetch the
+ * key's state (e.g. `GET /api/streams/{channel}/{request_id}/messages`).
+ */
 export interface GapEvent {
   channel: string;
   requestId: string;
   subscriptionKey: string;
+  recovered: false;
   /** The position the client asked to resume from (null for a fresh subscription). */
   since: number | null;
   /** Oldest sequence number the server still had, if it said. */
@@ -53,6 +61,8 @@ export interface GapEvent {
   previousEpoch: string | null;
   /** 'window': history no longer reaches back to `since + 1`; 'epoch': the store was replaced. */
   reason: 'window' | 'epoch';
+  /** Which transport told: a `sub_ack`/`resume_ack` on the socket, or an SSE `reset`. */
+  transport: Transport;
 }
 
 export interface SubscribedEvent {
@@ -61,9 +71,11 @@ export interface SubscribedEvent {
   subscriptionKey: string;
   /** Backlog messages that follow the ack. */
   drained: number;
-  /** For a resumed subscription: whether the server could replay everything after `since`. */
+  /** For a resumed subscription: whether the server could replay everything after `since` (null over SSE, where a `gap` says it). */
   recovered: boolean | null;
   epoch: string | null;
+  /** The transport that now follows the key. */
+  transport: Transport;
 }
 
 export interface DisconnectedEvent {
@@ -77,8 +89,13 @@ export interface DisconnectedEvent {
 
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
 
+/** What carries the messages: the WebSocket, or the Server-Sent Events stream while WebSocket fails. */
+export type Transport = 'websocket' | 'sse';
+
 export interface SeqcastClientEvents {
   state: (state: ConnectionState, detail: { delayMs?: number }) => void;
+  /** The transport changed (to 'sse' after failed WebSocket attempts, back to 'websocket' after a hand-over or when the stream fails). */
+  transport: (transport: Transport, detail: { reason: string }) => void;
   connected: (info: ConnectionInfo) => void;
   disconnected: (event: DisconnectedEvent) => void;
   subscribed: (event: SubscribedEvent) => void;
@@ -105,6 +122,18 @@ export interface Backoff {
 /** A JWT, or a function that returns one; called on every (re)connect and recovery request. */
 export type TokenSource = string | (() => string | undefined | Promise<string | undefined>);
 
+/** The Server-Sent Events fallback (`GET /events` read with `fetch`). */
+export interface FallbackOptions {
+  /** WebSocket attempts in a row that never reached `connected` before the stream takes over (default 3). */
+  afterFailures?: number;
+  /** While on SSE, a WebSocket is tried after a random 50–100 % of this (default 30000). */
+  probeMs?: number;
+  /** The event-stream endpoint, relative to `httpUrl` (default `/events`). */
+  path?: string;
+  /** No byte (not even a heartbeat comment) for this long ends the stream (default 2 × `heartbeatMs`). */
+  stallMs?: number;
+}
+
 export interface SeqcastClientOptions {
   /** WebSocket URL, e.g. `wss://push.example.com/ws`; in a page defaults to this host's `/ws`. */
   url?: string;
@@ -125,6 +154,10 @@ export interface SeqcastClientOptions {
   heartbeatMs?: number;
   /** Give up on a connection the server has not accepted in this time (default 10000). */
   connectTimeoutMs?: number;
+  /** Reconnect with one `resume` frame for all keys (default true); false: one `subscribe` per key. */
+  resume?: boolean;
+  /** The SSE fallback's settings, or false to never leave WebSocket. */
+  fallback?: FallbackOptions | false;
 }
 
 export interface SubscribeOptions {
@@ -201,14 +234,39 @@ export declare class SessionCounter {
 
 export declare class SeqcastError extends Error {
   constructor(code: string, message: string, details?: Record<string, unknown>);
-  /** A server error code (`bad_request`, `unauthorized`, `forbidden`, …) or a client one (`token`, `socket`, `recovery`, `closed`, `http_NNN`). */
+  /** A server error code (`bad_request`, `unauthorized`, `forbidden`, …) or a client one (`token`, `socket`, `sse`, `bad_stream`, `recovery`, `closed`, `http_NNN`). */
   code: string;
+  /** The HTTP status, for errors of HTTP calls. */
   status?: number;
+  /** The key a `resume` refused alone. */
+  subscriptionKey?: string;
+}
+
+/** One event of a `text/event-stream`. */
+export interface SseEvent {
+  /** The `event` field, `message` when absent. */
+  event: string;
+  /** The `data` lines, joined with `\n`. */
+  data: string;
+  /** The last `id` seen up to this event. */
+  id: string;
+}
+
+/** Incremental `text/event-stream` parser: feed text in chunks cut anywhere. */
+export declare class SseParser {
+  /** The latest `id` field seen. */
+  lastEventId: string;
+  /** The latest `retry` field (ms), or null. */
+  retry: number | null;
+  /** Returns the events the chunk completed. Throws a SeqcastError `bad_stream` past a 16 Mi-character line. */
+  push(text: string): SseEvent[];
 }
 
 export declare class SeqcastClient {
   constructor(options?: SeqcastClientOptions);
   readonly state: ConnectionState;
+  /** 'websocket', or 'sse' while the event stream carries the messages. */
+  readonly transport: Transport;
   readonly sessionId: string;
   readonly connectionSequence: number;
   readonly connection: ConnectionInfo | null;

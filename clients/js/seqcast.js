@@ -1,12 +1,14 @@
 // seqcast browser client: one WebSocket to a seqcast server, reconnecting on its own.
 //
-// Boundary: this module speaks the wire protocol of docs/protocol.md: the WebSocket `/ws` and the
-// recovery endpoint `GET /websocket/messages`; it has no dependencies and works wherever a
-// WebSocket constructor exists (browsers; Node with the `ws` package passed as the `WebSocket`
-// option).
+// Boundary: this module speaks the wire protocol of docs/protocol.md: the WebSocket `/ws`, the
+// recovery endpoint `GET /websocket/messages`, and — where WebSocket connections keep failing —
+// the Server-Sent Events stream `GET /events` read with `fetch` (publishing then goes to
+// `POST /api/publish`); it has no dependencies and works wherever a WebSocket constructor exists
+// (browsers; Node with the `ws` package passed as the `WebSocket` option).
 // Invariant: per subscription key, the application sees every message at most once and in
-// strictly increasing `sequence_number` order; whatever the server says it could not replay is
-// reported as a `gap` event, never hidden.
+// strictly increasing `sequence_number` order, whichever transport carried it and across every
+// switch between them; whatever the server says it could not replay is reported as a `gap`
+// event (`recovered: false`), never hidden.
 
 /** Channel names: never contain `:`. */
 export const CHANNEL_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
@@ -16,7 +18,12 @@ export const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 export const RECONNECT_CLOSE_CODE = 4000;
 
 const DEFAULT_BACKOFF = Object.freeze({ initialMs: 500, maxMs: 30_000 });
+const DEFAULT_FALLBACK = Object.freeze({ afterFailures: 3, probeMs: 30_000, path: '/events' });
 const MAX_RECOVERY_PAGES = 1_000;
+/** Keys per `resume` frame: the server's default `--max-subscriptions`. */
+const MAX_RESUME_KEYS = 1_000;
+/** The longest SSE line the parser holds (a message is at most 1 MiB of JSON by default). */
+const MAX_SSE_LINE_CHARS = 16 * 1024 * 1024;
 
 /**
  * Delay before reconnect attempt number `attempt` (0 for the first retry): capped exponential
@@ -112,6 +119,72 @@ export class SeqcastError extends Error {
   }
 }
 
+/**
+ * An incremental parser of a `text/event-stream` body (the WHATWG rules): feed it text as it
+ * arrives, in chunks cut anywhere, and it returns the events each chunk completes. Lines end with
+ * LF, CRLF or CR (also when a CRLF is split between chunks); `:` lines are comments; `data` lines
+ * of one event are joined with LF; an event without data is not dispatched; `id` persists.
+ */
+export class SseParser {
+  #line = '';
+  #event = '';
+  #data = [];
+  #afterCR = false;
+  #started = false;
+  /** The latest `id` field seen (sent back as `Last-Event-ID`). */
+  lastEventId = '';
+  /** The latest `retry` field, in ms, or null. */
+  retry = null;
+
+  /** Feed decoded text; returns `[{event, data, id}]` for the events it completed. */
+  push(text) {
+    const out = [];
+    let s = String(text);
+    if (!this.#started && s.length > 0) {
+      this.#started = true;
+      if (s.charCodeAt(0) === 0xfeff) s = s.slice(1); // a leading BOM is not part of the stream
+    }
+    let start = 0;
+    if (this.#afterCR && s.charCodeAt(0) === 10) start = 1; // the LF of a CRLF split across chunks
+    this.#afterCR = false;
+    for (let i = start; i < s.length; i++) {
+      const c = s.charCodeAt(i);
+      if (c !== 10 && c !== 13) continue;
+      this.#takeLine(this.#line + s.slice(start, i), out);
+      this.#line = '';
+      if (c === 13) {
+        if (i + 1 === s.length) this.#afterCR = true;
+        else if (s.charCodeAt(i + 1) === 10) i++;
+      }
+      start = i + 1;
+    }
+    this.#line += s.slice(start);
+    if (this.#line.length > MAX_SSE_LINE_CHARS) {
+      this.#line = '';
+      throw new SeqcastError('bad_stream', `an event-stream line longer than ${MAX_SSE_LINE_CHARS} characters`);
+    }
+    return out;
+  }
+
+  #takeLine(line, out) {
+    if (line === '') {
+      if (this.#data.length > 0) out.push({ event: this.#event || 'message', data: this.#data.join('\n'), id: this.lastEventId });
+      this.#data = [];
+      this.#event = '';
+      return;
+    }
+    if (line.charCodeAt(0) === 58) return; // ':' — a comment (the server's heartbeat)
+    const colon = line.indexOf(':');
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? '' : line.slice(colon + 1);
+    if (value.charCodeAt(0) === 32) value = value.slice(1);
+    if (field === 'data') this.#data.push(value);
+    else if (field === 'event') this.#event = value;
+    else if (field === 'id' && !value.includes('\0')) this.lastEventId = value;
+    else if (field === 'retry' && /^[0-9]+$/.test(value)) this.retry = Number(value);
+  }
+}
+
 function reportListenerError(err) {
   // A broken listener must not break delivery to the others, nor stay silent.
   if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
@@ -162,6 +235,9 @@ export class SeqcastClient {
   #heartbeatMs;
   #connectTimeoutMs;
   #session;
+  #useResume;
+  /** The SSE fallback's settings, or null when it is off. */
+  #fallback;
 
   #state = 'idle';
   #ws = null;
@@ -184,6 +260,16 @@ export class SeqcastClient {
   #idPrefix = `js${Math.floor(Math.random() * 2 ** 48).toString(16).padStart(12, '0')}`;
   #nextId = 1;
   #stats = { delivered: 0, duplicatesDropped: 0, gaps: 0, reconnects: 0 };
+  /** WebSocket attempts in a row that never reached `connected`. */
+  #wsFailures = 0;
+  /** The current socket got `connected` (frames other than `hello` may go). */
+  #wsReady = false;
+  /** `resume` frames sent on the current socket and not answered yet: their keys. */
+  #pendingResumes = [];
+  /** The SSE stream while it is the transport (a WebSocket is then only a probe), else null. */
+  #sse = null;
+  #probeTimer = null;
+  #httpPublishing = false;
 
   constructor(options = {}) {
     this.#url = options.url ?? defaultUrl();
@@ -200,6 +286,16 @@ export class SeqcastClient {
     this.#heartbeatMs = options.heartbeatMs ?? 25_000;
     this.#connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     this.#session = new SessionCounter(options.storage ?? defaultStorage(), options.storagePrefix ?? 'seqcast');
+    this.#useResume = options.resume ?? true;
+    this.#fallback = options.fallback === false ? null : { ...DEFAULT_FALLBACK, ...(options.fallback ?? {}) };
+  }
+
+  /**
+   * 'websocket', or 'sse' while WebSocket connections fail and the Server-Sent Events stream
+   * carries the messages (a WebSocket is probed now and then, and taken back without a gap).
+   */
+  get transport() {
+    return this.#sse ? 'sse' : 'websocket';
   }
 
   /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
@@ -243,11 +339,11 @@ export class SeqcastClient {
       subscriptionKey: s.key,
       lastSequence: s.lastSeq,
       epoch: s.epoch,
-      active: s.acked && !s.buffer,
+      active: (this.#sse ? s.sseActive : s.acked) && !s.buffer,
     }));
   }
 
-  /** Listen to 'state', 'connected', 'disconnected', 'subscribed', 'message', 'gap' or 'error'. Returns a function that stops listening. */
+  /** Listen to 'state', 'transport', 'connected', 'disconnected', 'subscribed', 'message', 'gap', 'error' or 'token_refreshed'. Returns a function that stops listening. */
   on(event, listener) {
     let set = this.#listeners.get(event);
     if (!set) this.#listeners.set(event, (set = new Set()));
@@ -265,6 +361,7 @@ export class SeqcastClient {
    * frame's contents once the server accepted the hello; rejects if `close()` comes first.
    */
   connect() {
+    if (this.#state === 'open' && this.#sse) return Promise.resolve(this.#connectionInfo());
     if (this.#state === 'open' && this.#info) return Promise.resolve(this.#info);
     const ready = new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }));
     if (this.#state !== 'connecting') {
@@ -303,9 +400,11 @@ export class SeqcastClient {
         ackHead: 0,
         buffer: null,
         recoveryToken: 0,
+        sseActive: false,
       };
       this.#subs.set(key, sub);
-      if (this.#state === 'open') this.#sendSubscribe(sub);
+      if (this.#sse) this.#restartSse();
+      if (this.#wsReady) this.#sendSubscribe(sub);
     }
     const handler = typeof onMessage === 'function' ? onMessage : null;
     if (handler) sub.handlers.add(handler);
@@ -329,7 +428,8 @@ export class SeqcastClient {
     if (!sub) return false;
     this.#subs.delete(key);
     sub.recoveryToken++;
-    if (this.#state === 'open') this.#send({ type: 'unsubscribe', channel, request_id: requestId });
+    if (this.#sse) this.#restartSse();
+    if (this.#wsReady) this.#send({ type: 'unsubscribe', channel, request_id: requestId });
     return true;
   }
 
@@ -352,9 +452,11 @@ export class SeqcastClient {
     const ref = this.#nextRef++;
     // Encoded once: a re-send after a reconnect is byte for byte the same message.
     const text = JSON.stringify({ type: 'publish', ref, channel, request_id: requestId, data, message_id: messageId });
+    const body = JSON.stringify({ channel, request_id: requestId, data, message_id: messageId });
     return new Promise((resolve, reject) => {
-      this.#publishes.set(ref, { text, resolve, reject });
-      if (this.#state === 'open') this.#sendText(text);
+      this.#publishes.set(ref, { text, body, resolve, reject });
+      if (this.#sse) this.#publishOverHttp();
+      else if (this.#state === 'open') this.#sendText(text);
     });
   }
 
@@ -372,6 +474,7 @@ export class SeqcastClient {
   close() {
     this.#generation++;
     this.#clearReconnectTimer();
+    this.#stopSse();
     const ws = this.#ws;
     this.#teardownSocket();
     if (ws) this.#closeSocket(ws, 1000, 'client closed');
@@ -445,14 +548,17 @@ export class SeqcastClient {
 
   async #open() {
     const generation = ++this.#generation;
-    this.#setState('connecting');
+    // While the SSE stream carries the messages, a WebSocket attempt is a probe: the state
+    // stays what the stream makes it.
+    if (!this.#sse) this.#setState('connecting');
     let token;
     try {
       token = await this.#token();
     } catch (err) {
       if (generation !== this.#generation) return;
       this.#emit('error', new SeqcastError('token', `token provider failed: ${err?.message ?? err}`, { cause: err }));
-      this.#scheduleReconnect();
+      if (this.#sse) this.#scheduleProbe();
+      else this.#scheduleReconnect();
       return;
     }
     if (generation !== this.#generation) return; // closed or reopened while the token was coming
@@ -461,7 +567,7 @@ export class SeqcastClient {
       ws = new this.#WebSocket(this.#url);
     } catch (err) {
       this.#emit('error', new SeqcastError('socket', `cannot open ${this.#url}: ${err?.message ?? err}`, { cause: err }));
-      this.#scheduleReconnect();
+      this.#webSocketFailed();
       return;
     }
     this.#ws = ws;
@@ -495,21 +601,55 @@ export class SeqcastClient {
 
   /** The socket is gone (or given up on): forget it and plan the reconnect. */
   #lostConnection(ws, code, reason, downMs, alreadyClosed = false) {
-    const wasOpen = this.#state === 'open';
+    const wasOpen = this.#wsReady;
     const connectionSequence = this.#wsConnectionSequence;
     this.#teardownSocket();
     if (!alreadyClosed) this.#abort(ws, code, reason);
+    if (this.#sse) {
+      // A probe (or a hand-over back from SSE) that did not work out: the stream goes on.
+      for (const sub of this.#subs.values()) sub.acked = false;
+      if (wasOpen) this.#emit('disconnected', { code, reason, connectionSequence, wasOpen });
+      this.#scheduleProbe();
+      return;
+    }
     for (const sub of this.#subs.values()) this.#resetForReconnect(sub);
     // A refused token arrives as an `error` frame before the close (4001); the provider gets
     // another chance on the next attempt.
     this.#emit('disconnected', { code, reason, connectionSequence, wasOpen });
-    this.#scheduleReconnect(downMs);
+    if (wasOpen || downMs != null) {
+      this.#wsFailures = 0;
+      this.#scheduleReconnect(downMs);
+    } else {
+      this.#webSocketFailed();
+    }
+  }
+
+  /**
+   * A WebSocket attempt never reached `connected`. After `fallback.afterFailures` of them in a
+   * row the messages come over Server-Sent Events instead (a proxy or network that lets HTTP
+   * through but not WebSocket); otherwise the next attempt comes after the backoff.
+   */
+  #webSocketFailed() {
+    if (this.#sse) {
+      this.#scheduleProbe();
+      return;
+    }
+    this.#wsFailures++;
+    // Only a client that follows something has anything for a stream to carry.
+    if (this.#fallback && this.#fetch && this.#subs.size > 0 && this.#wsFailures >= this.#fallback.afterFailures) {
+      this.#wsFailures = 0;
+      this.#startSse();
+      return;
+    }
+    this.#scheduleReconnect();
   }
 
   #teardownSocket() {
     const ws = this.#ws;
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this.#ws = null;
+    this.#wsReady = false;
+    this.#pendingResumes = [];
     clearTimeout(this.#connectTimer);
     this.#connectTimer = null;
     clearInterval(this.#heartbeatTimer);
@@ -631,6 +771,334 @@ export class SeqcastClient {
     }
   }
 
+  // ---- the Server-Sent Events fallback ----------------------------------------------------
+
+  /** What `connect()` resolves with: the latest `connected`, or what is known without one. */
+  #connectionInfo() {
+    return this.#info ?? {
+      clientId: null,
+      sessionId: this.#session.sessionId,
+      connectionSequence: this.#session.current,
+      head: 0,
+      epoch: null,
+    };
+  }
+
+  #newSse(previous) {
+    return {
+      abort: new AbortController(),
+      lastEventId: previous?.lastEventId ?? '',
+      announced: new Set([...(previous?.announced ?? [])].filter((k) => this.#subs.has(k))),
+      watchdog: null,
+      restartQueued: false,
+      quickEnds: 0,
+      openedAt: 0,
+      events: 0,
+    };
+  }
+
+  /** WebSocket keeps failing: carry the messages over `GET /events` and probe WebSocket now and then. */
+  #startSse() {
+    this.#clearReconnectTimer();
+    const sse = this.#newSse(null);
+    this.#sse = sse;
+    for (const sub of this.#subs.values()) this.#resetForReconnect(sub);
+    this.#emit('transport', 'sse', { reason: `${this.#fallback.afterFailures} WebSocket attempts failed in a row` });
+    this.#setState('connecting');
+    this.#runSse(sse, false);
+    this.#scheduleProbe();
+  }
+
+  /** Stop the SSE stream and its probes (the socket took over, the stream failed, or `close()`). */
+  #stopSse() {
+    const sse = this.#sse;
+    if (!sse) return;
+    this.#sse = null;
+    sse.abort.abort();
+    clearTimeout(sse.watchdog);
+    clearTimeout(this.#probeTimer);
+    this.#probeTimer = null;
+    for (const sub of this.#subs.values()) sub.sseActive = false;
+  }
+
+  /** The set of keys changed: open a stream over the new set, from where each key stands. */
+  #restartSse() {
+    const old = this.#sse;
+    if (!old || old.restartQueued) return;
+    old.restartQueued = true;
+    // One new stream for all the subscribe/unsubscribe calls of this turn.
+    queueMicrotask(() => {
+      if (this.#sse !== old) return;
+      old.abort.abort();
+      clearTimeout(old.watchdog);
+      const next = this.#newSse(old);
+      this.#sse = next;
+      this.#runSse(next, false);
+    });
+  }
+
+  /**
+   * Where a new stream starts: the lowest position of the keys it carries (a key without one
+   * starts where the stream or the last connection stood). Each key drops what it already has.
+   */
+  #sseSince(sse, subs) {
+    const fallback = sse.lastEventId && /^[0-9]+$/.test(sse.lastEventId) ? Number(sse.lastEventId) : this.#info?.head ?? null;
+    let since = null;
+    for (const sub of subs) {
+      const position = sub.resumeFrom ?? fallback;
+      if (position === null) return null;
+      since = since === null ? position : Math.min(since, position);
+    }
+    return since;
+  }
+
+  async #runSse(sse, afterEnd) {
+    const subs = [...this.#subs.values()];
+    if (subs.length === 0) {
+      // Nothing left to follow, so nothing for a stream to carry: back to WebSocket attempts.
+      this.#stopSse();
+      this.#emit('transport', 'websocket', { reason: 'no subscriptions left' });
+      if (!this.#ws) this.#scheduleReconnect();
+      return;
+    }
+    const path = this.#fallback.path;
+    const q = new URLSearchParams();
+    for (const sub of subs) q.append('key', sub.key);
+    const since = this.#sseSince(sse, subs);
+    if (since !== null) q.set('since', String(since));
+    const epoch = subs.find((s) => s.epoch)?.epoch ?? this.#info?.epoch;
+    if (epoch) q.set('epoch', epoch);
+    // The token goes in a header, never in the URL (URLs end up in logs and histories).
+    const headers = { accept: 'text/event-stream' };
+    let res;
+    try {
+      const token = await this.#token();
+      if (this.#sse !== sse) return;
+      if (token) headers.authorization = `Bearer ${token}`;
+      if (afterEnd && sse.lastEventId) headers['last-event-id'] = sse.lastEventId;
+      res = await this.#fetch(`${this.#httpBase}${path}?${q}`, { headers, signal: sse.abort.signal, cache: 'no-store' });
+    } catch (err) {
+      if (this.#sse !== sse) return;
+      this.#sseFailed(sse, new SeqcastError('sse', `GET ${path} failed: ${err?.message ?? err}`, { cause: err }));
+      return;
+    }
+    if (this.#sse !== sse) {
+      res.body?.cancel().catch(() => {});
+      return;
+    }
+    if (!res.ok || !res.body) {
+      const body = await res.json().catch(() => null);
+      const e = body?.error ?? {};
+      this.#sseFailed(sse, new SeqcastError(e.code ?? `http_${res.status}`, e.message ?? `GET ${path}: HTTP ${res.status}`, { status: res.status }));
+      return;
+    }
+    this.#sseOpened(sse, subs);
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    const parser = new SseParser();
+    this.#armSseWatchdog(sse);
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (this.#sse !== sse) return;
+        if (done) break;
+        this.#armSseWatchdog(sse);
+        for (const event of parser.push(decoder.decode(value, { stream: true }))) {
+          this.#onSseEvent(sse, event);
+          if (this.#sse !== sse) return; // handed over to a socket, or restarted
+        }
+      }
+    } catch (err) {
+      if (this.#sse !== sse) return;
+      this.#sseFailed(sse, new SeqcastError('sse', `the event stream broke: ${err?.message ?? err}`, { cause: err }));
+      return;
+    }
+    clearTimeout(sse.watchdog);
+    // The server ends every stream after `--sse-max-secs`: take it up again at once, from the
+    // last event id. A server that keeps ending empty streams at once is a failure, not a rhythm.
+    const empty = sse.events === 0 && Date.now() - sse.openedAt < 1_000;
+    sse.quickEnds = empty ? sse.quickEnds + 1 : 0;
+    if (sse.quickEnds >= 3) {
+      this.#sseFailed(sse, new SeqcastError('sse', `GET ${path} keeps ending at once`));
+      return;
+    }
+    this.#runSse(sse, true);
+  }
+
+  /** The stream answered 200: its keys are followed. */
+  #sseOpened(sse, subs) {
+    sse.openedAt = Date.now();
+    sse.events = 0;
+    const fresh = [];
+    for (const sub of subs) {
+      if (this.#subs.get(sub.key) !== sub) continue;
+      sub.sseActive = true;
+      if (!sse.announced.has(sub.key)) {
+        sse.announced.add(sub.key);
+        fresh.push(sub);
+      }
+    }
+    this.#setState('open');
+    for (const w of this.#waiters.splice(0)) w.resolve(this.#connectionInfo());
+    for (const sub of fresh) {
+      this.#emit('subscribed', {
+        channel: sub.channel,
+        requestId: sub.requestId,
+        subscriptionKey: sub.key,
+        drained: 0,
+        recovered: null,
+        epoch: sub.epoch,
+        transport: 'sse',
+      });
+    }
+    this.#publishOverHttp();
+  }
+
+  /** No byte (not even the server's comment heartbeat) for two heartbeat intervals: the path is dead. */
+  #armSseWatchdog(sse) {
+    clearTimeout(sse.watchdog);
+    const stallMs = this.#fallback.stallMs ?? 2 * this.#heartbeatMs;
+    if (!(stallMs > 0)) return;
+    sse.watchdog = setTimeout(() => {
+      if (this.#sse === sse) this.#sseFailed(sse, new SeqcastError('sse', `no data on the event stream for ${stallMs} ms`));
+    }, stallMs);
+  }
+
+  /**
+   * The stream could not be opened or broke: back to WebSocket attempts (the server may be
+   * restarting; a blocked WebSocket sends us back here after `afterFailures` attempts).
+   */
+  #sseFailed(sse, err) {
+    if (this.#sse !== sse) return;
+    this.#emit('error', err);
+    this.#stopSse();
+    this.#emit('transport', 'websocket', { reason: err.message });
+    if (this.#ws) {
+      // A probe is under way: its outcome decides what comes next.
+      if (!this.#wsReady) this.#setState('connecting');
+      return;
+    }
+    for (const sub of this.#subs.values()) this.#resetForReconnect(sub);
+    this.#scheduleReconnect();
+  }
+
+  #onSseEvent(sse, event) {
+    sse.events++;
+    if (event.id) sse.lastEventId = event.id;
+    if (event.event !== 'message' && event.event !== 'reset') return; // newer servers' events
+    let data;
+    try {
+      data = JSON.parse(event.data);
+    } catch {
+      this.#emit('error', new SeqcastError('bad_frame', `the server sent an event whose data is not JSON (${event.event})`));
+      return;
+    }
+    if (event.event === 'reset') {
+      this.#onSseReset(data);
+      return;
+    }
+    const sub = this.#subs.get(keyOf(data.channel, data.request_id));
+    if (!sub) return; // unsubscribed meanwhile
+    if (sub.buffer) sub.buffer.push(data);
+    else this.#deliver(sub, data, 'sse');
+  }
+
+  /**
+   * `event: reset` (`recovered: false`, `oldest_sequence`, `epoch`) comes first on a stream whose
+   * window no longer reaches back to `since + 1`: a `gap` for each key that lost something.
+   */
+  #onSseReset(reset) {
+    const epoch = reset.epoch ?? null;
+    const oldest = reset.oldest_sequence ?? null;
+    for (const sub of [...this.#subs.values()]) {
+      if (reset.subscription_key && reset.subscription_key !== sub.key) continue;
+      const previousEpoch = sub.epoch;
+      const since = sub.resumeFrom;
+      const epochChanged = previousEpoch !== null && epoch !== null && epoch !== previousEpoch;
+      if (epoch) sub.epoch = epoch;
+      if (epochChanged) {
+        sub.lastSeq = 0;
+        sub.resumeFrom = null;
+      } else if (since === null || (oldest !== null && since + 1 >= oldest)) {
+        continue; // nothing of this key is missing
+      }
+      this.#reportGap(sub, {
+        channel: sub.channel,
+        requestId: sub.requestId,
+        subscriptionKey: sub.key,
+        recovered: false,
+        since,
+        oldestSequence: oldest,
+        epoch: sub.epoch,
+        previousEpoch,
+        reason: epochChanged ? 'epoch' : 'window',
+        transport: 'sse',
+      });
+    }
+  }
+
+  /** While SSE carries the messages, try a WebSocket again now and then (`fallback.probeMs`). */
+  #scheduleProbe() {
+    clearTimeout(this.#probeTimer);
+    this.#probeTimer = null;
+    if (!this.#sse) return;
+    const ms = this.#fallback.probeMs;
+    const delay = Math.floor(ms / 2 + (this.#random() * ms) / 2);
+    this.#probeTimer = setTimeout(() => {
+      this.#probeTimer = null;
+      if (this.#sse && !this.#ws) this.#open();
+    }, delay);
+  }
+
+  /**
+   * The socket follows every key now: close the SSE stream. It ran until this moment, and the
+   * socket replays everything after the positions it resumed from, so nothing falls between.
+   */
+  #finishHandover() {
+    if (!this.#sse || !this.#wsReady) return;
+    for (const sub of this.#subs.values()) if (!sub.acked && !sub.refused) return;
+    this.#stopSse();
+    this.#emit('transport', 'websocket', { reason: 'a WebSocket connection works again' });
+  }
+
+  /**
+   * Publishes while SSE carries the messages go to `POST /api/publish`, one at a time, in the
+   * order called (the same message ids, so a publish also sent over a socket is not doubled).
+   * One that fails on the network stays pending for the next transport.
+   */
+  async #publishOverHttp() {
+    if (this.#httpPublishing) return;
+    this.#httpPublishing = true;
+    try {
+      while (this.#sse) {
+        const next = this.#publishes.entries().next();
+        if (next.done) break;
+        const [ref, p] = next.value;
+        let res;
+        let body;
+        try {
+          const token = await this.#token();
+          const headers = { 'content-type': 'application/json' };
+          if (token) headers.authorization = `Bearer ${token}`;
+          res = await this.#fetch(`${this.#httpBase}/api/publish`, { method: 'POST', headers, body: p.body });
+          body = await res.json().catch(() => null);
+        } catch {
+          break; // the network: sent again by whichever transport comes next
+        }
+        if (this.#publishes.get(ref) !== p) continue; // answered over a socket meanwhile
+        this.#publishes.delete(ref);
+        if (res.ok && body) {
+          p.resolve({ sequenceNumber: body.sequence_number, streamSequence: body.stream_sequence, messageId: body.message_id });
+        } else {
+          const e = body?.error ?? {};
+          p.reject(new SeqcastError(e.code ?? `http_${res.status}`, e.message ?? `publish failed with HTTP ${res.status}`, { status: res.status }));
+        }
+      }
+    } finally {
+      this.#httpPublishing = false;
+    }
+  }
+
   // ---- frames --------------------------------------------------------------------------
 
   #onFrame(text) {
@@ -646,6 +1114,8 @@ export class SeqcastClient {
         return this.#onConnected(frame);
       case 'sub_ack':
         return this.#onSubAck(frame);
+      case 'resume_ack':
+        return this.#onResumeAck(frame);
       case 'message':
         return this.#onMessage(frame);
       case 'publish_ack':
@@ -658,6 +1128,7 @@ export class SeqcastClient {
         const err = new SeqcastError(frame.code ?? 'internal', frame.message ?? 'server error');
         // An error with the `ref` of a publish answers that publish (its promise rejects).
         if (frame.ref != null && this.#onPublishAnswer(frame.ref, (p) => p.reject(err))) return undefined;
+        if (this.#resumeRefused(err)) return undefined;
         return this.#emit('error', err);
       }
       case 'pong':
@@ -676,6 +1147,8 @@ export class SeqcastClient {
     clearTimeout(this.#connectTimer);
     this.#connectTimer = null;
     this.#attempt = 0;
+    this.#wsFailures = 0;
+    this.#wsReady = true;
     this.#info = {
       clientId: frame.client_id,
       sessionId: frame.session_id ?? this.#session.sessionId,
@@ -688,10 +1161,85 @@ export class SeqcastClient {
     this.#scheduleRefresh(ws);
     for (const w of this.#waiters.splice(0)) w.resolve(this.#info);
     this.#emit('connected', this.#info);
-    // The server never subscribes on its own: re-send what we still follow, each from where it stopped.
-    for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
+    // The server never subscribes on its own: re-send what we still follow, each from where it
+    // stopped. While the SSE stream still carries the messages, it goes on until the socket has
+    // acknowledged every key (the hand-over), so nothing falls between the two.
+    this.#resubscribeAll();
+    this.#finishHandover();
     // Publishes not answered on the last connection (or made while offline) go now, in order.
     for (const p of this.#publishes.values()) this.#sendText(p.text);
+  }
+
+  /**
+   * Follow every key again on a new socket: the keys with a position in one `resume` frame per
+   * epoch (answered by one `resume_ack`), the others with `subscribe`.
+   */
+  #resubscribeAll() {
+    const groups = new Map();
+    for (const sub of this.#subs.values()) {
+      if (!this.#useResume || sub.resumeFrom === null) {
+        this.#sendSubscribe(sub);
+        continue;
+      }
+      const epoch = sub.epoch ?? '';
+      if (!groups.has(epoch)) groups.set(epoch, []);
+      groups.get(epoch).push(sub);
+    }
+    for (const [epoch, subs] of groups) {
+      for (let i = 0; i < subs.length; i += MAX_RESUME_KEYS) {
+        const chunk = subs.slice(i, i + MAX_RESUME_KEYS);
+        const frame = {
+          type: 'resume',
+          subscriptions: chunk.map((s) => ({ channel: s.channel, request_id: s.requestId, since: s.resumeFrom })),
+        };
+        if (epoch) frame.epoch = epoch;
+        this.#pendingResumes.push(chunk.map((s) => s.key));
+        this.#send(frame);
+      }
+    }
+  }
+
+  /** `resume_ack`: one verdict per key, in the order asked; then the replay, then live. */
+  #onResumeAck(frame) {
+    const ws = this.#ws;
+    this.#pendingResumes.shift();
+    const head = frame.head ?? this.#info?.head ?? 0;
+    for (const result of Array.isArray(frame.results) ? frame.results : []) {
+      if (this.#ws !== ws) return; // a hand-over given up on
+      const sub = this.#subs.get(result.subscription_key);
+      if (!sub) continue; // unsubscribed meanwhile
+      if (result.error) {
+        sub.refused = true;
+        this.#emit('error', new SeqcastError(result.error.code ?? 'internal', result.error.message ?? 'resume refused', { subscriptionKey: sub.key }));
+        continue;
+      }
+      this.#onKeyAcknowledged(sub, {
+        head,
+        epoch: frame.epoch ?? null,
+        drained: 0,
+        recovered: result.recovered ?? null,
+        oldestSequence: result.oldest_sequence ?? null,
+      });
+    }
+    this.#finishHandover();
+  }
+
+  /**
+   * A `resume` refused as a whole (`bad_request` naming it): follow its keys with `subscribe`,
+   * each with its `since`. A server that does not know the frame is not asked again; for any other
+   * refusal the error is reported too. False when the error is not about a pending `resume`.
+   */
+  #resumeRefused(err) {
+    if (this.#pendingResumes.length === 0 || err.code !== 'bad_request' || !/resume/.test(err.message)) return false;
+    if (/unknown frame type|not served/.test(err.message)) this.#useResume = false;
+    else this.#emit('error', err);
+    const keys = this.#pendingResumes.flat();
+    this.#pendingResumes = [];
+    for (const key of keys) {
+      const sub = this.#subs.get(key);
+      if (sub && !sub.acked) this.#sendSubscribe(sub);
+    }
+    return true;
   }
 
   /** Settle the publish `ref` with `settle`; false when none waits for that ref. */
@@ -714,6 +1262,7 @@ export class SeqcastClient {
 
   #resetForReconnect(sub) {
     sub.acked = false;
+    sub.refused = false;
     sub.catchUp = 0;
     sub.buffer = null;
     sub.recoveryToken++;
@@ -722,15 +1271,33 @@ export class SeqcastClient {
   #onSubAck(frame) {
     const sub = this.#subs.get(frame.subscription_key ?? keyOf(frame.channel, frame.request_id));
     if (!sub) return; // unsubscribed meanwhile
-    // sub_ack carries the head at the moment of subscribing (the exact seam); an older server
-    // without it leaves the connection's head, the closest lower bound.
-    const head = frame.head ?? this.#info?.head ?? 0;
+    this.#onKeyAcknowledged(sub, {
+      // sub_ack carries the head at the moment of subscribing (the exact seam); an older server
+      // without it leaves the connection's head, the closest lower bound.
+      head: frame.head ?? this.#info?.head ?? 0,
+      epoch: frame.epoch ?? null,
+      drained: frame.drained ?? 0,
+      recovered: frame.recovered ?? null,
+      oldestSequence: frame.oldest_sequence ?? null,
+    });
+    this.#finishHandover();
+  }
+
+  /** The socket follows `sub` now (a `sub_ack`, or its verdict in a `resume_ack`). */
+  #onKeyAcknowledged(sub, ack) {
+    if (this.#sse && ack.recovered === false) {
+      // Handing over from SSE: this socket cannot replay all the stream has not delivered yet.
+      // The stream goes on; a later probe tries again.
+      this.#lostConnection(this.#ws, RECONNECT_CLOSE_CODE, 'hand-over from SSE could not resume');
+      return;
+    }
+    const head = ack.head;
     const previousEpoch = sub.epoch;
     const since = sub.resumeFrom;
     sub.acked = true;
     sub.ackHead = head;
-    sub.epoch = frame.epoch ?? previousEpoch;
-    const epochChanged = previousEpoch !== null && frame.epoch != null && frame.epoch !== previousEpoch;
+    sub.epoch = ack.epoch ?? previousEpoch;
+    const epochChanged = previousEpoch !== null && ack.epoch != null && ack.epoch !== previousEpoch;
     if (epochChanged) {
       // A new store numbers from 1 again: the old positions mean nothing in it.
       sub.lastSeq = 0;
@@ -739,27 +1306,30 @@ export class SeqcastClient {
     if (sub.resumeFrom === null) {
       // A fresh subscription starts following at this connection's head; until its backlog has
       // arrived, resuming must start from what was really delivered.
-      sub.catchUp = frame.drained ?? 0;
+      sub.catchUp = ack.drained;
       sub.resumeFrom = sub.catchUp === 0 ? Math.max(sub.lastSeq, head) : sub.lastSeq;
     }
     this.#emit('subscribed', {
       channel: sub.channel,
       requestId: sub.requestId,
       subscriptionKey: sub.key,
-      drained: frame.drained ?? 0,
-      recovered: frame.recovered ?? null,
+      drained: ack.drained,
+      recovered: ack.recovered,
       epoch: sub.epoch,
+      transport: 'websocket',
     });
-    if (frame.recovered !== false) return;
+    if (ack.recovered !== false) return;
     const gap = {
       channel: sub.channel,
       requestId: sub.requestId,
       subscriptionKey: sub.key,
+      recovered: false,
       since,
-      oldestSequence: frame.oldest_sequence ?? null,
+      oldestSequence: ack.oldestSequence,
       epoch: sub.epoch,
       previousEpoch,
       reason: epochChanged ? 'epoch' : 'window',
+      transport: 'websocket',
     };
     if (epochChanged || since === null) {
       this.#reportGap(sub, gap);
@@ -817,7 +1387,7 @@ export class SeqcastClient {
     this.#deliver(sub, frame);
   }
 
-  #deliver(sub, message) {
+  #deliver(sub, message, transport = 'websocket') {
     const seq = message.sequence_number;
     if (!(seq > sub.lastSeq)) {
       this.#stats.duplicatesDropped++;
@@ -827,7 +1397,7 @@ export class SeqcastClient {
     const head = this.#info?.head ?? 0;
     sub.resumeFrom = Math.max(sub.resumeFrom ?? 0, seq);
     this.#stats.delivered++;
-    const meta = { replayed: seq <= head, subscriptionKey: sub.key };
+    const meta = { replayed: seq <= head, subscriptionKey: sub.key, transport };
     for (const h of [...sub.handlers]) {
       try {
         h(message, meta);

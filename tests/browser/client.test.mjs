@@ -241,9 +241,11 @@ describe('against a real server', () => {
     }
   });
 
-  test('resubscribes after a drop with since and epoch: what was published while down arrives once, in order', async () => {
+  test('resumes after a drop with one resume frame (since, epoch): what was published while down arrives once, in order', async () => {
     const sent = [];
     const client = newClient(server, { WebSocket: recordingSocket(sent) });
+    const received = [];
+    client.on('subscribed', (e) => received.push(e));
     try {
       const info = await client.connect();
       const seen = follow(client, 'resume', 'r1');
@@ -265,10 +267,12 @@ describe('against a real server', () => {
       assert.deepEqual(seen.map((s) => s.replayed), [false, false, false, true, true, true, true]);
 
       const subscribes = sent.filter((f) => f.type === 'subscribe');
-      assert.equal(subscribes.length, 2);
       assert.equal(subscribes[0].since, undefined, 'a fresh subscription asks for no history');
-      assert.equal(subscribes[1].since, before[2]);
-      assert.equal(subscribes[1].epoch, info.epoch);
+      const resumes = sent.filter((f) => f.type === 'resume');
+      assert.deepEqual(resumes, [{ type: 'resume', subscriptions: [{ channel: 'resume', request_id: 'r1', since: before[2] }], epoch: info.epoch }]);
+      assert.equal(subscribes.length, 1, 'the resumed key is not subscribed again');
+      assert.equal(received.length, 2);
+      assert.equal(received[1].recovered, true, 'the resume_ack verdict');
       const live = (await server.publish('resume', 'r1', { i: 7 })).sequence_number;
       await until(client, () => seen.length === 8, 'live after resume');
       assert.equal(seen[7].seq, live);
@@ -354,7 +358,7 @@ describe('against a real server', () => {
       await client.connect();
       await until(client, () => seen.length === 3, 'the backlog and the two missed messages');
       assert.deepEqual(seen.map((s) => s.data), ['before', 'x', 'y']);
-      assert.equal(sent.filter((f) => f.type === 'subscribe').at(-1).since, head);
+      assert.deepEqual(sent.filter((f) => f.type === 'resume').at(-1).subscriptions, [{ channel: 'quiet', request_id: 'r1', since: head }]);
     } finally {
       watcher.close();
       client.close();
@@ -581,6 +585,111 @@ describe('against a misbehaving fake server', () => {
       assert.deepEqual(seen, [101, 102, 103, 104]);
       assert.equal(client.stats.duplicatesDropped, 3);
       assert.equal(fake.hellos[0].token, 't');
+    } finally {
+      client.close();
+      await fake.close();
+    }
+  });
+
+  test('resume_ack: one verdict per key — recovered, refused alone (an error naming the key), recovered: false (a gap)', async () => {
+    const msg = (key, n) => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: key, message_id: `m${n}`, timestamp: 0, data: n });
+    const frames = [];
+    const fake = await fakeServer((socket, hello, nth) => {
+      socket.on('message', (raw) => {
+        const f = JSON.parse(String(raw));
+        frames.push({ nth, ...f });
+        if (f.type === 'subscribe') {
+          socket.send(JSON.stringify({ type: 'sub_ack', channel: 'c', request_id: f.request_id, subscription_key: `c:${f.request_id}`, drained: 0, head: 100, epoch: 'e1' }));
+          socket.send(msg(f.request_id, f.request_id === 'a' ? 101 : f.request_id === 'b' ? 102 : 103));
+        }
+        if (f.type === 'resume') {
+          socket.send(JSON.stringify({
+            type: 'resume_ack',
+            results: [
+              { subscription_key: 'c:a', recovered: true },
+              { subscription_key: 'c:b', error: { code: 'forbidden', message: 'key c:b is not allowed' } },
+              { subscription_key: 'c:g', recovered: false, oldest_sequence: 150 },
+            ],
+            head: 200,
+            epoch: 'e1',
+          }));
+          socket.send(msg('a', 160));
+          socket.send(msg('g', 170));
+          socket.send(msg('a', 201));
+        }
+      });
+    });
+    const recoveries = [];
+    const client = new SeqcastClient({
+      url: fake.url, token: 't', WebSocket, storage: memoryStorage(), backoff: { initialMs: 1, maxMs: 1 },
+      fetch: async (url) => {
+        recoveries.push(new URL(url));
+        return new Response(JSON.stringify({ messages: [], head: 200, oldest_sequence: 150, epoch: 'e1', complete: false }), { status: 200 });
+      },
+    });
+    const seen = { a: [], b: [], g: [] };
+    const gaps = [];
+    const errors = [];
+    client.on('gap', (g) => gaps.push(g));
+    client.on('error', (e) => errors.push(e));
+    try {
+      await client.connect();
+      for (const k of ['a', 'b', 'g']) client.subscribe('c', k, (m) => seen[k].push(m.sequence_number));
+      await until(client, () => seen.a.length && seen.b.length && seen.g.length, 'the first messages');
+      client.dropConnection();
+      await until(client, () => seen.a.length === 3 && seen.g.length === 2, 'the resumed messages');
+      const resume = frames.find((f) => f.type === 'resume');
+      assert.deepEqual(resume, {
+        nth: 2, type: 'resume', epoch: 'e1',
+        subscriptions: [{ channel: 'c', request_id: 'a', since: 101 }, { channel: 'c', request_id: 'b', since: 102 }, { channel: 'c', request_id: 'g', since: 103 }],
+      });
+      assert.equal(frames.filter((f) => f.nth === 2 && f.type === 'subscribe').length, 0);
+      assert.deepEqual(seen, { a: [101, 160, 201], b: [102], g: [103, 170] });
+      assert.deepEqual(errors.map((e) => [e.code, e.subscriptionKey]), [['forbidden', 'c:b']]);
+      assert.equal(gaps.length, 1);
+      assert.deepEqual({ key: gaps[0].subscriptionKey, recovered: gaps[0].recovered, since: gaps[0].since, oldest: gaps[0].oldestSequence, reason: gaps[0].reason },
+        { key: 'c:g', recovered: false, since: 103, oldest: 150, reason: 'window' });
+      assert.equal(recoveries[0]?.searchParams.get('request_id'), 'g', 'the HTTP endpoint was asked for the rest first');
+      const active = Object.fromEntries(client.subscriptions.map((s) => [s.requestId, s.active]));
+      assert.deepEqual(active, { a: true, b: false, g: true });
+    } finally {
+      client.close();
+      await fake.close();
+    }
+  });
+
+  test('a server that does not know resume: its bad_request turns the client to subscribe-with-since, key by key, for good', async () => {
+    const frames = [];
+    const fake = await fakeServer((socket, hello, nth) => {
+      socket.on('message', (raw) => {
+        const f = JSON.parse(String(raw));
+        frames.push({ nth, ...f });
+        if (f.type === 'resume') {
+          socket.send(JSON.stringify({ type: 'error', code: 'bad_request', message: 'unknown frame type "resume"; expected hello, subscribe, unsubscribe, ping, auth or publish' }));
+        }
+        if (f.type === 'subscribe') {
+          socket.send(JSON.stringify({ type: 'sub_ack', channel: 'c', request_id: f.request_id, subscription_key: `c:${f.request_id}`, drained: 0, head: 100, epoch: 'e1', ...(f.since != null ? { recovered: true } : {}) }));
+        }
+      });
+    });
+    const client = new SeqcastClient({ url: fake.url, token: 't', WebSocket, storage: memoryStorage(), backoff: { initialMs: 1, maxMs: 1 } });
+    const errors = [];
+    client.on('error', (e) => errors.push(e));
+    try {
+      await client.connect();
+      client.subscribe('c', 'a', () => {});
+      client.subscribe('c', 'b', () => {});
+      await until(client, () => client.subscriptions.every((s) => s.active), 'both acks');
+      client.dropConnection();
+      await until(client, () => fake.hellos.length === 2 && client.subscriptions.every((s) => s.active), 'both acks again');
+      client.dropConnection();
+      await until(client, () => fake.hellos.length === 3 && client.subscriptions.every((s) => s.active), 'both acks a third time');
+      const second = frames.filter((f) => f.nth === 2);
+      assert.deepEqual(second.map((f) => [f.type, f.request_id ?? null, f.since ?? null]),
+        [['resume', null, null], ['subscribe', 'a', 100], ['subscribe', 'b', 100]]);
+      const third = frames.filter((f) => f.nth === 3);
+      assert.deepEqual(third.map((f) => [f.type, f.request_id, f.since]), [['subscribe', 'a', 100], ['subscribe', 'b', 100]]);
+      assert.deepEqual(errors, [], 'the refusal is handled, not reported');
     } finally {
       client.close();
       await fake.close();

@@ -1,5 +1,6 @@
-//! The JavaScript client's tests (Node's test runner against a real server) and the
-//! real-browser test (headless Chromium driven by playwright-core), both in `tests/browser`.
+//! The JavaScript client's tests (Node's test runner against a real server, its SSE reader against
+//! a local event stream), the npm package check (`npm pack`, install, import, `tsc --noEmit`) and
+//! the real-browser tests (headless Chromium driven by playwright-core), all in `tests/browser`.
 //!
 //! Boundary: builds nothing; it runs the server binary that `cargo xtask ci` built.
 //! Invariant: every child process runs under a deadline, so a hung browser or server cannot hang
@@ -15,26 +16,34 @@ use anyhow::{Context, Result, bail};
 /// Where the browser test expects Debian's Chromium (never a downloaded one).
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// npm packages the suites import; if one is missing, `npm ci` restores them from the lockfile.
-const NODE_PACKAGES: &[&str] = &["playwright-core", "ws", "@seqcast/client", "eventsource"];
+const NODE_PACKAGES: &[&str] = &[
+    "playwright-core",
+    "ws",
+    "typescript",
+    "@seqcast/client",
+    "eventsource",
+];
+/// The Node suites that need no browser, in order: the client against the server, its SSE reader,
+/// the npm package as published.
+const NODE_SUITES: &[&str] = &["client.test.mjs", "sse.test.mjs", "npm-package.test.mjs"];
+/// The real-browser suites: the demo page, its WebSocket-blocked fallback to SSE, `/admin`.
+const BROWSER_SUITES: &[&str] = &[
+    "demo.browser.test.mjs",
+    "fallback.browser.test.mjs",
+    "admin.browser.test.mjs",
+];
 /// Upper bounds for each suite, far above their normal run times (about 2 s and 7 s).
 const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
 const BROWSER_DEADLINE: Duration = Duration::from_secs(240);
 const NPM_DEADLINE: Duration = Duration::from_secs(600);
 
-/// Run the client tests, then the real-browser test. Returns the parts that could not run
-/// (`part: why`); an empty list means everything ran and passed.
-pub fn run(root: &Path) -> Result<Vec<String>> {
+/// Restore the npm packages the suites import from the lockfile (`npm ci`) when one is missing.
+/// `cargo xtask ci` runs this before the Rust tests too: an e2e test reads SSE with Node's
+/// `eventsource`. Without Node it does nothing (the parts that need it say so themselves).
+pub fn restore_node_packages(root: &Path) -> Result<()> {
     let dir = root.join("tests").join("browser");
-    let bin = server_binary(root)?;
-
     if !command_works("node", &["--version"]) {
-        warn(
-            "SKIPPED: the JavaScript client and real-browser tests need Node.js 20+ (`node` not found)",
-        );
-        return Ok(vec![
-            "js client: node not installed".into(),
-            "browser: node not installed".into(),
-        ]);
+        return Ok(());
     }
     let missing: Vec<&str> = NODE_PACKAGES
         .iter()
@@ -54,12 +63,33 @@ pub fn run(root: &Path) -> Result<Vec<String>> {
             NPM_DEADLINE,
         )?;
     }
+    Ok(())
+}
 
-    eprintln!("browser: client tests against {}", bin.display());
-    run_bounded(
-        &mut node_test(&dir, &bin, "client.test.mjs", CLIENT_DEADLINE),
-        CLIENT_DEADLINE,
-    )?;
+/// Run the client tests, then the real-browser test. Returns the parts that could not run
+/// (`part: why`); an empty list means everything ran and passed.
+pub fn run(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("tests").join("browser");
+    let bin = server_binary(root)?;
+
+    if !command_works("node", &["--version"]) {
+        warn(
+            "SKIPPED: the JavaScript client and real-browser tests need Node.js 20+ (`node` not found)",
+        );
+        return Ok(vec![
+            "js client: node not installed".into(),
+            "browser: node not installed".into(),
+        ]);
+    }
+    restore_node_packages(root)?;
+
+    for suite in NODE_SUITES {
+        eprintln!("browser: {suite} against {}", bin.display());
+        run_bounded(
+            &mut node_test(&dir, &bin, suite, CLIENT_DEADLINE),
+            CLIENT_DEADLINE,
+        )?;
+    }
 
     let chromium =
         std::env::var_os("SEQCAST_CHROMIUM").map_or_else(|| PathBuf::from(CHROMIUM), PathBuf::from);
@@ -70,25 +100,17 @@ pub fn run(root: &Path) -> Result<Vec<String>> {
         ));
         return Ok(vec!["browser: chromium not installed".into()]);
     }
-    eprintln!("browser: real-browser test with {}", chromium.display());
-    let mut cmd = node_test(&dir, &bin, "demo.browser.test.mjs", BROWSER_DEADLINE);
-    cmd.env("SEQCAST_CHROMIUM", &chromium).env(
-        "SEQCAST_BROWSER_ARTIFACTS",
-        root.join("target").join("browser"),
-    );
-    run_bounded(&mut cmd, BROWSER_DEADLINE)?;
+    for suite in BROWSER_SUITES {
+        eprintln!("browser: {suite} with {}", chromium.display());
+        let mut cmd = node_test(&dir, &bin, suite, BROWSER_DEADLINE);
+        cmd.env("SEQCAST_CHROMIUM", &chromium).env(
+            "SEQCAST_BROWSER_ARTIFACTS",
+            root.join("target").join("browser"),
+        );
+        run_bounded(&mut cmd, BROWSER_DEADLINE)?;
+    }
     eprintln!(
-        "browser: the operator's page (/admin) with {}",
-        chromium.display()
-    );
-    let mut cmd = node_test(&dir, &bin, "admin.browser.test.mjs", BROWSER_DEADLINE);
-    cmd.env("SEQCAST_CHROMIUM", &chromium).env(
-        "SEQCAST_BROWSER_ARTIFACTS",
-        root.join("target").join("browser"),
-    );
-    run_bounded(&mut cmd, BROWSER_DEADLINE)?;
-    eprintln!(
-        "browser: screenshots demo.png and admin.png in {}",
+        "browser: screenshots demo.png, fallback.png and admin.png in {}",
         root.join("target").join("browser").display()
     );
     Ok(Vec::new())

@@ -204,6 +204,7 @@ fn ci_steps() -> Result<Vec<String>> {
     step("layering", layering)?;
     step("readmes", || readmes::check(&root()?))?;
     step("openapi drift", || api_check::openapi(&root()?, true))?;
+    step("npm packages", || browser::restore_node_packages(&root()?))?;
     step("tests", test)?;
     let skipped = step_with_skips("browser", || browser::run(&root()?))?;
     step("api-check", || api_check::api_check(&root()?, &[]))?;
