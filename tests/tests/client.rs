@@ -117,6 +117,7 @@ async fn resume_across_a_restart(crash: bool) {
             Event::Message(m) => got.push(m),
             Event::Subscribed(ack) => resumed.push(ack),
             Event::Gap(g) => panic!("unexpected gap: {g:?}"),
+            Event::Refused(r) => panic!("refused: {r:?}"),
         }
     }
 

@@ -284,6 +284,7 @@ async fn a_rust_service_follows_its_key_through_a_restart() {
                 got.push(m.sequence_number);
             }
             Event::Gap(g) => panic!("no gap across a restart: {g:?}"),
+            Event::Refused(r) => panic!("refused: {r:?}"),
             Event::Subscribed(_) => {}
         }
     }

@@ -584,7 +584,7 @@ async fn db_migrate_and_repair_sequences_run_against_postgres() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert!(db_command("migrate").contains("schema_version: 4"));
+    assert!(db_command("migrate").contains("schema_version: 5"));
     assert!(db_command("migrate").contains("applied: []"));
     let app = db.connect().await;
     app.batch_execute(
@@ -639,5 +639,5 @@ async fn nodes_that_start_together_migrate_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }

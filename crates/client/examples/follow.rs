@@ -117,6 +117,10 @@ async fn main() -> anyhow::Result<()> {
                         .map(|n| format!("; its history starts at #{n}"))
                         .unwrap_or_default()
                 ),
+                Some(Event::Refused(r)) => {
+                    eprintln!("REFUSED {}: {} ({})", r.key, r.message, r.code);
+                    break;
+                }
                 None => break,
             },
             _ = tokio::signal::ctrl_c() => break,

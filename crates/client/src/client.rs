@@ -45,7 +45,8 @@ impl ClientBuilder {
     }
 
     /// Reconnect backoff: attempt `n` (from 0) waits a uniform random time in
-    /// `[0, min(max, initial · 2^n))` (default 500 ms and 30 s).
+    /// `[0, min(max, initial · 2^n))` (default 500 ms and 30 s). `n` starts over only after a
+    /// connection that stayed up for `max`.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff_initial = initial;
         self.backoff_max = max.max(initial);

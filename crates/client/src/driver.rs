@@ -5,15 +5,16 @@
 //! [`ClientBuilder::start`](crate::ClientBuilder::start) and running inside the `seqcast_client`
 //! tracing span. It ends when the client is closed or every `Client` handle is dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use seqcast_protocol::{
-    ClientFrame, Connected, ErrorFrame, Hello, ServerFrame, SessionId, Subscribe, SubscriptionKey,
-    Unsubscribe, decode_server_frame,
+    Auth, ClientFrame, Connected, ErrorCode, ErrorFrame, Hello, Resume as ResumeFrame, ResumeAck,
+    ResumeEntry, ResumeKey, ServerFrame, SessionId, Subscribe, SubscriptionKey, Unsubscribe,
+    decode_server_frame,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -24,9 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::error::Error;
-use crate::event::{ConnectionInfo, ConnectionState, Event};
-use crate::token::SharedTokens;
-use crate::tracker::{KeyTracker, Resume, backoff_delay};
+use crate::event::{ConnectionInfo, ConnectionState, Event, Refused};
+use crate::token::{Refresh, SharedTokens, jwt_exp};
+use crate::tracker::{KeyTracker, Resume, backoff_delay, resume_verdict};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -110,6 +111,14 @@ pub(crate) struct Driver {
     /// answer a subscription the application has since dropped.
     unacked: HashMap<SubscriptionKey, u32>,
     close_reply: Option<oneshot::Sender<()>>,
+    /// The current connection's token refresh.
+    refresh: Option<Refresh>,
+    /// The keys of each `resume` frame sent on the current connection and not answered yet, in
+    /// the order sent (answers come in that order).
+    resuming: VecDeque<Vec<SubscriptionKey>>,
+    /// Whether to resume with `resume` frames; cleared for good when a server refuses one (it
+    /// predates them), and keys are then re-subscribed one `subscribe` each.
+    resume_frames: bool,
 }
 
 impl Driver {
@@ -127,6 +136,9 @@ impl Driver {
             subs: HashMap::new(),
             unacked: HashMap::new(),
             close_reply: None,
+            refresh: None,
+            resuming: VecDeque::new(),
+            resume_frames: true,
         }
     }
 
@@ -155,12 +167,20 @@ impl Driver {
             };
             let reason = match opened {
                 None => return self.finish(),
-                Some(Ok((ws, info))) => {
-                    attempt = 0;
+                Some(Ok((ws, info, exp))) => {
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
                     }
-                    match self.serve(ws, info).await {
+                    let opened_at = Instant::now();
+                    self.refresh = Some(Refresh::new(self.tokens.clone(), exp));
+                    let flow = self.serve(ws, info).await;
+                    self.refresh = None;
+                    // Only a connection that stayed up resets the backoff: a server (or proxy)
+                    // that accepts and drops at once is not hammered at the first step's rate.
+                    if stayed_up(opened_at.elapsed(), self.config.backoff_max) {
+                        attempt = 0;
+                    }
+                    match flow {
                         Flow::Exit => return self.finish(),
                         Flow::Lost(reason) => reason,
                     }
@@ -303,20 +323,12 @@ impl Driver {
             "connected"
         );
         self.set_state(ConnectionState::Connected(info));
-        // The server never subscribes on its own: re-send every key, each from where it stopped.
-        self.unacked.clear();
-        let frames: Vec<WsMessage> = self
-            .subs
-            .iter()
-            .map(|(key, sub)| {
-                let (since, epoch) = sub.tracker.subscribe_position();
-                subscribe_frame(key, since, epoch)
-            })
-            .collect();
-        self.unacked = self.subs.keys().map(|k| (k.clone(), 1)).collect();
-        for frame in frames {
+        // The server never subscribes on its own: every key goes again, each from where it
+        // stopped — the ones with a position in one `resume` frame (one per epoch they were
+        // counted in; almost always one), fresh ones with `subscribe`.
+        for frame in self.opening_frames() {
             if let Err(e) = ws.feed(frame).await {
-                return Flow::Lost(format!("sending subscribe failed: {e}"));
+                return Flow::Lost(format!("sending resume/subscribe failed: {e}"));
             }
         }
         if let Err(e) = ws.flush().await {
@@ -335,10 +347,10 @@ impl Driver {
                     last_frame = Instant::now();
                     match msg {
                         Some(Ok(WsMessage::Text(text))) => {
-                            let dead = self.on_text(text.as_str(), connection_sequence);
-                            for key in dead {
-                                if let Err(e) = ws.send(unsubscribe_frame(&key)).await {
-                                    return Flow::Lost(format!("sending unsubscribe failed: {e}"));
+                            let replies = self.on_text(text.as_str(), connection_sequence);
+                            for frame in replies {
+                                if let Err(e) = ws.send(frame).await {
+                                    return Flow::Lost(format!("sending failed: {e}"));
                                 }
                             }
                         }
@@ -415,6 +427,11 @@ impl Driver {
                         return Flow::Lost(format!("sending failed: {e}"));
                     }
                 }
+                token = next_token(&mut self.refresh) => {
+                    if let Err(e) = ws.send(client_frame(&ClientFrame::Auth(Auth { token }))).await {
+                        return Flow::Lost(format!("sending auth failed: {e}"));
+                    }
+                }
                 _ = heartbeat.tick(), if ping_every.is_some() => {
                     let every = ping_every.unwrap_or_default();
                     if last_frame.elapsed() > every * 2 {
@@ -431,10 +448,128 @@ impl Driver {
         }
     }
 
-    /// Routes one server frame; returns the keys whose subscription was dropped by the
-    /// application (to unsubscribe from the server).
-    fn on_text(&mut self, text: &str, connection_sequence: u64) -> Vec<SubscriptionKey> {
+    /// The frames that follow a reconnect: `resume` for the keys with a position (grouped by
+    /// epoch), `subscribe` for the rest (and for every key when the server does not take
+    /// `resume`). Resets the connection's bookkeeping of unanswered frames.
+    fn opening_frames(&mut self) -> Vec<WsMessage> {
+        self.unacked.clear();
+        self.resuming.clear();
+        let mut groups: BTreeMap<Option<String>, Vec<ResumeEntry>> = BTreeMap::new();
+        let mut frames = Vec::new();
+        let mut subscribes = Vec::new();
+        for (key, sub) in &self.subs {
+            match sub.tracker.subscribe_position() {
+                (Some(since), epoch) if self.resume_frames => {
+                    groups
+                        .entry(epoch)
+                        .or_default()
+                        .push(ResumeEntry::Key(ResumeKey {
+                            channel: key.channel().clone(),
+                            request_id: key.request_id().clone(),
+                            since,
+                        }));
+                }
+                (since, epoch) => {
+                    subscribes.push(subscribe_frame(key, since, epoch));
+                    self.unacked.insert(key.clone(), 1);
+                }
+            }
+        }
+        for (epoch, entries) in groups {
+            for subscriptions in resume_chunks(entries) {
+                self.resuming
+                    .push_back(subscriptions.iter().filter_map(ResumeEntry::key).collect());
+                frames.push(client_frame(&ClientFrame::Resume(ResumeFrame {
+                    subscriptions,
+                    epoch: epoch.clone(),
+                })));
+            }
+        }
+        // `resume` first: the first `bad_request` while one is unanswered is its refusal.
+        frames.extend(subscribes);
+        frames
+    }
+
+    /// A `resume_ack`: each key's verdict acts as its `sub_ack`; a refused key gets
+    /// [`Event::Refused`] and is dropped.
+    fn on_resume_ack(
+        &mut self,
+        ack: &ResumeAck,
+        connection_sequence: u64,
+        dead: &mut Vec<SubscriptionKey>,
+    ) {
+        let Some(keys) = self.resuming.pop_front() else {
+            tracing::warn!(target: "seqcast_client", "resume_ack for no resume; ignored");
+            return;
+        };
+        for (i, result) in ack.results.iter().enumerate() {
+            let Some(key) = result
+                .subscription_key()
+                .cloned()
+                .or_else(|| keys.get(i).cloned())
+            else {
+                continue;
+            };
+            if self.unacked.contains_key(&key) {
+                // Re-subscribed since the resume was sent: that `subscribe`'s answer counts.
+                continue;
+            }
+            let Some(sub) = self.subs.get_mut(&key) else {
+                if matches!(result, seqcast_protocol::ResumeResult::Resumed { .. }) {
+                    dead.push(key);
+                }
+                continue;
+            };
+            match resume_verdict(&key, result, ack) {
+                Ok(sub_ack) => {
+                    let events = sub.tracker.on_sub_ack(&sub_ack, connection_sequence);
+                    if events.into_iter().any(|ev| sub.events.send(ev).is_err()) {
+                        dead.push(key);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(target: "seqcast_client", key = %key, code = %error.code, message = %error.message, "the server refused a key on resume; its subscription ends");
+                    let _ = sub.events.send(Event::Refused(Refused {
+                        key: key.clone(),
+                        code: error.code,
+                        message: error.message,
+                    }));
+                    // Not followed by the server: nothing to unsubscribe.
+                    self.subs.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// A `bad_request` while a `resume` is unanswered: the server does not take `resume`. Its
+    /// keys are subscribed one by one, as every later reconnect will do.
+    fn resume_refused(&mut self, e: &ErrorFrame) -> Vec<WsMessage> {
+        let Some(keys) = self.resuming.pop_front() else {
+            return Vec::new();
+        };
+        if self.resume_frames {
+            tracing::info!(target: "seqcast_client", message = %e.message, "the server does not take resume frames; resuming key by key");
+        }
+        self.resume_frames = false;
+        let mut frames = Vec::new();
+        for key in keys {
+            if self.unacked.contains_key(&key) {
+                continue;
+            }
+            if let Some(sub) = self.subs.get(&key) {
+                let (since, epoch) = sub.tracker.subscribe_position();
+                frames.push(subscribe_frame(&key, since, epoch));
+                self.unacked.insert(key, 1);
+            }
+        }
+        frames
+    }
+
+    /// Routes one server frame; returns the frames to send in reply (`unsubscribe` for keys
+    /// the application dropped, `subscribe` where a `resume` was refused).
+    fn on_text(&mut self, text: &str, connection_sequence: u64) -> Vec<WsMessage> {
         let mut dead = Vec::new();
+        let mut replies = Vec::new();
         match decode_server_frame(text) {
             Ok(ServerFrame::SubAck(ack)) => {
                 let stale = match self.unacked.get_mut(&ack.subscription_key) {
@@ -449,7 +584,7 @@ impl Driver {
                     None => false,
                 };
                 if stale {
-                    return dead;
+                    return replies;
                 }
                 if let Some(sub) = self.subs.get_mut(&ack.subscription_key) {
                     let events = sub.tracker.on_sub_ack(&ack, connection_sequence);
@@ -467,6 +602,16 @@ impl Driver {
                     dead.push(key);
                 }
             }
+            Ok(ServerFrame::Error(e))
+                if e.code == ErrorCode::BadRequest
+                    && e.r#ref.is_none()
+                    && !self.resuming.is_empty() =>
+            {
+                replies = self.resume_refused(&e);
+            }
+            Ok(ServerFrame::ResumeAck(ack)) => {
+                self.on_resume_ack(&ack, connection_sequence, &mut dead);
+            }
             Ok(ServerFrame::Error(e)) => {
                 tracing::warn!(
                     target: "seqcast_client",
@@ -474,36 +619,83 @@ impl Driver {
                     message = %e.message,
                     "error frame from the server"
                 );
+                if e.code == ErrorCode::Unauthorized
+                    && let Some(refresh) = self.refresh.as_mut()
+                {
+                    refresh.on_unauthorized(&e.message);
+                }
                 // Nobody listening is fine: the error is logged above.
                 let _ = self.shared.errors.send(e);
             }
-            Ok(
-                ServerFrame::Connected(_)
-                | ServerFrame::Pong
-                | ServerFrame::AuthOk(_)
-                | ServerFrame::PublishAck(_)
-                // The client resumes with `subscribe` frames; it sends no `resume`.
-                | ServerFrame::ResumeAck(_),
-            ) => {}
+            Ok(ServerFrame::AuthOk(ok)) => {
+                if let Some(refresh) = self.refresh.as_mut() {
+                    refresh.on_auth_ok(ok.exp);
+                }
+            }
+            Ok(ServerFrame::Connected(_) | ServerFrame::Pong | ServerFrame::PublishAck(_)) => {}
             Err(e) => {
                 // Frames from a newer server are skipped, not fatal.
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");
             }
         }
-        for key in &dead {
-            self.subs.remove(key);
+        for key in dead {
+            self.subs.remove(&key);
+            replies.push(unsubscribe_frame(&key));
         }
-        dead
+        replies
     }
 }
 
-/// One connection attempt: token, WebSocket handshake, `hello`, `connected`.
+/// Most bytes of keys in one `resume` frame: a client that follows many keys sends several
+/// frames rather than one the server's frame limit (`--max-message-bytes`) would close with 1009
+/// on every reconnect.
+const RESUME_FRAME_BUDGET: usize = 8 * 1024;
+
+/// `entries` cut into runs whose frames stay within [`RESUME_FRAME_BUDGET`] (at least one entry
+/// each).
+fn resume_chunks(entries: Vec<ResumeEntry>) -> Vec<Vec<ResumeEntry>> {
+    let mut chunks: Vec<Vec<ResumeEntry>> = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        // `{"channel":"…","request_id":"…","since":…},` is about 60 bytes beside the names.
+        let size = entry.key().map_or(0, |k| {
+            k.channel().as_str().len() + k.request_id().as_str().len()
+        }) + 60;
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= RESUME_FRAME_BUDGET => chunk.push(entry),
+            _ => {
+                chunks.push(vec![entry]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    chunks
+}
+
+/// Whether a connection that lasted `lived` counts as a success for the backoff (which then
+/// starts over): it stayed up at least as long as the longest backoff.
+pub(crate) fn stayed_up(lived: Duration, backoff_max: Duration) -> bool {
+    lived >= backoff_max
+}
+
+/// The next fresh token of the connection's refresh (never, without one).
+pub(crate) async fn next_token(refresh: &mut Option<Refresh>) -> String {
+    match refresh {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One connection attempt: token, WebSocket handshake, `hello`, `connected`. Also returns the
+/// token's `exp` (read, not verified), for the refresh.
 pub(crate) async fn open(
     config: Config,
     tokens: SharedTokens,
     shared: Arc<Shared>,
-) -> Result<(Ws, ConnectionInfo), Error> {
+) -> Result<(Ws, ConnectionInfo, Option<u64>), Error> {
     let token = tokens.0.token().await.map_err(Error::Token)?;
+    let exp = jwt_exp(&token);
     let (mut ws, _response) = tokio::time::timeout(
         config.connect_timeout,
         tokio_tungstenite::connect_async(config.url.as_str()),
@@ -530,6 +722,7 @@ pub(crate) async fn open(
             head: connected.head,
             epoch: connected.epoch,
         },
+        exp,
     ))
 }
 
@@ -605,4 +798,43 @@ fn unsubscribe_frame(key: &SubscriptionKey) -> WsMessage {
         channel: key.channel().clone(),
         request_id: key.request_id().clone(),
     }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use seqcast_protocol::{Channel, RequestId};
+
+    use super::*;
+
+    fn entry(i: usize) -> ResumeEntry {
+        ResumeEntry::Key(ResumeKey {
+            channel: Channel::new("c".repeat(64)).unwrap(),
+            request_id: RequestId::new(format!("{i:0>128}")).unwrap(),
+            since: u64::MAX,
+        })
+    }
+
+    #[test]
+    fn resume_frames_stay_within_the_budget_and_keep_every_key_in_order() {
+        assert_eq!(resume_chunks(vec![entry(0), entry(1)]).len(), 1);
+        let chunks = resume_chunks((0..1000).map(entry).collect());
+        assert!(chunks.len() > 1);
+        let mut next = 0;
+        for chunk in &chunks {
+            let bytes = match client_frame(&ClientFrame::Resume(ResumeFrame {
+                subscriptions: chunk.clone(),
+                epoch: Some("e".repeat(64)),
+            })) {
+                WsMessage::Text(t) => t.len(),
+                _ => 0,
+            };
+            assert!(bytes <= RESUME_FRAME_BUDGET + 100, "{bytes} bytes");
+            for e in chunk {
+                assert_eq!(e, &entry(next));
+                next += 1;
+            }
+        }
+        assert_eq!(next, 1000);
+    }
 }

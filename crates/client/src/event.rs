@@ -12,12 +12,31 @@ use serde::de::DeserializeOwned;
 pub enum Event {
     /// The server acknowledged the subscription on a connection: once per (re)connect.
     Subscribed(Subscribed),
-    /// The server could not hand over everything since the resume point: what lies between
-    /// [`Gap::since`] and the next message yielded is lost for this client. Always follows the
-    /// `Subscribed` it belongs to and precedes the messages after the gap.
+    /// The server could not hand over everything since the resume point (`recovered: false`):
+    /// what lies between [`Gap::since`] and the next message yielded is lost for this client.
+    /// **Re-fetch your state for this key** (e.g. page the key's stream over HTTP, or start
+    /// the view over), then keep consuming: messages after the gap follow. Emitted for every key
+    /// whose resume says so; always follows the `Subscribed` it belongs to and precedes the
+    /// messages after the gap.
     Gap(Gap),
     /// One message of the key, in strictly increasing `sequence_number` order, never twice.
     Message(Message),
+    /// The server refused this key when it was resumed after a reconnect (its verdict in
+    /// `resume_ack`: e.g. the token no longer allows the key, or the connection is at its
+    /// subscription limit). The server does not follow the key any more; the stream ends after
+    /// this event.
+    Refused(Refused),
+}
+
+/// A key the server refused on resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The subscription key.
+    pub key: SubscriptionKey,
+    /// The server's error code (`forbidden`, `bad_request`, …).
+    pub code: seqcast_protocol::ErrorCode,
+    /// The server's explanation.
+    pub message: String,
 }
 
 /// The server's `sub_ack`, as seen by one subscription.
@@ -165,16 +184,19 @@ pub struct ConnectionInfo {
 /// [`Client::watch_state`](crate::Client::watch_state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Opening a connection (`attempt` 0 is the first try after a success or at start).
+    /// Opening a connection (`attempt` 0 is the first try at start or after a connection
+    /// that stayed up).
     Connecting {
-        /// Failed attempts since the last successful connection.
+        /// Failed attempts (and connections that did not stay up) since the last connection
+        /// that stayed up for the backoff's maximum.
         attempt: u32,
     },
     /// Connected and past `hello`; subscriptions are (re)sent.
     Connected(ConnectionInfo),
     /// The connection was lost or an attempt failed; the next attempt starts after `delay`.
     Reconnecting {
-        /// Failed attempts since the last successful connection (≥ 1).
+        /// Failed attempts (and connections that did not stay up) since the last connection
+        /// that stayed up (≥ 1).
         attempt: u32,
         /// The backoff before the next attempt.
         delay: Duration,

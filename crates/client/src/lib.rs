@@ -4,13 +4,18 @@
 //! subscription keys (`{channel}:{request_id}`). Each [`Subscription`] is a [`Stream`] of
 //! [`Event`]s: `Subscribed` when the server acknowledges it, then every message of the key in
 //! strictly increasing `sequence_number` order and never twice, and an explicit [`Event::Gap`]
-//! when the server says it could not hand over everything after a reconnect.
+//! when the server says it could not hand over everything after a reconnect (re-fetch your
+//! state for that key).
 //!
 //! When the connection drops, the client reconnects with capped exponential backoff and full
 //! jitter. Every attempt asks the [`TokenProvider`] for a fresh JWT and sends `hello` with the
-//! session id and a `connection_sequence` one higher than the last; then it re-subscribes every
-//! key with `since` = the last sequence number it yielded for that key (or the `sub_ack.head`
-//! if none yet) and the `epoch` it came from, so the server replays exactly what was missed.
+//! session id and a `connection_sequence` one higher than the last; then it resumes every key
+//! with `since` = the last sequence number it yielded for that key (or the `sub_ack.head` if none
+//! yet) and the `epoch` it came from, in one `resume` frame (one per epoch), so the server replays
+//! exactly what was missed; keys without a position yet, and every key on a server that does not
+//! take `resume`, go as one `subscribe` each. While connected, the provider is asked again
+//! before the token's `exp` and the fresh token is sent in an `auth` frame: subscriptions and
+//! positions are untouched.
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
@@ -23,6 +28,7 @@
 //!     match event {
 //!         Event::Message(m) => println!("#{} {}", m.sequence_number, m.data_json()),
 //!         Event::Gap(gap) => eprintln!("lost messages after {:?}", gap.since),
+//!         Event::Refused(r) => eprintln!("the server refused {}: {}", r.key, r.message),
 //!         Event::Subscribed(_) => {}
 //!     }
 //! }
@@ -54,7 +60,9 @@ mod tracker;
 
 pub use client::{Client, ClientBuilder, Subscription};
 pub use error::{BoxError, Error};
-pub use event::{ConnectionInfo, ConnectionState, Event, Gap, GapReason, Message, Subscribed};
+pub use event::{
+    ConnectionInfo, ConnectionState, Event, Gap, GapReason, Message, Refused, Subscribed,
+};
 pub use publisher::{Outgoing, PendingAck, PublishError, Publisher, PublisherBuilder};
 pub use seqcast_protocol::{
     Channel, ErrorCode, ErrorFrame, MessageId, PublishResponse, RawValue, RequestId, SessionId,

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use seqcast_protocol::{
-    Channel, ClientFrame, ErrorFrame, MessageId, Publish, PublishRef, PublishResponse, RawValue,
-    RequestId, ServerFrame, SessionId, decode_server_frame,
+    Auth, Channel, ClientFrame, ErrorCode, ErrorFrame, MessageId, Publish, PublishRef,
+    PublishResponse, RawValue, RequestId, ServerFrame, SessionId, decode_server_frame,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -29,10 +29,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::client::check_url;
-use crate::driver::{Config, Shared, Ws, client_frame, open};
+use crate::driver::{Config, Shared, Ws, client_frame, next_token, open, stayed_up};
 use crate::error::Error;
 use crate::event::ConnectionState;
-use crate::token::{SharedTokens, TokenProvider};
+use crate::token::{Refresh, SharedTokens, TokenProvider};
 use crate::tracker::backoff_delay;
 
 /// One message to publish.
@@ -174,6 +174,7 @@ impl PublisherBuilder {
             commands: commands_rx,
             unacked: VecDeque::new(),
             closing: false,
+            refresh: None,
         };
         tokio::spawn(task.run(Some(first_tx)));
         match first_rx.await {
@@ -332,6 +333,8 @@ struct PublishTask {
     unacked: VecDeque<Entry>,
     /// Every handle is gone: finish what is unanswered, then stop.
     closing: bool,
+    /// The current connection's token refresh.
+    refresh: Option<Refresh>,
 }
 
 /// Refs count up over the publisher's life, so an answer is matched to its entry.
@@ -351,8 +354,7 @@ impl PublishTask {
             )
             .await;
             let reason = match opened {
-                Ok((ws, info)) => {
-                    attempt = 0;
+                Ok((ws, info, exp)) => {
                     if let Some(first) = first.take() {
                         let _ = first.send(Ok(()));
                     }
@@ -360,7 +362,14 @@ impl PublishTask {
                     self.shared
                         .state
                         .send_replace(ConnectionState::Connected(info));
-                    match self.serve(ws).await {
+                    let opened_at = tokio::time::Instant::now();
+                    self.refresh = Some(Refresh::new(self.tokens.clone(), exp));
+                    let served = self.serve(ws).await;
+                    self.refresh = None;
+                    if stayed_up(opened_at.elapsed(), self.config.backoff_max) {
+                        attempt = 0;
+                    }
+                    match served {
                         Served::Done => break,
                         Served::Lost(reason) => reason,
                     }
@@ -453,6 +462,11 @@ impl PublishTask {
                         return Served::Lost(format!("sending failed: {e}"));
                     }
                 }
+                token = next_token(&mut self.refresh) => {
+                    if let Err(e) = ws.send(client_frame(&ClientFrame::Auth(Auth { token }))).await {
+                        return Served::Lost(format!("sending auth failed: {e}"));
+                    }
+                }
                 msg = ws.next() => match msg {
                     Some(Ok(WsMessage::Text(text))) => {
                         if let Err(why) = self.on_text(text.as_str()) {
@@ -488,9 +502,20 @@ impl PublishTask {
                 Some(r) => (r, Err(PublishError::Refused(e))),
                 None => {
                     tracing::warn!(target: "seqcast_client", code = %e.code, message = %e.message, "error frame from the server");
+                    if e.code == ErrorCode::Unauthorized
+                        && let Some(refresh) = self.refresh.as_mut()
+                    {
+                        refresh.on_unauthorized(&e.message);
+                    }
                     return Ok(());
                 }
             },
+            Ok(ServerFrame::AuthOk(ok)) => {
+                if let Some(refresh) = self.refresh.as_mut() {
+                    refresh.on_auth_ok(ok.exp);
+                }
+                return Ok(());
+            }
             Ok(_) => return Ok(()),
             Err(e) => {
                 tracing::warn!(target: "seqcast_client", error = %e, "undecodable frame from the server; skipped");

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use seqcast_protocol::{MessageFrame, SubAck, SubscriptionKey};
+use seqcast_protocol::{
+    ErrorDetail, MessageFrame, ResumeAck, ResumeResult, SubAck, SubscriptionKey,
+};
 
 use crate::event::{Event, Gap, GapReason, Subscribed};
 
@@ -163,6 +165,34 @@ impl KeyTracker {
     }
 }
 
+/// One key's verdict in a `resume_ack`, as the `sub_ack` a `subscribe` with the same `since`
+/// would have brought (no backlog: a resumed key has a position), or the refusal.
+pub(crate) fn resume_verdict(
+    key: &SubscriptionKey,
+    result: &ResumeResult,
+    ack: &ResumeAck,
+) -> Result<SubAck, ErrorDetail> {
+    match result {
+        ResumeResult::Refused { error, .. } => Err(error.clone()),
+        ResumeResult::Resumed {
+            recovered,
+            oldest_sequence,
+            ..
+        } => Ok(SubAck {
+            channel: key.channel().clone(),
+            request_id: key.request_id().clone(),
+            subscription_key: key.clone(),
+            drained: 0,
+            head: ack.head,
+            recovered: Some(*recovered),
+            oldest_sequence: *oldest_sequence,
+            expired: 0,
+            overflow: 0,
+            epoch: ack.epoch.clone(),
+        }),
+    }
+}
+
 /// The delay before reconnect attempt `attempt` (0 = first retry): capped exponential backoff
 /// with full jitter, `unit` × min(max, initial · 2^attempt) with `unit` uniform in [0, 1).
 /// Full jitter spreads a crowd of clients that lost the same server over the whole interval.
@@ -309,6 +339,63 @@ mod tests {
         assert_eq!(t.subscribe_position(), (Some(4), Some("e1".into())));
         t.on_sub_ack(&ack(0, 9, "e1", Some(true)), 1);
         assert_eq!(yielded(&mut t, &[4, 5]), vec![5]);
+    }
+
+    #[test]
+    fn a_resume_verdict_acts_as_the_sub_ack_of_a_subscribe_with_since() {
+        let answer = ResumeAck {
+            results: vec![
+                ResumeResult::Resumed {
+                    subscription_key: key(),
+                    recovered: false,
+                    oldest_sequence: Some(40),
+                    already_subscribed: false,
+                },
+                ResumeResult::Refused {
+                    subscription_key: Some(key()),
+                    error: ErrorDetail {
+                        code: seqcast_protocol::ErrorCode::Forbidden,
+                        message: "no".into(),
+                    },
+                },
+            ],
+            head: 60,
+            epoch: "e1".into(),
+        };
+        let mut t = KeyTracker::new(key(), None);
+        t.on_sub_ack(&ack(0, 3, "e1", None), 1);
+        t.on_disconnect();
+        let sub_ack = resume_verdict(&key(), &answer.results[0], &answer).unwrap();
+        let events = t.on_sub_ack(&sub_ack, 2);
+        assert!(
+            matches!(events.get(1), Some(Event::Gap(g)) if g.since == Some(3) && g.oldest_sequence == Some(40)),
+            "{events:?}"
+        );
+        assert_eq!(yielded(&mut t, &[41]), vec![41]);
+        let refused = resume_verdict(&key(), &answer.results[1], &answer).unwrap_err();
+        assert_eq!(refused.code, seqcast_protocol::ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn backoff_draws_are_uniform_below_a_cap_that_doubles_up_to_the_maximum() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut random = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(3));
+        for attempt in 0..12u32 {
+            let cap = (initial * 2u32.pow(attempt)).min(max);
+            let mut quarters = [0u32; 4];
+            for _ in 0..4000 {
+                let d = backoff_delay(attempt, initial, max, random.random::<f64>());
+                assert!(d < cap, "attempt {attempt}: {d:?} not below {cap:?}");
+                let q = (d.as_secs_f64() / cap.as_secs_f64() * 4.0) as usize;
+                quarters[q.min(3)] += 1;
+            }
+            // Full jitter: every quarter of [0, cap) gets about a quarter of the draws.
+            assert!(
+                quarters.iter().all(|&n| (850..=1150).contains(&n)),
+                "attempt {attempt}: {quarters:?}"
+            );
+        }
     }
 
     #[test]

@@ -35,10 +35,15 @@ const PG_MIGRATIONS: &[PgMigration] = &[
         name: "publish_without_notify",
         sql: include_str!("../../migrations/postgres/0004_publish_without_notify.sql"),
     },
+    PgMigration {
+        version: 5,
+        name: "head",
+        sql: include_str!("../../migrations/postgres/0005_head.sql"),
+    },
 ];
 
 /// The PostgreSQL schema version this build writes and reads.
-pub const PG_SCHEMA_VERSION: u32 = 4;
+pub const PG_SCHEMA_VERSION: u32 = 5;
 
 /// Key of the session advisory lock that migrations run under, so nodes that start together
 /// do not race ("seqcast" in ASCII).
