@@ -996,6 +996,14 @@ impl Bench {
         v
     }
 
+    /// [`Self::log_flags`] for SQLite with a recovery window of a million messages.
+    fn sqlite_log_flags(&self, cache_bytes: &'static str) -> Vec<&'static str> {
+        self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            cache_bytes,
+        )
+    }
+
     /// The settings suffix of a log-cursor row on a server that predates log cursors.
     fn old_server_note(&self) -> &'static str {
         if self.log_cursor_flag {
@@ -1042,10 +1050,7 @@ impl Bench {
     fn resume(&mut self) -> Result<()> {
         let s = self.sizes();
         let (keys, messages) = s.resume;
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "1048576",
-        );
+        let flags = self.sqlite_log_flags("1048576");
         let (v, problems) = self.run_scenario(
             "resume",
             &flags,
@@ -1088,10 +1093,7 @@ impl Bench {
 
     fn catchup(&mut self) -> Result<()> {
         let s = self.sizes();
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "1048576",
-        );
+        let flags = self.sqlite_log_flags("1048576");
         let (v, problems) = self.run_scenario(
             "catchup",
             &flags,
@@ -1145,10 +1147,7 @@ impl Bench {
     fn storm(&mut self) -> Result<()> {
         let s = self.sizes();
         let (clients, missed) = s.log_storm;
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "262144",
-        );
+        let flags = self.sqlite_log_flags("262144");
         let (v, problems) = self.run_scenario(
             "storm",
             &flags,
