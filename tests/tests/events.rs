@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use seqcast_e2e::sse::{Block, Reader};
-use seqcast_e2e::{Options, PROMPT, TestServer, token};
+use seqcast_e2e::{Options, PROMPT, TestServer, seqs, token};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use tokio_tungstenite::tungstenite::Message;
@@ -389,15 +389,6 @@ async fn poll(s: &TestServer, query: &str) -> (u16, Option<u64>, Value) {
         next,
         serde_json::from_str(&text).unwrap_or(Value::Null),
     )
-}
-
-fn seqs(body: &Value) -> Vec<u64> {
-    body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["sequence_number"].as_u64().unwrap())
-        .collect()
 }
 
 /// Long-poll: what is there at once; else held until a publish (200) or the timeout (204); the

@@ -2,17 +2,8 @@
 //! sequence numbers as live delivery.
 #![allow(clippy::unwrap_used)]
 
-use seqcast_e2e::{Options, TestServer, data, token, token_with};
+use seqcast_e2e::{Options, TestServer, data, seqs, token, token_with};
 use serde_json::{Value, json};
-
-fn seqs(body: &Value) -> Vec<u64> {
-    body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["sequence_number"].as_u64().unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn ac1_recovery_answers_200_with_a_valid_token() {

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use seqcast_client::{Client, ConnectionState, Event, Message, Subscribed, Subscription};
+use seqcast_client::{
+    Client, ConnectionState, Event, Message, Subscribed, Subscription, TokenProvider,
+};
 use seqcast_e2e::{API_KEY, PROMPT};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,6 +17,15 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 /// Backoff for tests: quick retries, short cap.
 pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(200));
+
+/// A client of `url` (`ws://…/ws`) with the tests' [`BACKOFF`], its tokens from `tokens`.
+pub async fn connect_with(url: String, tokens: impl TokenProvider) -> Client {
+    Client::builder(url)
+        .backoff(BACKOFF.0, BACKOFF.1)
+        .connect(tokens)
+        .await
+        .expect("connect")
+}
 
 /// A TCP forwarder in front of a server.
 #[derive(Debug)]
