@@ -4,8 +4,7 @@
 
 mod client_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use client_support::{
     Proxy, expect_message, expect_subscribed, index, next_event, spawn_publisher, wait_state,
@@ -230,20 +229,13 @@ async fn resuming_beyond_the_recovery_window_yields_a_gap() {
 async fn the_token_provider_is_asked_again_on_every_reconnect() {
     let s = TestServer::start_with(Options::default()).await;
     let proxy = Proxy::start(s.addr).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                if n == 2 {
-                    Err(std::io::Error::other("token service briefly down"))
-                } else {
-                    Ok(token(&format!("user-{n}"), None))
-                }
-            }
+    let (calls, provider) = client_support::counting_provider(|n| {
+        if n == 2 {
+            Err(std::io::Error::other("token service briefly down"))
+        } else {
+            Ok(token(&format!("user-{n}"), None))
         }
-    };
+    });
     let client = client_support::connect_with(proxy.ws_url(), provider).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let mut sub = client.subscribe("search", "r1").await.unwrap();

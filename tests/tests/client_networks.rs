@@ -10,10 +10,10 @@ mod client_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use client_support::{BACKOFF, index, spawn_publisher};
+use client_support::{BACKOFF, counting_provider, index, spawn_publisher};
 use rand::{Rng as _, SeedableRng as _};
 use seqcast_client::{Client, Event, Gap, Message, Subscription};
 use seqcast_e2e::fault_proxy::FaultProxy;
@@ -84,14 +84,7 @@ async fn follow_paced(s: &TestServer, client: &Client, n: u64) -> (Subscription,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_outlives_its_tokens_by_refreshing_them_in_band() {
     let s = TestServer::start_with(Options::default()).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, std::io::Error>(token_with("alice", None, 3, false)) }
-        }
-    };
+    let (calls, provider) = counting_provider(|_| Ok(token_with("alice", None, 3, false)));
     let client = client_support::connect_with(format!("ws://{}/ws", s.addr), provider).await;
     let (_sub, others) = follow_paced(&s, &client, 70).await;
     assert_eq!(others.len(), 1, "only the first Subscribed: {others:?}");
@@ -115,27 +108,20 @@ async fn a_connection_outlives_its_tokens_by_refreshing_them_in_band() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refresh_ends_at_exp_and_the_client_comes_back_with_a_fresh_token() {
     let s = TestServer::start_with(Options::default()).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                Ok::<_, std::io::Error>(if n == 2 {
-                    // Signed with another secret: refused by the server.
-                    let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
-                    jsonwebtoken::encode(
-                        &jsonwebtoken::Header::default(),
-                        &claims,
-                        &jsonwebtoken::EncodingKey::from_secret(b"not the server's secret"),
-                    )
-                    .unwrap()
-                } else {
-                    token_with("alice", None, if n == 1 { 3 } else { 3600 }, false)
-                })
-            }
-        }
-    };
+    let (calls, provider) = counting_provider(|n| {
+        Ok(if n == 2 {
+            // Signed with another secret: refused by the server.
+            let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"not the server's secret"),
+            )
+            .unwrap()
+        } else {
+            token_with("alice", None, if n == 1 { 3 } else { 3600 }, false)
+        })
+    });
     let client = client_support::connect_with(format!("ws://{}/ws", s.addr), provider).await;
     let (_sub, others) = follow_paced(&s, &client, 50).await;
     let subscribed: Vec<_> = others
@@ -198,20 +184,13 @@ async fn a_publisher_outlives_its_tokens_too() {
 async fn a_key_refused_on_resume_ends_its_stream_and_the_others_go_on() {
     let s = TestServer::start_with(Options::default()).await;
     let proxy = FaultProxy::start(s.addr).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                Ok::<_, std::io::Error>(if first {
-                    token_with("alice", None, 3600, false)
-                } else {
-                    token_with("alice", Some(&["kept"]), 3600, false)
-                })
-            }
-        }
-    };
+    let (_calls, provider) = counting_provider(|n| {
+        Ok(if n == 1 {
+            token_with("alice", None, 3600, false)
+        } else {
+            token_with("alice", Some(&["kept"]), 3600, false)
+        })
+    });
     let client = client_support::connect_with(format!("ws://{}/ws", proxy.addr), provider).await;
     let mut kept = client.subscribe("kept", "k").await.unwrap();
     let mut lost = client.subscribe("lost", "k").await.unwrap();

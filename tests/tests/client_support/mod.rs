@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,22 @@ pub async fn connect_with(url: String, tokens: impl TokenProvider) -> Client {
         .connect(tokens)
         .await
         .expect("connect")
+}
+
+/// A token provider that counts the times it was asked (the count returned beside it): the
+/// n-th ask (from 1) answers `token(n)`.
+pub fn counting_provider(
+    token: impl Fn(usize) -> Result<String, std::io::Error> + Send + Sync + 'static,
+) -> (Arc<AtomicUsize>, impl TokenProvider) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let answer = token(calls.fetch_add(1, Ordering::SeqCst) + 1);
+            async move { answer }
+        }
+    };
+    (calls, provider)
 }
 
 /// A TCP forwarder in front of a server.
