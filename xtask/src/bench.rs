@@ -383,20 +383,7 @@ impl Bench {
                 if !durable && !matches!(subs, 100 | 1000) {
                     continue;
                 }
-                let v = self.loadgen(
-                    &server,
-                    "fanout",
-                    &[
-                        "--subscribers",
-                        &subs.to_string(),
-                        "--rate",
-                        &rate.to_string(),
-                        "--duration-secs",
-                        &secs.to_string(),
-                        "--warmup-secs",
-                        &s.warmup.to_string(),
-                    ],
-                )?;
+                let v = self.paced(&server, "fanout", (subs, rate, secs), s.warmup)?;
                 let lat = &v["latency"];
                 let per_delivery = cpu_us_per(&v, "deliveries_per_s");
                 let settings = format!(
@@ -506,16 +493,18 @@ impl Bench {
         Ok(())
     }
 
-    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
-    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
-        let &(subs, rate, secs) = s
-            .fanout_rate
-            .iter()
-            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
-            .unwrap_or(&s.fanout_rate[0]);
-        let v = self.loadgen(
+    /// The load generator's fixed-rate `scenario` (`fanout`, `sse`) on `server`: `subs`
+    /// subscribers, `rate` messages a second, measured for `secs` after `warmup` seconds.
+    fn paced(
+        &self,
+        server: &Server,
+        scenario: &str,
+        (subs, rate, secs): (usize, f64, f64),
+        warmup: f64,
+    ) -> Result<Value> {
+        self.loadgen(
             server,
-            "sse",
+            scenario,
             &[
                 "--subscribers",
                 &subs.to_string(),
@@ -524,9 +513,19 @@ impl Bench {
                 "--duration-secs",
                 &secs.to_string(),
                 "--warmup-secs",
-                &s.warmup.to_string(),
+                &warmup.to_string(),
             ],
-        )?;
+        )
+    }
+
+    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
+    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
+        let &(subs, rate, secs) = s
+            .fanout_rate
+            .iter()
+            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
+            .unwrap_or(&s.fanout_rate[0]);
+        let v = self.paced(server, "sse", (subs, rate, secs), s.warmup)?;
         let settings = format!(
             "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
             num(&json!(rate * subs as f64))
