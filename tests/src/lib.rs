@@ -535,6 +535,13 @@ pub async fn publish_over(http: &reqwest::Client, url: &str, body: &Value) -> Va
         .unwrap()
 }
 
+/// The `error.message` of an error answer's body.
+pub fn error_message(body: &Value) -> &str {
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {body}"))
+}
+
 /// The `sequence_number`s of a page's `messages`, in order (an HTTP recovery or events page).
 pub fn seqs(page: &Value) -> Vec<u64> {
     page["messages"]
