@@ -521,6 +521,37 @@ pub fn data(m: &seqcast_protocol::MessageFrame) -> Value {
     serde_json::from_str(m.data.get()).unwrap()
 }
 
+/// POST /api/publish `body` with the API key over `http` to `url` (for a task that cannot
+/// borrow the [`TestServer`]); the answer's JSON.
+pub async fn publish_over(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    http.post(url)
+        .header("Authorization", format!("ApiKey {API_KEY}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The `error.message` of an error answer's body.
+pub fn error_message(body: &Value) -> &str {
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message in {body}"))
+}
+
+/// The `sequence_number`s of a page's `messages`, in order (an HTTP recovery or events page).
+pub fn seqs(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["sequence_number"].as_u64().unwrap())
+        .collect()
+}
+
 impl TestServer {
     /// The server process's id, while it runs.
     pub fn pid(&self) -> Option<u32> {
@@ -720,6 +751,27 @@ impl Drop for PgDatabase {
             &self.admin_url,
             &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
         );
+    }
+}
+
+/// Polls `count_sql` (a `SELECT count(*) …`) on `client` every `every` until it answers 0;
+/// `Err(count)`, the last answer, once `within` has passed.
+pub async fn until_count_is_zero(
+    client: &tokio_postgres::Client,
+    count_sql: &str,
+    within: Duration,
+    every: Duration,
+) -> Result<(), i64> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let count: i64 = client.query_one(count_sql, &[]).await.unwrap().get(0);
+        if count == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(count);
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -4,12 +4,10 @@
 
 mod client_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use client_support::{
-    BACKOFF, Proxy, expect_message, expect_subscribed, index, next_event, spawn_publisher,
-    wait_state,
+    Proxy, expect_message, expect_subscribed, index, next_event, spawn_publisher, wait_state,
 };
 use seqcast_client::{Client, ConnectionState, Error, Event, GapReason, fixed_token};
 use seqcast_e2e::{Options, PROMPT, TestServer, token};
@@ -20,11 +18,7 @@ fn ws_url(s: &TestServer) -> String {
 }
 
 async fn connect(url: String) -> Client {
-    Client::builder(url)
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(fixed_token(token("alice", None)))
-        .await
-        .expect("connect")
+    client_support::connect_with(url, fixed_token(token("alice", None))).await
 }
 
 #[tokio::test]
@@ -235,25 +229,14 @@ async fn resuming_beyond_the_recovery_window_yields_a_gap() {
 async fn the_token_provider_is_asked_again_on_every_reconnect() {
     let s = TestServer::start_with(Options::default()).await;
     let proxy = Proxy::start(s.addr).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                if n == 2 {
-                    Err(std::io::Error::other("token service briefly down"))
-                } else {
-                    Ok(token(&format!("user-{n}"), None))
-                }
-            }
+    let (calls, provider) = client_support::counting_provider(|n| {
+        if n == 2 {
+            Err(std::io::Error::other("token service briefly down"))
+        } else {
+            Ok(token(&format!("user-{n}"), None))
         }
-    };
-    let client = Client::builder(proxy.ws_url())
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(provider)
-        .await
-        .unwrap();
+    });
+    let client = client_support::connect_with(proxy.ws_url(), provider).await;
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let mut sub = client.subscribe("search", "r1").await.unwrap();
     let first = expect_subscribed(&mut sub).await;

@@ -10,10 +10,10 @@ mod client_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use client_support::{BACKOFF, index, spawn_publisher};
+use client_support::{BACKOFF, counting_provider, index, spawn_publisher};
 use rand::{Rng as _, SeedableRng as _};
 use seqcast_client::{Client, Event, Gap, Message, Subscription};
 use seqcast_e2e::fault_proxy::FaultProxy;
@@ -68,29 +68,25 @@ fn indexes(messages: &[Message]) -> Vec<u64> {
     messages.iter().map(index).collect()
 }
 
+/// Subscribes `client` to `tok:k` while `n` messages are published one every 100 ms; asserts
+/// each arrived once, in order, and returns the subscription with its other events.
+async fn follow_paced(s: &TestServer, client: &Client, n: u64) -> (Subscription, Vec<Event>) {
+    let mut sub = client.subscribe("tok", "k").await.unwrap();
+    let publisher = paced_publisher(s, "k", n, Duration::from_millis(100));
+    let (messages, others) = collect(&mut sub, n as usize, Duration::from_secs(30)).await;
+    publisher.await.unwrap();
+    assert_eq!(indexes(&messages), (0..n).collect::<Vec<_>>());
+    (sub, others)
+}
+
 /// Tokens live 3 s; the connection stays up across several expiries because the client sends
 /// each next token in an `auth` frame before the current one runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_outlives_its_tokens_by_refreshing_them_in_band() {
     let s = TestServer::start_with(Options::default()).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, std::io::Error>(token_with("alice", None, 3, false)) }
-        }
-    };
-    let client = Client::builder(format!("ws://{}/ws", s.addr))
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(provider)
-        .await
-        .unwrap();
-    let mut sub = client.subscribe("tok", "k").await.unwrap();
-    let publisher = paced_publisher(&s, "k", 70, Duration::from_millis(100));
-    let (messages, others) = collect(&mut sub, 70, Duration::from_secs(30)).await;
-    publisher.await.unwrap();
-    assert_eq!(indexes(&messages), (0..70).collect::<Vec<_>>());
+    let (calls, provider) = counting_provider(|_| Ok(token_with("alice", None, 3, false)));
+    let client = client_support::connect_with(format!("ws://{}/ws", s.addr), provider).await;
+    let (_sub, others) = follow_paced(&s, &client, 70).await;
     assert_eq!(others.len(), 1, "only the first Subscribed: {others:?}");
     assert_eq!(client.connection_sequence(), 1, "never reconnected");
     assert!(client.state().is_connected());
@@ -112,37 +108,22 @@ async fn a_connection_outlives_its_tokens_by_refreshing_them_in_band() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refresh_ends_at_exp_and_the_client_comes_back_with_a_fresh_token() {
     let s = TestServer::start_with(Options::default()).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                Ok::<_, std::io::Error>(if n == 2 {
-                    // Signed with another secret: refused by the server.
-                    let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
-                    jsonwebtoken::encode(
-                        &jsonwebtoken::Header::default(),
-                        &claims,
-                        &jsonwebtoken::EncodingKey::from_secret(b"not the server's secret"),
-                    )
-                    .unwrap()
-                } else {
-                    token_with("alice", None, if n == 1 { 3 } else { 3600 }, false)
-                })
-            }
-        }
-    };
-    let client = Client::builder(format!("ws://{}/ws", s.addr))
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(provider)
-        .await
-        .unwrap();
-    let mut sub = client.subscribe("tok", "k").await.unwrap();
-    let publisher = paced_publisher(&s, "k", 50, Duration::from_millis(100));
-    let (messages, others) = collect(&mut sub, 50, Duration::from_secs(30)).await;
-    publisher.await.unwrap();
-    assert_eq!(indexes(&messages), (0..50).collect::<Vec<_>>());
+    let (calls, provider) = counting_provider(|n| {
+        Ok(if n == 2 {
+            // Signed with another secret: refused by the server.
+            let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"not the server's secret"),
+            )
+            .unwrap()
+        } else {
+            token_with("alice", None, if n == 1 { 3 } else { 3600 }, false)
+        })
+    });
+    let client = client_support::connect_with(format!("ws://{}/ws", s.addr), provider).await;
+    let (_sub, others) = follow_paced(&s, &client, 50).await;
     let subscribed: Vec<_> = others
         .iter()
         .filter_map(|e| match e {
@@ -203,25 +184,14 @@ async fn a_publisher_outlives_its_tokens_too() {
 async fn a_key_refused_on_resume_ends_its_stream_and_the_others_go_on() {
     let s = TestServer::start_with(Options::default()).await;
     let proxy = FaultProxy::start(s.addr).await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let calls = Arc::clone(&calls);
-        move || {
-            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                Ok::<_, std::io::Error>(if first {
-                    token_with("alice", None, 3600, false)
-                } else {
-                    token_with("alice", Some(&["kept"]), 3600, false)
-                })
-            }
-        }
-    };
-    let client = Client::builder(format!("ws://{}/ws", proxy.addr))
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(provider)
-        .await
-        .unwrap();
+    let (_calls, provider) = counting_provider(|n| {
+        Ok(if n == 1 {
+            token_with("alice", None, 3600, false)
+        } else {
+            token_with("alice", Some(&["kept"]), 3600, false)
+        })
+    });
+    let client = client_support::connect_with(format!("ws://{}/ws", proxy.addr), provider).await;
     let mut kept = client.subscribe("kept", "k").await.unwrap();
     let mut lost = client.subscribe("lost", "k").await.unwrap();
     for sub in [&mut kept, &mut lost] {
@@ -283,13 +253,11 @@ struct KeyRun {
 /// and how many cuts were made.
 async fn through_random_cuts(s: &TestServer, seed: u64) -> (BTreeMap<&'static str, KeyRun>, u32) {
     let proxy = FaultProxy::start(s.addr).await;
-    let client = Client::builder(format!("ws://{}/ws", proxy.addr))
-        .backoff(BACKOFF.0, BACKOFF.1)
-        .connect(seqcast_client::fixed_token(token_with(
-            "alice", None, 3600, false,
-        )))
-        .await
-        .unwrap();
+    let client = client_support::connect_with(
+        format!("ws://{}/ws", proxy.addr),
+        seqcast_client::fixed_token(token_with("alice", None, 3600, false)),
+    )
+    .await;
     let mut subs = Vec::new();
     for key in KEYS {
         subs.push((key, client.subscribe("net", key).await.unwrap()));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use seqcast_e2e::sse::{Block, Reader};
-use seqcast_e2e::{Options, PROMPT, TestServer, token};
+use seqcast_e2e::{Options, PROMPT, TestServer, error_message, seqs, token};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use tokio_tungstenite::tungstenite::Message;
@@ -356,13 +356,7 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
         let r = get_events(&s, &format!("ticket={t}"), None, None).await;
         assert_eq!(r.status(), 401);
         let body: Value = r.json().await.unwrap();
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("expired"),
-            "{body}"
-        );
+        assert!(error_message(&body).contains("expired"), "{body}");
         // No credentials at all.
         assert_eq!(get_events(&s, "since=0", None, None).await.status(), 401);
     })
@@ -389,15 +383,6 @@ async fn poll(s: &TestServer, query: &str) -> (u16, Option<u64>, Value) {
         next,
         serde_json::from_str(&text).unwrap_or(Value::Null),
     )
-}
-
-fn seqs(body: &Value) -> Vec<u64> {
-    body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["sequence_number"].as_u64().unwrap())
-        .collect()
 }
 
 /// Long-poll: what is there at once; else held until a publish (200) or the timeout (204); the

@@ -391,17 +391,8 @@ async fn an_auth_refresh_keeps_the_connection_and_its_cursor_past_exp() {
         async move {
             let mut seqs = Vec::new();
             for i in 3..30 {
-                let r: Value = http
-                    .post(&url)
-                    .header("Authorization", format!("ApiKey {API_KEY}"))
-                    .header("Content-Type", "application/json")
-                    .body(json!({"channel": "c", "request_id": "r", "data": i}).to_string())
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let body = json!({"channel": "c", "request_id": "r", "data": i});
+                let r = seqcast_e2e::publish_over(&http, &url, &body).await;
                 seqs.push(r["sequence_number"].as_u64().unwrap());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use seqcast_e2e::fault_proxy::FaultProxy;
 use seqcast_e2e::pg_cluster::PgCluster;
 use seqcast_e2e::pg_faults::pg_node;
-use seqcast_e2e::{API_KEY, TestServer, token};
+use seqcast_e2e::{API_KEY, TestServer, token, until_count_is_zero};
 use seqcast_protocol::{ServerFrame, decode_server_frame};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -429,40 +429,34 @@ async fn nemesis_faults_never_lose_an_acknowledged_message_or_skip_one_silently(
     // Messages staged by seqcast.publish() are numbered by the nodes' outbox polls after their
     // transactions commit; on a loaded machine the last ones may still be staged. Wait until the
     // outbox is empty (bounded): a staged row that is never numbered fails here, by name.
-    let drain_deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let staged: i64 = client
-            .query_one("SELECT count(*) FROM seqcast.outbox", &[])
+    let outbox = "SELECT count(*) FROM seqcast.outbox";
+    let drained = until_count_is_zero(
+        &client,
+        outbox,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    );
+    if let Err(staged) = drained.await {
+        // Who holds what (a session left in a transaction holds the counter's lock).
+        let sessions: Vec<String> = client
+            .query(
+                "SELECT application_name || ' ' || coalesce(client_addr::text, '') || ' ' || \
+                 coalesce(state, '') || ' xact ' || coalesce((now() - xact_start)::text, '-') || \
+                 ' wait ' || coalesce(wait_event_type || '/' || wait_event, '-') || ': ' || \
+                 left(query, 120) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
             .await
-            .unwrap()
-            .get(0);
-        if staged == 0 {
-            break;
-        }
-        if std::time::Instant::now() >= drain_deadline {
-            // Who holds what (a session left in a transaction holds the counter's lock).
-            let sessions: Vec<String> = client
-                .query(
-                    "SELECT application_name || ' ' || coalesce(client_addr::text, '') || ' ' || \
-                     coalesce(state, '') || ' xact ' || coalesce((now() - xact_start)::text, '-') || \
-                     ' wait ' || coalesce(wait_event_type || '/' || wait_event, '-') || ': ' || \
-                     left(query, 120) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-                .unwrap_or_default();
-            eprintln!("sessions of the database:\n{}", sessions.join("\n"));
-        }
-        assert!(
-            std::time::Instant::now() < drain_deadline,
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default();
+        eprintln!("sessions of the database:\n{}", sessions.join("\n"));
+        panic!(
             "{staged} application messages are still staged in seqcast.outbox 30 s after the faults ended (seed {seed}); faults: {log:#?}\nnodes:\n{}PostgreSQL:\n{}{}",
             node_warnings(&nodes),
             primary.replication_log(),
             standby.replication_log()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let rows = client
         .query(

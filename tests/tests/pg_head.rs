@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use seqcast_e2e::{Event, PgDatabase, TestServer, token};
+use seqcast_e2e::{Event, PgDatabase, TestServer, token, until_count_is_zero};
 use seqcast_protocol::ServerFrame;
 use serde_json::json;
 use tokio::sync::watch;
@@ -260,19 +260,15 @@ async fn run(db: PgDatabase, head: Head, rounds: usize) -> Vec<String> {
     }
 
     // Every staged message numbered; the truth is the log of KEY (nothing is pruned here).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let staged: i64 = setup
-            .query_one("SELECT count(*) FROM seqcast.outbox", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if staged == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{staged} messages still staged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let outbox = "SELECT count(*) FROM seqcast.outbox";
+    until_count_is_zero(
+        &setup,
+        outbox,
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap_or_else(|staged| panic!("{staged} messages still staged"));
     let truth: BTreeMap<String, u64> = setup
         .query(
             "SELECT e.message_id, e.sequence_number FROM seqcast.events e \
@@ -383,19 +379,15 @@ async fn the_head_does_not_go_back_when_retention_deletes_the_newest_events() {
         node.publish(CHANNEL, KEY, json!({"n": n})).await;
     }
     let app = db.connect().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left: i64 = app
-            .query_one("SELECT count(*) FROM seqcast.events", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "retention left {left} events");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let events = "SELECT count(*) FROM seqcast.events";
+    until_count_is_zero(
+        &app,
+        events,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap_or_else(|left| panic!("retention left {left} events"));
     for sql in ["SELECT seqcast.head()", "SELECT seqcast.head('room', NULL)"] {
         let h: i64 = app.query_one(sql, &[]).await.unwrap().get(0);
         assert_eq!(h, 3, "{sql}");

@@ -2,17 +2,8 @@
 //! sequence numbers as live delivery.
 #![allow(clippy::unwrap_used)]
 
-use seqcast_e2e::{Options, TestServer, data, token, token_with};
+use seqcast_e2e::{Options, TestServer, data, error_message, seqs, token, token_with};
 use serde_json::{Value, json};
-
-fn seqs(body: &Value) -> Vec<u64> {
-    body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["sequence_number"].as_u64().unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn ac1_recovery_answers_200_with_a_valid_token() {
@@ -234,13 +225,7 @@ async fn ac7_auth_failures() {
     let expired = token_with("alice", None, -3600, false);
     let (status, body) = s.get("/websocket/messages?since=0", Some(&expired)).await;
     assert_eq!(status, 401);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expired"),
-        "{body}"
-    );
+    assert!(error_message(&body).contains("expired"), "{body}");
     let scoped = token("alice", Some(&["search:*"]));
     let (status, body) = s
         .get(

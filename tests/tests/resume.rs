@@ -105,16 +105,8 @@ async fn keys_resume_together_in_global_order_while_publishes_run() {
             let mut numbers = Vec::new();
             for i in 0..150 {
                 let k = ["a", "b", "c", "noise"][i % 4];
-                let r: Value = http
-                    .post(&url)
-                    .header("authorization", format!("ApiKey {}", seqcast_e2e::API_KEY))
-                    .json(&json!({"channel": k, "request_id": "r", "data": i}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let body = json!({"channel": k, "request_id": "r", "data": i});
+                let r = seqcast_e2e::publish_over(&http, &url, &body).await;
                 numbers.push((format!("{k}:r"), r["sequence_number"].as_u64().unwrap()));
             }
             numbers

@@ -383,20 +383,7 @@ impl Bench {
                 if !durable && !matches!(subs, 100 | 1000) {
                     continue;
                 }
-                let v = self.loadgen(
-                    &server,
-                    "fanout",
-                    &[
-                        "--subscribers",
-                        &subs.to_string(),
-                        "--rate",
-                        &rate.to_string(),
-                        "--duration-secs",
-                        &secs.to_string(),
-                        "--warmup-secs",
-                        &s.warmup.to_string(),
-                    ],
-                )?;
+                let v = self.paced(&server, "fanout", (subs, rate, secs), s.warmup)?;
                 let lat = &v["latency"];
                 let per_delivery = cpu_us_per(&v, "deliveries_per_s");
                 let settings = format!(
@@ -506,16 +493,18 @@ impl Bench {
         Ok(())
     }
 
-    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
-    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
-        let &(subs, rate, secs) = s
-            .fanout_rate
-            .iter()
-            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
-            .unwrap_or(&s.fanout_rate[0]);
-        let v = self.loadgen(
+    /// The load generator's fixed-rate `scenario` (`fanout`, `sse`) on `server`: `subs`
+    /// subscribers, `rate` messages a second, measured for `secs` after `warmup` seconds.
+    fn paced(
+        &self,
+        server: &Server,
+        scenario: &str,
+        (subs, rate, secs): (usize, f64, f64),
+        warmup: f64,
+    ) -> Result<Value> {
+        self.loadgen(
             server,
-            "sse",
+            scenario,
             &[
                 "--subscribers",
                 &subs.to_string(),
@@ -524,9 +513,19 @@ impl Bench {
                 "--duration-secs",
                 &secs.to_string(),
                 "--warmup-secs",
-                &s.warmup.to_string(),
+                &warmup.to_string(),
             ],
-        )?;
+        )
+    }
+
+    /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
+    fn sse_fanout(&mut self, server: &Server, s: &Sizes, storage: &str) -> Result<()> {
+        let &(subs, rate, secs) = s
+            .fanout_rate
+            .iter()
+            .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
+            .unwrap_or(&s.fanout_rate[0]);
+        let v = self.paced(server, "sse", (subs, rate, secs), s.warmup)?;
         let settings = format!(
             "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
             num(&json!(rate * subs as f64))
@@ -753,10 +752,6 @@ impl Bench {
         // (transport, durable messages per server CPU-second, p99 ms)
         let mut judged: Vec<(&str, f64, f64)> = Vec::new();
         for transport in ["ws", "ndjson"] {
-            let server = self.start(
-                &format!("tokens-{transport}"),
-                &["--storage", "sqlite", "--synchronous", "full"],
-            )?;
             let args = [
                 ("--sessions", t.sessions.to_string()),
                 ("--rate", t.rate.to_string()),
@@ -770,25 +765,29 @@ impl Bench {
                 .iter()
                 .flat_map(|(flag, value)| [*flag, value.as_str()])
                 .collect();
-            let v = self.loadgen(&server, "tokens", &args)?;
-            drop(server);
-            let problems = self.problems(&format!("token streams ({transport})"), &v);
+            let (v, problems) = self.run_scenario(
+                &format!("tokens-{transport}"),
+                &["--storage", "sqlite", "--synchronous", "full"],
+                "tokens",
+                &args,
+                &format!("token streams ({transport})"),
+            )?;
             let per_cpu = v["durable_msgs_per_server_cpu_s"].as_f64().unwrap_or(0.0);
             let lat = &v["latency"];
-            let mut result = format!(
-                "**{} durable messages/s**, **{} per server CPU-second**; publish→deliver p50 {} / p99 {} / p999 {} ms; publish→answer p50 {} / p99 {} ms; errors {}",
-                num(&v["durable_msgs_per_s"]),
-                num(&json!(per_cpu)),
-                ms(&lat["p50_ms"]),
-                ms(&lat["p99_ms"]),
-                ms(&lat["p999_ms"]),
-                ms(&v["ack_latency"]["p50_ms"]),
-                ms(&v["ack_latency"]["p99_ms"]),
-                v["errors"]
+            let result = failed(
+                problems.as_deref(),
+                format!(
+                    "**{} durable messages/s**, **{} per server CPU-second**; publish→deliver p50 {} / p99 {} / p999 {} ms; publish→answer p50 {} / p99 {} ms; errors {}",
+                    num(&v["durable_msgs_per_s"]),
+                    num(&json!(per_cpu)),
+                    ms(&lat["p50_ms"]),
+                    ms(&lat["p99_ms"]),
+                    ms(&lat["p999_ms"]),
+                    ms(&v["ack_latency"]["p50_ms"]),
+                    ms(&v["ack_latency"]["p99_ms"]),
+                    v["errors"]
+                ),
             );
-            if let Some(p) = &problems {
-                result = format!("**FAILED**: {p}. {result}");
-            }
             let door = if transport == "ws" {
                 "WebSocket `publish`"
             } else {
@@ -996,6 +995,14 @@ impl Bench {
         v
     }
 
+    /// [`Self::log_flags`] for SQLite with a recovery window of a million messages.
+    fn sqlite_log_flags(&self, cache_bytes: &'static str) -> Vec<&'static str> {
+        self.log_flags(
+            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
+            cache_bytes,
+        )
+    }
+
     /// The settings suffix of a log-cursor row on a server that predates log cursors.
     fn old_server_note(&self) -> &'static str {
         if self.log_cursor_flag {
@@ -1020,17 +1027,32 @@ impl Bench {
         Some(text)
     }
 
+    /// Start a server `name` with `flags`, run the load generator's `scenario` with `extra`
+    /// against it and stop the server; returns the report and its problems (see `problems`,
+    /// recorded under `label`).
+    fn run_scenario(
+        &mut self,
+        name: &str,
+        flags: &[&str],
+        scenario: &str,
+        extra: &[&str],
+        label: &str,
+    ) -> Result<(Value, Option<String>)> {
+        let server = self.start(name, flags)?;
+        let v = self.loadgen(&server, scenario, extra)?;
+        drop(server);
+        let problems = self.problems(label, &v);
+        Ok((v, problems))
+    }
+
     /// K keys miss M messages; one `resume` of all K against K `subscribe` frames with `since`.
     fn resume(&mut self) -> Result<()> {
         let s = self.sizes();
         let (keys, messages) = s.resume;
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "1048576",
-        );
-        let server = self.start("resume", &flags)?;
-        let v = self.loadgen(
-            &server,
+        let flags = self.sqlite_log_flags("1048576");
+        let (v, problems) = self.run_scenario(
+            "resume",
+            &flags,
             "resume",
             &[
                 "--keys",
@@ -1038,22 +1060,21 @@ impl Bench {
                 "--messages",
                 &messages.to_string(),
             ],
+            "resume",
         )?;
-        drop(server);
-        let problems = self.problems("resume", &v);
         let cpu = |k: &str| v[k].as_f64().map_or("–".to_owned(), |c| format!("{c:.3}"));
-        let mut result = format!(
-            "one `resume`: **{:.3} s**, {} server CPU-s; {} `subscribe` frames: {:.3} s, {} server CPU-s ({:.1}× the time)",
-            v["resume_s"].as_f64().unwrap_or(0.0),
-            cpu("resume_server_cpu_s"),
-            num(&json!(keys)),
-            v["subscribes_s"].as_f64().unwrap_or(0.0),
-            cpu("subscribes_server_cpu_s"),
-            v["speedup"].as_f64().unwrap_or(0.0),
+        let result = failed(
+            problems.as_deref(),
+            format!(
+                "one `resume`: **{:.3} s**, {} server CPU-s; {} `subscribe` frames: {:.3} s, {} server CPU-s ({:.1}× the time)",
+                v["resume_s"].as_f64().unwrap_or(0.0),
+                cpu("resume_server_cpu_s"),
+                num(&json!(keys)),
+                v["subscribes_s"].as_f64().unwrap_or(0.0),
+                cpu("subscribes_server_cpu_s"),
+                v["speedup"].as_f64().unwrap_or(0.0),
+            ),
         );
-        if let Some(p) = &problems {
-            result = format!("**FAILED**: {p}. {result}");
-        }
         self.row(
             "resume many keys",
             format!(
@@ -1071,32 +1092,28 @@ impl Bench {
 
     fn catchup(&mut self) -> Result<()> {
         let s = self.sizes();
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "1048576",
-        );
-        let server = self.start("catchup", &flags)?;
-        let v = self.loadgen(
-            &server,
+        let flags = self.sqlite_log_flags("1048576");
+        let (v, problems) = self.run_scenario(
+            "catchup",
+            &flags,
             "catchup",
             &["--messages", &s.catchup.to_string(), "--live", "10"],
+            "catch-up",
         )?;
-        drop(server);
-        let problems = self.problems("catch-up", &v);
         let per_cpu = v["msgs_per_server_cpu_s"].as_f64();
-        let mut result = format!(
-            "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second ({:.3} CPU-s); then {} live at the seam; publishing took {:.2} s",
-            num(&v["msgs_per_s"]),
-            v["time_to_live_s"].as_f64().unwrap_or(0.0),
-            ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
-            per_cpu.map_or("–".to_owned(), |r| num(&json!(r))),
-            v["server_cpu_s"].as_f64().unwrap_or(0.0),
-            v["live_messages"],
-            v["publish_s"].as_f64().unwrap_or(0.0)
+        let result = failed(
+            problems.as_deref(),
+            format!(
+                "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second ({:.3} CPU-s); then {} live at the seam; publishing took {:.2} s",
+                num(&v["msgs_per_s"]),
+                v["time_to_live_s"].as_f64().unwrap_or(0.0),
+                ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
+                per_cpu.map_or("–".to_owned(), |r| num(&json!(r))),
+                v["server_cpu_s"].as_f64().unwrap_or(0.0),
+                v["live_messages"],
+                v["publish_s"].as_f64().unwrap_or(0.0)
+            ),
         );
-        if let Some(p) = &problems {
-            result = format!("**FAILED**: {p}. {result}");
-        }
         self.row(
             "catch-up from the log",
             format!(
@@ -1129,13 +1146,10 @@ impl Bench {
     fn storm(&mut self) -> Result<()> {
         let s = self.sizes();
         let (clients, missed) = s.log_storm;
-        let flags = self.log_flags(
-            &["--storage", "sqlite", "--recovery-max-messages", "1000000"],
-            "262144",
-        );
-        let server = self.start("storm", &flags)?;
-        let v = self.loadgen(
-            &server,
+        let flags = self.sqlite_log_flags("262144");
+        let (v, problems) = self.run_scenario(
+            "storm",
+            &flags,
             "storm",
             &[
                 "--clients",
@@ -1143,20 +1157,19 @@ impl Bench {
                 "--missed",
                 &missed.to_string(),
             ],
+            "storm",
         )?;
-        drop(server);
-        let problems = self.problems("storm", &v);
         let all = v["all_caught_up_s"].as_f64().unwrap_or(f64::MAX);
-        let mut result = format!(
-            "all caught up in **{all:.2} s**; per client p50 {} / p99 {} ms; {} msgs/s; {} of {clients} clients got exactly the {missed} in order",
-            ms(&v["caught_up"]["p50_ms"]),
-            ms(&v["caught_up"]["p99_ms"]),
-            num(&v["msgs_per_s"]),
-            v["clients_exact"]
+        let result = failed(
+            problems.as_deref(),
+            format!(
+                "all caught up in **{all:.2} s**; per client p50 {} / p99 {} ms; {} msgs/s; {} of {clients} clients got exactly the {missed} in order",
+                ms(&v["caught_up"]["p50_ms"]),
+                ms(&v["caught_up"]["p99_ms"]),
+                num(&v["msgs_per_s"]),
+                v["clients_exact"]
+            ),
         );
-        if let Some(p) = &problems {
-            result = format!("**FAILED**: {p}. {result}");
-        }
         self.row(
             "reconnect storm from the log",
             format!(
@@ -1181,12 +1194,9 @@ impl Bench {
 
     fn slow_consumer(&mut self) -> Result<()> {
         let s = self.sizes().slow;
-        let server = self.start(
+        let (v, problems) = self.run_scenario(
             "slowconsumer",
             &["--storage", "sqlite", "--synchronous", "full"],
-        )?;
-        let v = self.loadgen(
-            &server,
             "slowconsumer",
             &[
                 "--subscribers",
@@ -1206,9 +1216,8 @@ impl Bench {
                 "--pad-bytes",
                 &s.pad_bytes.to_string(),
             ],
+            "slow consumer",
         )?;
-        drop(server);
-        let problems = self.problems("slow consumer", &v);
         let shape = format!(
             "{} subscribers × {} msgs/s = {} deliveries/s, {} B padding, SQLite FULL",
             s.subscribers,
@@ -1243,24 +1252,24 @@ impl Bench {
             base,
         );
         let staller = &v["staller"];
-        let mut result = format!(
-            "others: {} (p99 {:.2}× the baseline); server RSS {} → peak {} → after {} MiB; staller received {} of {}{}",
-            lat(stalled),
-            v["p99_ratio"].as_f64().unwrap_or(f64::NAN),
-            mib(&stalled["rss_kib"]["before"]),
-            mib(&stalled["rss_kib"]["peak"]),
-            mib(&stalled["rss_kib"]["after"]),
-            staller["received"],
-            staller["expected"],
-            if staller["exact"] == Value::Bool(true) {
-                ", once each, in order"
-            } else {
-                ""
-            }
+        let result = failed(
+            problems.as_deref(),
+            format!(
+                "others: {} (p99 {:.2}× the baseline); server RSS {} → peak {} → after {} MiB; staller received {} of {}{}",
+                lat(stalled),
+                v["p99_ratio"].as_f64().unwrap_or(f64::NAN),
+                mib(&stalled["rss_kib"]["before"]),
+                mib(&stalled["rss_kib"]["peak"]),
+                mib(&stalled["rss_kib"]["after"]),
+                staller["received"],
+                staller["expected"],
+                if staller["exact"] == Value::Bool(true) {
+                    ", once each, in order"
+                } else {
+                    ""
+                }
+            ),
         );
-        if let Some(p) = &problems {
-            result = format!("**FAILED**: {p}. {result}");
-        }
         self.row(
             "slow consumer (stall)",
             format!(
@@ -1444,27 +1453,26 @@ impl Bench {
             let mut flags: Vec<&str> = flags.to_vec();
             flags.extend(["--recovery-max-messages", "1000000"]);
             let flags = self.log_flags(&flags, "1048576");
-            let server = self.start("catchup-postgres", &flags)?;
-            let v = self.loadgen(
-                &server,
+            let (v, problems) = self.run_scenario(
+                "catchup-postgres",
+                &flags,
                 "catchup",
                 &["--messages", &s.catchup.to_string(), "--live", "10"],
+                "catch-up (PostgreSQL)",
             )?;
-            drop(server);
-            let problems = self.problems("catch-up (PostgreSQL)", &v);
-            let mut result = format!(
-                "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second; then {} live at the seam",
-                num(&v["msgs_per_s"]),
-                v["time_to_live_s"].as_f64().unwrap_or(0.0),
-                ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
-                v["msgs_per_server_cpu_s"]
-                    .as_f64()
-                    .map_or("–".to_owned(), |r| num(&json!(r))),
-                v["live_messages"],
+            let result = failed(
+                problems.as_deref(),
+                format!(
+                    "**{} msgs/s**; time to live {:.3} s (sub_ack after {} ms); {} msgs per server CPU-second; then {} live at the seam",
+                    num(&v["msgs_per_s"]),
+                    v["time_to_live_s"].as_f64().unwrap_or(0.0),
+                    ms(&json!(v["sub_ack_s"].as_f64().unwrap_or(0.0) * 1000.0)),
+                    v["msgs_per_server_cpu_s"]
+                        .as_f64()
+                        .map_or("–".to_owned(), |r| num(&json!(r))),
+                    v["live_messages"],
+                ),
             );
-            if let Some(p) = &problems {
-                result = format!("**FAILED**: {p}. {result}");
-            }
             self.row(
                 "catch-up from the log",
                 format!(
@@ -1792,6 +1800,14 @@ fn pgbench(database: &str, clients: usize, secs: &str) -> Result<f64> {
 }
 
 /// A paced fan-out's result: deliveries/s, server CPU per delivery, latencies, losses.
+/// A row's `result`, marked as failed with the scenario's problems when it had any.
+fn failed(problems: Option<&str>, result: String) -> String {
+    match problems {
+        Some(p) => format!("**FAILED**: {p}. {result}"),
+        None => result,
+    }
+}
+
 fn paced_result(v: &Value) -> String {
     let (lat, last) = (&v["latency"], &v["last_subscriber"]);
     format!(

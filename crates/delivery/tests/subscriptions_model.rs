@@ -128,6 +128,18 @@ impl Conn {
         self.generations += 1;
         self.generations
     }
+
+    /// A fresh record of key `k` (a new subscription of it), of a new generation.
+    fn fresh_record(&mut self, k: usize) {
+        let generation = self.new_generation();
+        self.records[k] = Some(Record {
+            generation,
+            received: Vec::new(),
+            first_after: 0,
+            told_gaps: Vec::new(),
+            after: 0,
+        });
+    }
 }
 
 struct World {
@@ -228,14 +240,7 @@ impl World {
         }
         // A fresh subscribe replaces a resume of the key not yet sent.
         self.conns[c].resumes.retain(|&(j, _)| j != k);
-        let generation = self.conns[c].new_generation();
-        self.conns[c].records[k] = Some(Record {
-            generation,
-            received: Vec::new(),
-            first_after: 0,
-            told_gaps: Vec::new(),
-            after: 0,
-        });
+        self.conns[c].fresh_record(k);
         let since = since_back.map(|b| self.head().saturating_sub(b));
         let after = self.plan_start(c, k, since);
         let r = self.conns[c].records[k].as_mut().unwrap();
@@ -294,14 +299,7 @@ impl World {
             }
             self.conns[c].resumes.retain(|&(j, _)| j != k);
             if fresh {
-                let generation = self.conns[c].new_generation();
-                self.conns[c].records[k] = Some(Record {
-                    generation,
-                    received: Vec::new(),
-                    first_after: 0,
-                    told_gaps: Vec::new(),
-                    after: 0,
-                });
+                self.conns[c].fresh_record(k);
             }
             let after = self.plan_start(c, k, Some(since));
             let r = self.conns[c].records[k].as_mut().unwrap();

@@ -291,6 +291,28 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
+/// A fixed-rate fan-out: `rate` messages a second, one per publish, connected 256 at a time,
+/// no padding.
+fn paced(
+    subscribers: usize,
+    rate: f64,
+    duration_secs: f64,
+    warmup_secs: f64,
+    publishers: usize,
+) -> fanout::FanoutArgs {
+    fanout::FanoutArgs {
+        subscribers,
+        rate: Some(rate),
+        duration: secs(duration_secs),
+        warmup: secs(warmup_secs),
+        publishers,
+        batch: 1,
+        window: 512,
+        connect_concurrency: 256,
+        pad: 0,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One worker per core we may run on: `taskset` gives the load generator its own core.
@@ -342,15 +364,8 @@ fn main() -> anyhow::Result<()> {
                 connect_concurrency,
             } => {
                 let args = fanout::FanoutArgs {
-                    subscribers,
-                    rate: Some(rate),
-                    duration: secs(duration_secs),
-                    warmup: secs(warmup_secs),
-                    publishers,
-                    batch: 1,
-                    window: 512,
                     connect_concurrency,
-                    pad: 0,
+                    ..paced(subscribers, rate, duration_secs, warmup_secs, publishers)
                 };
                 sse::run(&server.target()?, &args).await
             }
@@ -481,15 +496,8 @@ fn main() -> anyhow::Result<()> {
             } => {
                 let args = slowconsumer::SlowArgs {
                     fanout: fanout::FanoutArgs {
-                        subscribers,
-                        rate: Some(rate),
-                        duration: secs(duration_secs),
-                        warmup: secs(warmup_secs),
-                        publishers,
-                        batch: 1,
-                        window: 512,
-                        connect_concurrency: 256,
                         pad: pad_bytes,
+                        ..paced(subscribers, rate, duration_secs, warmup_secs, publishers)
                     },
                     baseline: secs(baseline_secs),
                     stall_at: secs(stall_at_secs),

@@ -59,6 +59,17 @@ impl ReadBudget {
     pub(crate) fn is_spent(&self) -> bool {
         !self.has_room()
     }
+
+    /// The end a page read with this budget accounts for: `last` (the number of its last
+    /// event) when a budget cut the page after at least one event, else `through` (the whole
+    /// range was read).
+    pub(crate) fn covered_through(&self, last: u64, through: u64) -> u64 {
+        if self.taken > 0 && self.is_spent() {
+            last
+        } else {
+            through
+        }
+    }
 }
 
 /// A persisted event with the numbers the database gave it.

@@ -574,10 +574,8 @@ impl EventReader for MemoryReader {
         let mut budget = ReadBudget::new(limit.max(1), max_bytes);
         let from = after.max(log.floor.saturating_sub(1));
         let events = log.collect(filter, from, through, &mut budget)?;
-        let covered_through = match events.last() {
-            Some(last) if budget.is_spent() => last.sequence_number,
-            _ => through,
-        };
+        let last = events.last().map_or(0, |e| e.sequence_number);
+        let covered_through = budget.covered_through(last, through);
         Ok(LogPage {
             events,
             covered_through,

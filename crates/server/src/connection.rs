@@ -819,6 +819,13 @@ fn advance(
     let page = page_budget(app);
     loop {
         let view = app.hub.view();
+        // How far behind the head a catch-up from `after` starts.
+        let observe_lag = |after: u64| {
+            app.hub
+                .metrics
+                .catchup_lag
+                .observe(view.head.saturating_sub(after) as f64);
+        };
         match subs.next_action(view, queue_level(sub))? {
             Action::Close(Close::Behind {
                 key,
@@ -829,10 +836,7 @@ fn advance(
                 return None;
             }
             Action::Join { key, after } => {
-                app.hub
-                    .metrics
-                    .catchup_lag
-                    .observe(view.head.saturating_sub(after) as f64);
+                observe_lag(after);
                 let result =
                     join_result(
                         app.hub
@@ -846,10 +850,7 @@ fn advance(
             }
             Action::JoinMerged { keys } => {
                 let positions = KeyPositions::new(keys);
-                app.hub
-                    .metrics
-                    .catchup_lag
-                    .observe(view.head.saturating_sub(positions.min_after()) as f64);
+                observe_lag(positions.min_after());
                 let result = join_result(app.hub.join_merged_from_cache(
                     sub,
                     &positions,
@@ -867,10 +868,7 @@ fn advance(
                 after,
                 through,
             } => {
-                app.hub
-                    .metrics
-                    .catchup_lag
-                    .observe(view.head.saturating_sub(after) as f64);
+                observe_lag(after);
                 let app = Arc::clone(app);
                 return Some(Box::pin(async move {
                     let result = catchup::read_keys_page(&app, keys.clone(), through, page).await;
@@ -882,10 +880,7 @@ fn advance(
                 after,
                 through,
             } => {
-                app.hub
-                    .metrics
-                    .catchup_lag
-                    .observe(view.head.saturating_sub(after) as f64);
+                observe_lag(after);
                 let app = Arc::clone(app);
                 return Some(Box::pin(async move {
                     let result =

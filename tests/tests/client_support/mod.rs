@@ -4,10 +4,13 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use seqcast_client::{Client, ConnectionState, Event, Message, Subscribed, Subscription};
+use seqcast_client::{
+    Client, ConnectionState, Event, Message, Subscribed, Subscription, TokenProvider,
+};
 use seqcast_e2e::{API_KEY, PROMPT};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,6 +18,31 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 /// Backoff for tests: quick retries, short cap.
 pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(200));
+
+/// A client of `url` (`ws://…/ws`) with the tests' [`BACKOFF`], its tokens from `tokens`.
+pub async fn connect_with(url: String, tokens: impl TokenProvider) -> Client {
+    Client::builder(url)
+        .backoff(BACKOFF.0, BACKOFF.1)
+        .connect(tokens)
+        .await
+        .expect("connect")
+}
+
+/// A token provider that counts the times it was asked (the count returned beside it): the
+/// n-th ask (from 1) answers `token(n)`.
+pub fn counting_provider(
+    token: impl Fn(usize) -> Result<String, std::io::Error> + Send + Sync + 'static,
+) -> (Arc<AtomicUsize>, impl TokenProvider) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let calls = Arc::clone(&calls);
+        move || {
+            let answer = token(calls.fetch_add(1, Ordering::SeqCst) + 1);
+            async move { answer }
+        }
+    };
+    (calls, provider)
+}
 
 /// A TCP forwarder in front of a server.
 #[derive(Debug)]

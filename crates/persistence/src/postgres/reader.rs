@@ -129,6 +129,39 @@ impl PgReader {
             Ok(rows)
         })
     }
+
+    /// `inner` (a read whose event columns start at column `offset`, its rows cut at `max`
+    /// bytes by [`within_budget`]) with the retention floor from the same snapshot, taken as
+    /// [`Self::rows_within`] takes rows: the floor, and the rows. Column 1 is null in a row
+    /// that carries only the floor (the read found nothing).
+    fn rows_with_floor(
+        &self,
+        inner: &str,
+        max: &str,
+        params: Params,
+        budget: ReadBudget,
+        offset: usize,
+    ) -> Result<(u64, Vec<Row>), StoreError> {
+        let sql = format!(
+            "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
+                 {}) x ON true \
+             WHERE f.id = 1",
+            within_budget(inner, "sequence_number", max)
+        );
+        let rows = self.rows_within(sql, params, budget, move |row| {
+            match row.get::<_, Option<i64>>(1) {
+                Some(_) => Take::Event(read_bytes(row.get(offset + 6), row.get(offset + 4))),
+                None => Take::NotEvent,
+            }
+        })?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Corrupt(
+                "seqcast.retention has no row".to_owned(),
+            ));
+        };
+        let floor = pg_u64(first.get(0), "retention floor")?;
+        Ok((floor, rows))
+    }
 }
 
 /// A lower bound of a row's [`read_bytes`] that PostgreSQL knows without reading TOAST data: the
@@ -357,25 +390,7 @@ impl EventReader for PgReader {
              ORDER BY e.sequence_number LIMIT $3",
             read_estimate("e.message_id")
         );
-        let sql = format!(
-            "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
-                 {}) x ON true \
-             WHERE f.id = 1",
-            within_budget(&inner, "sequence_number", &max)
-        );
-        // A row without an event (the LATERAL found none) carries only the floor.
-        let rows = self.rows_within(sql, params, budget, |row| {
-            match row.get::<_, Option<i64>>(1) {
-                Some(_) => Take::Event(read_bytes(row.get(7), row.get(5))),
-                None => Take::NotEvent,
-            }
-        })?;
-        let Some(first) = rows.first() else {
-            return Err(StoreError::Corrupt(
-                "seqcast.retention has no row".to_owned(),
-            ));
-        };
-        let floor = pg_u64(first.get(0), "retention floor")?;
+        let (floor, rows) = self.rows_with_floor(&inner, &max, params, budget, 1)?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             if row.get::<_, Option<i64>>(1).is_some() {
@@ -383,11 +398,10 @@ impl EventReader for PgReader {
             }
         }
         // Cut by the count or the bytes (the bytes are counted as in `rows_within`).
-        let bytes: usize = events.iter().map(CommittedEvent::read_bytes).sum();
-        let covered_through = match events.last() {
-            Some(last) if events.len() >= limit || bytes >= max_bytes => last.sequence_number,
-            _ => through,
-        };
+        let mut cut = ReadBudget::new(limit, max_bytes);
+        events.iter().for_each(|ev| cut.take(ev.read_bytes()));
+        let last = events.last().map_or(0, |ev| ev.sequence_number);
+        let covered_through = cut.covered_through(last, through);
         Ok(LogPage {
             events,
             covered_through,
@@ -437,25 +451,8 @@ impl EventReader for PgReader {
              ORDER BY e.sequence_number LIMIT {l}",
             read_estimate("e.message_id")
         );
-        let sql = format!(
-            "SELECT f.floor, x.* FROM seqcast.retention f LEFT JOIN LATERAL ( \
-                 {}) x ON true \
-             WHERE f.id = 1",
-            within_budget(&inner, "sequence_number", &max)
-        );
-        let rows = self.rows_within(sql, params, budget, |row| {
-            match row.get::<_, Option<i64>>(1) {
-                Some(_) => Take::Event(read_bytes(row.get(8), row.get(6))),
-                None => Take::NotEvent,
-            }
-        })?;
-        let Some(first) = rows.first() else {
-            return Err(StoreError::Corrupt(
-                "seqcast.retention has no row".to_owned(),
-            ));
-        };
-        let floor = pg_u64(first.get(0), "retention floor")?;
-        let (mut taken, mut bytes, mut last) = (0usize, 0usize, 0u64);
+        let (floor, rows) = self.rows_with_floor(&inner, &max, params, budget, 2)?;
+        let (mut cut, mut last) = (ReadBudget::new(limit, max_bytes), 0u64);
         for row in &rows {
             let Some(idx) = row.get::<_, Option<i64>>(1) else {
                 continue;
@@ -465,19 +462,13 @@ impl EventReader for PgReader {
                 .filter(|&i| i < keys.len())
                 .ok_or_else(|| StoreError::Corrupt(format!("merged read: key index {idx}")))?;
             let ev = event_from_row(row, 2)?;
-            taken += 1;
-            bytes += ev.read_bytes();
+            cut.take(ev.read_bytes());
             last = ev.sequence_number;
             visit(index, (&ev).into());
         }
         // Cut by the count or the bytes (the bytes are counted as in `rows_within`).
-        let covered_through = if taken > 0 && (taken >= limit || bytes >= max_bytes) {
-            last
-        } else {
-            through
-        };
         Ok(crate::PageBounds {
-            covered_through,
+            covered_through: cut.covered_through(last, through),
             floor,
         })
     }

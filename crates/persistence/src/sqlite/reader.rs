@@ -620,11 +620,7 @@ impl PageRange {
     /// last event when a budget cut it, else the whole range.
     fn covered(&self, budget: &ReadBudget, last: u64) -> PageBounds {
         PageBounds {
-            covered_through: if budget.is_spent() && last != 0 {
-                last
-            } else {
-                self.through
-            },
+            covered_through: budget.covered_through(last, self.through),
             floor: self.floor,
         }
     }
