@@ -65,7 +65,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestP
     get,
     path = "/websocket/messages",
     summary = "Recover messages after `since`",
-    description = "Messages with `sequence_number > since` in the recovery window that the token may read, in order; the same objects as live frames. `complete: false` where the window no longer reaches `since + 1` or `epoch` differs; `next_since` where `limit` or the byte bound cut the page. `request_id` is only taken with `channel` (alone: 400). Unknown parameters are refused (400).",
+    description = "Messages with `sequence_number > since` in the recovery window that the token may read, in order; the same objects as live frames. `complete: false` where the window no longer reaches `since + 1` or `epoch` differs; `next_since` where `limit` or the byte bound cut the page. `channel` alone selects a channel; `request_id` alone that request id in every channel the token may read. Unknown parameters are refused (400).",
     params(RecoverParams),
     security(("bearer" = [])),
     responses(
