@@ -524,7 +524,11 @@ async fn keyed_streams_wake_only_for_their_own_keys() {
             let seq = ack["sequence_number"].as_u64().unwrap();
             let b = r.next_event(PROMPT).await;
             assert_eq!(b.event, "message", "{b:?}");
-            assert_eq!(b.id_number(), Some(seq), "only its own key's message: {b:?}");
+            assert_eq!(
+                b.id_number(),
+                Some(seq),
+                "only its own key's message: {b:?}"
+            );
             assert_eq!(b.message().unwrap()["request_id"], format!("quiet{i}"));
         }
         let last = s.publish("c", "busy", json!("last")).await;
@@ -584,7 +588,11 @@ async fn a_keyed_stream_behind_the_retention_floor_is_told_and_ends_at_the_floor
             }
             ids.push(b.id_number().unwrap());
         };
-        assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "in order up to the gap");
+        assert_eq!(
+            ids,
+            (1..=ids.len() as u64).collect::<Vec<_>>(),
+            "in order up to the gap"
+        );
         let floor = reset["oldest_sequence"].as_u64().unwrap();
         assert!(floor > ids.len() as u64 + 1, "{reset}");
         assert_eq!(reset["recovered"], false);

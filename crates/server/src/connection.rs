@@ -39,8 +39,8 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
-use crate::drive;
 use crate::coalesce::{Gates, WriteAt, WritePacer};
+use crate::drive;
 use crate::error::{ApiError, CloseReason};
 use crate::hub::{Frame, Subscriber};
 use crate::metrics::{Metrics, Transport};

@@ -116,13 +116,11 @@ pub fn advance(
             }
             Action::Join { key, after } => {
                 observe_lag(after);
-                let result = join_result(app.hub.join_from_cache(
-                    sub,
-                    &key,
-                    after,
-                    page,
-                    reader.history,
-                ));
+                let result =
+                    join_result(
+                        app.hub
+                            .join_from_cache(sub, &key, after, page, reader.history),
+                    );
                 subs.on_join(&key, result);
                 if result == JoinResult::Gone {
                     history_changed(app, sub, reader);

@@ -18,13 +18,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
+use seqcast_delivery::Subscriptions;
 use seqcast_persistence::EventFilter;
 use seqcast_protocol::{
     EventsParams, LiveMode, MAX_LONG_POLL_SECS, RecoveryMeta, StreamTicket, SubscriptionKey,
     decode_events_query, encode_recovery_response, page_limit, parse_u64_param,
 };
-use futures_util::FutureExt as _;
-use seqcast_delivery::Subscriptions;
 use seqcast_sequencing::{Phase, ReadBudget};
 
 use crate::auth::{Grant, random_hex};
@@ -493,13 +493,8 @@ impl SseStream {
         let heartbeat = self.tail.app.settings.sse.heartbeat;
         let beat_at = tokio::time::Instant::now() + heartbeat;
         loop {
-            if tokio::time::Instant::now() >= self.ends {
-                return self.end(self.end_reason);
-            }
-            if self.tail.history_changed() {
-                // Numbers of the old history mean nothing now: the client resumes and is told.
-                self.ended = Some("history_changed");
-                return None;
+            if let Some(end) = self.due_end() {
+                return end;
             }
             let until = self.ends.min(beat_at);
             if self.tail.wait_for_more(until).await {
@@ -527,21 +522,43 @@ impl SseStream {
                 continue;
             }
             if now >= beat_at {
-                let mut out = String::from(": heartbeat\n");
-                self.write_position(&mut out);
-                out.push('\n');
-                return Some(Bytes::from(out));
+                return Some(self.heartbeat());
             }
             // Nothing to wait on: the hub is gone.
             return self.end("server_stopped");
         }
     }
 
-    /// End the stream for `reason`: the last piece tells the client the position it resumes
-    /// from.
-    fn end(&mut self, reason: &'static str) -> Option<Bytes> {
-        self.ended = Some(reason);
+    /// The stream's end when it is due (`--sse-max-secs`, the token's `exp`) or when the store
+    /// became another history (numbers of the old one mean nothing now: the client resumes and
+    /// is told).
+    fn due_end(&mut self) -> Option<Option<Bytes>> {
+        if tokio::time::Instant::now() >= self.ends {
+            return Some(self.end(self.end_reason));
+        }
+        if self.tail.history_changed() {
+            self.ended = Some("history_changed");
+            return Some(None);
+        }
+        None
+    }
+
+    /// A comment heartbeat, with `id: <position>` when the position moved past the last id told.
+    fn heartbeat(&mut self) -> Bytes {
         let mut out = String::new();
+        self.settle(&mut out);
+        out.push_str(": heartbeat\n");
+        self.write_position(&mut out);
+        out.push('\n');
+        Bytes::from(out)
+    }
+
+    /// End the stream for `reason`: what is queued goes first (a keyed stream), and the last
+    /// piece tells the client the position it resumes from.
+    fn end(&mut self, reason: &'static str) -> Option<Bytes> {
+        let mut out = String::new();
+        self.settle(&mut out);
+        self.ended = Some(reason);
         self.write_position(&mut out);
         (!out.is_empty()).then(|| {
             out.push('\n');
@@ -689,12 +706,8 @@ impl SseStream {
         let app = Arc::clone(&self.tail.app);
         let beat_at = tokio::time::Instant::now() + app.settings.sse.heartbeat;
         loop {
-            if tokio::time::Instant::now() >= self.ends {
-                return self.end_engine(self.end_reason);
-            }
-            if self.tail.history_changed() {
-                self.ended = Some("history_changed");
-                return None;
+            if let Some(end) = self.due_end() {
+                return end;
             }
             let history = self.tail.history;
             let engine = self.engine.as_mut()?;
@@ -717,7 +730,7 @@ impl SseStream {
                         self.ended = Some("history_changed");
                         None
                     }
-                    _ => self.end_engine("closed"),
+                    _ => self.end("closed"),
                 };
             }
             let until = self.ends.min(beat_at);
@@ -739,15 +752,10 @@ impl SseStream {
                 () = tokio::time::sleep_until(until) => {
                     let now = tokio::time::Instant::now();
                     if now >= beat_at && now < self.ends {
-                        let mut out = String::new();
-                        self.settle(&mut out);
-                        out.push_str(": heartbeat\n");
-                        self.write_position(&mut out);
-                        out.push('\n');
-                        return Some(Bytes::from(out));
+                        return Some(self.heartbeat());
                     }
                 }
-                () = app.shutdown.cancelled() => return self.end_engine("shutdown"),
+                () = app.shutdown.cancelled() => return self.end("shutdown"),
                 _ = engine.sub.closed() => {}
             }
         }
@@ -800,8 +808,8 @@ impl SseStream {
         }
     }
 
-    /// Write what is queued and move the position to the head when every key is live: every
-    /// message of the keys up to the head read first was queued, and is now written.
+    /// A keyed stream: write what is queued and move the position to the head when every key is
+    /// live (every message of the keys up to the head read first was queued, and is now written).
     fn settle(&mut self, out: &mut String) {
         let head = self.tail.app.hub.head();
         let Some(engine) = self.engine.as_mut() else {
@@ -834,17 +842,5 @@ impl SseStream {
         self.write_position(&mut out);
         out.push('\n');
         Bytes::from(out)
-    }
-
-    /// [`SseStream::end`] of a keyed stream: what is queued goes first.
-    fn end_engine(&mut self, reason: &'static str) -> Option<Bytes> {
-        let mut out = String::new();
-        self.settle(&mut out);
-        self.ended = Some(reason);
-        self.write_position(&mut out);
-        (!out.is_empty()).then(|| {
-            out.push('\n');
-            Bytes::from(out)
-        })
     }
 }
