@@ -21,7 +21,7 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     if args.subscribers == 0 || args.publishers == 0 || args.rate.is_none() {
         bail!("need subscribers, publishers and a rate");
     }
-    if args.keys == 0 || args.subscribers % args.keys != 0 {
+    if args.keys == 0 || !args.subscribers.is_multiple_of(args.keys) {
         bail!("--keys must divide --subscribers");
     }
     let request_id = format!("sse-{}", run_id());
