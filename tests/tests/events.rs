@@ -608,3 +608,71 @@ async fn a_keyed_stream_behind_the_retention_floor_is_told_and_ends_at_the_floor
     })
     .await;
 }
+
+/// A keyed stream's heartbeat carries its position once messages of other keys went past its
+/// last event (its keys are live, so everything of them up to the head was written): a resume
+/// from it is judged from a recent number.
+#[tokio::test]
+async fn a_keyed_streams_heartbeat_carries_its_position_past_other_keys() {
+    bounded(60, async {
+        let s = TestServer::start_with(Options::args(&["--sse-heartbeat-ms", "300"])).await;
+        let tok = token("beat", None);
+        let mut r = open(&s, "since=0&key=c:r", Some(&tok), None).await;
+        let mine = s.publish("c", "r", json!(1)).await;
+        assert_eq!(
+            messages(&mut r, 1).await,
+            vec![mine["sequence_number"].as_u64().unwrap()]
+        );
+        let other = s.publish("c", "other", json!(2)).await;
+        let other = other["sequence_number"].as_u64().unwrap();
+        let beat = loop {
+            let b = r.next_within(PROMPT).await.expect("a heartbeat");
+            assert!(b.data.is_none(), "nothing of other keys: {b:?}");
+            if b.id.is_some() {
+                break b;
+            }
+        };
+        assert_eq!(beat.comments, ["heartbeat"], "{beat:?}");
+        assert_eq!(beat.id_number(), Some(other), "{beat:?}");
+        r.close().await;
+    })
+    .await;
+}
+
+/// A keyed stream whose queue overflows while it reads (a send queue of 4 messages, batches of
+/// 50 over three keys): its keys leave live delivery and catch up together, and it still gets
+/// every message once, in global order.
+#[tokio::test]
+async fn a_keyed_stream_that_overflows_while_reading_keeps_global_order() {
+    bounded(120, async {
+        let s = TestServer::start_with(Options::args(&["--send-queue", "4"])).await;
+        let tok = token("lagging", None);
+        let mut r = open(&s, "since=0&key=c:r0&key=c:r1&key=c:r2", Some(&tok), None).await;
+        let mut published = Vec::new();
+        let reading = async {
+            let mut got = Vec::new();
+            while got.len() < 40 * 50 {
+                got.push(messages(&mut r, 1).await[0]);
+            }
+            got
+        };
+        let publishing = async {
+            for b in 0..40 {
+                let batch: Vec<Value> = (0..50)
+                    .map(|i| json!({"channel": "c", "request_id": format!("r{}", (b + i) % 3), "data": i}))
+                    .collect();
+                for a in s.publish_batch(&batch).await {
+                    published.push(a["sequence_number"].as_u64().unwrap());
+                }
+            }
+        };
+        let (got, ()) = tokio::join!(reading, publishing);
+        assert_eq!(got, published, "every message once, in order");
+        assert!(
+            s.metric("seqcast_subscribers_lagged_total").await > 0,
+            "the queue overflowed"
+        );
+        r.close().await;
+    })
+    .await;
+}
