@@ -756,6 +756,8 @@ impl SseStream {
                     }
                 }
                 () = app.shutdown.cancelled() => return self.end("shutdown"),
+                // A close the driver asked for (behind the retention floor, the log unreadable,
+                // another history): the loop's top ends the stream for it.
                 _ = engine.sub.closed() => {}
             }
         }
