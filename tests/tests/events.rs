@@ -447,17 +447,22 @@ async fn a_long_poll_answers_at_once_or_when_a_message_arrives_or_at_its_timeout
 /// page by page — with no gap and no reset.
 #[tokio::test]
 async fn a_reader_that_stops_reading_catches_up_from_the_log_without_a_gap() {
+    stop_reading_then_catch_up("/events?channel=c").await;
+}
+
+/// The same for a stream that names its keys: it is the delivery engine's cursor, whose queue
+/// fills while the reader does not read; its keys catch up together from the log, in order.
+#[tokio::test]
+async fn a_keyed_reader_that_stops_reading_catches_up_from_the_log_without_a_gap() {
+    stop_reading_then_catch_up("/events?key=c:r0&key=c:r1&key=c:r2").await;
+}
+
+async fn stop_reading_then_catch_up(path: &str) {
     bounded(120, async {
         let s = TestServer::start_with(Options::args(&["--cache-bytes", "65536"])).await;
         let auth = format!("Bearer {}", token("slow", None));
         // A 4 KiB receive buffer, and nobody reads it while the log grows.
-        let mut r = Reader::raw(
-            s.addr,
-            "/events?channel=c",
-            &[("Authorization", auth.as_str())],
-            4096,
-        )
-        .await;
+        let mut r = Reader::raw(s.addr, path, &[("Authorization", auth.as_str())], 4096).await;
         assert!(r.next().await.unwrap().retry.is_some());
         let payload = "x".repeat(8000);
         let mut published = Vec::new();
@@ -478,6 +483,195 @@ async fn a_reader_that_stops_reading_catches_up_from_the_log_without_a_gap() {
         }
         assert_eq!(got.len(), published.len());
         assert_eq!(got, published, "every message once, in order");
+        r.close().await;
+    })
+    .await;
+}
+
+/// Streams that name their keys are woken by the hub only for their own keys: two hundred
+/// streams each on a quiet key and one on a busy key; three hundred messages to the busy key
+/// wake (`seqcast_sse_wakeups`) only the busy stream, which gets them all in order, and each
+/// quiet stream then gets exactly its own key's message.
+#[tokio::test]
+async fn keyed_streams_wake_only_for_their_own_keys() {
+    bounded(120, async {
+        let s = TestServer::start().await;
+        let tok = token("many", None);
+        let mut quiet = Vec::new();
+        for i in 0..200 {
+            let mut r = open(&s, &format!("key=c:quiet{i}"), Some(&tok), None).await;
+            assert!(r.next().await.unwrap().retry.is_some());
+            quiet.push(r);
+        }
+        let mut busy = open(&s, "key=c:busy", Some(&tok), None).await;
+        assert!(busy.next().await.unwrap().retry.is_some());
+        let before = s.metric("seqcast_sse_wakeups_total").await;
+        let mut published = Vec::new();
+        for n in 0..300 {
+            let ack = s.publish("c", "busy", json!(n)).await;
+            published.push(ack["sequence_number"].as_u64().unwrap());
+        }
+        assert_eq!(messages(&mut busy, 300).await, published, "in order");
+        let woke = s.metric("seqcast_sse_wakeups_total").await - before;
+        // The busy stream wakes at most once per message; the quiet ones not at all (read
+        // through the head, two hundred streams would wake on every one of 300 commits).
+        assert!(
+            woke <= 300 + 10,
+            "{woke} wake-ups for 300 messages to one stream's key"
+        );
+        for (i, r) in quiet.iter_mut().enumerate() {
+            let ack = s.publish("c", &format!("quiet{i}"), json!(i)).await;
+            let seq = ack["sequence_number"].as_u64().unwrap();
+            let b = r.next_event(PROMPT).await;
+            assert_eq!(b.event, "message", "{b:?}");
+            assert_eq!(
+                b.id_number(),
+                Some(seq),
+                "only its own key's message: {b:?}"
+            );
+            assert_eq!(b.message().unwrap()["request_id"], format!("quiet{i}"));
+        }
+        let last = s.publish("c", "busy", json!("last")).await;
+        assert_eq!(
+            messages(&mut busy, 1).await,
+            vec![last["sequence_number"].as_u64().unwrap()],
+            "nothing of the other keys came in between"
+        );
+        for r in quiet {
+            r.close().await;
+        }
+        busy.close().await;
+    })
+    .await;
+}
+
+/// A keyed stream whose reader stopped reading until retention pruned past its position is told:
+/// what was queued, then `event: reset` with the retention floor as `oldest_sequence`, and the
+/// stream ends at the floor (`id:` one below it), so that the reconnect goes on from there with
+/// no second reset.
+#[tokio::test]
+async fn a_keyed_stream_behind_the_retention_floor_is_told_and_ends_at_the_floor() {
+    bounded(120, async {
+        let s = TestServer::start_with(Options::args(&[
+            "--cache-bytes",
+            "65536",
+            "--retention-max-events",
+            "100",
+        ]))
+        .await;
+        let auth = format!("Bearer {}", token("slow", None));
+        let mut r = Reader::raw(
+            s.addr,
+            "/events?since=0&key=c:r",
+            &[("Authorization", auth.as_str())],
+            4096,
+        )
+        .await;
+        assert!(r.next().await.unwrap().retry.is_some());
+        let payload = "x".repeat(8000);
+        for _ in 0..40 {
+            let batch: Vec<Value> = (0..50)
+                .map(|_| json!({"channel": "c", "request_id": "r", "data": payload}))
+                .collect();
+            s.publish_batch(&batch).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.metric("seqcast_retention_floor").await < 1_900 {
+            assert!(Instant::now() < deadline, "retention did not run");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut ids = Vec::new();
+        let reset = loop {
+            let b = r.next_event(PROMPT).await;
+            if b.event == "reset" {
+                break reset_of(&b);
+            }
+            ids.push(b.id_number().unwrap());
+        };
+        assert_eq!(
+            ids,
+            (1..=ids.len() as u64).collect::<Vec<_>>(),
+            "in order up to the gap"
+        );
+        let floor = reset["oldest_sequence"].as_u64().unwrap();
+        assert!(floor > ids.len() as u64 + 1, "{reset}");
+        assert_eq!(reset["recovered"], false);
+        let end = r.next().await.expect("the stream tells where it ends");
+        assert_eq!(end.id_number(), Some(floor - 1), "{end:?}");
+        assert!(r.next().await.is_none(), "the stream ends");
+        let mut again = open(&s, "key=c:r", Some(&token("slow", None)), Some(floor - 1)).await;
+        assert!(again.next().await.unwrap().retry.is_some());
+        let first = again.next_event(PROMPT).await;
+        assert_eq!(first.event, "message", "no second reset: {first:?}");
+        assert_eq!(first.id_number(), Some(floor));
+        again.close().await;
+    })
+    .await;
+}
+
+/// A keyed stream's heartbeat carries its position once messages of other keys went past its
+/// last event (its keys are live, so everything of them up to the head was written): a resume
+/// from it is judged from a recent number.
+#[tokio::test]
+async fn a_keyed_streams_heartbeat_carries_its_position_past_other_keys() {
+    bounded(60, async {
+        let s = TestServer::start_with(Options::args(&["--sse-heartbeat-ms", "300"])).await;
+        let tok = token("beat", None);
+        let mut r = open(&s, "since=0&key=c:r", Some(&tok), None).await;
+        let mine = s.publish("c", "r", json!(1)).await;
+        assert_eq!(
+            messages(&mut r, 1).await,
+            vec![mine["sequence_number"].as_u64().unwrap()]
+        );
+        let other = s.publish("c", "other", json!(2)).await;
+        let other = other["sequence_number"].as_u64().unwrap();
+        let beat = loop {
+            let b = r.next_within(PROMPT).await.expect("a heartbeat");
+            assert!(b.data.is_none(), "nothing of other keys: {b:?}");
+            if b.id.is_some() {
+                break b;
+            }
+        };
+        assert_eq!(beat.comments, ["heartbeat"], "{beat:?}");
+        assert_eq!(beat.id_number(), Some(other), "{beat:?}");
+        r.close().await;
+    })
+    .await;
+}
+
+/// A keyed stream whose queue overflows while it reads (a send queue of 4 messages, batches of
+/// 50 over three keys): its keys leave live delivery and catch up together, and it still gets
+/// every message once, in global order.
+#[tokio::test]
+async fn a_keyed_stream_that_overflows_while_reading_keeps_global_order() {
+    bounded(120, async {
+        let s = TestServer::start_with(Options::args(&["--send-queue", "4"])).await;
+        let tok = token("lagging", None);
+        let mut r = open(&s, "since=0&key=c:r0&key=c:r1&key=c:r2", Some(&tok), None).await;
+        let mut published = Vec::new();
+        let reading = async {
+            let mut got = Vec::new();
+            while got.len() < 40 * 50 {
+                got.push(messages(&mut r, 1).await[0]);
+            }
+            got
+        };
+        let publishing = async {
+            for b in 0..40 {
+                let batch: Vec<Value> = (0..50)
+                    .map(|i| json!({"channel": "c", "request_id": format!("r{}", (b + i) % 3), "data": i}))
+                    .collect();
+                for a in s.publish_batch(&batch).await {
+                    published.push(a["sequence_number"].as_u64().unwrap());
+                }
+            }
+        };
+        let (got, ()) = tokio::join!(reading, publishing);
+        assert_eq!(got, published, "every message once, in order");
+        assert!(
+            s.metric("seqcast_subscribers_lagged_total").await > 0,
+            "the queue overflowed"
+        );
         r.close().await;
     })
     .await;

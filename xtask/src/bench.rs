@@ -383,7 +383,7 @@ impl Bench {
                 if !durable && !matches!(subs, 100 | 1000) {
                     continue;
                 }
-                let v = self.paced(&server, "fanout", (subs, rate, secs), s.warmup)?;
+                let v = self.paced(&server, "fanout", (subs, rate, secs), s.warmup, &[])?;
                 let lat = &v["latency"];
                 let per_delivery = cpu_us_per(&v, "deliveries_per_s");
                 let settings = format!(
@@ -501,21 +501,26 @@ impl Bench {
         scenario: &str,
         (subs, rate, secs): (usize, f64, f64),
         warmup: f64,
+        extra: &[&str],
     ) -> Result<Value> {
-        self.loadgen(
-            server,
-            scenario,
-            &[
-                "--subscribers",
-                &subs.to_string(),
-                "--rate",
-                &rate.to_string(),
-                "--duration-secs",
-                &secs.to_string(),
-                "--warmup-secs",
-                &warmup.to_string(),
-            ],
-        )
+        let (subs, rate, secs, warmup) = (
+            subs.to_string(),
+            rate.to_string(),
+            secs.to_string(),
+            warmup.to_string(),
+        );
+        let mut args = vec![
+            "--subscribers",
+            &subs,
+            "--rate",
+            &rate,
+            "--duration-secs",
+            &secs,
+            "--warmup-secs",
+            &warmup,
+        ];
+        args.extend_from_slice(extra);
+        self.loadgen(server, scenario, &args)
     }
 
     /// The paced fan-out over Server-Sent Events (`GET /events` streams) on `server`.
@@ -525,13 +530,35 @@ impl Bench {
             .iter()
             .find(|(n, r, _)| *n == 1000 && (*r - 25.0).abs() < 1e-9)
             .unwrap_or(&s.fanout_rate[0]);
-        let v = self.paced(server, "sse", (subs, rate, secs), s.warmup)?;
+        let v = self.paced(server, "sse", (subs, rate, secs), s.warmup, &[])?;
         let settings = format!(
             "{subs} `GET /events` streams, {rate} msgs/s = {} deliveries/s, {storage}",
             num(&json!(rate * subs as f64))
         );
         self.row(
             "fan-out over SSE (fixed rate)",
+            settings,
+            paced_result(&v),
+            &v,
+        );
+        self.raw.push(v);
+        // The same streams each on a key of its own (browser tabs following their own session
+        // key), one message a second per key: every stream must wake only for its own key.
+        let keys = subs.to_string();
+        let per_key_rate = subs as f64;
+        let v = self.paced(
+            server,
+            "sse",
+            (subs, per_key_rate, secs),
+            s.warmup,
+            &["--keys", &keys],
+        )?;
+        let settings = format!(
+            "{subs} `GET /events` streams on {subs} distinct keys, {per_key_rate} msgs/s = {} deliveries/s, {storage}",
+            num(&json!(per_key_rate))
+        );
+        self.row(
+            "fan-out over SSE, a key per stream (fixed rate)",
             settings,
             paced_result(&v),
             &v,

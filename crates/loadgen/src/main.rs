@@ -94,12 +94,17 @@ enum Scenario {
         #[arg(long, default_value_t = 0)]
         pad_bytes: usize,
     },
-    /// One key, N Server-Sent Events streams (`GET /events`) at a fixed publish rate.
+    /// N Server-Sent Events streams (`GET /events`) over one key or `--keys` keys, at a fixed
+    /// publish rate.
     Sse {
         #[command(flatten)]
         server: Server,
         #[arg(long)]
         subscribers: usize,
+        /// Spread the streams over this many distinct keys (stream n follows key n % keys;
+        /// message i goes to key i % keys). Must divide `--subscribers`.
+        #[arg(long, default_value_t = 1)]
+        keys: usize,
         /// Messages per second.
         #[arg(long)]
         rate: f64,
@@ -310,6 +315,7 @@ fn paced(
         window: 512,
         connect_concurrency: 256,
         pad: 0,
+        keys: 1,
     }
 }
 
@@ -351,12 +357,14 @@ fn main() -> anyhow::Result<()> {
                     window,
                     connect_concurrency,
                     pad: pad_bytes,
+                    keys: 1,
                 };
                 fanout::run(&server.target()?, &args).await
             }
             Scenario::Sse {
                 server,
                 subscribers,
+                keys,
                 rate,
                 duration_secs,
                 warmup_secs,
@@ -365,6 +373,7 @@ fn main() -> anyhow::Result<()> {
             } => {
                 let args = fanout::FanoutArgs {
                     connect_concurrency,
+                    keys,
                     ..paced(subscribers, rate, duration_secs, warmup_secs, publishers)
                 };
                 sse::run(&server.target()?, &args).await

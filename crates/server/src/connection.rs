@@ -34,20 +34,17 @@ use seqcast_protocol::{
     decode_client_frame, encode_publish_ack, encode_server_frame,
 };
 
-use seqcast_delivery::{
-    Action, Admit, Close, JoinResult, MergedVerdict, PageVerdict, QueueLevel, Subscriptions,
-};
-use seqcast_sequencing::{KeyPositions, ReadBudget};
+use seqcast_delivery::{Admit, Subscriptions};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 
 use crate::auth::{Grant, random_hex};
 use crate::catchup::{self, Start};
 use crate::coalesce::{Gates, WriteAt, WritePacer};
+use crate::drive;
 use crate::error::{ApiError, CloseReason};
-use crate::hub::{Frame, Join, PAGE_BYTES, Subscriber};
+use crate::hub::{Frame, Subscriber};
 use crate::metrics::{Metrics, Transport};
 use crate::now_ms;
-use crate::pages::SharedPage;
 use crate::publish::{self, Outcome, Pipeline};
 use crate::state::AppState;
 
@@ -61,20 +58,20 @@ struct ConnInfo {
     history: u64,
 }
 
-/// The close of a connection whose node moved to another history (failover, restore).
-const HISTORY_CHANGED: CloseReason = CloseReason::Peer(
-    1012,
-    "the store is another history now (failover or restore): resume with since",
-);
-
-/// The node moved to another history since the connection told its client the epoch: nothing
-/// planned under the old one may be sent. Asks for the close; true when it did.
+/// The node moved to another history since the connection told its client the epoch: asks for
+/// the close; true when it did (see [`drive::history_changed`]).
 fn history_changed(app: &AppState, sub: &Subscriber, info: &ConnInfo) -> bool {
-    if app.hub.history() == info.history {
-        return false;
+    drive::history_changed(app, sub, info.reader())
+}
+
+impl ConnInfo {
+    /// The connection as the driver of its cursors sees it.
+    fn reader(&self) -> drive::Reader<'_> {
+        drive::Reader {
+            client_id: &self.client_id,
+            history: self.history,
+        }
     }
-    sub.close(HISTORY_CHANGED);
-    true
 }
 
 /// Serve one upgraded socket until it closes. `pre_auth` is the grant from an
@@ -378,24 +375,6 @@ async fn sleep_opt(s: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-/// What one catch-up step queues at most (a log page, or a page of the cached tail): half the
-/// send queue's frames (16 to 1,024) and [`PAGE_BYTES`].
-fn page_budget(app: &AppState) -> ReadBudget {
-    ReadBudget {
-        max_events: (app.settings.send_queue / 2).clamp(16, 1024),
-        max_bytes: PAGE_BYTES,
-    }
-}
-
-/// The send queue's level as [`Subscriptions`] takes it.
-fn queue_level(sub: &Subscriber) -> QueueLevel {
-    QueueLevel {
-        below_low_water: sub.is_below_low_water(),
-        above_high_water: sub.is_above_high_water(),
-        closing: sub.is_closing(),
-    }
-}
-
 /// Frames the connection keeps for later while it is under back-pressure (at most this many,
 /// and reading stops once they hold [`DEFERRED_BYTES`]).
 const DEFERRED_FRAMES: usize = 32;
@@ -482,20 +461,12 @@ enum JobDone {
         key: SubscriptionKey,
         result: Result<Start, ApiError>,
     },
-    /// A page of a key's log was read.
-    Page {
-        key: SubscriptionKey,
-        result: Result<Arc<SharedPage>, ApiError>,
-    },
+    /// A catch-up read came back.
+    CatchUp(drive::CatchUp),
     /// Where the keys of a `resume` start was decided (or could not be).
     Resumed {
         resume: PlannedResume,
         result: Result<(Vec<catchup::KeyStart>, u64), ApiError>,
-    },
-    /// A merged page of keys resumed together was read.
-    MergedPage {
-        keys: Vec<(SubscriptionKey, u64)>,
-        result: Result<catchup::MergedPage, ApiError>,
     },
 }
 
@@ -808,119 +779,15 @@ fn expire(info: &ConnInfo, grant: &Grant, deadlines: &mut Deadlines, sub: &Subsc
     sub.close(CloseReason::TokenExpired);
 }
 
-/// Perform what [`Subscriptions`] asks while the send queue has room: joins from the cache at
-/// once, a log read as the returned job, a close. Returns the read, if one was started.
+/// Perform what [`Subscriptions`] asks ([`drive::advance`]): a log read becomes the job.
 fn advance(
     app: &Arc<AppState>,
     sub: &Arc<Subscriber>,
     info: &ConnInfo,
     subs: &mut Subscriptions,
 ) -> Option<Job> {
-    let page = page_budget(app);
-    loop {
-        let view = app.hub.view();
-        // How far behind the head a catch-up from `after` starts.
-        let observe_lag = |after: u64| {
-            app.hub
-                .metrics
-                .catchup_lag
-                .observe(view.head.saturating_sub(after) as f64);
-        };
-        match subs.next_action(view, queue_level(sub))? {
-            Action::Close(Close::Behind {
-                key,
-                position,
-                floor,
-            }) => {
-                close_behind(app, sub, info, &key, position, floor);
-                return None;
-            }
-            Action::Join { key, after } => {
-                observe_lag(after);
-                let result =
-                    join_result(
-                        app.hub
-                            .join_from_cache(sub, &key, after, page, info.history),
-                    );
-                subs.on_join(&key, result);
-                if result == JoinResult::Gone {
-                    history_changed(app, sub, info);
-                    return None;
-                }
-            }
-            Action::JoinMerged { keys } => {
-                let positions = KeyPositions::new(keys);
-                observe_lag(positions.min_after());
-                let result = join_result(app.hub.join_merged_from_cache(
-                    sub,
-                    &positions,
-                    page,
-                    info.history,
-                ));
-                subs.on_merged_join(result);
-                if result == JoinResult::Gone {
-                    history_changed(app, sub, info);
-                    return None;
-                }
-            }
-            Action::ReadLogMerged {
-                keys,
-                after,
-                through,
-            } => {
-                observe_lag(after);
-                let app = Arc::clone(app);
-                return Some(Box::pin(async move {
-                    let result = catchup::read_keys_page(&app, keys.clone(), through, page).await;
-                    JobDone::MergedPage { keys, result }
-                }));
-            }
-            Action::ReadLog {
-                key,
-                after,
-                through,
-            } => {
-                observe_lag(after);
-                let app = Arc::clone(app);
-                return Some(Box::pin(async move {
-                    let result =
-                        catchup::read_key_page(&app, key.clone(), after, through, page).await;
-                    JobDone::Page { key, result }
-                }));
-            }
-        }
-    }
-}
-
-/// The hub's join as [`Subscriptions`] takes it.
-fn join_result(join: Join) -> JoinResult {
-    match join {
-        Join::Joined { head, .. } => JoinResult::Joined { head },
-        Join::Page { through, .. } => JoinResult::Page { through },
-        Join::NotCached => JoinResult::NotCached,
-        Join::Gone => JoinResult::Gone,
-    }
-}
-
-fn close_behind(
-    app: &AppState,
-    sub: &Subscriber,
-    info: &ConnInfo,
-    key: &SubscriptionKey,
-    position: u64,
-    floor: u64,
-) {
-    Metrics::inc(&app.hub.metrics.slow_consumer_closes);
-    tracing::warn!(
-        event = "slow_consumer",
-        client_id = %info.client_id,
-        subscription_key = %key,
-        position,
-        retention_floor = floor,
-        lag = app.hub.head().saturating_sub(position),
-        "subscriber fell behind the retention floor: closing with 1013 (it resumes with recovered: false)"
-    );
-    sub.close(CloseReason::SlowConsumer);
+    let read = drive::advance(app, sub, info.reader(), subs)?;
+    Some(Box::pin(read.map(JobDone::CatchUp)))
 }
 
 fn on_job_done(
@@ -934,14 +801,8 @@ fn on_job_done(
     // A start or a page planned under the old history: its epoch and numbers mean nothing now.
     if history_changed(app, sub, info) {
         match done {
-            JobDone::Started { .. } => subs.start_failed(),
-            JobDone::Page { key, .. } => {
-                subs.on_read_failed(&key);
-            }
-            JobDone::Resumed { .. } => subs.start_failed(),
-            JobDone::MergedPage { .. } => {
-                subs.on_merged_read_failed();
-            }
+            JobDone::Started { .. } | JobDone::Resumed { .. } => subs.start_failed(),
+            JobDone::CatchUp(read) => drive::on_read(app, sub, info.reader(), subs, read),
         }
         return;
     }
@@ -979,36 +840,7 @@ fn on_job_done(
                 reply_error(app, sub, &e);
             }
         },
-        JobDone::Page { key, result } => match result {
-            Ok(page) => {
-                let verdict = subs.on_page(&key, page.covered_through, page.floor);
-                if verdict != PageVerdict::Drop {
-                    Metrics::inc(&app.hub.metrics.catchup_pages);
-                }
-                match verdict {
-                    // Unsubscribed while the page was read.
-                    PageVerdict::Drop => {}
-                    PageVerdict::Close(Close::Behind {
-                        key,
-                        position,
-                        floor,
-                    }) => close_behind(app, sub, info, &key, position, floor),
-                    PageVerdict::Deliver => {
-                        let n = page.frames.len() as u64;
-                        if sub.push(page.frames.iter().cloned()) {
-                            Metrics::add(&app.hub.metrics.deliveries, n);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                // Unsubscribed while the page was read: nothing to catch up, nothing to close.
-                if subs.on_read_failed(&key) {
-                    tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, subscription_key = %key, error = %e, "could not read the log to catch a subscriber up");
-                    sub.close(CloseReason::LogUnavailable);
-                }
-            }
-        },
+        JobDone::CatchUp(read) => drive::on_read(app, sub, info.reader(), subs, read),
         JobDone::Resumed { mut resume, result } => {
             // An `auth` read while the starts were planned may have narrowed the token.
             let mut result = result;
@@ -1029,37 +861,6 @@ fn on_job_done(
             }
             finish_resume(app, sub, info, subs, resume, result);
         }
-        JobDone::MergedPage { keys, result } => match result {
-            Ok(page) => match subs.on_merged_page(page.covered_through, page.floor) {
-                MergedVerdict::Close(Close::Behind {
-                    key,
-                    position,
-                    floor,
-                }) => close_behind(app, sub, info, &key, position, floor),
-                MergedVerdict::Deliver(kept) => {
-                    Metrics::inc(&app.hub.metrics.catchup_pages);
-                    // Keys unsubscribed while the page was read are left out.
-                    let kept: std::collections::HashSet<&SubscriptionKey> = kept.iter().collect();
-                    let wanted: Vec<bool> = keys.iter().map(|(k, _)| kept.contains(k)).collect();
-                    let frames: Vec<Frame> = page
-                        .frames
-                        .into_iter()
-                        .filter(|(i, _)| wanted[*i])
-                        .map(|(_, f)| f)
-                        .collect();
-                    let n = frames.len() as u64;
-                    if sub.push(frames) {
-                        Metrics::add(&app.hub.metrics.deliveries, n);
-                    }
-                }
-            },
-            Err(e) => {
-                if subs.on_merged_read_failed() {
-                    tracing::warn!(event = "catchup_read_failed", client_id = %info.client_id, keys = keys.len(), error = %e, "could not read the log to catch resumed keys up");
-                    sub.close(CloseReason::LogUnavailable);
-                }
-            }
-        },
     }
 }
 

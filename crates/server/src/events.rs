@@ -18,18 +18,21 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
+use seqcast_delivery::Subscriptions;
 use seqcast_persistence::EventFilter;
 use seqcast_protocol::{
     EventsParams, LiveMode, MAX_LONG_POLL_SECS, RecoveryMeta, StreamTicket, SubscriptionKey,
     decode_events_query, encode_recovery_response, page_limit, parse_u64_param,
 };
-use seqcast_sequencing::ReadBudget;
+use seqcast_sequencing::{Phase, ReadBudget};
 
-use crate::auth::Grant;
+use crate::auth::{Grant, random_hex};
 use crate::catchup;
-use crate::error::ApiError;
+use crate::drive;
+use crate::error::{ApiError, CloseReason};
 use crate::http::{authorization, json_response};
-use crate::hub::{Frame, PAGE_BYTES};
+use crate::hub::{Frame, PAGE_BYTES, Subscriber};
 use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -379,8 +382,21 @@ impl Tail {
             self.write_reset(&mut opening, self.oldest_sequence);
         }
         let started_at = self.position;
-        let first = self.read().await?;
+        // A stream that names its keys is the delivery engine's cursor (see [`Engine`]); the
+        // rest read the log filtered, page by page.
+        let engine = match &self.selection {
+            Selection::Keys(keys) => Some(Engine::start(&self.app, keys, self.position)),
+            _ => None,
+        };
+        let first = match engine {
+            Some(_) => Page {
+                frames: Vec::new(),
+                behind: false,
+            },
+            None => self.read().await?,
+        };
         let mut stream = SseStream {
+            engine,
             opened: Instant::now(),
             ends: tokio::time::Instant::now() + self.app.settings.sse.max_duration,
             end_reason: "max_duration",
@@ -443,6 +459,9 @@ impl Tail {
 /// One open Server-Sent Events response.
 struct SseStream {
     tail: Tail,
+    /// The delivery engine's cursors of a stream that names its keys (`None`: the stream reads
+    /// the log filtered, [`Tail::read`]).
+    engine: Option<Engine>,
     opened: Instant,
     /// When the server ends the stream: `--sse-max-secs`, or the token's `exp` if sooner.
     ends: tokio::time::Instant,
@@ -468,19 +487,18 @@ impl SseStream {
         if self.ended.is_some() {
             return None;
         }
+        if self.engine.is_some() {
+            return self.next_engine_chunk().await;
+        }
         let heartbeat = self.tail.app.settings.sse.heartbeat;
         let beat_at = tokio::time::Instant::now() + heartbeat;
         loop {
-            if tokio::time::Instant::now() >= self.ends {
-                return self.end(self.end_reason);
-            }
-            if self.tail.history_changed() {
-                // Numbers of the old history mean nothing now: the client resumes and is told.
-                self.ended = Some("history_changed");
-                return None;
+            if let Some(end) = self.due_end() {
+                return end;
             }
             let until = self.ends.min(beat_at);
             if self.tail.wait_for_more(until).await {
+                Metrics::inc(&self.tail.app.hub.metrics.sse_wakeups);
                 let page = match self.tail.read().await {
                     Ok(page) => page,
                     Err(e) => {
@@ -504,21 +522,43 @@ impl SseStream {
                 continue;
             }
             if now >= beat_at {
-                let mut out = String::from(": heartbeat\n");
-                self.write_position(&mut out);
-                out.push('\n');
-                return Some(Bytes::from(out));
+                return Some(self.heartbeat());
             }
             // Nothing to wait on: the hub is gone.
             return self.end("server_stopped");
         }
     }
 
-    /// End the stream for `reason`: the last piece tells the client the position it resumes
-    /// from.
-    fn end(&mut self, reason: &'static str) -> Option<Bytes> {
-        self.ended = Some(reason);
+    /// The stream's end when it is due (`--sse-max-secs`, the token's `exp`) or when the store
+    /// became another history (numbers of the old one mean nothing now: the client resumes and
+    /// is told).
+    fn due_end(&mut self) -> Option<Option<Bytes>> {
+        if tokio::time::Instant::now() >= self.ends {
+            return Some(self.end(self.end_reason));
+        }
+        if self.tail.history_changed() {
+            self.ended = Some("history_changed");
+            return Some(None);
+        }
+        None
+    }
+
+    /// A comment heartbeat, with `id: <position>` when the position moved past the last id told.
+    fn heartbeat(&mut self) -> Bytes {
         let mut out = String::new();
+        self.settle(&mut out);
+        out.push_str(": heartbeat\n");
+        self.write_position(&mut out);
+        out.push('\n');
+        Bytes::from(out)
+    }
+
+    /// End the stream for `reason`: what is queued goes first (a keyed stream), and the last
+    /// piece tells the client the position it resumes from.
+    fn end(&mut self, reason: &'static str) -> Option<Bytes> {
+        let mut out = String::new();
+        self.settle(&mut out);
+        self.ended = Some(reason);
         self.write_position(&mut out);
         (!out.is_empty()).then(|| {
             out.push('\n');
@@ -569,6 +609,10 @@ fn push_data(out: &mut String, frame: &str) {
 
 impl Drop for SseStream {
     fn drop(&mut self) {
+        if let Some(engine) = &self.engine {
+            engine.sub.finish();
+            self.tail.app.hub.disconnect(&engine.sub, &engine.keys);
+        }
         self.tail.app.hub.metrics.sse_streams.dec();
         tracing::info!(
             event = "sse_closed",
@@ -580,5 +624,225 @@ impl Drop for SseStream {
             position = self.tail.position,
             "event stream closed"
         );
+    }
+}
+
+/// The delivery engine's side of a stream that names its keys: a [`Subscriber`] registered with
+/// the hub for exactly those keys, and their [`Subscriptions`], driven by [`drive`] as a
+/// WebSocket connection's are after a `resume` of all of them from the stream's position (one
+/// merged catch-up, one join). Live messages are pushed by the hub onto the subscriber's queue,
+/// so a stream wakes only when one of its keys moved.
+struct Engine {
+    sub: Arc<Subscriber>,
+    subs: Subscriptions,
+    keys: Vec<SubscriptionKey>,
+    /// A catch-up read in flight.
+    read: Option<drive::Read>,
+    client_id: Arc<str>,
+    /// Frames taken from the queue, written next.
+    buf: Vec<Frame>,
+}
+
+impl Engine {
+    fn start(app: &AppState, keys: &[SubscriptionKey], position: u64) -> Self {
+        let client_id: Arc<str> = Arc::from(random_hex(8));
+        let sub = Arc::new(Subscriber::new(
+            Arc::clone(&client_id),
+            app.settings.send_queue,
+        ));
+        let mut engine = Engine {
+            sub,
+            subs: Subscriptions::new(keys.len()),
+            keys: keys.to_vec(),
+            read: None,
+            client_id,
+            buf: Vec::new(),
+        };
+        engine.resume_from(position);
+        engine
+    }
+
+    /// Every key catches up from `position` together (one merged cursor, in global order) and
+    /// joins live delivery in one step: the engine's resume of many keys.
+    fn resume_from(&mut self, position: u64) {
+        self.read = None;
+        self.subs = Subscriptions::new(self.keys.len());
+        self.subs.admit_many(&self.keys);
+        let starts = self.keys.iter().map(|k| (k.clone(), position)).collect();
+        self.subs.started_many(starts);
+    }
+
+    /// Every key is in live delivery: each of their messages up to the hub's head was queued.
+    fn is_live(&self) -> bool {
+        !self.subs.is_busy()
+            && self.keys.iter().all(|k| {
+                self.subs
+                    .cursor(k)
+                    .is_some_and(|c| c.phase() == Phase::Live)
+            })
+    }
+}
+
+async fn poll_read(read: &mut Option<drive::Read>) -> drive::CatchUp {
+    match read {
+        Some(r) => r.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The `sequence_number` of a message frame (it is the frame's first field).
+fn frame_sequence(frame: &str) -> Option<u64> {
+    let rest = frame.strip_prefix(r#"{"type":"message","sequence_number":"#)?;
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl SseStream {
+    /// [`SseStream::next_chunk`] of a keyed stream: what the hub pushed or the engine caught up,
+    /// a heartbeat, or the end.
+    async fn next_engine_chunk(&mut self) -> Option<Bytes> {
+        let app = Arc::clone(&self.tail.app);
+        let beat_at = tokio::time::Instant::now() + app.settings.sse.heartbeat;
+        loop {
+            if let Some(end) = self.due_end() {
+                return end;
+            }
+            let history = self.tail.history;
+            let engine = self.engine.as_mut()?;
+            let reader = drive::Reader {
+                client_id: &engine.client_id,
+                history,
+            };
+            if engine.read.is_none() && !engine.sub.is_closing() {
+                engine.read = drive::advance(&app, &engine.sub, reader, &mut engine.subs);
+            }
+            if engine.sub.is_closing() {
+                let reason = engine.sub.closed().now_or_never();
+                return match reason {
+                    Some(CloseReason::SlowConsumer) => Some(self.end_behind_floor()),
+                    Some(CloseReason::LogUnavailable) => {
+                        self.ended = Some("log_unreadable");
+                        None
+                    }
+                    Some(drive::HISTORY_CHANGED) => {
+                        self.ended = Some("history_changed");
+                        None
+                    }
+                    _ => self.end("closed"),
+                };
+            }
+            let until = self.ends.min(beat_at);
+            let mut oldest_live = None;
+            tokio::select! {
+                _ = engine.sub.wait_ready(&mut engine.buf, &mut oldest_live) => {
+                    Metrics::inc(&app.hub.metrics.sse_wakeups);
+                    let mut out = String::new();
+                    self.write_taken(&mut out);
+                    if !out.is_empty() {
+                        return Some(Bytes::from(out));
+                    }
+                }
+                done = poll_read(&mut engine.read) => {
+                    Metrics::inc(&app.hub.metrics.sse_wakeups);
+                    engine.read = None;
+                    drive::on_read(&app, &engine.sub, reader, &mut engine.subs, done);
+                }
+                () = tokio::time::sleep_until(until) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= beat_at && now < self.ends {
+                        return Some(self.heartbeat());
+                    }
+                }
+                () = app.shutdown.cancelled() => return self.end("shutdown"),
+                // A close the driver asked for (behind the retention floor, the log unreadable,
+                // another history): the loop's top ends the stream for it.
+                _ = engine.sub.closed() => {}
+            }
+        }
+    }
+
+    /// Write the frames taken from the queue as events. Where a key left live delivery (the
+    /// queue was full: the client reads slower than its keys move) the keys' global order would
+    /// break, so every key leaves live delivery, what came before the first message that did
+    /// not fit is written, and all of them catch up together from there (from the cache or the
+    /// log, paced by the queue's water marks).
+    fn write_taken(&mut self, out: &mut String) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let mut frames = std::mem::take(&mut engine.buf);
+        let cut = engine.sub.lagged().iter().map(|&(_, s)| s).min();
+        if let Some(cut) = cut {
+            let app = &self.tail.app;
+            app.hub.disconnect(&engine.sub, &engine.keys);
+            // Pushed before the keys left: taken now, nothing more comes.
+            let (mut rest, mut oldest) = (Vec::new(), None);
+            if engine
+                .sub
+                .wait_ready(&mut rest, &mut oldest)
+                .now_or_never()
+                .is_some()
+            {
+                frames.append(&mut rest);
+            }
+            let _ = engine.sub.lagged();
+            frames.retain(|f| frame_sequence(f).is_some_and(|s| s < cut));
+            let from = (cut - 1).max(self.tail.position);
+            tracing::debug!(event = "sse_lagged", client_id = %engine.client_id, position = from, "the stream's queue filled: its keys catch up together");
+            engine.resume_from(from);
+        }
+        for frame in frames.drain(..) {
+            let Some(seq) = frame_sequence(&frame) else {
+                continue;
+            };
+            out.push_str("id: ");
+            out.push_str(&seq.to_string());
+            out.push_str("\nevent: message\n");
+            push_data(out, &frame);
+            self.told = seq;
+            self.tail.position = self.tail.position.max(seq);
+            self.sent += 1;
+        }
+        if let Some(engine) = self.engine.as_mut() {
+            engine.buf = frames;
+        }
+    }
+
+    /// A keyed stream: write what is queued and move the position to the head when every key is
+    /// live (every message of the keys up to the head read first was queued, and is now written).
+    fn settle(&mut self, out: &mut String) {
+        let head = self.tail.app.hub.head();
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let mut oldest = None;
+        if engine
+            .sub
+            .wait_ready(&mut engine.buf, &mut oldest)
+            .now_or_never()
+            .is_some()
+        {
+            self.write_taken(out);
+        }
+        if self.engine.as_ref().is_some_and(Engine::is_live) {
+            self.tail.position = self.tail.position.max(head);
+        }
+    }
+
+    /// A cursor of the stream fell behind the retention floor: what is queued goes first, then
+    /// `event: reset` (`oldest_sequence`: the floor) and the stream ends at the floor, so that
+    /// the client's reconnect goes on from there.
+    fn end_behind_floor(&mut self) -> Bytes {
+        let mut out = String::new();
+        self.settle(&mut out);
+        let floor = self.tail.app.hub.retention_floor();
+        self.tail.write_reset(&mut out, Some(floor));
+        self.tail.position = self.tail.position.max(floor.saturating_sub(1));
+        self.ended = Some("behind_retention_floor");
+        self.write_position(&mut out);
+        out.push('\n');
+        Bytes::from(out)
     }
 }

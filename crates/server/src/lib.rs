@@ -19,6 +19,7 @@ pub mod coalesce;
 pub mod config;
 pub mod connection;
 pub mod deadline;
+pub mod drive;
 pub mod error;
 pub mod events;
 pub mod http;

@@ -135,6 +135,8 @@ pub struct Metrics {
     pub subscriptions: Gauge,
     /// Server-Sent Events streams open (`GET /events`).
     pub sse_streams: Gauge,
+    /// Times an SSE stream woke to read or write (a keyed stream only when its keys moved).
+    pub sse_wakeups: Count,
     publish_single: AtomicHistogram,
     publish_batch: AtomicHistogram,
     /// Time from the group's COMMIT to its frames being in every live subscriber's queue.
@@ -203,6 +205,10 @@ impl Default for Metrics {
         );
         let publish_failures =
             counter("seqcast_publish_failures", "Publishes refused by the store");
+        let sse_wakeups = counter(
+            "seqcast_sse_wakeups",
+            "Times a Server-Sent Events stream woke to read or write",
+        );
 
         let subscriptions = Gauge::default();
         registry.register(
@@ -302,6 +308,7 @@ impl Default for Metrics {
             publish_failures,
             subscriptions,
             sse_streams,
+            sse_wakeups,
             publish_single,
             publish_batch,
             commit_to_queued,

@@ -42,6 +42,25 @@ pub struct FanoutArgs {
     pub connect_concurrency: usize,
     /// Bytes of padding in each message's `data` (0: the bare probe).
     pub pad: usize,
+    /// Distinct keys the subscribers are spread over (1: all on one key). Message `i` goes to
+    /// key `i % keys`, subscriber `n` follows key `n % keys` (paced runs only).
+    pub keys: usize,
+}
+
+impl FanoutArgs {
+    /// Subscribers of each key: the deliveries one message makes.
+    pub(crate) fn per_key(&self) -> usize {
+        self.subscribers / self.keys.max(1)
+    }
+}
+
+/// The request id of key number `k` of a run over `keys` keys (the run's own id for one key).
+pub(crate) fn key_request_id(request_id: &str, keys: usize, k: u64) -> std::borrow::Cow<'_, str> {
+    if keys <= 1 {
+        std::borrow::Cow::Borrowed(request_id)
+    } else {
+        std::borrow::Cow::Owned(format!("{request_id}-{}", k % keys as u64))
+    }
 }
 
 /// Message counters are a ring this large; a message's slot is reused only after every
@@ -332,7 +351,7 @@ pub(crate) async fn measure(
 ) -> anyhow::Result<Value> {
     // The clock starts once everyone is subscribed.
     let total = args.warmup + args.duration;
-    let shared = Shared::new(args.subscribers, args.warmup..Duration::MAX)?;
+    let shared = Shared::new(args.per_key(), args.warmup..Duration::MAX)?;
     let readers = spawn_readers(&shared);
     let publishing = spawn_publishers(target, &shared, args, request_id, total).await?;
     let errors = Arc::clone(&publishing.errors);
@@ -349,13 +368,14 @@ pub(crate) async fn measure(
 
     let (deliver, last) = latencies(&shared);
     let deliveries_total = shared.deliveries.load(Ordering::Acquire);
-    let expected = published_total * args.subscribers as u64;
+    let expected = published_total * args.per_key() as u64;
     Ok(json!({
         "scenario": scenario,
         "mode": if args.rate.is_some() { "rate" } else { "burst" },
         "subscribers": args.subscribers,
+        "keys": args.keys.max(1),
         "target_msgs_per_s": args.rate,
-        "target_deliveries_per_s": args.rate.map(|r| r * args.subscribers as f64),
+        "target_deliveries_per_s": args.rate.map(|r| r * args.per_key() as f64),
         "duration_s": args.duration.as_secs_f64(),
         "published": published_total,
         "publish_errors": errors.load(Ordering::Acquire),
@@ -401,7 +421,8 @@ async fn publish_at_rate(
             shared.now_ns()
         };
         let body = format!(
-            r#"{{"channel":"bench","request_id":"{request_id}","data":{}}}"#,
+            r#"{{"channel":"bench","request_id":"{}","data":{}}}"#,
+            key_request_id(request_id, args.keys, i),
             probe_data_padded(i, sent_ns, args.pad)
         );
         match conn.post_json("/api/publish", auth, body.as_bytes()).await {

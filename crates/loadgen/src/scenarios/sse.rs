@@ -1,4 +1,5 @@
-//! Fan-out over Server-Sent Events: one key, N `GET /events` streams, published at a fixed rate
+//! Fan-out over Server-Sent Events: N `GET /events` streams on one key (or spread over
+//! `keys` distinct keys, each stream naming its own), published at a fixed rate
 //! — the paced WebSocket fan-out's measurement (publish → receive per delivery, server CPU over
 //! the window) with SSE readers. A reader whose stream the server ends (`--sse-max-secs`)
 //! reconnects with `Last-Event-ID`, as an `EventSource` does.
@@ -11,7 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use super::fanout::{FanoutArgs, Shared, measure};
+use super::fanout::{FanoutArgs, Shared, key_request_id, measure};
 use super::run_id;
 use crate::Target;
 
@@ -20,10 +21,14 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
     if args.subscribers == 0 || args.publishers == 0 || args.rate.is_none() {
         bail!("need subscribers, publishers and a rate");
     }
+    if args.keys == 0 || !args.subscribers.is_multiple_of(args.keys) {
+        bail!("--keys must divide --subscribers");
+    }
     let request_id = format!("sse-{}", run_id());
     let connect_started = std::time::Instant::now();
+    let key_of = |n: usize| key_request_id(&request_id, args.keys, n as u64).into_owned();
     let streams: Vec<Stream> = futures_util::stream::iter(0..args.subscribers)
-        .map(|_| Stream::open(target, &request_id, None))
+        .map(|n| Stream::open(target, key_of(n), None))
         .buffer_unordered(args.connect_concurrency.max(1))
         .collect::<Vec<_>>()
         .await
@@ -44,7 +49,7 @@ pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
                 .map(|(n, stream)| {
                     let shared = Arc::clone(shared);
                     let target = target_for_readers.clone();
-                    let request_id = request_id.clone();
+                    let request_id = key_of(n);
                     tokio::spawn(
                         async move { read(stream, &shared, n, &target, &request_id).await },
                     )
@@ -72,7 +77,7 @@ async fn read(mut stream: Stream, shared: &Shared, n: usize, target: &Target, re
         if shared.stopped() {
             return;
         }
-        match Stream::open(target, request_id, stream.last_id).await {
+        match Stream::open(target, request_id.to_owned(), stream.last_id).await {
             Ok(next) => stream = next,
             Err(_) => {
                 shared
@@ -97,7 +102,11 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(target: &Target, request_id: &str, last_id: Option<u64>) -> anyhow::Result<Self> {
+    async fn open(
+        target: &Target,
+        request_id: String,
+        last_id: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let mut socket = TcpStream::connect(target.addr)
             .await
             .with_context(|| format!("cannot connect to {}", target.addr))?;
