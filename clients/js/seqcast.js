@@ -1216,7 +1216,8 @@ export class SeqcastClient {
       this.#onKeyAcknowledged(sub, {
         head,
         epoch: frame.epoch ?? null,
-        drained: 0,
+        // With another epoch the key starts over: its backlog (`drained` frames) follows.
+        drained: result.drained ?? 0,
         recovered: result.recovered ?? null,
         oldestSequence: result.oldest_sequence ?? null,
       });

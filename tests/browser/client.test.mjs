@@ -658,6 +658,48 @@ describe('against a misbehaving fake server', () => {
     }
   });
 
+  test('resume_ack with another epoch: a drop in the middle of the key\'s backlog (drained) resumes after what arrived, not after head', async () => {
+    const msg = (n) => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: 'r', message_id: `m${n}`, timestamp: 0, data: n });
+    const frames = [];
+    const fake = await fakeServer((socket, hello, nth) => {
+      socket.on('message', (raw) => {
+        const f = JSON.parse(String(raw));
+        frames.push({ nth, ...f });
+        if (f.type === 'subscribe') {
+          socket.send(JSON.stringify({ type: 'sub_ack', channel: 'c', request_id: 'r', subscription_key: 'c:r', drained: 0, head: 100, epoch: 'e1' }));
+          socket.send(msg(101));
+        }
+        if (f.type === 'resume' && nth === 2) {
+          // A restored store (epoch e2): the key starts over with a backlog of 3 up to head 9,
+          // and the connection drops after 2 of them.
+          socket.send(JSON.stringify({ type: 'resume_ack', results: [{ subscription_key: 'c:r', recovered: false, oldest_sequence: 1, drained: 3 }], head: 9, epoch: 'e2' }));
+          socket.send(msg(2));
+          socket.send(msg(5));
+          socket.terminate();
+        }
+        if (f.type === 'resume' && nth === 3) {
+          socket.send(JSON.stringify({ type: 'resume_ack', results: [{ subscription_key: 'c:r', recovered: true }], head: 9, epoch: 'e2' }));
+          socket.send(msg(7));
+        }
+      });
+    });
+    const client = new SeqcastClient({ url: fake.url, token: 't', WebSocket, storage: memoryStorage(), backoff: { initialMs: 1, maxMs: 1 }, fetch: () => assert.fail('no HTTP expected') });
+    const seen = [];
+    try {
+      await client.connect();
+      client.subscribe('c', 'r', (m) => seen.push(m.sequence_number));
+      await until(client, () => seen.length === 1, 'the first message');
+      client.dropConnection();
+      await until(client, () => seen.length === 4, 'the rest of the backlog after a second drop');
+      const resumes = frames.filter((f) => f.type === 'resume').map((f) => [f.nth, f.epoch, f.subscriptions[0].since]);
+      assert.deepEqual(resumes, [[2, 'e1', 101], [3, 'e2', 5]], 'the third connection resumes after 5, the last backlog message received');
+      assert.deepEqual(seen, [101, 2, 5, 7]);
+    } finally {
+      client.close();
+      await fake.close();
+    }
+  });
+
   test('a server that does not know resume: its bad_request turns the client to subscribe-with-since, key by key, for good', async () => {
     const frames = [];
     const fake = await fakeServer((socket, hello, nth) => {

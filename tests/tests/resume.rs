@@ -65,6 +65,14 @@ async fn publish_all(s: &TestServer, keys: &[&str]) -> Vec<u64> {
     numbers
 }
 
+/// How many backlog messages of the key follow its verdict.
+fn drained(r: &ResumeResult) -> u64 {
+    match r {
+        ResumeResult::Resumed { drained, .. } => *drained,
+        other => panic!("refused: {other:?}"),
+    }
+}
+
 fn resumed(r: &ResumeResult) -> (bool, Option<u64>) {
     match r {
         ResumeResult::Resumed {
@@ -180,6 +188,10 @@ async fn behind_the_window_or_another_epoch_is_not_recovered() {
     .await;
     assert_eq!(resumed(&ack.results[0]), (false, Some(18)));
     assert_eq!(resumed(&ack.results[1]), (true, None));
+    assert!(
+        ack.results.iter().all(|r| drained(r) == 0),
+        "keys resumed after their since have no backlog: {ack:?}"
+    );
     assert_eq!((ack.head, ack.epoch.as_str()), (22, epoch.as_str()));
     let got = messages_until(&mut c, |g| g.len() >= 5).await;
     assert_eq!(
@@ -204,10 +216,17 @@ async fn behind_the_window_or_another_epoch_is_not_recovered() {
     for r in &ack.results {
         assert_eq!(resumed(r), (false, Some(18)), "{r:?}");
     }
-    // Like late subscribers: each key's backlog (the default bound keeps all of these).
+    // Like late subscribers: each key's backlog (the default bound keeps all of these), and
+    // each verdict tells how many of its key's messages that is.
     let got = messages_until(&mut c, |g| g.len() >= 22).await;
     assert!(got.windows(2).all(|w| w[0].1 < w[1].1));
     c.expect_nothing_more().await;
+    for r in &ack.results {
+        let k = r.subscription_key().unwrap();
+        let backlog = got.iter().filter(|(g, n)| g == k && *n <= ack.head).count();
+        assert_eq!(drained(r), backlog as u64, "{k}");
+    }
+    assert_eq!(ack.results.iter().map(drained).collect::<Vec<_>>(), [20, 2]);
 }
 
 /// One frame: a good key, a bad name, a forbidden key, another good key, a bad `since`, a key

@@ -166,7 +166,8 @@ impl KeyTracker {
 }
 
 /// One key's verdict in a `resume_ack`, as the `sub_ack` a `subscribe` with the same `since`
-/// would have brought (no backlog: a resumed key has a position), or the refusal.
+/// would have brought (with its backlog count when the key starts over in another epoch), or
+/// the refusal.
 pub(crate) fn resume_verdict(
     key: &SubscriptionKey,
     result: &ResumeResult,
@@ -177,12 +178,13 @@ pub(crate) fn resume_verdict(
         ResumeResult::Resumed {
             recovered,
             oldest_sequence,
+            drained,
             ..
         } => Ok(SubAck {
             channel: key.channel().clone(),
             request_id: key.request_id().clone(),
             subscription_key: key.clone(),
-            drained: 0,
+            drained: *drained,
             head: ack.head,
             recovered: Some(*recovered),
             oldest_sequence: *oldest_sequence,
@@ -350,6 +352,7 @@ mod tests {
                     recovered: false,
                     oldest_sequence: Some(40),
                     already_subscribed: false,
+                    drained: 0,
                 },
                 ResumeResult::Refused {
                     subscription_key: Some(key()),
@@ -374,6 +377,43 @@ mod tests {
         assert_eq!(yielded(&mut t, &[41]), vec![41]);
         let refused = resume_verdict(&key(), &answer.results[1], &answer).unwrap_err();
         assert_eq!(refused.code, seqcast_protocol::ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn a_resume_verdict_of_another_epoch_keeps_the_position_until_its_backlog_is_in() {
+        let answer = ResumeAck {
+            results: vec![ResumeResult::Resumed {
+                subscription_key: key(),
+                recovered: false,
+                oldest_sequence: Some(1),
+                already_subscribed: false,
+                drained: 3,
+            }],
+            head: 9,
+            epoch: "e2".into(),
+        };
+        let mut t = KeyTracker::new(key(), None);
+        t.on_sub_ack(&ack(0, 50, "e1", None), 1);
+        t.on_disconnect();
+        let sub_ack = resume_verdict(&key(), &answer.results[0], &answer).unwrap();
+        t.on_sub_ack(&sub_ack, 2);
+        assert_eq!(yielded(&mut t, &[2, 5]), vec![2, 5]);
+        t.on_disconnect();
+        assert_eq!(
+            t.subscribe_position(),
+            (Some(5), Some("e2".into())),
+            "cut in the middle of the backlog: resume after what was received"
+        );
+        let mut t = KeyTracker::new(key(), None);
+        t.on_sub_ack(&ack(0, 50, "e1", None), 1);
+        t.on_disconnect();
+        t.on_sub_ack(&sub_ack, 2);
+        assert_eq!(yielded(&mut t, &[2, 5, 7]), vec![2, 5, 7]);
+        assert_eq!(
+            t.subscribe_position(),
+            (Some(9), Some("e2".into())),
+            "the whole backlog is in: caught up with the ack's head"
+        );
     }
 
     #[test]

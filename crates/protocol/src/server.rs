@@ -137,6 +137,11 @@ pub enum ResumeResult {
         /// delivery goes on as it was. Omitted when false.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         already_subscribed: bool,
+        /// How many backlog messages of this key follow, numbered up to the ack's `head`: set
+        /// when the key starts over as a late subscriber would (another `epoch`); 0 when it
+        /// resumes after its `since`. Omitted when 0 (absent reads as 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        drained: u64,
     },
 }
 

@@ -108,18 +108,21 @@ fn resume_ack_round_trips_every_verdict() {
                 recovered: true,
                 oldest_sequence: None,
                 already_subscribed: false,
+                drained: 0,
             },
             ResumeResult::Resumed {
                 subscription_key: key("b:r"),
                 recovered: false,
                 oldest_sequence: Some(17),
                 already_subscribed: false,
+                drained: 3,
             },
             ResumeResult::Resumed {
                 subscription_key: key("c:r"),
                 recovered: true,
                 oldest_sequence: None,
                 already_subscribed: true,
+                drained: 0,
             },
             ResumeResult::Refused {
                 subscription_key: Some(key("d:r")),
@@ -145,7 +148,7 @@ fn resume_ack_round_trips_every_verdict() {
         concat!(
             r#"{"type":"resume_ack","results":["#,
             r#"{"subscription_key":"a:r","recovered":true},"#,
-            r#"{"subscription_key":"b:r","recovered":false,"oldest_sequence":17},"#,
+            r#"{"subscription_key":"b:r","recovered":false,"oldest_sequence":17,"drained":3},"#,
             r#"{"subscription_key":"c:r","recovered":true,"already_subscribed":true},"#,
             r#"{"subscription_key":"d:r","error":{"code":"forbidden","message":"token may not read d:r"}},"#,
             r#"{"error":{"code":"bad_request","message":"bad"}}"#,
@@ -167,4 +170,24 @@ fn unknown_server_types_list_resume_ack() {
         err.to_string().ends_with("publish_ack or resume_ack"),
         "{err}"
     );
+}
+
+#[test]
+fn a_resume_ack_without_drained_decodes_as_no_backlog() {
+    let text = r#"{"type":"resume_ack","results":[{"subscription_key":"b:r","recovered":false,"oldest_sequence":17}],"head":40,"epoch":"e"}"#;
+    let ServerFrame::ResumeAck(ack) = decode_server_frame(text).unwrap() else {
+        panic!("not a resume_ack")
+    };
+    assert!(
+        matches!(
+            ack.results[0],
+            ResumeResult::Resumed {
+                drained: 0,
+                recovered: false,
+                ..
+            }
+        ),
+        "{ack:?}"
+    );
+    assert_eq!(encode_server_frame(&ServerFrame::ResumeAck(ack)), text);
 }

@@ -179,8 +179,8 @@ pub type KeyStart = Result<Start, ApiError>;
 
 /// Decide where each of `keys` (with its `since`, all from `epoch`) starts: a `resume` of many
 /// keys. Each distinct `since` is judged once ([`plan_resume`]); the verdicts are in the order
-/// of `keys`, with the head the last judgment was made at (the `resume_ack`'s `head`). A key
-/// whose start could not be read fails alone.
+/// of `keys`, with the head the last judgment was made at (the `resume_ack`'s `head`, the seam
+/// of every key that starts over). A key whose start could not be read fails alone.
 pub async fn plan_resume_many(
     app: &AppState,
     keys: &[(SubscriptionKey, u64)],
@@ -200,7 +200,13 @@ pub async fn plan_resume_many(
         .unwrap_or_else(|| app.hub.head());
     let mut starts = Vec::with_capacity(keys.len());
     for (key, since) in keys {
-        let resumed = judged[since];
+        // A key that starts over (another epoch) drains its backlog up to the ack's `head`, the
+        // one seam the client knows of, even if its `since` was judged at an earlier head: its
+        // `drained` then counts every message of it up to that `head`.
+        let resumed = Resumed {
+            head,
+            ..judged[since]
+        };
         starts.push(start_of(app, key, resumed, now_ms).await);
     }
     Ok((starts, head))

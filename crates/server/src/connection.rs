@@ -1043,6 +1043,7 @@ fn start_resume(
                     recovered: true,
                     oldest_sequence: None,
                     already_subscribed: true,
+                    drained: 0,
                 });
             }
             Admit::TooMany { limit } => {
@@ -1135,6 +1136,7 @@ fn finish_resume(
                     recovered,
                     oldest_sequence: start.oldest_sequence,
                     already_subscribed: false,
+                    drained: start.drained,
                 }
             }
             Err(e) => refused(app, sub, Some(key), &e),
