@@ -363,6 +363,48 @@ async fn a_stream_ticket_opens_one_stream_of_what_its_token_may_read() {
     .await;
 }
 
+/// Nobody in without a verifier: a guessed ticket, or a ticket asked for with an expired or
+/// forged token, opens nothing.
+#[tokio::test]
+async fn a_guessed_ticket_or_one_asked_with_a_bad_token_opens_nothing() {
+    bounded(60, async {
+        let s = TestServer::start().await;
+        let guessed = "0123456789abcdef0123456789abcdef";
+        let r = get_events(&s, &format!("ticket={guessed}&channel=c"), None, None).await;
+        assert_eq!(r.status(), 401, "a ticket never issued");
+
+        let expired = seqcast_e2e::token_with("eve", None, -60, false);
+        let (status, body) = ticket_for(&s, Some(&expired)).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (401, &json!("unauthorized"))
+        );
+
+        let good = token("eve", None);
+        let forged = format!("{}x", &good[..good.len() - 1]);
+        let (status, body) = ticket_for(&s, Some(&forged)).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (401, &json!("unauthorized"))
+        );
+
+        // A real ticket is not also a token: it opens no WebSocket and publishes nothing.
+        let (_, body) = ticket_for(&s, Some(&good)).await;
+        let t = body["ticket"].as_str().unwrap();
+        let r = s
+            .http
+            .post(s.url("/api/publish"))
+            .header("Authorization", format!("Bearer {t}"))
+            .header("Content-Type", "application/json")
+            .body(json!({"channel": "c", "request_id": "r", "data": 1}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "a ticket as a bearer token");
+    })
+    .await;
+}
+
 /// `GET /events?live=long-poll` with a bearer token: (status, `X-Seqcast-Next-Since`, body).
 async fn poll(s: &TestServer, query: &str) -> (u16, Option<u64>, Value) {
     let r = get_events(
