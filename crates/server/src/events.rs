@@ -571,8 +571,7 @@ impl SseStream {
     /// judged from an old number.
     fn write_position(&mut self, out: &mut String) {
         if self.tail.position > self.told {
-            out.push_str("id: ");
-            out.push_str(&self.tail.position.to_string());
+            push_id(out, self.tail.position);
             out.push('\n');
             self.told = self.tail.position;
         }
@@ -586,14 +585,24 @@ impl SseStream {
             self.tail.write_reset(out, Some(floor));
         }
         for (seq, frame) in &page.frames {
-            out.push_str("id: ");
-            out.push_str(&seq.to_string());
-            out.push_str("\nevent: message\n");
-            push_data(out, frame);
+            push_message(out, *seq, frame);
             self.told = *seq;
         }
         self.sent += page.frames.len() as u64;
     }
+}
+
+/// One `message` event: `id: <seq>`, then the frame's `data:` lines.
+fn push_message(out: &mut String, seq: u64, frame: &str) {
+    push_id(out, seq);
+    out.push_str("\nevent: message\n");
+    push_data(out, frame);
+}
+
+/// `id: <n>` (no line end), formatted into `out` without a string of its own.
+fn push_id(out: &mut String, n: u64) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "id: {n}");
 }
 
 /// `data:` lines of a frame, verbatim; a line break (only ever JSON whitespace in a frame) starts
@@ -797,10 +806,7 @@ impl SseStream {
             let Some(seq) = frame_sequence(&frame) else {
                 continue;
             };
-            out.push_str("id: ");
-            out.push_str(&seq.to_string());
-            out.push_str("\nevent: message\n");
-            push_data(out, &frame);
+            push_message(out, seq, &frame);
             self.told = seq;
             self.tail.position = self.tail.position.max(seq);
             self.sent += 1;
