@@ -377,7 +377,9 @@ impl Authority {
     }
 }
 
-/// Most stream tickets held at once (unused and not yet expired); more are refused (503).
+/// Most stream tickets issued within one ticket lifetime (used or not: a used one is kept until
+/// it would have expired, for pruning in issue order); more are refused (503). This bounds the
+/// book's memory, whatever the rate of issue and use.
 pub const MAX_TICKETS: usize = 100_000;
 
 /// Stream tickets: single-use credentials for one `GET /events?ticket=…` (a browser's
@@ -419,9 +421,9 @@ impl Authority {
         let id = format!("{:032x}", rand::random::<u128>());
         let mut book = self.tickets.book.lock().unwrap_or_else(|p| p.into_inner());
         book.prune(now, ttl);
-        if book.by_id.len() >= MAX_TICKETS {
+        if book.order.len() >= MAX_TICKETS {
             return Err(ApiError::Unavailable(format!(
-                "{MAX_TICKETS} stream tickets are outstanding; retry in a few seconds"
+                "{MAX_TICKETS} stream tickets were issued within their lifetime; retry in a few seconds"
             )));
         }
         book.by_id.insert(id.clone(), (grant, now));
@@ -608,6 +610,25 @@ mod tests {
             (1, 1),
             "expired ones pruned"
         );
+    }
+
+    /// Issuing and using tickets as fast as possible keeps the book bounded: used tickets
+    /// count until they would have expired.
+    #[test]
+    fn tickets_issued_and_used_at_once_still_hit_the_bound() {
+        let a = Authority::new("secret", "key");
+        let grant = a.verify(&a.mint("u", None, 60, false).unwrap()).unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        for _ in 0..MAX_TICKETS {
+            let t = a.issue_ticket(grant.clone(), minute).unwrap();
+            a.redeem_ticket(&t, minute).unwrap();
+        }
+        assert!(matches!(
+            a.issue_ticket(grant, minute),
+            Err(ApiError::Unavailable(_))
+        ));
+        let book = a.tickets.book.lock().unwrap();
+        assert_eq!((book.by_id.len(), book.order.len()), (0, MAX_TICKETS));
     }
 
     #[test]
