@@ -1,5 +1,6 @@
 //! Readers: their own connections to the WAL database, so reads never queue behind writes.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -287,12 +288,14 @@ impl EventReader for DbReader {
             if i > 0 {
                 list.push(',');
             }
-            list.push_str(&format!(
+            // Writing into a String cannot fail.
+            let _ = write!(
+                list,
                 "[\"{}\",\"{}\",{}]",
                 key.channel().as_str(),
                 key.request_id().as_str(),
                 sql_int(*position)
-            ));
+            );
         }
         list.push(']');
         self.with_connection(|conn| {
@@ -312,17 +315,8 @@ impl EventReader for DbReader {
                             .ok_or_else(|| {
                                 StoreError::Corrupt(format!("merged read: key index {index}"))
                             })?;
-                        let sequence_number = stored_u64(row.get(1)?, "sequence_number")?;
-                        let ev = EventRef {
-                            sequence_number,
-                            stream_sequence: stored_u64(row.get(2)?, "stream_sequence")?,
-                            message_id: MessageIdRef::parse(str_at(row, 3)?).map_err(|e| {
-                                StoreError::Corrupt(format!("stored message_id: {e}"))
-                            })?,
-                            timestamp_ms: stored_u64(row.get(4)?, "timestamp_ms")?,
-                            data: str_at(row, 5)?,
-                            replaced: row.get(6)?,
-                        };
+                        let ev = event_ref_at(row, 1)?;
+                        let sequence_number = ev.sequence_number;
                         budget.take(ev.read_bytes());
                         visit(index, ev);
                         last = sequence_number;
@@ -646,21 +640,28 @@ fn visit_key_events(
     let mut last = 0;
     while budget.has_room() {
         let Some(row) = rows.next()? else { break };
-        let sequence_number = stored_u64(row.get(0)?, "sequence_number")?;
-        let ev = EventRef {
-            sequence_number,
-            stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
-            message_id: MessageIdRef::parse(str_at(row, 2)?)
-                .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))?,
-            timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
-            data: str_at(row, 4)?,
-            replaced: row.get(5)?,
-        };
+        let ev = event_ref_at(row, 0)?;
+        let sequence_number = ev.sequence_number;
         budget.take(ev.read_bytes());
         visit(ev);
         last = sequence_number;
     }
     Ok(last)
+}
+
+/// Decodes, borrowed from `row`, an event whose columns start at `at`: sequence_number,
+/// stream_sequence, message_id, timestamp_ms, data, replaced (`PAGE_OF_STREAM`'s, and
+/// `PAGE_OF_STREAMS`'s after the key's index).
+fn event_ref_at<'r>(row: &'r Row<'_>, at: usize) -> Result<EventRef<'r>, StoreError> {
+    Ok(EventRef {
+        sequence_number: stored_u64(row.get(at)?, "sequence_number")?,
+        stream_sequence: stored_u64(row.get(at + 1)?, "stream_sequence")?,
+        message_id: MessageIdRef::parse(str_at(row, at + 2)?)
+            .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))?,
+        timestamp_ms: stored_u64(row.get(at + 3)?, "timestamp_ms")?,
+        data: str_at(row, at + 4)?,
+        replaced: row.get(at + 5)?,
+    })
 }
 
 /// The rows of `sql` as events, until `budget` is spent (the cursor is not stepped further).
