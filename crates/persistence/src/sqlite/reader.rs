@@ -12,7 +12,9 @@ use super::config::DEFAULT_BUSY_TIMEOUT;
 use super::error::{sql_int, sql_limit, stored_u64};
 use super::schema::{self, ConnectionOptions};
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget};
+use crate::event::{
+    CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget, merged_key_index,
+};
 use crate::store::EventReader;
 
 /// Idle connections kept for reuse; more are opened on demand when readers overlap.
@@ -308,13 +310,7 @@ impl EventReader for DbReader {
                     let mut rows = stmt.query(params![list, from_i, through_i, limit_i])?;
                     while budget.has_room() {
                         let Some(row) = rows.next()? else { break };
-                        let index: i64 = row.get(0)?;
-                        let index = usize::try_from(index)
-                            .ok()
-                            .filter(|&i| i < keys.len())
-                            .ok_or_else(|| {
-                                StoreError::Corrupt(format!("merged read: key index {index}"))
-                            })?;
+                        let index = merged_key_index(row.get(0)?, 0, keys.len())?;
                         let ev = event_ref_at(row, 1)?;
                         let sequence_number = ev.sequence_number;
                         budget.take(ev.read_bytes());
