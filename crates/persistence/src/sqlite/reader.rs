@@ -842,6 +842,8 @@ mod tests {
         let reader = DbReader::open(&path).unwrap();
         let corrupt =
             |r: Result<Vec<CommittedEvent>, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        let corrupt_bounds =
+            |r: Result<PageBounds, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
         // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
         let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
         assert_eq!(page.events.len(), 3);
@@ -851,6 +853,23 @@ mod tests {
             .visit_key_page(&key, 1, 10, 100, 3_000, &mut |_| seen += 1)
             .unwrap();
         assert_eq!(seen, 3);
+        // The merged read of several keys stops its one statement's cursor the same way.
+        let keys = [
+            (key.clone(), 1),
+            (SubscriptionKey::parse("c:b").unwrap(), 0),
+        ];
+        let mut seen = 0;
+        let bounds = reader
+            .visit_keys_page(&keys, 10, 100, 3_000, &mut |_, _| seen += 1)
+            .unwrap();
+        assert_eq!((seen, bounds.covered_through), (3, 4));
+        assert!(corrupt_bounds(reader.visit_keys_page(
+            &keys,
+            10,
+            100,
+            usize::MAX,
+            &mut |_, _| ()
+        )));
         assert!(
             reader
                 .page(&EventFilter::All, 1, 10, 100, usize::MAX)
