@@ -200,6 +200,19 @@ pub struct PageBounds {
     pub floor: u64,
 }
 
+/// The index into the keys of a merged read ([`crate::EventReader::visit_keys_page`]) that a row
+/// carries, stored counting from `first` (0 or 1); a row naming no key of `keys` is corrupt.
+pub(crate) fn merged_key_index(
+    stored: i64,
+    first: i64,
+    keys: usize,
+) -> Result<usize, crate::StoreError> {
+    usize::try_from(stored - first)
+        .ok()
+        .filter(|&i| i < keys)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("merged read: key index {stored}")))
+}
+
 /// What one [`crate::EventWriter::prune`] call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PruneReport {

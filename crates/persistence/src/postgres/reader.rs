@@ -14,7 +14,9 @@ use tokio_postgres::Row;
 
 use super::{PgConfig, PgRuntime, pg_error, pg_int, pg_u64, schema};
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, LogPage, ReadBudget, read_bytes};
+use crate::event::{
+    CommittedEvent, EventFilter, LogPage, ReadBudget, merged_key_index, read_bytes,
+};
 use crate::store::EventReader;
 
 /// Every event with its stream's names and its row's current position.
@@ -457,10 +459,7 @@ impl EventReader for PgReader {
             let Some(idx) = row.get::<_, Option<i64>>(1) else {
                 continue;
             };
-            let index = usize::try_from(idx - 1)
-                .ok()
-                .filter(|&i| i < keys.len())
-                .ok_or_else(|| StoreError::Corrupt(format!("merged read: key index {idx}")))?;
+            let index = merged_key_index(idx, 1, keys.len())?;
             let ev = event_from_row(row, 2)?;
             cut.take(ev.read_bytes());
             last = ev.sequence_number;

@@ -1,5 +1,6 @@
 //! Readers: their own connections to the WAL database, so reads never queue behind writes.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -11,7 +12,9 @@ use super::config::DEFAULT_BUSY_TIMEOUT;
 use super::error::{sql_int, sql_limit, stored_u64};
 use super::schema::{self, ConnectionOptions};
 use crate::error::StoreError;
-use crate::event::{CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget};
+use crate::event::{
+    CommittedEvent, EventFilter, EventRef, LogPage, PageBounds, ReadBudget, merged_key_index,
+};
 use crate::store::EventReader;
 
 /// Idle connections kept for reuse; more are opened on demand when readers overlap.
@@ -287,12 +290,14 @@ impl EventReader for DbReader {
             if i > 0 {
                 list.push(',');
             }
-            list.push_str(&format!(
+            // Writing into a String cannot fail.
+            let _ = write!(
+                list,
                 "[\"{}\",\"{}\",{}]",
                 key.channel().as_str(),
                 key.request_id().as_str(),
                 sql_int(*position)
-            ));
+            );
         }
         list.push(']');
         self.with_connection(|conn| {
@@ -305,24 +310,9 @@ impl EventReader for DbReader {
                     let mut rows = stmt.query(params![list, from_i, through_i, limit_i])?;
                     while budget.has_room() {
                         let Some(row) = rows.next()? else { break };
-                        let index: i64 = row.get(0)?;
-                        let index = usize::try_from(index)
-                            .ok()
-                            .filter(|&i| i < keys.len())
-                            .ok_or_else(|| {
-                                StoreError::Corrupt(format!("merged read: key index {index}"))
-                            })?;
-                        let sequence_number = stored_u64(row.get(1)?, "sequence_number")?;
-                        let ev = EventRef {
-                            sequence_number,
-                            stream_sequence: stored_u64(row.get(2)?, "stream_sequence")?,
-                            message_id: MessageIdRef::parse(str_at(row, 3)?).map_err(|e| {
-                                StoreError::Corrupt(format!("stored message_id: {e}"))
-                            })?,
-                            timestamp_ms: stored_u64(row.get(4)?, "timestamp_ms")?,
-                            data: str_at(row, 5)?,
-                            replaced: row.get(6)?,
-                        };
+                        let index = merged_key_index(row.get(0)?, 0, keys.len())?;
+                        let ev = event_ref_at(row, 1)?;
+                        let sequence_number = ev.sequence_number;
                         budget.take(ev.read_bytes());
                         visit(index, ev);
                         last = sequence_number;
@@ -646,21 +636,28 @@ fn visit_key_events(
     let mut last = 0;
     while budget.has_room() {
         let Some(row) = rows.next()? else { break };
-        let sequence_number = stored_u64(row.get(0)?, "sequence_number")?;
-        let ev = EventRef {
-            sequence_number,
-            stream_sequence: stored_u64(row.get(1)?, "stream_sequence")?,
-            message_id: MessageIdRef::parse(str_at(row, 2)?)
-                .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))?,
-            timestamp_ms: stored_u64(row.get(3)?, "timestamp_ms")?,
-            data: str_at(row, 4)?,
-            replaced: row.get(5)?,
-        };
+        let ev = event_ref_at(row, 0)?;
+        let sequence_number = ev.sequence_number;
         budget.take(ev.read_bytes());
         visit(ev);
         last = sequence_number;
     }
     Ok(last)
+}
+
+/// Decodes, borrowed from `row`, an event whose columns start at `at`: sequence_number,
+/// stream_sequence, message_id, timestamp_ms, data, replaced (`PAGE_OF_STREAM`'s, and
+/// `PAGE_OF_STREAMS`'s after the key's index).
+fn event_ref_at<'r>(row: &'r Row<'_>, at: usize) -> Result<EventRef<'r>, StoreError> {
+    Ok(EventRef {
+        sequence_number: stored_u64(row.get(at)?, "sequence_number")?,
+        stream_sequence: stored_u64(row.get(at + 1)?, "stream_sequence")?,
+        message_id: MessageIdRef::parse(str_at(row, at + 2)?)
+            .map_err(|e| StoreError::Corrupt(format!("stored message_id: {e}")))?,
+        timestamp_ms: stored_u64(row.get(at + 3)?, "timestamp_ms")?,
+        data: str_at(row, at + 4)?,
+        replaced: row.get(at + 5)?,
+    })
 }
 
 /// The rows of `sql` as events, until `budget` is spent (the cursor is not stepped further).
@@ -845,6 +842,8 @@ mod tests {
         let reader = DbReader::open(&path).unwrap();
         let corrupt =
             |r: Result<Vec<CommittedEvent>, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+        let corrupt_bounds =
+            |r: Result<PageBounds, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
         // Events 2..=4 are 3,006 bytes: a budget they reach stops before event 5.
         let page = reader.page(&EventFilter::All, 1, 10, 100, 3_000).unwrap();
         assert_eq!(page.events.len(), 3);
@@ -854,6 +853,23 @@ mod tests {
             .visit_key_page(&key, 1, 10, 100, 3_000, &mut |_| seen += 1)
             .unwrap();
         assert_eq!(seen, 3);
+        // The merged read of several keys stops its one statement's cursor the same way.
+        let keys = [
+            (key.clone(), 1),
+            (SubscriptionKey::parse("c:b").unwrap(), 0),
+        ];
+        let mut seen = 0;
+        let bounds = reader
+            .visit_keys_page(&keys, 10, 100, 3_000, &mut |_, _| seen += 1)
+            .unwrap();
+        assert_eq!((seen, bounds.covered_through), (3, 4));
+        assert!(corrupt_bounds(reader.visit_keys_page(
+            &keys,
+            10,
+            100,
+            usize::MAX,
+            &mut |_, _| ()
+        )));
         assert!(
             reader
                 .page(&EventFilter::All, 1, 10, 100, usize::MAX)
