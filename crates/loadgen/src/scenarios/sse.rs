@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use super::fanout::{FanoutArgs, Shared, key_request_id, measure};
 use super::run_id;
 use crate::Target;
+use crate::http::parse_head_of_stream;
 
 /// Run the scenario (`args.rate` must be set: SSE has no burst mode here).
 pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
@@ -118,19 +119,18 @@ impl Stream {
         );
         socket.write_all(request.as_bytes()).await?;
         let mut raw = Vec::with_capacity(16 * 1024);
-        let head_end = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        let head = loop {
+            if let Some(head) = parse_head_of_stream(&raw)? {
+                break head;
             }
             if socket.read_buf(&mut raw).await? == 0 {
                 bail!("the server closed the stream before its head");
             }
         };
-        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET /events: {}", head.lines().next().unwrap_or(""));
+        if head.status != 200 {
+            bail!("GET /events: status {}", head.status);
         }
-        raw.drain(..head_end);
+        raw.drain(..head.head_len);
         Ok(Stream {
             socket,
             raw,
