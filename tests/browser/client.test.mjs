@@ -542,22 +542,30 @@ describe('a restarted server (new epoch)', () => {
 });
 
 describe('against a misbehaving fake server', () => {
-  /** A WebSocket server that answers hello with `connected` and then runs `script(socket, hello)`. */
+  /**
+   * A WebSocket server that answers hello with `connected` and then runs
+   * `script(socket, hello, nth)` (`nth`: the connection's number, from 1). Every frame after
+   * hello is kept in `frames` as `{ nth, ...frame }`.
+   */
   async function fakeServer(script) {
     const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
     await new Promise((r) => wss.once('listening', r));
     const hellos = [];
+    const frames = [];
     wss.on('connection', (socket) => {
       socket.once('message', (raw) => {
         const hello = JSON.parse(String(raw));
         hellos.push(hello);
-        socket.send(JSON.stringify({ type: 'connected', sequence_number: 0, client_id: `fake-${hellos.length}`, session_id: hello.session_id, connection_sequence: hello.connection_sequence, head: 100, epoch: 'e1' }));
-        script(socket, hello, hellos.length);
+        const nth = hellos.length;
+        socket.send(JSON.stringify({ type: 'connected', sequence_number: 0, client_id: `fake-${nth}`, session_id: hello.session_id, connection_sequence: hello.connection_sequence, head: 100, epoch: 'e1' }));
+        socket.on('message', (frame) => frames.push({ nth, ...JSON.parse(String(frame)) }));
+        script(socket, hello, nth);
       });
     });
     return {
       url: `ws://127.0.0.1:${wss.address().port}/ws`,
       hellos,
+      frames,
       close: () => new Promise((r) => {
         for (const c of wss.clients) c.terminate();
         wss.close(r);
@@ -565,8 +573,10 @@ describe('against a misbehaving fake server', () => {
     };
   }
 
+  /** A `message` frame on channel `c`: number `n` of key `key`. */
+  const msg = (n, key = 'r') => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: key, message_id: `m${n}`, timestamp: 0, data: n });
+
   test('duplicates, reordering and frames before sub_ack never reach the application', async () => {
-    const msg = (n) => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: 'r', message_id: `m${n}`, timestamp: 0, data: n });
     const fake = await fakeServer((socket) => {
       socket.on('message', (raw) => {
         const f = JSON.parse(String(raw));
@@ -592,15 +602,12 @@ describe('against a misbehaving fake server', () => {
   });
 
   test('resume_ack: one verdict per key — recovered, refused alone (an error naming the key), recovered: false (a gap)', async () => {
-    const msg = (key, n) => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: key, message_id: `m${n}`, timestamp: 0, data: n });
-    const frames = [];
     const fake = await fakeServer((socket, hello, nth) => {
       socket.on('message', (raw) => {
         const f = JSON.parse(String(raw));
-        frames.push({ nth, ...f });
         if (f.type === 'subscribe') {
           socket.send(JSON.stringify({ type: 'sub_ack', channel: 'c', request_id: f.request_id, subscription_key: `c:${f.request_id}`, drained: 0, head: 100, epoch: 'e1' }));
-          socket.send(msg(f.request_id, f.request_id === 'a' ? 101 : f.request_id === 'b' ? 102 : 103));
+          socket.send(msg(f.request_id === 'a' ? 101 : f.request_id === 'b' ? 102 : 103, f.request_id));
         }
         if (f.type === 'resume') {
           socket.send(JSON.stringify({
@@ -613,9 +620,9 @@ describe('against a misbehaving fake server', () => {
             head: 200,
             epoch: 'e1',
           }));
-          socket.send(msg('a', 160));
-          socket.send(msg('g', 170));
-          socket.send(msg('a', 201));
+          socket.send(msg(160, 'a'));
+          socket.send(msg(170, 'g'));
+          socket.send(msg(201, 'a'));
         }
       });
     });
@@ -638,12 +645,12 @@ describe('against a misbehaving fake server', () => {
       await until(client, () => seen.a.length && seen.b.length && seen.g.length, 'the first messages');
       client.dropConnection();
       await until(client, () => seen.a.length === 3 && seen.g.length === 2, 'the resumed messages');
-      const resume = frames.find((f) => f.type === 'resume');
+      const resume = fake.frames.find((f) => f.type === 'resume');
       assert.deepEqual(resume, {
         nth: 2, type: 'resume', epoch: 'e1',
         subscriptions: [{ channel: 'c', request_id: 'a', since: 101 }, { channel: 'c', request_id: 'b', since: 102 }, { channel: 'c', request_id: 'g', since: 103 }],
       });
-      assert.equal(frames.filter((f) => f.nth === 2 && f.type === 'subscribe').length, 0);
+      assert.equal(fake.frames.filter((f) => f.nth === 2 && f.type === 'subscribe').length, 0);
       assert.deepEqual(seen, { a: [101, 160, 201], b: [102], g: [103, 170] });
       assert.deepEqual(errors.map((e) => [e.code, e.subscriptionKey]), [['forbidden', 'c:b']]);
       assert.equal(gaps.length, 1);
@@ -659,12 +666,9 @@ describe('against a misbehaving fake server', () => {
   });
 
   test('resume_ack with another epoch: a drop in the middle of the key\'s backlog (drained) resumes after what arrived, not after head', async () => {
-    const msg = (n) => JSON.stringify({ type: 'message', sequence_number: n, stream_sequence: n, channel: 'c', request_id: 'r', message_id: `m${n}`, timestamp: 0, data: n });
-    const frames = [];
     const fake = await fakeServer((socket, hello, nth) => {
       socket.on('message', (raw) => {
         const f = JSON.parse(String(raw));
-        frames.push({ nth, ...f });
         if (f.type === 'subscribe') {
           socket.send(JSON.stringify({ type: 'sub_ack', channel: 'c', request_id: 'r', subscription_key: 'c:r', drained: 0, head: 100, epoch: 'e1' }));
           socket.send(msg(101));
@@ -691,7 +695,7 @@ describe('against a misbehaving fake server', () => {
       await until(client, () => seen.length === 1, 'the first message');
       client.dropConnection();
       await until(client, () => seen.length === 4, 'the rest of the backlog after a second drop');
-      const resumes = frames.filter((f) => f.type === 'resume').map((f) => [f.nth, f.epoch, f.subscriptions[0].since]);
+      const resumes = fake.frames.filter((f) => f.type === 'resume').map((f) => [f.nth, f.epoch, f.subscriptions[0].since]);
       assert.deepEqual(resumes, [[2, 'e1', 101], [3, 'e2', 5]], 'the third connection resumes after 5, the last backlog message received');
       assert.deepEqual(seen, [101, 2, 5, 7]);
     } finally {
@@ -701,11 +705,9 @@ describe('against a misbehaving fake server', () => {
   });
 
   test('a server that does not know resume: its bad_request turns the client to subscribe-with-since, key by key, for good', async () => {
-    const frames = [];
     const fake = await fakeServer((socket, hello, nth) => {
       socket.on('message', (raw) => {
         const f = JSON.parse(String(raw));
-        frames.push({ nth, ...f });
         if (f.type === 'resume') {
           socket.send(JSON.stringify({ type: 'error', code: 'bad_request', message: 'unknown frame type "resume"; expected hello, subscribe, unsubscribe, ping, auth or publish' }));
         }
@@ -726,10 +728,10 @@ describe('against a misbehaving fake server', () => {
       await until(client, () => fake.hellos.length === 2 && client.subscriptions.every((s) => s.active), 'both acks again');
       client.dropConnection();
       await until(client, () => fake.hellos.length === 3 && client.subscriptions.every((s) => s.active), 'both acks a third time');
-      const second = frames.filter((f) => f.nth === 2);
+      const second = fake.frames.filter((f) => f.nth === 2);
       assert.deepEqual(second.map((f) => [f.type, f.request_id ?? null, f.since ?? null]),
         [['resume', null, null], ['subscribe', 'a', 100], ['subscribe', 'b', 100]]);
-      const third = frames.filter((f) => f.nth === 3);
+      const third = fake.frames.filter((f) => f.nth === 3);
       assert.deepEqual(third.map((f) => [f.type, f.request_id, f.since]), [['subscribe', 'a', 100], ['subscribe', 'b', 100]]);
       assert.deepEqual(errors, [], 'the refusal is handled, not reported');
     } finally {

@@ -183,6 +183,58 @@ fn parse_head_with(buf: &[u8], chunked_ok: bool) -> anyhow::Result<Option<Head>>
     }))
 }
 
+/// A chunked body undone as its bytes arrive (chunk extensions and the trailer ignored).
+#[derive(Debug, Default)]
+pub struct Dechunker {
+    /// Bytes of the current chunk still to come.
+    chunk_left: usize,
+    /// The CRLF that ends a chunk's data is still to come.
+    crlf_left: bool,
+    /// The last chunk arrived.
+    pub ended: bool,
+}
+
+impl Dechunker {
+    /// Append the data of what `raw` holds of the body to `body`; returns how many bytes of
+    /// `raw` it used (the rest waits for more).
+    pub fn decode(&mut self, raw: &[u8], body: &mut Vec<u8>) -> anyhow::Result<usize> {
+        let mut at = 0;
+        while !self.ended {
+            if self.crlf_left {
+                if raw.len() - at < 2 {
+                    break;
+                }
+                at += 2;
+                self.crlf_left = false;
+            }
+            if self.chunk_left > 0 {
+                let n = self.chunk_left.min(raw.len() - at);
+                body.extend_from_slice(&raw[at..at + n]);
+                at += n;
+                self.chunk_left -= n;
+                if self.chunk_left > 0 {
+                    break;
+                }
+                self.crlf_left = true;
+                continue;
+            }
+            let Some(end) = raw[at..].windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let size_text = std::str::from_utf8(&raw[at..at + end])?;
+            let size_text = size_text.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size_text, 16)
+                .with_context(|| format!("bad chunk size {size_text:?}"))?;
+            at += end + 2;
+            if size == 0 {
+                self.ended = true;
+            }
+            self.chunk_left = size;
+        }
+        Ok(at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -21,7 +21,6 @@ use serde_json::Value;
 
 use crate::http::HttpConn;
 
-/// Sleep until `deadline` measured from `start`.
 /// The closed-loop publishers' measured window: wait `warmup`, raise `measuring` for
 /// `duration` while the server's CPU is metered, then raise `stop` and merge the publishers'
 /// latency histograms. Returns the CPU use of the window and the merged histogram.
@@ -49,6 +48,7 @@ pub(crate) async fn measure_closed_loop(
     Ok((cpu_use, hist))
 }
 
+/// Sleep until `deadline` measured from `start`.
 pub(crate) async fn sleep_until(start: Instant, at: Duration) {
     tokio::time::sleep_until((start + at).into()).await;
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use super::fanout::{FanoutArgs, Shared, key_request_id, measure};
 use super::run_id;
 use crate::Target;
+use crate::http::{Dechunker, parse_head_of_stream};
 
 /// Run the scenario (`args.rate` must be set: SSE has no burst mode here).
 pub async fn run(target: &Target, args: &FanoutArgs) -> anyhow::Result<Value> {
@@ -96,8 +97,11 @@ struct Stream {
     raw: Vec<u8>,
     /// Body bytes not yet a whole line.
     body: Vec<u8>,
+    /// The chunked body's decoder.
+    chunks: Dechunker,
     /// The last `id:` seen (where a reconnect resumes).
     last_id: Option<u64>,
+    /// The body or the socket ended.
     ended: bool,
 }
 
@@ -118,23 +122,23 @@ impl Stream {
         );
         socket.write_all(request.as_bytes()).await?;
         let mut raw = Vec::with_capacity(16 * 1024);
-        let head_end = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
+        let head = loop {
+            if let Some(head) = parse_head_of_stream(&raw)? {
+                break head;
             }
             if socket.read_buf(&mut raw).await? == 0 {
                 bail!("the server closed the stream before its head");
             }
         };
-        let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET /events: {}", head.lines().next().unwrap_or(""));
+        if head.status != 200 {
+            bail!("GET /events: status {}", head.status);
         }
-        raw.drain(..head_end);
+        raw.drain(..head.head_len);
         Ok(Stream {
             socket,
             raw,
             body: Vec::new(),
+            chunks: Dechunker::default(),
             last_id,
             ended: false,
         })
@@ -156,29 +160,18 @@ impl Stream {
         }
     }
 
-    /// Move the complete chunks of `raw` into `body`; whether any was complete.
+    /// Move the body data `raw` holds into `body`; whether there was any, or the body ended.
     fn dechunk(&mut self) -> bool {
-        let mut moved = false;
-        while let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") {
-            let size = std::str::from_utf8(&self.raw[..eol])
-                .ok()
-                .and_then(|t| usize::from_str_radix(t.split(';').next()?.trim(), 16).ok());
-            let Some(size) = size else {
-                self.ended = true;
-                return true;
-            };
-            if self.raw.len() < eol + 2 + size + 2 {
-                break;
+        let before = self.body.len();
+        match self.chunks.decode(&self.raw, &mut self.body) {
+            Ok(used) => {
+                self.raw.drain(..used);
             }
-            if size == 0 {
-                self.ended = true;
-                return true;
-            }
-            self.body
-                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
-            self.raw.drain(..eol + 2 + size + 2);
-            moved = true;
+            Err(_) => self.ended = true,
         }
-        moved
+        if self.chunks.ended {
+            self.ended = true;
+        }
+        self.ended || self.body.len() > before
     }
 }

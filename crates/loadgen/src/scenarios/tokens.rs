@@ -468,7 +468,7 @@ async fn publish_ndjson(stream: TcpStream, auth: String, plan: Plan, answers: An
         let mut hist = latency_histogram();
         let mut lines = NdjsonAnswers::default();
         let mut buf = vec![0u8; 64 << 10];
-        while !lines.ended {
+        while !lines.ended() {
             let n = match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
@@ -531,21 +531,19 @@ struct NdjsonAnswers {
     raw: Vec<u8>,
     /// The response head was read (status 200, chunked).
     head: bool,
-    /// Bytes of the current chunk still to come.
-    chunk_left: usize,
-    /// The CRLF that ends a chunk's data is still to come.
-    crlf_left: bool,
+    /// The chunked body's decoder.
+    chunks: crate::http::Dechunker,
+    /// Body bytes decoded from the last piece (reused).
+    body: Vec<u8>,
     /// The start of a line whose end has not arrived.
     line: Vec<u8>,
-    /// The last chunk arrived.
-    ended: bool,
 }
 
 impl NdjsonAnswers {
     /// Take a piece of the response; returns the answers it completed.
     fn take(&mut self, piece: &[u8]) -> anyhow::Result<Vec<bool>> {
         let mut out = Vec::new();
-        if self.ended {
+        if self.ended() {
             // The trailer after the last chunk.
             return Ok(out);
         }
@@ -561,48 +559,23 @@ impl NdjsonAnswers {
             self.head = true;
             at = head.head_len;
         }
-        loop {
-            if self.crlf_left {
-                if self.raw.len() - at < 2 {
-                    break;
-                }
-                at += 2;
-                self.crlf_left = false;
-            }
-            if self.chunk_left > 0 {
-                let n = self.chunk_left.min(self.raw.len() - at);
-                for &b in &self.raw[at..at + n] {
-                    if b == b'\n' {
-                        out.push(!self.line.starts_with(br#"{"error""#));
-                        self.line.clear();
-                    } else if self.line.len() < 16 {
-                        self.line.push(b);
-                    }
-                }
-                at += n;
-                self.chunk_left -= n;
-                if self.chunk_left > 0 {
-                    break;
-                }
-                self.crlf_left = true;
-                continue;
-            }
-            let Some(end) = self.raw[at..].windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
-            let size_text = std::str::from_utf8(&self.raw[at..at + end])?;
-            let size_text = size_text.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .with_context(|| format!("bad chunk size {size_text:?}"))?;
-            at += end + 2;
-            if size == 0 {
-                self.ended = true;
-                break;
-            }
-            self.chunk_left = size;
-        }
+        self.body.clear();
+        at += self.chunks.decode(&self.raw[at..], &mut self.body)?;
         self.raw.drain(..at);
+        for &b in &self.body {
+            if b == b'\n' {
+                out.push(!self.line.starts_with(br#"{"error""#));
+                self.line.clear();
+            } else if self.line.len() < 16 {
+                self.line.push(b);
+            }
+        }
         Ok(out)
+    }
+
+    /// The last chunk arrived.
+    fn ended(&self) -> bool {
+        self.chunks.ended
     }
 }
 
@@ -656,7 +629,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("split {split}: {e}"));
             lines.extend(a.take(&body[split..]).unwrap());
             assert_eq!(lines, vec![true, false, true], "split at {split}");
-            assert!(a.ended);
+            assert!(a.ended());
         }
     }
 }
